@@ -1,0 +1,340 @@
+"""Everything that talks AMQP: connecting, declaring the topology, publishing envelopes.
+
+aio-pika and aiormq exceptions stay inside this module; callers see
+:class:`~taskq.errors.BrokerError` and its subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+)
+
+from taskq.envelope import Envelope
+from taskq.errors import BrokerError, DelayTooLong, PublishError, TopologyConflict
+from taskq.topology import Topology, delay_routing_key
+
+log = logging.getLogger("taskq.broker")
+
+PUBLISH_TIMEOUT = 10.0
+
+# What RabbitMQ says (in a 406 channel close) when a declaration differs from
+# what exists, e.g. "inequivalent arg 'x-queue-type' for queue 'taskq.default'
+# in vhost '/': received the value 'quorum' of type 'longstr' but current is none".
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
+    r".*?received (?:the value )?'?(?P<wanted>[^' ]+)'?(?: of type '[^']+')?"
+    r" but current is (?:the value )?'?(?P<existing>[^' ]+)'?"
+)
+
+_BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
+
+
+async def connect(url: str, *, name: str, robust: bool = True) -> AbstractConnection:
+    """Open a connection named ``name`` (shown in the management UI); robust ones reconnect.
+
+    Raises:
+        BrokerError: if the broker cannot be reached.
+    """
+    try:
+        if robust:
+            return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        return await aio_pika.connect(url, client_properties={"connection_name": name})
+    except _BROKER_ERRORS as exc:
+        raise BrokerError(f"cannot connect to the broker: {exc}") from exc
+
+
+@dataclass
+class DeclareReport:
+    """What :func:`declare` found and did."""
+
+    created: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    bindings: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created)
+
+
+def _conflict(kind: str, name: str, exc: BaseException) -> TopologyConflict:
+    text = str(exc)
+    match = _INEQUIVALENT.search(text)
+    if match is None:
+        return TopologyConflict(kind, name, f"other properties ({text})", "the planned ones")
+    arg = match["arg"]
+    existing = match["existing"]
+    if existing == "none":
+        existing = "none (a classic queue)" if arg == "x-queue-type" else "none"
+    return TopologyConflict(kind, name, f"{arg}={existing}", f"{arg}={match['wanted']}")
+
+
+async def _exists(connection: AbstractConnection, kind: str, name: str) -> bool:
+    channel = await connection.channel()
+    try:
+        if kind == "queue":
+            await channel.declare_queue(name, passive=True)
+        else:
+            await channel.declare_exchange(name, passive=True)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True
+
+
+async def declare(connection: AbstractConnection, topology: Topology) -> DeclareReport:
+    """Declare ``topology`` idempotently.
+
+    Every object that already exists is first checked against the plan; if any
+    differs, nothing at all is declared.
+
+    Raises:
+        TopologyConflict: for the first existing object that differs from the plan.
+        BrokerError: if the broker fails otherwise.
+    """
+    report = DeclareReport()
+    objects: list[tuple[str, Any]] = [("exchange", e) for e in topology.exchanges]
+    objects += [("queue", q) for q in topology.queues]
+    try:
+        missing = []
+        for kind, obj in objects:
+            if not await _exists(connection, kind, obj.name):
+                missing.append((kind, obj))
+                continue
+            conflict = await _try_declare(connection, kind, obj)
+            if conflict is not None:
+                if kind == "queue":
+                    # RabbitMQ names only the first differing argument; a
+                    # different queue type is the one that matters most.
+                    wanted_type = {"x-queue-type": obj.arguments["x-queue-type"]}
+                    probe = await _try_declare(
+                        connection, kind, replace(obj, arguments=wanted_type)
+                    )
+                    if probe is not None and probe.existing.startswith("x-queue-type="):
+                        conflict = probe
+                raise conflict
+            report.existing.append(f"{kind} {obj.name}")
+        channel = await connection.channel()
+        try:
+            for kind, obj in missing:
+                await _declare_one(channel, kind, obj)
+                report.created.append(f"{kind} {obj.name}")
+            for binding in topology.bindings:
+                source = await channel.get_exchange(binding.source, ensure=False)
+                if binding.destination_type == "queue":
+                    queue = await channel.get_queue(binding.destination, ensure=False)
+                    await queue.bind(source, binding.routing_key)
+                else:
+                    target = await channel.get_exchange(binding.destination, ensure=False)
+                    await target.bind(source, binding.routing_key)
+                report.bindings += 1
+        finally:
+            await channel.close()
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        raise BrokerError(f"the broker refused a declaration: {exc}") from exc
+    except _BROKER_ERRORS as exc:
+        raise BrokerError(f"declaring the topology failed: {exc}") from exc
+    return report
+
+
+async def _try_declare(
+    connection: AbstractConnection, kind: str, obj: Any
+) -> TopologyConflict | None:
+    """Declare an existing object as planned; the conflict if it differs, else None."""
+    channel = await connection.channel()
+    try:
+        await _declare_one(channel, kind, obj)
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        return _conflict(kind, obj.name, exc)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return None
+
+
+async def _declare_one(channel: AbstractChannel, kind: str, obj: Any) -> None:
+    if kind == "exchange":
+        await channel.declare_exchange(obj.name, obj.type, durable=True)
+    else:
+        await channel.declare_queue(obj.name, durable=True, arguments=obj.arguments)
+
+
+class Link:
+    """A robust connection that keeps trying in the background until the broker answers.
+
+    Processes that must keep working while the broker is down (the API accepts
+    tasks into Postgres; the relay publishes them later) hold a link rather than
+    a connection: :attr:`available` says whether publishing can work now.
+    """
+
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, url: str, *, name: str) -> None:
+        self.url = url
+        self.name = name
+        self._connection: AbstractConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        """Begin connecting in the background; returns at once."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._connect_forever(), name=f"{self.name}-connect")
+
+    async def _connect_forever(self) -> None:
+        while self._connection is None:
+            try:
+                self._connection = await connect(self.url, name=self.name, robust=True)
+            except BrokerError as exc:
+                log.warning("broker unavailable, retrying: %s", exc)
+                await asyncio.sleep(self.RETRY_SECONDS)
+        self.ready.set()
+
+    @property
+    def available(self) -> bool:
+        connection = self._connection
+        return connection is not None and connection.connected.is_set()
+
+    def connection(self) -> AbstractConnection:
+        """The connection, if it is up now.
+
+        Raises:
+            BrokerError: while the broker is unreachable.
+        """
+        connection = self._connection
+        if connection is None or not connection.connected.is_set():
+            raise BrokerError("the broker is unreachable")
+        return connection
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._connection is not None:
+            await self._connection.close()
+
+
+class Publisher:
+    """A channel with publisher confirms that publishes envelopes into one topology.
+
+    Many publishes may be in flight at once on one publisher: each call awaits its
+    own confirm, so callers pipeline by running calls concurrently. A publish the
+    broker returns as unroutable counts as failed, like a nack or a timeout.
+    """
+
+    def __init__(
+        self, connection: AbstractConnection | Link, topology: Topology, max_delay: float
+    ) -> None:
+        self._source = connection
+        self._topology = topology
+        self._max_delay = max_delay
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._lock = asyncio.Lock()
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is not None and self._channel is not None and not self._channel.is_closed:
+            return exchange
+        async with self._lock:
+            if self._channel is None or self._channel.is_closed:
+                source = self._source
+                connection = source.connection() if isinstance(source, Link) else source
+                self._channel = await connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._exchanges.clear()
+            if name not in self._exchanges:
+                self._exchanges[name] = await self._channel.get_exchange(name, ensure=False)
+            return self._exchanges[name]
+
+    async def publish(
+        self,
+        envelope: Envelope,
+        queue: str,
+        *,
+        delay: float = 0.0,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish ``envelope`` for work queue ``queue``, ``delay`` seconds from now.
+
+        A positive delay is rounded up to whole seconds (never early) and becomes
+        one publish into the delay levels.
+
+        Raises:
+            DelayTooLong: if ``delay`` exceeds the configured maximum.
+            PublishError: if the broker does not confirm the publish.
+        """
+        if delay > self._max_delay:
+            raise DelayTooLong(f"a delay of {delay:g}s exceeds the maximum {self._max_delay:g}s")
+        seconds = math.ceil(delay) if delay > 0 else 0
+        now = datetime.now(UTC)
+        message = envelope.to_message(
+            queue, due=now + timedelta(seconds=seconds), delay=seconds, headers=headers
+        )
+        names = self._topology.names
+        if seconds:
+            exchange_name = self._topology.delay_entry
+            routing_key = delay_routing_key(seconds, queue, self._topology.levels)
+        else:
+            exchange_name, routing_key = names.direct, queue
+        await self._publish(exchange_name, routing_key, message)
+
+    async def publish_dead_letter(
+        self, envelope: Envelope, queue: str, headers: dict[str, Any]
+    ) -> None:
+        """Publish ``envelope`` into the dead-letter queue with reason ``headers``."""
+        message = envelope.to_message(queue, headers=headers)
+        await self._publish(self._topology.names.dlx, queue, message)
+
+    async def publish_many(
+        self, items: Sequence[tuple[Envelope, str, float]]
+    ) -> list[BaseException | None]:
+        """Publish ``(envelope, queue, delay)`` items with all confirms in flight at once.
+
+        Returns one entry per item: ``None`` if confirmed, else the error.
+        """
+        results = await asyncio.gather(
+            *(self.publish(env, queue, delay=delay) for env, queue, delay in items),
+            return_exceptions=True,
+        )
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    async def _publish(self, exchange_name: str, routing_key: str, message: Any) -> None:
+        if isinstance(self._source, Link) and not self._source.available:
+            raise PublishError("the broker is unreachable")
+        try:
+            exchange = await self._exchange(exchange_name)
+            confirmation = await exchange.publish(
+                message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT
+            )
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishError(f"the broker returned the envelope as unroutable: {exc}") from exc
+        except (
+            *_BROKER_ERRORS,
+            BrokerError,
+            aio_pika.exceptions.AMQPException,
+            RuntimeError,
+        ) as exc:
+            raise PublishError(f"publish to {exchange_name!r} failed: {exc!r}") from exc
+        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+            raise PublishError(f"the broker did not confirm the publish: {confirmation!r}")
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()

@@ -1,0 +1,146 @@
+"""The ``taskq`` and ``taskq-rmq-init`` commands.
+
+Exit codes: 0 success, 1 a runtime failure (database or broker unreachable,
+topology conflict), 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from taskq import broker, migrate
+from taskq.errors import ConfigError, TaskqError
+from taskq.settings import Settings, load_settings
+from taskq.topology import Topology
+
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def _print(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+async def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    width = max(len(key) for key in settings.describe())
+    _print(*(f"{key:<{width}}  {value}" for key, value in settings.describe().items()))
+    return 0
+
+
+async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    report = await migrate.migrate(settings.database_url)
+    if report.created_database:
+        _print("created the database")
+    if report.applied:
+        _print(*(f"applied {label}" for label in report.applied))
+    else:
+        _print(f"nothing to apply: the schema is at migration {report.current:04d}")
+    return 0
+
+
+def describe_plan(topology: Topology) -> list[str]:
+    """The lines ``taskq rmq-init --dry-run`` prints."""
+    lines = [f"exchange {e.name} ({e.type}, durable)" for e in topology.exchanges]
+    for queue in topology.queues:
+        args = " ".join(f"{k}={v}" for k, v in queue.arguments.items())
+        lines.append(f"queue    {queue.name} ({queue.purpose}) {args}")
+    for b in topology.bindings:
+        lines.append(f"bind     {b.source} -> {b.destination} [{b.routing_key}]")
+    return lines
+
+
+async def cmd_rmq_init(settings: Settings, args: argparse.Namespace) -> int:
+    topology = settings.topology()
+    if args.dry_run:
+        _print(*describe_plan(topology))
+        _print(
+            f"dry run: {len(topology.exchanges)} exchanges, {len(topology.queues)} queues, "
+            f"{len(topology.bindings)} bindings planned; nothing was declared"
+        )
+        return 0
+    await _rmq_init(settings, topology)
+    return 0
+
+
+async def _rmq_init(settings: Settings, topology: Topology) -> None:
+    connection = await broker.connect(settings.amqp_url, name="taskq-rmq-init", robust=False)
+    try:
+        report = await broker.declare(connection, topology)
+    finally:
+        await connection.close()
+    if report.changed:
+        _print(*(f"declared {name}" for name in report.created))
+        _print(
+            f"declared {len(report.created)} new objects; {len(report.existing)} already "
+            f"existed as planned; {report.bindings} bindings in place"
+        )
+    else:
+        _print(
+            f"no changes: all {len(report.existing)} exchanges and queues already exist "
+            f"as planned; {report.bindings} bindings in place"
+        )
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    await cmd_migrate(settings, args)
+    await _rmq_init(settings, settings.topology())
+    _print("taskq is set up: database migrated and topology declared")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskq", description="Durable background tasks on RabbitMQ and Postgres."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("config", help="print the effective settings, passwords masked")
+    sub.add_parser("migrate", help="create the database if needed and apply pending migrations")
+    rmq = sub.add_parser("rmq-init", help="declare the RabbitMQ topology (idempotent)")
+    _add_rmq_init_arguments(rmq)
+    sub.add_parser("run", help="run the whole system locally: migrate, declare the topology")
+    return parser
+
+
+def _add_rmq_init_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan without touching the broker"
+    )
+
+
+COMMANDS: dict[str, Command] = {
+    "config": cmd_config,
+    "migrate": cmd_migrate,
+    "rmq-init": cmd_rmq_init,
+    "run": cmd_run,
+}
+
+
+def _execute(command: Command, args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+        return asyncio.run(command(settings, args))
+    except ConfigError as exc:
+        print(f"taskq: {exc}", file=sys.stderr)
+        return 2
+    except TaskqError as exc:
+        print(f"taskq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return _execute(COMMANDS[args.command], args)
+
+
+def rmq_init_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="taskq-rmq-init", description="Declare the taskq RabbitMQ topology (idempotent)."
+    )
+    _add_rmq_init_arguments(parser)
+    return _execute(cmd_rmq_init, parser.parse_args(argv))

@@ -1,0 +1,97 @@
+"""The envelope: the small AMQP message that carries a task id to a worker.
+
+The body is ``{"id", "type", "attempt"}``; the payload stays in Postgres. The
+AMQP properties and ``x-taskq-*`` headers repeat what an operator needs to read
+a message in the management UI without decoding anything.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aio_pika import DeliveryMode, Message
+
+from taskq.errors import TaskqError
+
+CONTENT_TYPE = "application/json"
+MAX_BODY_BYTES = 4096
+
+HEADER_ATTEMPT = "x-taskq-attempt"
+HEADER_DUE = "x-taskq-due"
+HEADER_QUEUE = "x-taskq-queue"
+HEADER_DELAY = "x-taskq-delay"
+
+
+class InvalidEnvelope(TaskqError):
+    """The message is not a taskq envelope."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Which task to run and which attempt this delivery is for."""
+
+    id: uuid.UUID
+    type: str
+    attempt: int
+
+    def body(self) -> bytes:
+        return json.dumps(
+            {"id": str(self.id), "type": self.type, "attempt": self.attempt},
+            separators=(",", ":"),
+        ).encode()
+
+    def to_message(
+        self,
+        queue: str,
+        *,
+        due: datetime | None = None,
+        delay: int = 0,
+        headers: dict[str, Any] | None = None,
+    ) -> Message:
+        """The persistent AMQP message for this envelope, bound for work queue ``queue``."""
+        all_headers: dict[str, Any] = {HEADER_ATTEMPT: self.attempt, HEADER_QUEUE: queue}
+        if due is not None:
+            all_headers[HEADER_DUE] = due.astimezone(UTC).isoformat(timespec="milliseconds")
+        if delay:
+            all_headers[HEADER_DELAY] = delay
+        if headers:
+            all_headers.update(headers)
+        return Message(
+            self.body(),
+            message_id=str(self.id),
+            type=self.type,
+            content_type=CONTENT_TYPE,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            timestamp=datetime.now(UTC),
+            headers=all_headers,
+        )
+
+    @classmethod
+    def parse(cls, body: bytes) -> Envelope:
+        """Read an envelope from a message body.
+
+        Raises:
+            InvalidEnvelope: naming what is wrong with the body.
+        """
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidEnvelope(f"body of {len(body)} bytes is too large for an envelope")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidEnvelope(f"body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidEnvelope("body is not a JSON object")
+        try:
+            task_id = uuid.UUID(data["id"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise InvalidEnvelope("'id' is missing or not a UUID") from None
+        task_type, attempt = data.get("type"), data.get("attempt")
+        if not isinstance(task_type, str) or not task_type:
+            raise InvalidEnvelope("'type' is missing or not a string")
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
+            raise InvalidEnvelope("'attempt' is missing or not a non-negative integer")
+        return cls(task_id, task_type, attempt)

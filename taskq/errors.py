@@ -1,0 +1,50 @@
+"""The exceptions taskq raises. Driver errors are wrapped into these ``from`` the original."""
+
+from __future__ import annotations
+
+
+class TaskqError(Exception):
+    """taskq failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(TaskqError):
+    """The configuration is invalid."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        super().__init__(f"invalid {variable}: {problem}")
+
+
+class StoreError(TaskqError):
+    """The database did not answer as expected."""
+
+
+class MigrationError(StoreError):
+    """The schema could not be migrated."""
+
+
+class BrokerError(TaskqError):
+    """The broker did not answer as expected."""
+
+
+class PublishError(BrokerError):
+    """A publish was not confirmed by the broker (nacked, returned or timed out)."""
+
+
+class TopologyConflict(BrokerError):
+    """An object already exists on the broker with other properties than taskq wants."""
+
+    def __init__(self, kind: str, name: str, existing: str, wanted: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.existing = existing
+        self.wanted = wanted
+        super().__init__(f"{kind} '{name}' exists with {existing}, but taskq wants {wanted}")
+
+
+class DelayTooLong(TaskqError):
+    """The delay exceeds the maximum the delay levels can carry."""

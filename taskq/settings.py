@@ -1,0 +1,221 @@
+"""Configuration from ``TASKQ_*`` environment variables and an optional ``.env`` file.
+
+Every field here is listed, with its default and meaning, in ``.env.example``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from taskq._utils import format_duration, mask_url, parse_duration
+from taskq.errors import ConfigError
+from taskq.topology import RESERVED_QUEUE_NAMES, Topology, plan
+
+ENV_PREFIX = "TASKQ_"
+
+# Queue names end up as the last word of topic routing keys and as a suffix of
+# queue names, so they may not contain dots or wildcards.
+QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+Duration = Annotated[float, Field(ge=0)]
+
+
+def _csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Effective taskq configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/taskq"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    namespace: str = "taskq"
+    queues: Annotated[list[str], NoDecode] = ["critical", "high", "default", "low"]
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    delivery_limit: int = Field(20, ge=1, le=1000)
+    max_delay: Duration = 30 * 86400.0
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = []
+    max_payload_bytes: int = Field(1024 * 1024, ge=1)
+
+    backoff_strategy: Literal["list", "fixed", "exponential"] = "list"
+    backoffs: Annotated[list[Duration], NoDecode] = [5.0, 30.0, 120.0, 600.0, 3600.0]
+    backoff_fixed: Duration = 10.0
+    backoff_base: Duration = 1.0
+    backoff_factor: float = Field(2.0, ge=1.0)
+    backoff_max: Duration = 3600.0
+    backoff_jitter: float = Field(0.1, ge=0.0, le=1.0)
+
+    worker_prefetch: int = Field(32, ge=1, le=65535)
+    worker_concurrency: int = Field(16, ge=1, le=10000)
+    lease_seconds: Duration = 30.0
+    worker_shutdown_grace: Duration = 30.0
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgres", "postgresql") or not parts.hostname:
+            raise ValueError("expected postgresql://user@host:port/database")
+        if not parts.path.strip("/"):
+            raise ValueError("the URL names no database")
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("expected amqp://user:password@host:port/vhost")
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        if not NAMESPACE.match(value):
+            raise ValueError("use 1-63 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: Any) -> Any:
+        return _csv(value)
+
+    @field_validator("queues")
+    @classmethod
+    def _check_queues(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("the queue list is empty")
+        for name in value:
+            if not QUEUE_NAME.match(name):
+                raise ValueError(f"bad queue name {name!r}: use lowercase letters, digits, _ or -")
+            if name in RESERVED_QUEUE_NAMES:
+                raise ValueError(f"queue name {name!r} is reserved for taskq's own objects")
+        if len(set(value)) != len(value):
+            raise ValueError("a queue is listed twice")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        return _csv(value)
+
+    @field_validator("backoffs", mode="before")
+    @classmethod
+    def _parse_backoffs(cls, value: Any) -> Any:
+        items = _csv(value)
+        if not items:
+            raise ValueError("the backoff list is empty")
+        return [parse_duration(item) for item in items]
+
+    @field_validator(
+        "max_delay",
+        "backoff_fixed",
+        "backoff_base",
+        "backoff_max",
+        "lease_seconds",
+        "worker_shutdown_grace",
+        mode="before",
+    )
+    @classmethod
+    def _parse_duration(cls, value: Any) -> Any:
+        if isinstance(value, str | int | float):
+            return parse_duration(value)
+        return value
+
+    @field_validator("max_delay")
+    @classmethod
+    def _check_max_delay(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError("must be at least 1s")
+        return value
+
+    @field_validator("lease_seconds")
+    @classmethod
+    def _check_lease(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError("must be at least 1s")
+        return value
+
+    @property
+    def default_queue(self) -> str:
+        """The queue a task type lands in unless it names one: ``default`` if listed."""
+        return "default" if "default" in self.queues else self.queues[len(self.queues) // 2]
+
+    def topology(self) -> Topology:
+        """The RabbitMQ topology these settings ask for."""
+        return plan(
+            self.namespace,
+            self.queues,
+            queue_type=self.queue_type,
+            delivery_limit=self.delivery_limit,
+            max_delay=self.max_delay,
+        )
+
+    def describe(self) -> dict[str, str]:
+        """The effective settings as ``TASKQ_*`` variables, passwords masked."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            key = ENV_PREFIX + name.upper()
+            if name in ("database_url", "amqp_url"):
+                out[key] = mask_url(value)
+            elif name == "api_keys":
+                out[key] = ",".join("***" for _ in value)
+            elif name == "backoffs":
+                out[key] = ",".join(format_duration(v) for v in value)
+            elif name in _DURATIONS:
+                out[key] = format_duration(value)
+            elif isinstance(value, list):
+                out[key] = ",".join(value)
+            else:
+                out[key] = str(value)
+        return out
+
+
+_DURATIONS = {
+    "max_delay",
+    "backoff_fixed",
+    "backoff_base",
+    "backoff_max",
+    "lease_seconds",
+    "worker_shutdown_grace",
+}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning the first validation error into a :class:`ConfigError`.
+
+    Raises:
+        ConfigError: naming the ``TASKQ_*`` variable at fault.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(ENV_PREFIX + field.upper(), message) from None
