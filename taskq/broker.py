@@ -30,6 +30,7 @@ from taskq.topology import Topology, delay_routing_key
 log = logging.getLogger("taskq.broker")
 
 PUBLISH_TIMEOUT = 10.0
+RECONNECT_SECONDS = 1.0
 
 # What RabbitMQ says (in a 406 channel close) when a declaration differs from
 # what exists, e.g. "inequivalent arg 'x-queue-type' for queue 'taskq.default'
@@ -51,7 +52,11 @@ async def connect(url: str, *, name: str, robust: bool = True) -> AbstractConnec
     """
     try:
         if robust:
-            return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+            return await aio_pika.connect_robust(
+                url,
+                client_properties={"connection_name": name},
+                reconnect_interval=RECONNECT_SECONDS,
+            )
         return await aio_pika.connect(url, client_properties={"connection_name": name})
     except _BROKER_ERRORS as exc:
         raise BrokerError(f"cannot connect to the broker: {exc}") from exc
@@ -338,3 +343,15 @@ class Publisher:
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
+
+
+async def missing(connection: AbstractConnection, topology: Topology) -> list[str]:
+    """The names of the topology's exchanges and queues that do not exist on the broker."""
+    absent = []
+    for exchange in topology.exchanges:
+        if not await _exists(connection, "exchange", exchange.name):
+            absent.append(exchange.name)
+    for queue in topology.queues:
+        if not await _exists(connection, "queue", queue.name):
+            absent.append(queue.name)
+    return absent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -85,6 +86,67 @@ async def _rmq_init(settings: Settings, topology: Topology) -> None:
         )
 
 
+async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from taskq.api import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=args.host or settings.http_host,
+        port=args.port if args.port is not None else settings.http_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    await server.serve()
+    return 0 if server.started else 1
+
+
+async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    from taskq.client import Client
+
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        print(f"taskq: the payload is not JSON: {exc}", file=sys.stderr)
+        return 2
+    client = await Client.connect(settings)
+    try:
+        result = await client.enqueue(
+            args.type,
+            payload,
+            queue=args.queue,
+            idempotency_key=args.idempotency_key,
+            delay=args.delay,
+            max_attempts=args.max_attempts,
+        )
+    finally:
+        await client.close()
+    _print(json.dumps({**result.task, "replayed": not result.created}, default=str))
+    return 0
+
+
+async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
+    from taskq.store import Store
+
+    store = await Store.connect(settings.database_url, min_size=1, max_size=1)
+    try:
+        rows = await store.task_types()
+    finally:
+        await store.close()
+    if not rows:
+        _print("no task types registered (workers register theirs at start)")
+    for row in rows:
+        state = "enabled" if row["enabled"] else "disabled"
+        _print(
+            f"{row['name']:<32} queue={row['queue']:<10} max_attempts={row['max_attempts']:<3} "
+            f"timeout={row['timeout_seconds']:g}s {state}"
+        )
+    return 0
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     await cmd_migrate(settings, args)
     await _rmq_init(settings, settings.topology())
@@ -101,6 +163,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="create the database if needed and apply pending migrations")
     rmq = sub.add_parser("rmq-init", help="declare the RabbitMQ topology (idempotent)")
     _add_rmq_init_arguments(rmq)
+    api = sub.add_parser("api", help="serve the HTTP API")
+    api.add_argument("--host", help="default: TASKQ_HTTP_HOST")
+    api.add_argument("--port", type=int, help="default: TASKQ_HTTP_PORT")
+    enqueue = sub.add_parser("enqueue", help="enqueue one task from the command line")
+    enqueue.add_argument("type", help="task type, e.g. demo.echo")
+    enqueue.add_argument("payload", help='JSON object, e.g. \'{"to": "a@example.com"}\'')
+    enqueue.add_argument("--queue")
+    enqueue.add_argument("--idempotency-key")
+    enqueue.add_argument("--delay", type=float, help="seconds")
+    enqueue.add_argument("--max-attempts", type=int)
+    sub.add_parser("types", help="list the registered task types")
     sub.add_parser("run", help="run the whole system locally: migrate, declare the topology")
     return parser
 
@@ -116,13 +189,25 @@ COMMANDS: dict[str, Command] = {
     "migrate": cmd_migrate,
     "rmq-init": cmd_rmq_init,
     "run": cmd_run,
+    "api": cmd_api,
+    "enqueue": cmd_enqueue,
+    "types": cmd_types,
 }
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        return None
+    return uvloop.new_event_loop
 
 
 def _execute(command: Command, args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
-        return asyncio.run(command(settings, args))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(command(settings, args))
     except ConfigError as exc:
         print(f"taskq: {exc}", file=sys.stderr)
         return 2

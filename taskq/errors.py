@@ -48,3 +48,15 @@ class TopologyConflict(BrokerError):
 
 class DelayTooLong(TaskqError):
     """The delay exceeds the maximum the delay levels can carry."""
+
+
+class IdempotencyConflict(TaskqError):
+    """The idempotency key was already used with a different request."""
+
+    def __init__(self, key: str, task_id: object, field: str = "idempotency_key") -> None:
+        self.key = key
+        self.task_id = task_id
+        self.field = field
+        super().__init__(
+            f"idempotency key {key!r} was used for task {task_id} with another request"
+        )

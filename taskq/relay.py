@@ -1,0 +1,221 @@
+"""The outbox relay: publishes what Postgres says is owed.
+
+A publish is owed while ``tasks.published_at`` is NULL on an ENQUEUED row (to
+the work or delay queues) or a FAILED row (to the dead-letter queue). The
+normal paths publish right after their commit; the relay catches whatever they
+could not (the process died, the broker was down, a confirm was lost), and
+publishes at once the tasks a caller enqueued inside its own transaction
+(woken by the NOTIFY that transaction sends on commit).
+
+One relay is active across the fleet: the one holding a Postgres advisory lock
+on a dedicated connection. The others wait and take over if it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+
+from taskq.broker import Publisher
+from taskq.envelope import Envelope
+from taskq.errors import StoreError, TaskqError
+from taskq.store import NOTIFY_CHANNEL, Row, Store
+
+log = logging.getLogger("taskq.relay")
+
+# pg_advisory_lock key of the active relay: "relay" in ASCII.
+LOCK_KEY = 0x72656C6179
+
+HEADER_REASON = "x-taskq-reason"
+HEADER_ATTEMPTS = "x-taskq-attempts"
+HEADER_ORIGIN = "x-taskq-origin-queue"
+
+
+def dead_letter_headers(reason: str, attempts: int, queue: str) -> dict[str, Any]:
+    """The headers that say why an envelope is in the DLQ."""
+    return {HEADER_REASON: reason[:1000], HEADER_ATTEMPTS: attempts, HEADER_ORIGIN: queue}
+
+
+async def publish_owed(store: Store, publisher: Publisher, rows: Sequence[Row]) -> int:
+    """Publish owed rows with all confirms in flight at once; mark the confirmed ones.
+
+    Returns how many were confirmed.
+    """
+
+    async def one(row: Row) -> tuple[uuid.UUID, int, str] | None:
+        envelope = Envelope(row["id"], row["type"], row["attempts"])
+        try:
+            if row["status"] == "FAILED":
+                headers = dead_letter_headers(
+                    row["last_error"] or "failed", row["attempts"], row["queue"]
+                )
+                await publisher.publish_dead_letter(envelope, row["queue"], headers)
+            else:
+                await publisher.publish(envelope, row["queue"], delay=row["delay"])
+        except TaskqError as exc:
+            log.warning("publish of task %s failed, still owed: %s", row["id"], exc)
+            return None
+        return row["id"], row["attempts"], row["status"]
+
+    confirmed = [c for c in await asyncio.gather(*(one(row) for row in rows)) if c]
+    await store.mark_published(confirmed)
+    return len(confirmed)
+
+
+class Marker:
+    """Collects confirmed publishes and records them in batched statements."""
+
+    def __init__(self, store: Store, *, interval: float = 0.05, batch: int = 1000) -> None:
+        self._store = store
+        self._interval = interval
+        self._batch = batch
+        self._pending: list[tuple[uuid.UUID, int, str]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, task_id: uuid.UUID, attempts: int, status: str) -> None:
+        self._pending.append((task_id, attempts, status))
+        if len(self._pending) >= self._batch:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="taskq-marker")
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            await self._store.mark_published(pending)
+        except StoreError as exc:
+            # The rows stay owed; the relay publishes them again (a harmless duplicate).
+            log.warning("could not record %d publishes: %s", len(pending), exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.flush()
+
+
+class Relay:
+    """Publishes owed rows while this process holds the relay lock.
+
+    Args:
+        store: the database.
+        database_url: for the dedicated connection that holds the lock and LISTENs.
+        publisher: where to publish.
+        interval: seconds between passes over the owed rows.
+        grace: how old an owed row must be before the relay takes it, so that it
+            does not race the publish that normally follows a commit.
+        duties: further coroutines run on every pass while the lock is held
+            (the worker's sweeper adds its lease recovery here).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        database_url: str,
+        publisher: Publisher,
+        *,
+        interval: float = 1.0,
+        grace: float = 5.0,
+        batch: int = 500,
+        duties: Sequence[Callable[[], Awaitable[Any]]] = (),
+    ) -> None:
+        self.store = store
+        self.database_url = database_url
+        self.publisher = publisher
+        self.interval = interval
+        self.grace = grace
+        self.batch = batch
+        self.duties = list(duties)
+        self.active = False
+        self._lock_connection: asyncpg.Connection | None = None
+        self._notified: set[uuid.UUID] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="taskq-relay")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._release()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if await self._hold_lock():
+                    await self.pass_once()
+            except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("relay pass failed: %s", exc)
+                await self._release()
+            except Exception:
+                log.exception("relay pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+
+    async def _hold_lock(self) -> bool:
+        connection = self._lock_connection
+        if connection is not None and not connection.is_closed():
+            return self.active
+        self.active = False
+        connection = await asyncpg.connect(self.database_url)
+        self._lock_connection = connection
+        if await connection.fetchval(self.store.q["relay_lock"], LOCK_KEY):
+            await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            self.active = True
+            log.info("this process is the active relay")
+        else:
+            # Another process relays; try again on a fresh connection next pass.
+            await self._release()
+        return self.active
+
+    async def _release(self) -> None:
+        self.active = False
+        connection, self._lock_connection = self._lock_connection, None
+        if connection is not None and not connection.is_closed():
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    def _on_notify(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        for text in payload.split(","):
+            with contextlib.suppress(ValueError):
+                self._notified.add(uuid.UUID(text))
+        self._wake.set()
+
+    async def pass_once(self) -> int:
+        """Publish what is owed now; run the extra duties. Returns how many were published."""
+        published = 0
+        if self._notified:
+            ids, self._notified = list(self._notified), set()
+            rows = await self.store.fetch("publish_owed_ids", ids)
+            published += await publish_owed(self.store, self.publisher, rows)
+        for duty in self.duties:
+            await duty()
+        while True:
+            rows = await self.store.fetch("publish_owed", self.grace, self.batch)
+            if not rows:
+                break
+            done = await publish_owed(self.store, self.publisher, rows)
+            published += done
+            if done < len(rows):
+                break  # the broker is failing; try again next pass
+        if published:
+            log.info("relay published %d owed envelopes", published)
+        return published

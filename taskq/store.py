@@ -1,0 +1,261 @@
+"""The only module that runs SQL: every statement comes from ``sql/queries.sql``.
+
+asyncpg errors stay inside; callers see :class:`~taskq.errors.StoreError`.
+Methods that take lists run one statement for the whole batch.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+
+import taskq.sql as sql
+from taskq.errors import StoreError
+
+NOTIFY_CHANNEL = "taskq_enqueued"
+_DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+# asyncpg.Record: read by column name.
+Row: TypeAlias = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """One validated enqueue request; ``None`` fields take the task type's default."""
+
+    id: uuid.UUID
+    type: str
+    payload_json: str
+    queue: str | None = None
+    max_attempts: int | None = None
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+    timeout: float | None = None
+    run_at: datetime | None = None
+    delay: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """What the store did with one :class:`NewTask`.
+
+    ``outcome`` is ``created``, ``replayed`` (the key exists with the same
+    request), ``conflict`` (the key exists with another request) or
+    ``unknown_type`` (the type is not registered or is disabled). ``row`` holds
+    the answer's fields for created and replayed tasks; ``delay`` is the time
+    left until the task is due, for the publish.
+    """
+
+    outcome: str
+    row: dict[str, Any] | None = None
+    delay: float = 0.0
+
+
+_REFUSED = ("conflict", "unknown_type")
+
+
+class _Rollback(Exception):
+    def __init__(self, results: list[Enqueued]) -> None:
+        self.results = results
+
+
+class Store:
+    """A pool of connections to the taskq database."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.q = sql.queries()
+
+    @classmethod
+    async def connect(cls, url: str, *, min_size: int = 2, max_size: int = 10) -> Store:
+        """Open a pool. Raises :class:`StoreError` if the database cannot be reached."""
+        try:
+            pool = await asyncpg.create_pool(
+                url, min_size=min_size, max_size=max_size, command_timeout=30
+            )
+        except _DOWN as exc:
+            raise StoreError(f"cannot connect to the database: {exc}") from exc
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def _connection(
+        self, connection: asyncpg.Connection | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """The caller's connection if given, else one from the pool; errors wrapped."""
+        try:
+            if connection is not None:
+                yield connection
+            else:
+                async with self.pool.acquire() as acquired:
+                    yield acquired
+        except StoreError:
+            raise
+        except _DOWN as exc:
+            raise StoreError(f"database error: {exc}") from exc
+
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        async with self._connection() as connection:
+            return list(await connection.fetch(self.q[query], *args))
+
+    async def fetchrow(self, query: str, *args: Any) -> Row | None:
+        async with self._connection() as connection:
+            row: Row | None = await connection.fetchrow(self.q[query], *args)
+            return row
+
+    async def ping(self) -> None:
+        async with self._connection() as connection:
+            await connection.fetchval("SELECT 1")
+
+    # ---------------------------------------------------------------- task types
+
+    async def task_types(self) -> list[Row]:
+        return await self.fetch("types_all")
+
+    async def put_task_type(
+        self,
+        name: str,
+        *,
+        queue: str,
+        max_attempts: int,
+        timeout_seconds: float,
+        backoff_json: str | None,
+        payload_schema_json: str | None,
+        enabled: bool,
+    ) -> Row:
+        row = await self.fetchrow(
+            "type_put",
+            name,
+            queue,
+            max_attempts,
+            timeout_seconds,
+            backoff_json,
+            payload_schema_json,
+            enabled,
+        )
+        assert row is not None
+        return row
+
+    async def register_task_types(
+        self, types: Sequence[tuple[str, str, int, float, str | None]]
+    ) -> None:
+        """Upsert ``(name, queue, max_attempts, timeout, backoff_json)`` for a worker's handlers."""
+        async with self._connection() as connection:
+            await connection.execute(
+                self.q["types_register"], *(list(column) for column in zip(*types, strict=True))
+            )
+
+    # ---------------------------------------------------------------- enqueue
+
+    async def enqueue(
+        self,
+        tasks: Sequence[NewTask],
+        connection: asyncpg.Connection | None = None,
+        *,
+        all_or_nothing: bool = False,
+    ) -> list[Enqueued]:
+        """Insert ``tasks`` in one statement, in one transaction unless ``connection`` is given.
+
+        With ``all_or_nothing``, a conflict or an unknown type among them rolls the
+        whole transaction back (nothing is created; the results say why).
+
+        With ``connection``, the rows join the caller's open transaction and the
+        relay is notified, so they are published once (and only if) it commits.
+        """
+        async with self._connection(connection) as conn:
+            if connection is not None:
+                return await self._enqueue(conn, tasks, notify=True)
+            try:
+                async with conn.transaction():
+                    results = await self._enqueue(conn, tasks, notify=False)
+                    if all_or_nothing and any(r.outcome in _REFUSED for r in results):
+                        raise _Rollback(results)
+            except _Rollback as rollback:
+                return rollback.results
+            return results
+
+    async def _enqueue(
+        self, conn: asyncpg.Connection, tasks: Sequence[NewTask], *, notify: bool
+    ) -> list[Enqueued]:
+        rows = await conn.fetch(
+            self.q["enqueue"],
+            [t.id for t in tasks],
+            [t.type for t in tasks],
+            [t.queue for t in tasks],
+            [t.payload_json for t in tasks],
+            [t.max_attempts for t in tasks],
+            [t.idempotency_key for t in tasks],
+            [t.fingerprint for t in tasks],
+            [t.timeout for t in tasks],
+            [t.run_at for t in tasks],
+            [t.delay for t in tasks],
+        )
+        inserted = {row["id"]: row for row in rows}
+        keys = [t.idempotency_key for t in tasks if t.id not in inserted and t.idempotency_key]
+        existing = {}
+        if keys:
+            for row in await conn.fetch(self.q["enqueue_existing"], keys):
+                existing[row["idempotency_key"]] = row
+        results = []
+        for task in tasks:
+            row = inserted.get(task.id)
+            if row is not None:
+                results.append(Enqueued("created", _answer(row), row["delay"]))
+                continue
+            found = existing.get(task.idempotency_key) if task.idempotency_key else None
+            if found is None:
+                results.append(Enqueued("unknown_type"))
+            elif found["request_fingerprint"] == task.fingerprint:
+                results.append(Enqueued("replayed", _answer(found)))
+            else:
+                results.append(Enqueued("conflict", _answer(found)))
+        if notify and inserted:
+            ids = ",".join(str(task_id) for task_id in inserted)
+            await conn.execute(self.q["enqueue_notify"], NOTIFY_CHANNEL, ids)
+        return results
+
+    async def mark_published(self, published: Sequence[tuple[uuid.UUID, int, str]]) -> None:
+        """Record confirmed publishes of ``(id, attempts, status)``."""
+        if not published:
+            return
+        async with self._connection() as conn:
+            await conn.execute(
+                self.q["mark_published"], *(list(col) for col in zip(*published, strict=True))
+            )
+
+    # ---------------------------------------------------------------- reading
+
+    async def task(self, task_id: uuid.UUID) -> Row | None:
+        return await self.fetchrow("task_get", task_id)
+
+    async def task_events(self, task_id: uuid.UUID) -> list[Row]:
+        return await self.fetch("task_events", task_id)
+
+    async def unpublished_count(self) -> int:
+        async with self._connection() as conn:
+            count: int = await conn.fetchval(self.q["unpublished_count"])
+            return count
+
+
+_ANSWER_FIELDS = (
+    "id",
+    "type",
+    "queue",
+    "status",
+    "attempts",
+    "max_attempts",
+    "run_at",
+    "created_at",
+)
+
+
+def _answer(row: Row) -> dict[str, Any]:
+    return {name: row[name] for name in _ANSWER_FIELDS}

@@ -1,0 +1,279 @@
+"""Validation of enqueue requests and task type definitions: pure, shared by API and client.
+
+Everything here either returns normalised values or raises :class:`InvalidRequest`
+listing every field at fault, so that bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+from jsonschema import Draft202012Validator, SchemaError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from taskq._utils import parse_duration
+from taskq.errors import TaskqError
+from taskq.settings import QUEUE_NAME, Settings
+from taskq.store import NewTask
+
+TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+MAX_TIMEOUT = 7 * 86400.0
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+
+
+class InvalidRequest(TaskqError):
+    """The request is invalid."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e.field}: {e.message}" for e in errors))
+
+
+class TooLarge(InvalidRequest):
+    """A payload exceeds TASKQ_MAX_PAYLOAD_BYTES."""
+
+
+class EnqueueBody(BaseModel):
+    """The body of ``POST /enqueue`` (and one item of ``POST /enqueue/batch``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: str = Field(description="A registered, enabled task type.", max_length=200)
+    payload: dict[str, Any] = Field(description="The handler's input: a JSON object.")
+    queue: str | None = Field(None, description="One of TASKQ_QUEUES; default: the type's.")
+    max_attempts: int | None = Field(None, ge=1, le=100, description="Default: the type's.")
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=255, description="Same key and request: same task."
+    )
+    delay: float | None = Field(None, ge=0, description="Seconds before the task may start.")
+    run_at: str | None = Field(None, description="RFC 3339 time before which it may not start.")
+    timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Handler timeout (s).")
+
+
+class EnqueueBatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tasks: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class BackoffList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["list"]
+    delays: list[float | str] = Field(min_length=1, max_length=100)
+
+
+class BackoffFixed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["fixed"]
+    delay: float | str
+
+
+class BackoffExponential(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["exponential"]
+    base: float | str = 1.0
+    factor: float = Field(2.0, ge=1.0, le=100.0)
+    max: float | str = 3600.0
+    jitter: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class TaskTypeBody(BaseModel):
+    """The body of ``PUT /types/{name}``: the whole definition (omitted fields take defaults)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    queue: str | None = Field(None, description="Default queue; default: 'default'.")
+    max_attempts: int = Field(5, ge=1, le=100)
+    timeout: float = Field(300.0, gt=0, le=MAX_TIMEOUT, description="Handler timeout (s).")
+    backoff: BackoffList | BackoffFixed | BackoffExponential | None = Field(
+        None, discriminator="strategy", description="Default: the global backoff."
+    )
+    payload_schema: dict[str, Any] | None = Field(None, description="JSON Schema of payloads.")
+    enabled: bool = True
+
+
+def _pydantic_errors(exc: ValidationError, prefix: str) -> list[FieldError]:
+    out = []
+    for error in exc.errors():
+        path = prefix
+        for part in error["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part not in ("list", "fixed", "exponential"):
+                path += f".{part}" if path else str(part)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "required"
+        out.append(FieldError(path or "body", message))
+    return out
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def fingerprint(body: dict[str, Any]) -> str:
+    """A stable hash of an enqueue request, without its idempotency key."""
+    canonical = {k: v for k, v in body.items() if k != "idempotency_key" and v is not None}
+    return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """A timezone-aware datetime from an RFC 3339 string. Raises ValueError."""
+    if not re.match(
+        r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$", text
+    ):
+        raise ValueError("not an RFC 3339 date-time with a timezone, e.g. 2030-01-01T12:00:00Z")
+    return datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
+
+
+def _has_nul(text: str) -> bool:
+    return "\x00" in text
+
+
+def enqueue_task(data: Any, settings: Settings, *, prefix: str = "") -> tuple[NewTask, EnqueueBody]:
+    """Validate one enqueue request into a :class:`NewTask` (with a fresh id).
+
+    The task type itself is checked by the caller, which knows the registry.
+
+    Raises:
+        InvalidRequest: naming every field at fault.
+    """
+    if not isinstance(data, dict):
+        raise InvalidRequest([FieldError(prefix or "body", "must be a JSON object")])
+    try:
+        body = EnqueueBody.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(_pydantic_errors(exc, prefix)) from None
+    dot = prefix + "." if prefix else ""
+    errors = []
+    if not TYPE_NAME.match(body.type):
+        errors.append(FieldError(dot + "type", "not a task type name"))
+    if body.queue is not None and body.queue not in settings.queues:
+        errors.append(FieldError(dot + "queue", f"unknown queue; one of {settings.queues}"))
+    if body.idempotency_key is not None and _has_nul(body.idempotency_key):
+        errors.append(FieldError(dot + "idempotency_key", "may not contain NUL characters"))
+    if body.delay is not None and body.run_at is not None:
+        errors.append(FieldError(dot + "run_at", "give delay or run_at, not both"))
+    run_at = None
+    if body.delay is not None and (
+        not math.isfinite(body.delay) or body.delay > settings.max_delay
+    ):
+        errors.append(FieldError(dot + "delay", f"at most {settings.max_delay:g} seconds"))
+    if body.run_at is not None:
+        try:
+            run_at = parse_rfc3339(body.run_at)
+        except ValueError as exc:
+            errors.append(FieldError(dot + "run_at", str(exc)))
+        else:
+            if run_at - datetime.now(UTC) > timedelta(seconds=settings.max_delay):
+                errors.append(
+                    FieldError(dot + "run_at", f"at most {settings.max_delay:g} seconds ahead")
+                )
+    payload_json = dumps(body.payload)
+    if len(payload_json) > settings.max_payload_bytes:
+        raise TooLarge(
+            [FieldError(dot + "payload", f"larger than {settings.max_payload_bytes} bytes")]
+        )
+    if "\\u0000" in payload_json:
+        errors.append(FieldError(dot + "payload", "strings may not contain NUL (\\u0000)"))
+    if errors:
+        raise InvalidRequest(errors)
+    task = NewTask(
+        id=uuid.uuid4(),
+        type=body.type,
+        payload_json=payload_json,
+        queue=body.queue,
+        max_attempts=body.max_attempts,
+        idempotency_key=body.idempotency_key,
+        fingerprint=fingerprint(data) if body.idempotency_key is not None else None,
+        timeout=body.timeout,
+        run_at=run_at,
+        delay=body.delay,
+    )
+    return task, body
+
+
+def batch_items(data: Any) -> list[Any]:
+    """The items of a batch request ``{"tasks": [...]}`` (1 to 1000 of them)."""
+    try:
+        return EnqueueBatchBody.model_validate(data).tasks
+    except ValidationError as exc:
+        raise InvalidRequest(_pydantic_errors(exc, "")) from None
+
+
+def raise_all(errors: list[InvalidRequest]) -> None:
+    """Raise one error listing every field of ``errors`` (413 if any was too large)."""
+    if errors:
+        kind = TooLarge if any(isinstance(e, TooLarge) for e in errors) else InvalidRequest
+        raise kind([field for error in errors for field in error.errors])
+
+
+@dataclass(frozen=True)
+class TaskTypeDefinition:
+    name: str
+    queue: str
+    max_attempts: int
+    timeout: float
+    backoff_json: str | None
+    payload_schema_json: str | None
+    enabled: bool
+
+
+def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
+    """Validate a task type definition (``PUT /types/{name}``)."""
+    errors = []
+    if not TYPE_NAME.match(name):
+        errors.append(FieldError("name", "use 1-200 letters, digits, '.', '_', ':' or '-'"))
+    if not isinstance(data, dict):
+        raise InvalidRequest([*errors, FieldError("body", "must be a JSON object")])
+    try:
+        body = TaskTypeBody.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(errors + _pydantic_errors(exc, "")) from None
+    queue = body.queue or settings.default_queue
+    if not QUEUE_NAME.match(queue) or queue not in settings.queues:
+        errors.append(FieldError("queue", f"unknown queue; one of {settings.queues}"))
+    backoff = None
+    if body.backoff is not None:
+        try:
+            backoff = _normalise_backoff(body.backoff.model_dump())
+        except ValueError as exc:
+            errors.append(FieldError("backoff", str(exc)))
+    schema_json = None
+    if body.payload_schema is not None:
+        try:
+            Draft202012Validator.check_schema(body.payload_schema)
+        except SchemaError as exc:
+            errors.append(FieldError("payload_schema", f"not a valid JSON Schema: {exc.message}"))
+        schema_json = dumps(body.payload_schema)
+    if errors:
+        raise InvalidRequest(errors)
+    return TaskTypeDefinition(
+        name, queue, body.max_attempts, body.timeout, backoff, schema_json, body.enabled
+    )
+
+
+def _normalise_backoff(backoff: dict[str, Any]) -> str:
+    """Durations given as ``"5s"`` strings become seconds."""
+    for key in ("delay", "base", "max"):
+        if key in backoff:
+            backoff[key] = parse_duration(backoff[key])
+    if "delays" in backoff:
+        backoff["delays"] = [parse_duration(d) for d in backoff["delays"]]
+    return dumps(backoff)

@@ -1,0 +1,148 @@
+"""The outbox: tasks committed while the broker is away are published once it is back,
+and tasks enqueued inside a caller's transaction exist and are published only on commit."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from taskq.broker import Link, Publisher
+from taskq.client import Client
+from taskq.relay import Relay
+from taskq.settings import Settings
+from taskq.store import Store
+
+from .api_fixtures import declare_topology, drain, put_type, running_api
+from .conftest import make_settings
+from .proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+
+async def wait_for(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+async def unpublished(settings: Settings) -> int:
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        return int(
+            await connection.fetchval("SELECT count(*) FROM tasks WHERE published_at IS NULL")
+        )
+    finally:
+        await connection.close()
+
+
+async def test_enqueue_with_the_broker_down_is_published_once_it_is_back(
+    settings: Settings,
+) -> None:
+    await declare_topology(settings)
+    target = urlsplit(settings.amqp_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    proxied = make_settings(
+        database_url=settings.database_url,
+        amqp_url=target._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}").geturl(),
+        namespace=settings.namespace,
+        max_delay=settings.max_delay,
+    )
+    async with running_api(proxied) as api:
+        await put_type(api, "demo.echo")
+        await proxy.cut()  # the broker is gone for this API
+        await asyncio.sleep(0.2)
+        ids = []
+        for n in range(5):
+            response = await api.post("/enqueue", json={"type": "demo.echo", "payload": {"n": n}})
+            assert response.status_code == 201, response.text
+            ids.append(response.json()["id"])
+        health = (await api.get("/healthz")).json()
+        assert health["status"] == "degraded"
+        assert await unpublished(settings) == 5
+        metrics = (await api.get("/metrics")).text
+        assert "taskq_unpublished_tasks 5.0" in metrics
+
+        await proxy.start()  # the broker is back; the relay publishes what is owed
+        await wait_for(lambda: _none_unpublished(settings), timeout=20)
+        messages = await drain(settings, "default", expect=5)
+        assert sorted(m.message_id for m in messages) == sorted(ids)  # each exactly once
+        assert (await api.get("/healthz")).json()["status"] == "ok"
+    await proxy.cut()
+
+
+async def _none_unpublished(settings: Settings) -> bool:
+    return await unpublished(settings) == 0
+
+
+async def test_client_inside_a_transaction(settings: Settings) -> None:
+    await declare_topology(settings)
+    client = await Client.connect(settings)
+    relay = Relay(client.store, settings.database_url, client.publisher, interval=0.2)
+    relay.start()
+    try:
+        await client.store.put_task_type(
+            "demo.echo",
+            queue="default",
+            max_attempts=3,
+            timeout_seconds=10,
+            backoff_json=None,
+            payload_schema_json=None,
+            enabled=True,
+        )
+        connection = await asyncpg.connect(settings.database_url)
+        try:
+            await connection.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+            with pytest.raises(RuntimeError):
+                async with connection.transaction():
+                    await connection.execute("INSERT INTO orders VALUES (1)")
+                    await client.enqueue("demo.echo", {"order": 1}, connection=connection)
+                    raise RuntimeError("the caller's transaction fails")
+            assert await connection.fetchval("SELECT count(*) FROM tasks") == 0
+
+            async with connection.transaction():
+                await connection.execute("INSERT INTO orders VALUES (2)")
+                result = await client.enqueue("demo.echo", {"order": 2}, connection=connection)
+                assert result.created
+                # Not published before the commit.
+                await asyncio.sleep(0.5)
+                assert await drain(settings, "default", expect=0, timeout=0.1) == []
+        finally:
+            await connection.close()
+        messages = await drain(settings, "default", expect=1, timeout=10)
+        assert [m.message_id for m in messages] == [str(result.id)]
+        await wait_for(lambda: _none_unpublished(settings))
+    finally:
+        await relay.close()
+        await client.close()
+
+
+async def test_only_one_relay_is_active(settings: Settings) -> None:
+    store = await Store.connect(settings.database_url)
+    link = Link(settings.amqp_url, name="test")
+    await link.start()
+    publisher = Publisher(link, settings.topology(), settings.max_delay)
+    relays = [Relay(store, settings.database_url, publisher, interval=0.1) for _ in range(3)]
+    for relay in relays:
+        relay.start()
+    try:
+        await asyncio.sleep(1.0)
+        assert sum(relay.active for relay in relays) == 1
+        active = next(relay for relay in relays if relay.active)
+        await active.close()  # the lock is released; another relay takes over
+        others = [relay for relay in relays if relay is not active]
+        await wait_for(lambda: _any_active(others), timeout=5)
+        assert sum(relay.active for relay in others) == 1
+    finally:
+        for relay in relays:
+            await relay.close()
+        await link.close()
+        await store.close()
+
+
+async def _any_active(relays: list[Relay]) -> bool:
+    return any(relay.active for relay in relays)
