@@ -22,10 +22,9 @@ from jsonschema import Draft202012Validator
 
 from taskq import validation
 from taskq.broker import Link, Publisher
-from taskq.envelope import Envelope
-from taskq.errors import IdempotencyConflict, TaskqError
+from taskq.errors import IdempotencyConflict
 from taskq.metrics import ApiMetrics
-from taskq.relay import Marker
+from taskq.relay import Outbox
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
 from taskq.validation import FieldError, InvalidRequest
@@ -170,8 +169,8 @@ class Client:
         self.metrics = metrics or ApiMetrics()
         self.types = TypeCache(store)
         self._link = link
-        self._marker = Marker(store)
-        self._marker.start()
+        self.outbox = Outbox(store, publisher, on_failure=self.metrics.publish_failures.inc)
+        self.outbox.start()
         self._batcher = _InsertBatcher(store)
 
     @classmethod
@@ -187,7 +186,7 @@ class Client:
 
     async def close(self) -> None:
         await self._batcher.close()
-        await self._marker.close()
+        await self.outbox.close()
         await self.publisher.close()
         if self._link is not None:
             await self._link.close()
@@ -240,7 +239,7 @@ class Client:
             task, body = validation.enqueue_task(data, self.settings)
             await self._check_type(body.type, body.payload, body.queue, "")
             result = await self._batcher.submit(task)
-            answer = await self._settle(task, result, "")
+            answer = self._settle(task, result, "")
         except (InvalidRequest, IdempotencyConflict) as exc:
             outcome = "conflict" if isinstance(exc, IdempotencyConflict) else "invalid"
             self.metrics.enqueue_total.labels("", "", outcome).inc()
@@ -282,16 +281,14 @@ class Client:
                 raise InvalidRequest([FieldError(f"tasks[{index}].type", "unknown task type")])
         if connection is not None:  # published by the relay when the caller commits
             return [EnqueueResult(r.outcome == "created", r.row or {}) for r in results]
-        answers = await asyncio.gather(
-            *(
-                self._settle(t, r, f"tasks[{i}].")
-                for i, (t, r) in enumerate(zip(tasks, results, strict=True))
-            )
-        )
+        answers = [
+            self._settle(t, r, f"tasks[{i}].")
+            for i, (t, r) in enumerate(zip(tasks, results, strict=True))
+        ]
         for answer in answers:
             queue = answer.task["queue"]
             self.metrics.enqueue_total.labels(answer.task["type"], queue, _outcome(answer)).inc()
-        return list(answers)
+        return answers
 
     async def _check_type(
         self, name: str, payload: dict[str, Any], queue: str | None, prefix: str
@@ -313,7 +310,7 @@ class Client:
                 )
                 raise InvalidRequest([FieldError(f"{prefix}payload{path}", error.message)])
 
-    async def _settle(self, task: NewTask, result: Enqueued, prefix: str) -> EnqueueResult:
+    def _settle(self, task: NewTask, result: Enqueued, prefix: str) -> EnqueueResult:
         """Turn the store's answer into ours; publish what was created."""
         if result.outcome == "conflict":
             assert task.idempotency_key is not None and result.row is not None
@@ -324,18 +321,10 @@ class Client:
             raise InvalidRequest([FieldError(prefix + "type", f"unknown task type {task.type!r}")])
         assert result.row is not None
         if result.outcome == "created":
-            await self._publish(result.row, result.delay)
+            # The task is durable now; the outbox publishes it in the background.
+            row = {**result.row, "delay": result.delay, "last_error": None}
+            self.outbox.submit(row)
         return EnqueueResult(result.outcome == "created", result.row)
-
-    async def _publish(self, row: dict[str, Any], delay: float) -> None:
-        """Publish a new task; on failure it stays owed and the relay publishes it."""
-        envelope = Envelope(row["id"], row["type"], 0)
-        try:
-            await self.publisher.publish(envelope, row["queue"], delay=delay)
-        except TaskqError:
-            self.metrics.publish_failures.inc()
-            return
-        self._marker.add(row["id"], 0, "ENQUEUED")
 
 
 def _outcome(answer: EnqueueResult) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -42,30 +43,112 @@ def dead_letter_headers(reason: str, attempts: int, queue: str) -> dict[str, Any
     return {HEADER_REASON: reason[:1000], HEADER_ATTEMPTS: attempts, HEADER_ORIGIN: queue}
 
 
+async def publish_row(publisher: Publisher, row: Row, *, delay: float | None = None) -> bool:
+    """Publish what ``row`` owes: ENQUEUED to its queue (after ``delay``), FAILED to the DLQ.
+
+    ``row`` has id, type, queue, status, attempts, last_error and delay. Returns
+    whether the broker confirmed; a failure leaves the publish owed.
+    """
+    envelope = Envelope(row["id"], row["type"], row["attempts"])
+    try:
+        if row["status"] == "FAILED":
+            reason = row["last_error"] or "failed"
+            headers = dead_letter_headers(reason, row["attempts"], row["queue"])
+            await publisher.publish_dead_letter(envelope, row["queue"], headers)
+        else:
+            await publisher.publish(
+                envelope, row["queue"], delay=row["delay"] if delay is None else delay
+            )
+    except TaskqError as exc:
+        log.warning("publish of task %s failed, still owed: %s", row["id"], exc)
+        return False
+    return True
+
+
 async def publish_owed(store: Store, publisher: Publisher, rows: Sequence[Row]) -> int:
     """Publish owed rows with all confirms in flight at once; mark the confirmed ones.
 
     Returns how many were confirmed.
     """
-
-    async def one(row: Row) -> tuple[uuid.UUID, int, str] | None:
-        envelope = Envelope(row["id"], row["type"], row["attempts"])
-        try:
-            if row["status"] == "FAILED":
-                headers = dead_letter_headers(
-                    row["last_error"] or "failed", row["attempts"], row["queue"]
-                )
-                await publisher.publish_dead_letter(envelope, row["queue"], headers)
-            else:
-                await publisher.publish(envelope, row["queue"], delay=row["delay"])
-        except TaskqError as exc:
-            log.warning("publish of task %s failed, still owed: %s", row["id"], exc)
-            return None
-        return row["id"], row["attempts"], row["status"]
-
-    confirmed = [c for c in await asyncio.gather(*(one(row) for row in rows)) if c]
+    results = await asyncio.gather(*(publish_row(publisher, row) for row in rows))
+    confirmed = [
+        (row["id"], row["attempts"], row["status"])
+        for row, ok in zip(rows, results, strict=True)
+        if ok
+    ]
     await store.mark_published(confirmed)
     return len(confirmed)
+
+
+class Outbox:
+    """Publishes rows right after their commit, in the background, many confirms in flight.
+
+    Callers hand over committed rows and go on: the task is durable already. A
+    row the outbox cannot publish (broker down, queue full, process stopping)
+    stays owed in Postgres, and the relay publishes it later.
+
+    Args:
+        store: where confirmed publishes are recorded (in batches, by a :class:`Marker`).
+        publisher: the confirming publisher.
+        in_flight: how many publishes await their confirm at once.
+        capacity: rows waiting beyond that; more are left to the relay.
+        on_failure: called once per publish that failed.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        publisher: Publisher,
+        *,
+        in_flight: int = 256,
+        capacity: int = 50_000,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self._publisher = publisher
+        self._queue: asyncio.Queue[tuple[Row, float]] = asyncio.Queue(capacity)
+        self._marker = Marker(store)
+        self._on_failure = on_failure
+        self._in_flight = in_flight
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._marker.start()
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"taskq-outbox-{n}")
+            for n in range(self._in_flight)
+        ]
+
+    def submit(self, row: Row) -> bool:
+        """Queue ``row`` for publishing; False if full (the relay will publish it)."""
+        due = time.monotonic() + row["delay"]
+        try:
+            self._queue.put_nowait((row, due))
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            row, due = await self._queue.get()
+            delay = max(0.0, due - time.monotonic()) if row["status"] == "ENQUEUED" else 0.0
+            if await publish_row(self._publisher, row, delay=delay):
+                self._marker.add(row["id"], row["attempts"], row["status"])
+            elif self._on_failure is not None:
+                self._on_failure()
+            self._queue.task_done()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the queued rows to be published."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Publish what is queued (within ``timeout``), then stop; the rest stays owed."""
+        await self.drain(timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._marker.close()
 
 
 class Marker:
