@@ -207,5 +207,7 @@ def subprocess_env(settings: Settings | None = None, **extra: str) -> dict[str, 
         env["TASKQ_NAMESPACE"] = settings.namespace
         env["TASKQ_QUEUES"] = ",".join(settings.queues)
         env["TASKQ_QUEUE_TYPE"] = settings.queue_type
+        env["TASKQ_MAX_DELAY"] = f"{settings.max_delay:g}"
+        env["TASKQ_DELIVERY_LIMIT"] = str(settings.delivery_limit)
     env.update(extra)
     return env
