@@ -77,7 +77,7 @@ class Store:
         """Open a pool. Raises :class:`StoreError` if the database cannot be reached."""
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=min_size, max_size=max_size, command_timeout=30
+                url, min_size=min_size, max_size=max_size, command_timeout=10, timeout=5
             )
         except _DOWN as exc:
             raise StoreError(f"cannot connect to the database: {exc}") from exc

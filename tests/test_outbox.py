@@ -4,9 +4,11 @@ and tasks enqueued inside a caller's transaction exist and are published only on
 from __future__ import annotations
 
 import asyncio
+import uuid
 from urllib.parse import urlsplit
 
 import asyncpg
+import httpx
 import pytest
 
 from taskq.broker import Link, Publisher
@@ -15,7 +17,7 @@ from taskq.relay import Relay
 from taskq.settings import Settings
 from taskq.store import Store
 
-from .api_fixtures import declare_topology, drain, put_type, running_api
+from .api_fixtures import assert_problem, declare_topology, drain, put_type, running_api
 from .conftest import make_settings
 from .proxy import TcpProxy
 
@@ -146,3 +148,37 @@ async def test_only_one_relay_is_active(settings: Settings) -> None:
 
 async def _any_active(relays: list[Relay]) -> bool:
     return any(relay.active for relay in relays)
+
+
+async def test_database_down_is_503_and_recovers(settings: Settings) -> None:
+    await declare_topology(settings)
+    target = urlsplit(settings.database_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    proxied = make_settings(
+        database_url=target._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl(),
+        amqp_url=settings.amqp_url,
+        namespace=settings.namespace,
+        max_delay=settings.max_delay,
+    )
+    async with running_api(proxied) as api:
+        await put_type(api, "demo.echo")
+        await proxy.cut()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response = await api.post("/enqueue", json={"type": "demo.echo", "payload": {}})
+        assert loop.time() - started < 15
+        assert_problem(response, 503)
+        health = assert_problem(await api.get("/healthz"), 503)
+        assert health["database"].startswith("down")
+        assert_problem(await api.get(f"/tasks/{uuid.uuid4()}"), 503)
+
+        await proxy.start()
+        await wait_for(lambda: _accepts(api), timeout=20)
+        assert (await api.get("/healthz")).json()["status"] == "ok"
+    await proxy.cut()
+
+
+async def _accepts(api: httpx.AsyncClient) -> bool:
+    response = await api.post("/enqueue", json={"type": "demo.echo", "payload": {}})
+    return response.status_code == 201
