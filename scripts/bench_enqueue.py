@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -137,6 +138,7 @@ async def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--client-tasks", type=int, default=20000)
     parser.add_argument("--port", type=int, default=18931)
+    parser.add_argument("--profile", help="write a py-spy profile of the API to this file")
     args = parser.parse_args()
 
     base = os.environ.get(
@@ -177,6 +179,11 @@ async def main() -> None:
             except OSError:
                 await asyncio.sleep(0.1)
         await single_requests(args.port, args.clients, 1.0)  # warm up
+        if args.profile:
+            py_spy = str(Path(sys.executable).parent / "py-spy")
+            command = [py_spy, "record", "--format", "raw", "-o", args.profile]
+            command += ["--pid", str(api.pid), "--duration", str(int(args.seconds))]
+            subprocess.Popen(command)  # noqa: ASYNC220 - started once, before the measurement
         results["single"] = await single_requests(args.port, args.clients, args.seconds)
         results["batch"] = await batch_requests(args.port, args.batches, args.batch_size, 4)
         results["python_client"] = await python_client(settings, args.client_tasks, 256)
