@@ -246,6 +246,9 @@ class Publisher:
         self, connection: AbstractConnection | Link, topology: Topology, max_delay: float
     ) -> None:
         self._source = connection
+        self._work_queues = frozenset(
+            b.routing_key for b in topology.bindings if b.source == topology.names.direct
+        )
         self._topology = topology
         self._max_delay = max_delay
         self._channel: AbstractChannel | None = None
@@ -285,6 +288,10 @@ class Publisher:
             DelayTooLong: if ``delay`` exceeds the configured maximum.
             PublishError: if the broker does not confirm the publish.
         """
+        if queue not in self._work_queues:
+            # A delayed envelope for an unknown queue would be confirmed by the
+            # first delay level and dropped when its delay ends: refuse it here.
+            raise PublishError(f"no work queue {queue!r} in the topology")
         if delay > self._max_delay:
             raise DelayTooLong(f"a delay of {delay:g}s exceeds the maximum {self._max_delay:g}s")
         seconds = math.ceil(delay) if delay > 0 else 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -210,6 +211,9 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def _execute(command: Command, args: argparse.Namespace) -> int:
     try:
+        # aiormq narrates connection failures on stderr; the one-line error says it.
+        for noisy in ("aio_pika", "aiormq"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
         settings = load_settings()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(command(settings, args))

@@ -25,6 +25,7 @@ for _name in list(os.environ):
     if _name.startswith("TASKQ_") and not _name.startswith("TASKQ_TEST_"):
         del os.environ[_name]
 
+from taskq._utils import format_duration  # noqa: E402
 from taskq.migrate import migrate  # noqa: E402
 from taskq.settings import Settings, load_settings  # noqa: E402
 
@@ -207,7 +208,7 @@ def subprocess_env(settings: Settings | None = None, **extra: str) -> dict[str, 
         env["TASKQ_NAMESPACE"] = settings.namespace
         env["TASKQ_QUEUES"] = ",".join(settings.queues)
         env["TASKQ_QUEUE_TYPE"] = settings.queue_type
-        env["TASKQ_MAX_DELAY"] = f"{settings.max_delay:g}"
+        env["TASKQ_MAX_DELAY"] = format_duration(settings.max_delay)
         env["TASKQ_DELIVERY_LIMIT"] = str(settings.delivery_limit)
     env.update(extra)
     return env
