@@ -161,7 +161,8 @@ WHERE id = ANY($1::uuid[]) AND published_at IS NULL AND status IN ('ENQUEUED', '
 
 -- name: recover_expired
 -- Takes back claims whose lease expired (the worker died or hung): back to
--- ENQUEUED, due now, or FAILED if no attempt is left. Either way a publish is owed.
+-- ENQUEUED, due now, or FAILED if no attempt is left. Either way a publish is owed;
+-- the rows returned have what taskq.relay.publish_row needs to pay it at once.
 -- $1: limit
 UPDATE tasks t SET
     status = CASE WHEN t.attempts >= t.max_attempts THEN 'FAILED' ELSE 'ENQUEUED' END,
@@ -171,7 +172,7 @@ UPDATE tasks t SET
     published_at = NULL, updated_at = now()
 WHERE t.id IN (SELECT id FROM tasks WHERE status = 'RUNNING' AND lease_expires_at < now()
                ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-RETURNING t.id, t.type, t.queue, t.status;
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, 0::float8 AS delay;
 
 -- name: overdue_enqueued
 -- ENQUEUED tasks of one queue, published long ago and due for a while: when
@@ -200,12 +201,16 @@ WHERE id = ANY($1::uuid[]) AND status = 'ENQUEUED';
 --   exhausted - no attempt left: now FAILED, owed to the DLQ;
 --   missing   - no such task.
 -- A claim of a RUNNING task whose lease expired takes it over.
+-- Returns one row per distinct id: id, decision, and for rows that exist type,
+-- queue, attempts (after the claim), max_attempts, run_at and delay (seconds
+-- until run_at, for `early`); payload (json text), timeout_seconds and
+-- created_at for `claimed`; last_error for `exhausted` (the DLQ reason).
 -- $1: ids uuid[], $2: worker id, $3: lease seconds
 WITH input AS (
     SELECT DISTINCT id FROM unnest($1::uuid[]) AS id
 ), locked AS (
-    SELECT t.id, t.status, t.lease_expires_at, t.attempts, t.max_attempts, t.run_at,
-           t.worker_id
+    SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts, t.max_attempts,
+           t.run_at, t.worker_id
     FROM tasks t JOIN input i ON i.id = t.id
     ORDER BY t.id
     FOR UPDATE OF t
@@ -238,16 +243,17 @@ WITH input AS (
         last_error = coalesce(t.last_error, 'no attempt left'), published_at = NULL
     FROM decided d
     WHERE d.id = t.id AND d.decision = 'exhausted'
-    RETURNING t.id
+    RETURNING t.id, t.last_error
 )
-SELECT i.id, coalesce(d.decision, 'missing') AS decision,
-       c.type, c.queue, c.payload, c.attempts, c.max_attempts, c.timeout_seconds,
-       c.run_at, c.created_at,
+SELECT i.id, coalesce(d.decision, 'missing') AS decision, l.type, l.queue,
+       c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
+       c.timeout_seconds, l.run_at, c.created_at, x.last_error,
        greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
 LEFT JOIN locked l ON l.id = i.id
-LEFT JOIN claimed c ON c.id = i.id;
+LEFT JOIN claimed c ON c.id = i.id
+LEFT JOIN exhausted x ON x.id = i.id;
 
 -- name: heartbeat
 -- Extends the leases this worker holds.
@@ -298,3 +304,14 @@ UPDATE tasks t SET status = 'ENQUEUED', attempts = t.attempts - 1,
 FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
 WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $3
 RETURNING t.id, t.type, t.queue, t.attempts;
+
+-- name: sweeper_lock
+-- One sweeper is active across the fleet: the holder of this session lock. It
+-- is not the relay's lock, so that sweeping goes on in a worker whichever
+-- process (API or worker) relays.
+-- $1: advisory lock key (bigint)
+SELECT pg_try_advisory_lock($1);
+
+-- name: session_alive
+-- Run on the lock's connection every pass: an error means the lock is gone too.
+SELECT 1;

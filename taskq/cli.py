@@ -91,14 +91,17 @@ async def _rmq_init(settings: Settings, topology: Topology) -> None:
 async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from taskq import logs
     from taskq.api import create_app
 
+    logs.configure(settings.log_level)
     config = uvicorn.Config(
         create_app(settings),
         host=args.host or settings.http_host,
         port=args.port if args.port is not None else settings.http_port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        log_config=None,  # the JSON logs configured above
         lifespan="on",
     )
     server = uvicorn.Server(config)
@@ -153,11 +156,85 @@ async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from prometheus_client import start_http_server
+
+    from taskq import handlers, logs
+    from taskq.worker import Worker
+
+    logs.configure(settings.log_level)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    try:
+        worker = Worker(
+            settings,
+            handlers.load(args.module),
+            queues=queues,
+            concurrency=args.concurrency,
+            prefetch=args.prefetch,
+        )
+    except handlers.HandlerError as exc:
+        print(f"taskq: {exc}", file=sys.stderr)
+        return 2
+    if args.metrics_port is not None:
+        host = args.metrics_host or settings.http_host
+        try:
+            start_http_server(args.metrics_port, addr=host, registry=worker.metrics.registry)
+        except OSError as exc:
+            where = f"{host}:{args.metrics_port}"
+            print(f"taskq: cannot serve metrics on {where}: {exc}", file=sys.stderr)
+            return 1
+    stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        # SIGTERM or SIGINT stops gracefully. A second Ctrl-C cuts the grace short;
+        # a repeated SIGTERM does not (`taskq run` sends one after the terminal's SIGINT).
+        if stop.is_set() and sig == signal.SIGINT:
+            worker.hurry()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await worker.run(stop)
+    return 0
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    """Migrate, declare the topology, then run the API and a demo worker until stopped."""
     await cmd_migrate(settings, args)
     await _rmq_init(settings, settings.topology())
-    _print("taskq is set up: database migrated and topology declared")
-    return 0
+    if args.setup_only:
+        _print("taskq is set up: database migrated and topology declared")
+        return 0
+    commands = {
+        "api": ["api"],
+        "worker": ["worker", args.handlers],
+    }
+    processes = {
+        name: await asyncio.create_subprocess_exec(sys.executable, "-m", "taskq", *argv)
+        for name, argv in commands.items()
+    }
+    _print(
+        f"taskq is running: API on http://{settings.http_host}:{settings.http_port}, "
+        f"a worker with the handlers of {args.handlers}; Ctrl-C stops both"
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waits = {asyncio.create_task(p.wait()): name for name, p in processes.items()}
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*waits, stopper], return_when=asyncio.FIRST_COMPLETED)
+    died = [waits[task] for task in done if task in waits]
+    for process in processes.values():
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+    codes = [await process.wait() for process in processes.values()]
+    stopper.cancel()
+    if died:
+        print(f"taskq: {', '.join(died)} stopped unexpectedly; stopped the rest", file=sys.stderr)
+        return 1
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,8 +257,38 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--delay", type=float, help="seconds")
     enqueue.add_argument("--max-attempts", type=int)
     sub.add_parser("types", help="list the registered task types")
-    sub.add_parser("run", help="run the whole system locally: migrate, declare the topology")
+    worker = sub.add_parser("worker", help="run tasks with the handlers of MODULE[:ATTR]")
+    worker.add_argument(
+        "module", help="module with a taskq.handlers.Registry (attribute 'handlers' by default)"
+    )
+    worker.add_argument(
+        "--queues", help="comma-separated, highest priority first (default: TASKQ_QUEUES)"
+    )
+    worker.add_argument(
+        "--concurrency", type=_positive, help="tasks running at once (TASKQ_WORKER_CONCURRENCY)"
+    )
+    worker.add_argument(
+        "--prefetch", type=_positive, help="envelopes buffered per queue (TASKQ_WORKER_PREFETCH)"
+    )
+    worker.add_argument("--metrics-port", type=int, help="serve /metrics on this port")
+    worker.add_argument("--metrics-host", help="default: TASKQ_HTTP_HOST")
+    run = sub.add_parser(
+        "run", help="run the whole system locally: migrate, topology, API and a demo worker"
+    )
+    run.add_argument(
+        "--handlers", default="taskq.demo", help="the worker's handler module (default taskq.demo)"
+    )
+    run.add_argument(
+        "--setup-only", action="store_true", help="migrate and declare the topology, then exit"
+    )
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _add_rmq_init_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,6 +305,7 @@ COMMANDS: dict[str, Command] = {
     "api": cmd_api,
     "enqueue": cmd_enqueue,
     "types": cmd_types,
+    "worker": cmd_worker,
 }
 
 

@@ -23,6 +23,10 @@ class StoreError(TaskqError):
     """The database did not answer as expected."""
 
 
+class RejectedByDatabase(StoreError):
+    """The database refused the data (a constraint or a value it cannot store)."""
+
+
 class MigrationError(StoreError):
     """The schema could not be migrated."""
 

@@ -41,3 +41,70 @@ class ApiMetrics:
             ["route", "status"],
             registry=self.registry,
         )
+
+
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+
+
+class WorkerMetrics:
+    """What a worker counts about the tasks it runs (served on its own ``/metrics``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.processed = Counter(
+            "taskq_tasks_processed_total",
+            "Attempts finished, by outcome: succeeded, retried, failed, given_back, stale"
+            " (the claim was lost, the outcome was not recorded).",
+            ["type", "queue", "outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "taskq_task_duration_seconds",
+            "Time a handler ran, per attempt.",
+            ["type"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "taskq_task_queue_wait_seconds",
+            "From the time a task was due (enqueued or retry due) to its start.",
+            ["queue"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "taskq_task_retries_total",
+            "Attempts that failed and were scheduled again.",
+            ["type", "queue"],
+            registry=self.registry,
+        )
+        self.dead_lettered = Counter(
+            "taskq_dead_lettered_total",
+            "Envelopes sent to the DLQ, by reason: failed, exhausted, missing, invalid.",
+            ["queue", "reason"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "taskq_tasks_in_flight",
+            "Tasks this worker has claimed and not yet finished.",
+            registry=self.registry,
+        )
+        self.deliveries = Counter(
+            "taskq_deliveries_total",
+            "Envelopes received, by claim decision: claimed, terminal, duplicate, early,"
+            " exhausted, missing, invalid.",
+            ["queue", "decision"],
+            registry=self.registry,
+        )
+        self.lease_recoveries = Counter(
+            "taskq_lease_recoveries_total",
+            "Claims whose lease expired, taken back by the sweeper (workers that died or hung).",
+            registry=self.registry,
+        )
+        self.republished = Counter(
+            "taskq_republished_total",
+            "Overdue ENQUEUED tasks published again because their work queue was empty.",
+            ["queue"],
+            registry=self.registry,
+        )

@@ -1,0 +1,202 @@
+"""Claiming: buffered deliveries get free slots, one ``claim`` statement per batch.
+
+When concurrency slots are free, :meth:`Claimer.run` takes buffered envelopes
+(chosen by priority weight, see :mod:`taskq.consumer`) and claims all of them
+in one statement; while it runs, further envelopes collect for the next one, so
+batches grow with the load and nothing waits for a timer. Once the claim
+commits the deliveries are acked (``multiple`` where the tags allow): from here
+Postgres, not the broker, owns each task. Per decision: *claimed* → run;
+*terminal*, *duplicate* → drop; *early* → back through the delay levels for the
+remaining time; *exhausted* (now FAILED) and *missing* (no such task) → the DLQ
+with reason headers. Those three are acked once their publish is confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from taskq.broker import Publisher
+from taskq.consumer import Acker, Buffers, Delivery
+from taskq.errors import StoreError, TaskqError
+from taskq.metrics import WorkerMetrics
+from taskq.relay import dead_letter_headers, publish_row
+from taskq.store import Row, Store
+
+log = logging.getLogger("taskq.worker")
+
+CLAIM_BATCH = 200
+# Two claims in flight: one collects while the other runs.
+CLAIMS_IN_FLIGHT = 2
+STORE_RETRY_SECONDS = 1.0
+
+
+class Claimer:
+    """Holds the concurrency slots and turns buffered deliveries into running attempts.
+
+    Args:
+        store: the database.
+        publisher: for early, exhausted and missing deliveries.
+        buffers: the deliveries waiting for a slot.
+        acker: settles deliveries.
+        begin: starts running a claimed row; its handler must call :meth:`release`
+            when done.
+        metrics: the worker's metrics.
+        worker_id: recorded on the claims.
+        lease: seconds a claim holds before the heartbeat extends it.
+        concurrency: slots, i.e. attempts running at once.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        publisher: Publisher,
+        buffers: Buffers,
+        acker: Acker,
+        *,
+        begin: Callable[[Row], None],
+        metrics: WorkerMetrics,
+        worker_id: str,
+        lease: float,
+        concurrency: int,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.metrics = metrics
+        self.worker_id = worker_id
+        self.lease = lease
+        self.concurrency = concurrency
+        self._buffers = buffers
+        self._acker = acker
+        self._begin = begin
+        self._reserved = 0  # slots taken by claims in flight and running handlers
+        self._claims = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def put(self, delivery: Delivery) -> None:
+        """Buffer a delivery until a slot is free (ignored once stopping: it stays unacked)."""
+        if not self._stopping:
+            self._buffers.put(delivery)
+            self._wake.set()
+
+    def release(self, slots: int = 1) -> None:
+        """Free ``slots`` (a handler finished)."""
+        self._reserved -= slots
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Claim nothing more; :meth:`run` returns once the claims in flight are done."""
+        self._stopping = True
+        self._buffers.clear()  # unacked: requeued when the channels close
+        self._wake.set()
+
+    async def settled(self, timeout: float) -> None:
+        """Wait for the early, exhausted and missing deliveries being settled."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
+
+    async def run(self) -> None:
+        """Claim while slots and deliveries allow, until :meth:`stop`."""
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            while (
+                not self._stopping
+                and self._buffers
+                and self._reserved < self.concurrency
+                and self._claims < CLAIMS_IN_FLIGHT
+            ):
+                batch = self._buffers.take(min(self.concurrency - self._reserved, CLAIM_BATCH))
+                if not batch:
+                    break
+                self._reserved += len(batch)
+                self._claims += 1
+                self._spawn(self._claim(batch))
+        # Claims in flight finish (and start their handlers) before stop() goes on.
+        while self._claims:
+            await self._wake.wait()
+            self._wake.clear()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _claim(self, batch: list[Delivery]) -> None:
+        try:
+            rows = await self.store.claim(
+                [d.envelope.id for d in batch], self.worker_id, self.lease
+            )
+        except Exception as exc:
+            # Whatever went wrong, the deliveries are still unacked: claim them again later.
+            if isinstance(exc, StoreError):
+                log.warning("claiming %d tasks failed, retrying: %s", len(batch), exc)
+            else:
+                log.exception("claiming %d tasks failed, retrying", len(batch))
+            await asyncio.sleep(STORE_RETRY_SECONDS)
+            if not self._stopping:
+                self._buffers.put_back(d for d in batch if d.live)
+            self._claims -= 1
+            self.release(len(batch))
+            return
+        by_id = {row["id"]: row for row in rows}
+        acks = []
+        unused = 0
+        for delivery in batch:
+            row = by_id.pop(delivery.envelope.id, None)
+            # A second delivery of an id in the same batch is a duplicate.
+            decision = "duplicate" if row is None else row["decision"]
+            self.metrics.deliveries.labels(delivery.queue, decision).inc()
+            if decision == "claimed":
+                assert row is not None
+                acks.append(delivery)
+                self._begin(row)
+                continue
+            unused += 1
+            if decision in ("terminal", "duplicate"):
+                acks.append(delivery)
+            else:
+                self._spawn(self._settle_unclaimed(delivery, decision, row))
+        self._claims -= 1
+        self.release(unused)
+        await self._acker.ack(acks)
+
+    async def _settle_unclaimed(self, delivery: Delivery, decision: str, row: Row | None) -> None:
+        """Early, exhausted and missing deliveries: publish where they belong, then ack."""
+        envelope = delivery.envelope
+        try:
+            if decision == "early":
+                assert row is not None
+                await self._send_back(delivery, row)
+            elif decision == "exhausted":
+                assert row is not None
+                owed = {**row, "status": "FAILED", "last_error": row["last_error"]}
+                if await publish_row(self.publisher, owed):
+                    await self.store.mark_published([(row["id"], row["attempts"], "FAILED")])
+                self.metrics.dead_lettered.labels(row["queue"], "exhausted").inc()
+            else:  # missing
+                headers = dead_letter_headers(
+                    f"NoTask: no task with id {envelope.id}", envelope.attempt, delivery.queue
+                )
+                await self.publisher.publish_dead_letter(envelope, delivery.queue, headers)
+                self.metrics.dead_lettered.labels(delivery.queue, "missing").inc()
+                log.warning("envelope for unknown task %s dead-lettered", envelope.id)
+        except TaskqError as exc:
+            log.warning("settling a %s delivery of %s failed: %s", decision, envelope.id, exc)
+            # The broker gets it back: a missing task's envelope dead-letters
+            # through the queue's DLX; the others are redelivered and decided again.
+            await self._acker.reject(delivery.channel, delivery.tag, requeue=decision != "missing")
+            return
+        await self._acker.ack([delivery])
+
+    async def _send_back(self, delivery: Delivery, row: Row) -> None:
+        try:
+            await self.publisher.publish(delivery.envelope, row["queue"], delay=row["delay"])
+        except TaskqError as exc:
+            # Owe it in Postgres instead: the relay publishes it with the right delay.
+            log.warning("sending early task %s back failed, owed: %s", row["id"], exc)
+            await self.store.republish([row["id"]])

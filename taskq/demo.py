@@ -1,0 +1,97 @@
+"""Demo handlers, shipped for the README, the tests and the benchmarks.
+
+Run them with ``taskq worker taskq.demo``:
+
+- ``email.send.v1`` — a stub that logs and answers ``{"sent": true, "to": ...}``;
+- ``demo.noop`` — does nothing (benchmarks);
+- ``demo.echo`` — returns its payload;
+- ``demo.sleep`` — ``{"seconds": x}`` sleeps x seconds;
+- ``demo.fail`` — ``{"times": n}`` fails the first n attempts and then succeeds;
+  without ``times`` it always fails; ``{"fatal": true}`` fails for good at once;
+- ``demo.record`` — inserts a row into ``demo_executions`` in the taskq database
+  (after sleeping ``{"seconds": x}`` if given), so tests can count executions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import asyncpg
+
+from taskq.handlers import Context, Fail, Registry
+from taskq.settings import load_settings
+
+handlers = Registry()
+
+
+class DemoFailure(RuntimeError):
+    """The failure ``demo.fail`` was asked for."""
+
+
+@handlers.task("email.send.v1", max_attempts=5, timeout=30)
+async def send_email(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    ctx.log.info("sending email to %s (stub)", payload.get("to"))
+    return {"sent": True, "to": payload.get("to")}
+
+
+@handlers.task("demo.noop")
+async def noop(payload: dict[str, Any], ctx: Context) -> None:
+    return None
+
+
+@handlers.task("demo.echo")
+async def echo(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    return payload
+
+
+@handlers.task("demo.sleep", timeout=3600)
+async def sleep(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    seconds = float(payload.get("seconds", 1.0))
+    await asyncio.sleep(seconds)
+    return {"slept": seconds}
+
+
+@handlers.task("demo.fail")
+async def fail(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    if payload.get("fatal"):
+        raise Fail("demo.fail was asked to fail for good")
+    times = payload.get("times")
+    if times is None or ctx.attempt <= int(times):
+        raise DemoFailure(f"demo failure on attempt {ctx.attempt}")
+    return {"succeeded_on_attempt": ctx.attempt}
+
+
+_pool: asyncpg.Pool | None = None
+_pool_lock = asyncio.Lock()
+
+
+async def _record_pool() -> asyncpg.Pool:
+    global _pool
+    async with _pool_lock:
+        if _pool is None:
+            pool = await asyncpg.create_pool(load_settings().database_url, min_size=1, max_size=4)
+            # Two workers may race to create it; either way it exists afterwards.
+            with contextlib.suppress(asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+                await pool.execute(
+                    "CREATE TABLE IF NOT EXISTS demo_executions ("
+                    " task_id uuid NOT NULL, attempt int NOT NULL, worker_id text NOT NULL,"
+                    " at timestamptz NOT NULL DEFAULT clock_timestamp())"
+                )
+            _pool = pool
+        return _pool
+
+
+@handlers.task("demo.record", timeout=3600)
+async def record(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    if payload.get("seconds"):
+        await asyncio.sleep(float(payload["seconds"]))
+    pool = await _record_pool()
+    await pool.execute(
+        "INSERT INTO demo_executions (task_id, attempt, worker_id) VALUES ($1, $2, $3)",
+        ctx.task_id,
+        ctx.attempt,
+        ctx.worker_id,
+    )
+    return {"recorded": True}

@@ -1,0 +1,257 @@
+"""Running claimed attempts: handlers under their timeout, leases kept alive, outcomes decided.
+
+Each attempt runs in its own asyncio task, outside any transaction. One
+batched heartbeat per worker extends every lease the worker holds every
+``lease/3`` seconds; an attempt whose lease turns out lost (the sweeper or
+another worker took the task back) is cancelled and records nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import orjson
+
+from taskq import backoff
+from taskq.errors import StoreError, TaskqError
+from taskq.handlers import Context, Fail, Registry, Retry
+from taskq.metrics import WorkerMetrics
+from taskq.outcomes import Finished, Kind
+from taskq.settings import Settings
+from taskq.store import Row, Store
+
+log = logging.getLogger("taskq.worker")
+
+
+class NoHandler(TaskqError):
+    """This worker has no handler for the task's type."""
+
+
+class Attempt:
+    """A claimed attempt, from its claim until its outcome is recorded."""
+
+    __slots__ = ("cancel_reason", "id", "number", "queue", "task", "type")
+
+    def __init__(self, row: Row) -> None:
+        self.id: uuid.UUID = row["id"]
+        self.number: int = row["attempts"]
+        self.type: str = row["type"]
+        self.queue: str = row["queue"]
+        self.task: asyncio.Task[None] | None = None
+        # Why we cancelled it: "shutdown" (give it back) or "lost" (record nothing).
+        self.cancel_reason: str | None = None
+
+
+class Runner:
+    """Runs attempts and turns each into a :class:`~taskq.outcomes.Finished`.
+
+    Args:
+        settings: lease length, maximum delay and the global backoff.
+        registry: the handlers.
+        worker_id: recorded on claims and heartbeats.
+        metrics: the worker's metrics.
+        record: takes each outcome for recording.
+        release: called once per attempt whose handler is done (a free slot).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        worker_id: str,
+        metrics: WorkerMetrics,
+        *,
+        record: Callable[[Finished], None],
+        release: Callable[[], None],
+    ) -> None:
+        self.registry = registry
+        self.worker_id = worker_id
+        self.metrics = metrics
+        self.lease = settings.lease_seconds
+        self.max_delay = settings.max_delay
+        self.attempts: dict[uuid.UUID, Attempt] = {}
+        self._record = record
+        self._release = release
+        self._default_backoff = backoff.from_settings(settings)
+        self._backoffs: dict[str, backoff.Backoff | None] = {}
+
+    def load_backoffs(self, type_rows: list[Row]) -> None:
+        """Take each task type's backoff from the registry's rows (admins may edit them)."""
+        backoffs: dict[str, backoff.Backoff | None] = {}
+        for row in type_rows:
+            try:
+                text = row["backoff"]
+                backoffs[row["name"]] = backoff.from_json(orjson.loads(text)) if text else None
+            except ValueError as exc:
+                log.warning("task type %s has an invalid backoff: %s", row["name"], exc)
+        self._backoffs = backoffs
+
+    def begin(self, row: Row) -> None:
+        """Start running a claimed row (from the ``claim`` statement)."""
+        attempt = Attempt(row)
+        self.attempts[attempt.id] = attempt
+        self.metrics.in_flight.inc()
+        due = max(row["run_at"], row["created_at"])
+        wait = (datetime.now(UTC) - due).total_seconds()
+        self.metrics.queue_wait.labels(attempt.queue).observe(max(0.0, wait))
+        attempt.task = asyncio.create_task(self._execute(attempt, row))
+
+    def running(self) -> list[asyncio.Task[None]]:
+        return [a.task for a in self.attempts.values() if a.task is not None and not a.task.done()]
+
+    def interrupt(self) -> list[asyncio.Task[None]]:
+        """Cancel every running handler; their tasks are given back. Returns the tasks."""
+        tasks = []
+        for attempt in self.attempts.values():
+            if attempt.task is not None and not attempt.task.done():
+                attempt.cancel_reason = "shutdown"
+                attempt.task.cancel()
+                tasks.append(attempt.task)
+        return tasks
+
+    def settled(self, task_id: uuid.UUID, number: int) -> None:
+        """The outcome of attempt ``number`` is recorded: stop extending its lease."""
+        attempt = self.attempts.get(task_id)
+        if attempt is not None and attempt.number == number:
+            del self.attempts[task_id]
+
+    async def _execute(self, attempt: Attempt, row: Row) -> None:
+        handler = self.registry.get(attempt.type)
+        ctx = Context(
+            attempt.id, attempt.type, attempt.number, row["max_attempts"], attempt.queue,
+            self.worker_id,
+        )  # fmt: skip
+        started = time.perf_counter()
+        scope: asyncio.Timeout | None = None
+        outcome: Finished | None
+        try:
+            if handler is None:
+                raise NoHandler(f"no handler for task type {attempt.type!r} on {self.worker_id}")
+            payload = orjson.loads(row["payload"])
+            async with asyncio.timeout(row["timeout_seconds"]) as scope:
+                result = await handler.function(payload, ctx)
+            outcome = self._finished("complete", attempt, result=_result_json(result))
+        except Retry as exc:
+            outcome = self._failure(attempt, ctx, _error_text(exc, exc.reason), exc.delay)
+        except Fail as exc:
+            outcome = self._failure(attempt, ctx, _error_text(exc, exc.reason), final=True)
+        except asyncio.CancelledError:
+            if attempt.cancel_reason == "shutdown":
+                ctx.log.info("interrupted by shutdown: giving the task back")
+                outcome = self._finished("give_back", attempt)
+            elif attempt.cancel_reason == "lost":
+                outcome = None  # another claim owns the task now; record nothing
+            else:
+                raise
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and scope is not None and scope.expired():
+                limit = row["timeout_seconds"]
+                error = f"TimeoutError: the handler exceeded its timeout of {limit:g}s"
+            else:
+                error = _error_text(exc)
+            ctx.log.warning("attempt failed: %s", error, exc_info=not isinstance(exc, NoHandler))
+            outcome = self._failure(attempt, ctx, error)
+        finally:
+            self.metrics.duration.labels(attempt.type).observe(time.perf_counter() - started)
+            self.metrics.in_flight.dec()
+            self._release()
+        if outcome is None:
+            self.settled(attempt.id, attempt.number)
+        else:
+            self._record(outcome)
+
+    @staticmethod
+    def _finished(
+        kind: Kind,
+        attempt: Attempt,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        delay: float = 0.0,
+    ) -> Finished:
+        return Finished(
+            kind, attempt.id, attempt.number, attempt.type, attempt.queue, result, error, delay
+        )
+
+    def _failure(
+        self,
+        attempt: Attempt,
+        ctx: Context,
+        error: str,
+        delay: float | None = None,
+        *,
+        final: bool = False,
+    ) -> Finished:
+        """A retry after the backoff (or ``delay``), or a failure if ``final`` or none is left."""
+        if final or ctx.last_attempt:
+            # A handler's Fail is its decision, not an error of the worker's.
+            ctx.log.log(logging.WARNING if final else logging.ERROR, "task failed: %s", error)
+            return self._finished("fail", attempt, error=error)
+        if delay is None:
+            delay = self._backoff(attempt.type).delay(attempt.number)
+        delay = min(delay, self.max_delay)
+        ctx.log.info("retrying in %gs: %s", delay, error)
+        return self._finished("retry", attempt, error=error, delay=delay)
+
+    def _backoff(self, task_type: str) -> backoff.Backoff:
+        strategy = self._backoffs.get(task_type)
+        if strategy is None:
+            handler = self.registry.get(task_type)
+            strategy = handler.backoff if handler is not None else None
+        return strategy or self._default_backoff
+
+    async def heartbeat_loop(self, store: Store) -> None:
+        """Every ``lease/3`` seconds, extend all leases in one statement; cancel the lost ones."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            if not self.attempts:
+                continue
+            ids = list(self.attempts)
+            try:
+                held = await store.heartbeat(ids, self.worker_id, self.lease)
+            except StoreError as exc:
+                log.warning("heartbeat of %d leases failed: %s", len(ids), exc)
+                continue
+            for task_id in ids:
+                attempt = self.attempts.get(task_id)
+                if task_id in held or attempt is None or attempt.task is None:
+                    continue
+                if attempt.task.done():
+                    continue  # finished; its outcome is being recorded
+                # The lease expired and the task was taken back: free the slot.
+                log.warning("task %s: lease lost, cancelling its handler", task_id)
+                attempt.cancel_reason = "lost"
+                attempt.task.cancel()
+
+
+MAX_ERROR_CHARS = 2000
+# A JSON \u0000 escape: preceded by an even number of backslashes (none escaped it).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _error_text(exc: BaseException, message: str | None = None) -> str:
+    """``Class: message``, storable in a text column and a header: no NUL, valid UTF-8, bounded."""
+    text = f"{type(exc).__name__}: {exc if message is None else message}"
+    text = text.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 1] + "…"
+    return text
+
+
+def _result_json(result: object) -> str:
+    """The result as JSON text that Postgres' jsonb accepts.
+
+    Raises:
+        TypeError: if the result is not JSON-able.
+        ValueError: if it holds a NUL character, which jsonb cannot store.
+    """
+    text = orjson.dumps(result).decode()
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise ValueError("the result contains a NUL character, which Postgres cannot store")
+    return text

@@ -1,0 +1,213 @@
+"""Handlers: the registry of task types a worker can run, and what a handler sees.
+
+A handler is an ``async def`` that takes the task's payload and a
+:class:`Context` and returns a JSON-able result::
+
+    from taskq.handlers import Fail, Registry, Retry
+
+    handlers = Registry()
+
+    @handlers.task("email.send.v1", queue="high", max_attempts=5, timeout=30)
+    async def send_email(payload: dict, ctx: Context) -> dict:
+        ctx.log.info("sending to %s", payload["to"])
+        return {"sent": True}
+
+Any exception a handler raises is a retryable failure: the task is retried after
+its backoff while attempts are left, then FAILED and dead-lettered. Two
+exceptions are control flow rather than errors, and are not logged as errors:
+:class:`Retry` asks for another attempt after a given delay, :class:`Fail` ends
+the task as FAILED at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from taskq import backoff as backoff_
+from taskq.errors import TaskqError
+
+TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_TIMEOUT = 300.0
+
+log = logging.getLogger("taskq.task")
+
+HandlerFunction: TypeAlias = Callable[[dict[str, Any], "Context"], Awaitable[Any]]
+BackoffSpec: TypeAlias = (
+    backoff_.Backoff | Mapping[str, Any] | Sequence[float | str] | float | str | None
+)
+
+
+class Retry(Exception):
+    """Ask for another attempt after ``delay`` seconds (default: the task type's backoff).
+
+    The attempt counts: with no attempt left the task is FAILED instead.
+
+    Args:
+        delay: seconds until the next attempt; ``None`` uses the backoff.
+        reason: recorded as the attempt's error (``Retry: <reason>``).
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        if delay is not None and delay < 0:
+            raise ValueError("a retry delay cannot be negative")
+        self.delay = delay
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Fail(Exception):
+    """End the task as FAILED now, without further attempts; it goes to the DLQ.
+
+    Args:
+        reason: recorded as the task's error and in the dead letter's headers.
+    """
+
+    def __init__(self, reason: str = "failed by the handler") -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class HandlerError(TaskqError):
+    """The handlers could not be loaded or declared."""
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A registered handler and its options.
+
+    ``queue``, ``max_attempts``, ``timeout`` and ``backoff`` are the task type's
+    defaults, registered by the worker at start; ``queue=None`` means the
+    default queue of the worker's settings, ``backoff=None`` the global backoff.
+    A task may carry its own max attempts and timeout from its enqueue.
+    """
+
+    name: str
+    function: HandlerFunction
+    queue: str | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float = DEFAULT_TIMEOUT
+    backoff: backoff_.Backoff | None = None
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler knows about the task it runs.
+
+    Attributes:
+        task_id: the task's id.
+        type: the task type.
+        attempt: this attempt's number, from 1.
+        max_attempts: attempts allowed in all.
+        queue: the work queue the task came from.
+        worker_id: the worker running it.
+    """
+
+    task_id: uuid.UUID
+    type: str
+    attempt: int
+    max_attempts: int
+    queue: str
+    worker_id: str
+    _log: logging.LoggerAdapter[logging.Logger] | None = field(default=None, repr=False)
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry ``task_id``, ``task_type`` and ``attempt``."""
+        if self._log is None:
+            self._log = logging.LoggerAdapter(log, self.log_fields())
+        return self._log
+
+    @property
+    def last_attempt(self) -> bool:
+        """Whether a failure of this attempt fails the task for good."""
+        return self.attempt >= self.max_attempts
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"task_id": str(self.task_id), "task_type": self.type, "attempt": self.attempt}
+
+
+class Registry:
+    """Handlers by task type name. Modules declare ``handlers = Registry()`` and decorate."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def task(
+        self,
+        name: str,
+        *,
+        queue: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float = DEFAULT_TIMEOUT,
+        backoff: BackoffSpec = None,
+    ) -> Callable[[HandlerFunction], HandlerFunction]:
+        """Register the decorated ``async def fn(payload, ctx)`` as the handler of ``name``.
+
+        Args:
+            name: the task type, e.g. ``email.send.v1`` (letters, digits, ``._:-``).
+            queue: the type's default queue; ``None``: the settings' default queue.
+            max_attempts: attempts in all, 1-100.
+            timeout: seconds an attempt may run before it is cancelled.
+            backoff: a :mod:`taskq.backoff` strategy, its JSON shape, a list of
+                delays or one fixed delay; ``None``: the global default.
+
+        Raises:
+            HandlerError: for invalid options or a name registered twice.
+        """
+        if not TYPE_NAME.match(name):
+            raise HandlerError(f"bad task type {name!r}: use letters, digits, '.', '_', ':', '-'")
+        if name in self._handlers:
+            raise HandlerError(f"task type {name!r} is registered twice")
+        if not 1 <= max_attempts <= 100:
+            raise HandlerError(f"{name}: max_attempts must be between 1 and 100")
+        if not timeout > 0:
+            raise HandlerError(f"{name}: timeout must be positive")
+        try:
+            strategy = None if backoff is None else backoff_.coerce(backoff)
+        except ValueError as exc:
+            raise HandlerError(f"{name}: invalid backoff: {exc}") from None
+
+        def register(function: HandlerFunction) -> HandlerFunction:
+            self._handlers[name] = Handler(name, function, queue, max_attempts, timeout, strategy)
+            return function
+
+        return register
+
+    def get(self, name: str) -> Handler | None:
+        return self._handlers.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._handlers
+
+    def __iter__(self) -> Iterator[Handler]:
+        return iter(self._handlers.values())
+
+    def __len__(self) -> int:
+        return len(self._handlers)
+
+
+def load(spec: str) -> Registry:
+    """Import ``module[:attr]`` and return its registry (``attr`` defaults to ``handlers``).
+
+    Raises:
+        HandlerError: if the module cannot be imported or holds no :class:`Registry`.
+    """
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "handlers"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HandlerError(f"cannot import {module_name!r}: {exc}") from exc
+    registry = getattr(module, attr, None)
+    if not isinstance(registry, Registry):
+        raise HandlerError(f"{module_name}.{attr} is not a taskq.handlers.Registry")
+    if not registry:
+        raise HandlerError(f"{module_name}.{attr} has no handlers")
+    return registry

@@ -1,0 +1,221 @@
+"""Recording attempts' outcomes: one statement per kind for everything that finished meanwhile.
+
+Every statement is guarded by the claim (id, attempt, worker): an outcome of a
+worker whose claim was taken over (its lease expired and another worker or the
+sweeper took the task) changes nothing and is counted as ``stale``. Retries and
+terminal failures are published after their commit, through the outbox; a
+publish that fails stays owed in Postgres and the relay pays it later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from taskq.errors import RejectedByDatabase, StoreError
+from taskq.metrics import WorkerMetrics
+from taskq.relay import Outbox
+from taskq.store import Row, Store
+
+log = logging.getLogger("taskq.worker")
+
+Kind = Literal["complete", "retry", "fail", "give_back"]
+RETRY_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class Finished:
+    """One attempt's outcome, waiting to be recorded.
+
+    ``result`` is the JSON text of a success; ``error`` the reason of a retry or
+    failure; ``delay`` the seconds until a retry is due.
+    """
+
+    kind: Kind
+    id: uuid.UUID
+    attempt: int
+    type: str
+    queue: str
+    result: str | None = None
+    error: str | None = None
+    delay: float = 0.0
+
+
+_OUTCOME_LABEL = {
+    "complete": "succeeded",
+    "retry": "retried",
+    "fail": "failed",
+    "give_back": "given_back",
+}
+
+
+class Recorder:
+    """Collects outcomes and records them in batches, one statement per kind at a time.
+
+    While a batch is being written the next one collects, so under load the
+    batches grow by themselves and no outcome waits for a timer.
+
+    Args:
+        store: the database.
+        outbox: publishes retries and dead letters after their commit.
+        worker_id: the claim's worker id.
+        metrics: the worker's metrics.
+        on_recorded: called with the id and attempt of each outcome settled
+            (recorded or found stale), so its lease is no longer extended.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        outbox: Outbox,
+        worker_id: str,
+        metrics: WorkerMetrics,
+        on_recorded: Callable[[uuid.UUID, int], None],
+    ) -> None:
+        self._store = store
+        self._outbox = outbox
+        self._worker_id = worker_id
+        self._metrics = metrics
+        self._on_recorded = on_recorded
+        self._pending: list[Finished] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="taskq-recorder")
+
+    def add(self, finished: Finished) -> None:
+        self._pending.append(finished)
+        self._idle.clear()
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            kinds: dict[Kind, list[Finished]] = {}
+            for item in batch:
+                kinds.setdefault(item.kind, []).append(item)
+            await asyncio.gather(*(self._record(kind, items) for kind, items in kinds.items()))
+            if not self._pending:
+                self._idle.set()
+
+    async def _record(self, kind: Kind, items: list[Finished]) -> None:
+        try:
+            recorded = await self._write(kind, items)
+        except StoreError as exc:
+            if len(items) > 1:
+                # One bad row must not hold back the others: record them one by one.
+                for item in items:
+                    await self._record(kind, [item])
+                return
+            if isinstance(exc, RejectedByDatabase):
+                self._rejected(kind, items[0], exc)
+                return
+            # Keep it and try again: the lease still holds (the heartbeat goes
+            # on), and if it expires first the guarded statement is a no-op.
+            log.warning("recording an outcome of task %s failed, retrying: %s", items[0].id, exc)
+            await asyncio.sleep(RETRY_SECONDS)
+            self._pending.extend(items)
+            self._wake.set()
+            return
+        except Exception:
+            # A bug must not stop the recorder; the leases expire and the
+            # sweeper puts these tasks back.
+            log.exception("recording %d outcomes failed; dropping them", len(items))
+            for item in items:
+                self._on_recorded(item.id, item.attempt)
+            return
+        for item in items:
+            stale = item.id not in recorded
+            outcome = "stale" if stale else _OUTCOME_LABEL[kind]
+            self._metrics.processed.labels(item.type, item.queue, outcome).inc()
+            self._on_recorded(item.id, item.attempt)
+            if stale:
+                log.warning(
+                    "task %s attempt %d: the claim was taken over; this %s was not recorded",
+                    item.id,
+                    item.attempt,
+                    _OUTCOME_LABEL[kind],
+                    extra=_fields(item),
+                )
+                continue
+            row = recorded[item.id]
+            if kind == "retry":
+                self._metrics.retries.labels(item.type, item.queue).inc()
+                self._publish(row, "ENQUEUED", None)
+            elif kind == "fail":
+                self._metrics.dead_lettered.labels(item.queue, "failed").inc()
+                self._publish(row, "FAILED", item.error)
+            elif kind == "give_back":
+                self._publish(row, "ENQUEUED", None)
+
+    def _rejected(self, kind: Kind, item: Finished, exc: RejectedByDatabase) -> None:
+        """An outcome the database refuses: trying again would fail the same way."""
+        if kind == "complete":
+            # The handler ran, but its result cannot be kept: fail the task, saying why.
+            error = f"RejectedByDatabase: the result was refused: {exc}"[:2000]
+            log.error("task %s: %s", item.id, error, extra=_fields(item))
+            self.add(Finished("fail", item.id, item.attempt, item.type, item.queue, error=error))
+            return
+        # The worker cleans errors before they get here, so this is a bug; the
+        # lease expires and the sweeper puts the task back.
+        log.error("task %s: the database refused its %s: %s", item.id, kind, exc)
+        self._on_recorded(item.id, item.attempt)
+
+    async def _write(self, kind: Kind, items: Sequence[Finished]) -> dict[uuid.UUID, Row | None]:
+        """Run the statement; the rows recorded by id (a success has no row to publish).
+
+        An id missing from the answer was stale: its claim had been taken over.
+        """
+        worker = self._worker_id
+        if kind == "complete":
+            ids = await self._store.complete(
+                [(i.id, i.attempt, i.result or "null") for i in items], worker
+            )
+            return dict.fromkeys(ids)
+        if kind == "retry":
+            rows = await self._store.retry(
+                [(i.id, i.attempt, i.error or "", i.delay) for i in items], worker
+            )
+        elif kind == "fail":
+            rows = await self._store.fail([(i.id, i.attempt, i.error or "") for i in items], worker)
+        else:
+            rows = await self._store.give_back([(i.id, i.attempt) for i in items], worker)
+        return {row["id"]: row for row in rows}
+
+    def _publish(self, row: Row | None, status: str, error: str | None) -> None:
+        assert row is not None
+        owed = {
+            "id": row["id"],
+            "type": row["type"],
+            "queue": row["queue"],
+            "status": status,
+            "attempts": row["attempts"],
+            "last_error": error,
+            "delay": row.get("delay") or 0.0,
+        }
+        if not self._outbox.submit(owed):
+            log.warning("outbox full: task %s stays owed for the relay", row["id"])
+
+    async def close(self, timeout: float) -> None:
+        """Record what is pending (within ``timeout``), then stop; leases cover the rest."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._pending:
+            log.warning("%d outcomes not recorded at shutdown", len(self._pending))
+
+
+def _fields(item: Finished) -> dict[str, object]:
+    return {"task_id": str(item.id), "task_type": item.type, "attempt": item.attempt}

@@ -1,0 +1,223 @@
+"""The sweeper: duties the active relay runs on every pass (one active across the fleet).
+
+- :meth:`Sweeper.recover_expired` takes back claims whose lease expired (the
+  worker was killed or hangs): back to ENQUEUED and published at once, or
+  FAILED and dead-lettered when no attempt is left.
+- :meth:`Sweeper.republish_lost` finds work queues that report no ready
+  message while Postgres holds ENQUEUED tasks for them that were published and
+  due more than ``overdue_after`` seconds ago: the broker lost those envelopes
+  (a queue was purged or deleted, a node lost its disk), so their publishes are
+  marked owed again and the relay sends them in the same pass. An envelope
+  that was not lost after all (held unacked by a busy worker) becomes a
+  duplicate, which the claim drops.
+
+Workers run it with :meth:`Sweeper.start`: under a Postgres advisory lock of
+its own, so one sweeper is active across the fleet, whichever process holds the
+relay's lock (the API runs a relay too). Its duties also fit
+``Relay(..., duties=sweeper.duties)``. Either way an active relay publishes
+what the sweeper marks owed, as it publishes rows that were never published and
+retries whose publish failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aio_pika
+import aiormq
+import asyncpg
+from aio_pika.abc import AbstractChannel
+
+from taskq.broker import Link, Publisher
+from taskq.errors import BrokerError, StoreError
+from taskq.metrics import WorkerMetrics
+from taskq.relay import publish_owed
+from taskq.store import Store
+from taskq.topology import Names
+
+log = logging.getLogger("taskq.sweeper")
+
+_BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError, BrokerError)
+_DATABASE_ERRORS = (
+    StoreError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+# pg_advisory_lock key of the active sweeper: "sweep" in ASCII.
+LOCK_KEY = 0x7377656570
+
+
+class Sweeper:
+    """Lease recovery and lost-envelope detection.
+
+    Args:
+        store: the database.
+        publisher: publishes recovered tasks.
+        link: the broker connection used to read queue depths.
+        names: the namespace's names.
+        queues: the work queues to watch (short names).
+        overdue_after: seconds an ENQUEUED task must be both due and published
+            before an empty work queue makes it count as lost.
+        check_every: seconds between lost-envelope checks (each costs one
+            passive queue declare per queue).
+        batch: the most rows one duty takes per pass.
+        metrics: counts lease recoveries and republishes, if given.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        publisher: Publisher,
+        link: Link,
+        names: Names,
+        queues: Sequence[str],
+        *,
+        overdue_after: float = 60.0,
+        check_every: float = 5.0,
+        batch: int = 500,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.link = link
+        self.names = names
+        self.queues = list(queues)
+        self.overdue_after = overdue_after
+        self.check_every = check_every
+        self.batch = batch
+        self.metrics = metrics
+        self._channel: AbstractChannel | None = None
+        self._checked_at = -1e9
+        self._lock_connection: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.active = False
+
+    def start(self, database_url: str, *, interval: float = 1.0) -> None:
+        """Run the duties every ``interval`` seconds while this process holds the sweeper lock."""
+        self._task = asyncio.create_task(self._run(database_url, interval), name="taskq-sweeper")
+
+    async def _run(self, database_url: str, interval: float) -> None:
+        while True:
+            try:
+                if await self._hold_lock(database_url):
+                    for duty in self.duties:
+                        await duty()
+            except _DATABASE_ERRORS as exc:
+                log.warning("sweeper pass failed: %s", exc)
+                await self._release()
+            except Exception:
+                log.exception("sweeper pass failed")
+            await asyncio.sleep(interval)
+
+    async def _hold_lock(self, database_url: str) -> bool:
+        connection = self._lock_connection
+        if connection is None or connection.is_closed():
+            self.active = False
+            connection = self._lock_connection = await asyncpg.connect(database_url, timeout=5)
+        if self.active:
+            # Fails if the connection died, and with it the lock.
+            await connection.fetchval(self.store.q["session_alive"])
+        elif await connection.fetchval(self.store.q["sweeper_lock"], LOCK_KEY):
+            self.active = True
+            log.info("this process is the active sweeper")
+        return self.active
+
+    async def _release(self) -> None:
+        self.active = False
+        connection, self._lock_connection = self._lock_connection, None
+        if connection is not None and not connection.is_closed():
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    @property
+    def duties(self) -> list[Callable[[], Awaitable[Any]]]:
+        """The coroutines for ``Relay(duties=...)``."""
+        return [self.recover_expired, self.republish_lost]
+
+    async def recover_expired(self) -> int:
+        """Take back claims whose lease expired and publish them; returns how many."""
+        rows = await self.store.recover_expired(self.batch)
+        if not rows:
+            return 0
+        for row in rows:
+            log.warning(
+                "task %s: lease expired, %s",
+                row["id"],
+                "failed: no attempt left" if row["status"] == "FAILED" else "enqueued again",
+                extra={"task_id": str(row["id"]), "task_type": row["type"]},
+            )
+        if self.metrics is not None:
+            self.metrics.lease_recoveries.inc(len(rows))
+            for row in rows:
+                if row["status"] == "FAILED":
+                    self.metrics.dead_lettered.labels(row["queue"], "exhausted").inc()
+        # Unpublished ones stay owed; the relay's pass after the grace period sends them.
+        await publish_owed(self.store, self.publisher, rows)
+        return len(rows)
+
+    async def republish_lost(self) -> int:
+        """Mark overdue ENQUEUED tasks of empty work queues owed again; returns how many."""
+        if time.monotonic() - self._checked_at < self.check_every:
+            return 0
+        self._checked_at = time.monotonic()
+        total = 0
+        for queue in self.queues:
+            ready = await self.ready_messages(queue)
+            if ready != 0:
+                continue
+            ids = await self.store.overdue_enqueued(queue, self.overdue_after, self.batch)
+            if not ids:
+                continue
+            count = await self.store.republish(ids)
+            total += count
+            log.warning(
+                "work queue %s is empty but %d tasks are overdue: publishing them again",
+                self.names.queue(queue),
+                count,
+            )
+            if self.metrics is not None:
+                self.metrics.republished.labels(queue).inc(count)
+        return total
+
+    async def ready_messages(self, queue: str) -> int | None:
+        """Messages ready in work queue ``queue``, or None if the broker cannot say now."""
+        # The raw channel's declare: aio-pika's channel answers a repeated passive
+        # declare from its cache, with a stale message count.
+        try:
+            if self._channel is None or self._channel.is_closed:
+                await self._close_channel()
+                self._channel = await self.link.connection().channel(publisher_confirms=False)
+            raw = await self._channel.get_underlay_channel()
+            declared = await raw.queue_declare(self.names.queue(queue), passive=True, timeout=5)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            log.warning("work queue %s does not exist: run taskq rmq-init", self.names.queue(queue))
+            await self._close_channel()
+            return None
+        except _BROKER_ERRORS as exc:
+            log.debug("cannot read the depth of %s: %s", self.names.queue(queue), exc)
+            await self._close_channel()
+            return None
+        count: int | None = declared.message_count
+        return count
+
+    async def close(self) -> None:
+        """Stop the loop started by :meth:`start` and release the lock."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._release()
+        await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await channel.close()

@@ -1,0 +1,337 @@
+"""The worker: consume envelopes, claim their tasks in batches, run handlers, record outcomes.
+
+Per delivery (DESIGN §5):
+
+1. :mod:`taskq.consumer` parses the envelope; garbage is rejected, and the
+   work queue dead-letters it to ``<ns>.dlq``. Good envelopes are buffered
+   per queue (the priority policy is documented there).
+2. :mod:`taskq.claims`: when concurrency slots are free, buffered envelopes
+   are claimed in batches, **one** statement each, and acked once the claim
+   commits; each decision (claimed, terminal, duplicate, early, exhausted,
+   missing) is acted on there.
+3. :mod:`taskq.execution`: the handler runs in its own asyncio task, outside
+   any transaction, under the task's timeout, while one batched heartbeat per
+   worker extends every lease it holds every ``lease/3`` seconds.
+4. :mod:`taskq.outcomes` records outcomes, one statement per kind per batch,
+   guarded by the claim, and publishes retries and dead letters after commit.
+
+A task whose type has no handler in this worker is claimed and fails its
+attempt with a retryable error (``NoHandler``) after the type's backoff: during
+a rolling deploy a worker that has the handler picks it up on a later attempt;
+if none ever does, the task ends FAILED in the DLQ saying why, so nothing
+circulates forever. A handler's :class:`~taskq.handlers.Retry` counts as an
+attempt too.
+
+The worker also runs the relay and the sweeper; an advisory lock each keeps one
+of each active across the fleet (the API's relay may be the active relay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+
+import orjson
+
+from taskq.broker import Link, Publisher
+from taskq.claims import Claimer
+from taskq.consumer import Acker, Buffers, Consumers
+from taskq.errors import ConfigError, StoreError
+from taskq.execution import Runner
+from taskq.handlers import HandlerError, Registry
+from taskq.metrics import WorkerMetrics
+from taskq.outcomes import Finished, Recorder
+from taskq.relay import Outbox, Relay
+from taskq.settings import Settings
+from taskq.store import Store
+from taskq.sweeper import Sweeper
+
+log = logging.getLogger("taskq.worker")
+
+TYPES_REFRESH_SECONDS = 10.0
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Runs the tasks of some work queues with a registry's handlers.
+
+    Args:
+        settings: connections, namespace, lease and shutdown grace.
+        registry: the handlers.
+        queues: work queues to consume, highest priority first (default: all).
+        concurrency: handlers running at once (default ``TASKQ_WORKER_CONCURRENCY``).
+        prefetch: unclaimed envelopes buffered per queue (default ``TASKQ_WORKER_PREFETCH``).
+        worker_id: the id recorded on claims (default ``host:pid:random``).
+        metrics: where to count (default: a fresh registry).
+        relay: run the relay and the sweeper in this process (each active in one
+            process of the fleet at a time, under its own advisory lock).
+        overdue_after: the sweeper's threshold for lost envelopes (seconds).
+        relay_interval: seconds between relay and sweeper passes.
+
+    Raises:
+        ConfigError: if ``queues`` names a queue not in ``TASKQ_QUEUES``.
+        HandlerError: if a handler names a queue not in ``TASKQ_QUEUES``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        prefetch: int | None = None,
+        worker_id: str | None = None,
+        metrics: WorkerMetrics | None = None,
+        relay: bool = True,
+        overdue_after: float = 60.0,
+        relay_interval: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.queues = list(queues or settings.queues)
+        unknown = [q for q in self.queues if q not in settings.queues]
+        if unknown or not self.queues or len(set(self.queues)) != len(self.queues):
+            known = ",".join(settings.queues)
+            raise ConfigError("--queues", f"list distinct queues of TASKQ_QUEUES ({known})")
+        self.concurrency = concurrency or settings.worker_concurrency
+        self.prefetch = prefetch or settings.worker_prefetch
+        self.worker_id = worker_id or default_worker_id()
+        self.metrics = metrics or WorkerMetrics()
+        self.lease = settings.lease_seconds
+        self._run_relay = relay
+        self._overdue_after = overdue_after
+        self._relay_interval = relay_interval
+        self._acker = Acker()
+        self._runner = Runner(
+            settings,
+            registry,
+            self.worker_id,
+            self.metrics,
+            record=self._record,
+            release=self._release,
+        )
+        self._hurry = asyncio.Event()
+        self._stopping = False
+        self._loops: list[asyncio.Task[None]] = []
+        self._exit = contextlib.AsyncExitStack()
+        self._check_handlers()
+
+    def _check_handlers(self) -> None:
+        for handler in self.registry:
+            if handler.queue is not None and handler.queue not in self.settings.queues:
+                raise HandlerError(
+                    f"handler {handler.name!r} names queue {handler.queue!r},"
+                    f" which is not in TASKQ_QUEUES ({','.join(self.settings.queues)})"
+                )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect, register the handlers' task types and start consuming.
+
+        Waits for the broker if it is not up yet.
+
+        Raises:
+            StoreError: if the database cannot be reached.
+            BrokerError: if a work queue does not exist.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self._exit.aclose()
+            raise
+
+    async def _start(self) -> None:
+        # Everything opened is pushed on the exit stack, so a failed or
+        # interrupted start closes exactly what it opened, in reverse order.
+        settings, stack = self.settings, self._exit
+        # The worker's statements leave no session state (the relay's lock has
+        # its own connection), so the pool skips the reset round trip.
+        self.store = await Store.connect(
+            settings.database_url, min_size=2, max_size=10, session_reset=False
+        )
+        stack.push_async_callback(self.store.close)
+        await self._register_types()
+        consume_link = Link(settings.amqp_url, name=f"taskq-worker-consume {self.worker_id}")
+        publish_link = Link(settings.amqp_url, name=f"taskq-worker-publish {self.worker_id}")
+        for link in (consume_link, publish_link):
+            stack.push_async_callback(link.close)
+            await link.start()
+            try:
+                await asyncio.wait_for(link.ready.wait(), 2.0)
+            except TimeoutError:
+                log.info("waiting for the broker (%s)", link.name)
+                await link.ready.wait()
+        topology = settings.topology()
+        self.publisher = Publisher(publish_link, topology, settings.max_delay)
+        stack.push_async_callback(self.publisher.close)
+        self._outbox = Outbox(self.store, self.publisher, in_flight=64)
+        self._outbox.start()
+        stack.push_async_callback(self._outbox.close, 5.0)
+        self._recorder = Recorder(
+            self.store, self._outbox, self.worker_id, self.metrics, self._runner.settled
+        )
+        self._recorder.start()
+        stack.push_async_callback(self._recorder.close, 15.0)
+        self._claimer = Claimer(
+            self.store,
+            self.publisher,
+            Buffers(self.queues),
+            self._acker,
+            begin=self._runner.begin,
+            metrics=self.metrics,
+            worker_id=self.worker_id,
+            lease=self.lease,
+            concurrency=self.concurrency,
+        )
+        self._consumers = Consumers(
+            topology.names,
+            self.queues,
+            self.prefetch,
+            on_delivery=self._claimer.put,
+            on_invalid=self._on_invalid,
+            acker=self._acker,
+        )
+        stack.push_async_callback(self._consumers.close)
+        self._loops = [
+            asyncio.create_task(self._claimer.run(), name="taskq-claim"),
+            asyncio.create_task(self._runner.heartbeat_loop(self.store), name="taskq-heartbeat"),
+            asyncio.create_task(self._types_loop(), name="taskq-types"),
+        ]
+        stack.push_async_callback(self._cancel_loops)
+        await self._consumers.start(consume_link.connection())
+        if self._run_relay:
+            sweeper = Sweeper(
+                self.store,
+                self.publisher,
+                publish_link,
+                topology.names,
+                settings.queues,
+                overdue_after=self._overdue_after,
+                metrics=self.metrics,
+            )
+            relay = Relay(
+                self.store, settings.database_url, self.publisher, interval=self._relay_interval
+            )
+            relay.start()
+            stack.push_async_callback(relay.close)
+            sweeper.start(settings.database_url, interval=self._relay_interval)
+            stack.push_async_callback(sweeper.close)
+        log.info(
+            "worker %s started: queues %s, concurrency %d, prefetch %d, %d handlers",
+            self.worker_id,
+            ",".join(self.queues),
+            self.concurrency,
+            self.prefetch,
+            len(self.registry),
+        )
+
+    async def _register_types(self) -> None:
+        rows = []
+        for handler in self.registry:
+            strategy = None if handler.backoff is None else handler.backoff.to_json()
+            rows.append(
+                (
+                    handler.name,
+                    handler.queue or self.settings.default_queue,
+                    handler.max_attempts,
+                    handler.timeout,
+                    None if strategy is None else orjson.dumps(strategy).decode(),
+                )
+            )
+        if rows:
+            await self.store.register_task_types(rows)
+        self._runner.load_backoffs(await self.store.task_types())
+
+    async def _types_loop(self) -> None:
+        # Admins may edit a type's backoff; take it up within a few seconds.
+        while True:
+            await asyncio.sleep(TYPES_REFRESH_SECONDS)
+            with contextlib.suppress(StoreError):
+                self._runner.load_backoffs(await self.store.task_types())
+
+    def _record(self, outcome: Finished) -> None:
+        self._recorder.add(outcome)
+
+    def hurry(self) -> None:
+        """End the shutdown grace now (a second Ctrl-C)."""
+        self._hurry.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully.
+
+        Stops consuming, lets running handlers finish within ``grace`` seconds
+        (default ``TASKQ_WORKER_SHUTDOWN_GRACE``), gives back the tasks still
+        running after that (ENQUEUED again, the attempt not counted), records
+        every outcome and closes. Buffered unclaimed envelopes go back to their
+        queues when the channels close. Stopping again does nothing.
+        """
+        if self._stopping or not self._loops:
+            return  # stopped already, or never started
+        grace = self.settings.worker_shutdown_grace if grace is None else grace
+        self._stopping = True
+        log.info("worker %s stopping: %d tasks running", self.worker_id, len(self._runner.attempts))
+        await self._consumers.stop()
+        self._claimer.stop()
+        await asyncio.wait(self._loops[:1], timeout=15.0)  # the claims in flight
+        await self._wait_for_handlers(self._runner.running(), grace)
+        await asyncio.gather(*self._runner.interrupt(), return_exceptions=True)
+        await self._claimer.settled(15.0)
+        await self._recorder.close(timeout=15.0)
+        await self._exit.aclose()
+        log.info("worker %s stopped", self.worker_id)
+
+    async def _cancel_loops(self) -> None:
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+
+    async def _wait_for_handlers(self, running: list[asyncio.Task[None]], grace: float) -> None:
+        """Wait until the handlers finish, ``grace`` passes or :meth:`hurry` is called."""
+        deadline = time.monotonic() + grace
+        hurry = asyncio.create_task(self._hurry.wait())
+        pending = [task for task in running if not task.done()]
+        while pending and not self._hurry.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await asyncio.wait([*pending, hurry], timeout=remaining, return_when="FIRST_COMPLETED")
+            pending = [task for task in pending if not task.done()]
+        hurry.cancel()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, run until ``stop`` is set, then stop gracefully.
+
+        A stop while starting (e.g. waiting for the broker) closes what was opened.
+        """
+        starting = asyncio.create_task(self.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([starting, stopped], return_when="FIRST_COMPLETED")
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        stopped.cancel()
+        starting.result()
+        await stop.wait()
+        await self.stop()
+
+    # ------------------------------------------------------------------ deliveries
+
+    def _release(self) -> None:
+        self._claimer.release()
+
+    def _on_invalid(self, queue: str, error: Exception) -> None:
+        log.warning("rejected an invalid envelope from %s to the DLQ: %s", queue, error)
+        self.metrics.deliveries.labels(queue, "invalid").inc()
+        self.metrics.dead_lettered.labels(queue, "invalid").inc()
