@@ -6,7 +6,7 @@ import math
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
@@ -21,7 +21,7 @@ def parse_duration(value: str | float | int) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     else:
-        match = _DURATION.match(value)
+        match = DURATION.match(value)
         if match is None:
             raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 5s, 2m, 1h, 30d)")
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]

@@ -25,7 +25,7 @@ from starlette.routing import Route
 import taskq
 from taskq import broker, validation
 from taskq.client import Client
-from taskq.errors import IdempotencyConflict, StoreError
+from taskq.errors import IdempotencyConflict, RejectedByDatabase, StoreError
 from taskq.metrics import ApiMetrics
 from taskq.openapi import openapi_document
 from taskq.relay import Relay
@@ -114,6 +114,10 @@ def _endpoint(route: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
                     errors=[FieldError(exc.field, "already used with another request")],
                     extra={"task_id": str(exc.task_id)},
                 ).response()
+            except RejectedByDatabase as exc:
+                response = Problem(
+                    400, "Invalid request", str(exc), errors=[FieldError("body", str(exc))]
+                ).response()
             except StoreError as exc:
                 response = Problem(503, "Database unavailable", str(exc)).response()
             state.metrics.http_requests.labels(route, str(response.status_code)).inc()
@@ -190,9 +194,8 @@ async def enqueue(request: Request) -> Response:
 async def enqueue_batch(request: Request) -> Response:
     settings = request.app.state.settings
     data = await read_json(request, settings.max_payload_bytes * BATCH_BODY_FACTOR)
-    if not isinstance(data, dict) or "tasks" not in data or set(data) != {"tasks"}:
-        validation.batch_items(data)  # raises, naming the field
-    results = await _client(request).enqueue_many(data["tasks"])
+    items = validation.batch_items(data)  # raises, naming the field
+    results = await _client(request).enqueue_many(items)
     tasks = [{**r.task, "replayed": not r.created} for r in results]
     return json_response({"tasks": tasks}, 201 if any(r.created for r in results) else 200)
 

@@ -19,10 +19,11 @@ from typing import Any
 import asyncpg
 import orjson
 from jsonschema import Draft202012Validator
+from referencing.exceptions import Unresolvable
 
 from taskq import validation
 from taskq.broker import Link, Publisher
-from taskq.errors import IdempotencyConflict
+from taskq.errors import IdempotencyConflict, RejectedByDatabase
 from taskq.metrics import ApiMetrics
 from taskq.relay import Outbox
 from taskq.settings import Settings
@@ -127,14 +128,36 @@ class _InsertBatcher:
                 batch.append(self._queue.get_nowait())
             try:
                 results = await self._store.enqueue([task for task, _ in batch])
-            except Exception as exc:  # every waiter gets the error, the flusher goes on
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+            except RejectedByDatabase as exc:
+                if len(batch) == 1:
+                    self._fail(batch, exc)
+                    continue
+                # One row the database refuses must not fail the requests that
+                # shared its statement: insert them one by one.
+                for item in batch:
+                    try:
+                        self._settle([item], await self._store.enqueue([item[0]]))
+                    except Exception as exc:
+                        self._fail([item], exc)
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            except Exception as exc:  # every waiter gets the error, the flusher goes on
+                self._fail(batch, exc)
+                continue
+            self._settle(batch, results)
+
+    @staticmethod
+    def _settle(
+        batch: list[tuple[NewTask, asyncio.Future[Enqueued]]], results: list[Enqueued]
+    ) -> None:
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[tuple[NewTask, asyncio.Future[Enqueued]]], exc: BaseException) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -303,7 +326,16 @@ class Client:
                 [FieldError(prefix + "queue", f"the type's queue {task_type.queue!r} is unknown")]
             )
         if task_type.validator is not None:
-            error = next(iter(task_type.validator.iter_errors(payload)), None)
+            try:
+                error = next(iter(task_type.validator.iter_errors(payload)), None)
+            except RecursionError:  # a recursive schema walking a deep payload
+                raise InvalidRequest(
+                    [FieldError(prefix + "payload", "nested too deeply for the type's schema")]
+                ) from None
+            except Unresolvable as exc:  # the type's schema has a $ref that leads nowhere
+                raise InvalidRequest(
+                    [FieldError(prefix + "type", f"the type's payload_schema is broken: {exc}")]
+                ) from None
             if error is not None:
                 path = "".join(
                     f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path

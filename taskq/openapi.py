@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import taskq
+from taskq._utils import DURATION, format_duration
 from taskq.settings import Settings
-from taskq.validation import EnqueueBody, TaskTypeBody
+from taskq.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
+
+# Postgres text and jsonb cannot hold NUL, so no string the API stores may contain one.
+NO_NUL = r"^[^\x00]*$"
 
 _TASK_ANSWER = {
     "type": "object",
@@ -88,21 +92,97 @@ def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
 
 
-def _path_param(name: str, fmt: str | None = None) -> dict[str, Any]:
+def _path_param(name: str, fmt: str | None = None, pattern: str | None = None) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "string"}
     if fmt:
         schema["format"] = fmt
+    if pattern:
+        schema["pattern"] = pattern
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
-def openapi_document(settings: Settings) -> dict[str, Any]:
-    """The OpenAPI document, with queue names from ``settings``."""
-    enqueue_schema = EnqueueBody.model_json_schema(ref_template="#/components/schemas/{model}")
-    enqueue_schema["properties"]["queue"] = {
-        "anyOf": [{"type": "string", "enum": settings.queues}, {"type": "null"}],
-        "default": None,
+def _nullable(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}], "default": None, **extra}
+
+
+# A JSON value whose strings and member names are free of NUL.
+_JSON_VALUE = {
+    "anyOf": [
+        {"type": ["null", "boolean", "number"]},
+        {"type": "string", "pattern": NO_NUL},
+        {"type": "array", "items": _ref("JsonValue")},
+        _ref("JsonObject"),
+    ]
+}
+_JSON_OBJECT = {
+    "type": "object",
+    "propertyNames": {"pattern": NO_NUL},
+    "additionalProperties": _ref("JsonValue"),
+}
+
+
+def _enqueue_schema(settings: Settings) -> dict[str, Any]:
+    """The enqueue request: the model's schema plus the rules validation checks by hand."""
+    schema = EnqueueBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    props = schema["properties"]
+    props["type"]["pattern"] = TYPE_NAME.pattern
+    props["payload"] = {
+        **_ref("JsonObject"),
+        "description": props["payload"]["description"]
+        + " Strings may not contain NUL (\\u0000); at most TASKQ_MAX_PAYLOAD_BYTES.",
     }
-    type_schema = TaskTypeBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    props["queue"] = _nullable({"type": "string", "enum": settings.queues})
+    key = props["idempotency_key"]
+    key["anyOf"][0]["pattern"] = NO_NUL
+    props["delay"]["anyOf"][0]["maximum"] = settings.max_delay
+    props["run_at"] = _nullable(
+        {"type": "string", "format": "date-time"},
+        description="RFC 3339 time before which it may not start; at most "
+        f"TASKQ_MAX_DELAY ({format_duration(settings.max_delay)}) ahead.",
+    )
+    # delay and run_at exclude each other.
+    schema["not"] = {
+        "properties": {"delay": {"type": "number"}, "run_at": {"type": "string"}},
+        "required": ["delay", "run_at"],
+    }
+    return schema
+
+
+def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The task type definition and the backoff schemas it refers to."""
+    schema = TaskTypeBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema["properties"]["queue"] = _nullable(
+        {"type": "string", "enum": settings.queues},
+        description="Default queue; default: 'default'.",
+    )
+    schema["properties"]["payload_schema"]["anyOf"][0] = {
+        **_ref("JsonObject"),
+        "description": "A JSON Schema (draft 2020-12); strings may not contain NUL.",
+    }
+    duration = {
+        "anyOf": [
+            {"type": "number", "minimum": 0},
+            {"type": "string", "pattern": DURATION.pattern},
+        ],
+        "description": "Seconds, or a duration such as 500ms, 5s, 2m, 1h, 30d.",
+    }
+    backoffs = schema.pop("$defs", {})
+    for backoff in backoffs.values():
+        props = backoff["properties"]
+        for name in ("delay", "base", "max"):
+            if name in props:
+                props[name] = {**duration, "default": props[name].get("default")}
+                if props[name]["default"] is None:
+                    del props[name]["default"]
+        if "delays" in props:
+            props["delays"]["items"] = duration
+    return schema, backoffs
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document, with queue names and limits from ``settings``."""
+    enqueue_schema = _enqueue_schema(settings)
+    type_schema, backoffs = _type_schema(settings)
     components = {
         "EnqueueRequest": enqueue_schema,
         "EnqueueBatchRequest": {
@@ -121,21 +201,25 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "TaskTypeRequest": type_schema,
         "EnqueueAnswer": _TASK_ANSWER,
         "Problem": _PROBLEM,
-        **type_schema.pop("$defs", {}),
+        "JsonValue": _JSON_VALUE,
+        "JsonObject": _JSON_OBJECT,
+        **backoffs,
     }
     task_id = _path_param("id", "uuid")
-    type_name = _path_param("name")
+    type_name = _path_param("name", pattern=TYPE_NAME.pattern)
     obj = {"type": "object"}
     paths = {
         "/": {
             "get": {
                 "summary": "Service information",
+                "security": [],
                 "responses": {"200": _json(obj, "service, version, namespace, queues")},
             }
         },
         "/healthz": {
             "get": {
                 "summary": "Health of the database, broker and topology",
+                "security": [],
                 "responses": {
                     "200": _json(obj, "ok, or degraded while the broker is down"),
                     "503": _problem("a part is failing"),
@@ -145,11 +229,16 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
+                "security": [],
                 "responses": {"200": {"description": "text exposition format"}},
             }
         },
         "/openapi.json": {
-            "get": {"summary": "This document", "responses": {"200": _json(obj, "OpenAPI 3.1")}}
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _json(obj, "OpenAPI 3.1")},
+            }
         },
         "/enqueue": {
             "post": {

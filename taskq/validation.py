@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import orjson
 from jsonschema import Draft202012Validator, SchemaError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from taskq._utils import parse_duration
 from taskq.errors import TaskqError
@@ -26,12 +26,20 @@ from taskq.store import NewTask
 TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 MAX_TIMEOUT = 7 * 86400.0
 MAX_BATCH = 1000
+TOO_DEEP = "nested too deeply: keep it within 250 levels"
 
 
 @dataclass(frozen=True)
 class FieldError:
     field: str
     message: str
+
+
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 3.0 is the integer 3, as JSON Schema's "integer" says.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 class InvalidRequest(TaskqError):
@@ -61,6 +69,8 @@ class EnqueueBody(BaseModel):
     delay: float | None = Field(None, ge=0, description="Seconds before the task may start.")
     run_at: str | None = Field(None, description="RFC 3339 time before which it may not start.")
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Handler timeout (s).")
+
+    _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
 
 
 class EnqueueBatchBody(BaseModel):
@@ -104,6 +114,8 @@ class TaskTypeBody(BaseModel):
     payload_schema: dict[str, Any] | None = Field(None, description="JSON Schema of payloads.")
     enabled: bool = True
 
+    _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
+
 
 def _pydantic_errors(exc: ValidationError, prefix: str) -> list[FieldError]:
     out = []
@@ -139,11 +151,32 @@ def parse_rfc3339(text: str) -> datetime:
         r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$", text
     ):
         raise ValueError("not an RFC 3339 date-time with a timezone, e.g. 2030-01-01T12:00:00Z")
-    return datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
+    text = text.replace("z", "Z").replace("t", "T")
+    # RFC 3339 has leap seconds (23:59:60); Python does not: read one as the next second.
+    leap = text[17:19] == "60"
+    value = datetime.fromisoformat(text[:17] + "59" + text[19:] if leap else text)
+    try:
+        value += timedelta(seconds=1 if leap else 0)
+        utc = value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00, before year 1 in UTC
+        raise ValueError("out of range") from None
+    if utc in (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)):
+        raise ValueError("out of range")  # asyncpg would send -infinity or infinity
+    return value
 
 
 def _has_nul(text: str) -> bool:
     return "\x00" in text
+
+
+# A NUL escape in JSON text: \u0000 after an even number of backslashes (``\\u0000``
+# is a backslash followed by the letters "u0000", which is fine).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _json_has_nul(json_text: str) -> bool:
+    """Whether JSON text written by orjson holds a NUL, which Postgres cannot store."""
+    return "\\u0000" in json_text and _NUL_ESCAPE.search(json_text) is not None
 
 
 def enqueue_task(data: Any, settings: Settings, *, prefix: str = "") -> tuple[NewTask, EnqueueBody]:
@@ -162,7 +195,7 @@ def enqueue_task(data: Any, settings: Settings, *, prefix: str = "") -> tuple[Ne
         raise InvalidRequest(_pydantic_errors(exc, prefix)) from None
     dot = prefix + "." if prefix else ""
     errors = []
-    if not TYPE_NAME.match(body.type):
+    if not TYPE_NAME.fullmatch(body.type):
         errors.append(FieldError(dot + "type", "not a task type name"))
     if body.queue is not None and body.queue not in settings.queues:
         errors.append(FieldError(dot + "queue", f"unknown queue; one of {settings.queues}"))
@@ -185,12 +218,17 @@ def enqueue_task(data: Any, settings: Settings, *, prefix: str = "") -> tuple[Ne
                 errors.append(
                     FieldError(dot + "run_at", f"at most {settings.max_delay:g} seconds ahead")
                 )
-    payload_json = dumps(body.payload)
-    if len(payload_json) > settings.max_payload_bytes:
+    try:
+        payload_bytes = orjson.dumps(body.payload)
+        request_fingerprint = fingerprint(data) if body.idempotency_key is not None else None
+    except orjson.JSONEncodeError:  # orjson writes at most 254 levels of nesting
+        raise InvalidRequest([*errors, FieldError(dot + "payload", TOO_DEEP)]) from None
+    if len(payload_bytes) > settings.max_payload_bytes:
         raise TooLarge(
             [FieldError(dot + "payload", f"larger than {settings.max_payload_bytes} bytes")]
         )
-    if "\\u0000" in payload_json:
+    payload_json = payload_bytes.decode()
+    if _json_has_nul(payload_json):
         errors.append(FieldError(dot + "payload", "strings may not contain NUL (\\u0000)"))
     if errors:
         raise InvalidRequest(errors)
@@ -201,7 +239,7 @@ def enqueue_task(data: Any, settings: Settings, *, prefix: str = "") -> tuple[Ne
         queue=body.queue,
         max_attempts=body.max_attempts,
         idempotency_key=body.idempotency_key,
-        fingerprint=fingerprint(data) if body.idempotency_key is not None else None,
+        fingerprint=request_fingerprint,
         timeout=body.timeout,
         run_at=run_at,
         delay=body.delay,
@@ -238,7 +276,7 @@ class TaskTypeDefinition:
 def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
     """Validate a task type definition (``PUT /types/{name}``)."""
     errors = []
-    if not TYPE_NAME.match(name):
+    if not TYPE_NAME.fullmatch(name):
         errors.append(FieldError("name", "use 1-200 letters, digits, '.', '_', ':' or '-'"))
     if not isinstance(data, dict):
         raise InvalidRequest([*errors, FieldError("body", "must be a JSON object")])
@@ -259,9 +297,13 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
     if body.payload_schema is not None:
         try:
             Draft202012Validator.check_schema(body.payload_schema)
+            schema_json = dumps(body.payload_schema)
         except SchemaError as exc:
             errors.append(FieldError("payload_schema", f"not a valid JSON Schema: {exc.message}"))
-        schema_json = dumps(body.payload_schema)
+        except (RecursionError, orjson.JSONEncodeError):
+            errors.append(FieldError("payload_schema", TOO_DEEP))
+        if schema_json is not None and _json_has_nul(schema_json):
+            errors.append(FieldError("payload_schema", "strings may not contain NUL (\\u0000)"))
     if errors:
         raise InvalidRequest(errors)
     return TaskTypeDefinition(

@@ -339,3 +339,24 @@ async def test_health_names_missing_topology(settings: Settings) -> None:
     async with running_api(settings) as api:  # the topology was never declared
         body = assert_problem(await api.get("/healthz"), 503)
         assert body["health"] == "error" and body["topology"].startswith("missing:")
+
+
+async def test_a_row_the_database_refuses_fails_alone(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    # Validation cannot foresee every refusal; concurrent requests share one INSERT,
+    # and only the refused row may fail (400), never its neighbours.
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        await connection.execute(
+            "ALTER TABLE tasks ADD CONSTRAINT test_no_poison CHECK (payload->>'poison' IS NULL)"
+        )
+    finally:
+        await connection.close()
+    bodies = [{**E, "payload": {"n": n}} for n in range(30)]
+    bodies.insert(15, {**E, "payload": {"poison": 1}})
+    responses = await asyncio.gather(*(api.post("/enqueue", json=body) for body in bodies))
+    codes = [response.status_code for response in responses]
+    assert codes.count(201) == 30
+    assert_problem(responses[15], 400, "body")
+    assert await count_tasks(settings) == 30
