@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -87,3 +88,42 @@ async def test_api_process_serves_and_stops_cleanly(settings: Settings, tmp_path
         process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 0, output.decode()
+
+
+async def test_run_starts_the_whole_system_and_stops_on_ctrl_c(
+    settings: Settings, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskq",
+        "run",
+        env=subprocess_env(settings, TASKQ_HTTP_PORT=str(port)),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # Ctrl-C reaches the whole process group
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(300):
+                try:
+                    if (await http.get("/types/demo.echo")).status_code == 200:
+                        break  # the API is up and the worker registered its types
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+            response = await http.post("/enqueue", json={"type": "demo.echo", "payload": {"a": 1}})
+            assert response.status_code == 201, response.text
+            task_id = response.json()["id"]
+            for _ in range(200):
+                task = (await http.get(f"/tasks/{task_id}")).json()
+                if task["status"] == "SUCCEEDED":
+                    break
+                await asyncio.sleep(0.05)
+            assert task["status"] == "SUCCEEDED" and task["result"] == {"a": 1}
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = await asyncio.wait_for(process.communicate(), 40)
+    assert process.returncode == 0, output.decode()[-3000:]
