@@ -185,8 +185,14 @@ class Claimer:
                 await self.publisher.publish_dead_letter(envelope, delivery.queue, headers)
                 self.metrics.dead_lettered.labels(delivery.queue, "missing").inc()
                 log.warning("envelope for unknown task %s dead-lettered", envelope.id)
-        except TaskqError as exc:
-            log.warning("settling a %s delivery of %s failed: %s", decision, envelope.id, exc)
+        except Exception as exc:
+            # Whatever failed (the broker, or a hostile envelope that no message
+            # can carry), the delivery must be settled, or it holds a prefetch
+            # slot for good.
+            if isinstance(exc, TaskqError):
+                log.warning("settling a %s delivery of %s failed: %s", decision, envelope.id, exc)
+            else:
+                log.exception("settling a %s delivery of %s failed", decision, envelope.id)
             # The broker gets it back: a missing task's envelope dead-letters
             # through the queue's DLX; the others are redelivered and decided again.
             await self._acker.reject(delivery.channel, delivery.tag, requeue=decision != "missing")

@@ -31,7 +31,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection, AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
-from taskq.envelope import Envelope, InvalidEnvelope
+from taskq.envelope import Envelope
 from taskq.errors import BrokerError
 from taskq.topology import Names
 
@@ -342,9 +342,11 @@ class Consumers:
             self._acker.received(channel, tag)
             try:
                 envelope = Envelope.parse(message.body)
-            except InvalidEnvelope as exc:
-                # The work queue's dead-letter exchange sends it to the DLQ,
-                # where x-death names the queue and the reason "rejected".
+            except Exception as exc:
+                # InvalidEnvelope, or any error a hostile body provokes: an
+                # unsettled delivery would hold a prefetch slot for good. The
+                # work queue's dead-letter exchange sends it to the DLQ, where
+                # x-death names the queue and the reason "rejected".
                 await self._acker.reject(channel, tag, requeue=False)
                 self._on_invalid(queue, exc)
                 return

@@ -19,6 +19,12 @@ from taskq.errors import TaskqError
 
 CONTENT_TYPE = "application/json"
 MAX_BODY_BYTES = 4096
+# What a real envelope can carry: a task type name (at most 200 characters, see
+# taskq.validation.TYPE_NAME) travels in the AMQP ``type`` property, a short
+# string of at most 255 bytes; attempts never exceed max_attempts (at most 100).
+# Anything larger is forged, and would break the publish that dead-letters it.
+MAX_TYPE_BYTES = 200
+MAX_ATTEMPT = 100
 
 HEADER_ATTEMPT = "x-taskq-attempt"
 HEADER_DUE = "x-taskq-due"
@@ -83,6 +89,8 @@ class Envelope:
             data = json.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidEnvelope(f"body is not JSON: {exc}") from None
+        except RecursionError:  # a few kilobytes of "[[[[..." nest deeper than the stack
+            raise InvalidEnvelope("body is JSON nested too deeply for an envelope") from None
         if not isinstance(data, dict):
             raise InvalidEnvelope("body is not a JSON object")
         try:
@@ -92,6 +100,10 @@ class Envelope:
         task_type, attempt = data.get("type"), data.get("attempt")
         if not isinstance(task_type, str) or not task_type:
             raise InvalidEnvelope("'type' is missing or not a string")
+        if len(task_type.encode(errors="replace")) > MAX_TYPE_BYTES:
+            raise InvalidEnvelope(f"'type' is longer than {MAX_TYPE_BYTES} bytes")
         if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
             raise InvalidEnvelope("'attempt' is missing or not a non-negative integer")
+        if attempt > MAX_ATTEMPT:
+            raise InvalidEnvelope(f"'attempt' is larger than {MAX_ATTEMPT}")
         return cls(task_id, task_type, attempt)

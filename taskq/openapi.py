@@ -7,6 +7,7 @@ from typing import Any
 import taskq
 from taskq._utils import DURATION, format_duration
 from taskq.settings import Settings
+from taskq.store import ANSWER_FIELDS
 from taskq.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
 
 # Postgres text and jsonb cannot hold NUL, so no string the API stores may contain one.
@@ -27,16 +28,7 @@ _TASK_ANSWER = {
         "run_at": {"type": "string", "format": "date-time"},
         "created_at": {"type": "string", "format": "date-time"},
     },
-    "required": [
-        "id",
-        "type",
-        "queue",
-        "status",
-        "attempts",
-        "max_attempts",
-        "run_at",
-        "created_at",
-    ],
+    "required": list(ANSWER_FIELDS),
 }
 
 _PROBLEM = {

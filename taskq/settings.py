@@ -25,6 +25,18 @@ NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 Duration = Annotated[float, Field(ge=0)]
 
+# The fields written as durations (``5s``, ``2m``) in the environment and by describe().
+_DURATIONS = (
+    "max_delay",
+    "backoff_fixed",
+    "backoff_base",
+    "backoff_max",
+    "lease_seconds",
+    "worker_shutdown_grace",
+    "sweeper_overdue_after",
+    "sweeper_check_every",
+)
+
 
 def _csv(value: Any) -> Any:
     if isinstance(value, str):
@@ -68,6 +80,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(16, ge=1, le=10000)
     lease_seconds: Duration = 30.0
     worker_shutdown_grace: Duration = 30.0
+    sweeper_overdue_after: Duration = 60.0
+    sweeper_check_every: Duration = 5.0
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -132,15 +146,7 @@ class Settings(BaseSettings):
             raise ValueError("the backoff list is empty")
         return [parse_duration(item) for item in items]
 
-    @field_validator(
-        "max_delay",
-        "backoff_fixed",
-        "backoff_base",
-        "backoff_max",
-        "lease_seconds",
-        "worker_shutdown_grace",
-        mode="before",
-    )
+    @field_validator(*_DURATIONS, mode="before")
     @classmethod
     def _parse_duration(cls, value: Any) -> Any:
         if isinstance(value, str | int | float):
@@ -194,16 +200,6 @@ class Settings(BaseSettings):
             else:
                 out[key] = str(value)
         return out
-
-
-_DURATIONS = {
-    "max_delay",
-    "backoff_fixed",
-    "backoff_base",
-    "backoff_max",
-    "lease_seconds",
-    "worker_shutdown_grace",
-}
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -316,7 +316,7 @@ class Store:
         return int(status.split()[-1])
 
 
-_ANSWER_FIELDS = (
+ANSWER_FIELDS = (
     "id",
     "type",
     "queue",
@@ -329,7 +329,7 @@ _ANSWER_FIELDS = (
 
 
 def _answer(row: Row) -> dict[str, Any]:
-    return {name: row[name] for name in _ANSWER_FIELDS}
+    return {name: row[name] for name in ANSWER_FIELDS}
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:

@@ -74,7 +74,8 @@ class Worker:
         metrics: where to count (default: a fresh registry).
         relay: run the relay and the sweeper in this process (each active in one
             process of the fleet at a time, under its own advisory lock).
-        overdue_after: the sweeper's threshold for lost envelopes (seconds).
+        overdue_after: the sweeper's threshold for lost envelopes, in seconds
+            (default ``TASKQ_SWEEPER_OVERDUE_AFTER``).
         relay_interval: seconds between relay and sweeper passes.
 
     Raises:
@@ -93,7 +94,7 @@ class Worker:
         worker_id: str | None = None,
         metrics: WorkerMetrics | None = None,
         relay: bool = True,
-        overdue_after: float = 60.0,
+        overdue_after: float | None = None,
         relay_interval: float = 1.0,
     ) -> None:
         self.settings = settings
@@ -109,7 +110,9 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.lease = settings.lease_seconds
         self._run_relay = relay
-        self._overdue_after = overdue_after
+        self._overdue_after = (
+            settings.sweeper_overdue_after if overdue_after is None else overdue_after
+        )
         self._relay_interval = relay_interval
         self._acker = Acker()
         self._runner = Runner(
@@ -218,6 +221,7 @@ class Worker:
                 topology.names,
                 settings.queues,
                 overdue_after=self._overdue_after,
+                check_every=settings.sweeper_check_every,
                 metrics=self.metrics,
             )
             relay = Relay(

@@ -78,6 +78,11 @@ def test_parse_accepts_attempt_zero_and_uppercase_uuid() -> None:
         (body(attempt=-1), "'attempt'"),
         (body(attempt=True), "'attempt'"),
         (body(attempt=False), "'attempt'"),
+        (body(attempt=101), "'attempt' is larger"),
+        (body(attempt=2**70), "'attempt' is larger"),
+        (body(type="t" * 201), "'type' is longer"),
+        (body(type="é" * 101), "'type' is longer"),
+        (b"[" * 2000 + b"]" * 2000, "nested too deeply"),
     ],
 )
 def test_parse_refuses(raw: bytes, problem: str) -> None:

@@ -125,3 +125,23 @@ def test_mask_url_without_password() -> None:
     assert (
         mask_url("postgresql://postgres@127.0.0.1/taskq") == "postgresql://postgres@127.0.0.1/taskq"
     )
+
+
+def test_env_example_and_readme_list_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+    from pathlib import Path
+
+    from taskq.settings import ENV_PREFIX, Settings
+
+    root = Path(__file__).resolve().parent.parent
+    wanted = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    example = dict(re.findall(r"^# (TASKQ_\w+)=(.*)$", (root / ".env.example").read_text(), re.M))
+    assert set(example) == wanted
+    readme = (root / "README.md").read_text()
+    for variable in wanted:
+        assert f"| `{variable}` |" in readme, variable
+    # The example's values are the defaults.
+    defaults = load_settings(_env_file=None)
+    for variable, value in example.items():
+        monkeypatch.setenv(variable, value)
+    assert load_settings(_env_file=None) == defaults
