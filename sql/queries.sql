@@ -134,8 +134,9 @@ SELECT count(*) FROM tasks WHERE published_at IS NULL AND status IN ('ENQUEUED',
 
 -- ---------------------------------------------------------------- relay and sweeper
 
--- name: relay_lock
--- One relay is active across the fleet: the holder of this session lock.
+-- name: session_lock
+-- One relay and one sweeper are active across the fleet: the holders of these
+-- session locks (each has its own key), held as long as their connection lives.
 -- $1: advisory lock key (bigint)
 SELECT pg_try_advisory_lock($1);
 
@@ -304,13 +305,6 @@ UPDATE tasks t SET status = 'ENQUEUED', attempts = t.attempts - 1,
 FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
 WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $3
 RETURNING t.id, t.type, t.queue, t.attempts;
-
--- name: sweeper_lock
--- One sweeper is active across the fleet: the holder of this session lock. It
--- is not the relay's lock, so that sweeping goes on in a worker whichever
--- process (API or worker) relays.
--- $1: advisory lock key (bigint)
-SELECT pg_try_advisory_lock($1);
 
 -- name: session_alive
 -- Run on the lock's connection every pass: an error means the lock is gone too.

@@ -26,7 +26,7 @@ import asyncpg
 from taskq.broker import Publisher
 from taskq.envelope import Envelope
 from taskq.errors import StoreError, TaskqError
-from taskq.store import NOTIFY_CHANNEL, Row, Store
+from taskq.store import NOTIFY_CHANNEL, Row, SessionLock, Store
 
 log = logging.getLogger("taskq.relay")
 
@@ -224,8 +224,8 @@ class Relay:
         self.grace = grace
         self.batch = batch
         self.duties = list(duties)
-        self.active = False
-        self._lock_connection: asyncpg.Connection | None = None
+        self._lock = SessionLock(database_url, LOCK_KEY, "relay")
+        self._listening: asyncpg.Connection | None = None
         self._notified: set[uuid.UUID] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -237,44 +237,30 @@ class Relay:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._release()
+        await self._lock.release()
+
+    @property
+    def active(self) -> bool:
+        """Whether this process is the active relay."""
+        return self._lock.held
 
     async def _run(self) -> None:
         while True:
             try:
-                if await self._hold_lock():
+                if await self._lock.hold():
+                    connection = self._lock.connection
+                    if self._listening is not connection and connection is not None:
+                        await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                        self._listening = connection
                     await self.pass_once()
             except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("relay pass failed: %s", exc)
-                await self._release()
+                await self._lock.release()
             except Exception:
                 log.exception("relay pass failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
-
-    async def _hold_lock(self) -> bool:
-        connection = self._lock_connection
-        if connection is not None and not connection.is_closed():
-            return self.active
-        self.active = False
-        connection = await asyncpg.connect(self.database_url)
-        self._lock_connection = connection
-        if await connection.fetchval(self.store.q["relay_lock"], LOCK_KEY):
-            await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            self.active = True
-            log.info("this process is the active relay")
-        else:
-            # Another process relays; try again on a fresh connection next pass.
-            await self._release()
-        return self.active
-
-    async def _release(self) -> None:
-        self.active = False
-        connection, self._lock_connection = self._lock_connection, None
-        if connection is not None and not connection.is_closed():
-            with contextlib.suppress(Exception):
-                await connection.close()
 
     def _on_notify(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         for text in payload.split(","):

@@ -6,6 +6,8 @@ Methods that take lists run one statement for the whole batch.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -17,6 +19,8 @@ import asyncpg
 
 import taskq.sql as sql
 from taskq.errors import RejectedByDatabase, StoreError
+
+log = logging.getLogger("taskq.store")
 
 NOTIFY_CHANNEL = "taskq_enqueued"
 _DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
@@ -341,3 +345,48 @@ def _columns(items: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     if not items:
         return [[] for _ in range(width)]
     return [list(column) for column in zip(*items, strict=True)]
+
+
+class SessionLock:
+    """A Postgres advisory lock held as long as a dedicated connection lives.
+
+    It keeps one relay and one sweeper active across the fleet: whoever holds
+    the lock does the work, and if its process dies the connection, and with
+    it the lock, goes too, so another process takes over on its next try.
+    """
+
+    def __init__(self, url: str, key: int, name: str) -> None:
+        self._url = url
+        self._key = key
+        self._name = name
+        self._q = sql.queries()
+        self.connection: asyncpg.Connection | None = None
+        self.held = False
+
+    async def hold(self) -> bool:
+        """Whether this process holds the lock now; tries to take it if not.
+
+        Raises:
+            StoreError: if the database cannot be reached (the lock is then lost).
+        """
+        try:
+            if self.connection is None or self.connection.is_closed():
+                self.held = False
+                self.connection = await asyncpg.connect(self._url, timeout=5)
+            if self.held:
+                # Fails if the connection died, and with it the lock.
+                await self.connection.fetchval(self._q["session_alive"])
+            elif await self.connection.fetchval(self._q["session_lock"], self._key):
+                self.held = True
+                log.info("this process is the active %s", self._name)
+        except _DOWN as exc:
+            await self.release()
+            raise StoreError(f"the {self._name} lock's connection failed: {exc}") from exc
+        return self.held
+
+    async def release(self) -> None:
+        self.held = False
+        connection, self.connection = self.connection, None
+        if connection is not None and not connection.is_closed():
+            with contextlib.suppress(Exception):
+                await connection.close()

@@ -37,7 +37,7 @@ from taskq.broker import Link, Publisher
 from taskq.errors import BrokerError, StoreError
 from taskq.metrics import WorkerMetrics
 from taskq.relay import publish_owed
-from taskq.store import Store
+from taskq.store import SessionLock, Store
 from taskq.topology import Names
 
 log = logging.getLogger("taskq.sweeper")
@@ -96,46 +96,31 @@ class Sweeper:
         self.metrics = metrics
         self._channel: AbstractChannel | None = None
         self._checked_at = -1e9
-        self._lock_connection: asyncpg.Connection | None = None
+        self._lock: SessionLock | None = None
         self._task: asyncio.Task[None] | None = None
-        self.active = False
 
     def start(self, database_url: str, *, interval: float = 1.0) -> None:
         """Run the duties every ``interval`` seconds while this process holds the sweeper lock."""
-        self._task = asyncio.create_task(self._run(database_url, interval), name="taskq-sweeper")
+        self._lock = SessionLock(database_url, LOCK_KEY, "sweeper")
+        self._task = asyncio.create_task(self._run(self._lock, interval), name="taskq-sweeper")
 
-    async def _run(self, database_url: str, interval: float) -> None:
+    @property
+    def active(self) -> bool:
+        """Whether this process is the active sweeper."""
+        return self._lock is not None and self._lock.held
+
+    async def _run(self, lock: SessionLock, interval: float) -> None:
         while True:
             try:
-                if await self._hold_lock(database_url):
+                if await lock.hold():
                     for duty in self.duties:
                         await duty()
             except _DATABASE_ERRORS as exc:
                 log.warning("sweeper pass failed: %s", exc)
-                await self._release()
+                await lock.release()
             except Exception:
                 log.exception("sweeper pass failed")
             await asyncio.sleep(interval)
-
-    async def _hold_lock(self, database_url: str) -> bool:
-        connection = self._lock_connection
-        if connection is None or connection.is_closed():
-            self.active = False
-            connection = self._lock_connection = await asyncpg.connect(database_url, timeout=5)
-        if self.active:
-            # Fails if the connection died, and with it the lock.
-            await connection.fetchval(self.store.q["session_alive"])
-        elif await connection.fetchval(self.store.q["sweeper_lock"], LOCK_KEY):
-            self.active = True
-            log.info("this process is the active sweeper")
-        return self.active
-
-    async def _release(self) -> None:
-        self.active = False
-        connection, self._lock_connection = self._lock_connection, None
-        if connection is not None and not connection.is_closed():
-            with contextlib.suppress(Exception):
-                await connection.close()
 
     @property
     def duties(self) -> list[Callable[[], Awaitable[Any]]]:
@@ -213,7 +198,8 @@ class Sweeper:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._release()
+        if self._lock is not None:
+            await self._lock.release()
         await self._close_channel()
 
     async def _close_channel(self) -> None:
