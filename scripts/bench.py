@@ -1,0 +1,354 @@
+"""The taskq benchmark of issue #5: enqueue, end to end, backlog drain, start
+latency, retry-delay accuracy and peak RSS, optionally against Celery and Dramatiq.
+
+Starts the API and K workers itself against a fresh database and namespace on
+the local Postgres and RabbitMQ, stops everything and cleans up, then prints a
+table and one JSON line per figure.
+
+    scripts/bench [--quick] [--workers K] [--concurrency N] [--peer celery] [--peer dramatiq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from benchlib import (
+    AMQP_URL,
+    HttpConnection,
+    Sandbox,
+    batch_requests,
+    enqueue_chunks,
+    peak_rss_mb,
+    percentile,
+    python_client,
+    single_requests,
+)
+
+from taskq.client import Client
+from taskq.worker import TYPES_REFRESH_SECONDS
+
+SUCCEEDED = "SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'"
+
+
+@dataclass
+class Figure:
+    workload: str
+    name: str
+    value: float
+    unit: str
+    target: str = ""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sandbox = Sandbox(args.port)
+        self.figures: list[Figure] = []
+
+    def add(self, workload: str, name: str, value: float, unit: str, target: str = "") -> None:
+        self.figures.append(Figure(workload, name, value, unit, target))
+
+    async def wait_succeeded(self, count: int, timeout: float) -> float:
+        """Poll Postgres until ``count`` rows are SUCCEEDED; the time it happened."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.sandbox.db.fetchval(SUCCEEDED) >= count:
+                return time.perf_counter()
+            await asyncio.sleep(0.05)
+        done = await self.sandbox.db.fetchval(SUCCEEDED)
+        raise RuntimeError(f"only {done} of {count} tasks SUCCEEDED after {timeout:g}s")
+
+    async def put_backoff(self, delay: float) -> float:
+        conn = HttpConnection("127.0.0.1", self.args.port)
+        await conn.open()
+        body = {"backoff": {"strategy": "fixed", "delay": delay}}
+        status, answer = await conn.request("PUT", "/types/demo.fail", json.dumps(body).encode())
+        conn.close()
+        if status not in (200, 201):
+            raise RuntimeError(f"PUT /types/demo.fail answered {status}: {answer!r}")
+        return time.monotonic()
+
+    async def enqueue_paced(self, count: int, interval: float, task: dict[str, Any]) -> list[str]:
+        """POST /enqueue ``count`` times, one every ``interval`` seconds; the task ids."""
+        conn = HttpConnection("127.0.0.1", self.args.port)
+        await conn.open()
+        ids = []
+        first = time.perf_counter()
+        for n in range(count):
+            await asyncio.sleep(max(0.0, first + n * interval - time.perf_counter()))
+            status, answer = await conn.post("/enqueue", json.dumps(task).encode())
+            if status != 201:
+                raise RuntimeError(f"POST /enqueue answered {status}: {answer!r}")
+            ids.append(json.loads(answer)["id"])
+        conn.close()
+        return ids
+
+    async def enqueue_workloads(self) -> None:
+        a, port = self.args, self.args.port
+        await single_requests(port, a.clients, 1.0)  # warm up
+        single = await single_requests(port, a.clients, a.seconds)
+        w = "1 enqueue"
+        self.add(w, f"single POST /enqueue, {a.clients} clients", single["requests_per_s"], "req/s",
+                 ">= 1500")  # fmt: skip
+        self.add(w, "  latency p50", single["p50_ms"], "ms")
+        self.add(w, "  latency p99", single["p99_ms"], "ms", "<= 50")
+        self.add(w, "  errors", single["errors"], "")
+        batch = await batch_requests(port, a.batches, 500, 4)
+        w = "2 batch"
+        self.add(w, "POST /enqueue/batch, 500/request", batch["tasks_per_s"], "tasks/s", ">= 10000")
+        self.add(w, "  errors", batch["errors"], "")
+        client = await python_client(self.sandbox.settings, a.client_tasks, 256)
+        self.add(w, "Python client, 256 concurrent enqueue()", client["tasks_per_s"], "tasks/s")
+        many = await Client.connect(self.sandbox.settings)
+        started = time.perf_counter()
+        await enqueue_chunks(many, "demo.noop", a.client_tasks)
+        rate = a.client_tasks / (time.perf_counter() - started)
+        await many.close()
+        self.add(w, "Python client, enqueue_many(500) x 4 concurrent", rate, "tasks/s")
+        # Leave a clean slate for the workloads with workers: nothing queued, no rows.
+        await self.wait_published(30)
+        amqp = await aio_pika.connect(AMQP_URL)
+        channel = await amqp.channel()
+        for queue in self.sandbox.settings.topology().queues:
+            await (await channel.declare_queue(queue.name, passive=True)).purge()
+        await amqp.close()
+        await self.sandbox.db.execute("TRUNCATE tasks CASCADE")
+
+    async def wait_published(self, timeout: float) -> None:
+        sql = "SELECT count(*) FROM tasks WHERE published_at IS NULL"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not await self.sandbox.db.fetchval(sql):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"tasks still unpublished after {timeout:g}s")
+
+    async def drain(self, client: Client) -> None:
+        a = self.args
+        await enqueue_chunks(client, "demo.noop", a.tasks)
+        await self.wait_published(60)
+        spawned = time.perf_counter()
+        self.sandbox.start_workers(a.workers, a.concurrency, a.prefetch)
+        end = await self.wait_succeeded(a.tasks, max(120.0, a.tasks / 50))
+        span = await self.sandbox.db.fetchval(
+            "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks"
+        )
+        w = "3 end to end"
+        self.add(w, f"preloaded backlog drain, {a.tasks} tasks", a.tasks / float(span), "tasks/s")
+        self.add(w, "  same, from spawning the workers", a.tasks / (end - spawned), "tasks/s")
+
+    async def end_to_end(self, client: Client) -> None:
+        a = self.args
+        before = await self.sandbox.db.fetchval(SUCCEEDED)
+        profilers = self.start_profilers() if a.profile else []
+        started = time.perf_counter()
+        feeding = asyncio.create_task(enqueue_chunks(client, "demo.noop", a.tasks))
+        end = await self.wait_succeeded(before + a.tasks, max(120.0, a.tasks / 50))
+        await feeding
+        for profiler in profilers:  # py-spy writes its profile on SIGINT
+            profiler.send_signal(signal.SIGINT)
+        for profiler in profilers:
+            profiler.wait(30)
+        self.add("3 end to end", f"end to end, {a.tasks} demo.noop", a.tasks / (end - started),
+                 "tasks/s", ">= 10x celery+pg, 1.5x celery")  # fmt: skip
+
+    def start_profilers(self) -> list[subprocess.Popen[bytes]]:
+        """py-spy on the API and every worker, collapsed stacks into --profile DIR."""
+        assert self.sandbox.api is not None
+        os.makedirs(self.args.profile, exist_ok=True)
+        py_spy = str(Path(sys.executable).parent / "py-spy")
+        pids = {"api": self.sandbox.api.pid}
+        pids.update({f"worker{n + 1}": w.pid for n, w in enumerate(self.sandbox.workers)})
+        profilers = []
+        for name, pid in pids.items():
+            out = os.path.join(self.args.profile, f"{name}.txt")
+            command = [py_spy, "record", "--format", "raw", "--nonblocking", "-o", out]
+            command += ["--pid", str(pid)]
+            profilers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+        return profilers
+
+    async def start_latency(self) -> None:
+        a = self.args
+        ids = await self.enqueue_paced(a.latency_tasks, 0.02, {"type": "demo.noop", "payload": {}})
+        rows = await self.sandbox.db.fetch(
+            "SELECT extract(epoch FROM started_at - created_at) AS lag FROM tasks"
+            " WHERE id = ANY($1::uuid[]) AND started_at IS NOT NULL",
+            ids,
+        )
+        deadline = time.monotonic() + 30
+        while len(rows) < len(ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            rows = await self.sandbox.db.fetch(
+                "SELECT extract(epoch FROM started_at - created_at) AS lag FROM tasks"
+                " WHERE id = ANY($1::uuid[]) AND started_at IS NOT NULL",
+                ids,
+            )
+        lags = [float(row["lag"]) for row in rows]
+        w = "4 start latency"
+        label = f"enqueue -> start, 1 task / 20 ms ({len(lags)})"
+        self.add(w, label + " p50", percentile(lags, 0.5) * 1000, "ms", "<= 5")
+        self.add(w, label + " p99", percentile(lags, 0.99) * 1000, "ms", "<= 15")
+
+    async def retry_accuracy(self, delay: float, put_at: float) -> None:
+        # Workers re-read task types every TYPES_REFRESH_SECONDS: wait until they have.
+        await asyncio.sleep(max(0.0, put_at + TYPES_REFRESH_SECONDS + 0.5 - time.monotonic()))
+        task = {"type": "demo.fail", "payload": {"times": 1}}
+        ids = await self.enqueue_paced(self.args.retry_tasks, 0.05, task)
+        deadline = time.monotonic() + delay + 60
+        sql = "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[]) AND status = 'SUCCEEDED'"
+        while await self.sandbox.db.fetchval(sql, ids) < len(ids):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"retried tasks not SUCCEEDED {delay + 60:g}s after")
+            await asyncio.sleep(0.1)
+        rows = await self.sandbox.db.fetch(
+            """
+            SELECT extract(epoch FROM e.run_at - e.at) AS asked,
+                   extract(epoch FROM (SELECT min(r.at) FROM task_events r
+                                       WHERE r.task_id = e.task_id AND r.id > e.id
+                                         AND r.status = 'RUNNING') - e.at) AS gap
+            FROM task_events e
+            WHERE e.task_id = ANY($1::uuid[])
+              AND e.previous_status = 'RUNNING' AND e.status = 'ENQUEUED'
+            """,
+            ids,
+        )
+        errors = [float(row["gap"]) - delay for row in rows]
+        asked = [float(row["asked"]) for row in rows]
+        w = "5 retry delay"
+        label = f"retry after {delay:g} s ({len(rows)} tasks): error"
+        self.add(w, label + " min", min(errors), "s", ">= 0")
+        self.add(w, label + " p50", percentile(errors, 0.5), "s")
+        self.add(w, label + " max", max(errors), "s", "<= +1.5")
+        label = f"retry after {delay:g} s: run_at - failure as asked, median"
+        self.add(w, label, percentile(asked, 0.5), "s")
+
+    def rss(self) -> None:
+        assert self.sandbox.api is not None
+        w = "6 peak RSS"
+        self.add(w, "API", peak_rss_mb(self.sandbox.api.pid), "MB", "<= 120")
+        for n, worker in enumerate(self.sandbox.workers):
+            self.add(w, f"worker {n + 1}", peak_rss_mb(worker.pid), "MB", "<= 120")
+
+    async def run(self) -> None:
+        a = self.args
+        try:
+            await self.sandbox.open()
+            await self.sandbox.start_api()
+            await self.enqueue_workloads()
+            client = await Client.connect(self.sandbox.settings)
+            try:
+                await self.drain(client)
+                put_at = await self.put_backoff(1)
+                await self.end_to_end(client)
+            finally:
+                await client.close()
+            await self.start_latency()
+            await self.retry_accuracy(1, put_at)
+            await self.retry_accuracy(5, await self.put_backoff(5))
+            self.rss()
+            self.sandbox.stop_workers()
+            self.sandbox.stop_api()  # idle, but the peers get the machine to themselves
+            if a.peer:
+                from peers.runner import VARIANTS, run_peer
+
+                for peer in a.peer:
+                    for variant in VARIANTS:
+                        if variant.startswith(peer):
+                            default = 8 if variant == "dramatiq" else os.cpu_count() or 2
+                            figures = await run_peer(
+                                variant,
+                                a.workers,
+                                a.peer_concurrency or default,
+                                self.sandbox.database_url,
+                                a.tasks,
+                                a.latency_tasks,
+                            )
+                            self.add_peer(variant, VARIANTS[variant], figures)
+        finally:
+            await self.sandbox.close()
+
+    def add_peer(self, variant: str, label: str, figures: dict[str, float]) -> None:
+        ours = {f.name.split(",")[0]: f.value for f in self.figures if f.workload[0] in "34"}
+        w = f"peer {variant}"
+        for key, name, unit, mine in (
+            ("e2e_tasks_per_s", "end to end", "tasks/s", "end to end"),
+            ("drain_tasks_per_s", "preloaded backlog drain", "tasks/s", "preloaded backlog drain"),
+        ):
+            self.add(w, f"{label}: {name}", figures[key], unit)
+            self.add(w, "  taskq / peer (higher: taskq faster)", ours[mine] / figures[key], "x")
+        latency = [f for f in self.figures if f.workload.startswith("4")]
+        for key, f in zip(("latency_p50_ms", "latency_p99_ms"), latency, strict=True):
+            self.add(w, f"{label}: start latency {key[8:11]}", figures[key], "ms")
+            self.add(w, "  taskq / peer (lower: taskq faster)", f.value / figures[key], "x")
+
+    def report(self) -> None:
+        a = self.args
+        print()
+        print(
+            f"taskq bench: {a.workers} worker(s) x concurrency {a.concurrency}, prefetch "
+            f"{a.prefetch}; {os.cpu_count()} CPUs; peers: {', '.join(a.peer) or 'none'}"
+            f" (Celery prefork x {a.peer_concurrency or os.cpu_count()} per worker,"
+            f" Dramatiq {a.workers} process(es) x {a.peer_concurrency or 8} threads)"
+        )
+        print(f"{'figure':<58} {'value':>12} {'unit':<8} target")
+        workload = ""
+        for f in self.figures:
+            if f.workload != workload:
+                workload = f.workload
+                print(f"[{workload}]")
+            value = f"{f.value:.2f}" if abs(f.value) < 100 else f"{f.value:.0f}"
+            print(f"{f.name:<58} {value:>12} {f.unit:<8} {f.target}")
+        print()
+        for f in self.figures:
+            line = {"bench": "taskq", "workload": f.workload, "figure": f.name.strip()}
+            print(json.dumps({**line, "value": round(f.value, 4), "unit": f.unit}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (< 1 minute)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--concurrency", type=int, default=200, help="per worker (default 200)")
+    parser.add_argument("--prefetch", type=int, help="per worker (default: the concurrency)")
+    parser.add_argument("--tasks", type=int, help="end-to-end tasks (default 20000, quick 2000)")
+    parser.add_argument("--peer", action="append", default=[], choices=["celery", "dramatiq"])
+    parser.add_argument(
+        "--peer-concurrency",
+        type=int,
+        help="Celery prefork processes per worker (default: CPUs, Celery's default), "
+        "Dramatiq threads per process (default 8, Dramatiq's default)",
+    )
+    parser.add_argument(
+        "--profile", metavar="DIR", help="py-spy the API and workers during end to end into DIR"
+    )
+    parser.add_argument("--port", type=int, default=18932)
+    args = parser.parse_args()
+    quick = args.quick
+    args.prefetch = args.prefetch or args.concurrency
+    args.tasks = args.tasks or (2000 if quick else 20000)
+    args.clients = 32
+    args.seconds = 2.0 if quick else 10.0
+    args.batches = 8 if quick else 40
+    args.client_tasks = 2000 if quick else 20000
+    args.latency_tasks = 100 if quick else 300
+    args.retry_tasks = 10 if quick else 20
+    bench = Bench(args)
+    asyncio.run(bench.run())
+    bench.report()
+
+
+if __name__ == "__main__":
+    main()

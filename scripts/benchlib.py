@@ -1,0 +1,292 @@
+"""Pieces shared by the benchmark scripts: a sandbox (fresh database and
+namespace, the API and workers as subprocesses), a minimal HTTP client and the
+enqueue workloads.
+
+Not a command of its own; `scripts/bench` and `scripts/bench_enqueue.py` import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+
+from taskq import broker
+from taskq.client import Client
+from taskq.migrate import migrate
+from taskq.settings import Settings, load_settings
+
+SERVER_URL = os.environ.get(
+    "TASKQ_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+AMQP_URL = os.environ.get("TASKQ_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+class HttpConnection:
+    """A minimal HTTP/1.1 keep-alive client, so the load generator costs little CPU."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def request(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + body)
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        return await self.request("POST", path, body)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+def database_url(name: str) -> str:
+    """The URL of database ``name`` on the benchmark's Postgres server."""
+    return urlunsplit(urlsplit(SERVER_URL)._replace(path="/" + name))
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of a live process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Sandbox:
+    """A fresh database and namespace on the local services, with the API and
+    workers started as subprocesses; :meth:`close` stops them and removes both."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.name = f"taskq_bench_{uuid.uuid4().hex[:8]}"
+        self.database_url = database_url(self.name)
+        self.namespace = f"bench{uuid.uuid4().hex[:6]}"
+        self.settings: Settings = load_settings(
+            _env_file=None,
+            database_url=self.database_url,
+            amqp_url=AMQP_URL,
+            namespace=self.namespace,
+        )
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TASKQ_")}
+        self.env.update(
+            TASKQ_DATABASE_URL=self.database_url,
+            TASKQ_AMQP_URL=AMQP_URL,
+            TASKQ_NAMESPACE=self.namespace,
+            # demo.fail's attempts log a WARNING each; errors still show.
+            TASKQ_LOG_LEVEL="ERROR",
+        )
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    async def open(self) -> None:
+        """Migrate, declare the topology and register ``demo.noop`` (so a backlog
+        can be enqueued before any worker registers its types)."""
+        await migrate(self.database_url)
+        connection = await broker.connect(AMQP_URL, name="bench", robust=False)
+        await broker.declare(connection, self.settings.topology())
+        await connection.close()
+        self.db = await asyncpg.connect(self.database_url)
+        await self.db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+
+    async def start_api(self) -> None:
+        self.api = subprocess.Popen(  # noqa: ASYNC220 - started before any measurement
+            [sys.executable, "-m", "taskq", "api", "--port", str(self.port)], env=self.env
+        )
+        for _ in range(200):
+            try:
+                conn = HttpConnection("127.0.0.1", self.port)
+                await conn.open()
+                conn.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise RuntimeError("the API did not start listening")
+
+    def start_workers(self, count: int, concurrency: int, prefetch: int) -> None:
+        for _ in range(count):
+            command = [sys.executable, "-m", "taskq", "worker", "taskq.demo"]
+            command += ["--concurrency", str(concurrency), "--prefetch", str(prefetch)]
+            self.workers.append(subprocess.Popen(command, env=self.env))
+
+    async def wait_consumers(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until ``count`` consumers listen on the default work queue."""
+        queue = self.settings.topology().names.queue(self.settings.default_queue)
+        await wait_consumers(queue, count, timeout)
+
+    def stop_workers(self) -> None:
+        stop(self.workers)
+        self.workers = []
+
+    def stop_api(self) -> None:
+        if self.api is not None:
+            stop([self.api])
+
+    async def close(self) -> None:
+        self.stop_workers()
+        self.stop_api()
+        if hasattr(self, "db"):
+            await self.db.close()
+        server = await asyncpg.connect(SERVER_URL)
+        await server.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        await server.close()
+        amqp = await aio_pika.connect(AMQP_URL)
+        channel = await amqp.channel()
+        topology = self.settings.topology()
+        for queue in topology.queues:
+            await channel.queue_delete(queue.name)
+        for exchange in topology.exchanges:
+            await channel.exchange_delete(exchange.name)
+        await amqp.close()
+
+
+def stop(processes: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+    """SIGTERM the processes we started, then SIGKILL those that outlive ``timeout``."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def wait_consumers(queue: str, count: int, timeout: float = 30.0) -> None:
+    """Wait until ``count`` consumers listen on ``queue`` (which may not exist yet)."""
+    deadline = time.monotonic() + timeout
+    amqp = await aio_pika.connect(AMQP_URL)
+    try:
+        while time.monotonic() < deadline:
+            channel = await amqp.channel()
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+                if declared.declaration_result.consumer_count >= count:
+                    return
+                await channel.close()
+            except aio_pika.exceptions.ChannelClosed:
+                pass  # not declared yet
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"fewer than {count} consumers on {queue} after {timeout:g}s")
+    finally:
+        await amqp.close()
+
+
+async def single_requests(port: int, clients: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client(n: int) -> None:
+        nonlocal errors
+        conn = HttpConnection("127.0.0.1", port)
+        await conn.open()
+        i = 0
+        while time.perf_counter() < stop_at:
+            body = json.dumps({"type": "demo.noop", "payload": {"c": n, "i": i}}).encode()
+            started = time.perf_counter()
+            status, _ = await conn.post("/enqueue", body)
+            latencies.append(time.perf_counter() - started)
+            errors += status != 201
+            i += 1
+        conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    elapsed = time.perf_counter() - started
+    return {
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "requests": len(latencies),
+        "errors": errors,
+    }
+
+
+async def batch_requests(port: int, batches: int, size: int, concurrency: int) -> dict[str, float]:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(batches):
+        queue.put_nowait(n)
+    errors = 0
+
+    async def worker() -> None:
+        nonlocal errors
+        conn = HttpConnection("127.0.0.1", port)
+        await conn.open()
+        while not queue.empty():
+            n = queue.get_nowait()
+            tasks = [{"type": "demo.noop", "payload": {"b": n, "i": i}} for i in range(size)]
+            status, _ = await conn.post("/enqueue/batch", json.dumps({"tasks": tasks}).encode())
+            errors += status != 201
+        conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"tasks_per_s": batches * size / elapsed, "tasks": batches * size, "errors": errors}
+
+
+async def python_client(settings: Settings, count: int, concurrency: int) -> dict[str, float]:
+    client = await Client.connect(settings)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await client.enqueue("demo.noop", {"i": i})
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    elapsed = time.perf_counter() - started
+    await client.close()
+    return {"tasks_per_s": count / elapsed, "tasks": count}
+
+
+async def enqueue_chunks(
+    client: Client, task_type: str, count: int, chunk: int = 500, concurrency: int = 4
+) -> None:
+    """Enqueue ``count`` tasks with ``Client.enqueue_many``, ``chunk`` per call."""
+    starts: asyncio.Queue[int] = asyncio.Queue()
+    for start in range(0, count, chunk):
+        starts.put_nowait(start)
+
+    async def feeder() -> None:
+        while not starts.empty():
+            start = starts.get_nowait()
+            items: list[Any] = [
+                {"type": task_type, "payload": {"i": i}}
+                for i in range(start, min(count, start + chunk))
+            ]
+            await client.enqueue_many(items)
+
+    await asyncio.gather(*(feeder() for _ in range(concurrency)))
