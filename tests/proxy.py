@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
+
+from taskq.settings import Settings
 
 
 class TcpProxy:
@@ -47,3 +50,16 @@ class TcpProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.discard(writer)
         self._writers.discard(up_writer)
+
+
+async def proxied(settings: Settings, service: str) -> tuple[TcpProxy, Settings]:
+    """A started proxy in front of ``service`` (``broker`` or ``database``), and the
+    same settings with that service's URL pointed through it."""
+    url = settings.amqp_url if service == "broker" else settings.database_url
+    target = urlsplit(url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 0)
+    await proxy.start()
+    netloc = target.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{proxy.port}"
+    through = urlunsplit(target._replace(netloc=netloc))
+    field = "amqp_url" if service == "broker" else "database_url"
+    return proxy, settings.model_copy(update={field: through})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -18,8 +17,7 @@ from taskq.settings import Settings
 from taskq.store import Store
 
 from .api_fixtures import assert_problem, declare_topology, drain, put_type, running_api
-from .conftest import make_settings
-from .proxy import TcpProxy
+from .proxy import proxied
 
 pytestmark = pytest.mark.integration
 
@@ -45,16 +43,8 @@ async def test_enqueue_with_the_broker_down_is_published_once_it_is_back(
     settings: Settings,
 ) -> None:
     await declare_topology(settings)
-    target = urlsplit(settings.amqp_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
-    await proxy.start()
-    proxied = make_settings(
-        database_url=settings.database_url,
-        amqp_url=target._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}").geturl(),
-        namespace=settings.namespace,
-        max_delay=settings.max_delay,
-    )
-    async with running_api(proxied) as api:
+    proxy, through = await proxied(settings, "broker")
+    async with running_api(through) as api:
         await put_type(api, "demo.echo")
         await proxy.cut()  # the broker is gone for this API
         await asyncio.sleep(0.2)
@@ -152,16 +142,8 @@ async def _any_active(relays: list[Relay]) -> bool:
 
 async def test_database_down_is_503_and_recovers(settings: Settings) -> None:
     await declare_topology(settings)
-    target = urlsplit(settings.database_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    proxied = make_settings(
-        database_url=target._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl(),
-        amqp_url=settings.amqp_url,
-        namespace=settings.namespace,
-        max_delay=settings.max_delay,
-    )
-    async with running_api(proxied) as api:
+    proxy, through = await proxied(settings, "database")
+    async with running_api(through) as api:
         await put_type(api, "demo.echo")
         await proxy.cut()
         loop = asyncio.get_running_loop()

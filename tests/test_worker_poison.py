@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -14,8 +13,7 @@ from taskq.envelope import Envelope
 from taskq.relay import HEADER_ORIGIN, HEADER_REASON
 from taskq.settings import Settings
 
-from .conftest import make_settings
-from .proxy import TcpProxy
+from .proxy import proxied
 from .worker_fixtures import harness, metric, running_worker
 
 pytestmark = pytest.mark.integration
@@ -67,17 +65,9 @@ async def test_consuming_resumes_after_the_broker_cancels_the_consumer(
 
 
 async def test_consuming_resumes_after_the_connection_drops(settings: Settings) -> None:
-    target = urlsplit(settings.amqp_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
-    await proxy.start()
-    proxied = make_settings(
-        database_url=settings.database_url,
-        amqp_url=target._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}").geturl(),
-        namespace=settings.namespace,
-        max_delay=settings.max_delay,
-    )
+    proxy, through = await proxied(settings, "broker")
     try:
-        async with harness(settings) as h, running_worker(proxied):
+        async with harness(settings) as h, running_worker(through):
             first = await h.enqueue("demo.echo")
             await h.wait_for(first, "SUCCEEDED")
             await proxy.cut()
