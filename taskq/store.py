@@ -23,7 +23,17 @@ from taskq.errors import RejectedByDatabase, StoreError
 log = logging.getLogger("taskq.store")
 
 NOTIFY_CHANNEL = "taskq_enqueued"
-_DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# What a database going away raises. InternalClientError too: a connection the
+# server dropped mid-statement can fail the next one with "cannot switch to
+# state ...; another operation is in progress" (seen with Postgres restarting
+# under load); the pool terminates that connection when it comes back.
+_DOWN = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    TimeoutError,
+)
 
 # asyncpg.Record: read by column name.
 Row: TypeAlias = Mapping[str, Any]
