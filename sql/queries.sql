@@ -110,10 +110,21 @@ SELECT pg_notify($1, $2);
 -- name: mark_published
 -- Records confirmed publishes. The (attempts, status) guard makes a late marker
 -- of an older publish unable to hide a newer one that is still owed.
+-- Rows are locked in id order, as `claim` locks them: batches of other processes
+-- touching the same rows (a worker's claim, the sweeper's republish) then wait
+-- for each other instead of deadlocking.
 -- $1: ids uuid[], $2: attempts int[], $3: statuses text[]
+WITH owed AS (
+    SELECT t.id
+    FROM tasks t
+    JOIN unnest($1::uuid[], $2::int[], $3::text[]) AS r(id, attempts, status) ON r.id = t.id
+    WHERE t.published_at IS NULL AND t.attempts = r.attempts AND t.status = r.status
+    ORDER BY t.id
+    FOR UPDATE OF t
+)
 UPDATE tasks t SET published_at = now()
-FROM unnest($1::uuid[], $2::int[], $3::text[]) AS r(id, attempts, status)
-WHERE t.id = r.id AND t.published_at IS NULL AND t.attempts = r.attempts AND t.status = r.status;
+FROM owed
+WHERE t.id = owed.id;
 
 -- ---------------------------------------------------------------- reading
 
@@ -186,10 +197,18 @@ WHERE status = 'ENQUEUED' AND queue = $1 AND published_at IS NOT NULL
 ORDER BY run_at LIMIT $3;
 
 -- name: republish
--- Marks publishes owed again so that the relay sends them.
+-- Marks publishes owed again so that the relay sends them. Rows are locked in
+-- id order, as `claim` locks them, so the two cannot deadlock.
 -- $1: ids uuid[]
-UPDATE tasks SET published_at = NULL, updated_at = now() - interval '1 hour'
-WHERE id = ANY($1::uuid[]) AND status = 'ENQUEUED';
+WITH owed AS (
+    SELECT id FROM tasks
+    WHERE id = ANY($1::uuid[]) AND status = 'ENQUEUED'
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE tasks t SET published_at = NULL, updated_at = now() - interval '1 hour'
+FROM owed
+WHERE t.id = owed.id;
 
 -- ---------------------------------------------------------------- worker
 
@@ -257,11 +276,19 @@ LEFT JOIN claimed c ON c.id = i.id
 LEFT JOIN exhausted x ON x.id = i.id;
 
 -- name: heartbeat
--- Extends the leases this worker holds.
+-- Extends the leases this worker holds. Rows are locked in id order, as `claim`
+-- locks them (another worker may be claiming a duplicate delivery of one).
 -- $1: ids uuid[], $2: worker id, $3: lease seconds
-UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3)
-WHERE id = ANY($1::uuid[]) AND status = 'RUNNING' AND worker_id = $2
-RETURNING id;
+WITH held AS (
+    SELECT id FROM tasks
+    WHERE id = ANY($1::uuid[]) AND status = 'RUNNING' AND worker_id = $2
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3)
+FROM held
+WHERE t.id = held.id
+RETURNING t.id;
 
 -- name: complete
 -- Records successes, guarded by the claim (id, attempt, worker): a stale worker

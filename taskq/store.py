@@ -256,9 +256,7 @@ class Store:
         if not published:
             return
         async with self._connection() as conn:
-            await conn.execute(
-                self.q["mark_published"], *(list(col) for col in zip(*published, strict=True))
-            )
+            await conn.execute(self.q["mark_published"], *_columns(sorted(published), 3))
 
     # ---------------------------------------------------------------- reading
 

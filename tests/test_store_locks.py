@@ -1,0 +1,92 @@
+"""Batched statements that other processes run on the same rows lock them in id order.
+
+The claim locks its rows in id order. A batch of another process that locked
+the same rows in another order could deadlock with it; Postgres then aborts
+one of them after ``deadlock_timeout``. That happened in fault scenario 2: after
+a broker restart the sweeper republished tasks that workers were claiming
+again from redeliveries. Each test here holds the lock of the *higher* of two
+ids, lets the batch run (given the ids highest first) until it waits for that
+lock, and checks that the batch took the lower id's lock first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from taskq.store import NewTask, Store
+
+pytestmark = pytest.mark.integration
+
+
+async def two_tasks(store: Store) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two ENQUEUED, unpublished tasks, the higher id inserted first."""
+    await store.put_task_type(
+        "demo.echo",
+        queue="default",
+        max_attempts=3,
+        timeout_seconds=30,
+        backoff_json=None,
+        payload_schema_json=None,
+        enabled=True,
+    )
+    low, high = sorted([uuid.uuid4(), uuid.uuid4()])
+    await store.enqueue([NewTask(high, "demo.echo", "{}"), NewTask(low, "demo.echo", "{}")])
+    return low, high
+
+
+async def waiting_for_a_lock(connection: asyncpg.Connection) -> None:
+    for _ in range(200):
+        waiting = await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the batch never waited for the held lock")
+
+
+Batch = Callable[[Store, uuid.UUID, uuid.UUID], Awaitable[object]]
+
+
+async def mark_published(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
+    return await store.mark_published([(high, 0, "ENQUEUED"), (low, 0, "ENQUEUED")])
+
+
+async def republish(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
+    return await store.republish([high, low])
+
+
+async def heartbeat(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
+    return await store.heartbeat([high, low], "w1", 30)
+
+
+@pytest.mark.parametrize("batch", [mark_published, republish, heartbeat], ids=lambda b: b.__name__)
+async def test_batches_lock_rows_in_id_order(database_url: str, batch: Batch) -> None:
+    store = await Store.connect(database_url)
+    holder = await asyncpg.connect(database_url)
+    try:
+        low, high = await two_tasks(store)
+        if batch is heartbeat:
+            claimed = await store.claim([low, high], "w1", 30)
+            assert {row["decision"] for row in claimed} == {"claimed"}
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", high)
+        running = asyncio.create_task(batch(store, low, high))
+        try:
+            await waiting_for_a_lock(holder)
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                # Held by the batch already, if it went in id order.
+                await holder.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE NOWAIT", low)
+        finally:
+            await transaction.rollback()
+            await running
+    finally:
+        await holder.close()
+        await store.close()
