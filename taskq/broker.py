@@ -21,6 +21,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractExchange,
+    AbstractRobustConnection,
 )
 
 from taskq.envelope import Envelope
@@ -194,6 +195,7 @@ class Link:
         self.name = name
         self._connection: AbstractConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
@@ -208,7 +210,23 @@ class Link:
             except BrokerError as exc:
                 log.warning("broker unavailable, retrying: %s", exc)
                 await asyncio.sleep(self.RETRY_SECONDS)
+        # aio-pika reconnects by itself; say so in taskq's own words.
+        self._connection.close_callbacks.add(self._on_lost)
+        if isinstance(self._connection, AbstractRobustConnection):
+            self._connection.reconnect_callbacks.add(self._on_reconnected)
         self.ready.set()
+
+    def _on_lost(self, sender: Any, exc: BaseException | None = None) -> None:
+        if not self._closing:
+            log.warning(
+                "%s: lost the broker connection, reconnecting every %gs: %s",
+                self.name,
+                RECONNECT_SECONDS,
+                exc or "closed",
+            )
+
+    def _on_reconnected(self, sender: Any) -> None:
+        log.info("%s: reconnected to the broker", self.name)
 
     @property
     def available(self) -> bool:
@@ -227,6 +245,7 @@ class Link:
         return connection
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -54,6 +54,14 @@ DATABASE_TIMEOUT = 10.0
 BOUNDED = DATABASE_TIMEOUT + 5.0
 
 
+def reconnects_logged(logs: Path) -> dict[str, int]:
+    """How often each process's log says one of its broker links reconnected."""
+    return {
+        path.stem: path.read_text().count("reconnected to the broker")
+        for path in logs.glob("*.log")
+    }
+
+
 # ---------------------------------------------------------------------- scenario 2
 
 
@@ -135,6 +143,9 @@ async def test_broker_restarts_under_load_lose_nothing(
         for worker in workers:
             await procs.stop(worker)
     assert alive == [True, True, True], "a process died instead of reconnecting"
+    reconnects = reconnects_logged(tmp_path)
+    print(f"[fault] 2 broker restarts: reconnects logged per process = {reconnects}")
+    assert len(reconnects) == 3 and min(reconnects.values()) >= len(outages), reconnects
     assert load.statuses() == {"201": len(load.accepted)}, load.statuses()
     assert set(load.accepted) <= set(ids), "a 201 was answered for a task not in Postgres"
     for (name, _, _, _), answers in zip(outages, during, strict=True):
