@@ -20,12 +20,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 import taskq
-from taskq import broker, validation
+from taskq import broker, ui, validation
 from taskq.client import Client
-from taskq.errors import IdempotencyConflict, RejectedByDatabase, StoreError
+from taskq.errors import BrokerError, IdempotencyConflict, RejectedByDatabase, StoreError
 from taskq.metrics import ApiMetrics
 from taskq.openapi import openapi_document
 from taskq.relay import Relay
@@ -340,7 +340,19 @@ async def metrics(request: Request) -> Response:
     with contextlib.suppress(StoreError, TimeoutError):
         count = await asyncio.wait_for(state.client.store.unpublished_count(), HEALTH_TIMEOUT)
         state.metrics.unpublished.set(count)
+    state.metrics.observe_queues(await _queue_depths(state))
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _queue_depths(state: Any) -> list[broker.QueueDepth] | None:
+    """The broker's queue depths, or None when it is down or slow to answer."""
+    try:
+        return await asyncio.wait_for(
+            broker.queue_depths(state.link.connection(), state.settings.topology()),
+            HEALTH_TIMEOUT,
+        )
+    except (BrokerError, TimeoutError):
+        return None
 
 
 @_endpoint("openapi", auth=False)
@@ -391,6 +403,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         Route("/types", list_types, methods=["GET"]),
         Route("/types/{name}", get_type, methods=["GET"]),
         Route("/types/{name}", put_type, methods=["PUT"]),
+        Mount("/ui", ui.dashboard(), name="ui"),
     ]
     app = Starlette(
         routes=routes,

@@ -362,3 +362,54 @@ async def missing(connection: AbstractConnection, topology: Topology) -> list[st
         if not await _exists(connection, "queue", queue.name):
             absent.append(queue.name)
     return absent
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """What the broker says about one queue of the topology."""
+
+    name: str
+    kind: str  # "work", "delay" or "dlq"
+    messages: int  # ready messages (unacked ones are not counted)
+    consumers: int
+
+
+def queue_kind(topology: Topology, name: str) -> str:
+    """``work``, ``delay`` or ``dlq`` for a queue of ``topology``."""
+    if name == topology.names.dlq:
+        return "dlq"
+    if name.startswith(topology.names.namespace + ".delay."):
+        return "delay"
+    return "work"
+
+
+async def queue_depths(connection: AbstractConnection, topology: Topology) -> list[QueueDepth]:
+    """Ready messages and consumers of every queue of ``topology``, by passive declares.
+
+    Queues that do not exist are left out (a passive declare of a missing queue
+    closes the channel, so another is opened for the rest).
+
+    Raises:
+        BrokerError: if the broker cannot be read.
+    """
+    depths = []
+    channel: AbstractChannel | None = None
+    try:
+        for queue in topology.queues:
+            if channel is None or channel.is_closed:
+                channel = await connection.channel()
+            try:
+                declared = await channel.declare_queue(queue.name, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                continue
+            result = declared.declaration_result
+            kind = queue_kind(topology, queue.name)
+            depths.append(
+                QueueDepth(queue.name, kind, result.message_count or 0, result.consumer_count or 0)
+            )
+    except _BROKER_ERRORS as exc:
+        raise BrokerError(f"cannot read the queues: {exc}") from exc
+    finally:
+        if channel is not None and not channel.is_closed:
+            await channel.close()
+    return depths

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from taskq.broker import QueueDepth
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -41,6 +47,36 @@ class ApiMetrics:
             ["route", "status"],
             registry=self.registry,
         )
+        # The broker's view, read when /metrics is scraped (see taskq.api.metrics).
+        self.queue_messages = Gauge(
+            "taskq_queue_messages",
+            "Ready messages in each broker queue, by kind: work, delay, dlq.",
+            ["queue", "kind"],
+            registry=self.registry,
+        )
+        self.queue_consumers = Gauge(
+            "taskq_queue_consumers",
+            "Consumers of each broker queue, by kind: work, delay, dlq.",
+            ["queue", "kind"],
+            registry=self.registry,
+        )
+        self.broker_up = Gauge(
+            "taskq_broker_up",
+            "1 when the queue depths could be read from the broker at the last scrape, else 0.",
+            registry=self.registry,
+        )
+
+    def observe_queues(self, depths: Sequence[QueueDepth] | None) -> None:
+        """Set the queue gauges from the broker's answer; ``None``: the broker could not be read.
+
+        Without an answer the queue series are dropped rather than left at stale values.
+        """
+        self.queue_messages.clear()
+        self.queue_consumers.clear()
+        self.broker_up.set(0 if depths is None else 1)
+        for depth in depths or ():
+            self.queue_messages.labels(depth.name, depth.kind).set(depth.messages)
+            self.queue_consumers.labels(depth.name, depth.kind).set(depth.consumers)
 
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
