@@ -206,3 +206,20 @@ def test_the_stream_parser_handles_comments_multiline_data_and_partial_events(
         ],
         "rest": 'event: task\ndata: {"c"',
     }
+
+
+def test_purging_a_queue_asks_for_its_name_and_cancels_its_tasks(
+    system: System, page: Any
+) -> None:
+    waiting = [system.enqueue("demo.echo", {"n": n}, queue="critical", delay=3600) for n in (1, 2)]
+    page.goto(system.url + "/ui/")
+    page.get_by_role("button", name="Purge queue critical").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog.locator("#confirm-ok")).to_be_disabled()
+    page.fill("#confirm-input", "critica")
+    expect(dialog.locator("#confirm-ok")).to_be_disabled()
+    page.fill("#confirm-input", "critical")
+    dialog.locator("#confirm-ok").click()
+    expect(page.locator("#notice")).to_contain_text("2 tasks cancelled")
+    for task in waiting:
+        assert system.task(task["id"])["status"] == "CANCELLED"

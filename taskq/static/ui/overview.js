@@ -1,7 +1,9 @@
 // Overview: counts by status and queue, sparklines, live activity.
 
+import { api } from "./api.js";
 import { sparkline } from "./charts.js";
 import { h, badge, clear, clock, count, rate, seconds, STATUSES, taskLink } from "./format.js";
+import { confirmAction, notice, reportError } from "./ui.js";
 
 const HISTORY = 120; // samples kept (about two minutes at one per second)
 const ACTIVITY = 60;
@@ -17,32 +19,69 @@ export function setInfo(value) {
   info = value;
 }
 
-function card(status, stats) {
-  const n = stats.by_status?.[status] ?? 0;
-  const sub = status === "ENQUEUED" && stats.scheduled ? `${count(stats.scheduled)} scheduled` : "";
-  const link = h("a", { class: "card", href: `#/tasks?status=${status}`, "aria-label": `${count(n)} ${status.toLowerCase()} tasks` },
-    h("div", { class: "label" }, status.toLowerCase()),
-    h("div", { class: "value", dataset: { status } }, count(n)),
-    h("div", { class: "sub" }, sub));
-  link.style.setProperty("--c", COLORS[status]);
-  return h("li", {}, link);
+/** Status cards: built once, then only their numbers change (focus stays put). */
+function updateCards(stats) {
+  const list = document.getElementById("status-cards");
+  if (!list.children.length) {
+    list.append(...STATUSES.map((status) => {
+      const link = h("a", { class: "card", href: `#/tasks?status=${status}` },
+        h("div", { class: "label" }, status.toLowerCase()),
+        h("div", { class: "value", dataset: { status } }, "0"),
+        h("div", { class: "sub" }));
+      link.style.setProperty("--c", COLORS[status]);
+      return h("li", {}, link);
+    }));
+  }
+  for (const status of STATUSES) {
+    const n = stats.by_status?.[status] ?? 0;
+    const value = list.querySelector(`.value[data-status="${status}"]`);
+    value.textContent = count(n);
+    value.closest("a").setAttribute("aria-label", `${count(n)} ${status.toLowerCase()} tasks`);
+    value.nextElementSibling.textContent =
+      status === "ENQUEUED" && stats.scheduled ? `${count(stats.scheduled)} scheduled` : "";
+  }
 }
 
-function queueRows(stats) {
-  const names = new Set([...(info.queues || []), ...Object.keys(stats.by_queue || {})]);
+function queueRow(name) {
+  return h("tr", { dataset: { queue: name } },
+    h("th", { scope: "row" }, h("a", { href: `#/tasks?queue=${encodeURIComponent(name)}` }, name)),
+    ...[0, 1, 2, 3, 4].map(() => h("td", { class: "num" })),
+    h("td", { class: "num" }, h("button", {
+      type: "button", class: "danger small", "aria-label": `Purge queue ${name}`,
+      onclick: () => purge(name),
+    }, "Purge")));
+}
+
+/** Queue rows: one per known queue, updated in place. */
+function updateQueues(stats) {
+  const body = document.querySelector("#queues-table tbody");
+  const names = [...new Set([...(info.queues || []), ...Object.keys(stats.by_queue || {})])];
   const broker = stats.broker?.queues || {};
-  const rows = [...names].map((name) => {
+  for (const stale of body.querySelectorAll("tr")) {
+    if (!names.includes(stale.dataset.queue)) stale.remove();
+  }
+  for (const name of names) {
+    let tr = body.querySelector(`tr[data-queue="${CSS.escape(name)}"]`);
+    if (!tr) body.append((tr = queueRow(name)));
     const counts = stats.by_queue?.[name] || {};
     const depth = broker[`${info.namespace}.${name}`];
-    return h("tr", { dataset: { queue: name } },
-      h("th", { scope: "row" }, h("a", { href: `#/tasks?queue=${encodeURIComponent(name)}` }, name)),
-      h("td", { class: "num" }, count(counts.ENQUEUED)),
-      h("td", { class: "num" }, count(counts.RUNNING)),
-      h("td", { class: "num" }, count(counts.FAILED)),
-      h("td", { class: "num" }, depth ? count(depth.messages) : "–"),
-      h("td", { class: "num" }, depth ? count(depth.consumers) : "–"));
-  });
-  return rows.length ? rows : [h("tr", { class: "empty-row" }, h("td", { colspan: 6 }, "No queues yet."))];
+    const values = [counts.ENQUEUED, counts.RUNNING, counts.FAILED].map(count);
+    values.push(depth ? count(depth.messages) : "–", depth ? count(depth.consumers) : "–");
+    tr.querySelectorAll("td").forEach((td, i) => { if (i < values.length) td.textContent = values[i]; });
+  }
+}
+
+async function purge(name) {
+  const ok = await confirmAction(`Purge the queue ${name}?`,
+    "Every message waiting in this work queue is dropped and its enqueued tasks are cancelled. Running tasks are not touched.",
+    "Purge queue", name);
+  if (!ok) return;
+  try {
+    const { data } = await api(`/queues/${encodeURIComponent(name)}`, { method: "DELETE", params: { confirm: name } });
+    notice(`Purged ${name}: ${count(data.purged_messages)} messages dropped, ${count(data.cancelled)} tasks cancelled.`, "ok");
+  } catch (error) {
+    reportError(error, `Could not purge ${name}`);
+  }
 }
 
 function brokerText(stats) {
@@ -92,8 +131,8 @@ function drawCharts() {
 export function showStats(stats) {
   history.push(stats);
   if (history.length > HISTORY) history.shift();
-  clear(document.getElementById("status-cards")).append(...STATUSES.map((s) => card(s, stats)));
-  clear(document.querySelector("#queues-table tbody")).append(...queueRows(stats));
+  updateCards(stats);
+  updateQueues(stats);
   document.getElementById("broker-state").textContent = brokerText(stats);
   drawCharts();
 }

@@ -17,16 +17,30 @@ export function reportError(error, what) {
   notice(`${what}: ${error.message}${field}`);
 }
 
-/** Ask the operator to confirm; resolves true or false. */
-export function confirmAction(title, text, okLabel) {
+/**
+ * Ask the operator to confirm; resolves true or false. With `typed`, the
+ * operator must type that exact text first (for destructive actions).
+ */
+export function confirmAction(title, text, okLabel, typed = null) {
   const dialog = document.getElementById("confirm-dialog");
+  const ok = document.getElementById("confirm-ok");
+  const input = document.getElementById("confirm-input");
   document.getElementById("confirm-title").textContent = title;
   document.getElementById("confirm-text").textContent = text;
-  document.getElementById("confirm-ok").textContent = okLabel;
+  document.getElementById("confirm-typed").hidden = typed === null;
+  document.getElementById("confirm-label").textContent = typed === null ? "" : `Type ${typed} to confirm`;
+  input.value = "";
+  ok.textContent = okLabel;
+  ok.disabled = typed !== null;
+  const check = () => { ok.disabled = input.value !== typed; };
+  input.addEventListener("input", check);
   dialog.returnValue = "";
   return new Promise((resolve) => {
-    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+    dialog.addEventListener("close", () => {
+      input.removeEventListener("input", check);
+      resolve(dialog.returnValue === "ok" && (typed === null || input.value === typed));
+    }, { once: true });
     dialog.showModal();
-    document.getElementById("confirm-ok").focus();
+    (typed === null ? ok : input).focus();
   });
 }
