@@ -54,8 +54,8 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         self.processed = Counter(
             "taskq_tasks_processed_total",
-            "Attempts finished, by outcome: succeeded, retried, failed, given_back, stale"
-            " (the claim was lost, the outcome was not recorded).",
+            "Attempts finished, by outcome: succeeded, retried, failed, given_back, cancelled"
+            " (an operator's cancel), stale (the claim was lost, the outcome was not recorded).",
             ["type", "queue", "outcome"],
             registry=self.registry,
         )
@@ -100,6 +100,12 @@ class WorkerMetrics:
         self.lease_recoveries = Counter(
             "taskq_lease_recoveries_total",
             "Claims whose lease expired, taken back by the sweeper (workers that died or hung).",
+            registry=self.registry,
+        )
+        self.retention_deleted = Counter(
+            "taskq_retention_deleted_total",
+            "Terminal tasks (with their events) deleted because they finished longer ago"
+            " than TASKQ_RETENTION.",
             registry=self.registry,
         )
         self.republished = Counter(
