@@ -208,9 +208,7 @@ def test_the_stream_parser_handles_comments_multiline_data_and_partial_events(
     }
 
 
-def test_purging_a_queue_asks_for_its_name_and_cancels_its_tasks(
-    system: System, page: Any
-) -> None:
+def test_purging_a_queue_asks_for_its_name_and_cancels_its_tasks(system: System, page: Any) -> None:
     waiting = [system.enqueue("demo.echo", {"n": n}, queue="critical", delay=3600) for n in (1, 2)]
     page.goto(system.url + "/ui/")
     page.get_by_role("button", name="Purge queue critical").click()

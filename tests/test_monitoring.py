@@ -14,12 +14,10 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from taskq.broker import QueueDepth, queue_kind
 from taskq.metrics import ApiMetrics, WorkerMetrics
 from taskq.settings import Settings
 
 from .api_fixtures import declare_topology, put_type, running_api
-from .conftest import make_settings
 from .proxy import proxied
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,27 +202,17 @@ def test_compose_mounts_exist_and_volumes_are_declared() -> None:
 
 def test_observe_queues_sets_and_drops_the_series() -> None:
     metrics = ApiMetrics()
-    metrics.observe_queues(
-        [QueueDepth("ns.default", "work", 4, 2), QueueDepth("ns.dlq", "dlq", 1, 0)]
-    )
+    metrics.observe_queues([("ns.default", "work", 4, 2), ("ns.dlq", "dlq", 1, 0)])
     text = generate_latest(metrics.registry).decode()
     assert samples(text, "taskq_queue_messages") == {
         (("kind", "work"), ("queue", "ns.default")): 4,
         (("kind", "dlq"), ("queue", "ns.dlq")): 1,
     }
     assert samples(text, "taskq_queue_consumers")[(("kind", "work"), ("queue", "ns.default"))] == 2
-    metrics.observe_queues([QueueDepth("ns.high", "work", 0, 1)])
+    metrics.observe_queues([("ns.high", "work", 0, 1)])
     text = generate_latest(metrics.registry).decode()
     assert list(samples(text, "taskq_queue_messages")) == [(("kind", "work"), ("queue", "ns.high"))]
     metrics.observe_queues(None)
     text = generate_latest(metrics.registry).decode()
     assert samples(text, "taskq_queue_messages") == {}
     assert samples(text, "taskq_broker_up") == {(): 0.0}
-
-
-def test_queue_kinds() -> None:
-    topology = make_settings(namespace="ns", max_delay="1h").topology()
-    kinds = {queue.name: queue_kind(topology, queue.name) for queue in topology.queues}
-    assert kinds["ns.default"] == "work" and kinds["ns.dlq"] == "dlq"
-    assert kinds["ns.delay.00"] == "delay"
-    assert sorted(set(kinds.values())) == ["delay", "dlq", "work"]
