@@ -91,7 +91,8 @@ def test_overview_counts_charts_and_screenshot(system: System, page: Any) -> Non
     default = page.locator('#queues-table tr[data-queue="default"]')
     expect(default).to_be_visible()
     expect(page.locator("#chart-throughput svg polyline")).to_have_count(3)
-    expect(page.locator("#activity li").first).to_be_visible()
+    late = system.enqueue("demo.echo", {"late": True})
+    expect(page.locator(f'#activity a[href="#/task/{late["id"]}"]').first).to_be_visible()
     page.wait_for_timeout(2500)  # a few stream samples, so the sparklines have a shape
     page.screenshot(path=str(artifacts_dir() / "dashboard.png"), full_page=True)
 
@@ -99,6 +100,7 @@ def test_overview_counts_charts_and_screenshot(system: System, page: Any) -> Non
     workers = page.locator("#workers-table tbody tr")
     expect(workers).to_have_count(1)
     expect(workers.first.locator(".badge")).to_have_text("alive")
+    page.screenshot(path=str(artifacts_dir() / "workers.png"))
 
 
 def test_a_failed_task_is_replayed_from_the_dlq_browser(system: System, page: Any) -> None:
@@ -166,6 +168,8 @@ def test_task_list_pages_with_more_and_filters(system: System, page: Any) -> Non
     page.click("#tasks-more")
     expect(rows).to_have_count(55)
     expect(page.locator("#tasks-more")).to_be_hidden()
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(artifacts_dir() / "tasks.png"))
     shown = set(rows.evaluate_all("rows => rows.map(r => r.dataset.id)"))
     assert shown == ids  # each once, none missing, in two keyset pages
 

@@ -3,7 +3,7 @@
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 600;
 const HEIGHT = 120;
-const PAD = { top: 8, right: 6, bottom: 16, left: 38 };
+const PAD = { top: 8, right: 6, bottom: 16, left: 48 };
 
 function svg(tag, attrs) {
   const el = document.createElementNS(SVG, tag);

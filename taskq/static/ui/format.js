@@ -65,16 +65,20 @@ export function relative(iso) {
 /** A <time> element with the local date/time and a relative title. */
 export function when(iso, { relativeText = false } = {}) {
   if (!iso) return h("span", { class: "muted" }, "–");
-  const date = new Date(iso);
-  const local = date.toLocaleString(undefined, {
-    month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
-  });
+  const local = localTime(iso);
   return h("time", { datetime: iso, title: relativeText ? local : relative(iso) },
     relativeText ? relative(iso) : local);
 }
 
 export function clock(iso) {
-  return new Date(iso).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return new Date(iso).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+}
+
+/** A date and time in the operator's locale, to the second. */
+export function localTime(iso) {
+  return new Date(iso).toLocaleString(undefined, {
+    month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23",
+  });
 }
 
 export function json(value) {

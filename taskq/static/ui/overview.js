@@ -6,6 +6,7 @@ import { h, badge, clear, clock, count, rate, seconds, STATUSES, taskLink } from
 import { confirmAction, notice, reportError } from "./ui.js";
 
 const HISTORY = 120; // samples kept (about two minutes at one per second)
+const MIN_POINTS = 30; // a short history still spans a readable width
 const ACTIVITY = 60;
 const history = [];
 let info = { namespace: "taskq", queues: [] };
@@ -116,11 +117,11 @@ function drawCharts() {
     { label: "p50", color: "transparent", values: [], value: `${seconds(l.queue_wait_p50)} / ${seconds(l.duration_p50)}` },
   ];
   sparkline(document.getElementById("chart-throughput"), throughput, {
-    format: rate, capacity: HISTORY,
+    format: rate, capacity: Math.max(MIN_POINTS, history.length),
     summary: `Throughput: ${throughput.map((s) => `${s.label} ${s.value} per second`).join(", ")}`,
   });
   sparkline(document.getElementById("chart-latency"), latency.slice(0, 2), {
-    format: (v) => seconds(v).replace(" ", ""), capacity: HISTORY,
+    format: (v) => seconds(v).replace(" ", ""), capacity: Math.max(MIN_POINTS, history.length),
     summary: `Latency: queue wait p95 ${latency[0].value}, duration p95 ${latency[1].value}`,
   });
   legend("legend-throughput", throughput.map((s) => ({ ...s, value: `${s.value}/s` })));

@@ -1,7 +1,7 @@
 // Task inspector: facts, payload/result/error, event timeline, cancel and retry.
 
 import { api } from "./api.js";
-import { h, badge, clear, json, seconds, when } from "./format.js";
+import { h, badge, clear, json, localTime, seconds, when } from "./format.js";
 import { confirmAction, notice, reportError } from "./ui.js";
 
 let current = null; // the id on screen
@@ -29,7 +29,7 @@ function eventItem(event) {
   if (event.previous_status) parts.push(`from ${event.previous_status.toLowerCase()}`);
   parts.push(`attempt ${event.attempt}`);
   if (event.worker_id) parts.push(`worker ${event.worker_id}`);
-  if (event.status === "ENQUEUED" && event.run_at) parts.push(`due ${new Date(event.run_at).toLocaleString()}`);
+  if (event.status === "ENQUEUED" && event.run_at) parts.push(`due ${localTime(event.run_at)}`);
   for (const [name, value] of Object.entries(event)) {
     if (!KNOWN_EVENT_FIELDS.has(name) && value !== null && value !== undefined && value !== "") {
       parts.push(`${name.replaceAll("_", " ")}: ${typeof value === "object" ? JSON.stringify(value) : value}`);
