@@ -180,7 +180,9 @@ def system(
         logs / "api-keyed.log",
     ).start()
     worker_env = {**env, "TASKQ_WORKER_SHUTDOWN_GRACE": "1s"}  # demo.sleep need not finish
-    worker = Process(["worker", "taskq.demo", "--concurrency", "4"], worker_env, logs / "worker.log")
+    worker = Process(
+        ["worker", "taskq.demo", "--concurrency", "4"], worker_env, logs / "worker.log"
+    )
     worker.start()
     url, keyed_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{keyed_port}"
     try:
