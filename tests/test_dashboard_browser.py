@@ -95,6 +95,9 @@ def test_overview_counts_charts_and_screenshot(system: System, page: Any) -> Non
     expect(page.locator(f'#activity a[href="#/task/{late["id"]}"]').first).to_be_visible()
     page.wait_for_timeout(2500)  # a few stream samples, so the sparklines have a shape
     page.screenshot(path=str(artifacts_dir() / "dashboard.png"), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(artifacts_dir() / "dashboard-dark.png"), full_page=True)
+    page.emulate_media(color_scheme="light")
 
     page.click("nav >> text=Workers")
     workers = page.locator("#workers-table tbody tr")
