@@ -46,7 +46,8 @@ def chromium_path() -> str:
     """The Chromium binary, or a skip (a failure under CI) naming what is missing."""
     candidate = os.environ.get("TASKQ_TEST_CHROMIUM") or shutil.which("chromium")
     if not candidate or not os.access(candidate, os.X_OK):
-        unavailable("Chromium", "no `chromium` on PATH (apt-get install chromium)")
+        where = candidate or "no `chromium` on PATH"
+        unavailable("Chromium", f"{where} (apt-get install chromium, or set TASKQ_TEST_CHROMIUM)")
     assert candidate is not None
     return candidate
 
