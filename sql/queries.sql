@@ -87,7 +87,7 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[
 JOIN task_type t ON t.name = r.type AND t.enabled
 ORDER BY r.n
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at,
+RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, generation,
           greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay;
 
 -- name: enqueue_existing
@@ -108,17 +108,18 @@ FROM tasks t WHERE t.idempotency_key = ANY($1::text[]);
 SELECT pg_notify($1, $2);
 
 -- name: mark_published
--- Records confirmed publishes. The (attempts, status) guard makes a late marker
--- of an older publish unable to hide a newer one that is still owed.
+-- Records confirmed publishes. The generation guard makes a late marker of an
+-- older publish unable to hide a newer one that is still owed (every statement
+-- that makes a publish owed bumps the generation).
 -- Rows are locked in id order, as `claim` locks them: batches of other processes
 -- touching the same rows (a worker's claim, the sweeper's republish) then wait
 -- for each other instead of deadlocking.
--- $1: ids uuid[], $2: attempts int[], $3: statuses text[]
+-- $1: ids uuid[], $2: generations bigint[]
 WITH owed AS (
     SELECT t.id
     FROM tasks t
-    JOIN unnest($1::uuid[], $2::int[], $3::text[]) AS r(id, attempts, status) ON r.id = t.id
-    WHERE t.published_at IS NULL AND t.attempts = r.attempts AND t.status = r.status
+    JOIN unnest($1::uuid[], $2::bigint[]) AS r(id, generation) ON r.id = t.id
+    WHERE t.published_at IS NULL AND t.generation = r.generation
     ORDER BY t.id
     FOR UPDATE OF t
 )
@@ -132,12 +133,13 @@ WHERE t.id = owed.id;
 -- $1: id
 SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
        result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
-       published_at, created_at, updated_at, started_at, finished_at
+       published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
+       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled
 FROM tasks WHERE id = $1;
 
 -- name: task_events
 -- $1: task id
-SELECT id, status, previous_status, attempt, error, worker_id, run_at, at
+SELECT id, status, previous_status, attempt, error, worker_id, run_at, at, action, actor, reason
 FROM task_events WHERE task_id = $1 ORDER BY id;
 
 -- name: unpublished_count
@@ -155,7 +157,7 @@ SELECT pg_try_advisory_lock($1);
 -- Rows whose publish is owed and that nobody is publishing right now (older
 -- than the grace period), oldest first. FAILED rows are owed to the DLQ.
 -- $1: grace seconds, $2: limit
-SELECT id, type, queue, status, attempts, last_error,
+SELECT id, type, queue, status, attempts, last_error, generation,
        greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
 FROM tasks
 WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
@@ -166,7 +168,7 @@ LIMIT $2;
 -- name: publish_owed_ids
 -- The owed publishes among some ids (woken by a notification).
 -- $1: ids uuid[]
-SELECT id, type, queue, status, attempts, last_error,
+SELECT id, type, queue, status, attempts, last_error, generation,
        greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
 FROM tasks
 WHERE id = ANY($1::uuid[]) AND published_at IS NULL AND status IN ('ENQUEUED', 'FAILED');
@@ -175,16 +177,20 @@ WHERE id = ANY($1::uuid[]) AND published_at IS NULL AND status IN ('ENQUEUED', '
 -- Takes back claims whose lease expired (the worker died or hung): back to
 -- ENQUEUED, due now, or FAILED if no attempt is left. Either way a publish is owed;
 -- the rows returned have what taskq.relay.publish_row needs to pay it at once.
+-- A task whose cancel was requested is CANCELLED instead (nothing owed).
 -- $1: limit
 UPDATE tasks t SET
-    status = CASE WHEN t.attempts >= t.max_attempts THEN 'FAILED' ELSE 'ENQUEUED' END,
+    status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'CANCELLED'
+                  WHEN t.attempts >= t.max_attempts THEN 'FAILED' ELSE 'ENQUEUED' END,
     last_error = 'lease expired: worker ' || t.worker_id || ' stopped heartbeating',
-    finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+    finished_at = CASE WHEN t.cancel_requested_at IS NOT NULL OR t.attempts >= t.max_attempts
+                       THEN now() END,
     run_at = now(), lease_expires_at = NULL, worker_id = NULL,
-    published_at = NULL, updated_at = now()
+    published_at = NULL, generation = t.generation + 1, updated_at = now()
 WHERE t.id IN (SELECT id FROM tasks WHERE status = 'RUNNING' AND lease_expires_at < now()
                ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, 0::float8 AS delay;
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
+          0::float8 AS delay;
 
 -- name: overdue_enqueued
 -- ENQUEUED tasks of one queue, published long ago and due for a while: when
@@ -206,7 +212,8 @@ WITH owed AS (
     ORDER BY id
     FOR UPDATE
 )
-UPDATE tasks t SET published_at = NULL, updated_at = now() - interval '1 hour'
+UPDATE tasks t SET published_at = NULL, generation = t.generation + 1,
+                   updated_at = now() - interval '1 hour'
 FROM owed
 WHERE t.id = owed.id;
 
@@ -216,7 +223,8 @@ WHERE t.id = owed.id;
 -- Claims a batch of deliveries in one statement. Each id gets a decision:
 --   claimed   - now RUNNING under this worker's lease, attempts + 1: run it;
 --   terminal  - SUCCEEDED, FAILED or CANCELLED already: drop the delivery;
---   duplicate - RUNNING under a live lease: the lease holder (or the sweeper) owns it;
+--   duplicate - RUNNING under a live lease: the lease holder (or the sweeper) owns it,
+--               or RUNNING with a cancel requested (the sweeper cancels it);
 --   early     - run_at is in the future: send it back through the delay levels;
 --   exhausted - no attempt left: now FAILED, owed to the DLQ;
 --   missing   - no such task.
@@ -230,7 +238,7 @@ WITH input AS (
     SELECT DISTINCT id FROM unnest($1::uuid[]) AS id
 ), locked AS (
     SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts, t.max_attempts,
-           t.run_at, t.worker_id
+           t.run_at, t.worker_id, t.cancel_requested_at
     FROM tasks t JOIN input i ON i.id = t.id
     ORDER BY t.id
     FOR UPDATE OF t
@@ -238,7 +246,9 @@ WITH input AS (
     SELECT l.id,
            CASE
                WHEN l.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED') THEN 'terminal'
-               WHEN l.status = 'RUNNING' AND l.lease_expires_at > now() THEN 'duplicate'
+               WHEN l.status = 'RUNNING' AND (l.lease_expires_at > now()
+                                              OR l.cancel_requested_at IS NOT NULL)
+                   THEN 'duplicate'
                WHEN l.attempts >= l.max_attempts THEN 'exhausted'
                WHEN l.run_at > clock_timestamp() THEN 'early'
                ELSE 'claimed'
@@ -260,14 +270,15 @@ WITH input AS (
 ), exhausted AS (
     UPDATE tasks t SET
         status = 'FAILED', finished_at = now(), updated_at = now(), lease_expires_at = NULL,
-        last_error = coalesce(t.last_error, 'no attempt left'), published_at = NULL
+        last_error = coalesce(t.last_error, 'no attempt left'), published_at = NULL,
+        generation = t.generation + 1
     FROM decided d
     WHERE d.id = t.id AND d.decision = 'exhausted'
-    RETURNING t.id, t.last_error
+    RETURNING t.id, t.last_error, t.generation
 )
 SELECT i.id, coalesce(d.decision, 'missing') AS decision, l.type, l.queue,
        c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
-       c.timeout_seconds, l.run_at, c.created_at, x.last_error,
+       c.timeout_seconds, l.run_at, c.created_at, x.last_error, x.generation,
        greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
@@ -276,10 +287,21 @@ LEFT JOIN claimed c ON c.id = i.id
 LEFT JOIN exhausted x ON x.id = i.id;
 
 -- name: heartbeat
--- Extends the leases this worker holds. Rows are locked in id order, as `claim`
--- locks them (another worker may be claiming a duplicate delivery of one).
--- $1: ids uuid[], $2: worker id, $3: lease seconds
-WITH held AS (
+-- One per worker every few seconds: records the worker as alive (with its
+-- in-flight count) and extends the leases it holds. Returns the ids whose lease
+-- it still holds, each saying whether an operator asked to cancel it. Rows are
+-- locked in id order, as `claim` locks them (another worker may be claiming a
+-- duplicate delivery of one).
+-- $1: ids uuid[], $2: worker id, $3: lease seconds, $4: hostname, $5: pid,
+-- $6: queues text[], $7: concurrency, $8: prefetch, $9: heartbeat seconds
+WITH presence AS (
+    INSERT INTO workers AS w (id, hostname, pid, queues, concurrency, prefetch, in_flight,
+                              heartbeat_seconds)
+    VALUES ($2, $4, $5, $6, $7, $8, cardinality($1::uuid[]), $9)
+    ON CONFLICT (id) DO UPDATE SET
+        in_flight = EXCLUDED.in_flight, heartbeat_seconds = EXCLUDED.heartbeat_seconds,
+        last_heartbeat = now()
+), held AS (
     SELECT id FROM tasks
     WHERE id = ANY($1::uuid[]) AND status = 'RUNNING' AND worker_id = $2
     ORDER BY id
@@ -288,51 +310,235 @@ WITH held AS (
 UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3)
 FROM held
 WHERE t.id = held.id
-RETURNING t.id;
+RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- name: worker_gone
+-- A worker stopping cleanly leaves the registry.
+-- $1: worker id
+DELETE FROM workers WHERE id = $1;
+
+-- Outcomes are guarded by the claim (id, attempt, worker): a stale worker whose
+-- claim was taken over updates nothing. A cancel requested while the attempt
+-- ran wins over its outcome: the task ends CANCELLED, nothing is owed.
 
 -- name: complete
--- Records successes, guarded by the claim (id, attempt, worker): a stale worker
--- whose claim was taken over updates nothing.
+-- Records successes.
 -- $1: ids uuid[], $2: attempts int[], $3: results text[] (json), $4: worker id
-UPDATE tasks t SET status = 'SUCCEEDED', result = r.result::jsonb, finished_at = now(),
-                   updated_at = now(), lease_expires_at = NULL
+UPDATE tasks t SET
+    status = CASE WHEN t.cancel_requested_at IS NULL THEN 'SUCCEEDED' ELSE 'CANCELLED' END,
+    last_error = CASE WHEN t.cancel_requested_at IS NULL THEN t.last_error
+                      ELSE 'Cancelled: the handler returned after a cancel was requested' END,
+    result = r.result::jsonb, finished_at = now(), updated_at = now(), lease_expires_at = NULL
 FROM unnest($1::uuid[], $2::int[], $3::text[]) AS r(id, attempt, result)
 WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $4
-RETURNING t.id;
+RETURNING t.id, t.status;
 
 -- name: retry
 -- Records retryable failures: back to ENQUEUED, due after the backoff, publish owed.
 -- $1: ids uuid[], $2: attempts int[], $3: errors text[], $4: delays float8[], $5: worker id
-UPDATE tasks t SET status = 'ENQUEUED', last_error = r.error,
-                   run_at = now() + make_interval(secs => r.delay),
-                   lease_expires_at = NULL, worker_id = NULL, published_at = NULL,
-                   updated_at = now()
+UPDATE tasks t SET
+    status = CASE WHEN t.cancel_requested_at IS NULL THEN 'ENQUEUED' ELSE 'CANCELLED' END,
+    finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+    run_at = CASE WHEN t.cancel_requested_at IS NULL THEN now() + make_interval(secs => r.delay)
+                  ELSE t.run_at END,
+    last_error = r.error, lease_expires_at = NULL, worker_id = NULL, published_at = NULL,
+    generation = t.generation + 1, updated_at = now()
 FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[]) AS r(id, attempt, error, delay)
 WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $5
-RETURNING t.id, t.type, t.queue, t.attempts,
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation,
           greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay;
 
 -- name: fail
 -- Records terminal failures: FAILED, owed to the DLQ.
 -- $1: ids uuid[], $2: attempts int[], $3: errors text[], $4: worker id
-UPDATE tasks t SET status = 'FAILED', last_error = r.error, finished_at = now(),
-                   lease_expires_at = NULL, published_at = NULL, updated_at = now()
+UPDATE tasks t SET
+    status = CASE WHEN t.cancel_requested_at IS NULL THEN 'FAILED' ELSE 'CANCELLED' END,
+    last_error = r.error, finished_at = now(), lease_expires_at = NULL, published_at = NULL,
+    generation = t.generation + 1, updated_at = now()
 FROM unnest($1::uuid[], $2::int[], $3::text[]) AS r(id, attempt, error)
 WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $4
-RETURNING t.id, t.type, t.queue, t.attempts;
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
 
 -- name: give_back
 -- A worker shutting down gives back tasks it could not finish: ENQUEUED, due
 -- now, and the attempt does not count.
 -- $1: ids uuid[], $2: attempts int[], $3: worker id
-UPDATE tasks t SET status = 'ENQUEUED', attempts = t.attempts - 1,
-                   last_error = 'given back by worker ' || t.worker_id || ' at shutdown',
-                   run_at = now(), lease_expires_at = NULL, worker_id = NULL,
-                   published_at = NULL, updated_at = now()
+UPDATE tasks t SET
+    status = CASE WHEN t.cancel_requested_at IS NULL THEN 'ENQUEUED' ELSE 'CANCELLED' END,
+    finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+    attempts = t.attempts - 1,
+    last_error = 'given back by worker ' || t.worker_id || ' at shutdown',
+    run_at = now(), lease_expires_at = NULL, worker_id = NULL,
+    published_at = NULL, generation = t.generation + 1, updated_at = now()
 FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
 WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $3
-RETURNING t.id, t.type, t.queue, t.attempts;
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
+
+-- name: cancel_running
+-- Records attempts the worker stopped because a cancel was requested: CANCELLED.
+-- $1: ids uuid[], $2: attempts int[], $3: worker id
+UPDATE tasks t SET
+    status = 'CANCELLED', finished_at = now(), lease_expires_at = NULL, updated_at = now(),
+    last_error = 'Cancelled: the handler was stopped after a cancel was requested'
+FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
+WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $3
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
 
 -- name: session_alive
 -- Run on the lock's connection every pass: an error means the lock is gone too.
 SELECT 1;
+
+-- ---------------------------------------------------------------- admin
+
+-- name: admin_context
+-- Who does what and why, for the event triggers; local to the transaction.
+-- $1: action, $2: actor, $3: reason (NULL: none)
+SELECT set_config('taskq.action', $1, true), set_config('taskq.actor', $2, true),
+       set_config('taskq.reason', coalesce($3, ''), true);
+
+-- name: tasks_list
+-- Newest first, keyset-paginated on (created_at, id). NULL filters match all.
+-- $1: statuses text[], $2: type, $3: queue, $4: created after, $5: created before,
+-- $6: scheduled (bool), $7: cursor created_at, $8: cursor id, $9: limit
+SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
+       result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
+       published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
+       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled
+FROM tasks
+WHERE ($1::text[] IS NULL OR status = ANY($1::text[]))
+  AND ($2::text IS NULL OR type = $2)
+  AND ($3::text IS NULL OR queue = $3)
+  AND ($4::timestamptz IS NULL OR created_at > $4)
+  AND ($5::timestamptz IS NULL OR created_at < $5)
+  AND ($6::boolean IS NULL OR (status = 'ENQUEUED' AND run_at > now()) = $6)
+  AND ($7::timestamptz IS NULL OR (created_at, id) < ($7, $8::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT $9;
+
+-- name: dlq_list
+-- FAILED tasks, newest finished first, keyset-paginated on (finished_at, id).
+-- $1: type, $2: queue, $3: cursor finished_at, $4: cursor id, $5: limit
+SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
+       result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
+       published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
+       replays, false AS scheduled
+FROM tasks
+WHERE status = 'FAILED'
+  AND ($1::text IS NULL OR type = $1)
+  AND ($2::text IS NULL OR queue = $2)
+  AND ($3::timestamptz IS NULL OR (finished_at, id) < ($3, $4::uuid))
+ORDER BY finished_at DESC, id DESC
+LIMIT $5;
+
+-- name: cancel
+-- ENQUEUED (scheduled or not) becomes CANCELLED at once: its envelope, wherever
+-- it is, is dropped by the claim. RUNNING gets a cancel request, which the
+-- worker learns from its heartbeat. Anything else is left alone (no row back).
+-- $1: id
+UPDATE tasks t SET
+    status = CASE WHEN t.status = 'ENQUEUED' THEN 'CANCELLED' ELSE t.status END,
+    finished_at = CASE WHEN t.status = 'ENQUEUED' THEN now() ELSE t.finished_at END,
+    cancel_requested_at = CASE WHEN t.status = 'RUNNING'
+                               THEN coalesce(t.cancel_requested_at, now()) END,
+    updated_at = now()
+WHERE t.id = $1 AND t.status IN ('ENQUEUED', 'RUNNING')
+RETURNING t.id, t.status;
+
+-- name: requeue
+-- An operator's retry or DLQ replay: ENQUEUED again, due now, with fresh
+-- attempts; replays counts it; a publish is owed (published after commit).
+-- $1: ids uuid[], $2: statuses allowed text[]
+UPDATE tasks t SET
+    status = 'ENQUEUED', attempts = 0, run_at = now(), result = NULL, finished_at = NULL,
+    lease_expires_at = NULL, worker_id = NULL, cancel_requested_at = NULL,
+    published_at = NULL, generation = t.generation + 1, replays = t.replays + 1,
+    updated_at = now()
+WHERE t.id = ANY($1::uuid[]) AND t.status = ANY($2::text[])
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
+          0::float8 AS delay;
+
+-- name: dlq_pick
+-- FAILED tasks to replay, oldest failure first; ids NULL: any.
+-- $1: type, $2: queue, $3: ids uuid[], $4: limit
+SELECT id FROM tasks
+WHERE status = 'FAILED'
+  AND ($1::text IS NULL OR type = $1)
+  AND ($2::text IS NULL OR queue = $2)
+  AND ($3::uuid[] IS NULL OR id = ANY($3::uuid[]))
+ORDER BY finished_at, id
+LIMIT $4;
+
+-- name: queue_cancel_enqueued
+-- Cancels every ENQUEUED task (scheduled ones too) of one queue.
+-- $1: queue
+UPDATE tasks SET status = 'CANCELLED', finished_at = now(), updated_at = now()
+WHERE queue = $1 AND status = 'ENQUEUED'
+RETURNING id;
+
+-- name: stats_counts
+-- Tasks by status, by (queue, status) and by (type, status), in one scan;
+-- the grouping column left NULL says which set a row belongs to.
+SELECT queue, type, status, count(*) AS n,
+       GROUPING(queue) AS no_queue, GROUPING(type) AS no_type
+FROM tasks
+GROUP BY GROUPING SETS ((status), (queue, status), (type, status));
+
+-- name: stats_scheduled
+SELECT count(*) FROM tasks WHERE status = 'ENQUEUED' AND run_at > now();
+
+-- name: stats_window
+-- Over the last $1 seconds: tasks created, finished by status, and percentiles
+-- of queue wait (due to start) and duration (start to finish) of finished attempts.
+-- $1: window seconds
+WITH finished AS (
+    SELECT status, started_at, finished_at, run_at
+    FROM tasks
+    WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+      AND finished_at > now() - make_interval(secs => $1)
+)
+SELECT
+    (SELECT count(*) FROM tasks WHERE created_at > now() - make_interval(secs => $1)) AS enqueued,
+    count(*) FILTER (WHERE status = 'SUCCEEDED') AS succeeded,
+    count(*) FILTER (WHERE status = 'FAILED') AS failed,
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - run_at))
+        FILTER (WHERE started_at >= run_at) AS wait_p50,
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - run_at))
+        FILTER (WHERE started_at >= run_at) AS wait_p95,
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
+        FILTER (WHERE started_at IS NOT NULL) AS duration_p50,
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
+        FILTER (WHERE started_at IS NOT NULL) AS duration_p95
+FROM finished;
+
+-- name: workers_list
+-- $1: heartbeats a worker may miss before it is listed as not alive
+SELECT id, hostname, pid, queues, concurrency, prefetch, in_flight, started_at, last_heartbeat,
+       last_heartbeat > now() - make_interval(secs => $1 * heartbeat_seconds) AS alive
+FROM workers ORDER BY started_at, id;
+
+-- name: workers_prune
+-- Forgets workers silent for longer than $1 seconds (they died without a clean stop).
+-- $1: seconds
+DELETE FROM workers WHERE last_heartbeat < now() - make_interval(secs => $1);
+
+-- name: events_last_id
+SELECT coalesce(max(id), 0) AS last_id FROM task_events;
+
+-- name: events_since
+-- Task events after an id, oldest first, for the live stream.
+-- $1: after id, $2: limit
+SELECT e.id, e.task_id, t.type, t.queue, e.status, e.attempt, e.at
+FROM task_events e JOIN tasks t ON t.id = e.task_id
+WHERE e.id > $1
+ORDER BY e.id
+LIMIT $2;
+
+-- name: retention_delete
+-- Deletes terminal tasks finished more than $1 seconds ago, at most $2 of
+-- them; their events go with them (ON DELETE CASCADE).
+-- $1: seconds, $2: limit
+DELETE FROM tasks
+WHERE id IN (SELECT id FROM tasks
+             WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+               AND finished_at < now() - make_interval(secs => $1)
+             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED);

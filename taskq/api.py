@@ -1,17 +1,14 @@
 """The HTTP API: Starlette on uvicorn, JSON in and out, every error as problem+json.
 
-Errors become ``application/problem+json`` (RFC 9457) in one place, :func:`_endpoint`,
-with the offending field named in ``field`` and every error listed in ``errors``.
+Errors become ``application/problem+json`` in one place, :func:`taskq.http.endpoint`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -20,160 +17,22 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 import taskq
-from taskq import broker, validation
+from taskq import admin, broker, monitor, ui, validation
 from taskq.client import Client
-from taskq.errors import IdempotencyConflict, RejectedByDatabase, StoreError
+from taskq.errors import StoreError
+from taskq.http import Problem, endpoint, json_response, read_json
+from taskq.http import task_id as _task_id
 from taskq.metrics import ApiMetrics
 from taskq.openapi import openapi_document
 from taskq.relay import Relay
 from taskq.settings import Settings
-from taskq.validation import FieldError, InvalidRequest, TooLarge
 
-PROBLEM = "application/problem+json"
 BATCH_BODY_FACTOR = 16
 HEALTH_TIMEOUT = 2.0
 TOPOLOGY_CHECK_EVERY = 10.0
-
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-class Problem(Exception):
-    """An HTTP error answered as problem+json."""
-
-    def __init__(
-        self,
-        status: int,
-        title: str,
-        detail: str,
-        *,
-        errors: list[FieldError] | None = None,
-        headers: Mapping[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status, self.title, self.detail = status, title, detail
-        self.errors = errors or []
-        self.headers = headers
-        self.extra = extra or {}
-
-    def response(self) -> Response:
-        body: dict[str, Any] = {
-            "type": "urn:taskq:problem:" + self.title.lower().replace(" ", "-"),
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if self.errors:
-            body["field"] = self.errors[0].field
-            body["errors"] = [{"field": e.field, "message": e.message} for e in self.errors]
-        body.update(self.extra)
-        return Response(orjson.dumps(body), self.status, self.headers, media_type=PROBLEM)
-
-
-def _default(value: Any) -> str:
-    # asyncpg returns its own UUID class, which orjson does not know.
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps(body, default=_default), status, headers, media_type="application/json"
-    )
-
-
-def _invalid(exc: InvalidRequest) -> Problem:
-    if isinstance(exc, TooLarge):
-        return Problem(413, "Payload too large", str(exc), errors=exc.errors)
-    return Problem(400, "Invalid request", str(exc), errors=exc.errors)
-
-
-def _endpoint(route: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
-    """Authentication, the error-to-problem mapping and request counting for one route."""
-
-    def wrap(handler: Handler) -> Handler:
-        async def endpoint(request: Request) -> Response:
-            state = request.app.state
-            try:
-                if auth and state.settings.api_keys:
-                    _authenticate(request, state.settings.api_keys)
-                response = await handler(request)
-            except Problem as problem:
-                response = problem.response()
-            except InvalidRequest as exc:
-                response = _invalid(exc).response()
-            except IdempotencyConflict as exc:
-                response = Problem(
-                    409,
-                    "Idempotency conflict",
-                    str(exc),
-                    errors=[FieldError(exc.field, "already used with another request")],
-                    extra={"task_id": str(exc.task_id)},
-                ).response()
-            except RejectedByDatabase as exc:
-                response = Problem(
-                    400, "Invalid request", str(exc), errors=[FieldError("body", str(exc))]
-                ).response()
-            except StoreError as exc:
-                response = Problem(503, "Database unavailable", str(exc)).response()
-            state.metrics.http_requests.labels(route, str(response.status_code)).inc()
-            return response
-
-        return endpoint
-
-    return wrap
-
-
-def _authenticate(request: Request, keys: list[str]) -> None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    given = token.strip().encode()
-    ok = scheme.lower() == "bearer" and any(hmac.compare_digest(given, k.encode()) for k in keys)
-    if not ok:
-        raise Problem(
-            401,
-            "Unauthorized",
-            "a valid API key is required: Authorization: Bearer <key>",
-            errors=[FieldError("authorization", "missing or wrong bearer token")],
-            headers={"WWW-Authenticate": 'Bearer realm="taskq"'},
-        )
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body parsed as JSON, refusing other media types and oversized bodies."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json")
-    ):
-        raise Problem(
-            415,
-            "Unsupported media type",
-            f"send application/json, not {media or 'no content type'}",
-            errors=[FieldError("content-type", "must be application/json")],
-        )
-    too_large = Problem(
-        413,
-        "Payload too large",
-        f"the body exceeds {limit} bytes",
-        errors=[FieldError("body", f"larger than {limit} bytes")],
-    )
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise Problem(
-            400, "Invalid request", f"malformed JSON: {exc}", errors=[FieldError("body", str(exc))]
-        ) from None
 
 
 def _client(request: Request) -> Client:
@@ -181,7 +40,7 @@ def _client(request: Request) -> Client:
     return client
 
 
-@_endpoint("enqueue")
+@endpoint("enqueue")
 async def enqueue(request: Request) -> Response:
     data = await read_json(request, request.app.state.settings.max_payload_bytes)
     result = await _client(request).submit(data)
@@ -190,7 +49,7 @@ async def enqueue(request: Request) -> Response:
     return json_response(result.task, 200, {"Idempotent-Replayed": "true"})
 
 
-@_endpoint("enqueue_batch")
+@endpoint("enqueue_batch")
 async def enqueue_batch(request: Request) -> Response:
     settings = request.app.state.settings
     data = await read_json(request, settings.max_payload_bytes * BATCH_BODY_FACTOR)
@@ -200,26 +59,15 @@ async def enqueue_batch(request: Request) -> Response:
     return json_response({"tasks": tasks}, 201 if any(r.created for r in results) else 200)
 
 
-def _task_id(request: Request) -> uuid.UUID:
-    try:
-        return uuid.UUID(request.path_params["id"])
-    except ValueError:
-        raise Problem(404, "Not found", "no such task") from None
-
-
-@_endpoint("task")
+@endpoint("task")
 async def get_task(request: Request) -> Response:
     row = await _client(request).store.task(_task_id(request))
     if row is None:
         raise Problem(404, "Not found", "no such task")
-    task = dict(row)
-    for name in ("payload", "result"):
-        task[name] = orjson.loads(task[name]) if task[name] is not None else None
-    task["timeout"] = task.pop("timeout_seconds")
-    return json_response(task)
+    return json_response(admin.task_body(row))
 
 
-@_endpoint("task_events")
+@endpoint("task_events")
 async def get_task_events(request: Request) -> Response:
     store = _client(request).store
     task_id = _task_id(request)
@@ -243,13 +91,13 @@ def _type_body(row: Any) -> dict[str, Any]:
     }
 
 
-@_endpoint("types")
+@endpoint("types")
 async def list_types(request: Request) -> Response:
     rows = await _client(request).store.task_types()
     return json_response({"types": [_type_body(row) for row in rows]})
 
 
-@_endpoint("type")
+@endpoint("type")
 async def get_type(request: Request) -> Response:
     name = request.path_params["name"]
     for row in await _client(request).store.task_types():
@@ -258,7 +106,7 @@ async def get_type(request: Request) -> Response:
     raise Problem(404, "Not found", f"no task type {name!r}")
 
 
-@_endpoint("type_put")
+@endpoint("type_put")
 async def put_type(request: Request) -> Response:
     settings = request.app.state.settings
     data = await read_json(request, settings.max_payload_bytes)
@@ -277,7 +125,7 @@ async def put_type(request: Request) -> Response:
     return json_response(_type_body(row), 201 if row["created"] else 200)
 
 
-@_endpoint("info", auth=False)
+@endpoint("info", auth=False)
 async def info(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     return json_response(
@@ -291,7 +139,7 @@ async def info(request: Request) -> Response:
     )
 
 
-@_endpoint("healthz", auth=False)
+@endpoint("healthz", auth=False)
 async def healthz(request: Request) -> Response:
     state = request.app.state
     checks: dict[str, str] = {}
@@ -334,16 +182,23 @@ async def _topology_status(request: Request) -> str:
     return status
 
 
-@_endpoint("metrics", auth=False)
+@endpoint("metrics", auth=False)
 async def metrics(request: Request) -> Response:
     state = request.app.state
     with contextlib.suppress(StoreError, TimeoutError):
         count = await asyncio.wait_for(state.client.store.unpublished_count(), HEALTH_TIMEOUT)
         state.metrics.unpublished.set(count)
+    watch: monitor.Monitor = state.monitor
+    depths = await watch.broker_depths(list(watch.kinds))
+    state.metrics.observe_queues(
+        None
+        if depths is None
+        else [(name, watch.kinds[name], *counts) for name, counts in depths.items()]
+    )
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@_endpoint("openapi", auth=False)
+@endpoint("openapi", auth=False)
 async def openapi(request: Request) -> Response:
     return json_response(openapi_document(request.app.state.settings))
 
@@ -370,12 +225,15 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         assert state.client._link is not None
         state.link = state.client._link
         state.topology_checked_at, state.topology_status = -1e9, "unknown"
+        state.monitor = monitor.Monitor(settings, state.client.store, state.link)
         relay_ = Relay(state.client.store, settings.database_url, state.client.publisher)
         if relay:
             relay_.start()
         try:
             yield
         finally:
+            state.stopping.set()  # ends the open event streams
+            await state.monitor.close()
             await relay_.close()
             await state.client.close()
 
@@ -391,6 +249,9 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         Route("/types", list_types, methods=["GET"]),
         Route("/types/{name}", get_type, methods=["GET"]),
         Route("/types/{name}", put_type, methods=["PUT"]),
+        *admin.routes(),
+        *monitor.routes(),
+        Mount("/ui", ui.dashboard(), name="ui"),
     ]
     app = Starlette(
         routes=routes,
@@ -398,4 +259,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.settings = settings
+    # Set when the server begins to stop: open event streams end, so the
+    # graceful shutdown does not wait for them (see taskq.cli).
+    app.state.stopping = asyncio.Event()
     return app

@@ -381,3 +381,70 @@ async def missing(connection: AbstractConnection, topology: Topology) -> list[st
         if not await _exists(connection, "queue", queue.name):
             absent.append(queue.name)
     return absent
+
+
+class DepthReader:
+    """Reads queue depths with passive declares on a channel of its own.
+
+    Each read is one ``queue.declare(passive=True)`` per queue on the raw
+    channel (aio-pika's channel answers repeated passive declares from a cache).
+    A queue that does not exist is left out of the answer.
+    """
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self._channel: AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+
+    async def depths(self, queues: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """``{queue: (messages, consumers)}``.
+
+        Raises:
+            BrokerError: if the broker is unreachable or fails.
+        """
+        async with self._lock:
+            out: dict[str, tuple[int, int]] = {}
+            for name in queues:
+                try:
+                    raw = await self._raw_channel()
+                    declared = await raw.queue_declare(name, passive=True, timeout=5)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    await self._close_channel()
+                    continue
+                except (*_BROKER_ERRORS, RuntimeError) as exc:
+                    await self._close_channel()
+                    raise BrokerError(f"cannot read the depth of {name}: {exc!r}") from exc
+                out[name] = (declared.message_count or 0, declared.consumer_count or 0)
+            return out
+
+    async def purge(self, queue: str) -> int:
+        """Purge ``queue``; returns how many messages it dropped.
+
+        Raises:
+            BrokerError: if the broker is unreachable or fails.
+        """
+        async with self._lock:
+            try:
+                raw = await self._raw_channel()
+                purged = await raw.queue_purge(queue, timeout=10)
+            except (*_BROKER_ERRORS, RuntimeError) as exc:
+                await self._close_channel()
+                raise BrokerError(f"cannot purge {queue}: {exc!r}") from exc
+            return int(purged.message_count or 0)
+
+    async def _raw_channel(self) -> aiormq.abc.AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._link.connection().channel(publisher_confirms=False)
+        return await self._channel.get_underlay_channel()
+
+    async def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            try:
+                await channel.close()
+            except (*_BROKER_ERRORS, RuntimeError) as exc:
+                log.debug("closing a depth channel failed: %s", exc)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._close_channel()

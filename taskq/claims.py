@@ -176,7 +176,7 @@ class Claimer:
                 assert row is not None
                 owed = {**row, "status": "FAILED", "last_error": row["last_error"]}
                 if await publish_row(self.publisher, owed):
-                    await self.store.mark_published([(row["id"], row["attempts"], "FAILED")])
+                    await self.store.mark_published([(row["id"], row["generation"])])
                 self.metrics.dead_lettered.labels(row["queue"], "exhausted").inc()
             else:  # missing
                 headers = dead_letter_headers(

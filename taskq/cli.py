@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -88,6 +89,28 @@ async def _rmq_init(settings: Settings, topology: Topology) -> None:
         )
 
 
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling the app when it begins to stop.
+
+        uvicorn's graceful shutdown waits for open responses to end; the app's
+        event streams end when ``stopping`` is set, instead of holding it up.
+        """
+
+        stopping: asyncio.Event | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.stopping is not None:
+                # No loop running: nothing is streaming.
+                with contextlib.suppress(RuntimeError):
+                    asyncio.get_running_loop().call_soon_threadsafe(self.stopping.set)
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
 async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -95,8 +118,9 @@ async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     from taskq.api import create_app
 
     logs.configure(settings.log_level)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=args.host or settings.http_host,
         port=args.port if args.port is not None else settings.http_port,
         log_level=settings.log_level.lower(),
@@ -104,7 +128,8 @@ async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
         log_config=None,  # the JSON logs configured above
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
+    server.stopping = app.state.stopping
     # uvicorn re-raises the signal it stopped for once it has shut down; a
     # graceful stop is a success, so that re-raise lands in a no-op handler.
     for sig in (signal.SIGTERM, signal.SIGINT):

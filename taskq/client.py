@@ -354,7 +354,8 @@ class Client:
         assert result.row is not None
         if result.outcome == "created":
             # The task is durable now; the outbox publishes it in the background.
-            row = {**result.row, "delay": result.delay, "last_error": None}
+            # A new row's generation is 0: no publish of it was owed before.
+            row = {**result.row, "delay": result.delay, "last_error": None, "generation": 0}
             self.outbox.submit(row)
         return EnqueueResult(result.outcome == "created", result.row)
 

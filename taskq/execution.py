@@ -1,9 +1,13 @@
 """Running claimed attempts: handlers under their timeout, leases kept alive, outcomes decided.
 
 Each attempt runs in its own asyncio task, outside any transaction. One
-batched heartbeat per worker extends every lease the worker holds every
-``lease/3`` seconds; an attempt whose lease turns out lost (the sweeper or
-another worker took the task back) is cancelled and records nothing.
+batched heartbeat per worker, every ``min(lease/3, 5 s)``, records the worker
+in the ``workers`` registry and extends every lease it holds; an attempt whose
+lease turns out lost (the sweeper or another worker took the task back) is
+cancelled and records nothing. The heartbeat also says which tasks an operator
+asked to cancel: their handler's context is told at once (``ctx.cancel_requested``)
+and, if the handler has not finished ``cancel_grace`` seconds later, its asyncio
+task is cancelled and the task recorded CANCELLED.
 """
 
 from __future__ import annotations
@@ -24,9 +28,17 @@ from taskq.handlers import Context, Fail, Registry, Retry
 from taskq.metrics import WorkerMetrics
 from taskq.outcomes import Finished, Kind
 from taskq.settings import Settings
-from taskq.store import Row, Store
+from taskq.store import Row, Store, WorkerInfo
 
 log = logging.getLogger("taskq.worker")
+
+HEARTBEAT_MAX_SECONDS = 5.0
+CANCEL_GRACE_SECONDS = 5.0
+
+
+def heartbeat_interval(lease: float) -> float:
+    """Seconds between a worker's heartbeats: a third of the lease, at most 5 s."""
+    return min(lease / 3, HEARTBEAT_MAX_SECONDS)
 
 
 class NoHandler(TaskqError):
@@ -36,7 +48,7 @@ class NoHandler(TaskqError):
 class Attempt:
     """A claimed attempt, from its claim until its outcome is recorded."""
 
-    __slots__ = ("cancel_reason", "id", "number", "queue", "task", "type")
+    __slots__ = ("cancel", "cancel_reason", "id", "number", "queue", "task", "type")
 
     def __init__(self, row: Row) -> None:
         self.id: uuid.UUID = row["id"]
@@ -44,8 +56,11 @@ class Attempt:
         self.type: str = row["type"]
         self.queue: str = row["queue"]
         self.task: asyncio.Task[None] | None = None
-        # Why we cancelled it: "shutdown" (give it back) or "lost" (record nothing).
+        # Why we cancelled it: "shutdown" (give it back), "lost" (record nothing)
+        # or "cancel" (an operator's cancel: record CANCELLED).
         self.cancel_reason: str | None = None
+        # Set when an operator asks to cancel the task; the handler's context sees it.
+        self.cancel = asyncio.Event()
 
 
 class Runner:
@@ -58,6 +73,7 @@ class Runner:
         metrics: the worker's metrics.
         record: takes each outcome for recording.
         release: called once per attempt whose handler is done (a free slot).
+        cancel_grace: seconds a handler may go on after it was told of a cancel.
     """
 
     def __init__(
@@ -69,7 +85,9 @@ class Runner:
         *,
         record: Callable[[Finished], None],
         release: Callable[[], None],
+        cancel_grace: float = CANCEL_GRACE_SECONDS,
     ) -> None:
+        self.cancel_grace = cancel_grace
         self.registry = registry
         self.worker_id = worker_id
         self.metrics = metrics
@@ -125,7 +143,7 @@ class Runner:
         handler = self.registry.get(attempt.type)
         ctx = Context(
             attempt.id, attempt.type, attempt.number, row["max_attempts"], attempt.queue,
-            self.worker_id,
+            self.worker_id, _cancel=attempt.cancel,
         )  # fmt: skip
         started = time.perf_counter()
         scope: asyncio.Timeout | None = None
@@ -147,6 +165,9 @@ class Runner:
                 outcome = self._finished("give_back", attempt)
             elif attempt.cancel_reason == "lost":
                 outcome = None  # another claim owns the task now; record nothing
+            elif attempt.cancel_reason == "cancel":
+                ctx.log.info("stopped after a cancel was requested")
+                outcome = self._finished("cancel", attempt)
             else:
                 raise
         except Exception as exc:
@@ -206,28 +227,38 @@ class Runner:
             strategy = handler.backoff if handler is not None else None
         return strategy or self._default_backoff
 
-    async def heartbeat_loop(self, store: Store) -> None:
-        """Every ``lease/3`` seconds, extend all leases in one statement; cancel the lost ones."""
+    async def heartbeat_loop(self, store: Store, worker: WorkerInfo) -> None:
+        """Every heartbeat interval, in one statement: record the worker alive and
+        extend all leases; then cancel the lost attempts and pass on cancel requests."""
         while True:
-            await asyncio.sleep(self.lease / 3)
-            if not self.attempts:
-                continue
+            await asyncio.sleep(worker.heartbeat_seconds)
             ids = list(self.attempts)
             try:
-                held = await store.heartbeat(ids, self.worker_id, self.lease)
+                held = await store.heartbeat(ids, worker, self.lease)
             except StoreError as exc:
                 log.warning("heartbeat of %d leases failed: %s", len(ids), exc)
                 continue
             for task_id in ids:
                 attempt = self.attempts.get(task_id)
-                if task_id in held or attempt is None or attempt.task is None:
-                    continue
-                if attempt.task.done():
+                if attempt is None or attempt.task is None or attempt.task.done():
                     continue  # finished; its outcome is being recorded
-                # The lease expired and the task was taken back: free the slot.
-                log.warning("task %s: lease lost, cancelling its handler", task_id)
-                attempt.cancel_reason = "lost"
-                attempt.task.cancel()
+                if task_id not in held:
+                    # The lease expired and the task was taken back: free the slot.
+                    log.warning("task %s: lease lost, cancelling its handler", task_id)
+                    attempt.cancel_reason = "lost"
+                    attempt.task.cancel()
+                elif held[task_id] and not attempt.cancel.is_set():
+                    log.info("task %s: cancel requested, telling its handler", task_id)
+                    attempt.cancel.set()
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(self.cancel_grace, self._stop_cancelled, attempt)
+
+    def _stop_cancelled(self, attempt: Attempt) -> None:
+        """The grace after a cancel request is over: cancel a handler still running."""
+        if attempt.task is not None and not attempt.task.done() and attempt.cancel_reason is None:
+            log.info("task %s: the handler did not stop within the grace; cancelling", attempt.id)
+            attempt.cancel_reason = "cancel"
+            attempt.task.cancel()
 
 
 MAX_ERROR_CHARS = 2000

@@ -21,6 +21,7 @@ the task as FAILED at once.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import re
@@ -107,6 +108,12 @@ class Context:
         max_attempts: attempts allowed in all.
         queue: the work queue the task came from.
         worker_id: the worker running it.
+
+    When an operator cancels the running task (``POST /tasks/{id}/cancel``), the
+    worker learns it with its next heartbeat: :attr:`cancel_requested` turns
+    true and :meth:`cancelled` returns. A handler that returns or raises after
+    that ends the task CANCELLED; one that goes on is cancelled (its asyncio
+    task) after the worker's cancel grace.
     """
 
     task_id: uuid.UUID
@@ -116,6 +123,16 @@ class Context:
     queue: str
     worker_id: str
     _log: logging.LoggerAdapter[logging.Logger] | None = field(default=None, repr=False)
+    _cancel: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether an operator asked to cancel this task: stop soon and return."""
+        return self._cancel.is_set()
+
+    async def cancelled(self) -> None:
+        """Wait until an operator asks to cancel this task."""
+        await self._cancel.wait()
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

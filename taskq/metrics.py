@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -41,6 +43,37 @@ class ApiMetrics:
             ["route", "status"],
             registry=self.registry,
         )
+        # The broker's view, read when /metrics is scraped (see taskq.api.metrics).
+        self.queue_messages = Gauge(
+            "taskq_queue_messages",
+            "Ready messages in each broker queue, by kind: work, delay, dlq.",
+            ["queue", "kind"],
+            registry=self.registry,
+        )
+        self.queue_consumers = Gauge(
+            "taskq_queue_consumers",
+            "Consumers of each broker queue, by kind: work, delay, dlq.",
+            ["queue", "kind"],
+            registry=self.registry,
+        )
+        self.broker_up = Gauge(
+            "taskq_broker_up",
+            "1 when the queue depths could be read from the broker at the last scrape, else 0.",
+            registry=self.registry,
+        )
+
+    def observe_queues(self, depths: Sequence[tuple[str, str, int, int]] | None) -> None:
+        """Set the queue gauges from ``(queue, kind, messages, consumers)`` rows;
+        ``None`` means the broker could not be read.
+
+        Without an answer the queue series are dropped rather than left at stale values.
+        """
+        self.queue_messages.clear()
+        self.queue_consumers.clear()
+        self.broker_up.set(0 if depths is None else 1)
+        for name, kind, messages, consumers in depths or ():
+            self.queue_messages.labels(name, kind).set(messages)
+            self.queue_consumers.labels(name, kind).set(consumers)
 
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
@@ -54,8 +87,8 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         self.processed = Counter(
             "taskq_tasks_processed_total",
-            "Attempts finished, by outcome: succeeded, retried, failed, given_back, stale"
-            " (the claim was lost, the outcome was not recorded).",
+            "Attempts finished, by outcome: succeeded, retried, failed, given_back, cancelled"
+            " (an operator's cancel), stale (the claim was lost, the outcome was not recorded).",
             ["type", "queue", "outcome"],
             registry=self.registry,
         )
@@ -100,6 +133,12 @@ class WorkerMetrics:
         self.lease_recoveries = Counter(
             "taskq_lease_recoveries_total",
             "Claims whose lease expired, taken back by the sweeper (workers that died or hung).",
+            registry=self.registry,
+        )
+        self.retention_deleted = Counter(
+            "taskq_retention_deleted_total",
+            "Terminal tasks (with their events) deleted because they finished longer ago"
+            " than TASKQ_RETENTION.",
             registry=self.registry,
         )
         self.republished = Counter(

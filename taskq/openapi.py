@@ -72,7 +72,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "invalid request (the field is named)",
         401: "missing or wrong API key",
         404: "not found",
-        409: "idempotency key used with another request",
+        409: "conflict: a key used with another request, or a task in the wrong status",
         413: "body or payload too large",
         415: "not application/json",
         503: "database unavailable",
@@ -171,6 +171,156 @@ def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     return schema, backoffs
 
 
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _admin_paths(settings: Settings) -> dict[str, Any]:
+    """The admin operations (taskq.admin and taskq.monitor)."""
+    obj = {"type": "object"}
+    task_id = _path_param("id", "uuid")
+    type_filter = _query("type", {"type": "string", "pattern": TYPE_NAME.pattern}, "task type")
+    queue_filter = _query("queue", {"type": "string", "enum": settings.queues}, "work queue")
+    limit = _query(
+        "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "page size"
+    )
+    cursor = _query("cursor", {"type": "string"}, "next_cursor of the previous page")
+    status = {"type": "string", "enum": ["ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]}
+    page = _json(obj, "tasks (as GET /tasks/{id}) and next_cursor (null on the last page)")
+    reason = {"required": False, "content": {"application/json": {"schema": _ref("ReasonRequest")}}}
+    return {
+        "/tasks": {
+            "get": {
+                "summary": "Tasks, newest first, keyset-paginated",
+                "parameters": [
+                    _query(
+                        "status",
+                        {"type": "array", "items": status},
+                        "repeat it or separate with commas",
+                    ),
+                    type_filter,
+                    queue_filter,
+                    _query("created_after", {"type": "string", "format": "date-time"}, "RFC 3339"),
+                    _query("created_before", {"type": "string", "format": "date-time"}, "RFC 3339"),
+                    _query(
+                        "scheduled",
+                        {"type": "string", "enum": ["true", "false"]},
+                        "ENQUEUED with run_at in the future",
+                    ),
+                    limit,
+                    cursor,
+                ],
+                "responses": {"200": page, **_errors(400, 401, 503)},
+            }
+        },
+        "/tasks/{id}/cancel": {
+            "post": {
+                "summary": "Cancel a task: ENQUEUED at once, RUNNING cooperatively",
+                "parameters": [task_id],
+                "requestBody": reason,
+                "responses": {
+                    "200": _json(obj, "cancelled (it was ENQUEUED)"),
+                    "202": _json(obj, "cancel requested (it is RUNNING)"),
+                    **_errors(400, 401, 404, 409, 413, 415, 503),
+                },
+            }
+        },
+        "/tasks/{id}/retry": {
+            "post": {
+                "summary": "Enqueue a FAILED or CANCELLED task again with fresh attempts",
+                "parameters": [task_id],
+                "requestBody": reason,
+                "responses": {
+                    "200": _json(obj, "the task, ENQUEUED"),
+                    **_errors(400, 401, 404, 409, 413, 415, 503),
+                },
+            }
+        },
+        "/dlq": {
+            "get": {
+                "summary": "FAILED tasks, newest failure first, and the broker DLQ's depth",
+                "parameters": [type_filter, queue_filter, limit, cursor],
+                "responses": {"200": page, **_errors(400, 401, 503)},
+            }
+        },
+        "/dlq/replay": {
+            "post": {
+                "summary": "Enqueue FAILED tasks again (all, or by type, queue or ids)",
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("ReplayRequest")}},
+                },
+                "responses": {
+                    "200": _json(obj, "replayed (count), ids, more (the cap was reached)"),
+                    **_errors(400, 401, 413, 415, 503),
+                },
+            }
+        },
+        "/queues/{name}": {
+            "delete": {
+                "summary": "Purge a work queue and cancel its ENQUEUED tasks",
+                "parameters": [
+                    {**_path_param("name"), "schema": {"type": "string", "enum": settings.queues}},
+                    {
+                        **_query("confirm", {"type": "string"}, "the queue's name again"),
+                        "required": True,
+                    },
+                ],
+                "responses": {
+                    "200": _json(obj, "queue, purged_messages (null: broker down), cancelled"),
+                    **_errors(400, 401, 404, 503),
+                },
+            }
+        },
+        "/workers": {
+            "get": {
+                "summary": "Workers, with their queues, concurrency, in-flight count, heartbeat",
+                "responses": {"200": _json(obj, "workers"), **_errors(401, 503)},
+            }
+        },
+        "/stats": {
+            "get": {
+                "summary": "Counts by status, queue and type; broker depths; rates and latency",
+                "responses": {"200": _json(obj, "stats"), **_errors(401, 503)},
+            }
+        },
+        "/stream": {
+            "get": {
+                "summary": "Server-Sent Events: `stats` every second, `task` per task event",
+                "responses": {
+                    "200": {
+                        "description": "an endless event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(401, 503),
+                },
+            }
+        },
+    }
+
+
+_REASON = {
+    "type": "object",
+    "properties": {"reason": {"type": "string", "maxLength": 1000, "pattern": NO_NUL}},
+    "additionalProperties": False,
+}
+_REPLAY = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "pattern": TYPE_NAME.pattern},
+        "queue": {"type": "string"},
+        "ids": {"type": "array", "items": {"type": "string", "format": "uuid"}, "maxItems": 10000},
+    },
+    "additionalProperties": False,
+}
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI document, with queue names and limits from ``settings``."""
     enqueue_schema = _enqueue_schema(settings)
@@ -195,6 +345,14 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "Problem": _PROBLEM,
         "JsonValue": _JSON_VALUE,
         "JsonObject": _JSON_OBJECT,
+        "ReasonRequest": _REASON,
+        "ReplayRequest": {
+            **_REPLAY,
+            "properties": {
+                **_REPLAY["properties"],  # type: ignore[dict-item]
+                "queue": {"type": "string", "enum": settings.queues},
+            },
+        },
         **backoffs,
     }
     task_id = _path_param("id", "uuid")
@@ -295,6 +453,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             },
         },
     }
+    paths.update(_admin_paths(settings))
     return {
         "openapi": "3.1.0",
         "info": {"title": "taskq", "version": taskq.__version__},

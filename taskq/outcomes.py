@@ -2,7 +2,9 @@
 
 Every statement is guarded by the claim (id, attempt, worker): an outcome of a
 worker whose claim was taken over (its lease expired and another worker or the
-sweeper took the task) changes nothing and is counted as ``stale``. Retries and
+sweeper took the task) changes nothing and is counted as ``stale``. A cancel an
+operator requested while the attempt ran wins over its outcome: the task is
+recorded CANCELLED (counted as ``cancelled``), and nothing is published. Retries and
 terminal failures are published after their commit, through the outbox; a
 publish that fails stays owed in Postgres and the relay pays it later.
 """
@@ -24,7 +26,7 @@ from taskq.store import Row, Store
 
 log = logging.getLogger("taskq.worker")
 
-Kind = Literal["complete", "retry", "fail", "give_back"]
+Kind = Literal["complete", "retry", "fail", "give_back", "cancel"]
 RETRY_SECONDS = 1.0
 
 
@@ -51,6 +53,7 @@ _OUTCOME_LABEL = {
     "retry": "retried",
     "fail": "failed",
     "give_back": "given_back",
+    "cancel": "cancelled",
 }
 
 
@@ -136,10 +139,9 @@ class Recorder:
             return
         for item in items:
             stale = item.id not in recorded
-            outcome = "stale" if stale else _OUTCOME_LABEL[kind]
-            self._metrics.processed.labels(item.type, item.queue, outcome).inc()
             self._on_recorded(item.id, item.attempt)
             if stale:
+                self._metrics.processed.labels(item.type, item.queue, "stale").inc()
                 log.warning(
                     "task %s attempt %d: the claim was taken over; this %s was not recorded",
                     item.id,
@@ -149,6 +151,10 @@ class Recorder:
                 )
                 continue
             row = recorded[item.id]
+            if row["status"] == "CANCELLED":
+                self._metrics.processed.labels(item.type, item.queue, "cancelled").inc()
+                continue
+            self._metrics.processed.labels(item.type, item.queue, _OUTCOME_LABEL[kind]).inc()
             if kind == "retry":
                 self._metrics.retries.labels(item.type, item.queue).inc()
                 self._publish(row, "ENQUEUED", None)
@@ -171,18 +177,19 @@ class Recorder:
         log.error("task %s: the database refused its %s: %s", item.id, kind, exc)
         self._on_recorded(item.id, item.attempt)
 
-    async def _write(self, kind: Kind, items: Sequence[Finished]) -> dict[uuid.UUID, Row | None]:
-        """Run the statement; the rows recorded by id (a success has no row to publish).
+    async def _write(self, kind: Kind, items: Sequence[Finished]) -> dict[uuid.UUID, Row]:
+        """Run the statement; the rows recorded by id, each with its new status.
 
         An id missing from the answer was stale: its claim had been taken over.
         """
         worker = self._worker_id
         if kind == "complete":
-            ids = await self._store.complete(
+            rows = await self._store.complete(
                 [(i.id, i.attempt, i.result or "null") for i in items], worker
             )
-            return dict.fromkeys(ids)
-        if kind == "retry":
+        elif kind == "cancel":
+            rows = await self._store.cancel_running([(i.id, i.attempt) for i in items], worker)
+        elif kind == "retry":
             rows = await self._store.retry(
                 [(i.id, i.attempt, i.error or "", i.delay) for i in items], worker
             )
@@ -192,14 +199,14 @@ class Recorder:
             rows = await self._store.give_back([(i.id, i.attempt) for i in items], worker)
         return {row["id"]: row for row in rows}
 
-    def _publish(self, row: Row | None, status: str, error: str | None) -> None:
-        assert row is not None
+    def _publish(self, row: Row, status: str, error: str | None) -> None:
         owed = {
             "id": row["id"],
             "type": row["type"],
             "queue": row["queue"],
             "status": status,
             "attempts": row["attempts"],
+            "generation": row["generation"],
             "last_error": error,
             "delay": row.get("delay") or 0.0,
         }

@@ -46,7 +46,7 @@ def dead_letter_headers(reason: str, attempts: int, queue: str) -> dict[str, Any
 async def publish_row(publisher: Publisher, row: Row, *, delay: float | None = None) -> bool:
     """Publish what ``row`` owes: ENQUEUED to its queue (after ``delay``), FAILED to the DLQ.
 
-    ``row`` has id, type, queue, status, attempts, last_error and delay. Returns
+    ``row`` has id, type, queue, status, attempts, last_error, generation and delay. Returns
     whether the broker confirmed; a failure leaves the publish owed.
     """
     envelope = Envelope(row["id"], row["type"], row["attempts"])
@@ -72,9 +72,7 @@ async def publish_owed(store: Store, publisher: Publisher, rows: Sequence[Row]) 
     """
     results = await asyncio.gather(*(publish_row(publisher, row) for row in rows))
     confirmed = [
-        (row["id"], row["attempts"], row["status"])
-        for row, ok in zip(rows, results, strict=True)
-        if ok
+        (row["id"], row["generation"]) for row, ok in zip(rows, results, strict=True) if ok
     ]
     await store.mark_published(confirmed)
     return len(confirmed)
@@ -132,7 +130,7 @@ class Outbox:
             row, due = await self._queue.get()
             delay = max(0.0, due - time.monotonic()) if row["status"] == "ENQUEUED" else 0.0
             if await publish_row(self._publisher, row, delay=delay):
-                self._marker.add(row["id"], row["attempts"], row["status"])
+                self._marker.add(row["id"], row["generation"])
             elif self._on_failure is not None:
                 self._on_failure()
             self._queue.task_done()
@@ -158,12 +156,12 @@ class Marker:
         self._store = store
         self._interval = interval
         self._batch = batch
-        self._pending: list[tuple[uuid.UUID, int, str]] = []
+        self._pending: list[tuple[uuid.UUID, int]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, task_id: uuid.UUID, attempts: int, status: str) -> None:
-        self._pending.append((task_id, attempts, status))
+    def add(self, task_id: uuid.UUID, generation: int) -> None:
+        self._pending.append((task_id, generation))
         if len(self._pending) >= self._batch:
             self._wake.set()
 
@@ -184,6 +182,10 @@ class Marker:
         except StoreError as exc:
             # The rows stay owed; the relay publishes them again (a harmless duplicate).
             log.warning("could not record %d publishes: %s", len(pending), exc)
+        except asyncio.CancelledError:
+            # Stopped mid-statement (close() cancels the loop): close() flushes them.
+            self._pending = pending + self._pending
+            raise
 
     async def close(self) -> None:
         if self._task is not None:

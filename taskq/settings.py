@@ -35,6 +35,7 @@ _DURATIONS = (
     "worker_shutdown_grace",
     "sweeper_overdue_after",
     "sweeper_check_every",
+    "retention",
 )
 
 
@@ -82,6 +83,7 @@ class Settings(BaseSettings):
     worker_shutdown_grace: Duration = 30.0
     sweeper_overdue_after: Duration = 60.0
     sweeper_check_every: Duration = 5.0
+    retention: Duration = 7 * 86400.0
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -56,6 +56,19 @@ class NewTask:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What the workers registry shows about one worker process."""
+
+    id: str
+    hostname: str
+    pid: int
+    queues: Sequence[str]
+    concurrency: int
+    prefetch: int
+    heartbeat_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Enqueued:
     """What the store did with one :class:`NewTask`.
 
@@ -139,6 +152,20 @@ class Store:
         async with self._connection() as connection:
             row: Row | None = await connection.fetchrow(self.q[query], *args)
             return row
+
+    async def execute(self, query: str, *args: Any) -> int:
+        """Run a statement; returns the number of rows it affected."""
+        async with self._connection() as connection:
+            status: str = await connection.execute(self.q[query], *args)
+        return int(status.split()[-1])
+
+    async def as_operator(
+        self, action: str, actor: str, reason: str | None, query: str, *args: Any
+    ) -> list[Row]:
+        """Run ``query`` in a transaction whose events record who did what and why."""
+        async with self._connection() as connection, connection.transaction():
+            await connection.execute(self.q["admin_context"], action, actor, reason)
+            return list(await connection.fetch(self.q[query], *args))
 
     async def ping(self) -> None:
         async with self._connection() as connection:
@@ -251,12 +278,15 @@ class Store:
             await conn.execute(self.q["enqueue_notify"], NOTIFY_CHANNEL, ids)
         return results
 
-    async def mark_published(self, published: Sequence[tuple[uuid.UUID, int, str]]) -> None:
-        """Record confirmed publishes of ``(id, attempts, status)``."""
+    async def mark_published(self, published: Sequence[tuple[uuid.UUID, int]]) -> None:
+        """Record confirmed publishes of ``(id, generation)``.
+
+        A row whose generation moved on since (a newer publish is owed) is left owed.
+        """
         if not published:
             return
         async with self._connection() as conn:
-            await conn.execute(self.q["mark_published"], *_columns(sorted(published), 3))
+            await conn.execute(self.q["mark_published"], *_columns(sorted(published), 2))
 
     # ---------------------------------------------------------------- reading
 
@@ -281,22 +311,46 @@ class Store:
         return await self.fetch("claim", sorted(ids), worker_id, lease)
 
     async def heartbeat(
-        self, ids: Sequence[uuid.UUID], worker_id: str, lease: float
-    ) -> set[uuid.UUID]:
-        """Extend this worker's leases; returns the ids whose lease it still holds."""
-        rows = await self.fetch("heartbeat", sorted(ids), worker_id, lease)
-        return {row["id"] for row in rows}
+        self, ids: Sequence[uuid.UUID], worker: WorkerInfo, lease: float
+    ) -> dict[uuid.UUID, bool]:
+        """Record the worker alive and extend its leases.
+
+        Returns the ids whose lease it still holds, each mapped to whether an
+        operator asked to cancel it.
+        """
+        rows = await self.fetch(
+            "heartbeat",
+            sorted(ids),
+            worker.id,
+            lease,
+            worker.hostname,
+            worker.pid,
+            list(worker.queues),
+            worker.concurrency,
+            worker.prefetch,
+            worker.heartbeat_seconds,
+        )
+        return {row["id"]: row["cancel_requested"] for row in rows}
+
+    async def worker_gone(self, worker_id: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(self.q["worker_gone"], worker_id)
 
     async def complete(
         self, items: Sequence[tuple[uuid.UUID, int, str]], worker_id: str
-    ) -> set[uuid.UUID]:
-        """Record successes ``(id, attempt, result_json)``; returns the ids recorded.
+    ) -> list[Row]:
+        """Record successes ``(id, attempt, result_json)``; returns the rows recorded.
 
+        Each row has id and status (CANCELLED if a cancel was requested meanwhile).
         An id missing from the answer was not this worker's claim any more (stale).
         """
-        items = sorted(items)
-        rows = await self.fetch("complete", *_columns(items, 3), worker_id)
-        return {row["id"] for row in rows}
+        return await self.fetch("complete", *_columns(sorted(items), 3), worker_id)
+
+    async def cancel_running(
+        self, items: Sequence[tuple[uuid.UUID, int]], worker_id: str
+    ) -> list[Row]:
+        """Record attempts ``(id, attempt)`` stopped on an operator's cancel request."""
+        return await self.fetch("cancel_running", *_columns(sorted(items), 2), worker_id)
 
     async def retry(
         self, items: Sequence[tuple[uuid.UUID, int, str, float]], worker_id: str

@@ -10,6 +10,9 @@
   marked owed again and the relay sends them in the same pass. An envelope
   that was not lost after all (held unacked by a busy worker) becomes a
   duplicate, which the claim drops.
+- :meth:`Sweeper.apply_retention` deletes terminal tasks (their events go with
+  them) that finished more than ``retention`` seconds ago, in bounded batches,
+  and forgets workers silent for an hour.
 
 Workers run it with :meth:`Sweeper.start`: under a Postgres advisory lock of
 its own, so one sweeper is active across the fleet, whichever process holds the
@@ -54,6 +57,15 @@ _DATABASE_ERRORS = (
 # pg_advisory_lock key of the active sweeper: "sweep" in ASCII.
 LOCK_KEY = 0x7377656570
 
+# Retention deletes at most this many tasks per statement, and runs at most
+# RETENTION_STATEMENTS statements per pass while they come back full; once a
+# batch is not full, it rests RETENTION_EVERY seconds.
+RETENTION_BATCH = 1000
+RETENTION_STATEMENTS = 3
+RETENTION_EVERY = 30.0
+# Workers silent this long are deleted from the registry (they died uncleanly).
+WORKERS_FORGOTTEN_AFTER = 3600.0
+
 
 class Sweeper:
     """Lease recovery and lost-envelope detection.
@@ -69,7 +81,8 @@ class Sweeper:
         check_every: seconds between lost-envelope checks (each costs one
             passive queue declare per queue).
         batch: the most rows one duty takes per pass.
-        metrics: counts lease recoveries and republishes, if given.
+        retention: seconds after which finished tasks are deleted; 0 keeps them.
+        metrics: counts lease recoveries, republishes and deletions, if given.
     """
 
     def __init__(
@@ -83,8 +96,11 @@ class Sweeper:
         overdue_after: float = 60.0,
         check_every: float = 5.0,
         batch: int = 500,
+        retention: float = 7 * 86400.0,
         metrics: WorkerMetrics | None = None,
     ) -> None:
+        self.retention = retention
+        self._retention_at = -1e9
         self.store = store
         self.publisher = publisher
         self.link = link
@@ -125,7 +141,7 @@ class Sweeper:
     @property
     def duties(self) -> list[Callable[[], Awaitable[Any]]]:
         """The coroutines for ``Relay(duties=...)``."""
-        return [self.recover_expired, self.republish_lost]
+        return [self.recover_expired, self.republish_lost, self.apply_retention]
 
     async def recover_expired(self) -> int:
         """Take back claims whose lease expired and publish them; returns how many."""
@@ -145,8 +161,37 @@ class Sweeper:
                 if row["status"] == "FAILED":
                     self.metrics.dead_lettered.labels(row["queue"], "exhausted").inc()
         # Unpublished ones stay owed; the relay's pass after the grace period sends them.
-        await publish_owed(self.store, self.publisher, rows)
+        # A task whose cancel was requested is CANCELLED now: nothing is owed.
+        owed = [row for row in rows if row["status"] != "CANCELLED"]
+        await publish_owed(self.store, self.publisher, owed)
         return len(rows)
+
+    async def apply_retention(self, *, force: bool = False) -> int:
+        """Delete tasks finished longer than ``retention`` ago; returns how many.
+
+        At most :data:`RETENTION_STATEMENTS` bounded statements per pass, so a
+        large backlog is worked off over several passes without long locks.
+        Runs every :data:`RETENTION_EVERY` seconds unless behind (or ``force``).
+        """
+        if not force and time.monotonic() - self._retention_at < RETENTION_EVERY:
+            return 0
+        self._retention_at = time.monotonic()
+        await self.store.execute("workers_prune", WORKERS_FORGOTTEN_AFTER)
+        if self.retention <= 0:
+            return 0
+        total = 0
+        for _ in range(RETENTION_STATEMENTS):
+            deleted = await self.store.execute("retention_delete", self.retention, RETENTION_BATCH)
+            total += deleted
+            if deleted < RETENTION_BATCH:
+                break
+        else:
+            self._retention_at = -1e9  # behind: go on at the next pass
+        if total:
+            log.info("retention deleted %d finished tasks", total)
+            if self.metrics is not None:
+                self.metrics.retention_deleted.inc(total)
+        return total
 
     async def republish_lost(self) -> int:
         """Mark overdue ENQUEUED tasks of empty work queues owed again; returns how many."""

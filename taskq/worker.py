@@ -43,13 +43,13 @@ from taskq.broker import Link, Publisher
 from taskq.claims import Claimer
 from taskq.consumer import Acker, Buffers, Consumers
 from taskq.errors import ConfigError, StoreError
-from taskq.execution import Runner
+from taskq.execution import CANCEL_GRACE_SECONDS, Runner, heartbeat_interval
 from taskq.handlers import HandlerError, Registry
 from taskq.metrics import WorkerMetrics
 from taskq.outcomes import Finished, Recorder
 from taskq.relay import Outbox, Relay
 from taskq.settings import Settings
-from taskq.store import Store
+from taskq.store import Store, WorkerInfo
 from taskq.sweeper import Sweeper
 
 log = logging.getLogger("taskq.worker")
@@ -77,6 +77,8 @@ class Worker:
         overdue_after: the sweeper's threshold for lost envelopes, in seconds
             (default ``TASKQ_SWEEPER_OVERDUE_AFTER``).
         relay_interval: seconds between relay and sweeper passes.
+        cancel_grace: seconds a handler may go on after it was told that an
+            operator cancelled its task, before its asyncio task is cancelled.
 
     Raises:
         ConfigError: if ``queues`` names a queue not in ``TASKQ_QUEUES``.
@@ -96,6 +98,7 @@ class Worker:
         relay: bool = True,
         overdue_after: float | None = None,
         relay_interval: float = 1.0,
+        cancel_grace: float = CANCEL_GRACE_SECONDS,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -122,6 +125,16 @@ class Worker:
             self.metrics,
             record=self._record,
             release=self._release,
+            cancel_grace=cancel_grace,
+        )
+        self.info = WorkerInfo(
+            id=self.worker_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            queues=tuple(self.queues),
+            concurrency=self.concurrency,
+            prefetch=self.prefetch,
+            heartbeat_seconds=heartbeat_interval(self.lease),
         )
         self._hurry = asyncio.Event()
         self._stopping = False
@@ -165,6 +178,10 @@ class Worker:
         )
         stack.push_async_callback(self.store.close)
         await self._register_types()
+        # In the workers registry from now on (the heartbeat keeps it fresh),
+        # and out of it at a clean stop.
+        await self.store.heartbeat([], self.info, self.lease)
+        stack.push_async_callback(self._leave_registry)
         consume_link = Link(settings.amqp_url, name=f"taskq-worker-consume {self.worker_id}")
         publish_link = Link(settings.amqp_url, name=f"taskq-worker-publish {self.worker_id}")
         for link in (consume_link, publish_link):
@@ -208,7 +225,9 @@ class Worker:
         stack.push_async_callback(self._consumers.close)
         self._loops = [
             asyncio.create_task(self._claimer.run(), name="taskq-claim"),
-            asyncio.create_task(self._runner.heartbeat_loop(self.store), name="taskq-heartbeat"),
+            asyncio.create_task(
+                self._runner.heartbeat_loop(self.store, self.info), name="taskq-heartbeat"
+            ),
             asyncio.create_task(self._types_loop(), name="taskq-types"),
         ]
         stack.push_async_callback(self._cancel_loops)
@@ -222,6 +241,7 @@ class Worker:
                 settings.queues,
                 overdue_after=self._overdue_after,
                 check_every=settings.sweeper_check_every,
+                retention=settings.retention,
                 metrics=self.metrics,
             )
             relay = Relay(
@@ -239,6 +259,10 @@ class Worker:
             self.prefetch,
             len(self.registry),
         )
+
+    async def _leave_registry(self) -> None:
+        with contextlib.suppress(StoreError):
+            await self.store.worker_gone(self.worker_id)
 
     async def _register_types(self) -> None:
         rows = []

@@ -543,7 +543,7 @@ async def test_poison_and_hostile_envelopes_never_block(
             task_id = uuid.uuid4()
             [result] = await h.store.enqueue([NewTask(task_id, "demo.record", "{}")])
             assert result.outcome == "created"
-            await h.store.mark_published([(task_id, 0, "ENQUEUED")])  # keep the relay off it
+            await h.store.mark_published([(task_id, 0)])  # keep the relay off it
             return task_id
 
         forged_death = await unpublished_task()

@@ -143,7 +143,19 @@ OPERATIONS = {
     "GET /types",
     "GET /types/{name}",
     "PUT /types/{name}",
+    "GET /tasks",
+    "POST /tasks/{id}/cancel",
+    "POST /tasks/{id}/retry",
+    "GET /dlq",
+    "POST /dlq/replay",
+    "DELETE /queues/{name}",
+    "GET /workers",
+    "GET /stats",
+    "GET /stream",
 }
+# An endless event stream: the in-process transport would wait for its end.
+# tests/test_stream.py drives it on a real server.
+NOT_FUZZED = {"GET /stream"}
 
 
 def _problem_check(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> None:
@@ -156,13 +168,17 @@ def _problem_check(ctx: Any, response: schemathesis.Response, case: schemathesis
         assert body["title"] and body["detail"], body
 
 
-def _run_at_too_far(response: httpx.Response) -> bool:
-    """A 400 only because run_at lies beyond TASKQ_MAX_DELAY, which depends on the clock."""
+def _unknowable(response: httpx.Response) -> bool:
+    """A 400 only for what the schema cannot say: run_at beyond TASKQ_MAX_DELAY (which
+    depends on the clock), a cursor the API never issued, a confirm that does not
+    repeat the queue's name."""
     if response.status_code != 400:
         return False
     errors = response.json().get("errors", [])
     return bool(errors) and all(
-        e["field"].endswith("run_at") and "ahead" in e["message"] for e in errors
+        (e["field"].endswith("run_at") and "ahead" in e["message"])
+        or e["field"] in ("cursor", "confirm")
+        for e in errors
     )
 
 
@@ -222,7 +238,7 @@ async def test_schemathesis_all_operations(
             _use_registered_type(case)
         before = run(count_tasks(db)) if enqueues else 0
         response = send(case)
-        excluded = [positive_data_acceptance] if _run_at_too_far(response) else []
+        excluded = [positive_data_acceptance] if _unknowable(response) else []
         case.validate_response(
             response, additional_checks=[_problem_check], excluded_checks=excluded
         )
@@ -232,6 +248,8 @@ async def test_schemathesis_all_operations(
     def fuzz_all() -> tuple[list[str], set[str]]:
         failures, negated = [], set()
         for operation in operations:
+            if operation.label in NOT_FUZZED:
+                continue
             for mode in schemathesis.GenerationMode:
 
                 @FUZZ_SETTINGS

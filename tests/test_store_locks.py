@@ -18,7 +18,17 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import pytest
 
-from taskq.store import NewTask, Store
+from taskq.store import NewTask, Store, WorkerInfo
+
+WORKER = WorkerInfo(
+    id="w1",
+    hostname="test",
+    pid=1,
+    queues=["default"],
+    concurrency=1,
+    prefetch=1,
+    heartbeat_seconds=5,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +65,7 @@ Batch = Callable[[Store, uuid.UUID, uuid.UUID], Awaitable[object]]
 
 
 async def mark_published(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
-    return await store.mark_published([(high, 0, "ENQUEUED"), (low, 0, "ENQUEUED")])
+    return await store.mark_published([(high, 0), (low, 0)])
 
 
 async def republish(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
@@ -63,7 +73,7 @@ async def republish(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
 
 
 async def heartbeat(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
-    return await store.heartbeat([high, low], "w1", 30)
+    return await store.heartbeat([high, low], WORKER, 30)
 
 
 @pytest.mark.parametrize("batch", [mark_published, republish, heartbeat], ids=lambda b: b.__name__)

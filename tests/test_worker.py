@@ -170,7 +170,8 @@ async def test_a_stale_worker_cannot_record_an_outcome(settings: Settings) -> No
         # The stale worker cannot fail or retry it either.
         assert await h.store.fail([(task_id, 1, "late")], stale.worker_id) == []
         assert await h.store.retry([(task_id, 1, "late", 0.0)], stale.worker_id) == []
-        assert await h.store.complete([(task_id, 2, '"b"')], "worker-b") == {task_id}
+        recorded = await h.store.complete([(task_id, 2, '"b"')], "worker-b")
+        assert [(r["id"], r["status"]) for r in recorded] == [(task_id, "SUCCEEDED")]
         row = await h.task(task_id)
         assert (row["status"], row["result"]) == ("SUCCEEDED", '"b"')
         assert statuses(await h.events(task_id)).count("SUCCEEDED") == 1

@@ -68,7 +68,7 @@ class Harness:
         assert result.outcome == "created" and result.row is not None, result
         envelope = Envelope(task_id, task_type, 0)
         await self.publisher.publish(envelope, result.row["queue"], delay=result.delay)
-        await self.store.mark_published([(task_id, 0, "ENQUEUED")])
+        await self.store.mark_published([(task_id, 0)])
         return task_id
 
     async def publish_raw(self, queue: str, body: bytes) -> None:

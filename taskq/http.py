@@ -1,0 +1,182 @@
+"""HTTP plumbing shared by the API's modules: problem+json errors, JSON bodies, auth.
+
+Errors become ``application/problem+json`` (RFC 9457) in one place, :func:`endpoint`,
+with the offending field named in ``field`` and every error listed in ``errors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from taskq.errors import IdempotencyConflict, RejectedByDatabase, StoreError
+from taskq.validation import FieldError, InvalidRequest, TooLarge
+
+PROBLEM = "application/problem+json"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Problem(Exception):
+    """An HTTP error answered as problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        errors: list[FieldError] | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+        self.errors = errors or []
+        self.headers = headers
+        self.extra = extra or {}
+
+    def response(self) -> Response:
+        body: dict[str, Any] = {
+            "type": "urn:taskq:problem:" + self.title.lower().replace(" ", "-"),
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors:
+            body["field"] = self.errors[0].field
+            body["errors"] = [{"field": e.field, "message": e.message} for e in self.errors]
+        body.update(self.extra)
+        return Response(orjson.dumps(body), self.status, self.headers, media_type=PROBLEM)
+
+
+def json_default(value: Any) -> str:
+    # asyncpg returns its own UUID class, which orjson does not know.
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(body, default=json_default), status, headers, media_type="application/json"
+    )
+
+
+def _invalid(exc: InvalidRequest) -> Problem:
+    if isinstance(exc, TooLarge):
+        return Problem(413, "Payload too large", str(exc), errors=exc.errors)
+    return Problem(400, "Invalid request", str(exc), errors=exc.errors)
+
+
+def endpoint(route: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
+    """Authentication, the error-to-problem mapping and request counting for one route."""
+
+    def wrap(handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            state = request.app.state
+            try:
+                request.state.actor = "api"
+                if auth and state.settings.api_keys:
+                    request.state.actor = _authenticate(request, state.settings.api_keys)
+                response = await handler(request)
+            except Problem as problem:
+                response = problem.response()
+            except InvalidRequest as exc:
+                response = _invalid(exc).response()
+            except IdempotencyConflict as exc:
+                response = Problem(
+                    409,
+                    "Idempotency conflict",
+                    str(exc),
+                    errors=[FieldError(exc.field, "already used with another request")],
+                    extra={"task_id": str(exc.task_id)},
+                ).response()
+            except RejectedByDatabase as exc:
+                response = Problem(
+                    400, "Invalid request", str(exc), errors=[FieldError("body", str(exc))]
+                ).response()
+            except StoreError as exc:
+                response = Problem(503, "Database unavailable", str(exc)).response()
+            state.metrics.http_requests.labels(route, str(response.status_code)).inc()
+            return response
+
+        return endpoint
+
+    return wrap
+
+
+def key_label(key: str) -> str:
+    """How the event history names the holder of an API key, without revealing it."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def _authenticate(request: Request, keys: list[str]) -> str:
+    """The label of the request's API key; 401 if it has none of ``keys``."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip().encode()
+    # Compare with every key, so the time taken does not say which one matched.
+    matches = [hmac.compare_digest(given, k.encode()) for k in keys]
+    if scheme.lower() != "bearer" or not any(matches):
+        raise Problem(
+            401,
+            "Unauthorized",
+            "a valid API key is required: Authorization: Bearer <key>",
+            errors=[FieldError("authorization", "missing or wrong bearer token")],
+            headers={"WWW-Authenticate": 'Bearer realm="taskq"'},
+        )
+    return key_label(keys[matches.index(True)])
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body parsed as JSON, refusing other media types and oversized bodies."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise Problem(
+            415,
+            "Unsupported media type",
+            f"send application/json, not {media or 'no content type'}",
+            errors=[FieldError("content-type", "must be application/json")],
+        )
+    too_large = Problem(
+        413,
+        "Payload too large",
+        f"the body exceeds {limit} bytes",
+        errors=[FieldError("body", f"larger than {limit} bytes")],
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(
+            400, "Invalid request", f"malformed JSON: {exc}", errors=[FieldError("body", str(exc))]
+        ) from None
+
+
+def actor(request: Request) -> str:
+    """Who made the request, as the event history records it."""
+    return str(getattr(request.state, "actor", "api"))
+
+
+def task_id(request: Request) -> uuid.UUID:
+    """The task id in the path; 404 if it cannot be one."""
+    try:
+        return uuid.UUID(request.path_params["id"])
+    except ValueError:
+        raise Problem(404, "Not found", "no such task") from None
