@@ -122,7 +122,7 @@ class Bench:
         await many.close()
         self.add(w, "Python client, enqueue_many(500) x 4 concurrent", rate, "tasks/s")
         # Leave a clean slate for the workloads with workers: nothing queued, no rows.
-        await self.wait_published(30)
+        await self.wait_published(120)
         amqp = await aio_pika.connect(AMQP_URL)
         channel = await amqp.channel()
         for queue in self.sandbox.settings.topology().queues:
