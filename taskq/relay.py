@@ -33,6 +33,14 @@ log = logging.getLogger("taskq.relay")
 # pg_advisory_lock key of the active relay: "relay" in ASCII.
 LOCK_KEY = 0x72656C6179
 
+# How old an owed row must be before the relay publishes it: younger ones are
+# the outboxes' to publish. An outbox leaves to the relay any row that waited
+# longer than OUTBOX_MAX_WAIT, so the two never publish the same row.
+RELAY_GRACE = 5.0
+OUTBOX_MAX_WAIT = RELAY_GRACE / 2
+# At most one log line per this many seconds about rows left to the relay.
+HANDOVER_LOG_SECONDS = 10.0
+
 HEADER_REASON = "x-taskq-reason"
 HEADER_ATTEMPTS = "x-taskq-attempts"
 HEADER_ORIGIN = "x-taskq-origin-queue"
@@ -87,11 +95,19 @@ class Outbox:
     row the outbox cannot publish (broker down, queue full, process stopping)
     stays owed in Postgres, and the relay publishes it later.
 
+    A row that waited in the outbox longer than ``max_wait`` (enqueues outpace
+    the broker) is not published here but left owed: the relay takes rows only
+    once they are :data:`RELAY_GRACE` old, so were the outbox to publish such a
+    row late, the relay could publish it too, and the broker and the workers
+    would carry every one of those tasks twice.
+
     Args:
         store: where confirmed publishes are recorded (in batches, by a :class:`Marker`).
         publisher: the confirming publisher.
         in_flight: how many publishes await their confirm at once.
         capacity: rows waiting beyond that; more are left to the relay.
+        max_wait: seconds a row may wait for its publish to start; older ones
+            are left to the relay. Keep it well below the relay's grace.
         on_failure: called once per publish that failed.
     """
 
@@ -102,6 +118,7 @@ class Outbox:
         *,
         in_flight: int = 256,
         capacity: int = 50_000,
+        max_wait: float = OUTBOX_MAX_WAIT,
         on_failure: Callable[[], None] | None = None,
     ) -> None:
         self._publisher = publisher
@@ -109,7 +126,11 @@ class Outbox:
         self._marker = Marker(store)
         self._on_failure = on_failure
         self._in_flight = in_flight
+        self._max_wait = max_wait
         self._tasks: list[asyncio.Task[None]] = []
+        self.handed_over = 0  # rows left to the relay because they waited too long
+        self._logged_at = -HANDOVER_LOG_SECONDS
+        self._logged_count = 0
 
     def start(self) -> None:
         self._marker.start()
@@ -120,22 +141,37 @@ class Outbox:
 
     def submit(self, row: Row) -> bool:
         """Queue ``row`` for publishing; False if full (the relay will publish it)."""
-        due = time.monotonic() + row["delay"]
         try:
-            self._queue.put_nowait((row, due))
+            self._queue.put_nowait((row, time.monotonic()))
         except asyncio.QueueFull:
             return False
         return True
 
     async def _run(self) -> None:
         while True:
-            row, due = await self._queue.get()
-            delay = max(0.0, due - time.monotonic()) if row["status"] == "ENQUEUED" else 0.0
-            if await publish_row(self._publisher, row, delay=delay):
-                self._marker.add(row["id"], row["attempts"], row["status"])
-            elif self._on_failure is not None:
-                self._on_failure()
+            row, submitted = await self._queue.get()
+            waited = time.monotonic() - submitted
+            if waited > self._max_wait:
+                self._hand_over()
+            else:
+                delay = max(0.0, row["delay"] - waited) if row["status"] == "ENQUEUED" else 0.0
+                if await publish_row(self._publisher, row, delay=delay):
+                    self._marker.add(row["id"], row["attempts"], row["status"])
+                elif self._on_failure is not None:
+                    self._on_failure()
             self._queue.task_done()
+
+    def _hand_over(self) -> None:
+        """Count a row left owed for the relay; say so now and then."""
+        self.handed_over += 1
+        now = time.monotonic()
+        if now - self._logged_at >= HANDOVER_LOG_SECONDS:
+            log.info(
+                "the broker falls behind: %d envelopes waited over %gs and are left to the relay",
+                self.handed_over - self._logged_count,
+                self._max_wait,
+            )
+            self._logged_at, self._logged_count = now, self.handed_over
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the queued rows to be published."""
@@ -213,7 +249,7 @@ class Relay:
         publisher: Publisher,
         *,
         interval: float = 1.0,
-        grace: float = 5.0,
+        grace: float = RELAY_GRACE,
         batch: int = 500,
         duties: Sequence[Callable[[], Awaitable[Any]]] = (),
     ) -> None:
