@@ -161,6 +161,7 @@ class Bench:
         before = await self.sandbox.db.fetchval(SUCCEEDED)
         profilers = self.start_profilers() if a.profile else []
         deliveries = await asyncio.to_thread(self.sandbox.deliveries)
+        batches = await asyncio.to_thread(self.sandbox.batches)
         cpu = self.sandbox.cpu()
         started = time.perf_counter()
         feeding = asyncio.create_task(enqueue_chunks(client, "demo.noop", a.tasks))
@@ -184,6 +185,12 @@ class Bench:
         dropped = delta.get("duplicate", 0.0) + delta.get("terminal", 0.0)
         self.add(w, "  envelopes delivered per task", sum(delta.values()) / a.tasks, "", "1.00")
         self.add(w, "  duplicates dropped by the claim", dropped, "")
+        now = await asyncio.to_thread(self.sandbox.batches)
+        for statement in ("claim", "complete"):
+            rows, count = now.get(statement, (0.0, 0.0))
+            rows_before, count_before = batches.get(statement, (0.0, 0.0))
+            mean = (rows - rows_before) / max(count - count_before, 1.0)
+            self.add(w, f"  rows per {statement} statement, mean", mean, "")
 
     def cpu_since(self, before: dict[str, float]) -> dict[str, float]:
         """CPU seconds each process (api, workers, bench) used since ``before``."""

@@ -177,6 +177,18 @@ class Sandbox:
                 total[decision] = total.get(decision, 0.0) + value
         return total
 
+    def batches(self) -> dict[str, tuple[float, float]]:
+        """The workers' statements so far: (rows, statements) by statement (claim, complete)."""
+        total: dict[str, tuple[float, float]] = {}
+        for n in range(len(self.workers)):
+            port = self.metrics_port(n)
+            rows = scrape_counter(port, "taskq_worker_batch_size_sum", "statement")
+            count = scrape_counter(port, "taskq_worker_batch_size_count", "statement")
+            for statement, value in rows.items():
+                before = total.get(statement, (0.0, 0.0))
+                total[statement] = (before[0] + value, before[1] + count.get(statement, 0.0))
+        return total
+
     def cpu(self) -> dict[str, float]:
         """CPU seconds used so far by the API, the workers (summed) and this process."""
         assert self.api is not None

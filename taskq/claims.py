@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -127,6 +128,7 @@ class Claimer:
         task.add_done_callback(self._background.discard)
 
     async def _claim(self, batch: list[Delivery]) -> None:
+        self.metrics.batch_size.labels("claim").observe(len(batch))
         try:
             rows = await self.store.claim(
                 [d.envelope.id for d in batch], self.worker_id, self.lease
@@ -146,11 +148,12 @@ class Claimer:
         by_id = {row["id"]: row for row in rows}
         acks = []
         unused = 0
+        counts: Counter[tuple[str, str]] = Counter()
         for delivery in batch:
             row = by_id.pop(delivery.envelope.id, None)
             # A second delivery of an id in the same batch is a duplicate.
             decision = "duplicate" if row is None else row["decision"]
-            self.metrics.deliveries.labels(delivery.queue, decision).inc()
+            counts[delivery.queue, decision] += 1
             if decision == "claimed":
                 assert row is not None
                 acks.append(delivery)
@@ -161,6 +164,8 @@ class Claimer:
                 acks.append(delivery)
             else:
                 self._spawn(self._settle_unclaimed(delivery, decision, row))
+        for (queue, decision), count in counts.items():
+            self.metrics.deliveries.labels(queue, decision).inc(count)
         self._claims -= 1
         self.release(unused)
         await self._acker.ack(acks)

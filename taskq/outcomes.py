@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -109,6 +110,7 @@ class Recorder:
                 self._idle.set()
 
     async def _record(self, kind: Kind, items: list[Finished]) -> None:
+        self._metrics.batch_size.labels(kind).observe(len(items))
         try:
             recorded = await self._write(kind, items)
         except StoreError as exc:
@@ -134,10 +136,11 @@ class Recorder:
             for item in items:
                 self._on_recorded(item.id, item.attempt)
             return
+        processed: Counter[tuple[str, str, str]] = Counter()
         for item in items:
             stale = item.id not in recorded
             outcome = "stale" if stale else _OUTCOME_LABEL[kind]
-            self._metrics.processed.labels(item.type, item.queue, outcome).inc()
+            processed[item.type, item.queue, outcome] += 1
             self._on_recorded(item.id, item.attempt)
             if stale:
                 log.warning(
@@ -157,6 +160,8 @@ class Recorder:
                 self._publish(row, "FAILED", item.error)
             elif kind == "give_back":
                 self._publish(row, "ENQUEUED", None)
+        for (task_type, queue, outcome), count in processed.items():
+            self._metrics.processed.labels(task_type, queue, outcome).inc(count)
 
     def _rejected(self, kind: Kind, item: Finished, exc: RejectedByDatabase) -> None:
         """An outcome the database refuses: trying again would fail the same way."""
