@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -96,10 +97,11 @@ class Outbox:
     stays owed in Postgres, and the relay publishes it later.
 
     A row that waited in the outbox longer than ``max_wait`` (enqueues outpace
-    the broker) is not published here but left owed: the relay takes rows only
-    once they are :data:`RELAY_GRACE` old, so were the outbox to publish such a
-    row late, the relay could publish it too, and the broker and the workers
-    would carry every one of those tasks twice.
+    the broker) is not published here but handed to the relay, woken by a
+    NOTIFY to publish it at once: the relay takes unannounced rows only once
+    they are :data:`RELAY_GRACE` old, so were the outbox to publish such a row
+    late, the relay could publish it too, and the broker and the workers would
+    carry every one of those tasks twice.
 
     Args:
         store: where confirmed publishes are recorded (in batches, by a :class:`Marker`).
@@ -152,7 +154,7 @@ class Outbox:
             row, submitted = await self._queue.get()
             waited = time.monotonic() - submitted
             if waited > self._max_wait:
-                self._hand_over()
+                self._hand_over(row["id"])
             else:
                 delay = max(0.0, row["delay"] - waited) if row["status"] == "ENQUEUED" else 0.0
                 if await publish_row(self._publisher, row, delay=delay):
@@ -161,8 +163,9 @@ class Outbox:
                     self._on_failure()
             self._queue.task_done()
 
-    def _hand_over(self) -> None:
-        """Count a row left owed for the relay; say so now and then."""
+    def _hand_over(self, task_id: uuid.UUID) -> None:
+        """Leave a row owed for the relay and wake it; say so now and then."""
+        self._marker.hand_over(task_id)
         self.handed_over += 1
         now = time.monotonic()
         if now - self._logged_at >= HANDOVER_LOG_SECONDS:
@@ -188,13 +191,15 @@ class Outbox:
 
 
 class Marker:
-    """Collects confirmed publishes and records them in batched statements."""
+    """Collects confirmed publishes and records them in batched statements; also
+    tells the relay, in batches, of the rows an outbox left to it."""
 
     def __init__(self, store: Store, *, interval: float = 0.05, batch: int = 1000) -> None:
         self._store = store
         self._interval = interval
         self._batch = batch
         self._pending: list[tuple[uuid.UUID, int, str]] = []
+        self._handed: list[uuid.UUID] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -202,6 +207,9 @@ class Marker:
         self._pending.append((task_id, attempts, status))
         if len(self._pending) >= self._batch:
             self._wake.set()
+
+    def hand_over(self, task_id: uuid.UUID) -> None:
+        self._handed.append(task_id)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="taskq-marker")
@@ -215,11 +223,18 @@ class Marker:
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, []
+        handed, self._handed = self._handed, []
         try:
             await self._store.mark_published(pending)
         except StoreError as exc:
             # The rows stay owed; the relay publishes them again (a harmless duplicate).
             log.warning("could not record %d publishes: %s", len(pending), exc)
+        if handed:
+            try:
+                await self._store.notify_owed(handed)
+            except StoreError as exc:
+                # Owed all the same: the relay's pass after its grace publishes them.
+                log.warning("could not wake the relay for %d envelopes: %s", len(handed), exc)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -307,8 +322,9 @@ class Relay:
     async def pass_once(self) -> int:
         """Publish what is owed now; run the extra duties. Returns how many were published."""
         published = 0
-        if self._notified:
-            ids, self._notified = list(self._notified), set()
+        while self._notified:
+            ids = list(itertools.islice(self._notified, self.batch))
+            self._notified.difference_update(ids)
             rows = await self.store.fetch("publish_owed_ids", ids)
             published += await publish_owed(self.store, self.publisher, rows)
         for duty in self.duties:
