@@ -29,8 +29,13 @@ from taskq.store import Row, Store
 log = logging.getLogger("taskq.worker")
 
 CLAIM_BATCH = 200
-# Two claims in flight: one collects while the other runs.
+# Two claims in flight at most. The first starts as soon as anything is
+# buffered (low latency when idle); a second only once a quarter of a full
+# batch (or of the concurrency, if smaller) is waiting, so that under load
+# deliveries collect while a claim runs instead of each arriving envelope
+# starting a claim (and an ack) of its own.
 CLAIMS_IN_FLIGHT = 2
+SECOND_CLAIM_MIN = CLAIM_BATCH // 4
 STORE_RETRY_SECONDS = 1.0
 
 
@@ -105,12 +110,10 @@ class Claimer:
         while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
-            while (
-                not self._stopping
-                and self._buffers
-                and self._reserved < self.concurrency
-                and self._claims < CLAIMS_IN_FLIGHT
-            ):
+            # Deliveries read in the same socket read are dispatched one task
+            # each: let them reach the buffer before taking a batch.
+            await asyncio.sleep(0)
+            while not self._stopping and self._may_claim():
                 batch = self._buffers.take(min(self.concurrency - self._reserved, CLAIM_BATCH))
                 if not batch:
                     break
@@ -121,6 +124,15 @@ class Claimer:
         while self._claims:
             await self._wake.wait()
             self._wake.clear()
+
+    def _may_claim(self) -> bool:
+        """Whether to start a claim now: deliveries and slots are there, and it is
+        the only claim in flight or a sizeable batch is waiting."""
+        free = self.concurrency - self._reserved
+        if not self._buffers or free <= 0 or self._claims >= CLAIMS_IN_FLIGHT:
+            return False
+        enough = max(1, min(SECOND_CLAIM_MIN, self.concurrency // 4))
+        return self._claims == 0 or min(len(self._buffers), free) >= enough
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
