@@ -5,7 +5,8 @@ Starts the API and K workers itself against a fresh database and namespace on
 the local Postgres and RabbitMQ, stops everything and cleans up, then prints a
 table and one JSON line per figure.
 
-    scripts/bench [--quick] [--workers K] [--concurrency N] [--peer celery] [--peer dramatiq]
+    scripts/bench [--quick] [--runs N] [--workers K] [--concurrency N] [--peer celery]
+                  [--peer dramatiq] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -97,13 +99,16 @@ class Bench:
     async def enqueue_workloads(self) -> None:
         a, port = self.args, self.args.port
         await single_requests(port, a.clients, 1.0)  # warm up
+        cpu = self.sandbox.cpu()
         single = await single_requests(port, a.clients, a.seconds)
+        used = self.cpu_since(cpu)
         w = "1 enqueue"
         self.add(w, f"single POST /enqueue, {a.clients} clients", single["requests_per_s"], "req/s",
                  ">= 1500")  # fmt: skip
         self.add(w, "  latency p50", single["p50_ms"], "ms")
         self.add(w, "  latency p99", single["p99_ms"], "ms", "<= 50")
         self.add(w, "  errors", single["errors"], "")
+        self.add_cpu(w, used, single["requests"], "  API CPU per 1000 requests", ("api",))
         batch = await batch_requests(port, a.batches, 500, 4)
         w = "2 batch"
         self.add(w, "POST /enqueue/batch, 500/request", batch["tasks_per_s"], "tasks/s", ">= 10000")
@@ -117,7 +122,7 @@ class Bench:
         await many.close()
         self.add(w, "Python client, enqueue_many(500) x 4 concurrent", rate, "tasks/s")
         # Leave a clean slate for the workloads with workers: nothing queued, no rows.
-        await self.wait_published(30)
+        await self.wait_published(120)
         amqp = await aio_pika.connect(AMQP_URL)
         channel = await amqp.channel()
         for queue in self.sandbox.settings.topology().queues:
@@ -139,6 +144,7 @@ class Bench:
         await enqueue_chunks(client, "demo.noop", a.tasks)
         await self.wait_published(60)
         spawned = time.perf_counter()
+        cpu = self.sandbox.cpu()
         self.sandbox.start_workers(a.workers, a.concurrency, a.prefetch)
         end = await self.wait_succeeded(a.tasks, max(120.0, a.tasks / 50))
         span = await self.sandbox.db.fetchval(
@@ -147,21 +153,54 @@ class Bench:
         w = "3 end to end"
         self.add(w, f"preloaded backlog drain, {a.tasks} tasks", a.tasks / float(span), "tasks/s")
         self.add(w, "  same, from spawning the workers", a.tasks / (end - spawned), "tasks/s")
+        used = self.cpu_since(cpu)
+        self.add_cpu(w, used, a.tasks, "  worker CPU per 1000 tasks, with start-up", ("workers",))
 
     async def end_to_end(self, client: Client) -> None:
         a = self.args
         before = await self.sandbox.db.fetchval(SUCCEEDED)
         profilers = self.start_profilers() if a.profile else []
+        deliveries = await asyncio.to_thread(self.sandbox.deliveries)
+        batches = await asyncio.to_thread(self.sandbox.batches)
+        cpu = self.sandbox.cpu()
         started = time.perf_counter()
         feeding = asyncio.create_task(enqueue_chunks(client, "demo.noop", a.tasks))
         end = await self.wait_succeeded(before + a.tasks, max(120.0, a.tasks / 50))
         await feeding
+        used = self.cpu_since(cpu)
+        w = "3 end to end"
+        self.add(w, f"end to end, {a.tasks} demo.noop", a.tasks / (end - started),
+                 "tasks/s", ">= 10x celery+pg, 1.5x celery")  # fmt: skip
+        self.add_cpu(w, used, a.tasks, "  worker CPU per 1000 tasks", ("workers",))
+        self.add_cpu(w, used, a.tasks, "  API CPU per 1000 tasks (its relay)", ("api",))
+        self.add_cpu(w, used, a.tasks, "  enqueuer CPU per 1000 tasks (Python client)", ("bench",))
         for profiler in profilers:  # py-spy writes its profile on SIGINT
             profiler.send_signal(signal.SIGINT)
         for profiler in profilers:
             profiler.wait(30)
-        self.add("3 end to end", f"end to end, {a.tasks} demo.noop", a.tasks / (end - started),
-                 "tasks/s", ">= 10x celery+pg, 1.5x celery")  # fmt: skip
+        # Envelopes published twice (e.g. by an outbox and a relay) arrive late: let them.
+        await asyncio.sleep(2.0)
+        after = await asyncio.to_thread(self.sandbox.deliveries)
+        delta = {k: v - deliveries.get(k, 0.0) for k, v in after.items()}
+        dropped = delta.get("duplicate", 0.0) + delta.get("terminal", 0.0)
+        self.add(w, "  envelopes delivered per task", sum(delta.values()) / a.tasks, "", "1.00")
+        self.add(w, "  duplicates dropped by the claim", dropped, "")
+        now = await asyncio.to_thread(self.sandbox.batches)
+        for statement in ("claim", "complete"):
+            rows, count = now.get(statement, (0.0, 0.0))
+            rows_before, count_before = batches.get(statement, (0.0, 0.0))
+            mean = (rows - rows_before) / max(count - count_before, 1.0)
+            self.add(w, f"  rows per {statement} statement, mean", mean, "")
+
+    def cpu_since(self, before: dict[str, float]) -> dict[str, float]:
+        """CPU seconds each process (api, workers, bench) used since ``before``."""
+        return {part: value - before[part] for part, value in self.sandbox.cpu().items()}
+
+    def add_cpu(
+        self, workload: str, used: dict[str, float], count: int, name: str, parts: tuple[str, ...]
+    ) -> None:
+        """A figure: the CPU seconds of ``parts`` in ``used``, per 1000 of ``count``."""
+        self.add(workload, name, sum(used[part] for part in parts) * 1000 / count, "s")
 
     def start_profilers(self) -> list[subprocess.Popen[bytes]]:
         """py-spy on the API and every worker, collapsed stacks into --profile DIR."""
@@ -271,12 +310,20 @@ class Bench:
                                 a.workers,
                                 a.peer_concurrency or default,
                                 self.sandbox.database_url,
-                                a.tasks,
+                                self.peer_tasks(variant),
                                 a.latency_tasks,
                             )
                             self.add_peer(variant, VARIANTS[variant], figures)
         finally:
             await self.sandbox.close()
+
+    def peer_tasks(self, variant: str) -> int:
+        """Tasks per peer workload: --tasks, but at most --slow-peer-tasks for Celery
+        with Postgres results (~260 tasks/s: 20,000 would take minutes; its rate is
+        steady long before 5,000)."""
+        if variant == "celery+pg":
+            return min(self.args.tasks, self.args.slow_peer_tasks)
+        return int(self.args.tasks)
 
     def add_peer(self, variant: str, label: str, figures: dict[str, float]) -> None:
         ours = {f.name.split(",")[0]: f.value for f in self.figures if f.workload[0] in "34"}
@@ -285,34 +332,61 @@ class Bench:
             ("e2e_tasks_per_s", "end to end", "tasks/s", "end to end"),
             ("drain_tasks_per_s", "preloaded backlog drain", "tasks/s", "preloaded backlog drain"),
         ):
-            self.add(w, f"{label}: {name}", figures[key], unit)
+            self.add(w, f"{label}: {name}, {figures['tasks']:.0f} tasks", figures[key], unit)
             self.add(w, "  taskq / peer (higher: taskq faster)", ours[mine] / figures[key], "x")
         latency = [f for f in self.figures if f.workload.startswith("4")]
         for key, f in zip(("latency_p50_ms", "latency_p99_ms"), latency, strict=True):
             self.add(w, f"{label}: start latency {key[8:11]}", figures[key], "ms")
             self.add(w, "  taskq / peer (lower: taskq faster)", f.value / figures[key], "x")
 
-    def report(self) -> None:
+    def header(self) -> str:
         a = self.args
-        print()
-        print(
+        return (
             f"taskq bench: {a.workers} worker(s) x concurrency {a.concurrency}, prefetch "
             f"{a.prefetch}; {os.cpu_count()} CPUs; peers: {', '.join(a.peer) or 'none'}"
             f" (Celery prefork x {a.peer_concurrency or os.cpu_count()} per worker,"
             f" Dramatiq {a.workers} process(es) x {a.peer_concurrency or 8} threads)"
         )
-        print(f"{'figure':<58} {'value':>12} {'unit':<8} target")
-        workload = ""
-        for f in self.figures:
-            if f.workload != workload:
-                workload = f.workload
-                print(f"[{workload}]")
-            value = f"{f.value:.2f}" if abs(f.value) < 100 else f"{f.value:.0f}"
-            print(f"{f.name:<58} {value:>12} {f.unit:<8} {f.target}")
-        print()
-        for f in self.figures:
-            line = {"bench": "taskq", "workload": f.workload, "figure": f.name.strip()}
+
+
+def _value(value: float) -> str:
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def report(header: str, runs: list[list[Figure]], seconds: list[float]) -> None:
+    """The table (one column per run and their median when there are several), then JSON lines."""
+    print()
+    print(header)
+    several = len(runs) > 1
+    columns = [f"run {n + 1}" for n in range(len(runs))] + ["median"] if several else ["value"]
+    print(f"{'figure':<58} " + " ".join(f"{c:>9}" for c in columns) + f" {'unit':<8} target")
+    workload = ""
+    for n, f in enumerate(runs[0]):
+        if f.workload != workload:
+            workload = f.workload
+            print(f"[{workload}]")
+        values = [run[n].value for run in runs]
+        if several:
+            values.append(statistics.median(values))
+        cells = " ".join(f"{_value(v):>9}" for v in values)
+        print(f"{f.name:<58} {cells} {f.unit:<8} {f.target}")
+    print("wall time per run: " + ", ".join(f"{s:.0f} s" for s in seconds))
+    print()
+    for r, run in enumerate(runs):
+        for f in run:
+            line = {
+                "bench": "taskq",
+                "run": r + 1,
+                "workload": f.workload,
+                "figure": f.name.strip(),
+            }
             print(json.dumps({**line, "value": round(f.value, 4), "unit": f.unit}))
+    if several:
+        for n, f in enumerate(runs[0]):
+            value = statistics.median(run[n].value for run in runs)
+            line = {"bench": "taskq", "run": "median", "workload": f.workload}
+            print(json.dumps({**line, "figure": f.name.strip(), "value": round(value, 4),
+                              "unit": f.unit}))  # fmt: skip
 
 
 def main() -> None:
@@ -334,6 +408,13 @@ def main() -> None:
     parser.add_argument(
         "--profile", metavar="DIR", help="py-spy the API and workers during end to end into DIR"
     )
+    parser.add_argument("--runs", type=int, default=1, help="repeat, then print medians too")
+    parser.add_argument(
+        "--slow-peer-tasks",
+        type=int,
+        default=5000,
+        help="tasks for Celery with Postgres results (default 5000; the others run --tasks)",
+    )
     parser.add_argument("--port", type=int, default=18932)
     args = parser.parse_args()
     quick = args.quick
@@ -345,9 +426,26 @@ def main() -> None:
     args.client_tasks = 2000 if quick else 20000
     args.latency_tasks = 100 if quick else 300
     args.retry_tasks = 10 if quick else 20
-    bench = Bench(args)
-    asyncio.run(bench.run())
-    bench.report()
+    runs: list[list[Figure]] = []
+    seconds: list[float] = []
+    header = ""
+    for n in range(args.runs):
+        started = time.monotonic()
+        bench = Bench(args)
+        asyncio.run(bench.run())
+        seconds.append(time.monotonic() - started)
+        header = bench.header()
+        if args.runs > 1:
+            print(f"--- run {n + 1} of {args.runs}")
+            report(header, [bench.figures], seconds[-1:])
+        if runs and [(f.workload, f.unit) for f in runs[0]] != [
+            (f.workload, f.unit) for f in bench.figures
+        ]:
+            raise RuntimeError("the runs measured different figures")
+        runs.append(bench.figures)
+    if args.runs > 1:
+        print(f"--- median of {args.runs} runs")
+    report(header, runs, seconds)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,28 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a live process has used so far, in seconds."""
+    # Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape_counter(port: int, name: str, label: str) -> dict[str, float]:
+    """Sum the samples of counter ``name`` on a /metrics endpoint by one ``label``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        match = re.search(label + r'="([^"]*)"', labels)
+        if match is not None:
+            sums[match[1]] = sums.get(match[1], 0.0) + float(value)
+    return sums
+
+
 class Sandbox:
     """A fresh database and namespace on the local services, with the API and
     workers started as subprocesses; :meth:`close` stops them and removes both."""
@@ -133,10 +157,46 @@ class Sandbox:
         raise RuntimeError("the API did not start listening")
 
     def start_workers(self, count: int, concurrency: int, prefetch: int) -> None:
+        """Start ``count`` workers; worker n serves its metrics on :meth:`metrics_port`."""
         for _ in range(count):
             command = [sys.executable, "-m", "taskq", "worker", "taskq.demo"]
             command += ["--concurrency", str(concurrency), "--prefetch", str(prefetch)]
+            command += ["--metrics-port", str(self.metrics_port(len(self.workers)))]
+            command += ["--metrics-host", "127.0.0.1"]
             self.workers.append(subprocess.Popen(command, env=self.env))
+
+    def metrics_port(self, worker: int) -> int:
+        return self.port + 1 + worker
+
+    def deliveries(self) -> dict[str, float]:
+        """The workers' deliveries so far by claim decision (claimed, duplicate, terminal, ...)."""
+        total: dict[str, float] = {}
+        for n in range(len(self.workers)):
+            counts = scrape_counter(self.metrics_port(n), "taskq_deliveries_total", "decision")
+            for decision, value in counts.items():
+                total[decision] = total.get(decision, 0.0) + value
+        return total
+
+    def batches(self) -> dict[str, tuple[float, float]]:
+        """The workers' statements so far: (rows, statements) by statement (claim, complete)."""
+        total: dict[str, tuple[float, float]] = {}
+        for n in range(len(self.workers)):
+            port = self.metrics_port(n)
+            rows = scrape_counter(port, "taskq_worker_batch_size_sum", "statement")
+            count = scrape_counter(port, "taskq_worker_batch_size_count", "statement")
+            for statement, value in rows.items():
+                before = total.get(statement, (0.0, 0.0))
+                total[statement] = (before[0] + value, before[1] + count.get(statement, 0.0))
+        return total
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the API, the workers (summed) and this process."""
+        assert self.api is not None
+        return {
+            "api": cpu_seconds(self.api.pid),
+            "workers": sum(cpu_seconds(w.pid) for w in self.workers),
+            "bench": time.process_time(),
+        }
 
     async def wait_consumers(self, count: int, timeout: float = 30.0) -> None:
         """Wait until ``count`` consumers listen on the default work queue."""

@@ -104,6 +104,8 @@ FROM tasks t WHERE t.idempotency_key = ANY($1::text[]);
 -- Wakes the relay when the enclosing transaction commits (notifications are
 -- delivered only on commit): how a task enqueued inside a caller's own
 -- transaction gets published without waiting for the relay's next pass.
+-- Outside a transaction it wakes the relay at once (an outbox that fell
+-- behind hands its oldest rows over this way).
 -- $1: channel, $2: payload (comma-separated task ids)
 SELECT pg_notify($1, $2);
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +29,13 @@ from taskq.store import Row, Store
 log = logging.getLogger("taskq.worker")
 
 CLAIM_BATCH = 200
-# Two claims in flight: one collects while the other runs.
+# Two claims in flight at most. The first starts as soon as anything is
+# buffered (low latency when idle); a second only once a quarter of a full
+# batch (or of the concurrency, if smaller) is waiting, so that under load
+# deliveries collect while a claim runs instead of each arriving envelope
+# starting a claim (and an ack) of its own.
 CLAIMS_IN_FLIGHT = 2
+SECOND_CLAIM_MIN = CLAIM_BATCH // 4
 STORE_RETRY_SECONDS = 1.0
 
 
@@ -104,12 +110,10 @@ class Claimer:
         while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
-            while (
-                not self._stopping
-                and self._buffers
-                and self._reserved < self.concurrency
-                and self._claims < CLAIMS_IN_FLIGHT
-            ):
+            # Deliveries read in the same socket read are dispatched one task
+            # each: let them reach the buffer before taking a batch.
+            await asyncio.sleep(0)
+            while not self._stopping and self._may_claim():
                 batch = self._buffers.take(min(self.concurrency - self._reserved, CLAIM_BATCH))
                 if not batch:
                     break
@@ -121,12 +125,22 @@ class Claimer:
             await self._wake.wait()
             self._wake.clear()
 
+    def _may_claim(self) -> bool:
+        """Whether to start a claim now: deliveries and slots are there, and it is
+        the only claim in flight or a sizeable batch is waiting."""
+        free = self.concurrency - self._reserved
+        if not self._buffers or free <= 0 or self._claims >= CLAIMS_IN_FLIGHT:
+            return False
+        enough = max(1, min(SECOND_CLAIM_MIN, self.concurrency // 4))
+        return self._claims == 0 or min(len(self._buffers), free) >= enough
+
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _claim(self, batch: list[Delivery]) -> None:
+        self.metrics.batch_size.labels("claim").observe(len(batch))
         try:
             rows = await self.store.claim(
                 [d.envelope.id for d in batch], self.worker_id, self.lease
@@ -146,11 +160,12 @@ class Claimer:
         by_id = {row["id"]: row for row in rows}
         acks = []
         unused = 0
+        counts: Counter[tuple[str, str]] = Counter()
         for delivery in batch:
             row = by_id.pop(delivery.envelope.id, None)
             # A second delivery of an id in the same batch is a duplicate.
             decision = "duplicate" if row is None else row["decision"]
-            self.metrics.deliveries.labels(delivery.queue, decision).inc()
+            counts[delivery.queue, decision] += 1
             if decision == "claimed":
                 assert row is not None
                 acks.append(delivery)
@@ -161,6 +176,8 @@ class Claimer:
                 acks.append(delivery)
             else:
                 self._spawn(self._settle_unclaimed(delivery, decision, row))
+        for (queue, decision), count in counts.items():
+            self.metrics.deliveries.labels(queue, decision).inc(count)
         self._claims -= 1
         self.release(unused)
         await self._acker.ack(acks)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from aio_pika import DeliveryMode, Message
 
 from taskq.errors import TaskqError
@@ -45,10 +46,11 @@ class Envelope:
     attempt: int
 
     def body(self) -> bytes:
-        return json.dumps(
-            {"id": str(self.id), "type": self.type, "attempt": self.attempt},
-            separators=(",", ":"),
-        ).encode()
+        data = {"id": str(self.id), "type": self.type, "attempt": self.attempt}
+        try:
+            return orjson.dumps(data)
+        except orjson.JSONEncodeError:  # an attempt beyond 64 bits: only forged envelopes
+            return json.dumps(data, separators=(",", ":")).encode()
 
     def to_message(
         self,
@@ -86,13 +88,29 @@ class Envelope:
         if len(body) > MAX_BODY_BYTES:
             raise InvalidEnvelope(f"body of {len(body)} bytes is too large for an envelope")
         try:
-            data = json.loads(body)
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = cls._loads_strictly(body)
+        else:
+            if isinstance(data, dict) and isinstance(data.get("attempt"), float):
+                data = cls._loads_strictly(body)  # orjson reads integers beyond 64 bits as floats
+        if not isinstance(data, dict):
+            raise InvalidEnvelope("body is not a JSON object")
+        return cls._from_dict(data)
+
+    @staticmethod
+    def _loads_strictly(body: bytes) -> Any:
+        """Decode with the standard library what orjson refused (to say why) or read
+        differently (integers beyond 64 bits), so the answer is the same either way."""
+        try:
+            return json.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidEnvelope(f"body is not JSON: {exc}") from None
         except RecursionError:  # a few kilobytes of "[[[[..." nest deeper than the stack
             raise InvalidEnvelope("body is JSON nested too deeply for an envelope") from None
-        if not isinstance(data, dict):
-            raise InvalidEnvelope("body is not a JSON object")
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> Envelope:
         try:
             task_id = uuid.UUID(data["id"])
         except (KeyError, TypeError, ValueError, AttributeError):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import orjson
+from prometheus_client import Histogram
 
 from taskq import backoff
 from taskq.errors import StoreError, TaskqError
@@ -98,6 +99,7 @@ class Runner:
         self._release = release
         self._default_backoff = backoff.from_settings(settings)
         self._backoffs: dict[str, backoff.Backoff | None] = {}
+        self._children: dict[tuple[Histogram, str], Histogram] = {}
 
     def load_backoffs(self, type_rows: list[Row]) -> None:
         """Take each task type's backoff from the registry's rows (admins may edit them)."""
@@ -117,8 +119,15 @@ class Runner:
         self.metrics.in_flight.inc()
         due = max(row["run_at"], row["created_at"])
         wait = (datetime.now(UTC) - due).total_seconds()
-        self.metrics.queue_wait.labels(attempt.queue).observe(max(0.0, wait))
+        self._child(self.metrics.queue_wait, attempt.queue).observe(max(0.0, wait))
         attempt.task = asyncio.create_task(self._execute(attempt, row))
+
+    def _child(self, histogram: Histogram, label: str) -> Histogram:
+        """``histogram.labels(label)``, looked up once per label (it takes a lock each call)."""
+        child = self._children.get((histogram, label))
+        if child is None:
+            child = self._children[histogram, label] = histogram.labels(label)
+        return child
 
     def running(self) -> list[asyncio.Task[None]]:
         return [a.task for a in self.attempts.values() if a.task is not None and not a.task.done()]
@@ -179,7 +188,7 @@ class Runner:
             ctx.log.warning("attempt failed: %s", error, exc_info=not isinstance(exc, NoHandler))
             outcome = self._failure(attempt, ctx, error)
         finally:
-            self.metrics.duration.labels(attempt.type).observe(time.perf_counter() - started)
+            self._child(self.metrics.duration, attempt.type).observe(time.perf_counter() - started)
             self.metrics.in_flight.dec()
             self._release()
         if outcome is None:

@@ -77,6 +77,7 @@ class ApiMetrics:
 
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 
 
@@ -128,6 +129,13 @@ class WorkerMetrics:
             "Envelopes received, by claim decision: claimed, terminal, duplicate, early,"
             " exhausted, missing, invalid.",
             ["queue", "decision"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "taskq_worker_batch_size",
+            "Rows per worker statement: deliveries per claim, outcomes per complete/retry/fail.",
+            ["statement"],
+            buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
         self.lease_recoveries = Counter(

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -112,6 +113,7 @@ class Recorder:
                 self._idle.set()
 
     async def _record(self, kind: Kind, items: list[Finished]) -> None:
+        self._metrics.batch_size.labels(kind).observe(len(items))
         try:
             recorded = await self._write(kind, items)
         except StoreError as exc:
@@ -137,11 +139,12 @@ class Recorder:
             for item in items:
                 self._on_recorded(item.id, item.attempt)
             return
+        processed: Counter[tuple[str, str, str]] = Counter()
         for item in items:
-            stale = item.id not in recorded
             self._on_recorded(item.id, item.attempt)
-            if stale:
-                self._metrics.processed.labels(item.type, item.queue, "stale").inc()
+            row = recorded.get(item.id)
+            if row is None:
+                processed[item.type, item.queue, "stale"] += 1
                 log.warning(
                     "task %s attempt %d: the claim was taken over; this %s was not recorded",
                     item.id,
@@ -150,11 +153,10 @@ class Recorder:
                     extra=_fields(item),
                 )
                 continue
-            row = recorded[item.id]
             if row["status"] == "CANCELLED":
-                self._metrics.processed.labels(item.type, item.queue, "cancelled").inc()
+                processed[item.type, item.queue, "cancelled"] += 1
                 continue
-            self._metrics.processed.labels(item.type, item.queue, _OUTCOME_LABEL[kind]).inc()
+            processed[item.type, item.queue, _OUTCOME_LABEL[kind]] += 1
             if kind == "retry":
                 self._metrics.retries.labels(item.type, item.queue).inc()
                 self._publish(row, "ENQUEUED", None)
@@ -163,6 +165,8 @@ class Recorder:
                 self._publish(row, "FAILED", item.error)
             elif kind == "give_back":
                 self._publish(row, "ENQUEUED", None)
+        for (task_type, queue, outcome), count in processed.items():
+            self._metrics.processed.labels(task_type, queue, outcome).inc(count)
 
     def _rejected(self, kind: Kind, item: Finished, exc: RejectedByDatabase) -> None:
         """An outcome the database refuses: trying again would fail the same way."""

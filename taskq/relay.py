@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -32,6 +33,14 @@ log = logging.getLogger("taskq.relay")
 
 # pg_advisory_lock key of the active relay: "relay" in ASCII.
 LOCK_KEY = 0x72656C6179
+
+# How old an owed row must be before the relay publishes it: younger ones are
+# the outboxes' to publish. An outbox leaves to the relay any row that waited
+# longer than OUTBOX_MAX_WAIT, so the two never publish the same row.
+RELAY_GRACE = 5.0
+OUTBOX_MAX_WAIT = RELAY_GRACE / 2
+# At most one log line per this many seconds about rows left to the relay.
+HANDOVER_LOG_SECONDS = 10.0
 
 HEADER_REASON = "x-taskq-reason"
 HEADER_ATTEMPTS = "x-taskq-attempts"
@@ -85,11 +94,20 @@ class Outbox:
     row the outbox cannot publish (broker down, queue full, process stopping)
     stays owed in Postgres, and the relay publishes it later.
 
+    A row that waited in the outbox longer than ``max_wait`` (enqueues outpace
+    the broker) is not published here but handed to the relay, woken by a
+    NOTIFY to publish it at once: the relay takes unannounced rows only once
+    they are :data:`RELAY_GRACE` old, so were the outbox to publish such a row
+    late, the relay could publish it too, and the broker and the workers would
+    carry every one of those tasks twice.
+
     Args:
         store: where confirmed publishes are recorded (in batches, by a :class:`Marker`).
         publisher: the confirming publisher.
         in_flight: how many publishes await their confirm at once.
         capacity: rows waiting beyond that; more are left to the relay.
+        max_wait: seconds a row may wait for its publish to start; older ones
+            are left to the relay. Keep it well below the relay's grace.
         on_failure: called once per publish that failed.
     """
 
@@ -100,6 +118,7 @@ class Outbox:
         *,
         in_flight: int = 256,
         capacity: int = 50_000,
+        max_wait: float = OUTBOX_MAX_WAIT,
         on_failure: Callable[[], None] | None = None,
     ) -> None:
         self._publisher = publisher
@@ -107,7 +126,11 @@ class Outbox:
         self._marker = Marker(store)
         self._on_failure = on_failure
         self._in_flight = in_flight
+        self._max_wait = max_wait
         self._tasks: list[asyncio.Task[None]] = []
+        self.handed_over = 0  # rows left to the relay because they waited too long
+        self._logged_at = -HANDOVER_LOG_SECONDS
+        self._logged_count = 0
 
     def start(self) -> None:
         self._marker.start()
@@ -118,22 +141,38 @@ class Outbox:
 
     def submit(self, row: Row) -> bool:
         """Queue ``row`` for publishing; False if full (the relay will publish it)."""
-        due = time.monotonic() + row["delay"]
         try:
-            self._queue.put_nowait((row, due))
+            self._queue.put_nowait((row, time.monotonic()))
         except asyncio.QueueFull:
             return False
         return True
 
     async def _run(self) -> None:
         while True:
-            row, due = await self._queue.get()
-            delay = max(0.0, due - time.monotonic()) if row["status"] == "ENQUEUED" else 0.0
-            if await publish_row(self._publisher, row, delay=delay):
-                self._marker.add(row["id"], row["generation"])
-            elif self._on_failure is not None:
-                self._on_failure()
+            row, submitted = await self._queue.get()
+            waited = time.monotonic() - submitted
+            if waited > self._max_wait:
+                self._hand_over(row["id"])
+            else:
+                delay = max(0.0, row["delay"] - waited) if row["status"] == "ENQUEUED" else 0.0
+                if await publish_row(self._publisher, row, delay=delay):
+                    self._marker.add(row["id"], row["generation"])
+                elif self._on_failure is not None:
+                    self._on_failure()
             self._queue.task_done()
+
+    def _hand_over(self, task_id: uuid.UUID) -> None:
+        """Leave a row owed for the relay and wake it; say so now and then."""
+        self._marker.hand_over(task_id)
+        self.handed_over += 1
+        now = time.monotonic()
+        if now - self._logged_at >= HANDOVER_LOG_SECONDS:
+            log.info(
+                "the broker falls behind: %d envelopes waited over %gs and are left to the relay",
+                self.handed_over - self._logged_count,
+                self._max_wait,
+            )
+            self._logged_at, self._logged_count = now, self.handed_over
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the queued rows to be published."""
@@ -150,13 +189,15 @@ class Outbox:
 
 
 class Marker:
-    """Collects confirmed publishes and records them in batched statements."""
+    """Collects confirmed publishes and records them in batched statements; also
+    tells the relay, in batches, of the rows an outbox left to it."""
 
     def __init__(self, store: Store, *, interval: float = 0.05, batch: int = 1000) -> None:
         self._store = store
         self._interval = interval
         self._batch = batch
         self._pending: list[tuple[uuid.UUID, int]] = []
+        self._handed: list[uuid.UUID] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -164,6 +205,9 @@ class Marker:
         self._pending.append((task_id, generation))
         if len(self._pending) >= self._batch:
             self._wake.set()
+
+    def hand_over(self, task_id: uuid.UUID) -> None:
+        self._handed.append(task_id)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="taskq-marker")
@@ -177,6 +221,7 @@ class Marker:
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, []
+        handed, self._handed = self._handed, []
         try:
             await self._store.mark_published(pending)
         except StoreError as exc:
@@ -185,7 +230,14 @@ class Marker:
         except asyncio.CancelledError:
             # Stopped mid-statement (close() cancels the loop): close() flushes them.
             self._pending = pending + self._pending
+            self._handed = handed + self._handed
             raise
+        if handed:
+            try:
+                await self._store.notify_owed(handed)
+            except StoreError as exc:
+                # Owed all the same: the relay's pass after its grace publishes them.
+                log.warning("could not wake the relay for %d envelopes: %s", len(handed), exc)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -215,7 +267,7 @@ class Relay:
         publisher: Publisher,
         *,
         interval: float = 1.0,
-        grace: float = 5.0,
+        grace: float = RELAY_GRACE,
         batch: int = 500,
         duties: Sequence[Callable[[], Awaitable[Any]]] = (),
     ) -> None:
@@ -273,8 +325,9 @@ class Relay:
     async def pass_once(self) -> int:
         """Publish what is owed now; run the extra duties. Returns how many were published."""
         published = 0
-        if self._notified:
-            ids, self._notified = list(self._notified), set()
+        while self._notified:
+            ids = list(itertools.islice(self._notified, self.batch))
+            self._notified.difference_update(ids)
             rows = await self.store.fetch("publish_owed_ids", ids)
             published += await publish_owed(self.store, self.publisher, rows)
         for duty in self.duties:

@@ -23,6 +23,8 @@ from taskq.errors import RejectedByDatabase, StoreError
 log = logging.getLogger("taskq.store")
 
 NOTIFY_CHANNEL = "taskq_enqueued"
+# Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
+NOTIFY_IDS = 200
 # What a database going away raises. InternalClientError too: a connection the
 # server dropped mid-statement can fail the next one with "cannot switch to
 # state ...; another operation is in progress" (seen with Postgres restarting
@@ -277,6 +279,13 @@ class Store:
             ids = ",".join(str(task_id) for task_id in inserted)
             await conn.execute(self.q["enqueue_notify"], NOTIFY_CHANNEL, ids)
         return results
+
+    async def notify_owed(self, ids: Sequence[uuid.UUID]) -> None:
+        """Wake the active relay to publish the owed rows ``ids`` now, not after its grace."""
+        async with self._connection() as conn:
+            for start in range(0, len(ids), NOTIFY_IDS):
+                payload = ",".join(str(task_id) for task_id in ids[start : start + NOTIFY_IDS])
+                await conn.execute(self.q["enqueue_notify"], NOTIFY_CHANNEL, payload)
 
     async def mark_published(self, published: Sequence[tuple[uuid.UUID, int]]) -> None:
         """Record confirmed publishes of ``(id, generation)``.

@@ -360,3 +360,32 @@ async def test_a_row_the_database_refuses_fails_alone(
     assert codes.count(201) == 30
     assert_problem(responses[15], 400, "body")
     assert await count_tasks(settings) == 30
+
+
+async def test_the_enqueue_fast_path_answers_like_the_routed_api(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /enqueue skips Starlette's routing: same answers, counts and 500s as other routes."""
+    created = await api.post("/enqueue", json={"type": "demo.echo", "payload": {}})
+    assert created.status_code == 201, created.text
+    json_type = {"content-type": "application/json"}
+    assert_problem(await api.post("/enqueue", content=b"{nope", headers=json_type), 400, "body")
+    assert_problem(
+        await api.post("/enqueue", content=b"{}", headers={"content-type": "text/plain"}), 415
+    )
+    assert (await api.get("/enqueue")).status_code == 405  # other methods still go through routing
+    metrics = (await api.get("/metrics")).text
+    assert 'taskq_http_requests_total{route="enqueue",status="201"} 1.0' in metrics
+    assert 'taskq_http_requests_total{route="enqueue",status="400"} 1.0' in metrics
+
+    app = api.app  # type: ignore[attr-defined]
+
+    async def broken(data: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.state.client, "submit", broken)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://taskq") as client:
+        failed = await client.post("/enqueue", json={"type": "demo.echo", "payload": {}})
+    body = assert_problem(failed, 500)
+    assert "a bug" not in failed.text and body["title"] == "Internal error"

@@ -142,3 +142,15 @@ def test_to_message_due_is_written_in_utc() -> None:
 def test_to_message_without_due_or_delay() -> None:
     message = Envelope(TASK_ID, "t", 0).to_message("low")
     assert message.headers == {HEADER_ATTEMPT: 0, HEADER_QUEUE: "low"}
+
+
+def test_body_of_an_attempt_beyond_64_bits_round_trips_to_a_refusal() -> None:
+    forged = Envelope(TASK_ID, "mail.send", 2**70).body()
+    assert (
+        forged
+        == json.dumps(
+            {"id": str(TASK_ID), "type": "mail.send", "attempt": 2**70}, separators=(",", ":")
+        ).encode()
+    )
+    with pytest.raises(InvalidEnvelope, match="'attempt' is larger"):
+        Envelope.parse(forged)

@@ -12,9 +12,9 @@ import pytest
 
 from taskq.broker import Link, Publisher
 from taskq.client import Client
-from taskq.relay import Relay
+from taskq.relay import Outbox, Relay
 from taskq.settings import Settings
-from taskq.store import Store
+from taskq.store import NewTask, Store
 
 from .api_fixtures import assert_problem, declare_topology, drain, put_type, running_api
 from .proxy import proxied
@@ -164,3 +164,55 @@ async def test_database_down_is_503_and_recovers(settings: Settings) -> None:
 async def _accepts(api: httpx.AsyncClient) -> bool:
     response = await api.post("/enqueue", json={"type": "demo.echo", "payload": {}})
     return response.status_code == 201
+
+
+async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(settings: Settings) -> None:
+    """When enqueues outpace the broker, a row that waited in the outbox past its bound
+    is not published there but handed to the relay, which a NOTIFY wakes to publish it
+    long before its grace; every task has exactly one envelope."""
+    await declare_topology(settings)
+    store = await Store.connect(settings.database_url)
+    link = Link(settings.amqp_url, name="test")
+    await link.start()
+    await link.ready.wait()
+    publisher = Publisher(link, settings.topology(), settings.max_delay)
+    outbox = Outbox(store, publisher, in_flight=4, max_wait=0.2)
+    # A grace longer than the test: whatever the relay publishes, it was told to.
+    relay = Relay(store, settings.database_url, publisher, grace=600.0, interval=0.1)
+    try:
+        await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
+
+        async def committed(count: int) -> list[dict[str, object]]:
+            tasks = [NewTask(uuid.uuid4(), "demo.echo", "{}") for _ in range(count)]
+            results = await store.enqueue(tasks)
+            return [
+                {**r.row, "delay": r.delay, "last_error": None, "generation": 0}
+                for r in results
+                if r.row
+            ]
+
+        relay.start()
+        await wait_for(lambda: _any_active([relay]))
+        late = await committed(3)
+        for row in late:
+            assert outbox.submit(row)
+        await asyncio.sleep(0.4)  # they wait past max_wait before the outbox runs
+        outbox.start()
+        fresh = await committed(4)
+        for row in fresh:
+            assert outbox.submit(row)
+        await outbox.drain(10)
+        await outbox.close()
+        assert outbox.handed_over == 3
+
+        async def all_published() -> bool:
+            return await unpublished(settings) == 0
+
+        await wait_for(all_published)
+        messages = await drain(settings, "default", expect=7)
+        ids = sorted(str(row["id"]) for row in late + fresh)
+        assert sorted(m.message_id for m in messages) == ids  # each exactly once
+    finally:
+        await relay.close()
+        await link.close()
+        await store.close()
