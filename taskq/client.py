@@ -354,8 +354,12 @@ class Client:
         assert result.row is not None
         if result.outcome == "created":
             # The task is durable now; the outbox publishes it in the background.
-            # A new row's generation is 0: no publish of it was owed before.
-            row = {**result.row, "delay": result.delay, "last_error": None, "generation": 0}
+            row = {
+                **result.row,
+                "delay": result.delay,
+                "last_error": None,
+                "generation": result.generation,
+            }
             self.outbox.submit(row)
         return EnqueueResult(result.outcome == "created", result.row)
 

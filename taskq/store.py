@@ -78,12 +78,14 @@ class Enqueued:
     request), ``conflict`` (the key exists with another request) or
     ``unknown_type`` (the type is not registered or is disabled). ``row`` holds
     the answer's fields for created and replayed tasks; ``delay`` is the time
-    left until the task is due, for the publish.
+    left until the task is due and ``generation`` the row's publish generation,
+    both for the publish.
     """
 
     outcome: str
     row: dict[str, Any] | None = None
     delay: float = 0.0
+    generation: int = 0
 
 
 _REFUSED = ("conflict", "unknown_type")
@@ -266,7 +268,7 @@ class Store:
         for task in tasks:
             row = inserted.get(task.id)
             if row is not None:
-                results.append(Enqueued("created", _answer(row), row["delay"]))
+                results.append(Enqueued("created", _answer(row), row["delay"], row["generation"]))
                 continue
             found = existing.get(task.idempotency_key) if task.idempotency_key else None
             if found is None:

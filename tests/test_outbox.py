@@ -186,7 +186,7 @@ async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(settings: S
             tasks = [NewTask(uuid.uuid4(), "demo.echo", "{}") for _ in range(count)]
             results = await store.enqueue(tasks)
             return [
-                {**r.row, "delay": r.delay, "last_error": None, "generation": 0}
+                {**r.row, "delay": r.delay, "last_error": None, "generation": r.generation}
                 for r in results
                 if r.row
             ]
