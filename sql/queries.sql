@@ -168,12 +168,17 @@ ORDER BY updated_at
 LIMIT $2;
 
 -- name: publish_owed_ids
--- The owed publishes among some ids (woken by a notification).
+-- The owed publishes among some ids (woken by a notification). Every lookup
+-- by a list of ids joins the list to the primary key: written as
+-- `id = ANY($1)` the planner may rather scan a partial index that matches the
+-- other conditions (here tasks_publish_owed, every owed row, thousands in a
+-- backlog) and test each row against the whole list.
 -- $1: ids uuid[]
-SELECT id, type, queue, status, attempts, last_error, generation,
-       greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
-FROM tasks
-WHERE id = ANY($1::uuid[]) AND published_at IS NULL AND status IN ('ENQUEUED', 'FAILED');
+SELECT t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
+       greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay
+FROM unnest($1::uuid[]) AS i(id)
+JOIN tasks t ON t.id = i.id
+WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED');
 
 -- name: recover_expired
 -- Takes back claims whose lease expired (the worker died or hung): back to
@@ -209,10 +214,10 @@ ORDER BY run_at LIMIT $3;
 -- id order, as `claim` locks them, so the two cannot deadlock.
 -- $1: ids uuid[]
 WITH owed AS (
-    SELECT id FROM tasks
-    WHERE id = ANY($1::uuid[]) AND status = 'ENQUEUED'
-    ORDER BY id
-    FOR UPDATE
+    SELECT t.id FROM unnest($1::uuid[]) AS i(id) JOIN tasks t ON t.id = i.id
+    WHERE t.status = 'ENQUEUED'
+    ORDER BY t.id
+    FOR UPDATE OF t
 )
 UPDATE tasks t SET published_at = NULL, generation = t.generation + 1,
                    updated_at = now() - interval '1 hour'
@@ -304,10 +309,10 @@ WITH presence AS (
         in_flight = EXCLUDED.in_flight, heartbeat_seconds = EXCLUDED.heartbeat_seconds,
         last_heartbeat = now()
 ), held AS (
-    SELECT id FROM tasks
-    WHERE id = ANY($1::uuid[]) AND status = 'RUNNING' AND worker_id = $2
-    ORDER BY id
-    FOR UPDATE
+    SELECT t.id FROM unnest($1::uuid[]) AS i(id) JOIN tasks t ON t.id = i.id
+    WHERE t.status = 'RUNNING' AND t.worker_id = $2
+    ORDER BY t.id
+    FOR UPDATE OF t
 )
 UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3)
 FROM held
@@ -455,7 +460,8 @@ UPDATE tasks t SET
     lease_expires_at = NULL, worker_id = NULL, cancel_requested_at = NULL,
     published_at = NULL, generation = t.generation + 1, replays = t.replays + 1,
     updated_at = now()
-WHERE t.id = ANY($1::uuid[]) AND t.status = ANY($2::text[])
+FROM unnest($1::uuid[]) AS i(id)
+WHERE t.id = i.id AND t.status = ANY($2::text[])
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
           0::float8 AS delay;
 
@@ -537,10 +543,16 @@ LIMIT $2;
 
 -- name: retention_delete
 -- Deletes terminal tasks finished more than $1 seconds ago, at most $2 of
--- them; their events go with them (ON DELETE CASCADE).
+-- them, and their events. Returns how many tasks it deleted.
 -- $1: seconds, $2: limit
-DELETE FROM tasks
-WHERE id IN (SELECT id FROM tasks
-             WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
-               AND finished_at < now() - make_interval(secs => $1)
-             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED);
+WITH gone AS (
+    DELETE FROM tasks
+    WHERE id IN (SELECT id FROM tasks
+                 WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+                   AND finished_at < now() - make_interval(secs => $1)
+                 ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+    RETURNING id
+), history AS (
+    DELETE FROM task_events e USING gone WHERE e.task_id = gone.id
+)
+SELECT count(*) FROM gone;

@@ -1,0 +1,64 @@
+"""Lookups by a list of task ids go through the primary key, whatever the statistics say.
+
+Written as ``id = ANY($1)`` next to conditions that a partial index matches
+(``published_at IS NULL AND status IN (...)``), Postgres may scan that index
+and test every row it holds against the whole list: with a backlog of owed
+rows (a broker outage, a burst of enqueues the relay takes over) each batch
+then costs rows x ids comparisons. The table here is analysed while empty, as
+a fresh or quickly grown table is, which is when the planner makes that choice.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+import pytest
+
+from taskq import sql
+
+pytestmark = pytest.mark.integration
+
+BACKLOG = 3000
+
+# Each statement that takes a list of ids, with the arguments besides the list.
+STATEMENTS: dict[str, tuple[Any, ...]] = {
+    "publish_owed_ids": (),
+    "republish": (),
+    "requeue": (["FAILED", "CANCELLED"],),
+    "heartbeat": ("w1", 30.0, "host", 1, ["default"], 1, 1, 5.0),
+    "mark_published": ([0] * 200,),
+}
+
+
+def filters(plan: dict[str, Any]) -> list[str]:
+    """Every row filter of a JSON plan tree, with the relation it applies to."""
+    found = []
+    if "Filter" in plan:
+        found.append(f"{plan.get('Relation Name')}: {plan['Filter']}")
+    for child in plan.get("Plans", []):
+        found += filters(child)
+    return found
+
+
+@pytest.mark.parametrize("query", sorted(STATEMENTS))
+async def test_id_lists_are_never_a_per_row_filter(db: asyncpg.Connection, query: str) -> None:
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    await db.execute("ANALYZE tasks")
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, run_at)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60, now()"
+        " FROM generate_series(1, $1)",
+        BACKLOG,
+    )
+    ids = [r["id"] for r in await db.fetch("SELECT id FROM tasks ORDER BY random() LIMIT 200")]
+    # A prepared statement is planned for its values at first, then may settle
+    # on a generic plan: neither may test rows against the list.
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        async with db.transaction():
+            await db.execute(f"SET LOCAL plan_cache_mode = {mode}")
+            statement = await db.prepare("EXPLAIN (FORMAT JSON) " + sql.queries()[query])
+            (plan,) = json.loads(await statement.fetchval(ids, *STATEMENTS[query]))
+        per_row = [f[:80] for f in filters(plan["Plan"]) if "id = ANY" in f]
+        assert per_row == [], f"{query} ({mode}) tests each row against the id list: {per_row}"
