@@ -128,7 +128,7 @@ class Bench:
         for queue in self.sandbox.settings.topology().queues:
             await (await channel.declare_queue(queue.name, passive=True)).purge()
         await amqp.close()
-        await self.sandbox.db.execute("TRUNCATE tasks CASCADE")
+        await self.sandbox.db.execute("TRUNCATE tasks, task_events")
 
     async def wait_published(self, timeout: float) -> None:
         sql = "SELECT count(*) FROM tasks WHERE published_at IS NULL"

@@ -157,6 +157,10 @@ class Store:
             row: Row | None = await connection.fetchrow(self.q[query], *args)
             return row
 
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self._connection() as connection:
+            return await connection.fetchval(self.q[query], *args)
+
     async def execute(self, query: str, *args: Any) -> int:
         """Run a statement; returns the number of rows it affected."""
         async with self._connection() as connection:

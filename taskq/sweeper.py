@@ -181,7 +181,7 @@ class Sweeper:
             return 0
         total = 0
         for _ in range(RETENTION_STATEMENTS):
-            deleted = await self.store.execute("retention_delete", self.retention, RETENTION_BATCH)
+            deleted = await self.store.fetchval("retention_delete", self.retention, RETENTION_BATCH)
             total += deleted
             if deleted < RETENTION_BATCH:
                 break
