@@ -86,9 +86,31 @@ def peak_rss_mb(pid: int) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time a live process has used so far, in seconds."""
+    return _stat_cpu(Path(f"/proc/{pid}/stat").read_text())
+
+
+def _stat_cpu(stat: str) -> float:
+    """utime + stime of a /proc/PID/stat text, in seconds."""
     # Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def service_cpu_seconds(names: tuple[str, ...]) -> float:
+    """CPU seconds used so far by the live processes whose command is one of ``names``
+    (the servers: Postgres backends, RabbitMQ's Erlang VM); a backend that exited
+    in between is not counted."""
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1 : stat.rindex(")")] in names:
+            total += _stat_cpu(stat)
+    return total
 
 
 def scrape_counter(port: int, name: str, label: str) -> dict[str, float]:
@@ -190,12 +212,15 @@ class Sandbox:
         return total
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds used so far by the API, the workers (summed) and this process."""
+        """CPU seconds used so far by the API, the workers (summed), this process and
+        the two servers."""
         assert self.api is not None
         return {
             "api": cpu_seconds(self.api.pid),
             "workers": sum(cpu_seconds(w.pid) for w in self.workers),
             "bench": time.process_time(),
+            "postgres": service_cpu_seconds(("postgres",)),
+            "rabbitmq": service_cpu_seconds(("beam.smp",)),
         }
 
     async def wait_consumers(self, count: int, timeout: float = 30.0) -> None:
