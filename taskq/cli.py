@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -20,6 +21,9 @@ from taskq import broker, migrate
 from taskq.errors import ConfigError, TaskqError
 from taskq.settings import Settings, load_settings
 from taskq.topology import Topology
+
+# Allocations (net of frees) between young-generation collections; CPython's default is 700.
+GC_THRESHOLD = 20_000
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -342,12 +346,25 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def _tune_gc() -> None:
+    """Collect garbage less often than CPython's default of every 700 allocations.
+
+    A busy API or worker allocates a few objects per request or delivery that
+    live until it is answered; collections every 700 allocations kept scanning
+    them. What is loaded by now (modules, settings) lives as long as the process:
+    frozen, no collection scans it again.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
+
+
 def _execute(command: Command, args: argparse.Namespace) -> int:
     try:
         # aiormq narrates connection failures on stderr; the one-line error says it.
         for noisy in ("aio_pika", "aiormq"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
         settings = load_settings()
+        _tune_gc()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(command(settings, args))
     except ConfigError as exc:
