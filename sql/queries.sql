@@ -113,21 +113,25 @@ SELECT pg_notify($1, $2);
 -- Records confirmed publishes. The generation guard makes a late marker of an
 -- older publish unable to hide a newer one that is still owed (every statement
 -- that makes a publish owed bumps the generation).
--- Rows are locked in id order, as `claim` locks them: batches of other processes
--- touching the same rows (a worker's claim, the sweeper's republish) then wait
--- for each other instead of deadlocking.
+-- A row another transaction has locked is skipped, not waited for: that is a
+-- worker claiming it (which records the publish itself), or a statement making
+-- the publish owed again (a newer generation). Waiting instead queued claims
+-- behind markers of thousands of rows for seconds.
+-- Each id is looked up through the primary key (the LATERAL, in id order, as
+-- `claim` locks): joined as a whole, the planner may hash the table instead,
+-- and re-check that whole join for every row a concurrent claim changed.
 -- $1: ids uuid[], $2: generations bigint[]
 WITH owed AS (
     SELECT t.id
-    FROM tasks t
-    JOIN unnest($1::uuid[], $2::bigint[]) AS r(id, generation) ON r.id = t.id
-    WHERE t.published_at IS NULL AND t.generation = r.generation
-    ORDER BY t.id
-    FOR UPDATE OF t
+    FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS r(id, generation) ORDER BY id) r
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM tasks t
+        WHERE t.id = r.id AND t.published_at IS NULL AND t.generation = r.generation
+        FOR UPDATE SKIP LOCKED
+    ) t
 )
-UPDATE tasks t SET published_at = now()
-FROM owed
-WHERE t.id = owed.id;
+UPDATE tasks SET published_at = now()
+WHERE id = ANY(ARRAY(SELECT id FROM owed));
 
 -- ---------------------------------------------------------------- reading
 
@@ -244,11 +248,15 @@ WHERE t.id = owed.id;
 WITH input AS (
     SELECT DISTINCT id FROM unnest($1::uuid[]) AS id
 ), locked AS (
-    SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts, t.max_attempts,
-           t.run_at, t.worker_id, t.cancel_requested_at
-    FROM tasks t JOIN input i ON i.id = t.id
-    ORDER BY t.id
-    FOR UPDATE OF t
+    -- One primary-key lookup per id, locked in id order (see mark_published).
+    SELECT t.*
+    FROM (SELECT id FROM input ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts,
+               t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at
+        FROM tasks t WHERE t.id = i.id
+        FOR UPDATE
+    ) t
 ), decided AS (
     SELECT l.id,
            CASE
