@@ -20,12 +20,18 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractExchange,
     AbstractRobustConnection,
 )
 
+from taskq import frames
 from taskq.envelope import Envelope
-from taskq.errors import BrokerError, DelayTooLong, PublishError, TopologyConflict
+from taskq.errors import (
+    BrokerError,
+    DelayTooLong,
+    PublishError,
+    TaskqError,
+    TopologyConflict,
+)
 from taskq.topology import Topology, delay_routing_key
 
 log = logging.getLogger("taskq.broker")
@@ -253,11 +259,23 @@ class Link:
             await self._connection.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """One envelope to publish: for work queue ``queue`` after ``delay`` seconds, or
+    with ``dead_letter`` into the dead-letter queue (``headers`` say why)."""
+
+    envelope: Envelope
+    queue: str
+    delay: float = 0.0
+    headers: dict[str, Any] | None = None
+    dead_letter: bool = False
+
+
 class Publisher:
     """A channel with publisher confirms that publishes envelopes into one topology.
 
-    Many publishes may be in flight at once on one publisher: each call awaits its
-    own confirm, so callers pipeline by running calls concurrently. A publish the
+    :meth:`publish_many` writes a batch in one write and awaits its confirms
+    together (:mod:`taskq.frames`); concurrent calls pipeline. A publish the
     broker returns as unroutable counts as failed, like a nack or a timeout.
     """
 
@@ -271,24 +289,19 @@ class Publisher:
         self._topology = topology
         self._max_delay = max_delay
         self._channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
         self._lock = asyncio.Lock()
 
-    async def _exchange(self, name: str) -> AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is not None and self._channel is not None and not self._channel.is_closed:
-            return exchange
-        async with self._lock:
-            if self._channel is None or self._channel.is_closed:
-                source = self._source
-                connection = source.connection() if isinstance(source, Link) else source
-                self._channel = await connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
-                self._exchanges.clear()
-            if name not in self._exchanges:
-                self._exchanges[name] = await self._channel.get_exchange(name, ensure=False)
-            return self._exchanges[name]
+    async def _underlay(self) -> aiormq.abc.AbstractChannel:
+        """The aiormq channel under the (robust) confirm-mode channel, opened if need be."""
+        if self._channel is None or self._channel.is_closed:
+            async with self._lock:
+                if self._channel is None or self._channel.is_closed:
+                    source = self._source
+                    connection = source.connection() if isinstance(source, Link) else source
+                    self._channel = await connection.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
+        return await self._channel.get_underlay_channel()
 
     async def publish(
         self,
@@ -307,68 +320,97 @@ class Publisher:
             DelayTooLong: if ``delay`` exceeds the configured maximum.
             PublishError: if the broker does not confirm the publish.
         """
-        if queue not in self._work_queues:
-            # A delayed envelope for an unknown queue would be confirmed by the
-            # first delay level and dropped when its delay ends: refuse it here.
-            raise PublishError(f"no work queue {queue!r} in the topology")
-        if delay > self._max_delay:
-            raise DelayTooLong(f"a delay of {delay:g}s exceeds the maximum {self._max_delay:g}s")
-        seconds = math.ceil(delay) if delay > 0 else 0
-        now = datetime.now(UTC)
-        message = envelope.to_message(
-            queue, due=now + timedelta(seconds=seconds), delay=seconds, headers=headers
-        )
-        names = self._topology.names
-        if seconds:
-            exchange_name = self._topology.delay_entry
-            routing_key = delay_routing_key(seconds, queue, self._topology.levels)
-        else:
-            exchange_name, routing_key = names.direct, queue
-        await self._publish(exchange_name, routing_key, message)
+        (error,) = await self.publish_many([Publish(envelope, queue, delay, headers)])
+        if error is not None:
+            raise error
 
     async def publish_dead_letter(
         self, envelope: Envelope, queue: str, headers: dict[str, Any]
     ) -> None:
-        """Publish ``envelope`` into the dead-letter queue with reason ``headers``."""
-        message = envelope.to_message(queue, headers=headers)
-        await self._publish(self._topology.names.dlx, queue, message)
+        """Publish ``envelope`` into the dead-letter queue with reason ``headers``.
 
-    async def publish_many(
-        self, items: Sequence[tuple[Envelope, str, float]]
-    ) -> list[BaseException | None]:
-        """Publish ``(envelope, queue, delay)`` items with all confirms in flight at once.
-
-        Returns one entry per item: ``None`` if confirmed, else the error.
+        Raises:
+            PublishError: if the broker does not confirm the publish.
         """
-        results = await asyncio.gather(
-            *(self.publish(env, queue, delay=delay) for env, queue, delay in items),
-            return_exceptions=True,
-        )
-        return [r if isinstance(r, BaseException) else None for r in results]
+        (error,) = await self.publish_many([Publish(envelope, queue, 0.0, headers, True)])
+        if error is not None:
+            raise error
 
-    async def _publish(self, exchange_name: str, routing_key: str, message: Any) -> None:
-        if isinstance(self._source, Link) and not self._source.available:
-            raise PublishError("the broker is unreachable")
+    async def publish_many(self, items: Sequence[Publish]) -> list[TaskqError | None]:
+        """Publish ``items`` in one write with all their confirms in flight at once.
+
+        Returns one entry per item: ``None`` if confirmed, else why not
+        (:class:`DelayTooLong` or :class:`PublishError`).
+        """
+        results: list[TaskqError | None] = [None] * len(items)
+        routed: list[tuple[int, frames.Outgoing]] = []
+        for n, item in enumerate(items):
+            try:
+                routed.append((n, self._route(item)))
+            except TaskqError as exc:
+                results[n] = exc
+        if not routed:
+            return results
         try:
-            exchange = await self._exchange(exchange_name)
-            confirmation = await exchange.publish(
-                message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT
+            if isinstance(self._source, Link) and not self._source.available:
+                raise PublishError("the broker is unreachable")
+            channel = await self._underlay()
+        except (*_BROKER_ERRORS, BrokerError, aio_pika.exceptions.AMQPException) as exc:
+            error = (
+                exc if isinstance(exc, PublishError) else PublishError(f"publish failed: {exc!r}")
             )
-        except aio_pika.exceptions.DeliveryError as exc:
-            raise PublishError(f"the broker returned the envelope as unroutable: {exc}") from exc
-        except (
-            *_BROKER_ERRORS,
-            BrokerError,
-            aio_pika.exceptions.AMQPException,
-            RuntimeError,
-        ) as exc:
-            raise PublishError(f"publish to {exchange_name!r} failed: {exc!r}") from exc
-        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
-            raise PublishError(f"the broker did not confirm the publish: {confirmation!r}")
+            for n, _ in routed:
+                results[n] = error
+            return results
+        errors = await frames.publish_batch(channel, [m for _, m in routed], PUBLISH_TIMEOUT)
+        for (n, message), failure in zip(routed, errors, strict=True):
+            if failure is not None:
+                results[n] = _publish_error(message.exchange, failure)
+        return results
+
+    def _route(self, item: Publish) -> frames.Outgoing:
+        """Where ``item`` goes and its message.
+
+        Raises:
+            PublishError: for a work queue the topology does not have.
+            DelayTooLong: for a delay beyond the longest the delay levels allow.
+        """
+        envelope, queue = item.envelope, item.queue
+        if item.dead_letter:
+            properties = envelope.properties(queue, headers=item.headers)
+            return frames.Outgoing(self._topology.names.dlx, queue, envelope.body(), properties)
+        if queue not in self._work_queues:
+            # A delayed envelope for an unknown queue would be confirmed by the
+            # first delay level and dropped when its delay ends: refuse it here.
+            raise PublishError(f"no work queue {queue!r} in the topology")
+        if item.delay > self._max_delay:
+            raise DelayTooLong(
+                f"a delay of {item.delay:g}s exceeds the maximum {self._max_delay:g}s"
+            )
+        seconds = math.ceil(item.delay) if item.delay > 0 else 0
+        due = datetime.now(UTC) + timedelta(seconds=seconds)
+        properties = envelope.properties(queue, due=due, delay=seconds, headers=item.headers)
+        if seconds:
+            exchange = self._topology.delay_entry
+            routing_key = delay_routing_key(seconds, queue, self._topology.levels)
+        else:
+            exchange, routing_key = self._topology.names.direct, queue
+        return frames.Outgoing(exchange, routing_key, envelope.body(), properties)
 
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
+
+
+def _publish_error(exchange: str, exc: BaseException) -> PublishError:
+    """taskq's error for a publish the broker did not confirm."""
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        return PublishError(f"the broker returned the envelope as unroutable: {exc}")
+    if isinstance(exc, aiormq.exceptions.DeliveryError):
+        return PublishError(f"the broker did not confirm the publish: {exc.frame!r}")
+    if isinstance(exc, TimeoutError):
+        return PublishError(f"publish to {exchange!r} failed: {exc}")
+    return PublishError(f"publish to {exchange!r} failed: {exc!r}")
 
 
 async def missing(connection: AbstractConnection, topology: Topology) -> list[str]:

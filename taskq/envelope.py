@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from aio_pika import DeliveryMode, Message
+from pamqp.commands import Basic
 
 from taskq.errors import TaskqError
 
 CONTENT_TYPE = "application/json"
+PERSISTENT = 2  # AMQP delivery mode: written to disk by the broker
 MAX_BODY_BYTES = 4096
 # What a real envelope can carry: a task type name (at most 200 characters, see
 # taskq.validation.TYPE_NAME) travels in the AMQP ``type`` property, a short
@@ -52,15 +53,16 @@ class Envelope:
         except orjson.JSONEncodeError:  # an attempt beyond 64 bits: only forged envelopes
             return json.dumps(data, separators=(",", ":")).encode()
 
-    def to_message(
+    def properties(
         self,
         queue: str,
         *,
         due: datetime | None = None,
         delay: int = 0,
         headers: dict[str, Any] | None = None,
-    ) -> Message:
-        """The persistent AMQP message for this envelope, bound for work queue ``queue``."""
+    ) -> Basic.Properties:
+        """The AMQP properties of this envelope's persistent message, bound for work
+        queue ``queue``: message id, type, content type, timestamp and headers."""
         all_headers: dict[str, Any] = {HEADER_ATTEMPT: self.attempt, HEADER_QUEUE: queue}
         if due is not None:
             all_headers[HEADER_DUE] = due.astimezone(UTC).isoformat(timespec="milliseconds")
@@ -68,12 +70,11 @@ class Envelope:
             all_headers[HEADER_DELAY] = delay
         if headers:
             all_headers.update(headers)
-        return Message(
-            self.body(),
+        return Basic.Properties(
             message_id=str(self.id),
-            type=self.type,
+            message_type=self.type,
             content_type=CONTENT_TYPE,
-            delivery_mode=DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
             timestamp=datetime.now(UTC),
             headers=all_headers,
         )

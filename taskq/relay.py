@@ -24,9 +24,9 @@ from typing import Any
 
 import asyncpg
 
-from taskq.broker import Publisher
+from taskq.broker import Publish, Publisher
 from taskq.envelope import Envelope
-from taskq.errors import StoreError, TaskqError
+from taskq.errors import StoreError
 from taskq.store import NOTIFY_CHANNEL, Row, SessionLock, Store
 
 log = logging.getLogger("taskq.relay")
@@ -39,6 +39,8 @@ LOCK_KEY = 0x72656C6179
 # longer than OUTBOX_MAX_WAIT, so the two never publish the same row.
 RELAY_GRACE = 5.0
 OUTBOX_MAX_WAIT = RELAY_GRACE / 2
+# Rows an outbox publishes in one write; in_flight / OUTBOX_BATCH batches go at once.
+OUTBOX_BATCH = 32
 # At most one log line per this many seconds about rows left to the relay.
 HANDOVER_LOG_SECONDS = 10.0
 
@@ -52,39 +54,47 @@ def dead_letter_headers(reason: str, attempts: int, queue: str) -> dict[str, Any
     return {HEADER_REASON: reason[:1000], HEADER_ATTEMPTS: attempts, HEADER_ORIGIN: queue}
 
 
-async def publish_row(publisher: Publisher, row: Row, *, delay: float | None = None) -> bool:
-    """Publish what ``row`` owes: ENQUEUED to its queue (after ``delay``), FAILED to the DLQ.
-
-    ``row`` has id, type, queue, status, attempts, last_error, generation and delay. Returns
-    whether the broker confirmed; a failure leaves the publish owed.
-    """
+def _publish(row: Row, delay: float | None) -> Publish:
+    """What ``row`` owes: ENQUEUED to its queue (after ``delay``, default the row's), FAILED
+    to the DLQ."""
     envelope = Envelope(row["id"], row["type"], row["attempts"])
-    try:
-        if row["status"] == "FAILED":
-            reason = row["last_error"] or "failed"
-            headers = dead_letter_headers(reason, row["attempts"], row["queue"])
-            await publisher.publish_dead_letter(envelope, row["queue"], headers)
-        else:
-            await publisher.publish(
-                envelope, row["queue"], delay=row["delay"] if delay is None else delay
-            )
-    except TaskqError as exc:
-        log.warning("publish of task %s failed, still owed: %s", row["id"], exc)
-        return False
-    return True
+    if row["status"] == "FAILED":
+        reason = row["last_error"] or "failed"
+        headers = dead_letter_headers(reason, row["attempts"], row["queue"])
+        return Publish(envelope, row["queue"], headers=headers, dead_letter=True)
+    return Publish(envelope, row["queue"], row["delay"] if delay is None else delay)
+
+
+async def publish_rows(
+    publisher: Publisher, rows: Sequence[Row], delays: Sequence[float | None] | None = None
+) -> list[bool]:
+    """Publish what ``rows`` owe in one batch; whether each was confirmed.
+
+    Each row has id, type, queue, status, attempts, last_error, generation and
+    delay. A failure leaves that publish owed (and is logged).
+    """
+    chosen = delays if delays is not None else [None] * len(rows)
+    items = [_publish(row, delay) for row, delay in zip(rows, chosen, strict=True)]
+    errors = await publisher.publish_many(items)
+    for row, error in zip(rows, errors, strict=True):
+        if error is not None:
+            log.warning("publish of task %s failed, still owed: %s", row["id"], error)
+    return [error is None for error in errors]
+
+
+async def publish_row(publisher: Publisher, row: Row) -> bool:
+    """:func:`publish_rows` for one row."""
+    (confirmed,) = await publish_rows(publisher, [row])
+    return confirmed
 
 
 async def publish_owed(store: Store, publisher: Publisher, rows: Sequence[Row]) -> int:
-    """Publish owed rows with all confirms in flight at once; mark the confirmed ones.
-
-    Returns how many were confirmed.
-    """
-    results = await asyncio.gather(*(publish_row(publisher, row) for row in rows))
-    confirmed = [
-        (row["id"], row["generation"]) for row, ok in zip(rows, results, strict=True) if ok
-    ]
-    await store.mark_published(confirmed)
-    return len(confirmed)
+    """Publish owed rows in one batch; mark the confirmed ones. Returns how many were confirmed."""
+    confirmed = await publish_rows(publisher, rows)
+    await store.mark_published(
+        [(row["id"], row["generation"]) for row, ok in zip(rows, confirmed, strict=True) if ok]
+    )
+    return sum(confirmed)
 
 
 class Outbox:
@@ -136,7 +146,7 @@ class Outbox:
         self._marker.start()
         self._tasks = [
             asyncio.create_task(self._run(), name=f"taskq-outbox-{n}")
-            for n in range(self._in_flight)
+            for n in range(max(1, self._in_flight // OUTBOX_BATCH))
         ]
 
     def submit(self, row: Row) -> bool:
@@ -148,18 +158,30 @@ class Outbox:
         return True
 
     async def _run(self) -> None:
+        """Take what is queued (up to a batch), publish it in one write, mark the confirmed."""
         while True:
-            row, submitted = await self._queue.get()
-            waited = time.monotonic() - submitted
-            if waited > self._max_wait:
-                self._hand_over(row["id"])
-            else:
-                delay = max(0.0, row["delay"] - waited) if row["status"] == "ENQUEUED" else 0.0
-                if await publish_row(self._publisher, row, delay=delay):
+            batch = [await self._queue.get()]
+            while len(batch) < OUTBOX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            now = time.monotonic()
+            rows, delays = [], []
+            for row, submitted in batch:
+                waited = now - submitted
+                if waited > self._max_wait:
+                    self._hand_over(row["id"])
+                    continue
+                rows.append(row)
+                delays.append(
+                    max(0.0, row["delay"] - waited) if row["status"] == "ENQUEUED" else 0.0
+                )
+            confirms = await publish_rows(self._publisher, rows, delays) if rows else []
+            for row, confirmed in zip(rows, confirms, strict=True):
+                if confirmed:
                     self._marker.add(row["id"], row["generation"])
                 elif self._on_failure is not None:
                     self._on_failure()
-            self._queue.task_done()
+            for _ in batch:
+                self._queue.task_done()
 
     def _hand_over(self, task_id: uuid.UUID) -> None:
         """Leave a row owed for the relay and wake it; say so now and then."""

@@ -7,7 +7,6 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from aio_pika import DeliveryMode
 
 from taskq.envelope import (
     CONTENT_TYPE,
@@ -16,6 +15,7 @@ from taskq.envelope import (
     HEADER_DUE,
     HEADER_QUEUE,
     MAX_BODY_BYTES,
+    PERSISTENT,
     Envelope,
     InvalidEnvelope,
 )
@@ -111,20 +111,18 @@ def test_invalid_envelope_is_a_taskq_error() -> None:
     assert issubclass(InvalidEnvelope, TaskqError)
 
 
-def test_to_message_properties() -> None:
+def test_properties() -> None:
     envelope = Envelope(TASK_ID, "mail.send", 2)
     due = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     before = datetime.now(UTC)
-    message = envelope.to_message("default", due=due, delay=30, headers={"x-extra": "yes"})
-    assert message.body == envelope.body()
-    assert message.message_id == str(TASK_ID)
-    assert message.type == "mail.send"
-    assert message.content_type == CONTENT_TYPE == "application/json"
-    assert message.delivery_mode == DeliveryMode.PERSISTENT
-    assert int(message.delivery_mode) == 2
-    assert message.timestamp is not None
-    assert message.timestamp >= before.replace(microsecond=0) - timedelta(seconds=1)
-    assert message.headers == {
+    properties = envelope.properties("default", due=due, delay=30, headers={"x-extra": "yes"})
+    assert properties.message_id == str(TASK_ID)
+    assert properties.message_type == "mail.send"
+    assert properties.content_type == CONTENT_TYPE == "application/json"
+    assert properties.delivery_mode == PERSISTENT == 2
+    assert properties.timestamp is not None
+    assert properties.timestamp >= before.replace(microsecond=0) - timedelta(seconds=1)
+    assert properties.headers == {
         HEADER_ATTEMPT: 2,
         HEADER_QUEUE: "default",
         HEADER_DUE: "2030-01-02T03:04:05.678+00:00",
@@ -133,15 +131,16 @@ def test_to_message_properties() -> None:
     }
 
 
-def test_to_message_due_is_written_in_utc() -> None:
+def test_properties_due_is_written_in_utc() -> None:
     local = datetime(2030, 1, 2, 7, 0, tzinfo=timezone(timedelta(hours=2)))
-    message = Envelope(TASK_ID, "t", 0).to_message("q", due=local)
-    assert message.headers[HEADER_DUE] == "2030-01-02T05:00:00.000+00:00"
+    properties = Envelope(TASK_ID, "t", 0).properties("q", due=local)
+    assert properties.headers is not None
+    assert properties.headers[HEADER_DUE] == "2030-01-02T05:00:00.000+00:00"
 
 
-def test_to_message_without_due_or_delay() -> None:
-    message = Envelope(TASK_ID, "t", 0).to_message("low")
-    assert message.headers == {HEADER_ATTEMPT: 0, HEADER_QUEUE: "low"}
+def test_properties_without_due_or_delay() -> None:
+    properties = Envelope(TASK_ID, "t", 0).properties("low")
+    assert properties.headers == {HEADER_ATTEMPT: 0, HEADER_QUEUE: "low"}
 
 
 def test_body_of_an_attempt_beyond_64_bits_round_trips_to_a_refusal() -> None:
