@@ -158,30 +158,38 @@ class Outbox:
         return True
 
     async def _run(self) -> None:
-        """Take what is queued (up to a batch), publish it in one write, mark the confirmed."""
+        """Take what is queued (up to a batch) and publish it, until cancelled."""
         while True:
             batch = [await self._queue.get()]
             while len(batch) < OUTBOX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            now = time.monotonic()
-            rows, delays = [], []
-            for row, submitted in batch:
-                waited = now - submitted
-                if waited > self._max_wait:
-                    self._hand_over(row["id"])
-                    continue
-                rows.append(row)
-                delays.append(
-                    max(0.0, row["delay"] - waited) if row["status"] == "ENQUEUED" else 0.0
-                )
-            confirms = await publish_rows(self._publisher, rows, delays) if rows else []
-            for row, confirmed in zip(rows, confirms, strict=True):
-                if confirmed:
-                    self._marker.add(row["id"], row["generation"])
-                elif self._on_failure is not None:
-                    self._on_failure()
-            for _ in batch:
-                self._queue.task_done()
+            try:
+                await self._publish(batch)
+            except Exception:
+                # Whatever it was, this runner goes on with the next batch; these
+                # rows stay owed in Postgres and the relay publishes them.
+                log.exception("outbox: %d rows not published, left to the relay", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _publish(self, batch: list[tuple[Row, float]]) -> None:
+        """Publish a batch in one write and mark the confirmed rows; hand late ones over."""
+        now = time.monotonic()
+        rows, delays = [], []
+        for row, submitted in batch:
+            waited = now - submitted
+            if waited > self._max_wait:
+                self._hand_over(row["id"])
+                continue
+            rows.append(row)
+            delays.append(max(0.0, row["delay"] - waited) if row["status"] == "ENQUEUED" else 0.0)
+        confirms = await publish_rows(self._publisher, rows, delays) if rows else []
+        for row, confirmed in zip(rows, confirms, strict=True):
+            if confirmed:
+                self._marker.add(row["id"], row["generation"])
+            elif self._on_failure is not None:
+                self._on_failure()
 
     def _hand_over(self, task_id: uuid.UUID) -> None:
         """Leave a row owed for the relay and wake it; say so now and then."""

@@ -216,3 +216,36 @@ async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(settings: S
         await relay.close()
         await link.close()
         await store.close()
+
+
+async def test_a_batch_that_fails_unexpectedly_leaves_the_outbox_running(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever breaks one batch (here a row the publish cannot read), the outbox logs
+    it, leaves those rows owed, and publishes the next batch."""
+    await declare_topology(settings)
+    store = await Store.connect(settings.database_url)
+    link = Link(settings.amqp_url, name="test")
+    await link.start()
+    await link.ready.wait()
+    publisher = Publisher(link, settings.topology(), settings.max_delay)
+    outbox = Outbox(store, publisher, in_flight=1)
+    try:
+        await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
+        (result,) = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}")])
+        row = {**result.row, "delay": 0.0, "last_error": None, "generation": result.generation}
+        broken = {key: value for key, value in row.items() if key != "type"}
+        outbox.start()
+        assert outbox.submit(broken)
+        await outbox.drain(10)
+        assert "not published, left to the relay" in caplog.text
+        assert await unpublished(settings) == 1
+        assert outbox.submit(row)
+        await outbox.drain(10)
+        await outbox.close()
+        assert await unpublished(settings) == 0
+        (message,) = await drain(settings, "default", expect=1)
+        assert message.message_id == str(row["id"])
+    finally:
+        await link.close()
+        await store.close()
