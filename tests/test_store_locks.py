@@ -65,6 +65,10 @@ async def waiting_for_a_lock(connection: asyncpg.Connection) -> None:
 Batch = Callable[[Store, uuid.UUID, uuid.UUID], Awaitable[object]]
 
 
+async def claim(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
+    return await store.claim([high, low], "w2", 30)
+
+
 async def republish(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
     return await store.republish([high, low])
 
@@ -73,7 +77,7 @@ async def heartbeat(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:
     return await store.heartbeat([high, low], WORKER, 30)
 
 
-@pytest.mark.parametrize("batch", [republish, heartbeat], ids=lambda b: b.__name__)
+@pytest.mark.parametrize("batch", [claim, republish, heartbeat], ids=lambda b: b.__name__)
 async def test_batches_lock_rows_in_id_order(database_url: str, batch: Batch) -> None:
     store = await Store.connect(database_url)
     holder = await asyncpg.connect(database_url)
