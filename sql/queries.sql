@@ -123,7 +123,8 @@ SELECT pg_notify($1, $2);
 -- $1: ids uuid[], $2: generations bigint[]
 WITH owed AS (
     SELECT t.id
-    FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS r(id, generation) ORDER BY id) r
+    FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[])
+                       AS r(id, generation) ORDER BY id) r
     CROSS JOIN LATERAL (
         SELECT t.id FROM tasks t
         WHERE t.id = r.id AND t.published_at IS NULL AND t.generation = r.generation
@@ -218,15 +219,17 @@ ORDER BY run_at LIMIT $3;
 -- id order, as `claim` locks them, so the two cannot deadlock.
 -- $1: ids uuid[]
 WITH owed AS (
-    SELECT t.id FROM unnest($1::uuid[]) AS i(id) JOIN tasks t ON t.id = i.id
-    WHERE t.status = 'ENQUEUED'
-    ORDER BY t.id
-    FOR UPDATE OF t
+    SELECT t.id
+    FROM (SELECT id FROM unnest($1::uuid[]) AS id ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM tasks t WHERE t.id = i.id AND t.status = 'ENQUEUED'
+        FOR UPDATE
+    ) t
 )
 UPDATE tasks t SET published_at = NULL, generation = t.generation + 1,
                    updated_at = now() - interval '1 hour'
 FROM owed
-WHERE t.id = owed.id;
+WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 
 -- ---------------------------------------------------------------- worker
 
@@ -280,6 +283,7 @@ WITH input AS (
                           ELSE t.last_error END
     FROM decided d
     WHERE d.id = t.id AND d.decision = 'claimed'
+      AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'claimed'))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
               t.timeout_seconds, t.run_at, t.created_at
 ), exhausted AS (
@@ -289,6 +293,7 @@ WITH input AS (
         generation = t.generation + 1
     FROM decided d
     WHERE d.id = t.id AND d.decision = 'exhausted'
+      AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'exhausted'))
     RETURNING t.id, t.last_error, t.generation
 )
 SELECT i.id, coalesce(d.decision, 'missing') AS decision, l.type, l.queue,
@@ -317,14 +322,16 @@ WITH presence AS (
         in_flight = EXCLUDED.in_flight, heartbeat_seconds = EXCLUDED.heartbeat_seconds,
         last_heartbeat = now()
 ), held AS (
-    SELECT t.id FROM unnest($1::uuid[]) AS i(id) JOIN tasks t ON t.id = i.id
-    WHERE t.status = 'RUNNING' AND t.worker_id = $2
-    ORDER BY t.id
-    FOR UPDATE OF t
+    SELECT t.id
+    FROM (SELECT id FROM unnest($1::uuid[]) AS id ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM tasks t WHERE t.id = i.id AND t.status = 'RUNNING' AND t.worker_id = $2
+        FOR UPDATE
+    ) t
 )
 UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3)
 FROM held
-WHERE t.id = held.id
+WHERE t.id = held.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: worker_gone
@@ -339,18 +346,44 @@ DELETE FROM workers WHERE id = $1;
 -- name: complete
 -- Records successes.
 -- $1: ids uuid[], $2: attempts int[], $3: results text[] (json), $4: worker id
+WITH held AS (
+    -- The attempts this worker still holds, each found through the primary key
+    -- and locked in id order (see mark_published).
+    SELECT r.*
+    FROM (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[])
+                       AS r(id, attempt, result) ORDER BY id) r
+    CROSS JOIN LATERAL (
+        SELECT FROM tasks t
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
+          AND t.worker_id = $4
+        FOR UPDATE
+    ) t
+)
 UPDATE tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'SUCCEEDED' ELSE 'CANCELLED' END,
     last_error = CASE WHEN t.cancel_requested_at IS NULL THEN t.last_error
                       ELSE 'Cancelled: the handler returned after a cancel was requested' END,
     result = r.result::jsonb, finished_at = now(), updated_at = now(), lease_expires_at = NULL
-FROM unnest($1::uuid[], $2::int[], $3::text[]) AS r(id, attempt, result)
-WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $4
+FROM held r
+WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.status;
 
 -- name: retry
 -- Records retryable failures: back to ENQUEUED, due after the backoff, publish owed.
 -- $1: ids uuid[], $2: attempts int[], $3: errors text[], $4: delays float8[], $5: worker id
+WITH held AS (
+    -- The attempts this worker still holds, each found through the primary key
+    -- and locked in id order (see mark_published).
+    SELECT r.*
+    FROM (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[])
+                       AS r(id, attempt, error, delay) ORDER BY id) r
+    CROSS JOIN LATERAL (
+        SELECT FROM tasks t
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
+          AND t.worker_id = $5
+        FOR UPDATE
+    ) t
+)
 UPDATE tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'ENQUEUED' ELSE 'CANCELLED' END,
     finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
@@ -358,26 +391,52 @@ UPDATE tasks t SET
                   ELSE t.run_at END,
     last_error = r.error, lease_expires_at = NULL, worker_id = NULL, published_at = NULL,
     generation = t.generation + 1, updated_at = now()
-FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[]) AS r(id, attempt, error, delay)
-WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $5
+FROM held r
+WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation,
           greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay;
 
 -- name: fail
 -- Records terminal failures: FAILED, owed to the DLQ.
 -- $1: ids uuid[], $2: attempts int[], $3: errors text[], $4: worker id
+WITH held AS (
+    -- The attempts this worker still holds, each found through the primary key
+    -- and locked in id order (see mark_published).
+    SELECT r.*
+    FROM (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[])
+                       AS r(id, attempt, error) ORDER BY id) r
+    CROSS JOIN LATERAL (
+        SELECT FROM tasks t
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
+          AND t.worker_id = $4
+        FOR UPDATE
+    ) t
+)
 UPDATE tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'FAILED' ELSE 'CANCELLED' END,
     last_error = r.error, finished_at = now(), lease_expires_at = NULL, published_at = NULL,
     generation = t.generation + 1, updated_at = now()
-FROM unnest($1::uuid[], $2::int[], $3::text[]) AS r(id, attempt, error)
-WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $4
+FROM held r
+WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
 
 -- name: give_back
 -- A worker shutting down gives back tasks it could not finish: ENQUEUED, due
 -- now, and the attempt does not count.
 -- $1: ids uuid[], $2: attempts int[], $3: worker id
+WITH held AS (
+    -- The attempts this worker still holds, each found through the primary key
+    -- and locked in id order (see mark_published).
+    SELECT r.*
+    FROM (SELECT * FROM unnest($1::uuid[], $2::int[])
+                       AS r(id, attempt) ORDER BY id) r
+    CROSS JOIN LATERAL (
+        SELECT FROM tasks t
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
+          AND t.worker_id = $3
+        FOR UPDATE
+    ) t
+)
 UPDATE tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'ENQUEUED' ELSE 'CANCELLED' END,
     finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
@@ -385,18 +444,31 @@ UPDATE tasks t SET
     last_error = 'given back by worker ' || t.worker_id || ' at shutdown',
     run_at = now(), lease_expires_at = NULL, worker_id = NULL,
     published_at = NULL, generation = t.generation + 1, updated_at = now()
-FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
-WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $3
+FROM held r
+WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
 
 -- name: cancel_running
 -- Records attempts the worker stopped because a cancel was requested: CANCELLED.
 -- $1: ids uuid[], $2: attempts int[], $3: worker id
+WITH held AS (
+    -- The attempts this worker still holds, each found through the primary key
+    -- and locked in id order (see mark_published).
+    SELECT r.*
+    FROM (SELECT * FROM unnest($1::uuid[], $2::int[])
+                       AS r(id, attempt) ORDER BY id) r
+    CROSS JOIN LATERAL (
+        SELECT FROM tasks t
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
+          AND t.worker_id = $3
+        FOR UPDATE
+    ) t
+)
 UPDATE tasks t SET
     status = 'CANCELLED', finished_at = now(), lease_expires_at = NULL, updated_at = now(),
     last_error = 'Cancelled: the handler was stopped after a cancel was requested'
-FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
-WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt AND t.worker_id = $3
+FROM held r
+WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
 
 -- name: session_alive
