@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -308,9 +309,10 @@ class Client:
             self._settle(t, r, f"tasks[{i}].")
             for i, (t, r) in enumerate(zip(tasks, results, strict=True))
         ]
-        for answer in answers:
-            queue = answer.task["queue"]
-            self.metrics.enqueue_total.labels(answer.task["type"], queue, _outcome(answer)).inc()
+        # Counted once per label set, not per task (each labels() call takes a lock).
+        counts = Counter((a.task["type"], a.task["queue"], _outcome(a)) for a in answers)
+        for labels, count in counts.items():
+            self.metrics.enqueue_total.labels(*labels).inc(count)
         return answers
 
     async def _check_type(
