@@ -53,9 +53,15 @@ def count_marks(path: str) -> int:
         return 0
 
 
-def enqueuer_main(send: Callable[[float], None], prepare: Callable[[], None] | None = None) -> None:
+def enqueuer_main(
+    send: Callable[[float], None],
+    prepare: Callable[[], None] | None = None,
+    finish: Callable[[], None] | None = None,
+) -> None:
     """``enqueue COUNT [INTERVAL]``: send COUNT noops, INTERVAL seconds apart if given
-    (then each carries its send time); print the time of the first send."""
+    (then each carries its send time), then ``finish`` (close the connection: a
+    peer publishing without confirms loses what the socket still holds if the
+    process exits with its connection open); print the time of the first send."""
     _, command, count, *rest = sys.argv
     assert command == "enqueue", command
     interval = float(rest[0]) if rest else 0.0
@@ -69,4 +75,6 @@ def enqueuer_main(send: Callable[[float], None], prepare: Callable[[], None] | N
             send(time.time())
         else:
             send(0.0)
+    if finish is not None:
+        finish()
     print(f"{first:.6f}", flush=True)

@@ -23,4 +23,4 @@ def noop(sent: float = 0.0) -> None:
 
 
 if __name__ == "__main__":
-    enqueuer_main(noop.send)
+    enqueuer_main(noop.send, finish=dramatiq.get_broker().close)

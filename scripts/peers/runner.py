@@ -88,7 +88,9 @@ class Peer:
         finally:
             if db is not None:
                 await db.close()
-        raise RuntimeError(f"{self.variant}: {count} tasks not done after {timeout:g}s")
+        raise RuntimeError(
+            f"{self.variant}: {count_marks(marks)} of {count} tasks ran within {timeout:g}s"
+        )
 
     async def run(self, tasks: int, latency_tasks: int, timeout: float) -> dict[str, float]:
         """One marks file for all three phases; each phase reads its slice."""
