@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import asyncpg
 import httpx
@@ -27,6 +29,28 @@ async def wait_for(predicate, timeout: float = 15.0) -> None:  # type: ignore[no
     while not await predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.1)
+
+
+@dataclass
+class Publishing:
+    store: Store
+    link: Link
+    publisher: Publisher
+
+
+@pytest.fixture
+async def publishing(settings: Settings) -> AsyncIterator[Publishing]:
+    """The declared topology, a store and a publisher on a broker link."""
+    await declare_topology(settings)
+    store = await Store.connect(settings.database_url)
+    link = Link(settings.amqp_url, name="test")
+    await link.start()
+    await link.ready.wait()
+    try:
+        yield Publishing(store, link, Publisher(link, settings.topology(), settings.max_delay))
+    finally:
+        await link.close()
+        await store.close()
 
 
 async def unpublished(settings: Settings) -> int:
@@ -166,16 +190,13 @@ async def _accepts(api: httpx.AsyncClient) -> bool:
     return response.status_code == 201
 
 
-async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(settings: Settings) -> None:
+async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(
+    settings: Settings, publishing: Publishing
+) -> None:
     """When enqueues outpace the broker, a row that waited in the outbox past its bound
     is not published there but handed to the relay, which a NOTIFY wakes to publish it
     long before its grace; every task has exactly one envelope."""
-    await declare_topology(settings)
-    store = await Store.connect(settings.database_url)
-    link = Link(settings.amqp_url, name="test")
-    await link.start()
-    await link.ready.wait()
-    publisher = Publisher(link, settings.topology(), settings.max_delay)
+    store, publisher = publishing.store, publishing.publisher
     outbox = Outbox(store, publisher, in_flight=4, max_wait=0.2)
     # A grace longer than the test: whatever the relay publishes, it was told to.
     relay = Relay(store, settings.database_url, publisher, grace=600.0, interval=0.1)
@@ -214,38 +235,27 @@ async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(settings: S
         assert sorted(m.message_id for m in messages) == ids  # each exactly once
     finally:
         await relay.close()
-        await link.close()
-        await store.close()
 
 
 async def test_a_batch_that_fails_unexpectedly_leaves_the_outbox_running(
-    settings: Settings, caplog: pytest.LogCaptureFixture
+    settings: Settings, publishing: Publishing, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Whatever breaks one batch (here a row the publish cannot read), the outbox logs
     it, leaves those rows owed, and publishes the next batch."""
-    await declare_topology(settings)
-    store = await Store.connect(settings.database_url)
-    link = Link(settings.amqp_url, name="test")
-    await link.start()
-    await link.ready.wait()
-    publisher = Publisher(link, settings.topology(), settings.max_delay)
-    outbox = Outbox(store, publisher, in_flight=1)
-    try:
-        await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
-        (result,) = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}")])
-        row = {**result.row, "delay": 0.0, "last_error": None, "generation": result.generation}
-        broken = {key: value for key, value in row.items() if key != "type"}
-        outbox.start()
-        assert outbox.submit(broken)
-        await outbox.drain(10)
-        assert "not published, left to the relay" in caplog.text
-        assert await unpublished(settings) == 1
-        assert outbox.submit(row)
-        await outbox.drain(10)
-        await outbox.close()
-        assert await unpublished(settings) == 0
-        (message,) = await drain(settings, "default", expect=1)
-        assert message.message_id == str(row["id"])
-    finally:
-        await link.close()
-        await store.close()
+    store = publishing.store
+    outbox = Outbox(store, publishing.publisher, in_flight=1)
+    await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
+    (result,) = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}")])
+    row = {**result.row, "delay": 0.0, "last_error": None, "generation": result.generation}
+    broken = {key: value for key, value in row.items() if key != "type"}
+    outbox.start()
+    assert outbox.submit(broken)
+    await outbox.drain(10)
+    assert "not published, left to the relay" in caplog.text
+    assert await unpublished(settings) == 1
+    assert outbox.submit(row)
+    await outbox.drain(10)
+    await outbox.close()
+    assert await unpublished(settings) == 0
+    (message,) = await drain(settings, "default", expect=1)
+    assert message.message_id == str(row["id"])
