@@ -408,8 +408,6 @@ def _publish_error(exchange: str, exc: BaseException) -> PublishError:
         return PublishError(f"the broker returned the envelope as unroutable: {exc}")
     if isinstance(exc, aiormq.exceptions.DeliveryError):
         return PublishError(f"the broker did not confirm the publish: {exc.frame!r}")
-    if isinstance(exc, TimeoutError):
-        return PublishError(f"publish to {exchange!r} failed: {exc}")
     return PublishError(f"publish to {exchange!r} failed: {exc!r}")
 
 
