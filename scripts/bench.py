@@ -68,14 +68,25 @@ class Bench:
         """Poll Postgres until ``count`` rows are SUCCEEDED; the time it happened.
 
         The count scans the table, so it costs the server CPU the system being
-        measured could use: it runs every 0.25 s until 90% are done, then every 20 ms.
+        measured could use (16 ms for 80,000 rows here): each poll waits half the
+        time the rate so far says the rest needs, at least 20 ms and at most 0.5 s.
+        At 5,500 tasks/s that is 13 counts per 20,000 tasks instead of 24 (polling
+        every 0.25 s until 90% are done, then every 20 ms), and the end is still
+        seen within 20 ms.
         """
         deadline = time.monotonic() + timeout
+        first: tuple[float, int] | None = None
         while time.monotonic() < deadline:
             done = await self.sandbox.db.fetchval(SUCCEEDED)
+            now = time.perf_counter()
             if done >= count:
-                return time.perf_counter()
-            await asyncio.sleep(0.25 if done < 0.9 * count else 0.02)
+                return now
+            if first is None:
+                first, wait = (now, done), 0.25
+            else:
+                rate = (done - first[1]) / (now - first[0])
+                wait = (count - done) / rate / 2 if rate > 0 else 0.5
+            await asyncio.sleep(min(0.5, max(0.02, wait)))
         done = await self.sandbox.db.fetchval(SUCCEEDED)
         raise RuntimeError(f"only {done} of {count} tasks SUCCEEDED after {timeout:g}s")
 
