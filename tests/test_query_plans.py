@@ -103,3 +103,31 @@ async def test_id_lists_are_never_a_per_row_filter(db: asyncpg.Connection, query
         if query in THROUGH_THE_KEY:
             reads = scans(plan["Plan"])
             assert reads and set(reads) == {"tasks_pkey"}, (query, mode, reads)
+
+
+@pytest.mark.parametrize("status", ["FAILED", "CANCELLED"])
+async def test_rare_failures_are_listed_through_their_own_index(
+    db: asyncpg.Connection, status: str
+) -> None:
+    # A few failures among many successes: the listing must find them through an
+    # index of failures, not walk every newer success (or the whole table).
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
+        " attempts, finished_at, created_at)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60,"
+        " CASE WHEN g % 1000 = 0 THEN $2 ELSE 'SUCCEEDED' END, 1, now(),"
+        " now() - make_interval(secs => $1 - g)"
+        " FROM generate_series(1, $1) g",
+        BACKLOG * 10,
+        status,
+    )
+    await db.execute("ANALYZE tasks")
+    async with db.transaction():
+        await db.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        statement = await db.prepare("EXPLAIN (FORMAT JSON) " + sql.queries()["tasks_list"])
+        (plan,) = json.loads(
+            await statement.fetchval([status], None, None, None, None, None, None, None, 50)
+        )
+    reads = scans(plan["Plan"])
+    assert reads and not {"Seq Scan", "tasks_created_keyset"} & set(reads), reads
