@@ -14,7 +14,7 @@ import pytest
 
 from taskq.broker import Link, Publisher
 from taskq.client import Client
-from taskq.relay import Outbox, Relay
+from taskq.relay import Marker, Outbox, Relay
 from taskq.settings import Settings
 from taskq.store import NewTask, Store
 
@@ -259,3 +259,56 @@ async def test_a_batch_that_fails_unexpectedly_leaves_the_outbox_running(
     assert await unpublished(settings) == 0
     (message,) = await drain(settings, "default", expect=1)
     assert message.message_id == str(row["id"])
+
+
+async def test_a_publish_is_marked_after_the_delay_unless_a_claim_recorded_it(
+    settings: Settings, publishing: Publishing
+) -> None:
+    """The marker writes a row version only for tasks nobody claimed within its delay;
+    a claim in between records the publish itself, and the marker changes nothing."""
+    store = publishing.store
+    marker = Marker(store, interval=0.02, delay=0.5)
+    await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
+    results = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}") for _ in range(2)])
+    waiting, claimed = (result.row["id"] for result in results)
+    db = await asyncpg.connect(settings.database_url)
+
+    async def version(task_id: uuid.UUID) -> asyncpg.Record:
+        return await db.fetchrow(
+            "SELECT xmin::text AS version, published_at, started_at FROM tasks WHERE id = $1",
+            task_id,
+        )
+
+    async def waiting_marked() -> bool:
+        return (await version(waiting))["published_at"] is not None
+
+    marker.start()
+    try:
+        for task_id in (waiting, claimed):
+            marker.add(task_id, 0)
+        await asyncio.sleep(0.2)
+        assert not await waiting_marked()  # younger than the delay
+        (decision,) = await store.claim([claimed], "w1", 30.0)
+        assert decision["decision"] == "claimed"
+        after_claim = await version(claimed)
+        assert after_claim["published_at"] == after_claim["started_at"]  # the claim recorded it
+        await wait_for(waiting_marked, timeout=5)
+        assert await version(claimed) == after_claim  # the marker wrote no version of its own
+    finally:
+        await marker.close()
+        await db.close()
+
+
+async def test_closing_the_marker_records_every_publish_at_once(
+    settings: Settings, publishing: Publishing
+) -> None:
+    store = publishing.store
+    marker = Marker(store, delay=600.0)
+    await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
+    results = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}") for _ in range(3)])
+    marker.start()
+    for result in results:
+        marker.add(result.row["id"], result.generation)
+    assert await unpublished(settings) == 3
+    await marker.close()
+    assert await unpublished(settings) == 0
