@@ -279,7 +279,9 @@ class Marker:
                 await self._store.mark_published([(task_id, gen) for _, task_id, gen in due])
             except StoreError as exc:
                 # The rows stay owed; the relay publishes them again (a harmless duplicate).
+                # The rest waits for the next pass rather than for more failing statements.
                 log.warning("could not record %d publishes: %s", len(due), exc)
+                break
             except asyncio.CancelledError:
                 # Stopped mid-statement (close() cancels the loop): close() flushes them.
                 pending.extendleft(reversed(due))

@@ -312,3 +312,31 @@ async def test_closing_the_marker_records_every_publish_at_once(
     assert await unpublished(settings) == 3
     await marker.close()
     assert await unpublished(settings) == 0
+
+
+async def test_a_marker_that_loses_the_database_leaves_rows_owed_and_goes_on(
+    settings: Settings, publishing: Publishing, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed marker statement leaves its rows owed (the relay publishes them again)
+    and stops that pass; the publishes not yet tried are recorded once it is back."""
+    await publishing.store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
+    results = await publishing.store.enqueue(
+        [NewTask(uuid.uuid4(), "demo.echo", "{}") for _ in range(3)]
+    )
+    proxy, through = await proxied(settings, "database")
+    store = await Store.connect(through.database_url)
+    marker = Marker(store, delay=0.0, batch=1)
+    try:
+        for result in results:
+            marker.add(result.row["id"], result.generation)
+        await proxy.cut()
+        await marker.flush()
+        assert caplog.text.count("could not record 1 publishes") == 1
+        assert await unpublished(settings) == 3
+        await proxy.start()
+        await marker.flush()
+        assert await unpublished(settings) == 1  # the first stays owed, for the relay
+    finally:
+        await marker.close()
+        await store.close()
+        await proxy.cut()

@@ -9,8 +9,12 @@
 --    for a column no status change touches. A domain's CHECK runs where a
 --    value is written into the column (INSERT, or an UPDATE that sets it), so
 --    the rule holds as before, under the same constraint name.
---    The column changes type without a rewrite (a domain without constraints
---    over the same type), then the constraint is added and checked in one scan.
+--    The column changes type without a table rewrite (a domain without
+--    constraints over the same type); Postgres rebuilds the one index on the
+--    column, tasks_enqueued_due (ENQUEUED rows only). Then the constraint is
+--    added and checked in one scan of the table. The whole migration took
+--    3.5 s for 1,000,000 tasks on the project's 2-core machine, with writes
+--    to tasks blocked meanwhile.
 --
 -- 2. tasks_status_created (status, created_at) got an entry for every version
 --    of every row. Listings filtered by status now find ENQUEUED and RUNNING
