@@ -272,7 +272,7 @@ class Marker:
         ``batch`` rows a statement, and wake the relay for the rows handed to it."""
         pending = self._pending
         while pending and pending[0][0] <= confirmed_before:
-            due = []
+            due: list[tuple[float, uuid.UUID, int]] = []
             while pending and pending[0][0] <= confirmed_before and len(due) < self._batch:
                 due.append(pending.popleft())
             try:
