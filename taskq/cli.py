@@ -188,10 +188,14 @@ async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from taskq import handlers, logs
+    from taskq import handlers, logs, supervisor
     from taskq.worker import Worker
 
     logs.configure(settings.log_level)
+    processes = args.processes or settings.worker_processes
+    if processes > 1:
+        return await supervisor.supervise(settings, args.argv, processes, args.metrics_port)
+    link = None if args.supervisor_fd is None else supervisor.SupervisorLink(args.supervisor_fd)
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     try:
         worker = Worker(
@@ -224,7 +228,9 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    await worker.run(stop)
+    if link is not None:
+        link.watch(stop)  # a worker of `--processes N` stops when its supervisor is gone
+    await worker.run(stop, on_started=None if link is None else link.ready)
     return 0
 
 
@@ -299,7 +305,15 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--prefetch", type=_positive, help="envelopes buffered per queue (TASKQ_WORKER_PREFETCH)"
     )
-    worker.add_argument("--metrics-port", type=int, help="serve /metrics on this port")
+    worker.add_argument(
+        "--processes",
+        type=_positive,
+        help="worker processes under one supervisor (TASKQ_WORKER_PROCESSES)",
+    )
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve /metrics on this port (the i-th process: +i)"
+    )
+    worker.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     worker.add_argument("--metrics-host", help="default: TASKQ_HTTP_HOST")
     run = sub.add_parser(
         "run", help="run the whole system locally: migrate, topology, API and a demo worker"
@@ -379,6 +393,7 @@ def _execute(command: Command, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `worker --processes N`
     return _execute(COMMANDS[args.command], args)
 
 

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
 
     worker_prefetch: int = Field(32, ge=1, le=65535)
     worker_concurrency: int = Field(16, ge=1, le=10000)
+    worker_processes: int = Field(1, ge=1, le=1024)
     lease_seconds: Duration = 30.0
     worker_shutdown_grace: Duration = 30.0
     sweeper_overdue_after: Duration = 60.0

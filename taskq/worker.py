@@ -35,7 +35,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
 
@@ -337,8 +337,10 @@ class Worker:
             pending = [task for task in pending if not task.done()]
         hurry.cancel()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Start, run until ``stop`` is set, then stop gracefully.
+    async def run(
+        self, stop: asyncio.Event, on_started: Callable[[], object] | None = None
+    ) -> None:
+        """Start, call ``on_started``, run until ``stop`` is set, then stop gracefully.
 
         A stop while starting (e.g. waiting for the broker) closes what was opened.
         """
@@ -351,6 +353,8 @@ class Worker:
             return
         stopped.cancel()
         starting.result()
+        if on_started is not None:
+            on_started()
         await stop.wait()
         await self.stop()
 

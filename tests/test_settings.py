@@ -86,6 +86,7 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ("TASKQ_AMQP_URL", "amqp://host:port/"),
         ("TASKQ_NAMESPACE", "bad name"),
         ("TASKQ_WORKER_PREFETCH", "0"),
+        ("TASKQ_WORKER_PROCESSES", "0"),
         ("TASKQ_LEASE_SECONDS", "0"),
         ("TASKQ_HTTP_PORT", "70000"),
         ("TASKQ_MAX_DELAY", "1 day"),
