@@ -269,7 +269,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "get": {
                 "summary": "One task",
                 "parameters": [task_id],
-                "responses": {"200": _json(obj, "the task"), **_errors(401, 404, 503)},
+                "responses": {"200": _json(_ref("Task"), "the task"), **_errors(401, 404, 503)},
             }
         },
         "/tasks/{id}/events": {

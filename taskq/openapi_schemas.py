@@ -1,4 +1,10 @@
-"""The JSON Schemas of the HTTP API's bodies and values, for the OpenAPI document."""
+"""The JSON Schemas of the HTTP API's bodies and values, for the OpenAPI document.
+
+Payloads, results and payload schemas are free-form JSON, described so that client
+generators read them (openapi-python-client cannot follow a schema that refers to itself
+other than through an object) while validators and fuzzers still see every rule the API
+checks. ``tests/test_openapi_client.py`` generates a client and uses it.
+"""
 
 from __future__ import annotations
 
@@ -21,17 +27,23 @@ def nullable(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}], "default": None, **extra}
 
 
-# A JSON value whose strings and member names are free of NUL.
+# A JSON value whose strings and member names are free of NUL. Objects recurse through
+# JsonObject, which every generator follows. Arrays do not name JsonValue in `items`:
+# openapi-python-client cannot parse a union whose member refers back to the union.
+# To a generator an item is any value (`items: {}`); a validator still checks each one
+# ("no item is not a JsonValue").
 _JSON_VALUE = {
+    "description": "Any JSON value; no string or member name in it contains NUL (\\u0000).",
     "anyOf": [
         {"type": ["null", "boolean", "number"]},
         {"type": "string", "pattern": NO_NUL},
-        {"type": "array", "items": ref("JsonValue")},
+        {"type": "array", "items": {}, "not": {"contains": {"not": ref("JsonValue")}}},
         ref("JsonObject"),
-    ]
+    ],
 }
 _JSON_OBJECT = {
     "type": "object",
+    "description": "A JSON object; no string or member name in it contains NUL (\\u0000).",
     "propertyNames": {"pattern": NO_NUL},
     "additionalProperties": ref("JsonValue"),
 }
@@ -54,10 +66,40 @@ _TASK_ANSWER = {
     "required": list(ANSWER_FIELDS),
 }
 
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+_TEXT_OR_NULL = {"type": ["string", "null"]}
+_TASK = {
+    "type": "object",
+    "description": "A task as `GET /tasks/{id}` shows it.",
+    "properties": {
+        **_TASK_ANSWER["properties"],  # type: ignore[dict-item]
+        "payload": {**ref("JsonObject"), "description": "The handler's input."},
+        "result": {
+            **ref("JsonValue"),
+            "description": "What the handler returned; null until it succeeds.",
+        },
+        "idempotency_key": _TEXT_OR_NULL,
+        "last_error": {**_TEXT_OR_NULL, "description": "Why the last attempt failed."},
+        "timeout": {"type": "number", "description": "Handler timeout (s)."},
+        "lease_expires_at": _TIME_OR_NULL,
+        "worker_id": _TEXT_OR_NULL,
+        "published_at": _TIME_OR_NULL,
+        "updated_at": {"type": "string", "format": "date-time"},
+        "started_at": _TIME_OR_NULL,
+        "finished_at": _TIME_OR_NULL,
+        "cancel_requested_at": _TIME_OR_NULL,
+        "replays": {"type": "integer", "description": "Times an operator enqueued it again."},
+        "scheduled": {"type": "boolean", "description": "ENQUEUED with run_at in the future."},
+    },
+    "required": [*ANSWER_FIELDS, "payload", "result", "last_error"],
+}
+
 
 def _enqueue_schema(settings: Settings) -> dict[str, Any]:
     """The enqueue request: the model's schema plus the rules validation checks by hand."""
     schema = EnqueueBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    # Generators name a class after the title: the same name as the component.
+    schema["title"] = "EnqueueRequest"
     props = schema["properties"]
     props["type"]["pattern"] = TYPE_NAME.pattern
     props["payload"] = {
@@ -85,6 +127,7 @@ def _enqueue_schema(settings: Settings) -> dict[str, Any]:
 def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     """The task type definition and the backoff schemas it refers to."""
     schema = TaskTypeBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema["title"] = "TaskTypeRequest"
     schema["properties"]["queue"] = nullable(
         {"type": "string", "enum": settings.queues},
         description="Default queue; default: 'default'.",
@@ -140,6 +183,7 @@ def body_schemas(settings: Settings) -> dict[str, Any]:
         },
         "TaskTypeRequest": type_schema,
         "EnqueueAnswer": _TASK_ANSWER,
+        "Task": _TASK,
         "JsonValue": _JSON_VALUE,
         "JsonObject": _JSON_OBJECT,
         "ReasonRequest": _REASON,
