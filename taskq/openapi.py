@@ -5,31 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import taskq
-from taskq._utils import DURATION, format_duration
+from taskq.openapi_schemas import body_schemas
+from taskq.openapi_schemas import ref as _ref
 from taskq.settings import Settings
-from taskq.store import ANSWER_FIELDS
-from taskq.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
-
-# Postgres text and jsonb cannot hold NUL, so no string the API stores may contain one.
-NO_NUL = r"^[^\x00]*$"
-
-_TASK_ANSWER = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string", "format": "uuid"},
-        "type": {"type": "string"},
-        "queue": {"type": "string"},
-        "status": {
-            "type": "string",
-            "enum": ["ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"],
-        },
-        "attempts": {"type": "integer"},
-        "max_attempts": {"type": "integer"},
-        "run_at": {"type": "string", "format": "date-time"},
-        "created_at": {"type": "string", "format": "date-time"},
-    },
-    "required": list(ANSWER_FIELDS),
-}
+from taskq.validation import TYPE_NAME
 
 _PROBLEM = {
     "type": "object",
@@ -50,10 +29,6 @@ _PROBLEM = {
     },
     "required": ["type", "title", "status", "detail"],
 }
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -91,84 +66,6 @@ def _path_param(name: str, fmt: str | None = None, pattern: str | None = None) -
     if pattern:
         schema["pattern"] = pattern
     return {"name": name, "in": "path", "required": True, "schema": schema}
-
-
-def _nullable(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}], "default": None, **extra}
-
-
-# A JSON value whose strings and member names are free of NUL.
-_JSON_VALUE = {
-    "anyOf": [
-        {"type": ["null", "boolean", "number"]},
-        {"type": "string", "pattern": NO_NUL},
-        {"type": "array", "items": _ref("JsonValue")},
-        _ref("JsonObject"),
-    ]
-}
-_JSON_OBJECT = {
-    "type": "object",
-    "propertyNames": {"pattern": NO_NUL},
-    "additionalProperties": _ref("JsonValue"),
-}
-
-
-def _enqueue_schema(settings: Settings) -> dict[str, Any]:
-    """The enqueue request: the model's schema plus the rules validation checks by hand."""
-    schema = EnqueueBody.model_json_schema(ref_template="#/components/schemas/{model}")
-    props = schema["properties"]
-    props["type"]["pattern"] = TYPE_NAME.pattern
-    props["payload"] = {
-        **_ref("JsonObject"),
-        "description": props["payload"]["description"]
-        + " Strings may not contain NUL (\\u0000); at most TASKQ_MAX_PAYLOAD_BYTES.",
-    }
-    props["queue"] = _nullable({"type": "string", "enum": settings.queues})
-    key = props["idempotency_key"]
-    key["anyOf"][0]["pattern"] = NO_NUL
-    props["delay"]["anyOf"][0]["maximum"] = settings.max_delay
-    props["run_at"] = _nullable(
-        {"type": "string", "format": "date-time"},
-        description="RFC 3339 time before which it may not start; at most "
-        f"TASKQ_MAX_DELAY ({format_duration(settings.max_delay)}) ahead.",
-    )
-    # delay and run_at exclude each other.
-    schema["not"] = {
-        "properties": {"delay": {"type": "number"}, "run_at": {"type": "string"}},
-        "required": ["delay", "run_at"],
-    }
-    return schema
-
-
-def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The task type definition and the backoff schemas it refers to."""
-    schema = TaskTypeBody.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema["properties"]["queue"] = _nullable(
-        {"type": "string", "enum": settings.queues},
-        description="Default queue; default: 'default'.",
-    )
-    schema["properties"]["payload_schema"]["anyOf"][0] = {
-        **_ref("JsonObject"),
-        "description": "A JSON Schema (draft 2020-12); strings may not contain NUL.",
-    }
-    duration = {
-        "anyOf": [
-            {"type": "number", "minimum": 0},
-            {"type": "string", "pattern": DURATION.pattern},
-        ],
-        "description": "Seconds, or a duration such as 500ms, 5s, 2m, 1h, 30d.",
-    }
-    backoffs = schema.pop("$defs", {})
-    for backoff in backoffs.values():
-        props = backoff["properties"]
-        for name in ("delay", "base", "max"):
-            if name in props:
-                props[name] = {**duration, "default": props[name].get("default")}
-                if props[name]["default"] is None:
-                    del props[name]["default"]
-        if "delays" in props:
-            props["delays"]["items"] = duration
-    return schema, backoffs
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -305,56 +202,9 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
     }
 
 
-_REASON = {
-    "type": "object",
-    "properties": {"reason": {"type": "string", "maxLength": 1000, "pattern": NO_NUL}},
-    "additionalProperties": False,
-}
-_REPLAY = {
-    "type": "object",
-    "properties": {
-        "type": {"type": "string", "pattern": TYPE_NAME.pattern},
-        "queue": {"type": "string"},
-        "ids": {"type": "array", "items": {"type": "string", "format": "uuid"}, "maxItems": 10000},
-    },
-    "additionalProperties": False,
-}
-
-
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI document, with queue names and limits from ``settings``."""
-    enqueue_schema = _enqueue_schema(settings)
-    type_schema, backoffs = _type_schema(settings)
-    components = {
-        "EnqueueRequest": enqueue_schema,
-        "EnqueueBatchRequest": {
-            "type": "object",
-            "properties": {
-                "tasks": {
-                    "type": "array",
-                    "items": _ref("EnqueueRequest"),
-                    "minItems": 1,
-                    "maxItems": 1000,
-                }
-            },
-            "required": ["tasks"],
-            "additionalProperties": False,
-        },
-        "TaskTypeRequest": type_schema,
-        "EnqueueAnswer": _TASK_ANSWER,
-        "Problem": _PROBLEM,
-        "JsonValue": _JSON_VALUE,
-        "JsonObject": _JSON_OBJECT,
-        "ReasonRequest": _REASON,
-        "ReplayRequest": {
-            **_REPLAY,
-            "properties": {
-                **_REPLAY["properties"],  # type: ignore[dict-item]
-                "queue": {"type": "string", "enum": settings.queues},
-            },
-        },
-        **backoffs,
-    }
+    components = {**body_schemas(settings), "Problem": _PROBLEM}
     task_id = _path_param("id", "uuid")
     type_name = _path_param("name", pattern=TYPE_NAME.pattern)
     obj = {"type": "object"}
@@ -419,7 +269,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "get": {
                 "summary": "One task",
                 "parameters": [task_id],
-                "responses": {"200": _json(obj, "the task"), **_errors(401, 404, 503)},
+                "responses": {"200": _json(_ref("Task"), "the task"), **_errors(401, 404, 503)},
             }
         },
         "/tasks/{id}/events": {

@@ -1,0 +1,204 @@
+"""The JSON Schemas of the HTTP API's bodies and values, for the OpenAPI document.
+
+Payloads, results and payload schemas are free-form JSON, described so that client
+generators read them (openapi-python-client cannot follow a schema that refers to itself
+other than through an object) while validators and fuzzers still see every rule the API
+checks. ``tests/test_openapi_client.py`` generates a client and uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from taskq._utils import DURATION, format_duration
+from taskq.settings import Settings
+from taskq.store import ANSWER_FIELDS
+from taskq.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
+
+# Postgres text and jsonb cannot hold NUL, so no string the API stores may contain one.
+NO_NUL = r"^[^\x00]*$"
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}], "default": None, **extra}
+
+
+# A JSON value whose strings and member names are free of NUL. Objects recurse through
+# JsonObject, which every generator follows. Arrays do not name JsonValue in `items`:
+# openapi-python-client cannot parse a union whose member refers back to the union.
+# To a generator an item is any value (`items: {}`); a validator still checks each one
+# ("no item is not a JsonValue").
+_JSON_VALUE = {
+    "description": "Any JSON value; no string or member name in it contains NUL (\\u0000).",
+    "anyOf": [
+        {"type": ["null", "boolean", "number"]},
+        {"type": "string", "pattern": NO_NUL},
+        {"type": "array", "items": {}, "not": {"contains": {"not": ref("JsonValue")}}},
+        ref("JsonObject"),
+    ],
+}
+_JSON_OBJECT = {
+    "type": "object",
+    "description": "A JSON object; no string or member name in it contains NUL (\\u0000).",
+    "propertyNames": {"pattern": NO_NUL},
+    "additionalProperties": ref("JsonValue"),
+}
+
+_TASK_ANSWER = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "format": "uuid"},
+        "type": {"type": "string"},
+        "queue": {"type": "string"},
+        "status": {
+            "type": "string",
+            "enum": ["ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"],
+        },
+        "attempts": {"type": "integer"},
+        "max_attempts": {"type": "integer"},
+        "run_at": {"type": "string", "format": "date-time"},
+        "created_at": {"type": "string", "format": "date-time"},
+    },
+    "required": list(ANSWER_FIELDS),
+}
+
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+_TEXT_OR_NULL = {"type": ["string", "null"]}
+_TASK = {
+    "type": "object",
+    "description": "A task as `GET /tasks/{id}` shows it.",
+    "properties": {
+        **_TASK_ANSWER["properties"],  # type: ignore[dict-item]
+        "payload": {**ref("JsonObject"), "description": "The handler's input."},
+        "result": {
+            **ref("JsonValue"),
+            "description": "What the handler returned; null until it succeeds.",
+        },
+        "idempotency_key": _TEXT_OR_NULL,
+        "last_error": {**_TEXT_OR_NULL, "description": "Why the last attempt failed."},
+        "timeout": {"type": "number", "description": "Handler timeout (s)."},
+        "lease_expires_at": _TIME_OR_NULL,
+        "worker_id": _TEXT_OR_NULL,
+        "published_at": _TIME_OR_NULL,
+        "updated_at": {"type": "string", "format": "date-time"},
+        "started_at": _TIME_OR_NULL,
+        "finished_at": _TIME_OR_NULL,
+        "cancel_requested_at": _TIME_OR_NULL,
+        "replays": {"type": "integer", "description": "Times an operator enqueued it again."},
+        "scheduled": {"type": "boolean", "description": "ENQUEUED with run_at in the future."},
+    },
+    "required": [*ANSWER_FIELDS, "payload", "result", "last_error"],
+}
+
+
+def _enqueue_schema(settings: Settings) -> dict[str, Any]:
+    """The enqueue request: the model's schema plus the rules validation checks by hand."""
+    schema = EnqueueBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    # Generators name a class after the title: the same name as the component.
+    schema["title"] = "EnqueueRequest"
+    props = schema["properties"]
+    props["type"]["pattern"] = TYPE_NAME.pattern
+    props["payload"] = {
+        **ref("JsonObject"),
+        "description": props["payload"]["description"]
+        + " Strings may not contain NUL (\\u0000); at most TASKQ_MAX_PAYLOAD_BYTES.",
+    }
+    props["queue"] = nullable({"type": "string", "enum": settings.queues})
+    key = props["idempotency_key"]
+    key["anyOf"][0]["pattern"] = NO_NUL
+    props["delay"]["anyOf"][0]["maximum"] = settings.max_delay
+    props["run_at"] = nullable(
+        {"type": "string", "format": "date-time"},
+        description="RFC 3339 time before which it may not start; at most "
+        f"TASKQ_MAX_DELAY ({format_duration(settings.max_delay)}) ahead.",
+    )
+    # delay and run_at exclude each other.
+    schema["not"] = {
+        "properties": {"delay": {"type": "number"}, "run_at": {"type": "string"}},
+        "required": ["delay", "run_at"],
+    }
+    return schema
+
+
+def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The task type definition and the backoff schemas it refers to."""
+    schema = TaskTypeBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema["title"] = "TaskTypeRequest"
+    schema["properties"]["queue"] = nullable(
+        {"type": "string", "enum": settings.queues},
+        description="Default queue; default: 'default'.",
+    )
+    schema["properties"]["payload_schema"]["anyOf"][0] = {
+        **ref("JsonObject"),
+        "description": "A JSON Schema (draft 2020-12); strings may not contain NUL.",
+    }
+    duration = {
+        "anyOf": [
+            {"type": "number", "minimum": 0},
+            {"type": "string", "pattern": DURATION.pattern},
+        ],
+        "description": "Seconds, or a duration such as 500ms, 5s, 2m, 1h, 30d.",
+    }
+    backoffs = schema.pop("$defs", {})
+    for backoff in backoffs.values():
+        props = backoff["properties"]
+        for name in ("delay", "base", "max"):
+            if name in props:
+                props[name] = {**duration, "default": props[name].get("default")}
+                if props[name]["default"] is None:
+                    del props[name]["default"]
+        if "delays" in props:
+            props["delays"]["items"] = duration
+    return schema, backoffs
+
+
+_REASON = {
+    "type": "object",
+    "properties": {"reason": {"type": "string", "maxLength": 1000, "pattern": NO_NUL}},
+    "additionalProperties": False,
+}
+
+
+def body_schemas(settings: Settings) -> dict[str, Any]:
+    """The component schemas of request and answer bodies, with queue names and limits."""
+    type_schema, backoffs = _type_schema(settings)
+    return {
+        "EnqueueRequest": _enqueue_schema(settings),
+        "EnqueueBatchRequest": {
+            "type": "object",
+            "properties": {
+                "tasks": {
+                    "type": "array",
+                    "items": ref("EnqueueRequest"),
+                    "minItems": 1,
+                    "maxItems": 1000,
+                }
+            },
+            "required": ["tasks"],
+            "additionalProperties": False,
+        },
+        "TaskTypeRequest": type_schema,
+        "EnqueueAnswer": _TASK_ANSWER,
+        "Task": _TASK,
+        "JsonValue": _JSON_VALUE,
+        "JsonObject": _JSON_OBJECT,
+        "ReasonRequest": _REASON,
+        "ReplayRequest": {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string", "pattern": TYPE_NAME.pattern},
+                "queue": {"type": "string", "enum": settings.queues},
+                "ids": {
+                    "type": "array",
+                    "items": {"type": "string", "format": "uuid"},
+                    "maxItems": 10000,
+                },
+            },
+            "additionalProperties": False,
+        },
+        **backoffs,
+    }
