@@ -1,5 +1,6 @@
-"""The taskq benchmark of issue #5: enqueue, end to end, backlog drain, start
-latency, retry-delay accuracy and peak RSS, optionally against Celery and Dramatiq.
+"""The taskq benchmark of issues #5 and #14: enqueue (beside a bare-ASGI app on the
+same HTTP stack), end to end, backlog drain, start latency, retry-delay accuracy
+and peak RSS, optionally against Celery and Dramatiq.
 
 Starts the API and K workers itself against a fresh database and namespace on
 the local Postgres and RabbitMQ, stops everything and cleans up, then prints a
@@ -14,45 +15,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aio_pika
-from benchlib import (
-    AMQP_URL,
-    HttpConnection,
-    Sandbox,
-    batch_requests,
-    enqueue_chunks,
-    peak_rss_mb,
-    percentile,
-    python_client,
-    single_requests,
-)
+from bench_enqueue import enqueue_workloads
+from bench_report import Figure, report
+from benchlib import AMQP_URL, HttpConnection, Sandbox, enqueue_chunks, peak_rss_mb, percentile
 
 from taskq.client import Client
 from taskq.worker import TYPES_REFRESH_SECONDS
 
 SUCCEEDED = "SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'"
 PEER_FIGURES = ("e2e_tasks_per_s", "drain_tasks_per_s", "latency_p50_ms", "latency_p99_ms")
-
-
-@dataclass
-class Figure:
-    workload: str
-    name: str
-    value: float
-    unit: str
-    target: str = ""
 
 
 class Bench:
@@ -116,30 +96,7 @@ class Bench:
         return ids
 
     async def enqueue_workloads(self) -> None:
-        a, port = self.args, self.args.port
-        await single_requests(port, a.clients, 1.0)  # warm up
-        cpu = self.sandbox.cpu()
-        single = await single_requests(port, a.clients, a.seconds)
-        used = self.cpu_since(cpu)
-        w = "1 enqueue"
-        self.add(w, f"single POST /enqueue, {a.clients} clients", single["requests_per_s"], "req/s",
-                 ">= 1500")  # fmt: skip
-        self.add(w, "  latency p50", single["p50_ms"], "ms")
-        self.add(w, "  latency p99", single["p99_ms"], "ms", "<= 50")
-        self.add(w, "  errors", single["errors"], "")
-        self.add_cpu(w, used, single["requests"], "  API CPU per 1000 requests", ("api",))
-        batch = await batch_requests(port, a.batches, 500, 4)
-        w = "2 batch"
-        self.add(w, "POST /enqueue/batch, 500/request", batch["tasks_per_s"], "tasks/s", ">= 10000")
-        self.add(w, "  errors", batch["errors"], "")
-        client = await python_client(self.sandbox.settings, a.client_tasks, 256)
-        self.add(w, "Python client, 256 concurrent enqueue()", client["tasks_per_s"], "tasks/s")
-        many = await Client.connect(self.sandbox.settings)
-        started = time.perf_counter()
-        await enqueue_chunks(many, "demo.noop", a.client_tasks)
-        rate = a.client_tasks / (time.perf_counter() - started)
-        await many.close()
-        self.add(w, "Python client, enqueue_many(500) x 4 concurrent", rate, "tasks/s")
+        await enqueue_workloads(self.sandbox, self.args, self.add)
         # Leave a clean slate for the workloads with workers: nothing queued, no rows.
         await self.wait_published(120)
         amqp = await aio_pika.connect(AMQP_URL)
@@ -377,52 +334,6 @@ class Bench:
         )
 
 
-def _value(value: float) -> str:
-    return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
-
-
-def _median(values: Iterable[float]) -> float:
-    """The median of the values that are numbers (a failed peer's are NaN)."""
-    numbers = [v for v in values if not math.isnan(v)]
-    return statistics.median(numbers) if numbers else float("nan")
-
-
-def report(header: str, runs: list[list[Figure]], seconds: list[float]) -> None:
-    """The table (one column per run and their median when there are several), then JSON lines."""
-    print()
-    print(header)
-    several = len(runs) > 1
-    columns = [f"run {n + 1}" for n in range(len(runs))] + ["median"] if several else ["value"]
-    print(f"{'figure':<58} " + " ".join(f"{c:>9}" for c in columns) + f" {'unit':<8} target")
-    workload = ""
-    for n, f in enumerate(runs[0]):
-        if f.workload != workload:
-            workload = f.workload
-            print(f"[{workload}]")
-        values = [run[n].value for run in runs]
-        if several:
-            values.append(_median(values))
-        cells = " ".join(f"{_value(v):>9}" for v in values)
-        print(f"{f.name:<58} {cells} {f.unit:<8} {f.target}")
-    print("wall time per run: " + ", ".join(f"{s:.0f} s" for s in seconds))
-    print()
-    for r, run in enumerate(runs):
-        for f in run:
-            line = {
-                "bench": "taskq",
-                "run": r + 1,
-                "workload": f.workload,
-                "figure": f.name.strip(),
-            }
-            print(json.dumps({**line, "value": round(f.value, 4), "unit": f.unit}))
-    if several:
-        for n, f in enumerate(runs[0]):
-            value = _median(run[n].value for run in runs)
-            line = {"bench": "taskq", "run": "median", "workload": f.workload}
-            print(json.dumps({**line, "figure": f.name.strip(), "value": round(value, 4),
-                              "unit": f.unit}))  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -457,6 +368,7 @@ def main() -> None:
     args.clients = 32
     args.seconds = 2.0 if quick else 10.0
     args.batches = 8 if quick else 40
+    args.batch_size = 500
     args.client_tasks = 2000 if quick else 20000
     args.latency_tasks = 100 if quick else 300
     args.retry_tasks = 10 if quick else 20

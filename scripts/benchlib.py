@@ -1,6 +1,6 @@
 """Pieces shared by the benchmark scripts: a sandbox (fresh database and
-namespace, the API and workers as subprocesses), a minimal HTTP client and the
-enqueue workloads.
+namespace, the API and workers as subprocesses), a minimal HTTP client, CPU and
+memory readings, and the enqueue feeder of the end-to-end workloads.
 
 Not a command of its own; `scripts/bench` and `scripts/bench_enqueue.py` import it.
 """
@@ -8,7 +8,6 @@ Not a command of its own; `scripts/bench` and `scripts/bench_enqueue.py` import 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -29,6 +28,7 @@ from taskq.client import Client
 from taskq.migrate import migrate
 from taskq.settings import Settings, load_settings
 
+SCRIPTS = Path(__file__).resolve().parent
 SERVER_URL = os.environ.get(
     "TASKQ_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -113,6 +113,16 @@ def service_cpu_seconds(names: tuple[str, ...]) -> float:
     return total
 
 
+def cpu_now(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by the live processes ``pids`` (by name), this one
+    ("bench") and the two servers ("postgres", "rabbitmq")."""
+    used = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    used["bench"] = time.process_time()
+    used["postgres"] = service_cpu_seconds(("postgres",))
+    used["rabbitmq"] = service_cpu_seconds(("beam.smp",))
+    return used
+
+
 def scrape_counter(port: int, name: str, label: str) -> dict[str, float]:
     """Sum the samples of counter ``name`` on a /metrics endpoint by one ``label``."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
@@ -168,15 +178,15 @@ class Sandbox:
         self.api = subprocess.Popen(  # noqa: ASYNC220 - started before any measurement
             [sys.executable, "-m", "taskq", "api", "--port", str(self.port)], env=self.env
         )
-        for _ in range(200):
-            try:
-                conn = HttpConnection("127.0.0.1", self.port)
-                await conn.open()
-                conn.close()
-                return
-            except OSError:
-                await asyncio.sleep(0.05)
-        raise RuntimeError("the API did not start listening")
+        await wait_listening(self.port, "the API")
+
+    async def start_bare(self, port: int) -> subprocess.Popen[bytes]:
+        """Start the bare-ASGI reference (scripts/bare_asgi.py) on ``port``; stop it with
+        :func:`stop`."""
+        command = [sys.executable, str(SCRIPTS / "bare_asgi.py"), "--port", str(port)]
+        bare = subprocess.Popen(command, env=self.env)  # noqa: ASYNC220 - before measuring
+        await wait_listening(port, "the bare-ASGI app")
+        return bare
 
     def start_workers(self, count: int, concurrency: int, prefetch: int) -> None:
         """Start ``count`` workers; worker n serves its metrics on :meth:`metrics_port`."""
@@ -215,13 +225,9 @@ class Sandbox:
         """CPU seconds used so far by the API, the workers (summed), this process and
         the two servers."""
         assert self.api is not None
-        return {
-            "api": cpu_seconds(self.api.pid),
-            "workers": sum(cpu_seconds(w.pid) for w in self.workers),
-            "bench": time.process_time(),
-            "postgres": service_cpu_seconds(("postgres",)),
-            "rabbitmq": service_cpu_seconds(("beam.smp",)),
-        }
+        used = cpu_now({"api": self.api.pid})
+        used["workers"] = sum(cpu_seconds(w.pid) for w in self.workers)
+        return used
 
     async def wait_consumers(self, count: int, timeout: float = 30.0) -> None:
         """Wait until ``count`` consumers listen on the default work queue."""
@@ -268,6 +274,19 @@ def stop(processes: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> Non
             process.wait()
 
 
+async def wait_listening(port: int, what: str) -> None:
+    """Wait until something accepts connections on ``port`` (10 s at most)."""
+    for _ in range(200):
+        try:
+            conn = HttpConnection("127.0.0.1", port)
+            await conn.open()
+            conn.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{what} did not start listening on port {port}")
+
+
 async def wait_consumers(queue: str, count: int, timeout: float = 30.0) -> None:
     """Wait until ``count`` consumers listen on ``queue`` (which may not exist yet)."""
     deadline = time.monotonic() + timeout
@@ -286,75 +305,6 @@ async def wait_consumers(queue: str, count: int, timeout: float = 30.0) -> None:
         raise RuntimeError(f"fewer than {count} consumers on {queue} after {timeout:g}s")
     finally:
         await amqp.close()
-
-
-async def single_requests(port: int, clients: int, seconds: float) -> dict[str, float]:
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + seconds
-
-    async def client(n: int) -> None:
-        nonlocal errors
-        conn = HttpConnection("127.0.0.1", port)
-        await conn.open()
-        i = 0
-        while time.perf_counter() < stop_at:
-            body = json.dumps({"type": "demo.noop", "payload": {"c": n, "i": i}}).encode()
-            started = time.perf_counter()
-            status, _ = await conn.post("/enqueue", body)
-            latencies.append(time.perf_counter() - started)
-            errors += status != 201
-            i += 1
-        conn.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client(n) for n in range(clients)))
-    elapsed = time.perf_counter() - started
-    return {
-        "requests_per_s": len(latencies) / elapsed,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "requests": len(latencies),
-        "errors": errors,
-    }
-
-
-async def batch_requests(port: int, batches: int, size: int, concurrency: int) -> dict[str, float]:
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for n in range(batches):
-        queue.put_nowait(n)
-    errors = 0
-
-    async def worker() -> None:
-        nonlocal errors
-        conn = HttpConnection("127.0.0.1", port)
-        await conn.open()
-        while not queue.empty():
-            n = queue.get_nowait()
-            tasks = [{"type": "demo.noop", "payload": {"b": n, "i": i}} for i in range(size)]
-            status, _ = await conn.post("/enqueue/batch", json.dumps({"tasks": tasks}).encode())
-            errors += status != 201
-        conn.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    return {"tasks_per_s": batches * size / elapsed, "tasks": batches * size, "errors": errors}
-
-
-async def python_client(settings: Settings, count: int, concurrency: int) -> dict[str, float]:
-    client = await Client.connect(settings)
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> None:
-        async with sem:
-            await client.enqueue("demo.noop", {"i": i})
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(count)))
-    elapsed = time.perf_counter() - started
-    await client.close()
-    return {"tasks_per_s": count / elapsed, "tasks": count}
 
 
 async def enqueue_chunks(
