@@ -29,6 +29,8 @@ from taskq.migrate import migrate
 from taskq.settings import Settings, load_settings
 
 SCRIPTS = Path(__file__).resolve().parent
+# The workers' handlers: taskq.demo's and bench.stamp (scripts/bench_handlers.py).
+WORKER_MODULE = "bench_handlers"
 SERVER_URL = os.environ.get(
     "TASKQ_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -160,6 +162,9 @@ class Sandbox:
             TASKQ_NAMESPACE=self.namespace,
             # demo.fail's attempts log a WARNING each; errors still show.
             TASKQ_LOG_LEVEL="ERROR",
+            PYTHONPATH=os.pathsep.join(
+                [str(SCRIPTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
         )
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -191,7 +196,7 @@ class Sandbox:
     def start_workers(self, count: int, concurrency: int, prefetch: int) -> None:
         """Start ``count`` workers; worker n serves its metrics on :meth:`metrics_port`."""
         for _ in range(count):
-            command = [sys.executable, "-m", "taskq", "worker", "taskq.demo"]
+            command = [sys.executable, "-m", "taskq", "worker", WORKER_MODULE]
             command += ["--concurrency", str(concurrency), "--prefetch", str(prefetch)]
             command += ["--metrics-port", str(self.metrics_port(len(self.workers)))]
             command += ["--metrics-host", "127.0.0.1"]
@@ -220,6 +225,19 @@ class Sandbox:
                 before = total.get(statement, (0.0, 0.0))
                 total[statement] = (before[0] + value, before[1] + count.get(statement, 0.0))
         return total
+
+    def queue_wait(self) -> tuple[float, float]:
+        """The workers' ``taskq_task_queue_wait_seconds`` so far: (sum, count), summed."""
+        total, count = 0.0, 0.0
+        for n in range(len(self.workers)):
+            port = self.metrics_port(n)
+            total += sum(
+                scrape_counter(port, "taskq_task_queue_wait_seconds_sum", "queue").values()
+            )
+            count += sum(
+                scrape_counter(port, "taskq_task_queue_wait_seconds_count", "queue").values()
+            )
+        return total, count
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds used so far by the API, the workers (summed), this process and
