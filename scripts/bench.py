@@ -1,6 +1,7 @@
 """The taskq benchmark of issues #5 and #14: enqueue (beside a bare-ASGI app on the
-same HTTP stack), end to end, backlog drain, start latency step by step,
-retry-delay accuracy and peak RSS, optionally against Celery and Dramatiq.
+same HTTP stack), end to end (async and sync handlers, tuned and at taskq's
+defaults) and backlog drain, start latency step by step, retry-delay accuracy and
+peak RSS, optionally against Celery and Dramatiq (tuned and at their defaults).
 
 Starts the API and K workers itself against a fresh database and namespace on
 the local Postgres and RabbitMQ, stops everything and cleans up, then prints a
@@ -30,7 +31,10 @@ from benchlib import AMQP_URL, Sandbox, enqueue_chunks, peak_rss_mb
 from taskq.client import Client
 
 SUCCEEDED = "SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'"
-PEER_FIGURES = ("e2e_tasks_per_s", "drain_tasks_per_s", "latency_p50_ms", "latency_p99_ms")
+# Issue #14's goals for taskq's tuned end-to-end rate over each peer's.
+E2E_TARGETS = {"celery": ">= 3", "celery+pg": ">= 12", "dramatiq": ">= 2"}
+# The sync no-op handler (a plain def run in the worker's thread pool), where taskq.demo has it.
+SYNC_NOOP = "demo.noop_sync"
 
 
 class Bench:
@@ -38,7 +42,8 @@ class Bench:
         self.args = args
         self.sandbox = Sandbox(args.port)
         self.figures: list[Figure] = []
-        # Figures other figures are compared with: p50, p99 (ms, POST sent -> handler start).
+        # Figures other figures are compared with: tuned, drain, defaults (tasks/s);
+        # p50, p99 (ms, POST sent -> handler start).
         self.key: dict[str, float] = {}
 
     def add(self, workload: str, name: str, value: float, unit: str, target: str = "") -> None:
@@ -102,26 +107,31 @@ class Bench:
             "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks"
         )
         w = "3 end to end"
-        self.add(w, f"preloaded backlog drain, {a.tasks} tasks", a.tasks / float(span), "tasks/s")
+        self.key["drain"] = a.tasks / float(span)
+        self.add(w, f"preloaded backlog drain, {a.tasks} tasks", self.key["drain"], "tasks/s")
         self.add(w, "  same, from spawning the workers", a.tasks / (end - spawned), "tasks/s")
         used = self.cpu_since(cpu)
         self.add_cpu(w, used, a.tasks, "  worker CPU per 1000 tasks, with start-up", ("workers",))
 
-    async def end_to_end(self, client: Client) -> None:
-        a = self.args
-        before = await self.sandbox.db.fetchval(SUCCEEDED)
-        profilers = self.start_profilers() if a.profile else []
+    async def end_to_end(
+        self, client: Client, workload: str, task_type: str, target: str, profile: bool = False
+    ) -> float:
+        """Enqueue --tasks of ``task_type`` with the workers running; the rate until the last
+        SUCCEEDED, with each process's CPU per task, envelopes per task and rows per
+        statement. Starts on empty tables, so that every end-to-end workload compares."""
+        a, w = self.args, workload
+        await self.sandbox.db.execute("TRUNCATE tasks, task_events")
+        profilers = self.start_profilers() if profile and a.profile else []
         deliveries = await asyncio.to_thread(self.sandbox.deliveries)
         batches = await asyncio.to_thread(self.sandbox.batches)
         cpu = self.sandbox.cpu()
         started = time.perf_counter()
-        feeding = asyncio.create_task(enqueue_chunks(client, "demo.noop", a.tasks))
-        end = await self.wait_succeeded(before + a.tasks, max(120.0, a.tasks / 50))
+        feeding = asyncio.create_task(enqueue_chunks(client, task_type, a.tasks))
+        end = await self.wait_succeeded(a.tasks, max(120.0, a.tasks / 50))
         await feeding
         used = self.cpu_since(cpu)
-        w = "3 end to end"
-        self.add(w, f"end to end, {a.tasks} demo.noop", a.tasks / (end - started),
-                 "tasks/s", ">= 10x celery+pg, 1.5x celery")  # fmt: skip
+        rate = a.tasks / (end - started)
+        self.add(w, f"end to end, {a.tasks} {task_type}", rate, "tasks/s", target)
         self.add_cpu(w, used, a.tasks, "  worker CPU per 1000 tasks", ("workers",))
         self.add_cpu(w, used, a.tasks, "  API CPU per 1000 tasks (its relay)", ("api",))
         self.add_cpu(w, used, a.tasks, "  enqueuer CPU per 1000 tasks (Python client)", ("bench",))
@@ -130,7 +140,7 @@ class Bench:
         for profiler in profilers:  # py-spy writes its profile on SIGINT
             profiler.send_signal(signal.SIGINT)
         for profiler in profilers:
-            profiler.wait(30)
+            await asyncio.to_thread(profiler.wait, 30)
         # Envelopes published twice (e.g. by an outbox and a relay) arrive late: let them.
         await asyncio.sleep(2.0)
         after = await asyncio.to_thread(self.sandbox.deliveries)
@@ -144,6 +154,35 @@ class Bench:
             rows_before, count_before = batches.get(statement, (0.0, 0.0))
             mean = (rows - rows_before) / max(count - count_before, 1.0)
             self.add(w, f"  rows per {statement} statement, mean", mean, "")
+        return rate
+
+    async def sync_end_to_end(self, client: Client, tuned: float) -> None:
+        """End to end with the sync no-op handler on the same workers, beside the async
+        figure; skipped (one NaN row, and a line saying why) where the workers have no
+        such handler."""
+        w = "3b end to end, sync handler"
+        sql = "SELECT count(*) FROM task_type WHERE name = $1"
+        if not await self.sandbox.db.fetchval(sql, SYNC_NOOP):
+            print(f"bench: skipped {w!r}: the workers register no {SYNC_NOOP}", flush=True)
+            self.add(w, f"skipped: the workers register no {SYNC_NOOP}", float("nan"), "")
+            return
+        rate = await self.end_to_end(client, w, SYNC_NOOP, "")
+        self.add(w, "  sync / async (demo.noop, tuned)", rate / tuned, "x", ">= 0.75")
+
+    async def defaults(self, tuned: float) -> None:
+        """End to end with as many workers as the tuned run, at taskq's defaults."""
+        a, w = self.args, "3c end to end, taskq's defaults"
+        self.sandbox.stop_workers()
+        self.sandbox.start_workers(a.workers)  # no --concurrency, no --prefetch
+        await self.sandbox.wait_consumers(a.workers)
+        await asyncio.sleep(0.5)  # as the peers' workers get, once they consume
+        client = await Client.connect(self.sandbox.settings)
+        try:
+            rate = await self.end_to_end(client, w, "demo.noop", "")
+        finally:
+            await client.close()
+        self.add(w, "  defaults / tuned", rate / tuned, "x", ">= 0.85")
+        self.key["defaults"] = rate
 
     def cpu_since(self, before: dict[str, float]) -> dict[str, float]:
         """CPU seconds each process (api, workers, bench) used since ``before``."""
@@ -190,7 +229,6 @@ class Bench:
             self.add(w, f"worker {n + 1}", peak_rss_mb(worker.pid), "MB", "<= 120")
 
     async def run(self) -> None:
-        a = self.args
         try:
             await self.sandbox.open()
             await self.sandbox.start_api()
@@ -199,41 +237,37 @@ class Bench:
             try:
                 await self.drain(client)
                 put_at = await put_backoff(self.args.port, 1)
-                await self.end_to_end(client)
+                target = ">= 12x celery+pg, 3x celery, 2x dramatiq"
+                tuned = await self.end_to_end(client, "3 end to end", "demo.noop", target, True)
+                self.key["tuned"] = tuned
+                await self.sync_end_to_end(client, tuned)
             finally:
                 await client.close()
             await self.start_latency()
             await self.retry_accuracy(1, put_at)
             await self.retry_accuracy(5, await put_backoff(self.args.port, 5))
             self.rss()
+            await self.defaults(tuned)
             self.sandbox.stop_workers()
             self.sandbox.stop_api()  # idle, but the peers get the machine to themselves
-            if a.peer:
-                from peers.runner import VARIANTS, run_peer
-
-                for peer in a.peer:
-                    for variant in VARIANTS:
-                        if variant.startswith(peer):
-                            default = 8 if variant == "dramatiq" else os.cpu_count() or 2
-                            try:
-                                figures = await run_peer(
-                                    variant,
-                                    a.workers,
-                                    a.peer_concurrency or default,
-                                    self.sandbox.database_url,
-                                    self.peer_tasks(variant),
-                                    a.latency_tasks,
-                                )
-                            except RuntimeError as exc:
-                                # One peer failing must not lose the other figures: its
-                                # own are NaN (left out of the medians).
-                                print(f"bench: peer {variant} failed: {exc}", file=sys.stderr)
-                                nan = float("nan")
-                                figures = dict.fromkeys(PEER_FIGURES, nan)
-                                figures["tasks"] = self.peer_tasks(variant)
-                            self.add_peer(variant, VARIANTS[variant], figures)
+            for peer in self.args.peer:
+                await self.peer(peer)
+            # In the table by workload (3c ran after 6, for the workers it restarts).
+            self.figures.sort(key=lambda f: f.workload)
         finally:
             await self.sandbox.close()
+
+    async def peer(self, name: str) -> None:
+        """Every variant of peer ``name``, tuned then at its defaults."""
+        from peers.runner import VARIANTS, measure
+
+        a, url = self.args, self.sandbox.database_url
+        for variant in (v for v in VARIANTS if v.startswith(name)):
+            tasks = self.peer_tasks(variant)
+            args = (variant, a.workers, a.peer_concurrency, url, tasks, a.latency_tasks)
+            tuned = await measure(*args, defaults=False)
+            defaults = await measure(*args, defaults=True)
+            self.add_peer(variant, VARIANTS[variant], tuned, defaults)
 
     def peer_tasks(self, variant: str) -> int:
         """Tasks per peer workload: --tasks, the same workload as taskq's, but at most
@@ -242,30 +276,39 @@ class Bench:
             return min(self.args.tasks, self.args.slow_peer_tasks)
         return int(self.args.tasks)
 
-    def add_peer(self, variant: str, label: str, figures: dict[str, float]) -> None:
-        ours = {f.name.split(",")[0]: f.value for f in self.figures if f.workload[0] in "34"}
-        w = f"peer {variant}"
-        for key, name, unit, mine in (
-            ("e2e_tasks_per_s", "end to end", "tasks/s", "end to end"),
-            ("drain_tasks_per_s", "preloaded backlog drain", "tasks/s", "preloaded backlog drain"),
+    def add_peer(
+        self, variant: str, label: str, tuned: dict[str, float], defaults: dict[str, float]
+    ) -> None:
+        w, tasks = f"peer {variant}", f"{tuned['tasks']:.0f} tasks"
+        faster = "  taskq / peer (higher: taskq faster)"
+        for key, name, ours, target in (
+            ("e2e_tasks_per_s", "end to end", "tuned", E2E_TARGETS[variant]),
+            ("drain_tasks_per_s", "preloaded backlog drain", "drain", ""),
         ):
-            self.add(w, f"{label}: {name}, {figures['tasks']:.0f} tasks", figures[key], unit)
-            self.add(w, "  taskq / peer (higher: taskq faster)", ours[mine] / figures[key], "x")
+            self.add(w, f"{label}: {name}, {tasks}", tuned[key], "tasks/s")
+            self.add(w, faster, self.key[ours] / tuned[key], "x", target)
+        peer = defaults["e2e_tasks_per_s"]
+        self.add(w, f"{label} at its defaults: end to end, {tasks}", peer, "tasks/s")
+        self.add(w, "  peer defaults / tuned", peer / tuned["e2e_tasks_per_s"], "x")
+        self.add(w, "  taskq defaults / peer defaults", self.key["defaults"] / peer, "x", ">= 1")
         # The peers' latency runs from the enqueuer's send to the handler's start.
         for p in ("p50", "p99"):
-            self.add(w, f"{label}: start latency {p} (send -> handler)", figures[f"latency_{p}_ms"],
+            self.add(w, f"{label}: start latency {p} (send -> handler)", tuned[f"latency_{p}_ms"],
                      "ms")  # fmt: skip
-            ratio = self.key[p] / figures[f"latency_{p}_ms"]
+            ratio = self.key[p] / tuned[f"latency_{p}_ms"]
             target = "<= 1" if variant == "dramatiq" else ""
             self.add(w, "  taskq / peer (lower: taskq faster)", ratio, "x", target)
 
     def header(self) -> str:
         a = self.args
+        peers = a.peer_concurrency or os.cpu_count()
         return (
             f"taskq bench: {a.workers} worker(s) x concurrency {a.concurrency}, prefetch "
-            f"{a.prefetch}; {os.cpu_count()} CPUs; peers: {', '.join(a.peer) or 'none'}"
-            f" (Celery prefork x {a.peer_concurrency or os.cpu_count()} per worker,"
-            f" Dramatiq {a.workers} process(es) x {a.peer_concurrency or 8} threads)"
+            f"{a.prefetch} (3c: {a.workers} at taskq's defaults); {os.cpu_count()} CPUs; peers: "
+            f"{', '.join(a.peer) or 'none'} (tuned: Celery prefork x {peers} per worker without"
+            f" gossip, mingle, heartbeat, Dramatiq {a.workers} process(es) x"
+            f" {a.peer_concurrency or 8} threads; defaults: {a.workers} `celery worker`, one"
+            " `dramatiq`, no flags)"
         )
 
 

@@ -193,11 +193,17 @@ class Sandbox:
         await wait_listening(port, "the bare-ASGI app")
         return bare
 
-    def start_workers(self, count: int, concurrency: int, prefetch: int) -> None:
-        """Start ``count`` workers; worker n serves its metrics on :meth:`metrics_port`."""
+    def start_workers(
+        self, count: int, concurrency: int | None = None, prefetch: int | None = None
+    ) -> None:
+        """Start ``count`` workers, with taskq's defaults where ``concurrency`` or
+        ``prefetch`` is None (no flag); worker n serves its metrics on :meth:`metrics_port`."""
         for _ in range(count):
             command = [sys.executable, "-m", "taskq", "worker", WORKER_MODULE]
-            command += ["--concurrency", str(concurrency), "--prefetch", str(prefetch)]
+            if concurrency is not None:
+                command += ["--concurrency", str(concurrency)]
+            if prefetch is not None:
+                command += ["--prefetch", str(prefetch)]
             command += ["--metrics-port", str(self.metrics_port(len(self.workers)))]
             command += ["--metrics-host", "127.0.0.1"]
             self.workers.append(subprocess.Popen(command, env=self.env))
