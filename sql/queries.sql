@@ -2,9 +2,27 @@
 -- Each block lists its $n parameters in its header comment.
 
 -- name: migrations_lock
--- Serialises concurrent `taskq migrate` runs on one database.
+-- Serialises concurrent `taskq migrate` runs on one database. A run that does
+-- not get it polls again later, rather than wait inside a statement (whose
+-- snapshot CREATE INDEX CONCURRENTLY in the run holding it would wait for).
 -- $1: advisory lock key (bigint)
-SELECT pg_advisory_lock($1);
+SELECT pg_try_advisory_lock($1);
+
+-- name: migrations_lock_timeout
+-- How long each migration statement may wait for a lock, for this session.
+-- $1: milliseconds (text)
+SELECT set_config('lock_timeout', $1, false);
+
+-- name: migrations_invalid_indexes
+-- Which of these indexes exist but are invalid: a CREATE INDEX CONCURRENTLY
+-- that failed (a lock timeout, a cancel) leaves its index so.
+-- $1: index names text[]
+SELECT n.nspname AS schema, c.relname AS name
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT i.indisvalid AND c.relname = ANY($1::text[])
+  AND n.nspname = ANY(current_schemas(false));
 
 -- name: migrations_unlock
 -- $1: advisory lock key (bigint)
