@@ -178,6 +178,19 @@ SELECT count(*) FROM tasks WHERE published_at IS NULL AND status IN ('ENQUEUED',
 -- $1: advisory lock key (bigint)
 SELECT pg_try_advisory_lock($1);
 
+-- name: session_limits
+-- Bounds a lock session on the server's side (see taskq.leader): the server
+-- ends it once it is idle that long (only a frozen leader is) or its peer stops
+-- answering. Settings this server does not know (idle_session_timeout before
+-- Postgres 14) are skipped; the rows returned name those that were set.
+-- $1: idle_session_timeout (ms), $2: tcp_keepalives_idle (s),
+-- $3: tcp_keepalives_interval (s), $4: tcp_keepalives_count, $5: tcp_user_timeout (ms)
+SELECT s.name, set_config(s.name, v.value, false) AS value
+FROM (VALUES ('idle_session_timeout', $1::text), ('tcp_keepalives_idle', $2::text),
+             ('tcp_keepalives_interval', $3::text), ('tcp_keepalives_count', $4::text),
+             ('tcp_user_timeout', $5::text)) AS v(name, value)
+JOIN pg_settings s ON s.name = v.name;
+
 -- name: publish_owed
 -- Rows whose publish is owed and that nobody is publishing right now (older
 -- than the grace period), oldest first. FAILED rows are owed to the DLQ.

@@ -27,6 +27,10 @@ class RejectedByDatabase(StoreError):
     """The database refused the data (a constraint or a value it cannot store)."""
 
 
+class LockLost(StoreError):
+    """This process no longer holds the lock that made it the active relay or sweeper."""
+
+
 class MigrationError(StoreError):
     """The schema could not be migrated."""
 

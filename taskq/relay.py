@@ -8,7 +8,8 @@ publishes at once the tasks a caller enqueued inside its own transaction
 (woken by the NOTIFY that transaction sends on commit).
 
 One relay is active across the fleet: the one holding a Postgres advisory lock
-on a dedicated connection. The others wait and take over if it dies.
+on a dedicated connection (:mod:`taskq.leader`). The others wait and take over
+if it dies or freezes.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import asyncpg
-
 from taskq.broker import Publish, Publisher
 from taskq.envelope import Envelope
 from taskq.errors import StoreError
+from taskq.leader import lead
 from taskq.store import NOTIFY_CHANNEL, Row, SessionLock, Store
 
 log = logging.getLogger("taskq.relay")
@@ -337,13 +337,16 @@ class Relay:
         self.batch = batch
         self.duties = list(duties)
         self._lock = SessionLock(database_url, LOCK_KEY, "relay")
-        self._listening: asyncpg.Connection | None = None
+        self._listening: object | None = None
         self._notified: set[uuid.UUID] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="taskq-relay")
+        self._task = asyncio.create_task(
+            lead(self._lock, self._lead, interval=self.interval, wake=self._wake),
+            name="taskq-relay",
+        )
 
     async def close(self) -> None:
         if self._task is not None:
@@ -356,23 +359,12 @@ class Relay:
         """Whether this process is the active relay."""
         return self._lock.held
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                if await self._lock.hold():
-                    connection = self._lock.connection
-                    if self._listening is not connection and connection is not None:
-                        await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                        self._listening = connection
-                    await self.pass_once()
-            except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("relay pass failed: %s", exc)
-                await self._lock.release()
-            except Exception:
-                log.exception("relay pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            self._wake.clear()
+    async def _lead(self) -> None:
+        connection = self._lock.connection
+        if self._listening is not connection and connection is not None:
+            await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            self._listening = connection
+        await self.pass_once(check=self._lock.ensure)
 
     def _on_notify(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         for text in payload.split(","):
@@ -380,17 +372,25 @@ class Relay:
                 self._notified.add(uuid.UUID(text))
         self._wake.set()
 
-    async def pass_once(self) -> int:
-        """Publish what is owed now; run the extra duties. Returns how many were published."""
+    async def pass_once(self, *, check: Callable[[], Awaitable[None]] | None = None) -> int:
+        """Publish what is owed now; run the extra duties. Returns how many were published.
+
+        ``check`` runs before each step (the lock's :meth:`~SessionLock.ensure`) and
+        raises if this process may no longer act as the relay.
+        """
+        ensure = check or _leading
         published = 0
         while self._notified:
+            await ensure()
             ids = list(itertools.islice(self._notified, self.batch))
             self._notified.difference_update(ids)
             rows = await self.store.fetch("publish_owed_ids", ids)
             published += await publish_owed(self.store, self.publisher, rows)
         for duty in self.duties:
+            await ensure()
             await duty()
         while True:
+            await ensure()
             rows = await self.store.fetch("publish_owed", self.grace, self.batch)
             if not rows:
                 break
@@ -401,3 +401,7 @@ class Relay:
         if published:
             log.info("relay published %d owed envelopes", published)
         return published
+
+
+async def _leading() -> None:
+    """The check of a pass run outside :meth:`Relay.start` (tests, one-off runs)."""

@@ -33,11 +33,11 @@ from typing import Any
 
 import aio_pika
 import aiormq
-import asyncpg
 from aio_pika.abc import AbstractChannel
 
 from taskq.broker import Link, Publisher
-from taskq.errors import BrokerError, StoreError
+from taskq.errors import BrokerError
+from taskq.leader import lead
 from taskq.metrics import WorkerMetrics
 from taskq.relay import publish_owed
 from taskq.store import SessionLock, Store
@@ -46,13 +46,6 @@ from taskq.topology import Names
 log = logging.getLogger("taskq.sweeper")
 
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError, BrokerError)
-_DATABASE_ERRORS = (
-    StoreError,
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
 
 # pg_advisory_lock key of the active sweeper: "sweep" in ASCII.
 LOCK_KEY = 0x7377656570
@@ -117,26 +110,19 @@ class Sweeper:
 
     def start(self, database_url: str, *, interval: float = 1.0) -> None:
         """Run the duties every ``interval`` seconds while this process holds the sweeper lock."""
-        self._lock = SessionLock(database_url, LOCK_KEY, "sweeper")
-        self._task = asyncio.create_task(self._run(self._lock, interval), name="taskq-sweeper")
+        lock = self._lock = SessionLock(database_url, LOCK_KEY, "sweeper")
+
+        async def sweep() -> None:
+            for duty in self.duties:
+                await lock.ensure()  # a process resumed after a freeze may have lost it
+                await duty()
+
+        self._task = asyncio.create_task(lead(lock, sweep, interval=interval), name="taskq-sweeper")
 
     @property
     def active(self) -> bool:
         """Whether this process is the active sweeper."""
         return self._lock is not None and self._lock.held
-
-    async def _run(self, lock: SessionLock, interval: float) -> None:
-        while True:
-            try:
-                if await lock.hold():
-                    for duty in self.duties:
-                        await duty()
-            except _DATABASE_ERRORS as exc:
-                log.warning("sweeper pass failed: %s", exc)
-                await lock.release()
-            except Exception:
-                log.exception("sweeper pass failed")
-            await asyncio.sleep(interval)
 
     @property
     def duties(self) -> list[Callable[[], Awaitable[Any]]]:
