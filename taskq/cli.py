@@ -76,7 +76,9 @@ async def cmd_rmq_init(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _rmq_init(settings: Settings, topology: Topology) -> None:
-    connection = await broker.connect(settings.amqp_url, name="taskq-rmq-init", robust=False)
+    connection = await broker.connect(
+        settings.amqp_url, name="taskq-rmq-init", robust=False, heartbeat=settings.amqp_heartbeat
+    )
     try:
         report = await broker.declare(connection, topology)
     finally:

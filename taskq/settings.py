@@ -27,6 +27,7 @@ Duration = Annotated[float, Field(ge=0)]
 
 # The fields written as durations (``5s``, ``2m``) in the environment and by describe().
 _DURATIONS = (
+    "amqp_heartbeat",
     "max_delay",
     "backoff_fixed",
     "backoff_base",
@@ -155,6 +156,13 @@ class Settings(BaseSettings):
     def _check_max_delay(cls, value: float) -> float:
         if value < 1:
             raise ValueError("must be at least 1s")
+        return value
+
+    @field_validator("amqp_heartbeat")
+    @classmethod
+    def _check_heartbeat(cls, value: float) -> float:
+        if value != 0 and not 1 <= value <= 65535:
+            raise ValueError("0 (off) or from 1s to 65535s")
         return value
 
     @field_validator("lease_seconds")

@@ -7,9 +7,13 @@ fleet go on without it:
 7. the relay's and the sweeper's leaders frozen (the API leads the relay here):
    another process takes both locks within 30 s, recovers an expired lease and
    publishes tasks enqueued inside a caller's transaction; the leaders, resumed,
-   find out that they lead no more.
+   find out that they lead no more;
+8. a worker frozen while it runs a task and holds a full prefetch buffer: the
+   broker drops its silent connection (the AMQP heartbeat) and requeues the
+   buffer, the sweeper takes its expired lease back, another worker runs every
+   task; resumed, the frozen worker records nothing.
 
-It ends with the audit of :mod:`tests.test_faults` and print their figures.
+Both end with the audit of :mod:`tests.test_faults` and print their figures.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .test_faults import (
     eventually,
     free_port,
     processes,
+    queue_depth,
     worker_ready,
 )
 from .worker_fixtures import Harness, harness
@@ -172,3 +177,74 @@ async def test_frozen_leaders_are_replaced_and_find_out_when_resumed(
     assert figures.statuses == {"SUCCEEDED": 3}
     assert recovered == 1
     assert takeover <= TAKEOVER_BOUND
+
+
+# ---------------------------------------------------------------------- scenario 8
+
+
+async def test_a_frozen_worker_keeps_its_envelopes_briefly_and_records_nothing(
+    settings: Settings, tmp_path: Path, db: asyncpg.Connection
+) -> None:
+    """A worker (concurrency 1, prefetch 8) frozen with a task running and 8 envelopes
+    buffered; the AMQP heartbeat is the default (10 s: RabbitMQ drops the silent
+    connection after about 30 s), the lease 10 s."""
+    async with harness(settings) as h, processes(settings, tmp_path) as procs:
+        await h.put_type("demo.record", timeout=60)
+        # The sweeper's leader, consuming another queue, so that it runs none of them.
+        await procs.start("worker", "taskq.demo", "--queues", "low", **SHORT_LEASE)
+        await held(db, sweeper.LOCK_KEY)
+        frozen = await procs.start(
+            "worker", "taskq.demo", "--concurrency", "1", "--prefetch", "8", **LEASE_10S
+        )
+        await worker_ready(h, 1)
+        client = await Client.connect(settings)
+        try:
+            results = await client.enqueue_many(
+                [{"type": "demo.record", "payload": {"seconds": 1.5}, "max_attempts": 5}] * 12
+            )
+        finally:
+            await client.close()
+        ids = [uuid.UUID(str(r.id)) for r in results]
+        worker_id = await db.fetchval("SELECT id FROM workers WHERE pid = $1", frozen.pid)
+
+        async def running_and_full() -> bool:
+            running = await db.fetchval(
+                "SELECT count(*) FROM tasks WHERE status = 'RUNNING' AND worker_id = $1", worker_id
+            )
+            # 12 = 1 running + 8 buffered (unacked) + 3 ready in the queue.
+            return running == 1 and (await queue_depth(h, h.names.queue("default")))[0] == 3
+
+        await eventually(running_and_full, 30, "a task running and 8 envelopes buffered", 0.05)
+        stopped_at = await db.fetchval("SELECT now()")
+        frozen.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        await procs.start("worker", "taskq.demo", "--concurrency", "8", **SHORT_LEASE)
+        # Within about 30 s of the lease's expiry (10 s) every task ran elsewhere.
+        await all_terminal(db, ids, timeout=10 + 35)
+        finished = time.monotonic() - frozen_at
+        frozen.send_signal(signal.SIGCONT)
+
+        async def noticed() -> bool:
+            text = log_of(procs, frozen)
+            lost = "lease lost, cancelling its handler" in text or "was not recorded" in text
+            return lost and "lost the broker connection" in text
+
+        await eventually(noticed, 30, "the resumed worker noticing its losses")
+        # Its attempt was taken back (an ENQUEUED event naming it); nothing else of it.
+        landed = await db.fetchval(
+            "SELECT count(*) FROM task_events WHERE worker_id = $1 AND at > $2"
+            " AND status <> 'ENQUEUED'",
+            worker_id,
+            stopped_at,
+        )
+        finals = await db.fetchval(
+            "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[]) AND worker_id = $2",
+            ids,
+            worker_id,
+        )
+        extra = {"all done after the freeze (s)": round(finished, 1)}
+        figures = await audit(db, ids, "8 frozen worker", faults=1, extra=extra)
+        for process in procs.started:
+            await procs.stop(process)
+    assert figures.statuses == {"SUCCEEDED": len(ids)}
+    assert landed == 0 and finals == 0, "the resumed worker recorded something"

@@ -234,3 +234,10 @@ def test_the_command_line_never_prints_credentials(tmp_path: Path) -> None:
             assert variable in done.stderr, done.stderr
         for piece in PASSWORD_PIECES:
             assert piece not in output, (value, output)
+
+
+def test_the_amqp_heartbeat_is_a_duration_of_whole_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from(monkeypatch).amqp_heartbeat == 10
+    assert settings_from(monkeypatch, TASKQ_AMQP_HEARTBEAT="0").amqp_heartbeat == 0
+    with pytest.raises(ConfigError, match="TASKQ_AMQP_HEARTBEAT"):
+        settings_from(monkeypatch, TASKQ_AMQP_HEARTBEAT="500ms")
