@@ -159,7 +159,12 @@ WHERE id = ANY(ARRAY(SELECT id FROM owed));
 SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
        result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
-       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled
+       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled,
+       -- Why the relay set the owed publish aside, and when it tries again.
+       CASE WHEN published_at IS NULL AND set_aside_generation = generation
+            THEN publish_error END AS publish_error,
+       CASE WHEN published_at IS NULL AND set_aside_generation = generation
+            THEN publish_retry_at END AS publish_retry_at
 FROM tasks WHERE id = $1;
 
 -- name: task_events
@@ -168,7 +173,13 @@ SELECT id, status, previous_status, attempt, error, worker_id, run_at, at, actio
 FROM task_events WHERE task_id = $1 ORDER BY id;
 
 -- name: unpublished_count
-SELECT count(*) FROM tasks WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED');
+-- Owed publishes: those due (tasks_publish_due) and those set aside (tasks_publish_set_aside).
+SELECT (SELECT count(*) FROM tasks
+        WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
+          AND set_aside_generation IS DISTINCT FROM generation)
+     + (SELECT count(*) FROM tasks
+        WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
+          AND set_aside_generation = generation);
 
 -- ---------------------------------------------------------------- relay and sweeper
 
@@ -194,14 +205,57 @@ JOIN pg_settings s ON s.name = v.name;
 -- name: publish_owed
 -- Rows whose publish is owed and that nobody is publishing right now (older
 -- than the grace period), oldest first. FAILED rows are owed to the DLQ.
+-- Rows the relay set aside (see set_aside) are not among them: the index
+-- tasks_publish_due holds none, so any number of them costs this nothing.
 -- $1: grace seconds, $2: limit
 SELECT id, type, queue, status, attempts, last_error, generation,
        greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
 FROM tasks
 WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
+  AND set_aside_generation IS DISTINCT FROM generation
   AND updated_at < now() - make_interval(secs => $1)
 ORDER BY updated_at
 LIMIT $2;
+
+-- name: set_aside
+-- Sets owed publishes aside that failed for the row alone (no route to its
+-- queue, a delay beyond the levels, ...), with the reason. Keyed by the
+-- generation: a newer owed publish (any statement that bumps the generation) is
+-- not set aside. Retried after as long as the publish has been owed (updated_at
+-- is when it became owed), within $4 and $5 seconds. A row another transaction
+-- has locked is skipped (it is changing anyway); rows are locked in id order.
+-- Returns each row set aside, and whether it was not set aside before.
+-- $1: ids uuid[], $2: generations bigint[], $3: reasons text[],
+-- $4: least seconds until the retry, $5: most seconds until the retry
+WITH aside AS (
+    SELECT t.id, t.before, r.reason
+    FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[])
+                       AS r(id, generation, reason) ORDER BY id) r
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.set_aside_generation AS before FROM tasks t
+        WHERE t.id = r.id AND t.published_at IS NULL AND t.generation = r.generation
+          AND t.status IN ('ENQUEUED', 'FAILED')
+        FOR UPDATE SKIP LOCKED
+    ) t
+)
+UPDATE tasks t SET
+    set_aside_generation = t.generation, publish_error = a.reason,
+    publish_retry_at = now() + make_interval(secs => least($5::float8, greatest($4::float8,
+        extract(epoch FROM now() - t.updated_at)::float8)))
+FROM aside a
+WHERE t.id = a.id AND t.id = ANY(ARRAY(SELECT id FROM aside))
+RETURNING t.id, t.queue, a.before IS DISTINCT FROM t.generation AS newly;
+
+-- name: publish_set_aside_due
+-- Set-aside publishes whose retry is due, the earliest first.
+-- $1: limit
+SELECT id, type, queue, status, attempts, last_error, generation,
+       greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
+FROM tasks
+WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
+  AND set_aside_generation = generation AND publish_retry_at <= now()
+ORDER BY publish_retry_at
+LIMIT $1;
 
 -- name: publish_owed_ids
 -- The owed publishes among some ids (woken by a notification). Every lookup
@@ -214,7 +268,8 @@ SELECT t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
        greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay
 FROM unnest($1::uuid[]) AS i(id)
 JOIN tasks t ON t.id = i.id
-WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED');
+WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED')
+  AND t.set_aside_generation IS DISTINCT FROM t.generation;
 
 -- name: recover_expired
 -- Takes back claims whose lease expired (the worker died or hung): back to

@@ -29,9 +29,11 @@ from taskq.envelope import Envelope
 from taskq.errors import (
     BrokerError,
     DelayTooLong,
+    Nacked,
     PublishError,
     TaskqError,
     TopologyConflict,
+    Unpublishable,
 )
 from taskq.topology import Topology, delay_routing_key
 
@@ -364,6 +366,8 @@ class Publisher:
                 routed.append((n, self._route(item)))
             except TaskqError as exc:
                 results[n] = exc
+            except Exception as exc:  # a value no message can carry: this item's fault alone
+                results[n] = Unpublishable(f"no envelope can carry this task: {exc!r}")
         if not routed:
             return results
         try:
@@ -387,7 +391,7 @@ class Publisher:
         """Where ``item`` goes and its message.
 
         Raises:
-            PublishError: for a work queue the topology does not have.
+            Unpublishable: for a work queue the topology does not have.
             DelayTooLong: for a delay beyond the longest the delay levels allow.
         """
         envelope, queue = item.envelope, item.queue
@@ -397,7 +401,7 @@ class Publisher:
         if queue not in self._work_queues:
             # A delayed envelope for an unknown queue would be confirmed by the
             # first delay level and dropped when its delay ends: refuse it here.
-            raise PublishError(f"no work queue {queue!r} in the topology")
+            raise Unpublishable(f"no work queue {queue!r} in the topology")
         if item.delay > self._max_delay:
             raise DelayTooLong(
                 f"a delay of {item.delay:g}s exceeds the maximum {self._max_delay:g}s"
@@ -420,9 +424,9 @@ class Publisher:
 def _publish_error(exchange: str, exc: BaseException) -> PublishError:
     """taskq's error for a publish the broker did not confirm."""
     if isinstance(exc, aiormq.exceptions.PublishError):
-        return PublishError(f"the broker returned the envelope as unroutable: {exc}")
+        return Unpublishable(f"the broker returned the envelope as unroutable: {exc}")
     if isinstance(exc, aiormq.exceptions.DeliveryError):
-        return PublishError(f"the broker did not confirm the publish: {exc.frame!r}")
+        return Nacked(f"the broker did not confirm the publish: {exc.frame!r}")
     return PublishError(f"publish to {exchange!r} failed: {exc!r}")
 
 

@@ -43,6 +43,15 @@ class PublishError(BrokerError):
     """A publish was not confirmed by the broker (nacked, returned or timed out)."""
 
 
+class Unpublishable(PublishError):
+    """The envelope cannot be published as it is: nothing routes it (its work queue is
+    not in the topology, or the broker returned it as unroutable)."""
+
+
+class Nacked(PublishError):
+    """The broker refused the publish (a nack), e.g. for a queue without a leader."""
+
+
 class TopologyConflict(BrokerError):
     """An object already exists on the broker with other properties than taskq wants."""
 

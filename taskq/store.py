@@ -306,6 +306,16 @@ class Store:
         async with self._connection() as conn:
             await conn.execute(self.q["mark_published"], *_columns(sorted(published), 2))
 
+    async def set_aside(
+        self, items: Sequence[tuple[uuid.UUID, int, str]], retry_min: float, retry_max: float
+    ) -> list[Row]:
+        """Set owed publishes ``(id, generation, reason)`` aside (see ``set_aside`` SQL).
+
+        Returns the rows set aside: id, queue, and ``newly`` (not set aside before).
+        """
+        columns = _columns(sorted(items), 3)
+        return await self.fetch("set_aside", *columns, retry_min, retry_max)
+
     # ---------------------------------------------------------------- reading
 
     async def task(self, task_id: uuid.UUID) -> Row | None:

@@ -149,7 +149,8 @@ class Sweeper:
         # Unpublished ones stay owed; the relay's pass after the grace period sends them.
         # A task whose cancel was requested is CANCELLED now: nothing is owed.
         owed = [row for row in rows if row["status"] != "CANCELLED"]
-        await publish_owed(self.store, self.publisher, owed)
+        set_aside = self.metrics.set_aside if self.metrics is not None else None
+        await publish_owed(self.store, self.publisher, owed, set_aside=set_aside)
         return len(rows)
 
     async def apply_retention(self, *, force: bool = False) -> int:

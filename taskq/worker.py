@@ -252,7 +252,11 @@ class Worker:
                 metrics=self.metrics,
             )
             relay = Relay(
-                self.store, settings.database_url, self.publisher, interval=self._relay_interval
+                self.store,
+                settings.database_url,
+                self.publisher,
+                interval=self._relay_interval,
+                set_aside=self.metrics.set_aside,
             )
             relay.start()
             stack.push_async_callback(relay.close)
