@@ -643,11 +643,58 @@ ORDER BY finished_at, id
 LIMIT $4;
 
 -- name: queue_cancel_enqueued
--- Cancels every ENQUEUED task (scheduled ones too) of one queue.
+-- A queue purge's first step: cancels up to $2 ENQUEUED tasks (scheduled ones
+-- too) of one queue whose id is above $3, locked in id order as claims lock
+-- them, so the two cannot deadlock. Called again with the last id returned
+-- until none is left. Returns the ids cancelled.
+-- $1: queue, $2: limit, $3: ids above this one only (NULL: from the start)
+WITH doomed AS (
+    SELECT id FROM tasks
+    WHERE queue = $1 AND status = 'ENQUEUED' AND ($3::uuid IS NULL OR id > $3::uuid)
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE
+)
+UPDATE tasks t SET status = 'CANCELLED', finished_at = now(), updated_at = now()
+FROM doomed d
+WHERE t.id = d.id AND t.id = ANY(ARRAY(SELECT id FROM doomed))
+RETURNING t.id;
+
+-- name: purge_begin
+-- Records a broker purge about to start (see purge_end).
 -- $1: queue
-UPDATE tasks SET status = 'CANCELLED', finished_at = now(), updated_at = now()
-WHERE queue = $1 AND status = 'ENQUEUED'
-RETURNING id;
+INSERT INTO queue_purges (queue) VALUES ($1) RETURNING id;
+
+-- name: purge_end
+-- The purge's dropped publishes are owed again: it is done.
+-- $1: purge id
+DELETE FROM queue_purges WHERE id = $1;
+
+-- name: purges_unfinished
+-- Purges begun more than $1 seconds ago and never ended: their process or the
+-- database failed in between; the sweeper ends them.
+-- $1: seconds
+SELECT id, queue FROM queue_purges
+WHERE started_at < now() - make_interval(secs => $1)
+ORDER BY id;
+
+-- name: republish_queue
+-- A queue purge's last step: the ENQUEUED tasks of the queue that are due may
+-- have lost their envelope to the broker purge (they became ENQUEUED after the
+-- purge cancelled the others), so their publishes are owed again, for the
+-- relay to pay at once (see republish). Some had not lost it: a duplicate,
+-- which the claim drops. Rows are locked in id order, as claims lock them.
+-- $1: queue
+WITH owed AS (
+    SELECT id FROM tasks
+    WHERE queue = $1 AND status = 'ENQUEUED' AND run_at <= now()
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE tasks t SET published_at = NULL, generation = t.generation + 1,
+                   updated_at = now() - interval '1 hour'
+FROM owed
+WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 
 -- name: stats_counts
 -- Tasks by status, by (queue, status) and by (type, status), in one scan;

@@ -10,6 +10,10 @@
   marked owed again and the relay sends them in the same pass. An envelope
   that was not lost after all (held unacked by a busy worker) becomes a
   duplicate, which the claim drops.
+- :meth:`Sweeper.end_purges` ends the queue purges begun more than a minute
+  ago and never ended (the API process or the database failed between the
+  broker purge and its last step): the purged queue's ENQUEUED tasks that are
+  due may have lost their envelope, so their publishes are owed again.
 - :meth:`Sweeper.apply_retention` deletes terminal tasks (their events go with
   them) that finished more than ``retention`` seconds ago, in bounded batches,
   and forgets workers silent for an hour.
@@ -58,6 +62,8 @@ RETENTION_STATEMENTS = 3
 RETENTION_EVERY = 30.0
 # Workers silent this long are deleted from the registry (they died uncleanly).
 WORKERS_FORGOTTEN_AFTER = 3600.0
+# A queue purge not ended this many seconds after it began is ended by the sweeper.
+PURGE_ENDED_AFTER = 60.0
 
 
 class Sweeper:
@@ -75,6 +81,7 @@ class Sweeper:
             passive queue declare per queue).
         batch: the most rows one duty takes per pass.
         retention: seconds after which finished tasks are deleted; 0 keeps them.
+        purge_ended_after: seconds after which a queue purge not ended is ended here.
         metrics: counts lease recoveries, republishes and deletions, if given.
     """
 
@@ -90,9 +97,11 @@ class Sweeper:
         check_every: float = 5.0,
         batch: int = 500,
         retention: float = 7 * 86400.0,
+        purge_ended_after: float = PURGE_ENDED_AFTER,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.retention = retention
+        self.purge_ended_after = purge_ended_after
         self._retention_at = -1e9
         self.store = store
         self.publisher = publisher
@@ -127,7 +136,7 @@ class Sweeper:
     @property
     def duties(self) -> list[Callable[[], Awaitable[Any]]]:
         """The coroutines for ``Relay(duties=...)``."""
-        return [self.recover_expired, self.republish_lost, self.apply_retention]
+        return [self.recover_expired, self.republish_lost, self.end_purges, self.apply_retention]
 
     async def recover_expired(self) -> int:
         """Take back claims whose lease expired and publish them; returns how many."""
@@ -152,6 +161,21 @@ class Sweeper:
         set_aside = self.metrics.set_aside if self.metrics is not None else None
         await publish_owed(self.store, self.publisher, owed, set_aside=set_aside)
         return len(rows)
+
+    async def end_purges(self) -> int:
+        """Owe again the publishes that purges never ended may have dropped; returns
+        how many purges it ended."""
+        purges = await self.store.fetch("purges_unfinished", self.purge_ended_after)
+        for purge in purges:
+            owed = await self.store.execute("republish_queue", purge["queue"])
+            await self.store.execute("purge_end", purge["id"])
+            log.warning(
+                "a purge of work queue %s never ended (its process or the database failed):"
+                " %d tasks of it are published again",
+                self.names.queue(purge["queue"]),
+                owed,
+            )
+        return len(purges)
 
     async def apply_retention(self, *, force: bool = False) -> int:
         """Delete tasks finished longer than ``retention`` ago; returns how many.
