@@ -39,9 +39,9 @@ from prometheus_client import Counter
 from taskq.broker import Publish, Publisher
 from taskq.envelope import Envelope
 from taskq.errors import DelayTooLong, Nacked, TaskqError, Unpublishable
-from taskq.leader import lead
+from taskq.leader import SessionLock, lead
 from taskq.marker import Marker
-from taskq.store import NOTIFY_CHANNEL, Row, SessionLock, Store
+from taskq.store import NOTIFY_CHANNEL, Row, Store
 
 log = logging.getLogger("taskq.relay")
 

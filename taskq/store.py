@@ -1,16 +1,13 @@
 """The only module that runs SQL: every statement comes from ``sql/queries.sql``.
 
-asyncpg errors stay inside; callers see :class:`~taskq.errors.StoreError`.
-Methods that take lists run one statement for the whole batch.
+asyncpg errors stay inside; callers see :class:`~taskq.errors.StoreError`
+(but for the lock-session statements, whose every error means a lost lock to
+:mod:`taskq.leader`). Methods that take lists run one statement for the whole batch.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -21,7 +18,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 import taskq.sql as sql
-from taskq.errors import LockLost, RejectedByDatabase, StoreError
+from taskq.errors import RejectedByDatabase, StoreError
 
 log = logging.getLogger("taskq.store")
 
@@ -437,134 +434,27 @@ def _columns(items: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*items, strict=True)]
 
 
-# ---------------------------------------------------------------- leadership
-# The session lock behind one active relay and one active sweeper; see
-# taskq.leader for why a lock session is bounded on the server's side.
-
-# Seconds a lock session may stay idle before the server ends it (and frees the
-# lock). Passes touch it every second; a step between two checks (a statement
-# and a publish, each with a 10 s timeout) rarely lasts longer.
-LOCK_IDLE_TIMEOUT = 15.0
-# TCP keepalive of the lock session, server side: first probe after 5 s of
-# silence, then every 2 s, 3 unanswered probes drop it; unacknowledged data
-# drops it after 15 s.
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 2, 3
-LOCK_USER_TIMEOUT = 15.0
-# A round trip on the lock connection that takes longer means the lock is lost.
-LOCK_CHECK_TIMEOUT = 5.0
-# A leader's knowledge of its lock older than this is checked again before it acts.
-LOCK_RECHECK_AFTER = 1.0
+# ---------------------------------------------------------------- lock sessions
+# The statements of taskq.leader.SessionLock, each on its dedicated connection
+# and bounded by ``timeout`` seconds. asyncpg's errors are the caller's to map:
+# any of them means the lock is lost.
 
 
-class SessionLock:
-    """A Postgres advisory lock held as long as a dedicated connection lives.
+async def lock_session_limits(
+    connection: asyncpg.Connection, settings: Sequence[str], timeout: float
+) -> set[str]:
+    """Bound the session on the server's side (see ``session_limits`` SQL); returns
+    the names of the settings this server knows and took."""
+    rows = await connection.fetch(sql.queries()["session_limits"], *settings, timeout=timeout)
+    return {row["name"] for row in rows}
 
-    It keeps one relay and one sweeper active across the fleet: whoever holds
-    the lock does the work, and if its process dies, freezes or is cut off, the
-    session ends (see :mod:`taskq.leader`), and with it the lock, so another
-    process takes over on its next try.
 
-    Args:
-        url: the database.
-        key: the advisory lock's key.
-        name: what the lock makes active (``relay``, ``sweeper``), for logs and
-            the session's ``application_name``.
-        idle_timeout: seconds of idleness after which the server ends the session.
-    """
+async def try_session_lock(connection: asyncpg.Connection, key: int, timeout: float) -> bool:
+    """Take the advisory lock ``key`` for the session if it is free."""
+    taken: bool = await connection.fetchval(sql.queries()["session_lock"], key, timeout=timeout)
+    return taken
 
-    def __init__(
-        self, url: str, key: int, name: str, *, idle_timeout: float = LOCK_IDLE_TIMEOUT
-    ) -> None:
-        self._url = url
-        self._key = key
-        self.name = name
-        self._idle_timeout = idle_timeout
-        self._q = sql.queries()
-        self.connection: asyncpg.Connection | None = None
-        self.held = False
-        self._confirmed_at = -1e9
 
-    async def hold(self) -> bool:
-        """Whether this process holds the lock now; tries to take it if not.
-
-        Raises:
-            StoreError: if the database cannot be reached (the lock is then lost).
-        """
-        try:
-            if self.connection is None or self.connection.is_closed():
-                self._drop("its connection closed")
-                self.connection = await self._connect()
-            if self.held:
-                # Fails if the session ended, and with it the lock.
-                await self.connection.fetchval(self._q["session_alive"], timeout=LOCK_CHECK_TIMEOUT)
-            elif await self.connection.fetchval(
-                self._q["session_lock"], self._key, timeout=LOCK_CHECK_TIMEOUT
-            ):
-                self.held = True
-                log.info("this process is the active %s", self.name)
-        except _DOWN as exc:
-            self._drop(f"{type(exc).__name__}: {exc}")
-            raise StoreError(f"the {self.name} lock's connection failed: {exc}") from exc
-        if self.held:
-            self._confirmed_at = time.monotonic()
-        return self.held
-
-    async def ensure(self) -> None:
-        """Return if this process still holds the lock, else raise :class:`LockLost`.
-
-        Asks the server again when the last confirmation is older than
-        :data:`LOCK_RECHECK_AFTER` seconds: the process may have been frozen meanwhile.
-
-        Raises:
-            LockLost: the lock is someone else's now (or nobody's).
-            StoreError: the lock's connection failed (the lock is lost too).
-        """
-        if self.held and time.monotonic() - self._confirmed_at <= LOCK_RECHECK_AFTER:
-            return
-        if not self.held or not await self.hold():
-            raise LockLost(f"this process is no longer the active {self.name}")
-
-    async def _connect(self) -> asyncpg.Connection:
-        application = f"taskq {self.name} lock, pid {os.getpid()}"
-        connection = await asyncpg.connect(
-            self._url, timeout=5, server_settings={"application_name": application[:63]}
-        )
-        try:
-            applied = await connection.fetch(
-                self._q["session_limits"],
-                str(round(self._idle_timeout * 1000)),
-                str(KEEPALIVE_IDLE),
-                str(KEEPALIVE_INTERVAL),
-                str(KEEPALIVE_COUNT),
-                str(round(LOCK_USER_TIMEOUT * 1000)),
-                timeout=LOCK_CHECK_TIMEOUT,
-            )
-        except BaseException:
-            connection.terminate()
-            raise
-        if "idle_session_timeout" not in {row["name"] for row in applied}:
-            log.warning(
-                "Postgres before 14 has no idle_session_timeout: a frozen %s keeps its lock"
-                " until its connection drops",
-                self.name,
-            )
-        return connection
-
-    def _drop(self, why: str) -> None:
-        """Forget the connection without waiting on it (it may be half-open)."""
-        if self.held:
-            log.warning("this process is no longer the active %s: %s", self.name, why)
-        self.held = False
-        connection, self.connection = self.connection, None
-        if connection is not None and not connection.is_closed():
-            connection.terminate()
-
-    async def release(self) -> None:
-        """Give the lock up: close its connection."""
-        self.held = False
-        connection, self.connection = self.connection, None
-        if connection is not None and not connection.is_closed():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), LOCK_CHECK_TIMEOUT)
-            if not connection.is_closed():
-                connection.terminate()
+async def session_alive(connection: asyncpg.Connection, timeout: float) -> None:
+    """A round trip on the session: raises if it (and with it its locks) is gone."""
+    await connection.fetchval(sql.queries()["session_alive"], timeout=timeout)

@@ -41,10 +41,10 @@ from aio_pika.abc import AbstractChannel
 
 from taskq.broker import Link, Publisher
 from taskq.errors import BrokerError
-from taskq.leader import lead
+from taskq.leader import SessionLock, lead
 from taskq.metrics import WorkerMetrics
 from taskq.relay import publish_owed
-from taskq.store import SessionLock, Store
+from taskq.store import Store
 from taskq.topology import Names
 
 log = logging.getLogger("taskq.sweeper")

@@ -9,10 +9,10 @@ import pytest
 
 from taskq.broker import Link
 from taskq.errors import StoreError
+from taskq.leader import SessionLock
 from taskq.metrics import WorkerMetrics
 from taskq.relay import HEADER_REASON, Relay
 from taskq.settings import Settings
-from taskq.store import SessionLock
 from taskq.sweeper import Sweeper
 
 from .worker_fixtures import Harness, harness
