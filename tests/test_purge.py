@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from taskq.broker import Link
+from taskq.errors import BrokerError
 from taskq.metrics import WorkerMetrics
 from taskq.relay import Relay
 from taskq.settings import Settings
@@ -76,7 +77,7 @@ def purge_with(api: httpx.AsyncClient, before: Callable[[], Awaitable[Any]], aft
     reader.purge = purge
 
 
-async def test_database_down_stops_the_purge_before_the_broker_is_touched(
+async def test_a_failing_database_stops_the_purge_before_the_broker_is_touched(
     settings: Settings, db: asyncpg.Connection, through_proxy: tuple[TcpProxy, httpx.AsyncClient]
 ) -> None:
     proxy, api = through_proxy
@@ -90,6 +91,19 @@ async def test_database_down_stops_the_purge_before_the_broker_is_touched(
         # Nothing changed: every task ENQUEUED, every envelope where it was.
         assert await statuses(db, ids) == ["ENQUEUED"] * 5
         assert await depth(h, "default") == 5
+
+        # With the broker failing instead, the tasks are cancelled all the same and
+        # their envelopes stay, to be dropped when consumed.
+        async def broker_down(queue: str) -> int:
+            raise BrokerError("the broker is unreachable")
+
+        api.app.state.monitor.reader.purge = broker_down  # type: ignore[attr-defined]
+        response = await api.delete("/queues/default", params={"confirm": "default"}, headers=JSON)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"queue": "default", "purged_messages": None, "cancelled": 5}
+        assert await statuses(db, ids) == ["CANCELLED"] * 5
+        assert await depth(h, "default") == 5
+        assert await db.fetchval("SELECT count(*) FROM queue_purges") == 0
 
 
 async def test_a_task_enqueued_during_the_purge_keeps_an_envelope(settings: Settings) -> None:
