@@ -142,7 +142,7 @@ async def publish_owed(
         return Paid()
     errors = await publish_rows(publisher, rows)
     confirmed = [
-        (row["id"], row["generation"]) for row, e in zip(rows, errors, strict=True) if not e
+        (row["id"], row["generation"]) for row, e in zip(rows, errors, strict=True) if e is None
     ]
     await store.mark_published(confirmed)
     faults: list[tuple[Row, TaskqError, str]] = []

@@ -59,8 +59,9 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
     )
 
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/taskq"
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # Secrets, here and in api_keys, stay out of repr() (describe() masks them).
+    database_url: str = Field("postgresql://postgres@127.0.0.1:5432/taskq", repr=False)
+    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", repr=False)
     amqp_heartbeat: Duration = 10.0
     namespace: str = "taskq"
     queues: Annotated[list[str], NoDecode] = ["critical", "high", "default", "low"]
@@ -70,7 +71,7 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
-    api_keys: Annotated[list[str], NoDecode] = []
+    api_keys: Annotated[list[str], NoDecode, Field(repr=False)] = []
     max_payload_bytes: int = Field(1024 * 1024, ge=1)
 
     backoff_strategy: Literal["list", "fixed", "exponential"] = "list"
