@@ -59,14 +59,7 @@ LOCK_CHECK_TIMEOUT = 5.0
 LOCK_RECHECK_AFTER = 1.0
 
 
-# What a database going away raises (see taskq.store).
-_DOWN = (
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    TimeoutError,
-)
+_DOWN = store.DATABASE_DOWN
 _DATABASE_ERRORS = (StoreError, *_DOWN)
 
 

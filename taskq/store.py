@@ -36,6 +36,8 @@ _DOWN = (
     asyncpg.InternalClientError,
     TimeoutError,
 )
+# The same, for taskq.leader's lock sessions, which run their statements here too.
+DATABASE_DOWN = _DOWN
 
 # asyncpg.Record: read by column name.
 Row: TypeAlias = Mapping[str, Any]
