@@ -3,6 +3,15 @@
 This directory ships inside the wheel as the ``taskq.sql`` package. A query block
 starts with ``-- name: <name>`` and ends where the next one starts; its header
 comment lists its ``$n`` parameters, since asyncpg has no named parameters.
+
+A migration runs in one transaction with its record, unless a line of it reads
+``-- taskq:no-transaction``: then its statements run one by one, outside any
+transaction, as ``CREATE INDEX CONCURRENTLY`` must (it builds an index on a
+large table without blocking writes). Such a file may fail half way and run
+again, so each of its statements must be idempotent (``IF NOT EXISTS``,
+``IF EXISTS``); each ends with ``;`` at the end of a line, and it has no
+dollar-quoted bodies. An index such a migration builds concurrently that a
+failed run left invalid is dropped before the file runs again (taskq.migrate).
 """
 
 from __future__ import annotations
@@ -14,6 +23,12 @@ from importlib import resources
 
 _BLOCK = re.compile(r"^-- name: (?P<name>[a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+_NO_TRANSACTION = re.compile(r"^-- taskq:no-transaction\s*$", re.MULTILINE)
+_CONCURRENT_INDEX = re.compile(
+    r"\bCREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+    r"(?P<name>[a-z_][a-z0-9_]*)\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -21,6 +36,36 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def transactional(self) -> bool:
+        """False for a file marked ``-- taskq:no-transaction``."""
+        return _NO_TRANSACTION.search(self.sql) is None
+
+    def statements(self) -> list[str]:
+        """The statements of a file run outside a transaction, one per item.
+
+        Raises:
+            ValueError: if the file has a dollar-quoted body, which this splitting
+                cannot tell apart (such statements belong in a transactional file).
+        """
+        if "$$" in self.sql:
+            raise ValueError("a no-transaction migration may not hold dollar-quoted bodies")
+        statements, current = [], []
+        for line in self.sql.splitlines():
+            if line.lstrip().startswith("--") or not line.strip():
+                continue
+            current.append(line)
+            if line.rstrip().endswith(";"):
+                statements.append("\n".join(current))
+                current = []
+        if current:
+            statements.append("\n".join(current))
+        return statements
+
+    def concurrent_indexes(self) -> list[str]:
+        """The names of the indexes the file builds ``CONCURRENTLY``."""
+        return [match["name"] for match in _CONCURRENT_INDEX.finditer(self.sql)]
 
 
 @cache

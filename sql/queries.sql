@@ -2,9 +2,27 @@
 -- Each block lists its $n parameters in its header comment.
 
 -- name: migrations_lock
--- Serialises concurrent `taskq migrate` runs on one database.
+-- Serialises concurrent `taskq migrate` runs on one database. A run that does
+-- not get it polls again later, rather than wait inside a statement (whose
+-- snapshot CREATE INDEX CONCURRENTLY in the run holding it would wait for).
 -- $1: advisory lock key (bigint)
-SELECT pg_advisory_lock($1);
+SELECT pg_try_advisory_lock($1);
+
+-- name: migrations_lock_timeout
+-- How long each migration statement may wait for a lock, for this session.
+-- $1: milliseconds (text)
+SELECT set_config('lock_timeout', $1, false);
+
+-- name: migrations_invalid_indexes
+-- Which of these indexes exist but are invalid: a CREATE INDEX CONCURRENTLY
+-- that failed (a lock timeout, a cancel) leaves its index so.
+-- $1: index names text[]
+SELECT n.nspname AS schema, c.relname AS name
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT i.indisvalid AND c.relname = ANY($1::text[])
+  AND n.nspname = ANY(current_schemas(false));
 
 -- name: migrations_unlock
 -- $1: advisory lock key (bigint)
@@ -141,7 +159,12 @@ WHERE id = ANY(ARRAY(SELECT id FROM owed));
 SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
        result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
-       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled
+       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled,
+       -- Why the relay set the owed publish aside, and when it tries again.
+       CASE WHEN published_at IS NULL AND set_aside_generation = generation
+            THEN publish_error END AS publish_error,
+       CASE WHEN published_at IS NULL AND set_aside_generation = generation
+            THEN publish_retry_at END AS publish_retry_at
 FROM tasks WHERE id = $1;
 
 -- name: task_events
@@ -150,7 +173,13 @@ SELECT id, status, previous_status, attempt, error, worker_id, run_at, at, actio
 FROM task_events WHERE task_id = $1 ORDER BY id;
 
 -- name: unpublished_count
-SELECT count(*) FROM tasks WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED');
+-- Owed publishes: those due (tasks_publish_due) and those set aside (tasks_publish_set_aside).
+SELECT (SELECT count(*) FROM tasks
+        WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
+          AND set_aside_generation IS DISTINCT FROM generation)
+     + (SELECT count(*) FROM tasks
+        WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
+          AND set_aside_generation = generation);
 
 -- ---------------------------------------------------------------- relay and sweeper
 
@@ -160,17 +189,73 @@ SELECT count(*) FROM tasks WHERE published_at IS NULL AND status IN ('ENQUEUED',
 -- $1: advisory lock key (bigint)
 SELECT pg_try_advisory_lock($1);
 
+-- name: session_limits
+-- Bounds a lock session on the server's side (see taskq.leader): the server
+-- ends it once it is idle that long (only a frozen leader is) or its peer stops
+-- answering. Settings this server does not know (idle_session_timeout before
+-- Postgres 14) are skipped; the rows returned name those that were set.
+-- $1: idle_session_timeout (ms), $2: tcp_keepalives_idle (s),
+-- $3: tcp_keepalives_interval (s), $4: tcp_keepalives_count, $5: tcp_user_timeout (ms)
+SELECT s.name, set_config(s.name, v.value, false) AS value
+FROM (VALUES ('idle_session_timeout', $1::text), ('tcp_keepalives_idle', $2::text),
+             ('tcp_keepalives_interval', $3::text), ('tcp_keepalives_count', $4::text),
+             ('tcp_user_timeout', $5::text)) AS v(name, value)
+JOIN pg_settings s ON s.name = v.name;
+
 -- name: publish_owed
 -- Rows whose publish is owed and that nobody is publishing right now (older
 -- than the grace period), oldest first. FAILED rows are owed to the DLQ.
+-- Rows the relay set aside (see set_aside) are not among them: the index
+-- tasks_publish_due holds none, so any number of them costs this nothing.
 -- $1: grace seconds, $2: limit
 SELECT id, type, queue, status, attempts, last_error, generation,
        greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
 FROM tasks
 WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
+  AND set_aside_generation IS DISTINCT FROM generation
   AND updated_at < now() - make_interval(secs => $1)
 ORDER BY updated_at
 LIMIT $2;
+
+-- name: set_aside
+-- Sets owed publishes aside that failed for the row alone (no route to its
+-- queue, a delay beyond the levels, ...), with the reason. Keyed by the
+-- generation: a newer owed publish (any statement that bumps the generation) is
+-- not set aside. Retried after as long as the publish has been owed (updated_at
+-- is when it became owed), within $4 and $5 seconds. A row another transaction
+-- has locked is skipped (it is changing anyway); rows are locked in id order.
+-- Returns each row set aside, and whether it was not set aside before.
+-- $1: ids uuid[], $2: generations bigint[], $3: reasons text[],
+-- $4: least seconds until the retry, $5: most seconds until the retry
+WITH aside AS (
+    SELECT t.id, t.before, r.reason
+    FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[])
+                       AS r(id, generation, reason) ORDER BY id) r
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.set_aside_generation AS before FROM tasks t
+        WHERE t.id = r.id AND t.published_at IS NULL AND t.generation = r.generation
+          AND t.status IN ('ENQUEUED', 'FAILED')
+        FOR UPDATE SKIP LOCKED
+    ) t
+)
+UPDATE tasks t SET
+    set_aside_generation = t.generation, publish_error = a.reason,
+    publish_retry_at = now() + make_interval(secs => least($5::float8, greatest($4::float8,
+        extract(epoch FROM now() - t.updated_at)::float8)))
+FROM aside a
+WHERE t.id = a.id AND t.id = ANY(ARRAY(SELECT id FROM aside))
+RETURNING t.id, t.queue, a.before IS DISTINCT FROM t.generation AS newly;
+
+-- name: publish_set_aside_due
+-- Set-aside publishes whose retry is due, the earliest first.
+-- $1: limit
+SELECT id, type, queue, status, attempts, last_error, generation,
+       greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
+FROM tasks
+WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
+  AND set_aside_generation = generation AND publish_retry_at <= now()
+ORDER BY publish_retry_at
+LIMIT $1;
 
 -- name: publish_owed_ids
 -- The owed publishes among some ids (woken by a notification). Every lookup
@@ -183,7 +268,8 @@ SELECT t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
        greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay
 FROM unnest($1::uuid[]) AS i(id)
 JOIN tasks t ON t.id = i.id
-WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED');
+WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED')
+  AND t.set_aside_generation IS DISTINCT FROM t.generation;
 
 -- name: recover_expired
 -- Takes back claims whose lease expired (the worker died or hung): back to
@@ -557,11 +643,58 @@ ORDER BY finished_at, id
 LIMIT $4;
 
 -- name: queue_cancel_enqueued
--- Cancels every ENQUEUED task (scheduled ones too) of one queue.
+-- A queue purge's first step: cancels up to $2 ENQUEUED tasks (scheduled ones
+-- too) of one queue whose id is above $3, locked in id order as claims lock
+-- them, so the two cannot deadlock. Called again with the last id returned
+-- until none is left. Returns the ids cancelled.
+-- $1: queue, $2: limit, $3: ids above this one only (NULL: from the start)
+WITH doomed AS (
+    SELECT id FROM tasks
+    WHERE queue = $1 AND status = 'ENQUEUED' AND ($3::uuid IS NULL OR id > $3::uuid)
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE
+)
+UPDATE tasks t SET status = 'CANCELLED', finished_at = now(), updated_at = now()
+FROM doomed d
+WHERE t.id = d.id AND t.id = ANY(ARRAY(SELECT id FROM doomed))
+RETURNING t.id;
+
+-- name: purge_begin
+-- Records a broker purge about to start (see purge_end).
 -- $1: queue
-UPDATE tasks SET status = 'CANCELLED', finished_at = now(), updated_at = now()
-WHERE queue = $1 AND status = 'ENQUEUED'
-RETURNING id;
+INSERT INTO queue_purges (queue) VALUES ($1) RETURNING id;
+
+-- name: purge_end
+-- The purge's dropped publishes are owed again: it is done.
+-- $1: purge id
+DELETE FROM queue_purges WHERE id = $1;
+
+-- name: purges_unfinished
+-- Purges begun more than $1 seconds ago and never ended: their process or the
+-- database failed in between; the sweeper ends them.
+-- $1: seconds
+SELECT id, queue FROM queue_purges
+WHERE started_at < now() - make_interval(secs => $1)
+ORDER BY id;
+
+-- name: republish_queue
+-- A queue purge's last step: the ENQUEUED tasks of the queue that are due may
+-- have lost their envelope to the broker purge (they became ENQUEUED after the
+-- purge cancelled the others), so their publishes are owed again, for the
+-- relay to pay at once (see republish). Some had not lost it: a duplicate,
+-- which the claim drops. Rows are locked in id order, as claims lock them.
+-- $1: queue
+WITH owed AS (
+    SELECT id FROM tasks
+    WHERE queue = $1 AND status = 'ENQUEUED' AND run_at <= now()
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE tasks t SET published_at = NULL, generation = t.generation + 1,
+                   updated_at = now() - interval '1 hour'
+FROM owed
+WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 
 -- name: stats_counts
 -- Tasks by status, by (queue, status) and by (type, status), in one scan;

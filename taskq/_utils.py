@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -41,13 +41,30 @@ def format_duration(seconds: float) -> str:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its password replaced by ``***``.
+
+    Also for a malformed URL: everything between the first ``:`` after the
+    scheme and the last ``@`` is masked, whatever a parser would make of it (a
+    password with an unencoded ``/``, ``?`` or ``#``).
+    """
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not separator or not at or not colon or not password:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    return f"{scheme}://{user}:***@{host}"
+
+
+def redact(text: str, urls: list[str]) -> str:
+    """``text`` with the password of each of ``urls`` (as written, and as a URL
+    parser decodes it) replaced by ``***``."""
+    for url in urls:
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        password = userinfo.partition(":")[2]
+        for secret in {password, unquote(password)}:
+            if secret:
+                text = text.replace(secret, "***")
+    return text
 
 
 def quote_ident(name: str) -> str:

@@ -10,8 +10,9 @@ operators and workers cannot both win):
   the outbox (the relay pays it if the broker is down). Anything else → 409.
 - DLQ replay: the same for FAILED rows matching a filter; a second run finds
   none left (they are ENQUEUED or done), so it replays nothing.
-- queue purge: the broker queue is purged and the queue's ENQUEUED rows are
-  CANCELLED; an envelope published meanwhile is dropped by the claim.
+- queue purge: the queue's ENQUEUED rows are CANCELLED (in batches, locked in
+  id order as claims lock them), then the broker queue is purged; tasks that
+  became ENQUEUED meanwhile have their publishes owed again (see purge_queue).
 
 Every operator action is recorded in the task's event history with ``action``,
 ``actor`` (the API key's label, or ``api``) and ``reason``.
@@ -42,6 +43,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 MAX_REPLAY = 10_000
 REPLAY_BATCH = 1000
+PURGE_BATCH = 1000
 MAX_REASON = 1000
 
 
@@ -330,6 +332,16 @@ async def replay_dlq(request: Request) -> Response:
 
 @endpoint("queue_purge")
 async def purge_queue(request: Request) -> Response:
+    """Cancel the queue's ENQUEUED tasks, then purge its broker queue.
+
+    In this order, a failure midway leaves no ENQUEUED task without its
+    envelope: the database failing stops the purge before the broker is touched
+    (503); the broker failing leaves the cancelled tasks' envelopes, which the
+    claim drops (``purged_messages`` null). A task that becomes ENQUEUED after
+    the cancel (an enqueue, a retry) may lose its envelope to the broker purge:
+    its publish is owed again afterwards, or, if that fails, by the sweeper,
+    which ends every purge begun and not ended (``queue_purges``).
+    """
     settings = _settings(request)
     name = request.path_params["name"]
     if name not in settings.queues:
@@ -337,16 +349,28 @@ async def purge_queue(request: Request) -> Response:
     confirm = request.query_params.getlist("confirm")
     if confirm != [name]:
         raise _bad("confirm", f"repeat the queue's name to confirm: ?confirm={name}")
-    full = settings.topology().names.queue(name)
+    store = _client(request).store
+    cancelled = 0
+    after: uuid.UUID | None = None
+    while True:  # bounded batches, each a short transaction; each row is visited once
+        rows = await store.as_operator(
+            "purge", actor(request), "queue purged", "queue_cancel_enqueued", name,
+            PURGE_BATCH, after,
+        )  # fmt: skip
+        if not rows:
+            break
+        cancelled += len(rows)
+        after = max(row["id"] for row in rows)
+    purge = await store.fetchval("purge_begin", name)
     purged: int | None
     try:
-        purged = await request.app.state.monitor.reader.purge(full)
+        purged = await request.app.state.monitor.reader.purge(settings.topology().names.queue(name))
     except BrokerError:
-        purged = None  # the rows decide: envelopes of cancelled tasks are dropped at claim
-    rows = await _client(request).store.as_operator(
-        "purge", actor(request), "queue purged", "queue_cancel_enqueued", name
-    )
-    return json_response({"queue": name, "purged_messages": purged, "cancelled": len(rows)})
+        purged = None  # the cancelled tasks' envelopes are dropped at claim
+    if purged != 0:  # something may have been dropped (the broker may have purged, unanswered)
+        await store.execute("republish_queue", name)
+    await store.execute("purge_end", purge)
+    return json_response({"queue": name, "purged_messages": purged, "cancelled": cancelled})
 
 
 @endpoint("workers")

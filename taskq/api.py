@@ -268,7 +268,12 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         state.link = state.client._link
         state.topology_checked_at, state.topology_status = -1e9, "unknown"
         state.monitor = monitor.Monitor(settings, state.client.store, state.link)
-        relay_ = Relay(state.client.store, settings.database_url, state.client.publisher)
+        relay_ = Relay(
+            state.client.store,
+            settings.database_url,
+            state.client.publisher,
+            set_aside=state.metrics.set_aside,
+        )
         if relay:
             relay_.start()
         try:

@@ -22,15 +22,18 @@ from aio_pika.abc import (
     AbstractConnection,
     AbstractRobustConnection,
 )
+from pamqp.common import FieldTable
 
 from taskq import frames
 from taskq.envelope import Envelope
 from taskq.errors import (
     BrokerError,
     DelayTooLong,
+    Nacked,
     PublishError,
     TaskqError,
     TopologyConflict,
+    Unpublishable,
 )
 from taskq.topology import Topology, delay_routing_key
 
@@ -51,20 +54,30 @@ _INEQUIVALENT = re.compile(
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
 
 
-async def connect(url: str, *, name: str, robust: bool = True) -> AbstractConnection:
+async def connect(
+    url: str, *, name: str, robust: bool = True, heartbeat: float | None = None
+) -> AbstractConnection:
     """Open a connection named ``name`` (shown in the management UI); robust ones reconnect.
+
+    ``heartbeat`` (seconds, rounded up; 0 turns heartbeats off) replaces the URL's
+    ``heartbeat``: RabbitMQ closes a connection that sends nothing for about that
+    long, and requeues the envelopes it held unacked, so that a frozen process
+    (stopped, paused, its event loop blocked) does not keep them.
 
     Raises:
         BrokerError: if the broker cannot be reached.
     """
+    properties: FieldTable = {"connection_name": name}
+    beat = None if heartbeat is None else math.ceil(heartbeat)  # None: the URL's, or 60 s
     try:
         if robust:
             return await aio_pika.connect_robust(
                 url,
-                client_properties={"connection_name": name},
+                client_properties=properties,
                 reconnect_interval=RECONNECT_SECONDS,
+                heartbeat=beat,
             )
-        return await aio_pika.connect(url, client_properties={"connection_name": name})
+        return await aio_pika.connect(url, client_properties=properties, heartbeat=beat)
     except _BROKER_ERRORS as exc:
         raise BrokerError(f"cannot connect to the broker: {exc}") from exc
 
@@ -192,13 +205,15 @@ class Link:
     Processes that must keep working while the broker is down (the API accepts
     tasks into Postgres; the relay publishes them later) hold a link rather than
     a connection: :attr:`available` says whether publishing can work now.
+    ``heartbeat`` is that of :func:`connect`.
     """
 
     RETRY_SECONDS = 1.0
 
-    def __init__(self, url: str, *, name: str) -> None:
+    def __init__(self, url: str, *, name: str, heartbeat: float | None = None) -> None:
         self.url = url
         self.name = name
+        self.heartbeat = heartbeat
         self._connection: AbstractConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -212,7 +227,9 @@ class Link:
     async def _connect_forever(self) -> None:
         while self._connection is None:
             try:
-                self._connection = await connect(self.url, name=self.name, robust=True)
+                self._connection = await connect(
+                    self.url, name=self.name, robust=True, heartbeat=self.heartbeat
+                )
             except BrokerError as exc:
                 log.warning("broker unavailable, retrying: %s", exc)
                 await asyncio.sleep(self.RETRY_SECONDS)
@@ -349,6 +366,8 @@ class Publisher:
                 routed.append((n, self._route(item)))
             except TaskqError as exc:
                 results[n] = exc
+            except Exception as exc:  # a value no message can carry: this item's fault alone
+                results[n] = Unpublishable(f"no envelope can carry this task: {exc!r}")
         if not routed:
             return results
         try:
@@ -372,7 +391,7 @@ class Publisher:
         """Where ``item`` goes and its message.
 
         Raises:
-            PublishError: for a work queue the topology does not have.
+            Unpublishable: for a work queue the topology does not have.
             DelayTooLong: for a delay beyond the longest the delay levels allow.
         """
         envelope, queue = item.envelope, item.queue
@@ -382,7 +401,7 @@ class Publisher:
         if queue not in self._work_queues:
             # A delayed envelope for an unknown queue would be confirmed by the
             # first delay level and dropped when its delay ends: refuse it here.
-            raise PublishError(f"no work queue {queue!r} in the topology")
+            raise Unpublishable(f"no work queue {queue!r} in the topology")
         if item.delay > self._max_delay:
             raise DelayTooLong(
                 f"a delay of {item.delay:g}s exceeds the maximum {self._max_delay:g}s"
@@ -405,9 +424,9 @@ class Publisher:
 def _publish_error(exchange: str, exc: BaseException) -> PublishError:
     """taskq's error for a publish the broker did not confirm."""
     if isinstance(exc, aiormq.exceptions.PublishError):
-        return PublishError(f"the broker returned the envelope as unroutable: {exc}")
+        return Unpublishable(f"the broker returned the envelope as unroutable: {exc}")
     if isinstance(exc, aiormq.exceptions.DeliveryError):
-        return PublishError(f"the broker did not confirm the publish: {exc.frame!r}")
+        return Nacked(f"the broker did not confirm the publish: {exc.frame!r}")
     return PublishError(f"publish to {exchange!r} failed: {exc!r}")
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from taskq import broker, migrate
+from taskq._utils import redact
 from taskq.errors import ConfigError, TaskqError
 from taskq.settings import Settings, load_settings
 from taskq.topology import Topology
@@ -75,7 +76,9 @@ async def cmd_rmq_init(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _rmq_init(settings: Settings, topology: Topology) -> None:
-    connection = await broker.connect(settings.amqp_url, name="taskq-rmq-init", robust=False)
+    connection = await broker.connect(
+        settings.amqp_url, name="taskq-rmq-init", robust=False, heartbeat=settings.amqp_heartbeat
+    )
     try:
         report = await broker.declare(connection, topology)
     finally:
@@ -373,11 +376,13 @@ def _tune_gc() -> None:
 
 
 def _execute(command: Command, args: argparse.Namespace) -> int:
+    urls: list[str] = []
     try:
         # aiormq narrates connection failures on stderr; the one-line error says it.
         for noisy in ("aio_pika", "aiormq"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
         settings = load_settings()
+        urls = [settings.database_url, settings.amqp_url]
         _tune_gc()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(command(settings, args))
@@ -385,7 +390,8 @@ def _execute(command: Command, args: argparse.Namespace) -> int:
         print(f"taskq: {exc}", file=sys.stderr)
         return 2
     except TaskqError as exc:
-        print(f"taskq: error: {exc}", file=sys.stderr)
+        # A driver's message should not hold a password; never print one if it does.
+        print(f"taskq: error: {redact(str(exc), urls)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

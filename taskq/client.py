@@ -201,7 +201,7 @@ class Client:
     async def connect(cls, settings: Settings, *, metrics: ApiMetrics | None = None) -> Client:
         """Open a database pool and a broker link (which may come up later)."""
         store = await Store.connect(settings.database_url)
-        link = Link(settings.amqp_url, name="taskq-client")
+        link = Link(settings.amqp_url, name="taskq-client", heartbeat=settings.amqp_heartbeat)
         await link.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(link.ready.wait(), 5.0)

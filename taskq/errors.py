@@ -27,6 +27,10 @@ class RejectedByDatabase(StoreError):
     """The database refused the data (a constraint or a value it cannot store)."""
 
 
+class LockLost(StoreError):
+    """This process no longer holds the lock that made it the active relay or sweeper."""
+
+
 class MigrationError(StoreError):
     """The schema could not be migrated."""
 
@@ -37,6 +41,15 @@ class BrokerError(TaskqError):
 
 class PublishError(BrokerError):
     """A publish was not confirmed by the broker (nacked, returned or timed out)."""
+
+
+class Unpublishable(PublishError):
+    """The envelope cannot be published as it is: nothing routes it (its work queue is
+    not in the topology, or the broker returned it as unroutable)."""
+
+
+class Nacked(PublishError):
+    """The broker refused the publish (a nack), e.g. for a queue without a leader."""
 
 
 class TopologyConflict(BrokerError):

@@ -32,6 +32,7 @@ class ApiMetrics:
             "Publishes after a commit that the broker did not confirm (the relay retries them).",
             registry=self.registry,
         )
+        self.set_aside = set_aside_counter(self.registry)
         self.unpublished = Gauge(
             "taskq_unpublished_tasks",
             "Tasks committed in Postgres whose publish is still owed.",
@@ -74,6 +75,17 @@ class ApiMetrics:
         for name, kind, messages, consumers in depths or ():
             self.queue_messages.labels(name, kind).set(messages)
             self.queue_consumers.labels(name, kind).set(consumers)
+
+
+def set_aside_counter(registry: CollectorRegistry) -> Counter:
+    """The relay's count of owed publishes it set aside (the API and workers run a relay)."""
+    return Counter(
+        "taskq_publishes_set_aside_total",
+        "Owed publishes the active relay set aside because they failed for the row alone"
+        " (reason: unroutable, delay_too_long, nacked); each task's publish_error says why.",
+        ["queue", "reason"],
+        registry=registry,
+    )
 
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
@@ -149,6 +161,7 @@ class WorkerMetrics:
             " than TASKQ_RETENTION.",
             registry=self.registry,
         )
+        self.set_aside = set_aside_counter(self.registry)
         self.republished = Counter(
             "taskq_republished_total",
             "Overdue ENQUEUED tasks published again because their work queue was empty.",

@@ -2,11 +2,26 @@
 
 Safe to run repeatedly and concurrently: runs serialise on an advisory lock, each
 migration applies in its own transaction together with its record in
-``taskq_migrations``, and an applied migration is never applied again.
+``taskq_migrations``, and an applied migration is never applied again. A file
+marked ``-- taskq:no-transaction`` (see :mod:`taskq.sql`) runs statement by
+statement instead, and is recorded once all of them succeeded; an index it
+builds ``CONCURRENTLY`` that an earlier failed run left invalid is dropped first.
+
+Migrations run on a live system, so no statement may queue for a table lock for
+long: each waits at most ``lock_timeout`` seconds (Postgres' ``lock_timeout``),
+since a DDL statement waiting for its lock makes every later query of that
+table wait behind it. A migration that cannot get its locks is rolled back (or,
+run without a transaction, left to its idempotent statements) and tried again
+a few times, then fails saying so; ``taskq migrate`` can simply run again.
+
+Runs wait for each other's advisory lock by polling, not inside a statement: a
+waiting statement holds a snapshot, which ``CREATE INDEX CONCURRENTLY`` in the
+run holding the lock would wait for (a deadlock).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +34,12 @@ from taskq.errors import MigrationError, StoreError
 
 # pg_advisory_lock key for migrations: "taskq" in ASCII, an arbitrary constant.
 LOCK_KEY = 0x7461736B71
+# How long a statement may wait for a lock, how often a migration is tried, and
+# how long a run waits between tries and between polls of the advisory lock.
+LOCK_TIMEOUT = 5.0
+LOCK_TRIES = 5
+RETRY_WAIT = 2.0
+POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -66,11 +87,24 @@ async def ensure_database(url: str) -> bool:
     return True
 
 
-async def migrate(url: str) -> MigrateReport:
+async def migrate(
+    url: str,
+    *,
+    lock_timeout: float = LOCK_TIMEOUT,
+    lock_tries: int = LOCK_TRIES,
+    retry_wait: float = RETRY_WAIT,
+) -> MigrateReport:
     """Create the database if needed and apply every pending migration in order.
 
+    Args:
+        url: the database.
+        lock_timeout: seconds a statement may wait for a lock.
+        lock_tries: how often a migration that cannot get its locks is tried.
+        retry_wait: seconds before the second try, doubling for each further one.
+
     Raises:
-        MigrationError: if a migration fails or an applied one was edited since.
+        MigrationError: if a migration fails, cannot get its locks, or an applied
+            one was edited since.
         StoreError: if the database cannot be reached.
     """
     report = MigrateReport(created_database=await ensure_database(url))
@@ -80,9 +114,12 @@ async def migrate(url: str) -> MigrateReport:
     except (OSError, asyncpg.PostgresError) as exc:
         raise StoreError(f"cannot connect to the database: {exc}") from exc
     try:
-        await connection.execute(queries["migrations_lock"], LOCK_KEY)
+        await _take_lock(connection)
         try:
             await connection.execute(queries["migrations_table"])
+            await connection.execute(
+                queries["migrations_lock_timeout"], str(round(lock_timeout * 1000))
+            )
             applied = {
                 row["version"]: row for row in await connection.fetch(queries["migrations_applied"])
             }
@@ -98,17 +135,9 @@ async def migrate(url: str) -> MigrateReport:
                         )
                     report.current = migration.version
                     continue
-                try:
-                    async with connection.transaction():
-                        await connection.execute(migration.sql)
-                        await connection.execute(
-                            queries["migrations_record"],
-                            migration.version,
-                            migration.name,
-                            checksum,
-                        )
-                except asyncpg.PostgresError as exc:
-                    raise MigrationError(f"migration {label} failed: {exc}") from exc
+                await _apply_with_retries(
+                    connection, migration, checksum, lock_timeout, lock_tries, retry_wait
+                )
                 report.applied.append(label)
                 report.current = migration.version
         finally:
@@ -118,3 +147,66 @@ async def migrate(url: str) -> MigrateReport:
     finally:
         await connection.close()
     return report
+
+
+async def _take_lock(connection: asyncpg.Connection) -> None:
+    """Wait for the migrations' advisory lock, between statements (see the module)."""
+    query = sql.queries()["migrations_lock"]
+    while True:
+        if await connection.fetchval(query, LOCK_KEY):
+            return
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def _apply_with_retries(
+    connection: asyncpg.Connection,
+    migration: sql.Migration,
+    checksum: str,
+    lock_timeout: float,
+    tries: int,
+    wait: float,
+) -> None:
+    label = f"{migration.version:04d}_{migration.name}"
+    for attempt in range(1, tries + 1):
+        try:
+            await _apply(connection, migration, checksum)
+            return
+        except asyncpg.LockNotAvailableError as exc:
+            if attempt == tries:
+                undone = (
+                    "nothing of it was applied"
+                    if migration.transactional
+                    else "its finished statements stay; the rest runs on the next try"
+                )
+                raise MigrationError(
+                    f"migration {label} could not get its locks within {lock_timeout:g}s,"
+                    f" {tries} times ({exc}): long transactions hold them (see"
+                    f" pg_stat_activity); {undone}. Run taskq migrate again"
+                ) from exc
+            await asyncio.sleep(wait * 2 ** (attempt - 1))
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(f"migration {label} failed: {exc}") from exc
+        except ValueError as exc:
+            raise MigrationError(f"migration {label} cannot run: {exc}") from exc
+
+
+async def _apply(connection: asyncpg.Connection, migration: sql.Migration, checksum: str) -> None:
+    """Apply one migration and record it: in one transaction, or statement by statement."""
+    record = sql.queries()["migrations_record"]
+    if migration.transactional:
+        async with connection.transaction():
+            await connection.execute(migration.sql)
+            await connection.execute(record, migration.version, migration.name, checksum)
+        return
+    statements = migration.statements()
+    invalid = await connection.fetch(
+        sql.queries()["migrations_invalid_indexes"], migration.concurrent_indexes()
+    )
+    for row in invalid:
+        # Left by a failed CREATE INDEX CONCURRENTLY: IF NOT EXISTS would keep it as it is.
+        # Index names are identifiers, which cannot be bind parameters.
+        name = f"{quote_ident(row['schema'])}.{quote_ident(row['name'])}"
+        await connection.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+    for statement in statements:
+        await connection.execute(statement)
+    await connection.execute(record, migration.version, migration.name, checksum)

@@ -7,29 +7,41 @@ could not (the process died, the broker was down, a confirm was lost), and
 publishes at once the tasks a caller enqueued inside its own transaction
 (woken by the NOTIFY that transaction sends on commit).
 
+A failing broker and a failing row are told apart (:func:`publish_owed`): when
+the broker fails (unreachable, a timeout) the pass stops and the rows stay owed
+for the next one; a row that fails alone (its queue is no longer in the
+topology or its publish comes back unroutable, its delay exceeds the delay
+levels, the broker refuses it while it confirms the others) is *set aside*
+with the reason (the task's ``publish_error``) and retried now and then
+(:data:`SET_ASIDE_RETRY_MIN` to :data:`SET_ASIDE_RETRY_MAX` seconds apart, a
+few per pass), so newer rows keep flowing and a queue added back recovers its
+tasks.
+
 One relay is active across the fleet: the one holding a Postgres advisory lock
-on a dedicated connection. The others wait and take over if it dies.
+on a dedicated connection (:mod:`taskq.leader`). The others wait and take over
+if it dies or freezes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
+from prometheus_client import Counter
 
 from taskq.broker import Publish, Publisher
 from taskq.envelope import Envelope
-from taskq.errors import StoreError
-from taskq.store import NOTIFY_CHANNEL, Row, SessionLock, Store
+from taskq.errors import DelayTooLong, Nacked, TaskqError, Unpublishable
+from taskq.leader import SessionLock, lead
+from taskq.marker import Marker
+from taskq.store import NOTIFY_CHANNEL, Row, Store
 
 log = logging.getLogger("taskq.relay")
 
@@ -41,13 +53,17 @@ LOCK_KEY = 0x72656C6179
 # longer than OUTBOX_MAX_WAIT, so the two never publish the same row.
 RELAY_GRACE = 5.0
 OUTBOX_MAX_WAIT = RELAY_GRACE / 2
-# How old a confirmed publish is before its marker is written (see Marker): an
-# outbox's row is marked within OUTBOX_MAX_WAIT + MARK_DELAY, well inside the grace.
-MARK_DELAY = 1.0
 # Rows an outbox publishes in one write; in_flight / OUTBOX_BATCH batches go at once.
 OUTBOX_BATCH = 32
 # At most one log line per this many seconds about rows left to the relay.
 HANDOVER_LOG_SECONDS = 10.0
+# A set-aside row is retried after as long as its publish has been owed, within
+# these bounds, and at most SET_ASIDE_RETRY_BATCH of them per pass.
+SET_ASIDE_RETRY_MIN = 30.0
+SET_ASIDE_RETRY_MAX = 600.0
+SET_ASIDE_RETRY_BATCH = 50
+# Batches of owed rows one pass publishes at most (the rest waits for the next).
+BATCHES_PER_PASS = 20
 
 HEADER_REASON = "x-taskq-reason"
 HEADER_ATTEMPTS = "x-taskq-attempts"
@@ -72,34 +88,97 @@ def _publish(row: Row, delay: float | None) -> Publish:
 
 async def publish_rows(
     publisher: Publisher, rows: Sequence[Row], delays: Sequence[float | None] | None = None
-) -> list[bool]:
-    """Publish what ``rows`` owe in one batch; whether each was confirmed.
+) -> list[TaskqError | None]:
+    """Publish what ``rows`` owe in one batch; for each, None if confirmed, else why not.
 
-    Each row has id, type, queue, status, attempts, last_error, generation and
-    delay. A failure leaves that publish owed (and is logged).
+    Each row has id, type, queue, status, attempts, last_error, generation and delay.
     """
     chosen = delays if delays is not None else [None] * len(rows)
     items = [_publish(row, delay) for row, delay in zip(rows, chosen, strict=True)]
-    errors = await publisher.publish_many(items)
-    for row, error in zip(rows, errors, strict=True):
-        if error is not None:
-            log.warning("publish of task %s failed, still owed: %s", row["id"], error)
-    return [error is None for error in errors]
+    return await publisher.publish_many(items)
 
 
 async def publish_row(publisher: Publisher, row: Row) -> bool:
-    """:func:`publish_rows` for one row."""
-    (confirmed,) = await publish_rows(publisher, [row])
-    return confirmed
+    """Publish what one row owes; whether it was confirmed (a failure is logged)."""
+    (error,) = await publish_rows(publisher, [row])
+    if error is not None:
+        log.warning("publish of task %s failed, still owed: %s", row["id"], error)
+    return error is None
 
 
-async def publish_owed(store: Store, publisher: Publisher, rows: Sequence[Row]) -> int:
-    """Publish owed rows in one batch; mark the confirmed ones. Returns how many were confirmed."""
-    confirmed = await publish_rows(publisher, rows)
-    await store.mark_published(
-        [(row["id"], row["generation"]) for row, ok in zip(rows, confirmed, strict=True) if ok]
-    )
-    return sum(confirmed)
+@dataclass(frozen=True, slots=True)
+class Paid:
+    """What :func:`publish_owed` did with a batch of owed rows."""
+
+    confirmed: int = 0
+    set_aside: int = 0
+    broker_failed: bool = False  # some rows failed for the broker's sake: they stay owed
+
+
+def _fault_of_row(error: TaskqError, others_confirmed: bool) -> str | None:
+    """Why a failed publish is the row's own fault (a metric label), or None if the
+    broker's: a nack counts as the row's only while the broker confirms others."""
+    if isinstance(error, Unpublishable):
+        return "unroutable"
+    if isinstance(error, DelayTooLong):
+        return "delay_too_long"
+    if isinstance(error, Nacked) and others_confirmed:
+        return "nacked"
+    return None
+
+
+def _reason(error: TaskqError) -> str:
+    """An error as a bounded text column (no NUL)."""
+    return f"{type(error).__name__}: {error}".replace("\x00", "\\0")[:1000]
+
+
+async def publish_owed(
+    store: Store, publisher: Publisher, rows: Sequence[Row], *, set_aside: Counter | None = None
+) -> Paid:
+    """Publish owed rows in one batch, mark the confirmed ones and set aside, with their
+    reason, those that failed for the row alone (counted in ``set_aside`` by queue and
+    reason). The rest of the failures are the broker's: those rows stay owed."""
+    if not rows:
+        return Paid()
+    errors = await publish_rows(publisher, rows)
+    confirmed = [
+        (row["id"], row["generation"]) for row, e in zip(rows, errors, strict=True) if e is None
+    ]
+    await store.mark_published(confirmed)
+    faults: list[tuple[Row, TaskqError, str]] = []
+    broker: list[tuple[Row, TaskqError]] = []
+    for row, error in zip(rows, errors, strict=True):
+        if error is not None:
+            kind = _fault_of_row(error, bool(confirmed))
+            if kind is None:
+                broker.append((row, error))
+            else:
+                faults.append((row, error, kind))
+    if broker:
+        row, error = broker[0]
+        log.warning("%d owed publishes failed, still owed: %s", len(broker), error)
+    aside = 0
+    if faults:
+        kinds = {row["id"]: kind for row, _, kind in faults}
+        items = [(row["id"], row["generation"], _reason(error)) for row, error, _ in faults]
+        done = await store.set_aside(items, SET_ASIDE_RETRY_MIN, SET_ASIDE_RETRY_MAX)
+        aside = len(done)
+        fresh = [row for row in done if row["newly"]]
+        if set_aside is not None:
+            for row in fresh:
+                set_aside.labels(row["queue"], kinds[row["id"]]).inc()
+        row, error, _ = faults[0]
+        log.warning(
+            "set %d owed publishes aside (%d again), retried in %g s to %g s:"
+            " they fail for the row alone, e.g. task %s: %s",
+            aside,
+            aside - len(fresh),
+            SET_ASIDE_RETRY_MIN,
+            SET_ASIDE_RETRY_MAX,
+            row["id"],
+            error,
+        )
+    return Paid(len(confirmed), aside, bool(broker))
 
 
 class Outbox:
@@ -189,12 +268,18 @@ class Outbox:
                 continue
             rows.append(row)
             delays.append(max(0.0, row["delay"] - waited) if row["status"] == "ENQUEUED" else 0.0)
-        confirms = await publish_rows(self._publisher, rows, delays) if rows else []
-        for row, confirmed in zip(rows, confirms, strict=True):
-            if confirmed:
+        errors = await publish_rows(self._publisher, rows, delays) if rows else []
+        failed = 0
+        for row, error in zip(rows, errors, strict=True):
+            if error is None:
                 self._marker.add(row["id"], row["generation"])
-            elif self._on_failure is not None:
+                continue
+            failed += 1
+            if self._on_failure is not None:
                 self._on_failure()
+        if failed:
+            first = next(error for error in errors if error is not None)
+            log.warning("%d publishes failed, left to the relay: %s", failed, first)
 
     def _hand_over(self, task_id: uuid.UUID) -> None:
         """Leave a row owed for the relay and wake it; say so now and then."""
@@ -223,87 +308,6 @@ class Outbox:
         await self._marker.close()
 
 
-class Marker:
-    """Collects confirmed publishes and records them in batched statements; also
-    tells the relay, in batches, of the rows an outbox left to it.
-
-    A publish is recorded once it is ``delay`` seconds old. By then a worker has
-    usually claimed the task, and the claim records the publish in the row
-    version it writes anyway; the marker's statement then finds nothing to
-    change. Recorded at once, most tasks of a busy queue got a row version of
-    their own for the marker (a non-HOT update with an entry in every index):
-    0.65 of an update per task end to end. Only tasks still waiting in the
-    broker (a backlog, or a delay) get one now, well within the relay's grace.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        *,
-        interval: float = 0.05,
-        delay: float = MARK_DELAY,
-        batch: int = 1000,
-    ) -> None:
-        self._store = store
-        self._interval = interval
-        self._delay = delay
-        self._batch = batch
-        # (confirmed at, task id, generation), oldest first.
-        self._pending: collections.deque[tuple[float, uuid.UUID, int]] = collections.deque()
-        self._handed: list[uuid.UUID] = []
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, task_id: uuid.UUID, generation: int) -> None:
-        self._pending.append((time.monotonic(), task_id, generation))
-
-    def hand_over(self, task_id: uuid.UUID) -> None:
-        self._handed.append(task_id)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="taskq-marker")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.flush(time.monotonic() - self._delay)
-
-    async def flush(self, confirmed_before: float = math.inf) -> None:
-        """Record the publishes confirmed before ``confirmed_before`` (all by default),
-        ``batch`` rows a statement, and wake the relay for the rows handed to it."""
-        pending = self._pending
-        while pending and pending[0][0] <= confirmed_before:
-            due: list[tuple[float, uuid.UUID, int]] = []
-            while pending and pending[0][0] <= confirmed_before and len(due) < self._batch:
-                due.append(pending.popleft())
-            try:
-                await self._store.mark_published([(task_id, gen) for _, task_id, gen in due])
-            except StoreError as exc:
-                # The rows stay owed; the relay publishes them again (a harmless duplicate).
-                # The rest waits for the next pass rather than for more failing statements.
-                log.warning("could not record %d publishes: %s", len(due), exc)
-                break
-            except asyncio.CancelledError:
-                # Stopped mid-statement (close() cancels the loop): close() flushes them.
-                pending.extendleft(reversed(due))
-                raise
-        handed, self._handed = self._handed, []
-        if handed:
-            try:
-                await self._store.notify_owed(handed)
-            except StoreError as exc:
-                # Owed all the same: the relay's pass after its grace publishes them.
-                log.warning("could not wake the relay for %d envelopes: %s", len(handed), exc)
-            except asyncio.CancelledError:
-                self._handed = handed + self._handed
-                raise
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.flush()
-
-
 class Relay:
     """Publishes owed rows while this process holds the relay lock.
 
@@ -316,6 +320,7 @@ class Relay:
             does not race the publish that normally follows a commit.
         duties: further coroutines run on every pass while the lock is held
             (the worker's sweeper adds its lease recovery here).
+        set_aside: counts the rows set aside, by queue and reason.
     """
 
     def __init__(
@@ -328,6 +333,7 @@ class Relay:
         grace: float = RELAY_GRACE,
         batch: int = 500,
         duties: Sequence[Callable[[], Awaitable[Any]]] = (),
+        set_aside: Counter | None = None,
     ) -> None:
         self.store = store
         self.database_url = database_url
@@ -336,14 +342,18 @@ class Relay:
         self.grace = grace
         self.batch = batch
         self.duties = list(duties)
+        self.set_aside = set_aside
         self._lock = SessionLock(database_url, LOCK_KEY, "relay")
-        self._listening: asyncpg.Connection | None = None
+        self._listening: object | None = None
         self._notified: set[uuid.UUID] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="taskq-relay")
+        self._task = asyncio.create_task(
+            lead(self._lock, self._lead, interval=self.interval, wake=self._wake),
+            name="taskq-relay",
+        )
 
     async def close(self) -> None:
         if self._task is not None:
@@ -356,23 +366,12 @@ class Relay:
         """Whether this process is the active relay."""
         return self._lock.held
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                if await self._lock.hold():
-                    connection = self._lock.connection
-                    if self._listening is not connection and connection is not None:
-                        await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                        self._listening = connection
-                    await self.pass_once()
-            except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("relay pass failed: %s", exc)
-                await self._lock.release()
-            except Exception:
-                log.exception("relay pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            self._wake.clear()
+    async def _lead(self) -> None:
+        connection = self._lock.connection
+        if self._listening is not connection and connection is not None:
+            await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            self._listening = connection
+        await self.pass_once(check=self._lock.ensure)
 
     def _on_notify(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         for text in payload.split(","):
@@ -380,24 +379,44 @@ class Relay:
                 self._notified.add(uuid.UUID(text))
         self._wake.set()
 
-    async def pass_once(self) -> int:
-        """Publish what is owed now; run the extra duties. Returns how many were published."""
+    async def pass_once(self, *, check: Callable[[], Awaitable[None]] | None = None) -> int:
+        """Publish what is owed now; run the extra duties; retry a few rows set aside.
+        Returns how many were published.
+
+        ``check`` runs before each step (the lock's :meth:`~SessionLock.ensure`) and
+        raises if this process may no longer act as the relay.
+        """
+        ensure = check or _leading
         published = 0
         while self._notified:
+            await ensure()
             ids = list(itertools.islice(self._notified, self.batch))
             self._notified.difference_update(ids)
             rows = await self.store.fetch("publish_owed_ids", ids)
-            published += await publish_owed(self.store, self.publisher, rows)
+            published += (await self._pay(rows)).confirmed
         for duty in self.duties:
+            await ensure()
             await duty()
-        while True:
+        for _ in range(BATCHES_PER_PASS):
+            await ensure()
             rows = await self.store.fetch("publish_owed", self.grace, self.batch)
-            if not rows:
-                break
-            done = await publish_owed(self.store, self.publisher, rows)
-            published += done
-            if done < len(rows):
-                break  # the broker is failing; try again next pass
+            paid = await self._pay(rows)
+            published += paid.confirmed
+            if paid.broker_failed or paid.confirmed + paid.set_aside == 0:
+                break  # the broker is failing (try again next pass), or nothing is left
+        await ensure()
+        rows = await self.store.fetch("publish_set_aside_due", SET_ASIDE_RETRY_BATCH)
+        recovered = (await self._pay(rows)).confirmed
+        if recovered:
+            log.info("relay published %d owed envelopes it had set aside", recovered)
+        published += recovered
         if published:
             log.info("relay published %d owed envelopes", published)
         return published
+
+    async def _pay(self, rows: Sequence[Row]) -> Paid:
+        return await publish_owed(self.store, self.publisher, rows, set_aside=self.set_aside)
+
+
+async def _leading() -> None:
+    """The check of a pass run outside :meth:`Relay.start` (tests, one-off runs)."""

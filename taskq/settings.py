@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,6 +27,7 @@ Duration = Annotated[float, Field(ge=0)]
 
 # The fields written as durations (``5s``, ``2m``) in the environment and by describe().
 _DURATIONS = (
+    "amqp_heartbeat",
     "max_delay",
     "backoff_fixed",
     "backoff_base",
@@ -54,10 +55,14 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        # Values may hold passwords (the URLs): no error message repeats one.
+        hide_input_in_errors=True,
     )
 
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/taskq"
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # Secrets, here and in api_keys, stay out of repr() (describe() masks them).
+    database_url: str = Field("postgresql://postgres@127.0.0.1:5432/taskq", repr=False)
+    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    amqp_heartbeat: Duration = 10.0
     namespace: str = "taskq"
     queues: Annotated[list[str], NoDecode] = ["critical", "high", "default", "low"]
     queue_type: Literal["quorum", "classic"] = "quorum"
@@ -66,7 +71,7 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
-    api_keys: Annotated[list[str], NoDecode] = []
+    api_keys: Annotated[list[str], NoDecode, Field(repr=False)] = []
     max_payload_bytes: int = Field(1024 * 1024, ge=1)
 
     backoff_strategy: Literal["list", "fixed", "exponential"] = "list"
@@ -91,9 +96,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("postgres", "postgresql") or not parts.hostname:
-            raise ValueError("expected postgresql://user@host:port/database")
+        parts = check_url(value, ("postgres", "postgresql"), "postgresql://user@host:port/database")
         if not parts.path.strip("/"):
             raise ValueError("the URL names no database")
         return value
@@ -101,13 +104,7 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("expected amqp://user:password@host:port/vhost")
-        try:
-            parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError as exc:
-            raise ValueError(f"bad port: {exc}") from None
+        check_url(value, ("amqp", "amqps"), "amqp://user:password@host:port/vhost")
         return value
 
     @field_validator("namespace")
@@ -163,6 +160,13 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 1s")
         return value
 
+    @field_validator("amqp_heartbeat")
+    @classmethod
+    def _check_heartbeat(cls, value: float) -> float:
+        if value != 0 and not 1 <= value <= 65535:
+            raise ValueError("0 (off) or from 1s to 65535s")
+        return value
+
     @field_validator("lease_seconds")
     @classmethod
     def _check_lease(cls, value: float) -> float:
@@ -203,6 +207,49 @@ class Settings(BaseSettings):
             else:
                 out[key] = str(value)
         return out
+
+
+def check_url(value: str, schemes: tuple[str, ...], example: str) -> SplitResult:
+    """Check a service URL and return its parts.
+
+    The messages never repeat any part of the URL, which may hold a password:
+    one with an unencoded ``/``, ``?`` or ``#`` is split elsewhere than its
+    author meant, and what a parser calls its port may be a piece of it.
+    Postgres URLs may list several ``host:port`` pairs, comma-separated.
+
+    Raises:
+        ValueError: saying what is wrong.
+    """
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise ValueError(f"not a URL; expected {example}") from None
+    if parts.scheme not in schemes:
+        raise ValueError(f"expected {example}")
+    if "@" in value.partition("://")[2][len(parts.netloc) :]:
+        raise ValueError(
+            "an '@' after the host: write '/', '?', '#' and '@' in a user name or password"
+            " percent-encoded (%2F, %3F, %23, %40)"
+        )
+    hosts = parts.netloc.rpartition("@")[2]
+    pairs = hosts.split(",") if parts.scheme.startswith("postgres") else [hosts]
+    for n, pair in enumerate(pairs, 1):
+        host, port = _host_port(pair)
+        which = f" (host {n})" if len(pairs) > 1 else ""
+        if not host:
+            raise ValueError(f"the URL names no host{which}; expected {example}")
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"the port{which} is not a number from 1 to 65535")
+    return parts
+
+
+def _host_port(pair: str) -> tuple[str, str]:
+    """``host:port`` (or ``[v6]:port``) split in two; the port may be empty."""
+    if pair.startswith("["):
+        host, _, rest = pair.partition("]")
+        return host + "]", rest.removeprefix(":") if rest.startswith(":") else rest
+    host, colon, port = pair.rpartition(":")
+    return (host, port) if colon else (pair, "")
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -1,12 +1,12 @@
 """The only module that runs SQL: every statement comes from ``sql/queries.sql``.
 
-asyncpg errors stay inside; callers see :class:`~taskq.errors.StoreError`.
-Methods that take lists run one statement for the whole batch.
+asyncpg errors stay inside; callers see :class:`~taskq.errors.StoreError`
+(but for the lock-session statements, whose every error means a lost lock to
+:mod:`taskq.leader`). Methods that take lists run one statement for the whole batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -36,6 +36,8 @@ _DOWN = (
     asyncpg.InternalClientError,
     TimeoutError,
 )
+# The same, for taskq.leader's lock sessions, which run their statements here too.
+DATABASE_DOWN = _DOWN
 
 # asyncpg.Record: read by column name.
 Row: TypeAlias = Mapping[str, Any]
@@ -303,6 +305,16 @@ class Store:
         async with self._connection() as conn:
             await conn.execute(self.q["mark_published"], *_columns(sorted(published), 2))
 
+    async def set_aside(
+        self, items: Sequence[tuple[uuid.UUID, int, str]], retry_min: float, retry_max: float
+    ) -> list[Row]:
+        """Set owed publishes ``(id, generation, reason)`` aside (see ``set_aside`` SQL).
+
+        Returns the rows set aside: id, queue, and ``newly`` (not set aside before).
+        """
+        columns = _columns(sorted(items), 3)
+        return await self.fetch("set_aside", *columns, retry_min, retry_max)
+
     # ---------------------------------------------------------------- reading
 
     async def task(self, task_id: uuid.UUID) -> Row | None:
@@ -424,46 +436,27 @@ def _columns(items: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*items, strict=True)]
 
 
-class SessionLock:
-    """A Postgres advisory lock held as long as a dedicated connection lives.
+# ---------------------------------------------------------------- lock sessions
+# The statements of taskq.leader.SessionLock, each on its dedicated connection
+# and bounded by ``timeout`` seconds. asyncpg's errors are the caller's to map:
+# any of them means the lock is lost.
 
-    It keeps one relay and one sweeper active across the fleet: whoever holds
-    the lock does the work, and if its process dies the connection, and with
-    it the lock, goes too, so another process takes over on its next try.
-    """
 
-    def __init__(self, url: str, key: int, name: str) -> None:
-        self._url = url
-        self._key = key
-        self._name = name
-        self._q = sql.queries()
-        self.connection: asyncpg.Connection | None = None
-        self.held = False
+async def lock_session_limits(
+    connection: asyncpg.Connection, settings: Sequence[str], timeout: float
+) -> set[str]:
+    """Bound the session on the server's side (see ``session_limits`` SQL); returns
+    the names of the settings this server knows and took."""
+    rows = await connection.fetch(sql.queries()["session_limits"], *settings, timeout=timeout)
+    return {row["name"] for row in rows}
 
-    async def hold(self) -> bool:
-        """Whether this process holds the lock now; tries to take it if not.
 
-        Raises:
-            StoreError: if the database cannot be reached (the lock is then lost).
-        """
-        try:
-            if self.connection is None or self.connection.is_closed():
-                self.held = False
-                self.connection = await asyncpg.connect(self._url, timeout=5)
-            if self.held:
-                # Fails if the connection died, and with it the lock.
-                await self.connection.fetchval(self._q["session_alive"])
-            elif await self.connection.fetchval(self._q["session_lock"], self._key):
-                self.held = True
-                log.info("this process is the active %s", self._name)
-        except _DOWN as exc:
-            await self.release()
-            raise StoreError(f"the {self._name} lock's connection failed: {exc}") from exc
-        return self.held
+async def try_session_lock(connection: asyncpg.Connection, key: int, timeout: float) -> bool:
+    """Take the advisory lock ``key`` for the session if it is free."""
+    taken: bool = await connection.fetchval(sql.queries()["session_lock"], key, timeout=timeout)
+    return taken
 
-    async def release(self) -> None:
-        self.held = False
-        connection, self.connection = self.connection, None
-        if connection is not None and not connection.is_closed():
-            with contextlib.suppress(Exception):
-                await connection.close()
+
+async def session_alive(connection: asyncpg.Connection, timeout: float) -> None:
+    """A round trip on the session: raises if it (and with it its locks) is gone."""
+    await connection.fetchval(sql.queries()["session_alive"], timeout=timeout)

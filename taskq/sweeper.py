@@ -10,6 +10,10 @@
   marked owed again and the relay sends them in the same pass. An envelope
   that was not lost after all (held unacked by a busy worker) becomes a
   duplicate, which the claim drops.
+- :meth:`Sweeper.end_purges` ends the queue purges begun more than a minute
+  ago and never ended (the API process or the database failed between the
+  broker purge and its last step): the purged queue's ENQUEUED tasks that are
+  due may have lost their envelope, so their publishes are owed again.
 - :meth:`Sweeper.apply_retention` deletes terminal tasks (their events go with
   them) that finished more than ``retention`` seconds ago, in bounded batches,
   and forgets workers silent for an hour.
@@ -33,26 +37,19 @@ from typing import Any
 
 import aio_pika
 import aiormq
-import asyncpg
 from aio_pika.abc import AbstractChannel
 
 from taskq.broker import Link, Publisher
-from taskq.errors import BrokerError, StoreError
+from taskq.errors import BrokerError
+from taskq.leader import SessionLock, lead
 from taskq.metrics import WorkerMetrics
 from taskq.relay import publish_owed
-from taskq.store import SessionLock, Store
+from taskq.store import Store
 from taskq.topology import Names
 
 log = logging.getLogger("taskq.sweeper")
 
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError, BrokerError)
-_DATABASE_ERRORS = (
-    StoreError,
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
 
 # pg_advisory_lock key of the active sweeper: "sweep" in ASCII.
 LOCK_KEY = 0x7377656570
@@ -65,6 +62,8 @@ RETENTION_STATEMENTS = 3
 RETENTION_EVERY = 30.0
 # Workers silent this long are deleted from the registry (they died uncleanly).
 WORKERS_FORGOTTEN_AFTER = 3600.0
+# A queue purge not ended this many seconds after it began is ended by the sweeper.
+PURGE_ENDED_AFTER = 60.0
 
 
 class Sweeper:
@@ -82,6 +81,7 @@ class Sweeper:
             passive queue declare per queue).
         batch: the most rows one duty takes per pass.
         retention: seconds after which finished tasks are deleted; 0 keeps them.
+        purge_ended_after: seconds after which a queue purge not ended is ended here.
         metrics: counts lease recoveries, republishes and deletions, if given.
     """
 
@@ -97,9 +97,11 @@ class Sweeper:
         check_every: float = 5.0,
         batch: int = 500,
         retention: float = 7 * 86400.0,
+        purge_ended_after: float = PURGE_ENDED_AFTER,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.retention = retention
+        self.purge_ended_after = purge_ended_after
         self._retention_at = -1e9
         self.store = store
         self.publisher = publisher
@@ -117,31 +119,24 @@ class Sweeper:
 
     def start(self, database_url: str, *, interval: float = 1.0) -> None:
         """Run the duties every ``interval`` seconds while this process holds the sweeper lock."""
-        self._lock = SessionLock(database_url, LOCK_KEY, "sweeper")
-        self._task = asyncio.create_task(self._run(self._lock, interval), name="taskq-sweeper")
+        lock = self._lock = SessionLock(database_url, LOCK_KEY, "sweeper")
+
+        async def sweep() -> None:
+            for duty in self.duties:
+                await lock.ensure()  # a process resumed after a freeze may have lost it
+                await duty()
+
+        self._task = asyncio.create_task(lead(lock, sweep, interval=interval), name="taskq-sweeper")
 
     @property
     def active(self) -> bool:
         """Whether this process is the active sweeper."""
         return self._lock is not None and self._lock.held
 
-    async def _run(self, lock: SessionLock, interval: float) -> None:
-        while True:
-            try:
-                if await lock.hold():
-                    for duty in self.duties:
-                        await duty()
-            except _DATABASE_ERRORS as exc:
-                log.warning("sweeper pass failed: %s", exc)
-                await lock.release()
-            except Exception:
-                log.exception("sweeper pass failed")
-            await asyncio.sleep(interval)
-
     @property
     def duties(self) -> list[Callable[[], Awaitable[Any]]]:
         """The coroutines for ``Relay(duties=...)``."""
-        return [self.recover_expired, self.republish_lost, self.apply_retention]
+        return [self.recover_expired, self.republish_lost, self.end_purges, self.apply_retention]
 
     async def recover_expired(self) -> int:
         """Take back claims whose lease expired and publish them; returns how many."""
@@ -163,8 +158,24 @@ class Sweeper:
         # Unpublished ones stay owed; the relay's pass after the grace period sends them.
         # A task whose cancel was requested is CANCELLED now: nothing is owed.
         owed = [row for row in rows if row["status"] != "CANCELLED"]
-        await publish_owed(self.store, self.publisher, owed)
+        set_aside = self.metrics.set_aside if self.metrics is not None else None
+        await publish_owed(self.store, self.publisher, owed, set_aside=set_aside)
         return len(rows)
+
+    async def end_purges(self) -> int:
+        """Owe again the publishes that purges never ended may have dropped; returns
+        how many purges it ended."""
+        purges = await self.store.fetch("purges_unfinished", self.purge_ended_after)
+        for purge in purges:
+            owed = await self.store.execute("republish_queue", purge["queue"])
+            await self.store.execute("purge_end", purge["id"])
+            log.warning(
+                "a purge of work queue %s never ended (its process or the database failed):"
+                " %d tasks of it are published again",
+                self.names.queue(purge["queue"]),
+                owed,
+            )
+        return len(purges)
 
     async def apply_retention(self, *, force: bool = False) -> int:
         """Delete tasks finished longer than ``retention`` ago; returns how many.

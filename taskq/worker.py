@@ -182,8 +182,15 @@ class Worker:
         # and out of it at a clean stop.
         await self.store.heartbeat([], self.info, self.lease)
         stack.push_async_callback(self._leave_registry)
-        consume_link = Link(settings.amqp_url, name=f"taskq-worker-consume {self.worker_id}")
-        publish_link = Link(settings.amqp_url, name=f"taskq-worker-publish {self.worker_id}")
+        # A short AMQP heartbeat: were this process frozen, the broker would
+        # requeue its buffered envelopes for other workers within seconds.
+        heartbeat = settings.amqp_heartbeat
+        consume_link = Link(
+            settings.amqp_url, name=f"taskq-worker-consume {self.worker_id}", heartbeat=heartbeat
+        )
+        publish_link = Link(
+            settings.amqp_url, name=f"taskq-worker-publish {self.worker_id}", heartbeat=heartbeat
+        )
         for link in (consume_link, publish_link):
             stack.push_async_callback(link.close)
             await link.start()
@@ -245,7 +252,11 @@ class Worker:
                 metrics=self.metrics,
             )
             relay = Relay(
-                self.store, settings.database_url, self.publisher, interval=self._relay_interval
+                self.store,
+                settings.database_url,
+                self.publisher,
+                interval=self._relay_interval,
+                set_aside=self.metrics.set_aside,
             )
             relay.start()
             stack.push_async_callback(relay.close)

@@ -14,7 +14,8 @@ import pytest
 
 from taskq.broker import Link, Publisher
 from taskq.client import Client
-from taskq.relay import Marker, Outbox, Relay
+from taskq.marker import Marker
+from taskq.relay import Outbox, Relay
 from taskq.settings import Settings
 from taskq.store import NewTask, Store
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from taskq._utils import format_duration, mask_url, parse_duration
 from taskq.errors import ConfigError
 from taskq.settings import load_settings
+
+from .conftest import subprocess_env
 
 
 def settings_from(monkeypatch: pytest.MonkeyPatch, **env: str):  # type: ignore[no-untyped-def]
@@ -110,7 +116,7 @@ def test_describe_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
         TASKQ_API_KEYS="key-one,key-two",
     )
     described = settings.describe()
-    text = repr(described)
+    text = repr(described) + repr(settings)
     assert "s3cret" not in text and "hunter2" not in text and "key-one" not in text
     assert described["TASKQ_AMQP_URL"] == "amqp://user:***@rabbit:5672/prod"
     assert described["TASKQ_BACKOFFS"] == "5s,30s,2m,10m,1h"
@@ -146,3 +152,93 @@ def test_env_example_and_readme_list_every_setting(monkeypatch: pytest.MonkeyPat
     for variable, value in example.items():
         monkeypatch.setenv(variable, value)
     assert load_settings(_env_file=None) == defaults
+
+
+# A password with characters a URL must percent-encode: written as is, parsers
+# split the URL inside it and may call a piece of it the port.
+PASSWORD_PIECES = ("Zq9", "Xw7")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9/Xw7@db:5432/taskq"),
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9#Xw7@db:5432/taskq"),
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9?Xw7@db/taskq"),
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9Xw7@db:5432x/taskq"),
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9Xw7@db:99999/taskq"),
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9Xw7@db:0/taskq"),
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9Xw7@db1:5432,db2:x/taskq"),
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9Xw7@[::1/taskq"),
+        ("TASKQ_AMQP_URL", "amqp://app:Zq9/Xw7@rabbit:5672/"),
+        ("TASKQ_AMQP_URL", "amqp://app:Zq9#Xw7@rabbit/"),
+        ("TASKQ_AMQP_URL", "amqp://app:Zq9Xw7@rabbit:port/"),
+        ("TASKQ_AMQP_URL", "amqp://app:Zq9Xw7@rabbit:65536/"),
+        ("TASKQ_AMQP_URL", "amqp://app:Zq9Xw7@[::1/"),
+    ],
+)
+def test_a_bad_url_is_refused_without_repeating_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from(monkeypatch, **{variable: value})
+    assert caught.value.variable == variable
+    for piece in PASSWORD_PIECES:
+        assert piece not in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:Zq9/Xw7@db/taskq",
+        "postgresql://app:Zq9?Xw7@db/taskq",
+        "amqp://app:Zq9#Xw7@rabbit/",
+        "amqp://app:Zq9:Xw7@rabbit:5672/",
+    ],
+)
+def test_mask_url_hides_a_password_a_parser_misreads(url: str) -> None:
+    masked = mask_url(url)
+    assert masked.endswith(url.rpartition("@")[2]) and ":***@" in masked
+    for piece in PASSWORD_PIECES:
+        assert piece not in masked
+
+
+def test_the_command_line_never_prints_credentials(tmp_path: Path) -> None:
+    """A bad URL (and a bad port, in either URL) exits 2 naming the variable; an
+    unreachable service exits 1; neither message holds the password."""
+    good_db = "postgresql://app:Zq9Xw7@127.0.0.1:1/taskq"
+    good_amqp = "amqp://app:Zq9Xw7@127.0.0.1:1/"
+    cases = [
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9Xw7@127.0.0.1:54x32/taskq", ["config"], 2),
+        ("TASKQ_DATABASE_URL", "postgresql://app:Zq9/Xw7@127.0.0.1/taskq", ["migrate"], 2),
+        ("TASKQ_AMQP_URL", "amqp://app:Zq9/Xw7@127.0.0.1:5672/", ["rmq-init"], 2),
+        ("TASKQ_AMQP_URL", "amqp://app:Zq9Xw7@127.0.0.1:70000/", ["config"], 2),
+        ("TASKQ_DATABASE_URL", good_db, ["migrate"], 1),
+        ("TASKQ_AMQP_URL", good_amqp, ["rmq-init"], 1),
+    ]
+    for variable, value, command, code in cases:
+        env = subprocess_env(**{"TASKQ_DATABASE_URL": good_db, "TASKQ_AMQP_URL": good_amqp})
+        env[variable] = value
+        done = subprocess.run(
+            [sys.executable, "-m", "taskq", *command],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == code, (value, done.stderr)
+        output = done.stdout + done.stderr
+        assert done.stderr.startswith("taskq: ") and "Traceback" not in output, output
+        if code == 2:
+            assert variable in done.stderr, done.stderr
+        for piece in PASSWORD_PIECES:
+            assert piece not in output, (value, output)
+
+
+def test_the_amqp_heartbeat_is_a_duration_of_whole_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from(monkeypatch).amqp_heartbeat == 10
+    assert settings_from(monkeypatch, TASKQ_AMQP_HEARTBEAT="0").amqp_heartbeat == 0
+    with pytest.raises(ConfigError, match="TASKQ_AMQP_HEARTBEAT"):
+        settings_from(monkeypatch, TASKQ_AMQP_HEARTBEAT="500ms")

@@ -8,6 +8,8 @@ import uuid
 import pytest
 
 from taskq.broker import Link
+from taskq.errors import StoreError
+from taskq.leader import SessionLock
 from taskq.metrics import WorkerMetrics
 from taskq.relay import HEADER_REASON, Relay
 from taskq.settings import Settings
@@ -140,3 +142,32 @@ async def test_one_sweeper_is_active_and_another_takes_over(settings: Settings) 
             for sweeper, link in made:
                 await sweeper.close()
                 await link.close()
+
+
+async def test_a_silent_leader_loses_its_lock_to_another_and_finds_out(
+    settings: Settings,
+) -> None:
+    """The server ends a lock session idle for its idle timeout (only a frozen leader's
+    is), which frees the lock; the old leader learns it before its next step."""
+    silent = SessionLock(settings.database_url, 4242, "test", idle_timeout=1.0)
+    standby = SessionLock(settings.database_url, 4242, "test", idle_timeout=1.0)
+    try:
+        assert await silent.hold()
+        assert not await standby.hold()
+        assert standby.connection is not None
+        limits = [
+            await standby.connection.fetchval(f"SHOW {name}")
+            for name in ("idle_session_timeout", "tcp_keepalives_idle", "tcp_user_timeout")
+        ]
+        assert limits == ["1s", "5", "15000"]  # tcp_user_timeout shows milliseconds
+        # The silent one sends nothing for a while, as if stopped; the standby keeps trying.
+        deadline = asyncio.get_running_loop().time() + 20
+        while not await standby.hold():
+            assert asyncio.get_running_loop().time() < deadline, "the lock was never freed"
+            await asyncio.sleep(0.2)
+        with pytest.raises(StoreError):  # LockLost, or its connection is found dead
+            await silent.ensure()
+        assert not silent.held and standby.held
+    finally:
+        await silent.release()
+        await standby.release()
