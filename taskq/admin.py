@@ -89,14 +89,14 @@ def _limit(request: Request) -> int:
 
 def _type(request: Request) -> str | None:
     text = _one(request, "type")
-    if text is not None and not TYPE_NAME.match(text):
+    if text is not None and not TYPE_NAME.fullmatch(text):
         raise _bad("type", "not a task type name")
     return text
 
 
 def _queue(request: Request) -> str | None:
     text = _one(request, "queue")
-    if text is not None and not QUEUE_NAME.match(text):
+    if text is not None and not QUEUE_NAME.fullmatch(text):
         raise _bad("queue", "not a queue name")
     return text
 
@@ -286,7 +286,9 @@ def _replay_filter(
         raise _bad(unknown[0], "unknown field")
     errors = []
     task_type, queue, ids = data.get("type"), data.get("queue"), data.get("ids")
-    if task_type is not None and not (isinstance(task_type, str) and TYPE_NAME.match(task_type)):
+    if task_type is not None and not (
+        isinstance(task_type, str) and TYPE_NAME.fullmatch(task_type)
+    ):
         errors.append(FieldError("type", "not a task type name"))
     if queue is not None and queue not in settings.queues:
         errors.append(FieldError("queue", f"one of {', '.join(settings.queues)}"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -17,8 +18,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from taskq.errors import IdempotencyConflict, RejectedByDatabase, StoreError
+from taskq.offload import Busy
 from taskq.validation import FieldError, InvalidRequest, TooLarge
 
+log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -104,7 +107,18 @@ def endpoint(route: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
                     400, "Invalid request", str(exc), errors=[FieldError("body", str(exc))]
                 ).response()
             except StoreError as exc:
-                response = Problem(503, "Database unavailable", str(exc)).response()
+                # The driver's words stay in the log: they can name hosts and users.
+                log.warning("route %s: %s", route, exc)
+                response = Problem(
+                    503, "Database unavailable", "the database did not answer; try again"
+                ).response()
+            except Busy:
+                response = Problem(
+                    503,
+                    "Busy",
+                    "every payload check is taken; try again",
+                    headers={"Retry-After": "1"},
+                ).response()
             state.metrics.http_requests.labels(route, str(response.status_code)).inc()
             return response
 

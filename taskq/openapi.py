@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import taskq
-from taskq._utils import DURATION, format_duration
+from taskq._utils import DURATION_PATTERN, format_duration
 from taskq.settings import Settings
 from taskq.store import ANSWER_FIELDS
 from taskq.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
@@ -154,7 +154,7 @@ def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     duration = {
         "anyOf": [
             {"type": "number", "minimum": 0},
-            {"type": "string", "pattern": DURATION.pattern},
+            {"type": "string", "pattern": DURATION_PATTERN},
         ],
         "description": "Seconds, or a duration such as 500ms, 5s, 2m, 1h, 30d.",
     }

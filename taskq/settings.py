@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     @field_validator("namespace")
     @classmethod
     def _check_namespace(cls, value: str) -> str:
-        if not NAMESPACE.match(value):
+        if not NAMESPACE.fullmatch(value):
             raise ValueError("use 1-63 letters, digits, '.', '_' or '-'")
         return value
 
@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("the queue list is empty")
         for name in value:
-            if not QUEUE_NAME.match(name):
+            if not QUEUE_NAME.fullmatch(name):
                 raise ValueError(f"bad queue name {name!r}: use lowercase letters, digits, _ or -")
             if name in RESERVED_QUEUE_NAMES:
                 raise ValueError(f"queue name {name!r} is reserved for taskq's own objects")
