@@ -19,7 +19,6 @@ Every operator action is recorded in the task's event history with ``action``,
 
 from __future__ import annotations
 
-import base64
 import uuid
 from datetime import datetime
 from typing import Any
@@ -30,6 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskq.client import Client
+from taskq.cursors import Cursors
 from taskq.errors import BrokerError
 from taskq.http import Problem, actor, endpoint, json_response, read_json, task_id
 from taskq.settings import QUEUE_NAME, Settings
@@ -130,35 +130,27 @@ def _scheduled(request: Request) -> bool | None:
     return text == "true"
 
 
-def encode_cursor(at: datetime, row_id: uuid.UUID) -> str:
-    """An opaque cursor for the row after which the next page starts."""
-    raw = orjson.dumps([at.isoformat(), str(row_id)])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _cursor(request: Request) -> tuple[datetime | None, uuid.UUID | None]:
+def _cursor(request: Request, listing: str) -> tuple[datetime | None, uuid.UUID | None]:
     text = _one(request, "cursor")
     if text is None:
         return None, None
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        at, row_id = orjson.loads(raw)
-        value = datetime.fromisoformat(at), uuid.UUID(row_id)
-        if value[0].tzinfo is None:
-            raise ValueError("no timezone")
-    except (ValueError, TypeError, UnicodeError, orjson.JSONDecodeError):
-        raise _bad("cursor", "not a cursor this API returned") from None
-    return value
+        return _cursors(request).decode(listing, text)
+    except ValueError as exc:
+        raise _bad("cursor", str(exc)) from None
 
 
-def _page(rows: list[Row], limit: int, key: str) -> dict[str, Any]:
+def _cursors(request: Request) -> Cursors:
+    cursors: Cursors = request.app.state.cursors
+    return cursors
+
+
+def _page(request: Request, listing: str, rows: list[Row], limit: int, key: str) -> dict[str, Any]:
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1] if rows and more else None
-    return {
-        "tasks": [task_body(row) for row in rows],
-        "next_cursor": encode_cursor(last[key], last["id"]) if last is not None else None,
-    }
+    cursor = None if last is None else _cursors(request).encode(listing, last[key], last["id"])
+    return {"tasks": [task_body(row) for row in rows], "next_cursor": cursor}
 
 
 # ---------------------------------------------------------------- endpoints
@@ -167,7 +159,7 @@ def _page(rows: list[Row], limit: int, key: str) -> dict[str, Any]:
 @endpoint("tasks")
 async def list_tasks(request: Request) -> Response:
     limit = _limit(request)
-    at, after_id = _cursor(request)
+    at, after_id = _cursor(request, "tasks")
     rows = await _client(request).store.fetch(
         "tasks_list",
         _statuses(request),
@@ -180,7 +172,7 @@ async def list_tasks(request: Request) -> Response:
         after_id,
         limit + 1,
     )
-    return json_response(_page(rows, limit, "created_at"))
+    return json_response(_page(request, "tasks", rows, limit, "created_at"))
 
 
 async def _reason(request: Request) -> str | None:
@@ -264,12 +256,12 @@ async def _requeue(
 @endpoint("dlq")
 async def list_dlq(request: Request) -> Response:
     limit = _limit(request)
-    at, after_id = _cursor(request)
+    at, after_id = _cursor(request, "dlq")
     state = request.app.state
     rows = await _client(request).store.fetch(
         "dlq_list", _type(request), _queue(request), at, after_id, limit + 1
     )
-    body = _page(rows, limit, "finished_at")
+    body = _page(request, "dlq", rows, limit, "finished_at")
     dlq = _settings(request).topology().names.dlq
     depths = await state.monitor.broker_depths([dlq])
     body["broker_messages"] = depths[dlq][0] if depths and dlq in depths else None

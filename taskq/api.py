@@ -23,6 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 import taskq
 from taskq import admin, broker, monitor, ui, validation
 from taskq.client import Client
+from taskq.cursors import Cursors
 from taskq.errors import StoreError
 from taskq.http import Handler, Problem, endpoint, json_response, read_json
 from taskq.http import task_id as _task_id
@@ -312,6 +313,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.settings = settings
+    app.state.cursors = Cursors(settings)
     # Set when the server begins to stop: open event streams end, so the
     # graceful shutdown does not wait for them (see taskq.cli).
     app.state.stopping = asyncio.Event()

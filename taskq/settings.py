@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = []
     max_payload_bytes: int = Field(1024 * 1024, ge=1)
+    cursor_secret: str = ""
 
     backoff_strategy: Literal["list", "fixed", "exponential"] = "list"
     backoffs: Annotated[list[Duration], NoDecode] = [5.0, 30.0, 120.0, 600.0, 3600.0]
@@ -193,6 +194,8 @@ class Settings(BaseSettings):
                 out[key] = mask_url(value)
             elif name == "api_keys":
                 out[key] = ",".join("***" for _ in value)
+            elif name == "cursor_secret":
+                out[key] = "***" if value else ""
             elif name == "backoffs":
                 out[key] = ",".join(format_duration(v) for v in value)
             elif name in _DURATIONS:
