@@ -22,9 +22,11 @@ from starlette.types import Message, Receive, Scope, Send
 
 import taskq
 from taskq import admin, broker, monitor, ui, validation
+from taskq._utils import preview
 from taskq.client import Client
 from taskq.cursors import Cursors
 from taskq.errors import StoreError
+from taskq.hosts import HostCheck
 from taskq.http import Handler, Problem, endpoint, json_response, read_json
 from taskq.http import task_id as _task_id
 from taskq.metrics import ApiMetrics
@@ -228,7 +230,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 class _Api(Starlette):
-    """Starlette, except that ``POST /enqueue``, the hot route, skips its routing and middleware.
+    """Starlette, with the Host check first (taskq.hosts), and with ``POST /enqueue``,
+    the hot route, skipping Starlette's routing and middleware.
 
     The route's endpoint is the same function as in the route list, with the same
     authentication, error mapping and request counting (:func:`taskq.http.endpoint`); only
@@ -238,7 +241,9 @@ class _Api(Starlette):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
+        if scope["type"] == "http" and not _host_allowed(self.state.hosts, scope):
+            await _wrong_host(scope).response()(scope, receive, send)
+        elif (
             scope["type"] == "http"
             and scope["path"] == "/enqueue"
             and scope["method"] == "POST"
@@ -248,6 +253,22 @@ class _Api(Starlette):
             await _serve(enqueue, scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
+
+
+def _host_allowed(hosts: HostCheck, scope: Scope) -> bool:
+    values = [value for name, value in scope["headers"] if name == b"host"]
+    return len(values) <= 1 and hosts.allows(values[0].decode("latin-1") if values else None)
+
+
+def _wrong_host(scope: Scope) -> Problem:
+    values = [value for name, value in scope["headers"] if name == b"host"]
+    shown = preview(values[0].decode("latin-1")) if len(values) == 1 else f"{len(values)} hosts"
+    return Problem(
+        400,
+        "Invalid request",
+        f"this API does not answer to the host {shown}: see TASKQ_ALLOWED_HOSTS",
+        errors=[FieldError("host", "not one of TASKQ_ALLOWED_HOSTS")],
+    )
 
 
 async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
@@ -314,6 +335,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
     )
     app.state.settings = settings
     app.state.cursors = Cursors(settings)
+    app.state.hosts = HostCheck(settings)
     # Set when the server begins to stop: open event streams end, so the
     # graceful shutdown does not wait for them (see taskq.cli).
     app.state.stopping = asyncio.Event()

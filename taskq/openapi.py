@@ -84,6 +84,16 @@ def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
 
 
+def _state_change_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """The body of a request that changes state: it must say it is JSON (CSRF), even empty."""
+    return {
+        "required": True,
+        "description": "Content-Type: application/json is required; an empty body is"
+        " accepted with it (415 without it).",
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
 def _path_param(name: str, fmt: str | None = None, pattern: str | None = None) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "string"}
     if fmt:
@@ -193,7 +203,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
     cursor = _query("cursor", {"type": "string"}, "next_cursor of the previous page")
     status = {"type": "string", "enum": ["ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]}
     page = _json(obj, "tasks (as GET /tasks/{id}) and next_cursor (null on the last page)")
-    reason = {"required": False, "content": {"application/json": {"schema": _ref("ReasonRequest")}}}
+    reason = _state_change_body(_ref("ReasonRequest"))
     return {
         "/tasks": {
             "get": {
@@ -252,10 +262,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
         "/dlq/replay": {
             "post": {
                 "summary": "Enqueue FAILED tasks again (all, or by type, queue or ids)",
-                "requestBody": {
-                    "required": False,
-                    "content": {"application/json": {"schema": _ref("ReplayRequest")}},
-                },
+                "requestBody": _state_change_body(_ref("ReplayRequest")),
                 "responses": {
                     "200": _json(obj, "replayed (count), ids, more (the cap was reached)"),
                     **_errors(400, 401, 413, 415, 503),
@@ -265,6 +272,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
         "/queues/{name}": {
             "delete": {
                 "summary": "Purge a work queue and cancel its ENQUEUED tasks",
+                "requestBody": _state_change_body({"description": "ignored"}),
                 "parameters": [
                     {**_path_param("name"), "schema": {"type": "string", "enum": settings.queues}},
                     {
@@ -274,7 +282,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": _json(obj, "queue, purged_messages (null: broker down), cancelled"),
-                    **_errors(400, 401, 404, 503),
+                    **_errors(400, 401, 404, 415, 503),
                 },
             }
         },
@@ -358,7 +366,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     task_id = _path_param("id", "uuid")
     type_name = _path_param("name", pattern=TYPE_NAME.pattern)
     obj = {"type": "object"}
-    paths = {
+    paths: dict[str, dict[str, Any]] = {
         "/": {
             "get": {
                 "summary": "Service information",
@@ -454,6 +462,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         },
     }
     paths.update(_admin_paths(settings))
+    for item in paths.values():  # the Host check (taskq.hosts) runs before every route
+        for operation in item.values():
+            operation["responses"].setdefault("400", _problem("a Host not in TASKQ_ALLOWED_HOSTS"))
     return {
         "openapi": "3.1.0",
         "info": {"title": "taskq", "version": taskq.__version__},

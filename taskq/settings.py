@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     max_payload_bytes: int = Field(1024 * 1024, ge=1)
     cursor_secret: str = ""
+    allowed_hosts: Annotated[list[str], NoDecode] = []
 
     backoff_strategy: Literal["list", "fixed", "exponential"] = "list"
     backoffs: Annotated[list[Duration], NoDecode] = [5.0, 30.0, 120.0, 600.0, 3600.0]
@@ -136,9 +137,9 @@ class Settings(BaseSettings):
             raise ValueError("a queue is listed twice")
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_hosts", mode="before")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
+    def _split_lists(cls, value: Any) -> Any:
         return _csv(value)
 
     @field_validator("backoffs", mode="before")

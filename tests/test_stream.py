@@ -17,7 +17,7 @@ import uvicorn
 from taskq.api import create_app
 from taskq.settings import Settings
 
-from .api_fixtures import declare_topology
+from .api_fixtures import JSON, declare_topology
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ async def test_stream_sends_stats_and_task_events(settings: Settings) -> None:
                             "/enqueue", json={"type": "s.v1", "payload": {}}, headers=key
                         )
                         task_id = created.json()["id"]
-                        await http.post(f"/tasks/{task_id}/cancel", headers=key)
+                        await http.post(f"/tasks/{task_id}/cancel", headers={**key, **JSON})
                     if event == "task" and data["status"] == "CANCELLED":
                         break
             tasks = [data for event, data in seen if event == "task"]
