@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from taskq._utils import preview
 from taskq.client import Client
 from taskq.cursors import Cursors
 from taskq.errors import BrokerError
@@ -40,6 +41,10 @@ STATUSES = ("ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+# Listings carry payloads and results only when asked for (?include=payload,result),
+# and then at most this many tasks a page: each can be a MiB.
+INCLUDABLE = ("payload", "result")
+MAX_LIMIT_INCLUDED = 50
 MAX_REPLAY = 10_000
 REPLAY_BATCH = 1000
 MAX_REASON = 1000
@@ -78,13 +83,22 @@ def _one(request: Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _limit(request: Request) -> int:
+def _limit(request: Request, include: frozenset[str]) -> int:
+    """The page size; with ``include``, pages hold at most MAX_LIMIT_INCLUDED tasks."""
     text = _one(request, "limit")
     if text is None:
         return DEFAULT_LIMIT
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not text.isascii() or not text.isdigit() or len(text) > 4 or not 1 <= int(text) <= MAX_LIMIT:
         raise _bad("limit", f"an integer from 1 to {MAX_LIMIT}")
-    return int(text)
+    return min(int(text), MAX_LIMIT_INCLUDED) if include else int(text)
+
+
+def _include(request: Request) -> frozenset[str]:
+    values = {s.strip() for v in request.query_params.getlist("include") for s in v.split(",")}
+    for value in values:
+        if value not in INCLUDABLE:
+            raise _bad("include", f"{preview(value)} is not one of {', '.join(INCLUDABLE)}")
+    return frozenset(values)
 
 
 def _type(request: Request) -> str | None:
@@ -112,13 +126,13 @@ def _time(request: Request, name: str) -> datetime | None:
 
 
 def _statuses(request: Request) -> list[str] | None:
-    values = [s.strip() for v in request.query_params.getlist("status") for s in v.split(",")]
+    values = {s.strip() for v in request.query_params.getlist("status") for s in v.split(",")}
     if not values:
         return None
     for value in values:
         if value not in STATUSES:
-            raise _bad("status", f"{value!r} is not one of {', '.join(STATUSES)}")
-    return values
+            raise _bad("status", f"{preview(value)} is not one of {', '.join(STATUSES)}")
+    return sorted(values)
 
 
 def _scheduled(request: Request) -> bool | None:
@@ -145,12 +159,19 @@ def _cursors(request: Request) -> Cursors:
     return cursors
 
 
-def _page(request: Request, listing: str, rows: list[Row], limit: int, key: str) -> dict[str, Any]:
+def _page(
+    request: Request, listing: str, rows: list[Row], limit: int, include: frozenset[str]
+) -> dict[str, Any]:
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1] if rows and more else None
+    key = "created_at" if listing == "tasks" else "finished_at"
     cursor = None if last is None else _cursors(request).encode(listing, last[key], last["id"])
-    return {"tasks": [task_body(row) for row in rows], "next_cursor": cursor}
+    tasks = [task_body(row) for row in rows]
+    for task in tasks:
+        for name in set(INCLUDABLE) - include:
+            del task[name]
+    return {"tasks": tasks, "next_cursor": cursor}
 
 
 # ---------------------------------------------------------------- endpoints
@@ -158,7 +179,8 @@ def _page(request: Request, listing: str, rows: list[Row], limit: int, key: str)
 
 @endpoint("tasks")
 async def list_tasks(request: Request) -> Response:
-    limit = _limit(request)
+    include = _include(request)
+    limit = _limit(request, include)
     at, after_id = _cursor(request, "tasks")
     rows = await _client(request).store.fetch(
         "tasks_list",
@@ -171,8 +193,10 @@ async def list_tasks(request: Request) -> Response:
         at,
         after_id,
         limit + 1,
+        "payload" in include,
+        "result" in include,
     )
-    return json_response(_page(request, "tasks", rows, limit, "created_at"))
+    return json_response(_page(request, "tasks", rows, limit, include))
 
 
 async def _reason(request: Request) -> str | None:
@@ -255,15 +279,23 @@ async def _requeue(
 
 @endpoint("dlq")
 async def list_dlq(request: Request) -> Response:
-    limit = _limit(request)
+    include = _include(request)
+    limit = _limit(request, include)
     at, after_id = _cursor(request, "dlq")
     state = request.app.state
     rows = await _client(request).store.fetch(
-        "dlq_list", _type(request), _queue(request), at, after_id, limit + 1
+        "dlq_list",
+        _type(request),
+        _queue(request),
+        at,
+        after_id,
+        limit + 1,
+        "payload" in include,
+        "result" in include,
     )
-    body = _page(request, "dlq", rows, limit, "finished_at")
+    body = _page(request, "dlq", rows, limit, include)
     dlq = _settings(request).topology().names.dlq
-    depths = await state.monitor.broker_depths([dlq])
+    depths = await state.monitor.broker_depths()
     body["broker_messages"] = depths[dlq][0] if depths and dlq in depths else None
     return json_response(body)
 

@@ -72,9 +72,11 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "invalid request (the field is named)",
         401: "missing or wrong API key",
         404: "not found",
-        409: "conflict: a key used with another request, or a task in the wrong status",
+        409: "conflict: a key used with another request, a task in the wrong status,"
+        " or a full task type registry (TASKQ_MAX_TASK_TYPES)",
         413: "body or payload too large",
-        415: "not application/json",
+        415: "not application/json (required on every request that changes state)",
+        429: "too many open streams (TASKQ_MAX_STREAMS)",
         503: "database unavailable",
     }
     return {str(code): _problem(text[code]) for code in codes}
@@ -201,6 +203,12 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
         "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "page size"
     )
     cursor = _query("cursor", {"type": "string"}, "next_cursor of the previous page")
+    include = _query(
+        "include",
+        {"type": "array", "items": {"type": "string", "enum": ["payload", "result"]}},
+        "add payload and/or result to each task (comma-separated); a page then holds"
+        " at most 50 tasks",
+    )
     status = {"type": "string", "enum": ["ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]}
     page = _json(obj, "tasks (as GET /tasks/{id}) and next_cursor (null on the last page)")
     reason = _state_change_body(_ref("ReasonRequest"))
@@ -225,6 +233,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
                     ),
                     limit,
                     cursor,
+                    include,
                 ],
                 "responses": {"200": page, **_errors(400, 401, 503)},
             }
@@ -255,7 +264,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
         "/dlq": {
             "get": {
                 "summary": "FAILED tasks, newest failure first, and the broker DLQ's depth",
-                "parameters": [type_filter, queue_filter, limit, cursor],
+                "parameters": [type_filter, queue_filter, limit, cursor, include],
                 "responses": {"200": page, **_errors(400, 401, 503)},
             }
         },
@@ -306,7 +315,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
                         "description": "an endless event stream",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
-                    **_errors(401, 503),
+                    **_errors(401, 429, 503),
                 },
             }
         },
@@ -456,7 +465,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "responses": {
                     "201": _json(obj, "created"),
                     "200": _json(obj, "replaced"),
-                    **_errors(400, 401, 413, 415, 503),
+                    **_errors(400, 401, 409, 413, 415, 503),
                 },
             },
         },

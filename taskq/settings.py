@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(1024 * 1024, ge=1)
     cursor_secret: str = ""
     allowed_hosts: Annotated[list[str], NoDecode] = []
+    max_streams: int = Field(100, ge=1)
+    max_task_types: int = Field(500, ge=1)
 
     backoff_strategy: Literal["list", "fixed", "exponential"] = "list"
     backoffs: Annotated[list[Duration], NoDecode] = [5.0, 30.0, 120.0, 600.0, 3600.0]

@@ -4,7 +4,9 @@ the failing part without the driver's words."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from taskq.settings import Settings
 
 from .api_fixtures import JSON, assert_problem, declare_topology, put_type, running_api
+from .proxy import proxied
 
 pytestmark = pytest.mark.integration
 
@@ -164,3 +167,143 @@ async def test_the_host_header_is_checked(settings: Settings) -> None:
     assert await status(listed, "badexample.com") == 400
     anything = settings.model_copy(update={"allowed_hosts": ["*"]})
     assert await status(anything, "evil.example") == 200
+
+
+async def test_listings_carry_payloads_and_results_only_when_asked(
+    api: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    task = await enqueue(api)
+    await db.execute(
+        "UPDATE tasks SET status = 'FAILED', finished_at = now(), result = '{\"r\": 2}'"
+        " WHERE id = $1",
+        uuid.UUID(task),
+    )
+    for path in ("/tasks", "/dlq"):
+        [plain] = (await api.get(path)).json()["tasks"]
+        assert plain["id"] == task and "payload" not in plain and "result" not in plain
+        [full] = (await api.get(path, params={"include": "payload,result"})).json()["tasks"]
+        assert (full["payload"], full["result"]) == ({"n": 1}, {"r": 2})
+        [some] = (await api.get(path, params=[("include", "result")])).json()["tasks"]
+        assert "payload" not in some and some["result"] == {"r": 2}
+        assert_problem(await api.get(path, params={"include": "secrets"}), 400, "include")
+    # The one task's own route has it all.
+    assert (await api.get(f"/tasks/{task}")).json()["payload"] == {"n": 1}
+    # With bodies a page holds at most 50 tasks; the cursor leads on.
+    await api.post("/enqueue/batch", json={"tasks": [{"type": "g.v1", "payload": {}}] * 60})
+    page = (await api.get("/tasks", params={"include": "payload", "limit": 500})).json()
+    assert len(page["tasks"]) == 50 and page["next_cursor"]
+
+
+async def test_broker_depths_and_the_unpublished_count_are_read_once_for_many_scrapes(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monitor = api.app.state.monitor  # type: ignore[attr-defined]
+    calls = {"depths": 0, "unpublished": 0}
+    depths, unpublished = monitor.reader.depths, monitor.store.unpublished_count
+
+    async def counted_depths(queues: list[str]) -> Any:
+        calls["depths"] += 1
+        return await depths(queues)
+
+    async def counted_unpublished() -> int:
+        calls["unpublished"] += 1
+        return int(await unpublished())
+
+    monkeypatch.setattr(monitor.reader, "depths", counted_depths)
+    monkeypatch.setattr(monitor.store, "unpublished_count", counted_unpublished)
+    answers = await asyncio.gather(
+        *(api.get(path) for path in ["/metrics", "/stats", "/dlq"] * 10 + ["/metrics"] * 20)
+    )
+    assert {r.status_code for r in answers} == {200}
+    assert "taskq_queue_messages" in answers[0].text
+    # One read each, or two if the scrapes straddled the end of DEPTHS_MAX_AGE.
+    assert 1 <= calls["depths"] <= 2 and 1 <= calls["unpublished"] <= 2, calls
+
+
+async def test_the_type_cache_refreshes_single_flight(settings: Settings) -> None:
+    from taskq.client import TypeCache
+    from taskq.store import Store
+
+    store = await Store.connect(settings.database_url)
+    reads = 0
+    task_types = store.task_types
+
+    async def counted() -> Any:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.05)
+        return await task_types()
+
+    store.task_types = counted  # type: ignore[method-assign]
+    try:
+        cache = TypeCache(store)
+        await cache.get("warm.up")
+        await asyncio.sleep(0.1)  # older than a miss may be; within the TTL
+        reads = 0
+        # A flood of unknown names: one read at a time, not one each.
+        found = await asyncio.gather(*(cache.get(f"nope.{n}") for n in range(300)))
+        assert found == [None] * 300 and reads == 1, reads
+        # A name just found missing is answered from memory for a while.
+        await asyncio.sleep(0.1)
+        await asyncio.gather(*(cache.get("nope.7") for _ in range(50)))
+        assert reads == 1, reads
+    finally:
+        await store.close()
+
+
+async def test_the_registry_is_capped(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Any
+) -> None:
+    from .conftest import subprocess_env
+
+    capped = settings.model_copy(update={"max_task_types": 3})
+    await declare_topology(capped)
+    async with running_api(capped, relay=False) as api:
+        for name in ("a.v1", "b.v1", "c.v1"):
+            assert (await api.put(f"/types/{name}", json={})).status_code == 201
+        body = assert_problem(await api.put("/types/d.v1", json={}), 409, "name")
+        assert "TASKQ_MAX_TASK_TYPES" in body["detail"]
+        # Replacing a type is no growth.
+        assert (await api.put("/types/a.v1", json={"max_attempts": 2})).status_code == 200
+    assert await db.fetchval("SELECT count(*) FROM task_type") == 3
+    # A worker whose handlers would add types past the cap does not start, and says why.
+    env = subprocess_env(settings, TASKQ_MAX_TASK_TYPES="3")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "taskq", "worker", "taskq.demo", env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:  # it started after all: stop it
+            process.kill()
+            await process.wait()
+    assert process.returncode == 1 and b"TASKQ_MAX_TASK_TYPES" in err, err
+    assert await db.fetchval("SELECT count(*) FROM task_type") == 3
+
+
+async def test_health_names_the_failing_part_without_the_drivers_words(
+    settings: Settings,
+) -> None:
+    await declare_topology(settings)
+    proxy, through = await proxied(settings, "database")
+    try:
+        async with running_api(through, relay=False) as api:
+            assert (await api.get("/healthz")).json()["database"] == "ok"
+            await proxy.cut()
+            for _ in range(100):
+                response = await api.get("/healthz")
+                if response.status_code == 503:
+                    break
+                await asyncio.sleep(0.1)
+            body = assert_problem(response, 503)
+            assert body["detail"] == "failing: database"
+            # taskq's words only: the driver's name hosts, ports and internals.
+            assert body["database"] in (
+                "down: no answer within 2s",
+                "down: the database refused or dropped the connection",
+            ), body
+            unavailable = assert_problem(await api.get("/types"), 503)
+            assert unavailable["detail"] == "the database did not answer; try again"
+    finally:
+        await proxy.cut()
