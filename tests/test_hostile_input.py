@@ -18,7 +18,7 @@ import pytest
 
 from taskq.settings import Settings
 
-from .api_fixtures import declare_topology
+from .api_fixtures import assert_problem, declare_topology, put_type, running_api
 from .browser_fixtures import Process, _wait_until_up, free_port
 from .conftest import subprocess_env
 
@@ -179,3 +179,37 @@ async def test_health_answers_while_every_parser_is_attacked(
     assert not unanswered, unanswered
     accepted = [(label, code) for label, code in answers if code and code < 400]
     assert all("status=" in label for label, _ in accepted), accepted  # only that one is valid
+
+
+async def test_payload_schemas_run_on_re2_with_a_deadline(settings: Settings) -> None:
+    await declare_topology(settings)
+    async with running_api(settings, relay=False) as api:
+        # What RE2 cannot run is refused when the type is written, naming where.
+        for schema, where in [
+            ({"properties": {"code": {"pattern": "^(?!0)\\d+$"}}}, "properties.code.pattern"),
+            ({"patternProperties": {"(a)\\1": {}}}, "patternProperties"),
+        ]:
+            response = await api.put("/types/h.bad", json={"payload_schema": schema})
+            body = assert_problem(response, 400, "payload_schema")
+            assert f"at {where}:" in body["detail"] and "RE2" in body["detail"], body
+        assert (await api.get("/types/h.bad")).status_code == 404
+
+        for name, schema in TYPES.items():
+            await put_type(api, name, payload_schema=schema)
+        near_miss = {"type": "h.regex", "payload": {"s": "a" * 100_000 + "!"}}
+        assert_problem(await api.post("/enqueue", json=near_miss), 400, "payload.s")
+        near_miss = {"type": "h.regex", "payload": {"a" * 100_000 + "b": 1}}
+        assert_problem(await api.post("/enqueue", json=near_miss), 400, "payload")
+        fine = {"type": "h.regex", "payload": {"s": "aaa", "aa": 2}}
+        assert (await api.post("/enqueue", json=fine)).status_code == 201
+        # Quadratic in jsonschema: interrupted at the deadline, answered 400.
+        slow = {"items": [{"n": n} for n in range(60_000)]}
+        started = time.monotonic()
+        response = await api.post("/enqueue", json={"type": "h.unique", "payload": slow})
+        body = assert_problem(response, 400, "payload")
+        assert "took over" in body["detail"] and time.monotonic() - started < 10
+        batch = {
+            "tasks": [{"type": "h.regex", "payload": {}}, {"type": "h.unique", "payload": slow}]
+        }
+        assert_problem(await api.post("/enqueue/batch", json=batch), 400, "tasks[1].payload")
+        assert (await api.post("/enqueue", json=fine)).status_code == 201  # checks go on
