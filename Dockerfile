@@ -15,4 +15,9 @@ RUN pip install --no-cache-dir /tmp/taskq \
 USER taskq
 WORKDIR /home/taskq
 
+# In a container the API listens on every interface, or a published port reaches
+# nothing. It then answers requests made to an IP address or to localhost; other
+# names (a service name, a DNS name) go into TASKQ_ALLOWED_HOSTS (see compose.yaml).
+ENV TASKQ_HTTP_HOST=0.0.0.0
+
 CMD ["taskq", "--help"]

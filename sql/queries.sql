@@ -63,6 +63,19 @@ ON CONFLICT (name) DO UPDATE SET
 RETURNING name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
           enabled, created_at, updated_at, (xmax = 0) AS created;
 
+-- name: types_lock
+-- Serialises the writers of the registry for the check against TASKQ_MAX_TASK_TYPES
+-- (until the transaction ends).
+-- $1: advisory lock key (bigint)
+SELECT pg_advisory_xact_lock($1);
+
+-- name: types_count_with
+-- How many task types the registry would hold with these names in it.
+-- $1: names text[]
+SELECT (SELECT count(*) FROM task_type)
+     + (SELECT count(DISTINCT n.name) FROM unnest($1::text[]) AS n(name)
+        WHERE NOT EXISTS (SELECT 1 FROM task_type t WHERE t.name = n.name)) AS total;
+
 -- name: types_register
 -- Workers register the types they handle at start: a new type is created from
 -- the handler's options; an existing one takes the handler's options but keeps
@@ -571,10 +584,14 @@ SELECT set_config('taskq.action', $1, true), set_config('taskq.actor', $2, true)
 
 -- name: tasks_list
 -- Newest first, keyset-paginated on (created_at, id). NULL filters match all.
+-- Payloads and results are read only when asked for (each can be a MiB).
 -- $1: statuses text[], $2: type, $3: queue, $4: created after, $5: created before,
--- $6: scheduled (bool), $7: cursor created_at, $8: cursor id, $9: limit
-SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
-       result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
+-- $6: scheduled (bool), $7: cursor created_at, $8: cursor id, $9: limit,
+-- $10: with payloads (bool), $11: with results (bool)
+SELECT id, type, queue, CASE WHEN $10::boolean THEN payload::text END AS payload, status,
+       attempts, max_attempts, idempotency_key,
+       CASE WHEN $11::boolean THEN result::text END AS result,
+       last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
        replays, status = 'ENQUEUED' AND run_at > now() AS scheduled
 FROM tasks
@@ -590,9 +607,12 @@ LIMIT $9;
 
 -- name: dlq_list
 -- FAILED tasks, newest finished first, keyset-paginated on (finished_at, id).
--- $1: type, $2: queue, $3: cursor finished_at, $4: cursor id, $5: limit
-SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
-       result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
+-- $1: type, $2: queue, $3: cursor finished_at, $4: cursor id, $5: limit,
+-- $6: with payloads (bool), $7: with results (bool)
+SELECT id, type, queue, CASE WHEN $6::boolean THEN payload::text END AS payload, status,
+       attempts, max_attempts, idempotency_key,
+       CASE WHEN $7::boolean THEN result::text END AS result,
+       last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
        replays, false AS scheduled
 FROM tasks

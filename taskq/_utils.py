@@ -6,8 +6,18 @@ import math
 import re
 from urllib.parse import unquote
 
-DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# What parse_duration accepts, for documents (the OpenAPI schema); parse_duration
+# itself reads durations without one. Its only ambiguity, whether spaces before
+# the end belong to a unit, costs a matcher linear time, never quadratic.
+DURATION_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?(\s*(ms|s|m|h|d))?\s*$"
+MAX_DURATION_CHARS = 64
+_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0))
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
+# A JSON \u0000 escape (a NUL) in text written by a JSON encoder: its backslash is
+# preceded by an even number of backslashes. The possessive (?:\\\\)*+ takes
+# every pair of a run at once and never gives one back, and a run is only
+# entered at its first backslash, so a search is linear in the text's length.
+NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*+\\u0000")
 
 
 def parse_duration(value: str | float | int) -> float:
@@ -18,16 +28,35 @@ def parse_duration(value: str | float | int) -> float:
     """
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = DURATION.match(value)
-        if match is None:
-            raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 5s, 2m, 1h, 30d)")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(value) if isinstance(value, int | float) else _parse_duration_text(value)
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"not a duration: {value!r}")
     return seconds
+
+
+def _parse_duration_text(value: str) -> float:
+    bad = ValueError(f"not a duration: {preview(value)} (use e.g. 500ms, 5s, 2m, 1h, 30d)")
+    text = value.strip()
+    if len(text) > MAX_DURATION_CHARS:
+        raise bad
+    size = 1.0
+    for unit, unit_size in _UNITS:  # "ms" before "s" and "m"
+        if text.endswith(unit):
+            text, size = text[: -len(unit)].rstrip(), unit_size
+            break
+    if not _NUMBER.fullmatch(text):
+        raise bad
+    return float(text) * size
+
+
+def preview(value: str, limit: int = 40) -> str:
+    """``repr(value)``, cut short: error messages stay small whatever the input."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} chars)"
+
+
+def json_has_nul(json_text: str) -> bool:
+    """Whether JSON text written by orjson holds a NUL, which Postgres cannot store."""
+    return "\\u0000" in json_text and NUL_ESCAPE.search(json_text) is not None
 
 
 def format_duration(seconds: float) -> str:

@@ -20,7 +20,6 @@ Every operator action is recorded in the task's event history with ``action``,
 
 from __future__ import annotations
 
-import base64
 import uuid
 from datetime import datetime
 from typing import Any
@@ -30,7 +29,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from taskq._utils import preview
 from taskq.client import Client
+from taskq.cursors import Cursors
 from taskq.errors import BrokerError
 from taskq.http import Problem, actor, endpoint, json_response, read_json, task_id
 from taskq.settings import QUEUE_NAME, Settings
@@ -41,6 +42,10 @@ STATUSES = ("ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+# Listings carry payloads and results only when asked for (?include=payload,result),
+# and then at most this many tasks a page: each can be a MiB.
+INCLUDABLE = ("payload", "result")
+MAX_LIMIT_INCLUDED = 50
 MAX_REPLAY = 10_000
 REPLAY_BATCH = 1000
 PURGE_BATCH = 1000
@@ -80,25 +85,34 @@ def _one(request: Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _limit(request: Request) -> int:
+def _limit(request: Request, include: frozenset[str]) -> int:
+    """The page size; with ``include``, pages hold at most MAX_LIMIT_INCLUDED tasks."""
     text = _one(request, "limit")
     if text is None:
         return DEFAULT_LIMIT
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not text.isascii() or not text.isdigit() or len(text) > 4 or not 1 <= int(text) <= MAX_LIMIT:
         raise _bad("limit", f"an integer from 1 to {MAX_LIMIT}")
-    return int(text)
+    return min(int(text), MAX_LIMIT_INCLUDED) if include else int(text)
+
+
+def _include(request: Request) -> frozenset[str]:
+    values = {s.strip() for v in request.query_params.getlist("include") for s in v.split(",")}
+    for value in values:
+        if value not in INCLUDABLE:
+            raise _bad("include", f"{preview(value)} is not one of {', '.join(INCLUDABLE)}")
+    return frozenset(values)
 
 
 def _type(request: Request) -> str | None:
     text = _one(request, "type")
-    if text is not None and not TYPE_NAME.match(text):
+    if text is not None and not TYPE_NAME.fullmatch(text):
         raise _bad("type", "not a task type name")
     return text
 
 
 def _queue(request: Request) -> str | None:
     text = _one(request, "queue")
-    if text is not None and not QUEUE_NAME.match(text):
+    if text is not None and not QUEUE_NAME.fullmatch(text):
         raise _bad("queue", "not a queue name")
     return text
 
@@ -114,13 +128,13 @@ def _time(request: Request, name: str) -> datetime | None:
 
 
 def _statuses(request: Request) -> list[str] | None:
-    values = [s.strip() for v in request.query_params.getlist("status") for s in v.split(",")]
+    values = {s.strip() for v in request.query_params.getlist("status") for s in v.split(",")}
     if not values:
         return None
     for value in values:
         if value not in STATUSES:
-            raise _bad("status", f"{value!r} is not one of {', '.join(STATUSES)}")
-    return values
+            raise _bad("status", f"{preview(value)} is not one of {', '.join(STATUSES)}")
+    return sorted(values)
 
 
 def _scheduled(request: Request) -> bool | None:
@@ -132,35 +146,34 @@ def _scheduled(request: Request) -> bool | None:
     return text == "true"
 
 
-def encode_cursor(at: datetime, row_id: uuid.UUID) -> str:
-    """An opaque cursor for the row after which the next page starts."""
-    raw = orjson.dumps([at.isoformat(), str(row_id)])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _cursor(request: Request) -> tuple[datetime | None, uuid.UUID | None]:
+def _cursor(request: Request, listing: str) -> tuple[datetime | None, uuid.UUID | None]:
     text = _one(request, "cursor")
     if text is None:
         return None, None
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        at, row_id = orjson.loads(raw)
-        value = datetime.fromisoformat(at), uuid.UUID(row_id)
-        if value[0].tzinfo is None:
-            raise ValueError("no timezone")
-    except (ValueError, TypeError, UnicodeError, orjson.JSONDecodeError):
-        raise _bad("cursor", "not a cursor this API returned") from None
-    return value
+        return _cursors(request).decode(listing, text)
+    except ValueError as exc:
+        raise _bad("cursor", str(exc)) from None
 
 
-def _page(rows: list[Row], limit: int, key: str) -> dict[str, Any]:
+def _cursors(request: Request) -> Cursors:
+    cursors: Cursors = request.app.state.cursors
+    return cursors
+
+
+def _page(
+    request: Request, listing: str, rows: list[Row], limit: int, include: frozenset[str]
+) -> dict[str, Any]:
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1] if rows and more else None
-    return {
-        "tasks": [task_body(row) for row in rows],
-        "next_cursor": encode_cursor(last[key], last["id"]) if last is not None else None,
-    }
+    key = "created_at" if listing == "tasks" else "finished_at"
+    cursor = None if last is None else _cursors(request).encode(listing, last[key], last["id"])
+    tasks = [task_body(row) for row in rows]
+    for task in tasks:
+        for name in set(INCLUDABLE) - include:
+            del task[name]
+    return {"tasks": tasks, "next_cursor": cursor}
 
 
 # ---------------------------------------------------------------- endpoints
@@ -168,8 +181,9 @@ def _page(rows: list[Row], limit: int, key: str) -> dict[str, Any]:
 
 @endpoint("tasks")
 async def list_tasks(request: Request) -> Response:
-    limit = _limit(request)
-    at, after_id = _cursor(request)
+    include = _include(request)
+    limit = _limit(request, include)
+    at, after_id = _cursor(request, "tasks")
     rows = await _client(request).store.fetch(
         "tasks_list",
         _statuses(request),
@@ -181,8 +195,10 @@ async def list_tasks(request: Request) -> Response:
         at,
         after_id,
         limit + 1,
+        "payload" in include,
+        "result" in include,
     )
-    return json_response(_page(rows, limit, "created_at"))
+    return json_response(_page(request, "tasks", rows, limit, include))
 
 
 async def _reason(request: Request) -> str | None:
@@ -265,15 +281,23 @@ async def _requeue(
 
 @endpoint("dlq")
 async def list_dlq(request: Request) -> Response:
-    limit = _limit(request)
-    at, after_id = _cursor(request)
+    include = _include(request)
+    limit = _limit(request, include)
+    at, after_id = _cursor(request, "dlq")
     state = request.app.state
     rows = await _client(request).store.fetch(
-        "dlq_list", _type(request), _queue(request), at, after_id, limit + 1
+        "dlq_list",
+        _type(request),
+        _queue(request),
+        at,
+        after_id,
+        limit + 1,
+        "payload" in include,
+        "result" in include,
     )
-    body = _page(rows, limit, "finished_at")
+    body = _page(request, "dlq", rows, limit, include)
     dlq = _settings(request).topology().names.dlq
-    depths = await state.monitor.broker_depths([dlq])
+    depths = await state.monitor.broker_depths()
     body["broker_messages"] = depths[dlq][0] if depths and dlq in depths else None
     return json_response(body)
 
@@ -288,7 +312,9 @@ def _replay_filter(
         raise _bad(unknown[0], "unknown field")
     errors = []
     task_type, queue, ids = data.get("type"), data.get("queue"), data.get("ids")
-    if task_type is not None and not (isinstance(task_type, str) and TYPE_NAME.match(task_type)):
+    if task_type is not None and not (
+        isinstance(task_type, str) and TYPE_NAME.fullmatch(task_type)
+    ):
         errors.append(FieldError("type", "not a task type name"))
     if queue is not None and queue not in settings.queues:
         errors.append(FieldError("queue", f"one of {', '.join(settings.queues)}"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,18 +22,27 @@ from starlette.routing import Mount, Route
 from starlette.types import Message, Receive, Scope, Send
 
 import taskq
-from taskq import admin, broker, monitor, ui, validation
+from taskq import admin, broker, monitor, stream, ui, validation
+from taskq._utils import preview
 from taskq.client import Client
-from taskq.errors import StoreError
+from taskq.cursors import Cursors
+from taskq.errors import StoreError, TooManyTaskTypes
+from taskq.hosts import HostCheck
 from taskq.http import Handler, Problem, endpoint, json_response, read_json
 from taskq.http import task_id as _task_id
 from taskq.metrics import ApiMetrics
+from taskq.offload import Overrun
 from taskq.openapi import openapi_document
 from taskq.relay import Relay
 from taskq.settings import Settings
+from taskq.validation import FieldError, InvalidRequest
 
+log = logging.getLogger(__name__)
 BATCH_BODY_FACTOR = 16
 HEALTH_TIMEOUT = 2.0
+# /healthz needs no key: its checks run at most this often, however often it is asked.
+HEALTH_MAX_AGE = 1.0
+SCHEMA_CHECK_SECONDS = 2.0
 TOPOLOGY_CHECK_EVERY = 10.0
 
 
@@ -111,17 +121,31 @@ async def get_type(request: Request) -> Response:
 async def put_type(request: Request) -> Response:
     settings = request.app.state.settings
     data = await read_json(request, settings.max_payload_bytes)
-    definition = validation.task_type(request.path_params["name"], data, settings)
     client = _client(request)
-    row = await client.store.put_task_type(
-        definition.name,
-        queue=definition.queue,
-        max_attempts=definition.max_attempts,
-        timeout_seconds=definition.timeout,
-        backoff_json=definition.backoff_json,
-        payload_schema_json=definition.payload_schema_json,
-        enabled=definition.enabled,
-    )
+    name = request.path_params["name"]
+    try:
+        # Checking a payload schema can be slow on purpose-built input (taskq.schemas).
+        definition = await client.offload.run(
+            SCHEMA_CHECK_SECONDS, validation.task_type, name, data, settings
+        )
+    except Overrun:
+        message = f"checking it took over {SCHEMA_CHECK_SECONDS:g}s"
+        raise InvalidRequest([FieldError("payload_schema", message)]) from None
+    try:
+        row = await client.store.put_task_type(
+            definition.name,
+            queue=definition.queue,
+            max_attempts=definition.max_attempts,
+            timeout_seconds=definition.timeout,
+            backoff_json=definition.backoff_json,
+            payload_schema_json=definition.payload_schema_json,
+            enabled=definition.enabled,
+            max_types=settings.max_task_types,
+        )
+    except TooManyTaskTypes as exc:
+        raise Problem(
+            409, "Conflict", str(exc), errors=[FieldError("name", "the registry is full")]
+        ) from None
     client.types.invalidate()
     return json_response(_type_body(row), 201 if row["created"] else 200)
 
@@ -143,12 +167,33 @@ async def info(request: Request) -> Response:
 @endpoint("healthz", auth=False)
 async def healthz(request: Request) -> Response:
     state = request.app.state
+    async with state.health_lock:  # one check at a time; the others take its answer
+        if time.monotonic() - state.health[0] >= HEALTH_MAX_AGE:
+            state.health = (time.monotonic(), await _health(request))
+    status, checks = state.health[1]
+    if status == "error":
+        failing = [name for name, value in checks.items() if value != "ok"]
+        detail = f"failing: {', '.join(failing)}"
+        return Problem(503, "Unhealthy", detail, extra={"health": status, **checks}).response()
+    return json_response({"status": status, **checks})
+
+
+async def _health(request: Request) -> tuple[str, dict[str, str]]:
+    """``(ok | degraded | error, {part: "ok" or what is wrong})``.
+
+    What is wrong is said in taskq's words; the driver's (which can name hosts,
+    users and versions to anyone, as /healthz needs no key) go to the log.
+    """
+    state = request.app.state
     checks: dict[str, str] = {}
     try:
         await asyncio.wait_for(state.client.store.ping(), HEALTH_TIMEOUT)
         checks["database"] = "ok"
-    except (StoreError, TimeoutError) as exc:
-        checks["database"] = f"down: {exc or 'no answer within 2s'}"
+    except TimeoutError:
+        checks["database"] = f"down: no answer within {HEALTH_TIMEOUT:g}s"
+    except StoreError as exc:
+        log.warning("health: the database failed: %s", exc)
+        checks["database"] = "down: the database refused or dropped the connection"
     link: broker.Link = state.link
     if link.available:
         checks["broker"] = "ok"
@@ -156,16 +201,10 @@ async def healthz(request: Request) -> Response:
     else:
         checks["broker"] = "down: tasks are accepted and published when it is back"
     if all(value == "ok" for value in checks.values()):
-        status, code = "ok", 200
-    elif checks["database"] == "ok" and not link.available:
-        status, code = "degraded", 200
-    else:
-        status, code = "error", 503
-    if code == 503:
-        failing = [name for name, value in checks.items() if value != "ok"]
-        detail = f"failing: {', '.join(failing)}"
-        return Problem(503, "Unhealthy", detail, extra={"health": status, **checks}).response()
-    return json_response({"status": status, **checks}, code)
+        return "ok", checks
+    if checks["database"] == "ok" and not link.available:
+        return "degraded", checks
+    return "error", checks
 
 
 async def _topology_status(request: Request) -> str:
@@ -178,7 +217,8 @@ async def _topology_status(request: Request) -> str:
         )
         status = "ok" if not absent else f"missing: {', '.join(absent[:5])} (run taskq rmq-init)"
     except Exception as exc:
-        status = f"unknown: {exc}"
+        log.warning("health: the topology could not be read: %s", exc)
+        status = "unknown: the broker did not answer the check"
     state.topology_status, state.topology_checked_at = status, time.monotonic()
     return status
 
@@ -186,11 +226,13 @@ async def _topology_status(request: Request) -> str:
 @endpoint("metrics", auth=False)
 async def metrics(request: Request) -> Response:
     state = request.app.state
-    with contextlib.suppress(StoreError, TimeoutError):
-        count = await asyncio.wait_for(state.client.store.unpublished_count(), HEALTH_TIMEOUT)
-        state.metrics.unpublished.set(count)
     watch: monitor.Monitor = state.monitor
-    depths = await watch.broker_depths(list(watch.kinds))
+    # Both cached for a few seconds: scrapes (no key needed) cannot drive the broker or
+    # the database harder than one read each per DEPTHS_MAX_AGE.
+    count = await watch.unpublished()
+    if count is not None:
+        state.metrics.unpublished.set(count)
+    depths = await watch.broker_depths()
     state.metrics.observe_queues(
         None
         if depths is None
@@ -216,7 +258,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 class _Api(Starlette):
-    """Starlette, except that ``POST /enqueue``, the hot route, skips its routing and middleware.
+    """Starlette, with the Host check first (taskq.hosts), and with ``POST /enqueue``,
+    the hot route, skipping Starlette's routing and middleware.
 
     The route's endpoint is the same function as in the route list, with the same
     authentication, error mapping and request counting (:func:`taskq.http.endpoint`); only
@@ -226,7 +269,9 @@ class _Api(Starlette):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
+        if scope["type"] == "http" and not _host_allowed(self.state.hosts, scope):
+            await _wrong_host(scope).response()(scope, receive, send)
+        elif (
             scope["type"] == "http"
             and scope["path"] == "/enqueue"
             and scope["method"] == "POST"
@@ -236,6 +281,22 @@ class _Api(Starlette):
             await _serve(enqueue, scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
+
+
+def _host_allowed(hosts: HostCheck, scope: Scope) -> bool:
+    values = [value for name, value in scope["headers"] if name == b"host"]
+    return len(values) <= 1 and hosts.allows(values[0].decode("latin-1") if values else None)
+
+
+def _wrong_host(scope: Scope) -> Problem:
+    values = [value for name, value in scope["headers"] if name == b"host"]
+    shown = preview(values[0].decode("latin-1")) if len(values) == 1 else f"{len(values)} hosts"
+    return Problem(
+        400,
+        "Invalid request",
+        f"this API does not answer to the host {shown}: see TASKQ_ALLOWED_HOSTS",
+        errors=[FieldError("host", "not one of TASKQ_ALLOWED_HOSTS")],
+    )
 
 
 async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
@@ -268,6 +329,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         state.link = state.client._link
         state.topology_checked_at, state.topology_status = -1e9, "unknown"
         state.monitor = monitor.Monitor(settings, state.client.store, state.link)
+        state.hub = stream.Hub(state.monitor, app.state.stopping, settings.max_streams)
         relay_ = Relay(
             state.client.store,
             settings.database_url,
@@ -280,6 +342,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
             yield
         finally:
             state.stopping.set()  # ends the open event streams
+            await state.hub.close()
             await state.monitor.close()
             await relay_.close()
             await state.client.close()
@@ -298,6 +361,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         Route("/types/{name}", put_type, methods=["PUT"]),
         *admin.routes(),
         *monitor.routes(),
+        Route("/stream", stream.stream, methods=["GET"]),
         Mount("/ui", ui.dashboard(), name="ui"),
     ]
     app = _Api(
@@ -306,6 +370,10 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.settings = settings
+    app.state.cursors = Cursors(settings)
+    app.state.hosts = HostCheck(settings)
+    app.state.health = (-1e9, ("error", {}))
+    app.state.health_lock = asyncio.Lock()
     # Set when the server begins to stop: open event streams end, so the
     # graceful shutdown does not wait for them (see taskq.cli).
     app.state.stopping = asyncio.Event()

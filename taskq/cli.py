@@ -125,10 +125,12 @@ async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     from taskq.api import create_app
 
     logs.configure(settings.log_level)
+    if args.host:  # the app's default allowed hosts include the bind address
+        settings = settings.model_copy(update={"http_host": args.host})
     app = create_app(settings)
     config = uvicorn.Config(
         app,
-        host=args.host or settings.http_host,
+        host=settings.http_host,
         port=args.port if args.port is not None else settings.http_port,
         log_level=settings.log_level.lower(),
         access_log=False,

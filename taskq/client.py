@@ -18,81 +18,20 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import orjson
-from jsonschema import Draft202012Validator
-from referencing.exceptions import Unresolvable
 
-from taskq import validation
+from taskq import task_types, validation
 from taskq.broker import Link, Publisher
 from taskq.errors import IdempotencyConflict, RejectedByDatabase
 from taskq.metrics import ApiMetrics
+from taskq.offload import Offload, Overrun
 from taskq.relay import Outbox
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
+from taskq.task_types import TaskType, TypeCache
 from taskq.validation import FieldError, InvalidRequest
 
-TYPES_TTL = 2.0
 MAX_INSERT_BATCH = 500
 FLUSHERS = 4
-
-
-@dataclass(frozen=True)
-class TaskType:
-    """A registry entry as the enqueue path needs it."""
-
-    name: str
-    queue: str
-    max_attempts: int
-    timeout: float
-    backoff: dict[str, Any] | None
-    payload_schema: dict[str, Any] | None
-    enabled: bool
-    validator: Draft202012Validator | None
-
-    @classmethod
-    def from_row(cls, row: Any) -> TaskType:
-        schema = orjson.loads(row["payload_schema"]) if row["payload_schema"] else None
-        return cls(
-            name=row["name"],
-            queue=row["queue"],
-            max_attempts=row["max_attempts"],
-            timeout=row["timeout_seconds"],
-            backoff=orjson.loads(row["backoff"]) if row["backoff"] else None,
-            payload_schema=schema,
-            enabled=row["enabled"],
-            validator=Draft202012Validator(schema) if schema else None,
-        )
-
-
-class TypeCache:
-    """The task type registry, re-read when older than ``ttl`` seconds or on a miss.
-
-    A type disabled or edited elsewhere takes effect here within ``ttl``; the
-    insert itself joins the live registry, so a stale cache never admits a task
-    whose type is gone.
-    """
-
-    def __init__(self, store: Store, ttl: float = TYPES_TTL) -> None:
-        self._store = store
-        self._ttl = ttl
-        self._types: dict[str, TaskType] = {}
-        self._loaded_at = -1e9
-        self._lock = asyncio.Lock()
-
-    async def get(self, name: str) -> TaskType | None:
-        stale = time.monotonic() - self._loaded_at > self._ttl
-        if stale or (name not in self._types and time.monotonic() - self._loaded_at > 0.05):
-            await self.refresh()
-        return self._types.get(name)
-
-    async def refresh(self) -> None:
-        async with self._lock:
-            rows = await self._store.task_types()
-            self._types = {row["name"]: TaskType.from_row(row) for row in rows}
-            self._loaded_at = time.monotonic()
-
-    def invalidate(self) -> None:
-        self._loaded_at = -1e9
 
 
 @dataclass(frozen=True)
@@ -192,6 +131,8 @@ class Client:
         self.publisher = publisher
         self.metrics = metrics or ApiMetrics()
         self.types = TypeCache(store)
+        # Payload schemas are checked in threads of their own, with a deadline.
+        self.offload = Offload()
         self._link = link
         self.outbox = Outbox(store, publisher, on_failure=self.metrics.publish_failures.inc)
         self.outbox.start()
@@ -209,6 +150,7 @@ class Client:
         return cls(settings, store, publisher, metrics=metrics, link=link)
 
     async def close(self) -> None:
+        self.offload.close()
         await self._batcher.close()
         await self.outbox.close()
         await self.publisher.close()
@@ -261,7 +203,9 @@ class Client:
         started = time.perf_counter()
         try:
             task, body = validation.enqueue_task(data, self.settings)
-            await self._check_type(body.type, body.payload, body.queue, "")
+            task_type = await self._check_type(body.type, body.queue, "")
+            if task_type.validator is not None:
+                validation.raise_all(await self._check_payloads([("", task_type, body.payload)]))
             result = await self._batcher.submit(task)
             answer = self._settle(task, result, "")
         except (InvalidRequest, IdempotencyConflict) as exc:
@@ -284,15 +228,21 @@ class Client:
         """
         errors: list[InvalidRequest] = []
         tasks: list[NewTask] = []
+        checks: list[tuple[str, TaskType, dict[str, Any]]] = []
         for index, item in enumerate(validation.batch_items({"tasks": list(items)})):
             prefix = f"tasks[{index}]"
             try:
                 task, body = validation.enqueue_task(item, self.settings, prefix=prefix)
-                await self._check_type(body.type, body.payload, body.queue, prefix + ".")
+                task_type = await self._check_type(body.type, body.queue, prefix + ".")
             except InvalidRequest as exc:
                 errors.append(exc)
             else:
                 tasks.append(task)
+                if task_type.validator is not None:
+                    checks.append((prefix + ".", task_type, body.payload))
+        if checks:
+            errors += await self._check_payloads(checks)
+            errors.sort(key=lambda e: _index(e.errors[0].field))
         validation.raise_all(errors)
         results = await self.store.enqueue(tasks, connection, all_or_nothing=True)
         for index, (task, result) in enumerate(zip(tasks, results, strict=True)):
@@ -315,34 +265,26 @@ class Client:
             self.metrics.enqueue_total.labels(*labels).inc(count)
         return answers
 
-    async def _check_type(
-        self, name: str, payload: dict[str, Any], queue: str | None, prefix: str
-    ) -> None:
+    async def _check_type(self, name: str, queue: str | None, prefix: str) -> TaskType:
         task_type = await self.types.get(name)
-        if task_type is None:
-            raise InvalidRequest([FieldError(prefix + "type", f"unknown task type {name!r}")])
-        if not task_type.enabled:
-            raise InvalidRequest([FieldError(prefix + "type", f"task type {name!r} is disabled")])
-        if queue is None and task_type.queue not in self.settings.queues:
-            raise InvalidRequest(
-                [FieldError(prefix + "queue", f"the type's queue {task_type.queue!r} is unknown")]
-            )
-        if task_type.validator is not None:
-            try:
-                error = next(iter(task_type.validator.iter_errors(payload)), None)
-            except RecursionError:  # a recursive schema walking a deep payload
-                raise InvalidRequest(
-                    [FieldError(prefix + "payload", "nested too deeply for the type's schema")]
-                ) from None
-            except Unresolvable as exc:  # the type's schema has a $ref that leads nowhere
-                raise InvalidRequest(
-                    [FieldError(prefix + "type", f"the type's payload_schema is broken: {exc}")]
-                ) from None
-            if error is not None:
-                path = "".join(
-                    f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
-                )
-                raise InvalidRequest([FieldError(f"{prefix}payload{path}", error.message)])
+        return task_types.check_type(task_type, name, queue, self.settings.queues, prefix)
+
+    async def _check_payloads(
+        self, checks: list[tuple[str, TaskType, dict[str, Any]]]
+    ) -> list[InvalidRequest]:
+        """Check payloads against their types' schemas off the event loop, with a deadline.
+
+        Raises:
+            taskq.offload.Busy: every checking thread stayed taken (try again).
+        """
+        progress = [0]
+        deadline = task_types.check_deadline(len(checks))
+        try:
+            return await self.offload.run(deadline, task_types.check_payloads, checks, progress)
+        except Overrun:
+            field = checks[progress[0]][0] + "payload"
+            message = f"checking it against the type's payload_schema took over {deadline:g}s"
+            return [InvalidRequest([FieldError(field, message)])]
 
     def _settle(self, task: NewTask, result: Enqueued, prefix: str) -> EnqueueResult:
         """Turn the store's answer into ours; publish what was created."""
@@ -364,6 +306,11 @@ class Client:
             }
             self.outbox.submit(row)
         return EnqueueResult(result.outcome == "created", result.row)
+
+
+def _index(field: str) -> int:
+    """The item index of a batch error's field (``tasks[12].payload`` -> 12)."""
+    return int(field[6 : field.index("]")]) if field.startswith("tasks[") else -1
 
 
 def _outcome(answer: EnqueueResult) -> str:

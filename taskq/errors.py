@@ -35,6 +35,19 @@ class MigrationError(StoreError):
     """The schema could not be migrated."""
 
 
+class TooManyTaskTypes(TaskqError):
+    """The task type registry is full (TASKQ_MAX_TASK_TYPES)."""
+
+    def __init__(self, limit: int, names: list[str]) -> None:
+        self.limit = limit
+        self.names = names
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        super().__init__(
+            f"the task type registry holds its maximum of {limit} types (TASKQ_MAX_TASK_TYPES):"
+            f" cannot add {shown}; raise the limit or delete unused rows of task_type"
+        )
+
+
 class BrokerError(TaskqError):
     """The broker did not answer as expected."""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import orjson
 from prometheus_client import Histogram
 
 from taskq import backoff
+from taskq._utils import NUL_ESCAPE as _NUL_ESCAPE
 from taskq.errors import StoreError, TaskqError
 from taskq.handlers import Context, Fail, Registry, Retry
 from taskq.metrics import WorkerMetrics
@@ -271,8 +271,6 @@ class Runner:
 
 
 MAX_ERROR_CHARS = 2000
-# A JSON \u0000 escape: preceded by an even number of backslashes (none escaped it).
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _error_text(exc: BaseException, message: str | None = None) -> str:

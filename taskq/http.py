@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -16,10 +17,15 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from taskq._utils import preview
 from taskq.errors import IdempotencyConflict, RejectedByDatabase, StoreError
+from taskq.offload import Busy
 from taskq.validation import FieldError, InvalidRequest, TooLarge
 
+log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
+# Methods of the routes that change something: each needs Content-Type: application/json.
+CHANGES_STATE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -77,7 +83,8 @@ def _invalid(exc: InvalidRequest) -> Problem:
 
 
 def endpoint(route: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
-    """Authentication, the error-to-problem mapping and request counting for one route."""
+    """Authentication, JSON-only state changes, the error-to-problem mapping and request
+    counting for one route."""
 
     def wrap(handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
@@ -86,6 +93,8 @@ def endpoint(route: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
                 request.state.actor = "api"
                 if auth and state.settings.api_keys:
                     request.state.actor = _authenticate(request, state.settings.api_keys)
+                if request.method in CHANGES_STATE:
+                    require_json(request)
                 response = await handler(request)
             except Problem as problem:
                 response = problem.response()
@@ -104,7 +113,18 @@ def endpoint(route: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
                     400, "Invalid request", str(exc), errors=[FieldError("body", str(exc))]
                 ).response()
             except StoreError as exc:
-                response = Problem(503, "Database unavailable", str(exc)).response()
+                # The driver's words stay in the log: they can name hosts and users.
+                log.warning("route %s: %s", route, exc)
+                response = Problem(
+                    503, "Database unavailable", "the database did not answer; try again"
+                ).response()
+            except Busy:
+                response = Problem(
+                    503,
+                    "Busy",
+                    "every payload check is taken; try again",
+                    headers={"Retry-After": "1"},
+                ).response()
             state.metrics.http_requests.labels(route, str(response.status_code)).inc()
             return response
 
@@ -135,18 +155,29 @@ def _authenticate(request: Request, keys: list[str]) -> str:
     return key_label(keys[matches.index(True)])
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body parsed as JSON, refusing other media types and oversized bodies."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def require_json(request: Request) -> None:
+    """415 unless the request says its body is JSON (it may still be empty).
+
+    Browsers send a cross-site form or ``fetch()`` without a preflight only with
+    a "simple" content type (form encodings, ``text/plain``); requiring JSON on
+    every request that changes state means another site can never make one.
+    """
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
     ):
+        shown = preview(media) if media else "no content type"
         raise Problem(
             415,
             "Unsupported media type",
-            f"send application/json, not {media or 'no content type'}",
+            f"send Content-Type: application/json, not {shown}",
             errors=[FieldError("content-type", "must be application/json")],
         )
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body parsed as JSON, refusing other media types and oversized bodies."""
+    require_json(request)
     too_large = Problem(
         413,
         "Payload too large",

@@ -47,9 +47,11 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "invalid request (the field is named)",
         401: "missing or wrong API key",
         404: "not found",
-        409: "conflict: a key used with another request, or a task in the wrong status",
+        409: "conflict: a key used with another request, a task in the wrong status,"
+        " or a full task type registry (TASKQ_MAX_TASK_TYPES)",
         413: "body or payload too large",
-        415: "not application/json",
+        415: "not application/json (required on every request that changes state)",
+        429: "too many open streams (TASKQ_MAX_STREAMS)",
         503: "database unavailable",
     }
     return {str(code): _problem(text[code]) for code in codes}
@@ -57,6 +59,16 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _state_change_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """The body of a request that changes state: it must say it is JSON (CSRF), even empty."""
+    return {
+        "required": True,
+        "description": "Content-Type: application/json is required; an empty body is"
+        " accepted with it (415 without it).",
+        "content": {"application/json": {"schema": schema}},
+    }
 
 
 def _path_param(name: str, fmt: str | None = None, pattern: str | None = None) -> dict[str, Any]:
@@ -88,9 +100,15 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
         "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "page size"
     )
     cursor = _query("cursor", {"type": "string"}, "next_cursor of the previous page")
+    include = _query(
+        "include",
+        {"type": "array", "items": {"type": "string", "enum": ["payload", "result"]}},
+        "add payload and/or result to each task (comma-separated); a page then holds"
+        " at most 50 tasks",
+    )
     status = {"type": "string", "enum": ["ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]}
     page = _json(obj, "tasks (as GET /tasks/{id}) and next_cursor (null on the last page)")
-    reason = {"required": False, "content": {"application/json": {"schema": _ref("ReasonRequest")}}}
+    reason = _state_change_body(_ref("ReasonRequest"))
     return {
         "/tasks": {
             "get": {
@@ -112,6 +130,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
                     ),
                     limit,
                     cursor,
+                    include,
                 ],
                 "responses": {"200": page, **_errors(400, 401, 503)},
             }
@@ -142,17 +161,14 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
         "/dlq": {
             "get": {
                 "summary": "FAILED tasks, newest failure first, and the broker DLQ's depth",
-                "parameters": [type_filter, queue_filter, limit, cursor],
+                "parameters": [type_filter, queue_filter, limit, cursor, include],
                 "responses": {"200": page, **_errors(400, 401, 503)},
             }
         },
         "/dlq/replay": {
             "post": {
                 "summary": "Enqueue FAILED tasks again (all, or by type, queue or ids)",
-                "requestBody": {
-                    "required": False,
-                    "content": {"application/json": {"schema": _ref("ReplayRequest")}},
-                },
+                "requestBody": _state_change_body(_ref("ReplayRequest")),
                 "responses": {
                     "200": _json(obj, "replayed (count), ids, more (the cap was reached)"),
                     **_errors(400, 401, 413, 415, 503),
@@ -162,6 +178,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
         "/queues/{name}": {
             "delete": {
                 "summary": "Purge a work queue and cancel its ENQUEUED tasks",
+                "requestBody": _state_change_body({"description": "ignored"}),
                 "parameters": [
                     {**_path_param("name"), "schema": {"type": "string", "enum": settings.queues}},
                     {
@@ -171,7 +188,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": _json(obj, "queue, purged_messages (null: broker down), cancelled"),
-                    **_errors(400, 401, 404, 503),
+                    **_errors(400, 401, 404, 415, 503),
                 },
             }
         },
@@ -195,7 +212,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
                         "description": "an endless event stream",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
-                    **_errors(401, 503),
+                    **_errors(401, 429, 503),
                 },
             }
         },
@@ -208,7 +225,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     task_id = _path_param("id", "uuid")
     type_name = _path_param("name", pattern=TYPE_NAME.pattern)
     obj = {"type": "object"}
-    paths = {
+    paths: dict[str, dict[str, Any]] = {
         "/": {
             "get": {
                 "summary": "Service information",
@@ -298,12 +315,15 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "responses": {
                     "201": _json(obj, "created"),
                     "200": _json(obj, "replaced"),
-                    **_errors(400, 401, 413, 415, 503),
+                    **_errors(400, 401, 409, 413, 415, 503),
                 },
             },
         },
     }
     paths.update(_admin_paths(settings))
+    for item in paths.values():  # the Host check (taskq.hosts) runs before every route
+        for operation in item.values():
+            operation["responses"].setdefault("400", _problem("a Host not in TASKQ_ALLOWED_HOSTS"))
     return {
         "openapi": "3.1.0",
         "info": {"title": "taskq", "version": taskq.__version__},

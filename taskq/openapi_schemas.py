@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from taskq._utils import DURATION, format_duration
+from taskq._utils import DURATION_PATTERN, format_duration
 from taskq.settings import Settings
 from taskq.store import ANSWER_FIELDS
 from taskq.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
@@ -139,7 +139,7 @@ def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     duration = {
         "anyOf": [
             {"type": "number", "minimum": 0},
-            {"type": "string", "pattern": DURATION.pattern},
+            {"type": "string", "pattern": DURATION_PATTERN},
         ],
         "description": "Seconds, or a duration such as 500ms, 5s, 2m, 1h, 30d.",
     }

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode, Field(repr=False)] = []
     max_payload_bytes: int = Field(1024 * 1024, ge=1)
+    cursor_secret: str = ""
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    max_streams: int = Field(100, ge=1)
+    max_task_types: int = Field(500, ge=1)
 
     backoff_strategy: Literal["list", "fixed", "exponential"] = "list"
     backoffs: Annotated[list[Duration], NoDecode] = [5.0, 30.0, 120.0, 600.0, 3600.0]
@@ -110,7 +114,7 @@ class Settings(BaseSettings):
     @field_validator("namespace")
     @classmethod
     def _check_namespace(cls, value: str) -> str:
-        if not NAMESPACE.match(value):
+        if not NAMESPACE.fullmatch(value):
             raise ValueError("use 1-63 letters, digits, '.', '_' or '-'")
         return value
 
@@ -125,7 +129,7 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("the queue list is empty")
         for name in value:
-            if not QUEUE_NAME.match(name):
+            if not QUEUE_NAME.fullmatch(name):
                 raise ValueError(f"bad queue name {name!r}: use lowercase letters, digits, _ or -")
             if name in RESERVED_QUEUE_NAMES:
                 raise ValueError(f"queue name {name!r} is reserved for taskq's own objects")
@@ -133,9 +137,9 @@ class Settings(BaseSettings):
             raise ValueError("a queue is listed twice")
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_hosts", mode="before")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
+    def _split_lists(cls, value: Any) -> Any:
         return _csv(value)
 
     @field_validator("backoffs", mode="before")
@@ -198,6 +202,8 @@ class Settings(BaseSettings):
                 out[key] = mask_url(value)
             elif name == "api_keys":
                 out[key] = ",".join("***" for _ in value)
+            elif name == "cursor_secret":
+                out[key] = "***" if value else ""
             elif name == "backoffs":
                 out[key] = ",".join(format_duration(v) for v in value)
             elif name in _DURATIONS:

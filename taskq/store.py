@@ -18,11 +18,13 @@ from typing import Any, TypeAlias
 import asyncpg
 
 import taskq.sql as sql
-from taskq.errors import RejectedByDatabase, StoreError
+from taskq.errors import RejectedByDatabase, StoreError, TooManyTaskTypes
 
 log = logging.getLogger("taskq.store")
 
 NOTIFY_CHANNEL = "taskq_enqueued"
+# pg_advisory_xact_lock key of the registry's writers: "types" in ASCII.
+TYPES_LOCK_KEY = 0x7479706573
 # Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
 NOTIFY_IDS = 200
 # What a database going away raises. InternalClientError too: a connection the
@@ -196,28 +198,53 @@ class Store:
         backoff_json: str | None,
         payload_schema_json: str | None,
         enabled: bool,
+        max_types: int | None = None,
     ) -> Row:
-        row = await self.fetchrow(
-            "type_put",
-            name,
-            queue,
-            max_attempts,
-            timeout_seconds,
-            backoff_json,
-            payload_schema_json,
-            enabled,
-        )
+        """Create or replace one task type.
+
+        Raises:
+            TooManyTaskTypes: it is new and the registry holds ``max_types`` already.
+        """
+        async with self._connection() as connection, connection.transaction():
+            await self._check_room(connection, [name], max_types)
+            row: Row | None = await connection.fetchrow(
+                self.q["type_put"],
+                name,
+                queue,
+                max_attempts,
+                timeout_seconds,
+                backoff_json,
+                payload_schema_json,
+                enabled,
+            )
         assert row is not None
         return row
 
     async def register_task_types(
-        self, types: Sequence[tuple[str, str, int, float, str | None]]
+        self, types: Sequence[tuple[str, str, int, float, str | None]], max_types: int | None = None
     ) -> None:
-        """Upsert ``(name, queue, max_attempts, timeout, backoff_json)`` for a worker's handlers."""
-        async with self._connection() as connection:
+        """Upsert ``(name, queue, max_attempts, timeout, backoff_json)`` for a worker's handlers.
+
+        Raises:
+            TooManyTaskTypes: the new ones would take the registry past ``max_types``.
+        """
+        async with self._connection() as connection, connection.transaction():
+            await self._check_room(connection, [t[0] for t in types], max_types)
             await connection.execute(
                 self.q["types_register"], *(list(column) for column in zip(*types, strict=True))
             )
+
+    async def _check_room(
+        self, connection: asyncpg.Connection, names: list[str], max_types: int | None
+    ) -> None:
+        """Raise TooManyTaskTypes if ``names`` would take the registry past ``max_types``."""
+        if max_types is None:
+            return
+        await connection.execute(self.q["types_lock"], TYPES_LOCK_KEY)
+        if await connection.fetchval(self.q["types_count_with"], names) > max_types:
+            rows = await connection.fetch(self.q["types_all"])
+            known = {row["name"] for row in rows}
+            raise TooManyTaskTypes(max_types, [n for n in names if n not in known])
 
     # ---------------------------------------------------------------- enqueue
 

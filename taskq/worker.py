@@ -289,7 +289,7 @@ class Worker:
                 )
             )
         if rows:
-            await self.store.register_task_types(rows)
+            await self.store.register_task_types(rows, self.settings.max_task_types)
         self._runner.load_backoffs(await self.store.task_types())
 
     async def _types_loop(self) -> None:

@@ -31,11 +31,15 @@ async def running_api(
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://taskq", timeout=30
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=30
         ) as client,
     ):
         client.app = app  # type: ignore[attr-defined]
         yield client
+
+
+# Every request that changes state says its body is JSON, even an empty body.
+JSON = {"content-type": "application/json"}
 
 
 async def put_type(client: httpx.AsyncClient, name: str, **definition: Any) -> None:

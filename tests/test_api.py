@@ -390,7 +390,7 @@ async def test_the_enqueue_fast_path_answers_like_the_routed_api(
 
     monkeypatch.setattr(app.state.client, "submit", broken)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://taskq") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         failed = await client.post("/enqueue", json={"type": "demo.echo", "payload": {}})
     body = assert_problem(failed, 500)
     assert "a bug" not in failed.text and body["title"] == "Internal error"

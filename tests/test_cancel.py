@@ -17,7 +17,7 @@ from taskq.handlers import Context, Registry
 from taskq.settings import Settings
 from taskq.store import NewTask, Store
 
-from .api_fixtures import declare_topology, running_api
+from .api_fixtures import JSON, declare_topology, running_api
 from .worker_fixtures import Harness, harness, metric, running_worker
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ async def test_cancelled_scheduled_task_never_runs(settings: Settings) -> None:
         task_id = await h.enqueue("demo.noop", delay=2)
         listed = (await api.get("/tasks", params={"scheduled": "true"})).json()["tasks"]
         assert [t["id"] for t in listed] == [str(task_id)]
-        assert (await api.post(f"/tasks/{task_id}/cancel")).status_code == 200
+        assert (await api.post(f"/tasks/{task_id}/cancel", headers=JSON)).status_code == 200
         # The envelope comes out of the delay levels and is dropped by the claim.
         for _ in range(100):
             if metric(worker, "taskq_deliveries_total", queue="default", decision="terminal"):
@@ -120,7 +120,7 @@ async def test_lease_recovery_of_a_cancel_requested_task_cancels_it(
             " lease_expires_at = now() + interval '1 hour' WHERE id = $1",
             uuid.UUID(task_id),
         )
-        assert (await api.post(f"/tasks/{task_id}/cancel")).status_code == 202
+        assert (await api.post(f"/tasks/{task_id}/cancel", headers=JSON)).status_code == 202
         await db.execute(
             "UPDATE tasks SET lease_expires_at = now() - interval '1 s' WHERE id = $1",
             uuid.UUID(task_id),

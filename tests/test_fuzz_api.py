@@ -222,7 +222,9 @@ async def test_schemathesis_all_operations(
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
     def send(case: schemathesis.Case) -> httpx.Response:
-        prepared = requests.Request(**case.as_transport_kwargs(base_url="http://taskq")).prepare()
+        prepared = requests.Request(
+            **case.as_transport_kwargs(base_url="http://localhost")
+        ).prepare()
         return run(
             api.request(
                 prepared.method or "",

@@ -190,6 +190,36 @@ def test_prometheus_scrapes_the_api_and_every_worker() -> None:
     assert worker[worker.index("--metrics-host") + 1] == "0.0.0.0"
 
 
+def test_the_api_answers_the_hosts_its_compose_clients_use() -> None:
+    from urllib.parse import urlsplit
+
+    from taskq.hosts import HostCheck
+    from taskq.settings import load_settings
+
+    api = compose()["services"]["api"]
+    command = api["command"]
+    environment = {
+        k.removeprefix("TASKQ_").lower(): v
+        for k, v in api["environment"].items()
+        if k.startswith("TASKQ_")
+    }
+    settings = load_settings(_env_file=None, **environment, http_host=command[3])
+    check = HostCheck(settings)
+    config = load_yaml(DEPLOY / "prometheus/prometheus.yml")
+    scrape = {job["job_name"]: job for job in config["scrape_configs"]}["taskq-api"]
+    healthcheck = next(arg for arg in api["healthcheck"]["test"] if "http://" in arg)
+    health_url = healthcheck[healthcheck.index("http://") :].split("'")[0]
+    published = api["ports"][0].rsplit(":", 2)[0]
+    for host in [
+        scrape["static_configs"][0]["targets"][0],  # Prometheus
+        urlsplit(health_url).netloc,  # the healthcheck
+        f"{published}:8000",  # the dashboard through the published port
+        "localhost:8000",
+    ]:
+        assert check.allows(host), host
+    assert not check.allows("rebound.example:8000")
+
+
 def test_compose_mounts_exist_and_volumes_are_declared() -> None:
     data = compose()
     declared = set(data["volumes"])

@@ -156,7 +156,7 @@ async def test_a_generated_client_enqueues_and_reads_a_task(
         async with running_api(settings, relay=False) as api:
             transport = httpx.ASGITransport(app=api.app)  # type: ignore[attr-defined]
             async with generated_client.AuthenticatedClient(
-                base_url="http://taskq", token=KEY, httpx_args={"transport": transport}
+                base_url="http://localhost", token=KEY, httpx_args={"transport": transport}
             ) as client:
                 definition = models.TaskTypeRequest(
                     queue=models.TaskTypeRequestQueueType0.HIGH,

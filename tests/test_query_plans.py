@@ -128,7 +128,9 @@ async def test_rare_failures_are_listed_through_their_own_index(
         await db.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         statement = await db.prepare("EXPLAIN (FORMAT JSON) " + sql.queries()["tasks_list"])
         (plan,) = json.loads(
-            await statement.fetchval([status], None, None, None, None, None, None, None, 50)
+            await statement.fetchval(
+                [status], None, None, None, None, None, None, None, 50, False, False
+            )
         )
     reads = scans(plan["Plan"])
     assert reads and not {"Seq Scan", "tasks_created_keyset"} & set(reads), reads

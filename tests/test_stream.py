@@ -17,7 +17,7 @@ import uvicorn
 from taskq.api import create_app
 from taskq.settings import Settings
 
-from .api_fixtures import declare_topology
+from .api_fixtures import JSON, declare_topology
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ async def test_stream_sends_stats_and_task_events(settings: Settings) -> None:
                             "/enqueue", json={"type": "s.v1", "payload": {}}, headers=key
                         )
                         task_id = created.json()["id"]
-                        await http.post(f"/tasks/{task_id}/cancel", headers=key)
+                        await http.post(f"/tasks/{task_id}/cancel", headers={**key, **JSON})
                     if event == "task" and data["status"] == "CANCELLED":
                         break
             tasks = [data for event, data in seen if event == "task"]
@@ -125,3 +125,36 @@ async def stream_until_stopped(server: Any, port: int) -> None:
         async with asyncio.timeout(10):
             async for _ in stream:
                 pass  # the stream ends instead of running on
+
+
+async def test_streams_are_capped_and_share_one_poller(settings: Settings) -> None:
+    settings = settings.model_copy(update={"max_streams": 2})
+    await declare_topology(settings)
+
+    def pollers() -> int:
+        return sum(t.get_name() == "taskq-stream-poller" for t in asyncio.all_tasks())
+
+    async with serving(settings) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        async with http.stream("GET", "/stream") as first, http.stream("GET", "/stream") as second:
+            streams = [events(first), events(second)]
+            for stream in streams:
+                assert (await anext(stream))[0] == "stats"
+            refused = await http.get("/stream")
+            assert refused.status_code == 429 and refused.headers["retry-after"]
+            assert refused.json()["title"] == "Too many streams"
+            assert pollers() == 1
+            await http.put("/types/s.v1", json={})
+            created = await http.post("/enqueue", json={"type": "s.v1", "payload": {}})
+            for stream in streams:
+                async with asyncio.timeout(20):
+                    async for event, data in stream:
+                        if event == "task":
+                            assert data["id"] == created.json()["id"]
+                            break
+        # Both closed: the poller stops, and starts again for the next stream.
+        async with asyncio.timeout(10):
+            while pollers():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        async with http.stream("GET", "/stream") as third:
+            assert (await anext(events(third)))[0] == "stats"
+            assert pollers() == 1

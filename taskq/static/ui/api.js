@@ -73,10 +73,10 @@ export async function api(path, { method = "GET", params, body } = {}) {
   for (;;) {
     const headers = { Accept: "application/json", ...authHeaders() };
     const init = { method, headers };
-    if (body !== undefined) {
-      headers["Content-Type"] = "application/json";
-      init.body = JSON.stringify(body);
-    }
+    // The API refuses a call that changes state without this type, even with
+    // no body: no other site can send it without the browser asking first.
+    if (method !== "GET") headers["Content-Type"] = "application/json";
+    if (body !== undefined) init.body = JSON.stringify(body);
     const response = await fetch(apiUrl(path, params), init);
     if (response.status === 401) {
       await askForKey(Boolean(apiKey()));
