@@ -36,6 +36,13 @@ _DOWN = (
     asyncpg.InternalClientError,
     TimeoutError,
 )
+# SQLSTATE classes of errors that the same statement with the same data meets
+# again on every try, whatever the server's state: cardinality violations (21),
+# data exceptions (22: a value jsonb or a column cannot hold, a NUL, an overflow),
+# integrity constraints (23), WITH CHECK OPTION (44) and program limits (54: a
+# value or row too large). Retrying them cannot help; everything else (a lost
+# connection, a deadlock, a cancelled statement, a full disk) may pass.
+_REFUSED_CLASSES = frozenset({"21", "22", "23", "44", "54"})
 
 # asyncpg.Record: read by column name.
 Row: TypeAlias = Mapping[str, Any]
@@ -143,9 +150,9 @@ class Store:
                     yield acquired
         except StoreError:
             raise
-        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-            raise RejectedByDatabase(f"the database refused the data: {exc}") from exc
         except _DOWN as exc:
+            if refused(exc):
+                raise RejectedByDatabase(f"the database refused the data: {exc}") from exc
             raise StoreError(f"database error: {exc}") from exc
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
@@ -411,6 +418,18 @@ ANSWER_FIELDS = (
 
 def _answer(row: Row) -> dict[str, Any]:
     return {name: row[name] for name in ANSWER_FIELDS}
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a driver error can never succeed when tried again (see ``_REFUSED_CLASSES``).
+
+    asyncpg raises its ``DataError`` also for an argument it cannot encode
+    (an integer out of range), before anything reaches the server.
+    """
+    if isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError):
+        return True
+    state = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    return isinstance(state, str) and state[:2] in _REFUSED_CLASSES
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
