@@ -2,12 +2,13 @@
 
 Each attempt runs in its own asyncio task, outside any transaction. One
 batched heartbeat per worker, every ``min(lease/3, 5 s)``, records the worker
-in the ``workers`` registry and extends every lease it holds; an attempt whose
-lease turns out lost (the sweeper or another worker took the task back) is
-cancelled and records nothing. The heartbeat also says which tasks an operator
-asked to cancel: their handler's context is told at once (``ctx.cancel_requested``)
-and, if the handler has not finished ``cancel_grace`` seconds later, its asyncio
-task is cancelled and the task recorded CANCELLED.
+in the ``workers`` registry and extends the lease of every claim it holds
+(named by its token); an attempt whose lease turns out lost (the sweeper or
+another worker took the task back) is cancelled and records nothing. The
+heartbeat also says which tasks an operator asked to cancel: their handler's
+context is told at once (``ctx.cancel_requested``) and, if the handler has not
+finished ``cancel_grace`` seconds later, its asyncio task is cancelled and the
+task recorded CANCELLED.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ class NoHandler(TaskqError):
 class Attempt:
     """A claimed attempt, from its claim until its outcome is recorded."""
 
-    __slots__ = ("cancel", "cancel_reason", "id", "number", "queue", "task", "type")
+    __slots__ = ("cancel", "cancel_reason", "id", "number", "queue", "task", "token", "type")
 
     def __init__(self, row: Row) -> None:
         self.id: uuid.UUID = row["id"]
+        self.token: uuid.UUID = row["claim_token"]
         self.number: int = row["attempts"]
         self.type: str = row["type"]
         self.queue: str = row["queue"]
@@ -94,6 +96,8 @@ class Runner:
         self.metrics = metrics
         self.lease = settings.lease_seconds
         self.max_delay = settings.max_delay
+        # By claim token: one worker may hold two claims of a task at once (its
+        # lease lapsed, the task came back to it while the first still runs).
         self.attempts: dict[uuid.UUID, Attempt] = {}
         self._record = record
         self._release = release
@@ -115,7 +119,7 @@ class Runner:
     def begin(self, row: Row) -> None:
         """Start running a claimed row (from the ``claim`` statement)."""
         attempt = Attempt(row)
-        self.attempts[attempt.id] = attempt
+        self.attempts[attempt.token] = attempt
         self.metrics.in_flight.inc()
         due = max(row["run_at"], row["created_at"])
         wait = (datetime.now(UTC) - due).total_seconds()
@@ -142,11 +146,9 @@ class Runner:
                 tasks.append(attempt.task)
         return tasks
 
-    def settled(self, task_id: uuid.UUID, number: int) -> None:
-        """The outcome of attempt ``number`` is recorded: stop extending its lease."""
-        attempt = self.attempts.get(task_id)
-        if attempt is not None and attempt.number == number:
-            del self.attempts[task_id]
+    def settled(self, token: uuid.UUID) -> None:
+        """The outcome of the claim ``token`` is recorded: stop extending its lease."""
+        self.attempts.pop(token, None)
 
     async def _execute(self, attempt: Attempt, row: Row) -> None:
         handler = self.registry.get(attempt.type)
@@ -191,8 +193,9 @@ class Runner:
             self._child(self.metrics.duration, attempt.type).observe(time.perf_counter() - started)
             self.metrics.in_flight.dec()
             self._release()
-        if outcome is None:
-            self.settled(attempt.id, attempt.number)
+        if outcome is None:  # the lease was lost: counted as a stale outcome
+            self.settled(attempt.token)
+            self.metrics.processed.labels(attempt.type, attempt.queue, "stale").inc()
         else:
             self._record(outcome)
 
@@ -206,8 +209,9 @@ class Runner:
         delay: float = 0.0,
     ) -> Finished:
         return Finished(
-            kind, attempt.id, attempt.number, attempt.type, attempt.queue, result, error, delay
-        )
+            kind, attempt.id, attempt.token, attempt.number, attempt.type, attempt.queue,
+            result, error, delay,
+        )  # fmt: skip
 
     def _failure(
         self,
@@ -238,26 +242,28 @@ class Runner:
 
     async def heartbeat_loop(self, store: Store, worker: WorkerInfo) -> None:
         """Every heartbeat interval, in one statement: record the worker alive and
-        extend all leases; then cancel the lost attempts and pass on cancel requests."""
+        extend the leases of its claims; then cancel the lost attempts and pass on
+        cancel requests."""
         while True:
             await asyncio.sleep(worker.heartbeat_seconds)
-            ids = list(self.attempts)
+            attempts = list(self.attempts.values())
             try:
-                held = await store.heartbeat(ids, worker, self.lease)
+                held = await store.heartbeat(
+                    [(a.id, a.token) for a in attempts], worker, self.lease
+                )
             except StoreError as exc:
-                log.warning("heartbeat of %d leases failed: %s", len(ids), exc)
+                log.warning("heartbeat of %d leases failed: %s", len(attempts), exc)
                 continue
-            for task_id in ids:
-                attempt = self.attempts.get(task_id)
-                if attempt is None or attempt.task is None or attempt.task.done():
+            for attempt in attempts:
+                if attempt.task is None or attempt.task.done():
                     continue  # finished; its outcome is being recorded
-                if task_id not in held:
+                if attempt.token not in held:
                     # The lease expired and the task was taken back: free the slot.
-                    log.warning("task %s: lease lost, cancelling its handler", task_id)
+                    log.warning("task %s: lease lost, cancelling its handler", attempt.id)
                     attempt.cancel_reason = "lost"
                     attempt.task.cancel()
-                elif held[task_id] and not attempt.cancel.is_set():
-                    log.info("task %s: cancel requested, telling its handler", task_id)
+                elif held[attempt.token] and not attempt.cancel.is_set():
+                    log.info("task %s: cancel requested, telling its handler", attempt.id)
                     attempt.cancel.set()
                     loop = asyncio.get_running_loop()
                     loop.call_later(self.cancel_grace, self._stop_cancelled, attempt)

@@ -13,7 +13,8 @@ Per delivery (DESIGN §5):
    any transaction, under the task's timeout, while one batched heartbeat per
    worker extends every lease it holds every ``lease/3`` seconds.
 4. :mod:`taskq.outcomes` records outcomes, one statement per kind per batch,
-   guarded by the claim, and publishes retries and dead letters after commit.
+   guarded by the claim's token, and publishes retries and dead letters after
+   commit.
 
 A task whose type has no handler in this worker is claimed and fails its
 attempt with a retryable error (``NoHandler``) after the type's backoff: during
@@ -198,9 +199,7 @@ class Worker:
         self._outbox = Outbox(self.store, self.publisher, in_flight=64)
         self._outbox.start()
         stack.push_async_callback(self._outbox.close, 5.0)
-        self._recorder = Recorder(
-            self.store, self._outbox, self.worker_id, self.metrics, self._runner.settled
-        )
+        self._recorder = Recorder(self.store, self._outbox, self.metrics, self._runner.settled)
         self._recorder.start()
         stack.push_async_callback(self._recorder.close, 15.0)
         self._claimer = Claimer(

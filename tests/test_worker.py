@@ -149,6 +149,7 @@ async def test_a_stale_worker_cannot_record_an_outcome(settings: Settings) -> No
     async with harness(settings) as h, running_worker(settings, blocking(release)) as stale:
         task_id = await h.enqueue("test.block")
         await h.wait_for(task_id, "RUNNING")
+        token = await h.store.pool.fetchval("SELECT claim_token FROM tasks WHERE id = $1", task_id)
         # Its lease expires (the heartbeat stalled) and another worker takes the task over.
         await h.store.pool.execute(
             "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
@@ -168,9 +169,9 @@ async def test_a_stale_worker_cannot_record_an_outcome(settings: Settings) -> No
         assert (row["status"], row["attempts"], row["worker_id"]) == ("RUNNING", 2, "worker-b")
         assert row["result"] is None
         # The stale worker cannot fail or retry it either.
-        assert await h.store.fail([(task_id, 1, "late")], stale.worker_id) == []
-        assert await h.store.retry([(task_id, 1, "late", 0.0)], stale.worker_id) == []
-        recorded = await h.store.complete([(task_id, 2, '"b"')], "worker-b")
+        assert await h.store.fail([(task_id, token, "late")]) == []
+        assert await h.store.retry([(task_id, token, "late", 0.0)]) == []
+        recorded = await h.store.complete([(task_id, claim["claim_token"], '"b"')])
         assert [(r["id"], r["status"]) for r in recorded] == [(task_id, "SUCCEEDED")]
         row = await h.task(task_id)
         assert (row["status"], row["result"]) == ("SUCCEEDED", '"b"')

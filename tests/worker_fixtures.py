@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,15 @@ async def running_worker(
         yield worker
     finally:
         await worker.stop(grace=5.0)
+
+
+async def poll(condition: Callable[[], bool], message: str, timeout: float = 20.0) -> None:
+    """Wait until ``condition()`` holds; fail with ``message`` after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(message)
+        await asyncio.sleep(0.05)
 
 
 def metric(worker: Worker, name: str, **labels: str) -> float:
