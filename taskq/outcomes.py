@@ -7,6 +7,16 @@ operator requested while the attempt ran wins over its outcome: the task is
 recorded CANCELLED (counted as ``cancelled``), and nothing is published. Retries and
 terminal failures are published after their commit, through the outbox; a
 publish that fails stays owed in Postgres and the relay pays it later.
+
+An outcome waiting to be recorded keeps its lease: the worker's heartbeat goes on
+extending it until the outcome is recorded, found stale, refused or given up.
+That is what a retry after a failed statement relies on: while the database is
+briefly away the claim stays this worker's, so the outcome is recorded when it
+is back instead of the task running again. The database refusing the data
+(:class:`~taskq.errors.RejectedByDatabase`) is not retried: a refused result
+fails the task, saying why. Any other error is retried every second for
+:data:`GIVE_UP_SECONDS` at most; then the outcome is dropped (logged), its lease
+runs out and the sweeper takes the task back, so nothing keeps a lease for ever.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,6 +40,7 @@ log = logging.getLogger("taskq.worker")
 
 Kind = Literal["complete", "retry", "fail", "give_back", "cancel"]
 RETRY_SECONDS = 1.0
+GIVE_UP_SECONDS = 300.0
 
 
 @dataclass(slots=True)
@@ -37,7 +49,7 @@ class Finished:
 
     ``token`` names the claim; ``result`` is the JSON text of a success;
     ``error`` the reason of a retry or failure; ``delay`` the seconds until a
-    retry is due.
+    retry is due; ``failing_since`` when recording it first failed.
     """
 
     kind: Kind
@@ -49,6 +61,7 @@ class Finished:
     result: str | None = None
     error: str | None = None
     delay: float = 0.0
+    failing_since: float | None = None
 
 
 _OUTCOME_LABEL = {
@@ -71,7 +84,7 @@ class Recorder:
         outbox: publishes retries and dead letters after their commit.
         metrics: the worker's metrics.
         on_recorded: called with the claim token of each outcome settled
-            (recorded or found stale), so its lease is no longer extended.
+            (recorded, found stale or given up), so its lease is no longer extended.
     """
 
     def __init__(
@@ -124,6 +137,16 @@ class Recorder:
             [item] = items
             if isinstance(exc, RejectedByDatabase):
                 self._rejected(kind, item, exc)
+                return
+            now = time.monotonic()
+            item.failing_since = item.failing_since or now
+            if now - item.failing_since > GIVE_UP_SECONDS:
+                log.error(
+                    "task %s: giving up recording its %s after %gs of failures (%s); its lease"
+                    " runs out and the sweeper takes the task back",
+                    item.id, _OUTCOME_LABEL[kind], GIVE_UP_SECONDS, exc, extra=_fields(item),
+                )  # fmt: skip
+                self._on_recorded(item.token)
                 return
             # Keep it and try again: the lease still holds (the heartbeat goes
             # on), and if it expires first the guarded statement is a no-op.

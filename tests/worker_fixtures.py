@@ -25,6 +25,9 @@ from taskq.worker import Worker
 
 from .conftest import subprocess_env
 
+# The repository, where ``tests.*`` handler modules import from.
+ROOT = str(Path(__file__).resolve().parent.parent)
+
 
 class Harness:
     """The test's own view of one namespace and database."""
@@ -156,22 +159,38 @@ async def poll(condition: Callable[[], bool], message: str, timeout: float = 20.
         await asyncio.sleep(0.05)
 
 
+async def abandoned_until(worker: Worker, kind: str, end: Callable[[], None]) -> None:
+    """One handler of ``kind`` (thread, task) is counted abandoned and running until
+    ``end()`` lets it return."""
+    assert metric(worker, "taskq_abandoned_handlers_total", kind=kind) == 1
+    assert metric(worker, "taskq_abandoned_handlers_running", kind=kind) == 1
+    end()
+    await poll(
+        lambda: metric(worker, "taskq_abandoned_handlers_running", kind=kind) == 0,
+        f"the abandoned {kind}'s end was not counted",
+    )
+
+
 def metric(worker: Worker, name: str, **labels: str) -> float:
     value = worker.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
 
 async def start_worker_process(
-    settings: Settings, tmp_path: Path, *args: str, **env: str
+    settings: Settings, tmp_path: Path, *args: str, module: str = "taskq.demo", **env: str
 ) -> asyncio.subprocess.Process:
-    """``taskq worker taskq.demo`` as a child process, logging to ``tmp_path``."""
+    """``taskq worker MODULE`` as a child process, logging to ``tmp_path``.
+
+    ``module`` may be one of the tests' own (``tests.misbehaving``).
+    """
+    env.setdefault("PYTHONPATH", ROOT)
     with (tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log").open("wb") as log:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "taskq",
             "worker",
-            "taskq.demo",
+            module,
             *args,
             env=subprocess_env(settings, **env),
             cwd=tmp_path,
