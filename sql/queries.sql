@@ -296,7 +296,7 @@ UPDATE tasks t SET
     last_error = 'lease expired: worker ' || t.worker_id || ' stopped heartbeating',
     finished_at = CASE WHEN t.cancel_requested_at IS NOT NULL OR t.attempts >= t.max_attempts
                        THEN now() END,
-    run_at = now(), lease_expires_at = NULL, worker_id = NULL,
+    run_at = now(), lease_expires_at = NULL, worker_id = NULL, claim_token = NULL,
     published_at = NULL, generation = t.generation + 1, updated_at = now()
 WHERE t.id IN (SELECT id FROM tasks WHERE status = 'RUNNING' AND lease_expires_at < now()
                ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
@@ -344,8 +344,9 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 -- A claim of a RUNNING task whose lease expired takes it over.
 -- Returns one row per distinct id: id, decision, and for rows that exist type,
 -- queue, attempts (after the claim), max_attempts, run_at and delay (seconds
--- until run_at, for `early`); payload (json text), timeout_seconds and
--- created_at for `claimed`; last_error for `exhausted` (the DLQ reason).
+-- until run_at, for `early`); payload (json text), timeout_seconds, created_at
+-- and claim_token for `claimed`; last_error for `exhausted` (the DLQ reason).
+-- Every claim sets a fresh claim_token: heartbeats and outcomes must name it.
 -- $1: ids uuid[], $2: worker id, $3: lease seconds
 WITH input AS (
     SELECT DISTINCT id FROM unnest($1::uuid[]) AS id
@@ -374,7 +375,7 @@ WITH input AS (
 ), claimed AS (
     UPDATE tasks t SET
         status = 'RUNNING', attempts = t.attempts + 1, worker_id = $2,
-        lease_expires_at = now() + make_interval(secs => $3),
+        claim_token = gen_random_uuid(), lease_expires_at = now() + make_interval(secs => $3),
         started_at = now(), updated_at = now(),
         published_at = coalesce(t.published_at, now()),
         last_error = CASE WHEN t.status = 'RUNNING'
@@ -384,12 +385,12 @@ WITH input AS (
     WHERE d.id = t.id AND d.decision = 'claimed'
       AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'claimed'))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
-              t.timeout_seconds, t.run_at, t.created_at
+              t.timeout_seconds, t.run_at, t.created_at, t.claim_token
 ), exhausted AS (
     UPDATE tasks t SET
         status = 'FAILED', finished_at = now(), updated_at = now(), lease_expires_at = NULL,
-        last_error = coalesce(t.last_error, 'no attempt left'), published_at = NULL,
-        generation = t.generation + 1
+        claim_token = NULL, last_error = coalesce(t.last_error, 'no attempt left'),
+        published_at = NULL, generation = t.generation + 1
     FROM decided d
     WHERE d.id = t.id AND d.decision = 'exhausted'
       AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'exhausted'))
@@ -397,7 +398,7 @@ WITH input AS (
 )
 SELECT i.id, coalesce(d.decision, 'missing') AS decision, l.type, l.queue,
        c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
-       c.timeout_seconds, l.run_at, c.created_at, x.last_error, x.generation,
+       c.timeout_seconds, l.run_at, c.created_at, c.claim_token, x.last_error, x.generation,
        greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
@@ -407,12 +408,14 @@ LEFT JOIN exhausted x ON x.id = i.id;
 
 -- name: heartbeat
 -- One per worker every few seconds: records the worker as alive (with its
--- in-flight count) and extends the leases it holds. Returns the ids whose lease
--- it still holds, each saying whether an operator asked to cancel it. Rows are
--- locked in id order, as `claim` locks them (another worker may be claiming a
--- duplicate delivery of one).
+-- in-flight count) and extends the leases of the claims it holds, named by
+-- (id, claim token). Returns the tokens of the claims it still holds, each
+-- saying whether an operator asked to cancel the task. Rows are locked in id
+-- order, as `claim` locks them (another worker may be claiming a duplicate
+-- delivery of one).
 -- $1: ids uuid[], $2: worker id, $3: lease seconds, $4: hostname, $5: pid,
--- $6: queues text[], $7: concurrency, $8: prefetch, $9: heartbeat seconds
+-- $6: queues text[], $7: concurrency, $8: prefetch, $9: heartbeat seconds,
+-- $10: claim tokens uuid[] (one per id)
 WITH presence AS (
     INSERT INTO workers AS w (id, hostname, pid, queues, concurrency, prefetch, in_flight,
                               heartbeat_seconds)
@@ -422,39 +425,42 @@ WITH presence AS (
         last_heartbeat = now()
 ), held AS (
     SELECT t.id
-    FROM (SELECT id FROM unnest($1::uuid[]) AS id ORDER BY id) i
+    FROM (SELECT * FROM unnest($1::uuid[], $10::uuid[]) AS r(id, token) ORDER BY id) i
     CROSS JOIN LATERAL (
-        SELECT t.id FROM tasks t WHERE t.id = i.id AND t.status = 'RUNNING' AND t.worker_id = $2
+        SELECT t.id FROM tasks t
+        WHERE t.id = i.id AND t.status = 'RUNNING' AND t.claim_token = i.token
         FOR UPDATE
     ) t
 )
 UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3)
 FROM held
 WHERE t.id = held.id AND t.id = ANY(ARRAY(SELECT id FROM held))
-RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
+RETURNING t.claim_token, t.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: worker_gone
 -- A worker stopping cleanly leaves the registry.
 -- $1: worker id
 DELETE FROM workers WHERE id = $1;
 
--- Outcomes are guarded by the claim (id, attempt, worker): a stale worker whose
--- claim was taken over updates nothing. A cancel requested while the attempt
--- ran wins over its outcome: the task ends CANCELLED, nothing is owed.
+-- Outcomes are guarded by the claim's token: an outcome of a claim that was
+-- taken over (its lease expired; the sweeper, another worker or an operator's
+-- retry moved the task on) updates nothing, even if the task is RUNNING again
+-- under the same attempt number and worker. Each ends the claim: the token is
+-- cleared. A cancel requested while the attempt ran wins over its outcome: the
+-- task ends CANCELLED, nothing is owed.
 
 -- name: complete
 -- Records successes.
--- $1: ids uuid[], $2: attempts int[], $3: results text[] (json), $4: worker id
+-- $1: ids uuid[], $2: claim tokens uuid[], $3: results text[] (json)
 WITH held AS (
-    -- The attempts this worker still holds, each found through the primary key
-    -- and locked in id order (see mark_published).
+    -- The claims still held (by their token), each found through the primary
+    -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[])
-                       AS r(id, attempt, result) ORDER BY id) r
+    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[])
+                       AS r(id, token, result) ORDER BY id) r
     CROSS JOIN LATERAL (
         SELECT FROM tasks t
-        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
-          AND t.worker_id = $4
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
@@ -462,24 +468,24 @@ UPDATE tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'SUCCEEDED' ELSE 'CANCELLED' END,
     last_error = CASE WHEN t.cancel_requested_at IS NULL THEN t.last_error
                       ELSE 'Cancelled: the handler returned after a cancel was requested' END,
-    result = r.result::jsonb, finished_at = now(), updated_at = now(), lease_expires_at = NULL
+    result = r.result::jsonb, finished_at = now(), updated_at = now(), lease_expires_at = NULL,
+    claim_token = NULL
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.status;
 
 -- name: retry
 -- Records retryable failures: back to ENQUEUED, due after the backoff, publish owed.
--- $1: ids uuid[], $2: attempts int[], $3: errors text[], $4: delays float8[], $5: worker id
+-- $1: ids uuid[], $2: claim tokens uuid[], $3: errors text[], $4: delays float8[]
 WITH held AS (
-    -- The attempts this worker still holds, each found through the primary key
-    -- and locked in id order (see mark_published).
+    -- The claims still held (by their token), each found through the primary
+    -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[])
-                       AS r(id, attempt, error, delay) ORDER BY id) r
+    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::float8[])
+                       AS r(id, token, error, delay) ORDER BY id) r
     CROSS JOIN LATERAL (
         SELECT FROM tasks t
-        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
-          AND t.worker_id = $5
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
@@ -488,8 +494,8 @@ UPDATE tasks t SET
     finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
     run_at = CASE WHEN t.cancel_requested_at IS NULL THEN now() + make_interval(secs => r.delay)
                   ELSE t.run_at END,
-    last_error = r.error, lease_expires_at = NULL, worker_id = NULL, published_at = NULL,
-    generation = t.generation + 1, updated_at = now()
+    last_error = r.error, lease_expires_at = NULL, worker_id = NULL, claim_token = NULL,
+    published_at = NULL, generation = t.generation + 1, updated_at = now()
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation,
@@ -497,24 +503,23 @@ RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation,
 
 -- name: fail
 -- Records terminal failures: FAILED, owed to the DLQ.
--- $1: ids uuid[], $2: attempts int[], $3: errors text[], $4: worker id
+-- $1: ids uuid[], $2: claim tokens uuid[], $3: errors text[]
 WITH held AS (
-    -- The attempts this worker still holds, each found through the primary key
-    -- and locked in id order (see mark_published).
+    -- The claims still held (by their token), each found through the primary
+    -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[])
-                       AS r(id, attempt, error) ORDER BY id) r
+    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[])
+                       AS r(id, token, error) ORDER BY id) r
     CROSS JOIN LATERAL (
         SELECT FROM tasks t
-        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
-          AND t.worker_id = $4
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
 UPDATE tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'FAILED' ELSE 'CANCELLED' END,
-    last_error = r.error, finished_at = now(), lease_expires_at = NULL, published_at = NULL,
-    generation = t.generation + 1, updated_at = now()
+    last_error = r.error, finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
+    published_at = NULL, generation = t.generation + 1, updated_at = now()
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
@@ -522,17 +527,16 @@ RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
 -- name: give_back
 -- A worker shutting down gives back tasks it could not finish: ENQUEUED, due
 -- now, and the attempt does not count.
--- $1: ids uuid[], $2: attempts int[], $3: worker id
+-- $1: ids uuid[], $2: claim tokens uuid[]
 WITH held AS (
-    -- The attempts this worker still holds, each found through the primary key
-    -- and locked in id order (see mark_published).
+    -- The claims still held (by their token), each found through the primary
+    -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::int[])
-                       AS r(id, attempt) ORDER BY id) r
+    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[])
+                       AS r(id, token) ORDER BY id) r
     CROSS JOIN LATERAL (
         SELECT FROM tasks t
-        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
-          AND t.worker_id = $3
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
@@ -541,7 +545,7 @@ UPDATE tasks t SET
     finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
     attempts = t.attempts - 1,
     last_error = 'given back by worker ' || t.worker_id || ' at shutdown',
-    run_at = now(), lease_expires_at = NULL, worker_id = NULL,
+    run_at = now(), lease_expires_at = NULL, worker_id = NULL, claim_token = NULL,
     published_at = NULL, generation = t.generation + 1, updated_at = now()
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
@@ -549,23 +553,22 @@ RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
 
 -- name: cancel_running
 -- Records attempts the worker stopped because a cancel was requested: CANCELLED.
--- $1: ids uuid[], $2: attempts int[], $3: worker id
+-- $1: ids uuid[], $2: claim tokens uuid[]
 WITH held AS (
-    -- The attempts this worker still holds, each found through the primary key
-    -- and locked in id order (see mark_published).
+    -- The claims still held (by their token), each found through the primary
+    -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::int[])
-                       AS r(id, attempt) ORDER BY id) r
+    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[])
+                       AS r(id, token) ORDER BY id) r
     CROSS JOIN LATERAL (
         SELECT FROM tasks t
-        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.attempts = r.attempt
-          AND t.worker_id = $3
+        WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
 UPDATE tasks t SET
-    status = 'CANCELLED', finished_at = now(), lease_expires_at = NULL, updated_at = now(),
-    last_error = 'Cancelled: the handler was stopped after a cancel was requested'
+    status = 'CANCELLED', finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
+    updated_at = now(), last_error = 'Cancelled: the handler was stopped after a cancel was requested'
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;

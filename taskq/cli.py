@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -208,6 +209,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             handlers.load(args.module),
             queues=queues,
             concurrency=args.concurrency,
+            threads=args.threads,
             prefetch=args.prefetch,
         )
     except handlers.HandlerError as exc:
@@ -236,6 +238,10 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if link is not None:
         link.watch(stop)  # a worker of `--processes N` stops when its supervisor is gone
     await worker.run(stop, on_started=None if link is None else link.ready)
+    if worker.runaways():
+        # The event loop's close would wait for abandoned handlers for ever.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
@@ -306,6 +312,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--concurrency", type=_positive, help="tasks running at once (TASKQ_WORKER_CONCURRENCY)"
+    )
+    worker.add_argument(
+        "--threads",
+        type=_positive,
+        help="sync handlers running at once (TASKQ_WORKER_THREADS; default: the concurrency)",
     )
     worker.add_argument(
         "--prefetch", type=_positive, help="envelopes buffered per queue (TASKQ_WORKER_PREFETCH)"

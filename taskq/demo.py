@@ -3,7 +3,8 @@
 Run them with ``taskq worker taskq.demo``:
 
 - ``email.send.v1`` — a stub that logs and answers ``{"sent": true, "to": ...}``;
-- ``demo.noop`` — does nothing (benchmarks);
+- ``demo.noop`` — does nothing (benchmarks); ``demo.noop_sync`` too, as a plain
+  function run in a worker thread;
 - ``demo.echo`` — returns its payload;
 - ``demo.sleep`` — ``{"seconds": x}`` sleeps x seconds;
 - ``demo.fail`` — ``{"times": n}`` fails the first n attempts and then succeeds;
@@ -38,6 +39,11 @@ async def send_email(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
 
 @handlers.task("demo.noop")
 async def noop(payload: dict[str, Any], ctx: Context) -> None:
+    return None
+
+
+@handlers.task("demo.noop_sync")
+def noop_sync(payload: dict[str, Any], ctx: Context) -> None:
     return None
 
 

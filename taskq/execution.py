@@ -1,40 +1,64 @@
 """Running claimed attempts: handlers under their timeout, leases kept alive, outcomes decided.
 
-Each attempt runs in its own asyncio task, outside any transaction. One
-batched heartbeat per worker, every ``min(lease/3, 5 s)``, records the worker
-in the ``workers`` registry and extends every lease it holds; an attempt whose
+Each attempt runs in its own asyncio task, outside any transaction, and that
+task only *supervises* the handler: an ``async def`` handler runs in an asyncio
+task of its own, a plain ``def`` in a thread of :mod:`taskq.threads`, and
+whatever the call ends with (:mod:`taskq.sandbox`) becomes the attempt's
+outcome. The supervisor stops waiting for the handler when its timeout passes,
+when the worker shuts down, when an operator's cancel has had its grace, or when
+the lease turns out lost; it records that outcome (a failed attempt, the task
+given back, CANCELLED, or nothing) whatever the handler does next. An async
+handler is cancelled and given :data:`ABANDON_AFTER_SECONDS` to unwind; one that
+swallows the cancellation, like a sync handler's thread, is abandoned: it runs
+on unwatched, counted by ``taskq_abandoned_handlers_running``, and its result is lost.
+
+One batched heartbeat per worker, every ``min(lease/3, 5 s)``, records the worker
+in the ``workers`` registry and extends the lease of every claim it holds
+(named by its token): running attempts, and those whose outcome waits to be
+recorded (:mod:`taskq.outcomes`), never one already settled. An attempt whose
 lease turns out lost (the sweeper or another worker took the task back) is
-cancelled and records nothing. The heartbeat also says which tasks an operator
-asked to cancel: their handler's context is told at once (``ctx.cancel_requested``)
-and, if the handler has not finished ``cancel_grace`` seconds later, its asyncio
-task is cancelled and the task recorded CANCELLED.
+stopped and records nothing. The heartbeat also says which tasks an operator
+asked to cancel: their handler's context is told at once
+(``ctx.cancel_requested``) and, if the handler has not finished ``cancel_grace``
+seconds later, the attempt is stopped and the task recorded CANCELLED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Literal
 
 import orjson
 from prometheus_client import Histogram
 
 from taskq import backoff
-from taskq._utils import NUL_ESCAPE as _NUL_ESCAPE
 from taskq.errors import StoreError, TaskqError
-from taskq.handlers import Context, Fail, Registry, Retry
+from taskq.handlers import Context, Fail, Handler, Registry, Retry
 from taskq.metrics import WorkerMetrics
 from taskq.outcomes import Finished, Kind
+from taskq.sandbox import Ending, Raised, Refused, Returned, call_async, call_sync, error_text
 from taskq.settings import Settings
 from taskq.store import Row, Store, WorkerInfo
+from taskq.threads import HandlerThreads
 
 log = logging.getLogger("taskq.worker")
 
 HEARTBEAT_MAX_SECONDS = 5.0
 CANCEL_GRACE_SECONDS = 5.0
+# How long a cancelled async handler may take to unwind before it is abandoned.
+ABANDON_AFTER_SECONDS = 5.0
+
+# Why the worker stopped waiting for a handler: its timeout passed (a failed
+# attempt), the worker shuts down (the task is given back), an operator's
+# cancel had its grace (CANCELLED), or the lease was lost (nothing is recorded).
+Stop = Literal["timeout", "shutdown", "cancel", "lost"]
 
 
 def heartbeat_interval(lease: float) -> float:
@@ -46,35 +70,52 @@ class NoHandler(TaskqError):
     """This worker has no handler for the task's type."""
 
 
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """The worker stopped waiting for the handler, for ``reason``."""
+
+    reason: Stop
+
+
 class Attempt:
     """A claimed attempt, from its claim until its outcome is recorded."""
 
-    __slots__ = ("cancel", "cancel_reason", "id", "number", "queue", "task", "type")
+    __slots__ = ("cancel_told", "ctx", "id", "number", "queue", "stopped", "task", "token", "type")
 
-    def __init__(self, row: Row) -> None:
+    def __init__(self, row: Row, worker_id: str) -> None:
         self.id: uuid.UUID = row["id"]
+        self.token: uuid.UUID = row["claim_token"]
         self.number: int = row["attempts"]
         self.type: str = row["type"]
         self.queue: str = row["queue"]
+        self.ctx = Context(
+            self.id, self.type, self.number, row["max_attempts"], self.queue, worker_id
+        )
         self.task: asyncio.Task[None] | None = None
-        # Why we cancelled it: "shutdown" (give it back), "lost" (record nothing)
-        # or "cancel" (an operator's cancel: record CANCELLED).
-        self.cancel_reason: str | None = None
-        # Set when an operator asks to cancel the task; the handler's context sees it.
-        self.cancel = asyncio.Event()
+        self.stopped: asyncio.Future[Stop] = asyncio.get_running_loop().create_future()
+        # Whether the handler was told of an operator's cancel request.
+        self.cancel_told = False
+
+    def stop(self, reason: Stop) -> None:
+        """Stop waiting for the handler (the first reason given wins) and tell its context."""
+        if not self.stopped.done():
+            self.stopped.set_result(reason)
+            self.ctx.request_cancel()
 
 
 class Runner:
     """Runs attempts and turns each into a :class:`~taskq.outcomes.Finished`.
 
     Args:
-        settings: lease length, maximum delay and the global backoff.
+        settings: lease length, maximum delay, largest result and the global backoff.
         registry: the handlers.
         worker_id: recorded on claims and heartbeats.
         metrics: the worker's metrics.
+        threads: where sync handlers run.
         record: takes each outcome for recording.
         release: called once per attempt whose handler is done (a free slot).
         cancel_grace: seconds a handler may go on after it was told of a cancel.
+        abandon_after: seconds a cancelled async handler may take to unwind.
     """
 
     def __init__(
@@ -83,18 +124,27 @@ class Runner:
         registry: Registry,
         worker_id: str,
         metrics: WorkerMetrics,
+        threads: HandlerThreads,
         *,
         record: Callable[[Finished], None],
         release: Callable[[], None],
         cancel_grace: float = CANCEL_GRACE_SECONDS,
+        abandon_after: float = ABANDON_AFTER_SECONDS,
     ) -> None:
         self.cancel_grace = cancel_grace
+        self.abandon_after = abandon_after
         self.registry = registry
         self.worker_id = worker_id
         self.metrics = metrics
+        self.threads = threads
         self.lease = settings.lease_seconds
         self.max_delay = settings.max_delay
+        self.max_result_bytes = settings.max_result_bytes
+        # By claim token: one worker may hold two claims of a task at once (its
+        # lease lapsed, the task came back to it while the first still runs).
         self.attempts: dict[uuid.UUID, Attempt] = {}
+        # Async handlers that ignored their cancellation, still running.
+        self.runaways: set[asyncio.Task[Ending]] = set()
         self._record = record
         self._release = release
         self._default_backoff = backoff.from_settings(settings)
@@ -114,8 +164,8 @@ class Runner:
 
     def begin(self, row: Row) -> None:
         """Start running a claimed row (from the ``claim`` statement)."""
-        attempt = Attempt(row)
-        self.attempts[attempt.id] = attempt
+        attempt = Attempt(row, self.worker_id)
+        self.attempts[attempt.token] = attempt
         self.metrics.in_flight.inc()
         due = max(row["run_at"], row["created_at"])
         wait = (datetime.now(UTC) - due).total_seconds()
@@ -133,71 +183,148 @@ class Runner:
         return [a.task for a in self.attempts.values() if a.task is not None and not a.task.done()]
 
     def interrupt(self) -> list[asyncio.Task[None]]:
-        """Cancel every running handler; their tasks are given back. Returns the tasks."""
+        """Stop every running attempt; their tasks are given back. Returns the attempts' tasks,
+        each done within :attr:`abandon_after` seconds."""
         tasks = []
         for attempt in self.attempts.values():
             if attempt.task is not None and not attempt.task.done():
-                attempt.cancel_reason = "shutdown"
-                attempt.task.cancel()
+                attempt.stop("shutdown")
                 tasks.append(attempt.task)
         return tasks
 
-    def settled(self, task_id: uuid.UUID, number: int) -> None:
-        """The outcome of attempt ``number`` is recorded: stop extending its lease."""
-        attempt = self.attempts.get(task_id)
-        if attempt is not None and attempt.number == number:
-            del self.attempts[task_id]
+    def settled(self, token: uuid.UUID) -> None:
+        """The outcome of the claim ``token`` is recorded: stop extending its lease."""
+        self.attempts.pop(token, None)
 
     async def _execute(self, attempt: Attempt, row: Row) -> None:
-        handler = self.registry.get(attempt.type)
-        ctx = Context(
-            attempt.id, attempt.type, attempt.number, row["max_attempts"], attempt.queue,
-            self.worker_id, _cancel=attempt.cancel,
-        )  # fmt: skip
         started = time.perf_counter()
-        scope: asyncio.Timeout | None = None
-        outcome: Finished | None
         try:
-            if handler is None:
-                raise NoHandler(f"no handler for task type {attempt.type!r} on {self.worker_id}")
-            payload = orjson.loads(row["payload"])
-            async with asyncio.timeout(row["timeout_seconds"]) as scope:
-                result = await handler.function(payload, ctx)
-            outcome = self._finished("complete", attempt, result=_result_json(result))
-        except Retry as exc:
-            outcome = self._failure(attempt, ctx, _error_text(exc, exc.reason), exc.delay)
-        except Fail as exc:
-            outcome = self._failure(attempt, ctx, _error_text(exc, exc.reason), final=True)
-        except asyncio.CancelledError:
-            if attempt.cancel_reason == "shutdown":
-                ctx.log.info("interrupted by shutdown: giving the task back")
-                outcome = self._finished("give_back", attempt)
-            elif attempt.cancel_reason == "lost":
-                outcome = None  # another claim owns the task now; record nothing
-            elif attempt.cancel_reason == "cancel":
-                ctx.log.info("stopped after a cancel was requested")
-                outcome = self._finished("cancel", attempt)
-            else:
-                raise
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and scope is not None and scope.expired():
-                limit = row["timeout_seconds"]
-                error = f"TimeoutError: the handler exceeded its timeout of {limit:g}s"
-            else:
-                error = _error_text(exc)
-            ctx.log.warning("attempt failed: %s", error, exc_info=not isinstance(exc, NoHandler))
-            outcome = self._failure(attempt, ctx, error)
+            try:
+                ending = await self._call(attempt, row)
+            except Exception as exc:  # a bug of taskq's: the attempt still ends
+                log.exception("task %s: running the attempt failed", attempt.id)
+                ending = Raised(exc)
+            outcome = self._outcome(attempt, ending, row["timeout_seconds"])
         finally:
             self._child(self.metrics.duration, attempt.type).observe(time.perf_counter() - started)
             self.metrics.in_flight.dec()
             self._release()
-        if outcome is None:
-            self.settled(attempt.id, attempt.number)
+        if outcome is None:  # the lease was lost: counted as a stale outcome
+            self.settled(attempt.token)
+            self.metrics.processed.labels(attempt.type, attempt.queue, "stale").inc()
         else:
             self._record(outcome)
 
+    async def _call(self, attempt: Attempt, row: Row) -> Ending | Stopped:
+        handler = self.registry.get(attempt.type)
+        if handler is None:
+            return Raised(
+                NoHandler(f"no handler for task type {attempt.type!r} on {self.worker_id}")
+            )
+        payload = orjson.loads(row["payload"])
+        if handler.sync:
+            return await self._call_sync(attempt, handler, payload, row["timeout_seconds"])
+        return await self._call_async(attempt, handler, payload, row["timeout_seconds"])
+
+    async def _call_async(
+        self, attempt: Attempt, handler: Handler, payload: Any, timeout: float
+    ) -> Ending | Stopped:
+        call = call_async(handler.function, payload, attempt.ctx, self.max_result_bytes)
+        task = asyncio.create_task(call)
+        if (stop := await self._wait(attempt, task, timeout)) is None:
+            if task.cancelled():  # the handler cancelled its own asyncio task
+                return Raised(asyncio.CancelledError())
+            return task.result()
+        task.cancel()
+        # Let it unwind (its finally blocks, a rollback) before the outcome is recorded.
+        await asyncio.wait([task], timeout=self.abandon_after)
+        if not task.done():
+            self.runaways.add(task)
+            task.add_done_callback(self._runaway_ended)
+            self._abandoned(attempt, "task", stop)
+        return Stopped(stop)
+
+    async def _call_sync(
+        self, attempt: Attempt, handler: Handler, payload: Any, timeout: float
+    ) -> Ending | Stopped:
+        place = self.threads.reserve()
+        if place is not None:
+            # Every thread is busy: wait for one (the timeout starts when it runs).
+            either: list[asyncio.Future[Any]] = [place, attempt.stopped]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if attempt.stopped.done():
+                self.threads.unreserve(place)
+                return Stopped(attempt.stopped.result())
+        call = functools.partial(
+            call_sync, handler.function, payload, attempt.ctx, self.max_result_bytes
+        )
+        job = self.threads.start(call)
+        if (stop := await self._wait(attempt, job.future, timeout)) is None:
+            return job.future.result()
+        # Python cannot stop a thread: the attempt ends now, the thread runs on.
+        if self.threads.abandon(job):
+            self._abandoned(attempt, "thread", stop)
+        return Stopped(stop)
+
     @staticmethod
+    async def _wait(attempt: Attempt, call: asyncio.Future[Any], timeout: float) -> Stop | None:
+        """Wait until ``call`` is done (``None``), or the attempt stops (the reason why)."""
+        timer = asyncio.get_running_loop().call_later(timeout, attempt.stop, "timeout")
+        try:
+            await asyncio.wait([call, attempt.stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+        # A handler that finished as it was stopped keeps its outcome.
+        return None if call.done() else attempt.stopped.result()
+
+    def _abandoned(self, attempt: Attempt, kind: str, stop: Stop) -> None:
+        self.metrics.abandoned_total.labels(kind).inc()
+        if kind == "task":  # the threads count theirs
+            self.metrics.abandoned.labels("task").set(len(self.runaways))
+        after = {"timeout": "its timeout", "shutdown": "the shutdown grace",
+                 "cancel": "a cancel", "lost": "its lease was lost"}[stop]  # fmt: skip
+        attempt.ctx.log.warning(
+            "the handler goes on after %s: abandoned, its %s runs on unwatched", after,
+            "thread" if kind == "thread" else "asyncio task (it ignores cancellation)",
+        )  # fmt: skip
+
+    def _runaway_ended(self, task: asyncio.Task[Ending]) -> None:
+        self.runaways.discard(task)
+        self.metrics.abandoned.labels("task").set(len(self.runaways))
+
+    def _outcome(
+        self, attempt: Attempt, ending: Ending | Stopped, timeout: float
+    ) -> Finished | None:
+        ctx = attempt.ctx
+        if isinstance(ending, Returned):
+            return self._finished("complete", attempt, result=ending.json)
+        if isinstance(ending, Refused):
+            return self._failure(attempt, ending.reason, final=True)
+        if isinstance(ending, Stopped):
+            if ending.reason == "timeout":
+                error = f"TimeoutError: the handler exceeded its timeout of {timeout:g}s"
+                ctx.log.warning("attempt failed: %s", error)
+                return self._failure(attempt, error)
+            if ending.reason == "shutdown":
+                ctx.log.info("interrupted by shutdown: giving the task back")
+                return self._finished("give_back", attempt)
+            if ending.reason == "cancel":
+                ctx.log.info("stopped after a cancel was requested")
+                return self._finished("cancel", attempt)
+            return None  # lost: another claim owns the task now; record nothing
+        exc = ending.error
+        if isinstance(exc, Retry):
+            return self._failure(attempt, error_text(exc, exc.reason), exc.delay)
+        if isinstance(exc, Fail):
+            return self._failure(attempt, error_text(exc, exc.reason), final=True)
+        error = error_text(exc)
+        ctx.log.warning(
+            "attempt failed: %s", error, exc_info=None if isinstance(exc, NoHandler) else exc
+        )
+        return self._failure(attempt, error)
+
     def _finished(
+        self,
         kind: Kind,
         attempt: Attempt,
         *,
@@ -206,19 +333,20 @@ class Runner:
         delay: float = 0.0,
     ) -> Finished:
         return Finished(
-            kind, attempt.id, attempt.number, attempt.type, attempt.queue, result, error, delay
-        )
+            kind, attempt.id, attempt.token, attempt.number, attempt.type, attempt.queue,
+            result, error, delay,
+        )  # fmt: skip
 
     def _failure(
         self,
         attempt: Attempt,
-        ctx: Context,
         error: str,
         delay: float | None = None,
         *,
         final: bool = False,
     ) -> Finished:
         """A retry after the backoff (or ``delay``), or a failure if ``final`` or none is left."""
+        ctx = attempt.ctx
         if final or ctx.last_attempt:
             # A handler's Fail is its decision, not an error of the worker's.
             ctx.log.log(logging.WARNING if final else logging.ERROR, "task failed: %s", error)
@@ -238,58 +366,35 @@ class Runner:
 
     async def heartbeat_loop(self, store: Store, worker: WorkerInfo) -> None:
         """Every heartbeat interval, in one statement: record the worker alive and
-        extend all leases; then cancel the lost attempts and pass on cancel requests."""
+        extend the leases of its claims; then stop the lost attempts and pass on
+        cancel requests."""
         while True:
             await asyncio.sleep(worker.heartbeat_seconds)
-            ids = list(self.attempts)
+            attempts = list(self.attempts.values())
             try:
-                held = await store.heartbeat(ids, worker, self.lease)
+                held = await store.heartbeat(
+                    [(a.id, a.token) for a in attempts], worker, self.lease
+                )
             except StoreError as exc:
-                log.warning("heartbeat of %d leases failed: %s", len(ids), exc)
+                log.warning("heartbeat of %d leases failed: %s", len(attempts), exc)
                 continue
-            for task_id in ids:
-                attempt = self.attempts.get(task_id)
-                if attempt is None or attempt.task is None or attempt.task.done():
+            for attempt in attempts:
+                if attempt.task is None or attempt.task.done():
                     continue  # finished; its outcome is being recorded
-                if task_id not in held:
+                if attempt.token not in held:
                     # The lease expired and the task was taken back: free the slot.
-                    log.warning("task %s: lease lost, cancelling its handler", task_id)
-                    attempt.cancel_reason = "lost"
-                    attempt.task.cancel()
-                elif held[task_id] and not attempt.cancel.is_set():
-                    log.info("task %s: cancel requested, telling its handler", task_id)
-                    attempt.cancel.set()
+                    log.warning("task %s: lease lost, stopping its attempt", attempt.id)
+                    attempt.stop("lost")
+                elif held[attempt.token] and not attempt.cancel_told:
+                    log.info("task %s: cancel requested, telling its handler", attempt.id)
+                    attempt.cancel_told = True
+                    attempt.ctx.request_cancel()
                     loop = asyncio.get_running_loop()
                     loop.call_later(self.cancel_grace, self._stop_cancelled, attempt)
 
-    def _stop_cancelled(self, attempt: Attempt) -> None:
-        """The grace after a cancel request is over: cancel a handler still running."""
-        if attempt.task is not None and not attempt.task.done() and attempt.cancel_reason is None:
-            log.info("task %s: the handler did not stop within the grace; cancelling", attempt.id)
-            attempt.cancel_reason = "cancel"
-            attempt.task.cancel()
-
-
-MAX_ERROR_CHARS = 2000
-
-
-def _error_text(exc: BaseException, message: str | None = None) -> str:
-    """``Class: message``, storable in a text column and a header: no NUL, valid UTF-8, bounded."""
-    text = f"{type(exc).__name__}: {exc if message is None else message}"
-    text = text.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[: MAX_ERROR_CHARS - 1] + "…"
-    return text
-
-
-def _result_json(result: object) -> str:
-    """The result as JSON text that Postgres' jsonb accepts.
-
-    Raises:
-        TypeError: if the result is not JSON-able.
-        ValueError: if it holds a NUL character, which jsonb cannot store.
-    """
-    text = orjson.dumps(result).decode()
-    if "\\u0000" in text and _NUL_ESCAPE.search(text):
-        raise ValueError("the result contains a NUL character, which Postgres cannot store")
-    return text
+    @staticmethod
+    def _stop_cancelled(attempt: Attempt) -> None:
+        """The grace after a cancel request is over: stop a handler still running."""
+        if attempt.task is not None and not attempt.task.done() and not attempt.stopped.done():
+            log.info("task %s: the handler did not stop within the grace; stopping it", attempt.id)
+            attempt.stop("cancel")

@@ -1,7 +1,8 @@
 """Handlers: the registry of task types a worker can run, and what a handler sees.
 
-A handler is an ``async def`` that takes the task's payload and a
-:class:`Context` and returns a JSON-able result::
+A handler takes the task's payload and a :class:`Context` and returns a JSON-able
+result. An ``async def`` runs on the worker's event loop; a plain ``def`` runs in
+one of the worker's threads, so it may block::
 
     from taskq.handlers import Fail, Registry, Retry
 
@@ -12,23 +13,31 @@ A handler is an ``async def`` that takes the task's payload and a
         ctx.log.info("sending to %s", payload["to"])
         return {"sent": True}
 
-Any exception a handler raises is a retryable failure: the task is retried after
-its backoff while attempts are left, then FAILED and dead-lettered. Two
-exceptions are control flow rather than errors, and are not logged as errors:
+    @handlers.task("report.render.v1", timeout=600)
+    def render(payload: dict, ctx: Context) -> dict:
+        ...  # blocking code
+
+Anything a handler raises, ``BaseException`` included (``sys.exit()``, a
+``KeyboardInterrupt``), is a retryable failure: the task is retried after its
+backoff while attempts are left, then FAILED and dead-lettered. Two exceptions
+are control flow rather than errors, and are not logged as errors:
 :class:`Retry` asks for another attempt after a given delay, :class:`Fail` ends
-the task as FAILED at once.
+the task as FAILED at once. A result that is not JSON or is larger than
+``TASKQ_MAX_RESULT_BYTES`` fails the task at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import logging
 import re
+import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from taskq import backoff as backoff_
 from taskq.errors import TaskqError
@@ -39,7 +48,9 @@ DEFAULT_TIMEOUT = 300.0
 
 log = logging.getLogger("taskq.task")
 
-HandlerFunction: TypeAlias = Callable[[dict[str, Any], "Context"], Awaitable[Any]]
+# ``async def f(payload, ctx)`` or ``def f(payload, ctx)``.
+HandlerFunction: TypeAlias = Callable[[dict[str, Any], "Context"], Any]
+F = TypeVar("F", bound=HandlerFunction)
 BackoffSpec: TypeAlias = (
     backoff_.Backoff | Mapping[str, Any] | Sequence[float | str] | float | str | None
 )
@@ -87,6 +98,7 @@ class Handler:
     defaults, registered by the worker at start; ``queue=None`` means the
     default queue of the worker's settings, ``backoff=None`` the global backoff.
     A task may carry its own max attempts and timeout from its enqueue.
+    ``sync`` says that ``function`` is a plain function, run in a thread.
     """
 
     name: str
@@ -95,6 +107,7 @@ class Handler:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout: float = DEFAULT_TIMEOUT
     backoff: backoff_.Backoff | None = None
+    sync: bool = False
 
 
 @dataclass(slots=True)
@@ -111,9 +124,13 @@ class Context:
 
     When an operator cancels the running task (``POST /tasks/{id}/cancel``), the
     worker learns it with its next heartbeat: :attr:`cancel_requested` turns
-    true and :meth:`cancelled` returns. A handler that returns or raises after
-    that ends the task CANCELLED; one that goes on is cancelled (its asyncio
-    task) after the worker's cancel grace.
+    true, :meth:`cancelled` returns and :meth:`wait_cancelled` too. A handler
+    that returns or raises after that ends the task CANCELLED; after the
+    worker's cancel grace one that goes on is cancelled (an async handler's
+    asyncio task) or abandoned (a sync handler's thread). The same flag turns
+    true when the worker stops waiting for the attempt for another reason (its
+    timeout, a shutdown): a sync handler that checks it can end its thread.
+    A context is safe to use from a sync handler's thread.
     """
 
     task_id: uuid.UUID
@@ -124,15 +141,35 @@ class Context:
     worker_id: str
     _log: logging.LoggerAdapter[logging.Logger] | None = field(default=None, repr=False)
     _cancel: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def cancel_requested(self) -> bool:
-        """Whether an operator asked to cancel this task: stop soon and return."""
-        return self._cancel.is_set()
+        """Whether this attempt should stop soon and return (an operator's cancel, or
+        the worker no longer waits for it)."""
+        return self._stop.is_set()
 
     async def cancelled(self) -> None:
-        """Wait until an operator asks to cancel this task."""
+        """Wait until :attr:`cancel_requested` turns true (async handlers)."""
         await self._cancel.wait()
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Block until :attr:`cancel_requested` turns true or ``timeout`` seconds pass;
+        returns :attr:`cancel_requested` (sync handlers: an interruptible sleep).
+
+        Raises:
+            RuntimeError: on an event loop's thread, which it would block.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._stop.wait(timeout)
+        raise RuntimeError("wait_cancelled() blocks its thread: use `await ctx.cancelled()`")
+
+    def request_cancel(self) -> None:
+        """Turn :attr:`cancel_requested` true (the worker calls it, on its event loop)."""
+        self._stop.set()
+        self._cancel.set()
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -164,8 +201,8 @@ class Registry:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         timeout: float = DEFAULT_TIMEOUT,
         backoff: BackoffSpec = None,
-    ) -> Callable[[HandlerFunction], HandlerFunction]:
-        """Register the decorated ``async def fn(payload, ctx)`` as the handler of ``name``.
+    ) -> Callable[[F], F]:
+        """Register the decorated ``async def`` or ``def`` ``fn(payload, ctx)`` for ``name``.
 
         Args:
             name: the task type, e.g. ``email.send.v1`` (letters, digits, ``._:-``).
@@ -176,7 +213,9 @@ class Registry:
                 delays or one fixed delay; ``None``: the global default.
 
         Raises:
-            HandlerError: for invalid options or a name registered twice.
+            HandlerError: for invalid options, a name registered twice, or a
+                function that is neither an ``async def`` nor a plain function
+                taking ``(payload, ctx)`` (a generator, a class, ...).
         """
         if not TYPE_NAME.match(name):
             raise HandlerError(f"bad task type {name!r}: use letters, digits, '.', '_', ':', '-'")
@@ -191,8 +230,11 @@ class Registry:
         except ValueError as exc:
             raise HandlerError(f"{name}: invalid backoff: {exc}") from None
 
-        def register(function: HandlerFunction) -> HandlerFunction:
-            self._handlers[name] = Handler(name, function, queue, max_attempts, timeout, strategy)
+        def register(function: F) -> F:
+            sync = _is_sync(name, function)
+            self._handlers[name] = Handler(
+                name, function, queue, max_attempts, timeout, strategy, sync
+            )
             return function
 
         return register
@@ -208,6 +250,35 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._handlers)
+
+
+def _is_sync(name: str, function: object) -> bool:
+    """Whether ``function`` is a plain function (``False``: an ``async def``).
+
+    Raises:
+        HandlerError: for anything else: its call could not run as a handler.
+    """
+    if inspect.isclass(function):
+        raise HandlerError(f"{name}: the handler is a class; register a function")
+    if not callable(function):
+        raise HandlerError(f"{name}: the handler {function!r} is not callable")
+    # A callable object is judged by its __call__ (a partial is unwrapped by inspect).
+    targets: list[object] = [function]
+    if not inspect.isroutine(function):
+        targets.append(type(function).__call__)
+    if any(inspect.isasyncgenfunction(t) for t in targets):
+        raise HandlerError(
+            f"{name}: the handler is an async generator function; use async def and return"
+        )
+    if any(inspect.isgeneratorfunction(t) for t in targets):
+        raise HandlerError(f"{name}: the handler is a generator function; use def and return")
+    try:
+        inspect.signature(function).bind(None, None)
+    except TypeError as exc:
+        raise HandlerError(f"{name}: the handler must take (payload, ctx): {exc}") from None
+    except ValueError:
+        pass  # no signature to read (some builtins): its call will tell
+    return not any(inspect.iscoroutinefunction(t) for t in targets)
 
 
 def load(spec: str) -> Registry:

@@ -162,6 +162,23 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.set_aside = set_aside_counter(self.registry)
+        self.abandoned = Gauge(
+            "taskq_abandoned_handlers_running",
+            "Handlers the worker stopped waiting for (their timeout, a cancel, a shutdown) that"
+            " are still running: kind=thread (a sync handler; Python cannot stop a thread) or"
+            " kind=task (an async handler that ignores its cancellation).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.abandoned_total = Counter(
+            "taskq_abandoned_handlers_total",
+            "Handlers abandoned: the attempt ended without them, they ran on (kind: thread, task).",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("thread", "task"):
+            self.abandoned.labels(kind)
+            self.abandoned_total.labels(kind)
         self.republished = Counter(
             "taskq_republished_total",
             "Overdue ENQUEUED tasks published again because their work queue was empty.",

@@ -1,12 +1,22 @@
 """Recording attempts' outcomes: one statement per kind for everything that finished meanwhile.
 
-Every statement is guarded by the claim (id, attempt, worker): an outcome of a
-worker whose claim was taken over (its lease expired and another worker or the
-sweeper took the task) changes nothing and is counted as ``stale``. A cancel an
+Every statement is guarded by the claim's token: an outcome of a claim that was
+taken over (its lease expired and the sweeper, another worker or an operator's
+retry moved the task on) changes nothing and is counted as ``stale``. A cancel an
 operator requested while the attempt ran wins over its outcome: the task is
 recorded CANCELLED (counted as ``cancelled``), and nothing is published. Retries and
 terminal failures are published after their commit, through the outbox; a
 publish that fails stays owed in Postgres and the relay pays it later.
+
+An outcome waiting to be recorded keeps its lease: the worker's heartbeat goes on
+extending it until the outcome is recorded, found stale, refused or given up.
+That is what a retry after a failed statement relies on: while the database is
+briefly away the claim stays this worker's, so the outcome is recorded when it
+is back instead of the task running again. The database refusing the data
+(:class:`~taskq.errors.RejectedByDatabase`) is not retried: a refused result
+fails the task, saying why. Any other error is retried every second for
+:data:`GIVE_UP_SECONDS` at most; then the outcome is dropped (logged), its lease
+runs out and the sweeper takes the task back, so nothing keeps a lease for ever.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,24 +40,28 @@ log = logging.getLogger("taskq.worker")
 
 Kind = Literal["complete", "retry", "fail", "give_back", "cancel"]
 RETRY_SECONDS = 1.0
+GIVE_UP_SECONDS = 300.0
 
 
 @dataclass(slots=True)
 class Finished:
     """One attempt's outcome, waiting to be recorded.
 
-    ``result`` is the JSON text of a success; ``error`` the reason of a retry or
-    failure; ``delay`` the seconds until a retry is due.
+    ``token`` names the claim; ``result`` is the JSON text of a success;
+    ``error`` the reason of a retry or failure; ``delay`` the seconds until a
+    retry is due; ``failing_since`` when recording it first failed.
     """
 
     kind: Kind
     id: uuid.UUID
+    token: uuid.UUID
     attempt: int
     type: str
     queue: str
     result: str | None = None
     error: str | None = None
     delay: float = 0.0
+    failing_since: float | None = None
 
 
 _OUTCOME_LABEL = {
@@ -67,23 +82,20 @@ class Recorder:
     Args:
         store: the database.
         outbox: publishes retries and dead letters after their commit.
-        worker_id: the claim's worker id.
         metrics: the worker's metrics.
-        on_recorded: called with the id and attempt of each outcome settled
-            (recorded or found stale), so its lease is no longer extended.
+        on_recorded: called with the claim token of each outcome settled
+            (recorded, found stale or given up), so its lease is no longer extended.
     """
 
     def __init__(
         self,
         store: Store,
         outbox: Outbox,
-        worker_id: str,
         metrics: WorkerMetrics,
-        on_recorded: Callable[[uuid.UUID, int], None],
+        on_recorded: Callable[[uuid.UUID], None],
     ) -> None:
         self._store = store
         self._outbox = outbox
-        self._worker_id = worker_id
         self._metrics = metrics
         self._on_recorded = on_recorded
         self._pending: list[Finished] = []
@@ -122,14 +134,25 @@ class Recorder:
                 for item in items:
                     await self._record(kind, [item])
                 return
+            [item] = items
             if isinstance(exc, RejectedByDatabase):
-                self._rejected(kind, items[0], exc)
+                self._rejected(kind, item, exc)
+                return
+            now = time.monotonic()
+            item.failing_since = item.failing_since or now
+            if now - item.failing_since > GIVE_UP_SECONDS:
+                log.error(
+                    "task %s: giving up recording its %s after %gs of failures (%s); its lease"
+                    " runs out and the sweeper takes the task back",
+                    item.id, _OUTCOME_LABEL[kind], GIVE_UP_SECONDS, exc, extra=_fields(item),
+                )  # fmt: skip
+                self._on_recorded(item.token)
                 return
             # Keep it and try again: the lease still holds (the heartbeat goes
             # on), and if it expires first the guarded statement is a no-op.
-            log.warning("recording an outcome of task %s failed, retrying: %s", items[0].id, exc)
+            log.warning("recording an outcome of task %s failed, retrying: %s", item.id, exc)
             await asyncio.sleep(RETRY_SECONDS)
-            self._pending.extend(items)
+            self._pending.append(item)
             self._wake.set()
             return
         except Exception:
@@ -137,11 +160,11 @@ class Recorder:
             # sweeper puts these tasks back.
             log.exception("recording %d outcomes failed; dropping them", len(items))
             for item in items:
-                self._on_recorded(item.id, item.attempt)
+                self._on_recorded(item.token)
             return
         processed: Counter[tuple[str, str, str]] = Counter()
         for item in items:
-            self._on_recorded(item.id, item.attempt)
+            self._on_recorded(item.token)
             row = recorded.get(item.id)
             if row is None:
                 processed[item.type, item.queue, "stale"] += 1
@@ -174,33 +197,29 @@ class Recorder:
             # The handler ran, but its result cannot be kept: fail the task, saying why.
             error = f"RejectedByDatabase: the result was refused: {exc}"[:2000]
             log.error("task %s: %s", item.id, error, extra=_fields(item))
-            self.add(Finished("fail", item.id, item.attempt, item.type, item.queue, error=error))
+            self.add(Finished("fail", item.id, item.token, item.attempt, item.type, item.queue,
+                              error=error))  # fmt: skip
             return
         # The worker cleans errors before they get here, so this is a bug; the
         # lease expires and the sweeper puts the task back.
         log.error("task %s: the database refused its %s: %s", item.id, kind, exc)
-        self._on_recorded(item.id, item.attempt)
+        self._on_recorded(item.token)
 
     async def _write(self, kind: Kind, items: Sequence[Finished]) -> dict[uuid.UUID, Row]:
         """Run the statement; the rows recorded by id, each with its new status.
 
         An id missing from the answer was stale: its claim had been taken over.
         """
-        worker = self._worker_id
         if kind == "complete":
-            rows = await self._store.complete(
-                [(i.id, i.attempt, i.result or "null") for i in items], worker
-            )
+            rows = await self._store.complete([(i.id, i.token, i.result or "null") for i in items])
         elif kind == "cancel":
-            rows = await self._store.cancel_running([(i.id, i.attempt) for i in items], worker)
+            rows = await self._store.cancel_running([(i.id, i.token) for i in items])
         elif kind == "retry":
-            rows = await self._store.retry(
-                [(i.id, i.attempt, i.error or "", i.delay) for i in items], worker
-            )
+            rows = await self._store.retry([(i.id, i.token, i.error or "", i.delay) for i in items])
         elif kind == "fail":
-            rows = await self._store.fail([(i.id, i.attempt, i.error or "") for i in items], worker)
+            rows = await self._store.fail([(i.id, i.token, i.error or "") for i in items])
         else:
-            rows = await self._store.give_back([(i.id, i.attempt) for i in items], worker)
+            rows = await self._store.give_back([(i.id, i.token) for i in items])
         return {row["id"]: row for row in rows}
 
     def _publish(self, row: Row, status: str, error: str | None) -> None:

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     worker_prefetch: int = Field(32, ge=1, le=65535)
     worker_concurrency: int = Field(16, ge=1, le=10000)
     worker_processes: int = Field(1, ge=1, le=1024)
+    # 0: as many as TASKQ_WORKER_CONCURRENCY.
+    worker_threads: int = Field(0, ge=0, le=10000)
+    max_result_bytes: int = Field(1024 * 1024, ge=1)
     lease_seconds: Duration = 30.0
     worker_shutdown_grace: Duration = 30.0
     sweeper_overdue_after: Duration = 60.0

@@ -40,6 +40,13 @@ _DOWN = (
 )
 # The same, for taskq.leader's lock sessions, which run their statements here too.
 DATABASE_DOWN = _DOWN
+# SQLSTATE classes of errors that the same statement with the same data meets
+# again on every try, whatever the server's state: cardinality violations (21),
+# data exceptions (22: a value jsonb or a column cannot hold, a NUL, an overflow),
+# integrity constraints (23), WITH CHECK OPTION (44) and program limits (54: a
+# value or row too large). Retrying them cannot help; everything else (a lost
+# connection, a deadlock, a cancelled statement, a full disk) may pass.
+_REFUSED_CLASSES = frozenset({"21", "22", "23", "44", "54"})
 
 # asyncpg.Record: read by column name.
 Row: TypeAlias = Mapping[str, Any]
@@ -147,9 +154,9 @@ class Store:
                     yield acquired
         except StoreError:
             raise
-        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-            raise RejectedByDatabase(f"the database refused the data: {exc}") from exc
         except _DOWN as exc:
+            if refused(exc):
+                raise RejectedByDatabase(f"the database refused the data: {exc}") from exc
             raise StoreError(f"database error: {exc}") from exc
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
@@ -358,23 +365,26 @@ class Store:
     # ---------------------------------------------------------------- worker
     # Every method takes a whole batch and runs one statement. Outcome batches
     # are sorted by id so that concurrent statements of one worker (outcomes,
-    # heartbeat) lock rows in the same order and cannot deadlock.
+    # heartbeat) lock rows in the same order and cannot deadlock. Heartbeats
+    # and outcomes name each claim by (id, claim token) and change nothing for
+    # a claim that has been taken over: its token is gone from the row.
 
     async def claim(self, ids: Sequence[uuid.UUID], worker_id: str, lease: float) -> list[Row]:
         """Claim deliveries: one row per distinct id with its ``decision`` (see ``claim`` SQL)."""
         return await self.fetch("claim", sorted(ids), worker_id, lease)
 
     async def heartbeat(
-        self, ids: Sequence[uuid.UUID], worker: WorkerInfo, lease: float
+        self, claims: Sequence[tuple[uuid.UUID, uuid.UUID]], worker: WorkerInfo, lease: float
     ) -> dict[uuid.UUID, bool]:
-        """Record the worker alive and extend its leases.
+        """Record the worker alive and extend the leases of its claims ``(id, token)``.
 
-        Returns the ids whose lease it still holds, each mapped to whether an
-        operator asked to cancel it.
+        Returns the tokens of the claims it still holds, each mapped to whether
+        an operator asked to cancel the task.
         """
+        ids, tokens = _columns(sorted(claims), 2)
         rows = await self.fetch(
             "heartbeat",
-            sorted(ids),
+            ids,
             worker.id,
             lease,
             worker.hostname,
@@ -383,42 +393,37 @@ class Store:
             worker.concurrency,
             worker.prefetch,
             worker.heartbeat_seconds,
+            tokens,
         )
-        return {row["id"]: row["cancel_requested"] for row in rows}
+        return {row["claim_token"]: row["cancel_requested"] for row in rows}
 
     async def worker_gone(self, worker_id: str) -> None:
         async with self._connection() as conn:
             await conn.execute(self.q["worker_gone"], worker_id)
 
-    async def complete(
-        self, items: Sequence[tuple[uuid.UUID, int, str]], worker_id: str
-    ) -> list[Row]:
-        """Record successes ``(id, attempt, result_json)``; returns the rows recorded.
+    async def complete(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]) -> list[Row]:
+        """Record successes ``(id, token, result_json)``; returns the rows recorded.
 
         Each row has id and status (CANCELLED if a cancel was requested meanwhile).
-        An id missing from the answer was not this worker's claim any more (stale).
+        An id missing from the answer was not held by that claim any more (stale).
         """
-        return await self.fetch("complete", *_columns(sorted(items), 3), worker_id)
+        return await self.fetch("complete", *_columns(sorted(items), 3))
 
-    async def cancel_running(
-        self, items: Sequence[tuple[uuid.UUID, int]], worker_id: str
-    ) -> list[Row]:
-        """Record attempts ``(id, attempt)`` stopped on an operator's cancel request."""
-        return await self.fetch("cancel_running", *_columns(sorted(items), 2), worker_id)
+    async def cancel_running(self, items: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> list[Row]:
+        """Record claims ``(id, token)`` stopped on an operator's cancel request."""
+        return await self.fetch("cancel_running", *_columns(sorted(items), 2))
 
-    async def retry(
-        self, items: Sequence[tuple[uuid.UUID, int, str, float]], worker_id: str
-    ) -> list[Row]:
-        """Record retryable failures ``(id, attempt, error, delay)``; returns the rows recorded."""
-        return await self.fetch("retry", *_columns(sorted(items), 4), worker_id)
+    async def retry(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]]) -> list[Row]:
+        """Record retryable failures ``(id, token, error, delay)``; returns the rows recorded."""
+        return await self.fetch("retry", *_columns(sorted(items), 4))
 
-    async def fail(self, items: Sequence[tuple[uuid.UUID, int, str]], worker_id: str) -> list[Row]:
-        """Record terminal failures ``(id, attempt, error)``; returns the rows recorded."""
-        return await self.fetch("fail", *_columns(sorted(items), 3), worker_id)
+    async def fail(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]) -> list[Row]:
+        """Record terminal failures ``(id, token, error)``; returns the rows recorded."""
+        return await self.fetch("fail", *_columns(sorted(items), 3))
 
-    async def give_back(self, items: Sequence[tuple[uuid.UUID, int]], worker_id: str) -> list[Row]:
-        """Give back unfinished claims ``(id, attempt)`` at shutdown; the attempt does not count."""
-        return await self.fetch("give_back", *_columns(sorted(items), 2), worker_id)
+    async def give_back(self, items: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> list[Row]:
+        """Give back unfinished claims ``(id, token)`` at shutdown; the attempt does not count."""
+        return await self.fetch("give_back", *_columns(sorted(items), 2))
 
     async def recover_expired(self, limit: int) -> list[Row]:
         """Take back up to ``limit`` claims whose lease expired; their publishes are owed."""
@@ -450,6 +455,18 @@ ANSWER_FIELDS = (
 
 def _answer(row: Row) -> dict[str, Any]:
     return {name: row[name] for name in ANSWER_FIELDS}
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a driver error can never succeed when tried again (see ``_REFUSED_CLASSES``).
+
+    asyncpg raises its ``DataError`` also for an argument it cannot encode
+    (an integer out of range), before anything reaches the server.
+    """
+    if isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError):
+        return True
+    state = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    return isinstance(state, str) and state[:2] in _REFUSED_CLASSES
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:

@@ -9,11 +9,14 @@ Per delivery (DESIGN §5):
    are claimed in batches, **one** statement each, and acked once the claim
    commits; each decision (claimed, terminal, duplicate, early, exhausted,
    missing) is acted on there.
-3. :mod:`taskq.execution`: the handler runs in its own asyncio task, outside
-   any transaction, under the task's timeout, while one batched heartbeat per
-   worker extends every lease it holds every ``lease/3`` seconds.
+3. :mod:`taskq.execution`: the handler runs outside any transaction, an
+   ``async def`` in its own asyncio task, a plain ``def`` in a thread
+   (:mod:`taskq.threads`), under the task's timeout, while one batched heartbeat
+   per worker extends every lease it holds every ``lease/3`` seconds. Whatever
+   the handler does (:mod:`taskq.sandbox`), its attempt ends with an outcome.
 4. :mod:`taskq.outcomes` records outcomes, one statement per kind per batch,
-   guarded by the claim, and publishes retries and dead letters after commit.
+   guarded by the claim's token, and publishes retries and dead letters after
+   commit.
 
 A task whose type has no handler in this worker is claimed and fails its
 attempt with a retryable error (``NoHandler``) after the type's backoff: during
@@ -43,7 +46,12 @@ from taskq.broker import Link, Publisher
 from taskq.claims import Claimer
 from taskq.consumer import Acker, Buffers, Consumers
 from taskq.errors import ConfigError, StoreError
-from taskq.execution import CANCEL_GRACE_SECONDS, Runner, heartbeat_interval
+from taskq.execution import (
+    ABANDON_AFTER_SECONDS,
+    CANCEL_GRACE_SECONDS,
+    Runner,
+    heartbeat_interval,
+)
 from taskq.handlers import HandlerError, Registry
 from taskq.metrics import WorkerMetrics
 from taskq.outcomes import Finished, Recorder
@@ -51,6 +59,7 @@ from taskq.relay import Outbox, Relay
 from taskq.settings import Settings
 from taskq.store import Store, WorkerInfo
 from taskq.sweeper import Sweeper
+from taskq.threads import HandlerThreads
 
 log = logging.getLogger("taskq.worker")
 
@@ -69,6 +78,8 @@ class Worker:
         registry: the handlers.
         queues: work queues to consume, highest priority first (default: all).
         concurrency: handlers running at once (default ``TASKQ_WORKER_CONCURRENCY``).
+        threads: sync handlers running at once, each in a thread (default
+            ``TASKQ_WORKER_THREADS``, or as many as ``concurrency``).
         prefetch: unclaimed envelopes buffered per queue (default ``TASKQ_WORKER_PREFETCH``).
         worker_id: the id recorded on claims (default ``host:pid:random``).
         metrics: where to count (default: a fresh registry).
@@ -78,7 +89,9 @@ class Worker:
             (default ``TASKQ_SWEEPER_OVERDUE_AFTER``).
         relay_interval: seconds between relay and sweeper passes.
         cancel_grace: seconds a handler may go on after it was told that an
-            operator cancelled its task, before its asyncio task is cancelled.
+            operator cancelled its task, before its attempt is stopped.
+        abandon_after: seconds a cancelled async handler may take to unwind
+            before the worker abandons it.
 
     Raises:
         ConfigError: if ``queues`` names a queue not in ``TASKQ_QUEUES``.
@@ -92,6 +105,7 @@ class Worker:
         *,
         queues: Sequence[str] | None = None,
         concurrency: int | None = None,
+        threads: int | None = None,
         prefetch: int | None = None,
         worker_id: str | None = None,
         metrics: WorkerMetrics | None = None,
@@ -99,6 +113,7 @@ class Worker:
         overdue_after: float | None = None,
         relay_interval: float = 1.0,
         cancel_grace: float = CANCEL_GRACE_SECONDS,
+        abandon_after: float = ABANDON_AFTER_SECONDS,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -108,6 +123,7 @@ class Worker:
             known = ",".join(settings.queues)
             raise ConfigError("--queues", f"list distinct queues of TASKQ_QUEUES ({known})")
         self.concurrency = concurrency or settings.worker_concurrency
+        self.threads = threads or settings.worker_threads or self.concurrency
         self.prefetch = prefetch or settings.worker_prefetch
         self.worker_id = worker_id or default_worker_id()
         self.metrics = metrics or WorkerMetrics()
@@ -118,14 +134,17 @@ class Worker:
         )
         self._relay_interval = relay_interval
         self._acker = Acker()
+        self._threads = HandlerThreads(self.threads, self.metrics.abandoned.labels("thread").set)
         self._runner = Runner(
             settings,
             registry,
             self.worker_id,
             self.metrics,
+            self._threads,
             record=self._record,
             release=self._release,
             cancel_grace=cancel_grace,
+            abandon_after=abandon_after,
         )
         self.info = WorkerInfo(
             id=self.worker_id,
@@ -205,9 +224,7 @@ class Worker:
         self._outbox = Outbox(self.store, self.publisher, in_flight=64)
         self._outbox.start()
         stack.push_async_callback(self._outbox.close, 5.0)
-        self._recorder = Recorder(
-            self.store, self._outbox, self.worker_id, self.metrics, self._runner.settled
-        )
+        self._recorder = Recorder(self.store, self._outbox, self.metrics, self._runner.settled)
         self._recorder.start()
         stack.push_async_callback(self._recorder.close, 15.0)
         self._claimer = Claimer(
@@ -263,10 +280,11 @@ class Worker:
             sweeper.start(settings.database_url, interval=self._relay_interval)
             stack.push_async_callback(sweeper.close)
         log.info(
-            "worker %s started: queues %s, concurrency %d, prefetch %d, %d handlers",
+            "worker %s started: queues %s, concurrency %d, threads %d, prefetch %d, %d handlers",
             self.worker_id,
             ",".join(self.queues),
             self.concurrency,
+            self.threads,
             self.prefetch,
             len(self.registry),
         )
@@ -314,6 +332,11 @@ class Worker:
         running after that (ENQUEUED again, the attempt not counted), records
         every outcome and closes. Buffered unclaimed envelopes go back to their
         queues when the channels close. Stopping again does nothing.
+
+        Handlers still running after the grace are cancelled (async) and
+        abandoned after ``abandon_after`` seconds if they go on, so a stop takes
+        at most about ``grace + abandon_after`` plus the time to record the
+        outcomes; :meth:`runaways` then says how many still run.
         """
         if self._stopping or not self._loops:
             return  # stopped already, or never started
@@ -328,7 +351,18 @@ class Worker:
         await self._claimer.settled(15.0)
         await self._recorder.close(timeout=15.0)
         await self._exit.aclose()
+        self._threads.close()
+        if self._runner.runaways:
+            log.warning(
+                "%d abandoned async handlers are still running (they ignore cancellation)",
+                len(self._runner.runaways),
+            )
         log.info("worker %s stopped", self.worker_id)
+
+    def runaways(self) -> int:
+        """Abandoned handlers still running: async ones ignoring their cancellation, and
+        sync ones' threads. A process should exit without waiting for them."""
+        return len(self._runner.runaways) + self._threads.abandoned
 
     async def _cancel_loops(self) -> None:
         for loop in self._loops:

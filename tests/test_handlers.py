@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
 import json
 import logging
@@ -70,6 +72,70 @@ def test_a_type_registered_twice_is_refused() -> None:
         registry.task("demo.x")(_noop)
 
 
+class _Callable:
+    async def __call__(self, payload: dict[str, Any], ctx: Context) -> None:
+        return None
+
+
+def _plain(payload: dict[str, Any], ctx: Context) -> None:
+    return None
+
+
+def test_async_and_plain_functions_register_as_such() -> None:
+    registry = Registry()
+    registry.task("a")(_noop)
+    registry.task("b")(_plain)
+    registry.task("c")(_Callable())
+    registry.task("d")(functools.partial(_noop))
+    registry.task("e")(lambda payload, ctx: None)
+    sync = {handler.name: handler.sync for handler in registry}
+    assert sync == {"a": False, "b": True, "c": False, "d": False, "e": True}
+
+
+async def _agen(payload: dict[str, Any], ctx: Context) -> Any:
+    yield payload
+
+
+def _gen(payload: dict[str, Any], ctx: Context) -> Any:
+    yield payload
+
+
+class _Generating:
+    def __call__(self, payload: dict[str, Any], ctx: Context) -> Any:
+        yield payload
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        (_agen, "async generator function"),
+        (_gen, "generator function"),
+        (_Generating(), "generator function"),
+        (_Callable, "is a class"),
+        (42, "is not callable"),
+        (lambda payload: None, r"must take \(payload, ctx\)"),
+        (lambda: None, r"must take \(payload, ctx\)"),
+    ],
+    ids=["async-generator", "generator", "generating-object", "class", "number", "one", "none"],
+)
+def test_what_cannot_run_as_a_handler_is_refused_at_registration(
+    function: Any, message: str
+) -> None:
+    with pytest.raises(HandlerError, match=message):
+        Registry().task("bad.v1")(function)
+
+
+async def test_the_context_tells_a_thread_of_a_cancel() -> None:
+    ctx = Context(uuid.uuid4(), "demo.echo", 1, 3, "default", "w1")
+    with pytest.raises(RuntimeError, match="blocks"):
+        ctx.wait_cancelled(0)  # on the event loop's thread
+    told = asyncio.get_running_loop().run_in_executor(None, ctx.wait_cancelled, 30)
+    assert not ctx.cancel_requested
+    ctx.request_cancel()
+    assert await told is True and ctx.cancel_requested
+    await asyncio.wait_for(ctx.cancelled(), 1)
+
+
 def test_control_flow_exceptions() -> None:
     retry = Retry(delay=3, reason="rate limited")
     assert (retry.delay, retry.reason) == (3, "rate limited")
@@ -121,6 +187,8 @@ def test_load_finds_the_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_demo_handlers_are_all_there() -> None:
     names = {handler.name for handler in demo.handlers}
     assert {"email.send.v1", "demo.noop", "demo.echo", "demo.sleep", "demo.fail"} <= names
+    noop_sync = demo.handlers.get("demo.noop_sync")
+    assert noop_sync is not None and noop_sync.sync
 
 
 async def test_demo_fail_semantics() -> None:

@@ -18,6 +18,7 @@ primary key, one lookup per id (a LATERAL subquery), in id order.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import asyncpg
@@ -28,21 +29,22 @@ from taskq import sql
 pytestmark = pytest.mark.integration
 
 BACKLOG = 3000
+TOKENS = [uuid.uuid4() for _ in range(200)]
 
 # Each statement that takes a list of ids, with the arguments besides the list.
 STATEMENTS: dict[str, tuple[Any, ...]] = {
     "publish_owed_ids": (),
     "republish": (),
     "requeue": (["FAILED", "CANCELLED"],),
-    "heartbeat": ("w1", 30.0, "host", 1, ["default"], 1, 1, 5.0),
+    "heartbeat": ("w1", 30.0, "host", 1, ["default"], 1, 1, 5.0, TOKENS),
     "mark_published": ([0] * 200,),
     "set_aside": ([0] * 200, ["unroutable"] * 200, 30.0, 600.0),
     "claim": ("w1", 30.0),
-    "complete": ([1] * 200, ["null"] * 200, "w1"),
-    "retry": ([1] * 200, ["boom"] * 200, [1.0] * 200, "w1"),
-    "fail": ([1] * 200, ["boom"] * 200, "w1"),
-    "give_back": ([1] * 200, "w1"),
-    "cancel_running": ([1] * 200, "w1"),
+    "complete": (TOKENS, ["null"] * 200),
+    "retry": (TOKENS, ["boom"] * 200, [1.0] * 200),
+    "fail": (TOKENS, ["boom"] * 200),
+    "give_back": (TOKENS,),
+    "cancel_running": (TOKENS,),
 }
 # Those that lock what they change: only ever through the primary key.
 THROUGH_THE_KEY = {"republish", "heartbeat", "mark_published", "claim", "complete", "retry",
@@ -82,10 +84,11 @@ async def test_id_lists_are_never_a_per_row_filter(db: asyncpg.Connection, query
     for status in ("ENQUEUED", "RUNNING"):  # both partial indexes hold thousands
         await db.execute(
             "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, run_at,"
-            " status, attempts, worker_id, lease_expires_at)"
+            " status, attempts, worker_id, claim_token, lease_expires_at)"
             " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60, now(), $2,"
             " CASE WHEN $2 = 'RUNNING' THEN 1 ELSE 0 END,"
             " CASE WHEN $2 = 'RUNNING' THEN 'w1' END,"
+            " CASE WHEN $2 = 'RUNNING' THEN gen_random_uuid() END,"
             " CASE WHEN $2 = 'RUNNING' THEN now() + interval '1 minute' END"
             " FROM generate_series(1, $1)",
             BACKLOG,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from taskq import execution
+from taskq import sandbox
 from taskq.backoff import FixedBackoff
 from taskq.envelope import Envelope
 from taskq.handlers import Context, Registry
@@ -149,6 +149,7 @@ async def test_a_stale_worker_cannot_record_an_outcome(settings: Settings) -> No
     async with harness(settings) as h, running_worker(settings, blocking(release)) as stale:
         task_id = await h.enqueue("test.block")
         await h.wait_for(task_id, "RUNNING")
+        token = await h.store.pool.fetchval("SELECT claim_token FROM tasks WHERE id = $1", task_id)
         # Its lease expires (the heartbeat stalled) and another worker takes the task over.
         await h.store.pool.execute(
             "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
@@ -168,9 +169,9 @@ async def test_a_stale_worker_cannot_record_an_outcome(settings: Settings) -> No
         assert (row["status"], row["attempts"], row["worker_id"]) == ("RUNNING", 2, "worker-b")
         assert row["result"] is None
         # The stale worker cannot fail or retry it either.
-        assert await h.store.fail([(task_id, 1, "late")], stale.worker_id) == []
-        assert await h.store.retry([(task_id, 1, "late", 0.0)], stale.worker_id) == []
-        recorded = await h.store.complete([(task_id, 2, '"b"')], "worker-b")
+        assert await h.store.fail([(task_id, token, "late")]) == []
+        assert await h.store.retry([(task_id, token, "late", 0.0)]) == []
+        recorded = await h.store.complete([(task_id, claim["claim_token"], '"b"')])
         assert [(r["id"], r["status"]) for r in recorded] == [(task_id, "SUCCEEDED")]
         row = await h.task(task_id)
         assert (row["status"], row["result"]) == ("SUCCEEDED", '"b"')
@@ -254,11 +255,11 @@ async def test_exhausted_and_duplicate_deliveries(settings: Settings) -> None:
 def awkward() -> Registry:
     registry = Registry()
 
-    @registry.task("test.unjsonable", max_attempts=1)
+    @registry.task("test.unjsonable", max_attempts=3)
     async def unjsonable(payload: dict[str, Any], ctx: Context) -> object:
         return {"value": object()}
 
-    @registry.task("test.nul_result", max_attempts=1)
+    @registry.task("test.nul_result", max_attempts=3)
     async def nul_result(payload: dict[str, Any], ctx: Context) -> str:
         return "a\x00b"
 
@@ -279,9 +280,13 @@ async def test_results_and_errors_postgres_cannot_store_fail_cleanly(settings: S
         ids = {name: await h.enqueue(f"test.{name}") for name in names}
         rows = {name: await h.wait_for(ids[name], "FAILED", "SUCCEEDED") for name in names}
     assert rows["fine"]["result"] == '"\\\\u0000 is fine as text"'
-    assert rows["unjsonable"]["last_error"].startswith("TypeError: Type is not JSON serializable")
+    # Another attempt would return the same: the task fails at once.
+    assert rows["unjsonable"]["attempts"] == rows["nul_result"]["attempts"] == 1
+    assert rows["unjsonable"]["last_error"] == (
+        "InvalidResult: the result is not JSON: Type is not JSON serializable: object"
+    )
     assert rows["nul_result"]["last_error"] == (
-        "ValueError: the result contains a NUL character, which Postgres cannot store"
+        "InvalidResult: the result contains a NUL character (\\u0000), which Postgres cannot store"
     )
     error = rows["nul_error"]["last_error"]
     assert error.startswith("RuntimeError: bad\\0byte ?xxx") and len(error) == 2000
@@ -291,10 +296,10 @@ async def test_a_result_the_database_refuses_fails_the_task_and_spares_the_batch
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Without the worker's own check, a NUL escape reaches Postgres, whose jsonb refuses it.
-    def unchecked(result: object) -> str:
-        return '"\\u0000"' if result == {"poison": True} else json.dumps(result)
+    def unchecked(result: object, limit: int) -> sandbox.Returned:
+        return sandbox.Returned('"\\u0000"' if result == {"poison": True} else json.dumps(result))
 
-    monkeypatch.setattr(execution, "_result_json", unchecked)
+    monkeypatch.setattr(sandbox, "result_json", unchecked)
     async with harness(settings) as h, running_worker(settings) as worker:
         ids = [await h.enqueue("demo.echo", {"n": n}) for n in range(5)]
         poison = await h.enqueue("demo.echo", {"poison": True})

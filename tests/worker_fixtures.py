@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,9 @@ from taskq.store import NewTask, Row, Store
 from taskq.worker import Worker
 
 from .conftest import subprocess_env
+
+# The repository, where ``tests.*`` handler modules import from.
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class Harness:
@@ -147,22 +150,47 @@ async def running_worker(
         await worker.stop(grace=5.0)
 
 
+async def poll(condition: Callable[[], bool], message: str, timeout: float = 20.0) -> None:
+    """Wait until ``condition()`` holds; fail with ``message`` after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(message)
+        await asyncio.sleep(0.05)
+
+
+async def abandoned_until(worker: Worker, kind: str, end: Callable[[], None]) -> None:
+    """One handler of ``kind`` (thread, task) is counted abandoned and running until
+    ``end()`` lets it return."""
+    assert metric(worker, "taskq_abandoned_handlers_total", kind=kind) == 1
+    assert metric(worker, "taskq_abandoned_handlers_running", kind=kind) == 1
+    end()
+    await poll(
+        lambda: metric(worker, "taskq_abandoned_handlers_running", kind=kind) == 0,
+        f"the abandoned {kind}'s end was not counted",
+    )
+
+
 def metric(worker: Worker, name: str, **labels: str) -> float:
     value = worker.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
 
 async def start_worker_process(
-    settings: Settings, tmp_path: Path, *args: str, **env: str
+    settings: Settings, tmp_path: Path, *args: str, module: str = "taskq.demo", **env: str
 ) -> asyncio.subprocess.Process:
-    """``taskq worker taskq.demo`` as a child process, logging to ``tmp_path``."""
+    """``taskq worker MODULE`` as a child process, logging to ``tmp_path``.
+
+    ``module`` may be one of the tests' own (``tests.misbehaving``).
+    """
+    env.setdefault("PYTHONPATH", ROOT)
     with (tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log").open("wb") as log:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "taskq",
             "worker",
-            "taskq.demo",
+            module,
             *args,
             env=subprocess_env(settings, **env),
             cwd=tmp_path,
