@@ -215,7 +215,17 @@ class Settings(BaseSettings):
                 out[key] = ",".join(value)
             else:
                 out[key] = str(value)
+            if not out[key]:
+                out[key] = _UNSET.get(name, "(none)")
         return out
+
+
+# What an empty value means, as `taskq config` prints it.
+_UNSET = {
+    "api_keys": "(none: every route answers without a key)",
+    "cursor_secret": "(derived from TASKQ_DATABASE_URL and TASKQ_NAMESPACE)",
+    "allowed_hosts": "(default: localhost, 127.0.0.1, ::1 and TASKQ_HTTP_HOST)",
+}
 
 
 def check_url(value: str, schemes: tuple[str, ...], example: str) -> SplitResult:
