@@ -40,6 +40,16 @@ async def interrupts(payload: dict[str, Any], ctx: Context) -> None:
     raise KeyboardInterrupt
 
 
+@handlers.task("bad.cancelled", max_attempts=1)
+async def cancelled(payload: dict[str, Any], ctx: Context) -> None:
+    raise asyncio.CancelledError("a CancelledError taskq did not cause")
+
+
+@handlers.task("bad.generator_exit", max_attempts=1)
+async def generator_exit(payload: dict[str, Any], ctx: Context) -> None:
+    raise GeneratorExit
+
+
 @handlers.task("bad.swallow", max_attempts=1, timeout=3600)
 async def swallow(payload: dict[str, Any], ctx: Context) -> str:
     """Ignores every cancellation until ``seconds`` have passed."""
