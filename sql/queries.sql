@@ -643,14 +643,28 @@ RETURNING t.id, t.status;
 -- name: requeue
 -- An operator's retry or DLQ replay: ENQUEUED again, due now, with fresh
 -- attempts; replays counts it; a publish is owed (published after commit).
+-- Rows are locked in id order, through the primary key, as `claim` locks them:
+-- a replay of thousands of tasks and a worker claiming some of them (duplicate
+-- envelopes, a concurrent retry) cannot deadlock. The status is tested once the
+-- row is locked (OFFSET 0 keeps the test out of the lookup): inside it, the
+-- planner may read the partial index of failures, whose id is its last column,
+-- along all entries of a status for every id.
 -- $1: ids uuid[], $2: statuses allowed text[]
+WITH held AS (
+    SELECT t.id
+    FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS id ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.status FROM tasks t WHERE t.id = i.id
+        OFFSET 0 FOR UPDATE
+    ) t
+    WHERE t.status = ANY($2::text[])
+)
 UPDATE tasks t SET
     status = 'ENQUEUED', attempts = 0, run_at = now(), result = NULL, finished_at = NULL,
     lease_expires_at = NULL, worker_id = NULL, cancel_requested_at = NULL,
     published_at = NULL, generation = t.generation + 1, replays = t.replays + 1,
     updated_at = now()
-FROM unnest($1::uuid[]) AS i(id)
-WHERE t.id = i.id AND t.status = ANY($2::text[])
+WHERE t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
           0::float8 AS delay;
 

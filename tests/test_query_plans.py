@@ -47,8 +47,8 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "cancel_running": (TOKENS,),
 }
 # Those that lock what they change: only ever through the primary key.
-THROUGH_THE_KEY = {"republish", "heartbeat", "mark_published", "claim", "complete", "retry",
-                   "fail", "give_back", "cancel_running", "set_aside"}  # fmt: skip
+THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "complete",
+                   "retry", "fail", "give_back", "cancel_running", "set_aside"}  # fmt: skip
 
 
 def scans(plan: dict[str, Any]) -> list[str]:
