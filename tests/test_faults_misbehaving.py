@@ -109,7 +109,7 @@ async def test_misbehaving_handlers_are_contained(
         figures: Figures = await audit(
             db,
             normal + list(kinds),
-            "misbehaving handlers",
+            "9 misbehaving handlers",
             faults=len(kinds),
             extra={
                 "kinds": len(KINDS),
