@@ -31,7 +31,18 @@ from taskq.task_types import TaskType, TypeCache
 from taskq.validation import FieldError, InvalidRequest
 
 MAX_INSERT_BATCH = 500
-FLUSHERS = 4
+# Concurrent insert statements. Each takes whatever is queued when it starts, so
+# under load the batches grow with the load; a request that comes while a flusher
+# is free is inserted at once. Two, not one, so that one statement waiting (on the
+# commit, or on a concurrent insert of the same idempotency key) does not hold up
+# every other request. Four gave batches half the size for no more throughput:
+# 32 clients, 9 rows a statement against 16 (Postgres 44 against 31 us a row).
+FLUSHERS = 2
+# The outbox publishes everything queued, up to this many rows, in one write and
+# waits for their confirms before the next write: a batch forms while the previous
+# one is confirmed. Eight batches of 32 at once gave the broker a write of 3 or 4
+# envelopes to wake up for at 32 clients.
+OUTBOX_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -134,14 +145,22 @@ class Client:
         # Payload schemas are checked in threads of their own, with a deadline.
         self.offload = Offload()
         self._link = link
-        self.outbox = Outbox(store, publisher, on_failure=self.metrics.publish_failures.inc)
+        self.outbox = Outbox(
+            store,
+            publisher,
+            in_flight=OUTBOX_BATCH,
+            batch=OUTBOX_BATCH,
+            on_failure=self.metrics.publish_failures.inc,
+        )
         self.outbox.start()
         self._batcher = _InsertBatcher(store)
 
     @classmethod
     async def connect(cls, settings: Settings, *, metrics: ApiMetrics | None = None) -> Client:
         """Open a database pool and a broker link (which may come up later)."""
-        store = await Store.connect(settings.database_url)
+        # The client leaves no session state on its connections (no LISTEN, no session
+        # settings or locks): the pool's reset query would be a round trip per batch.
+        store = await Store.connect(settings.database_url, session_reset=False)
         link = Link(settings.amqp_url, name="taskq-client", heartbeat=settings.amqp_heartbeat)
         await link.start()
         with contextlib.suppress(TimeoutError):

@@ -199,6 +199,10 @@ class Outbox:
         store: where confirmed publishes are recorded (in batches, by a :class:`Marker`).
         publisher: the confirming publisher.
         in_flight: how many publishes await their confirm at once.
+        batch: rows one write publishes at most; ``in_flight // batch`` batches go at
+            once. A batch takes whatever is queued when it starts, so under load the
+            batches grow (fewer writes, and fewer wake-ups of the broker, per row),
+            and a row that comes while nothing is in flight goes at once.
         capacity: rows waiting beyond that; more are left to the relay.
         max_wait: seconds a row may wait for its publish to start; older ones
             are left to the relay. Keep it well below the relay's grace.
@@ -211,6 +215,7 @@ class Outbox:
         publisher: Publisher,
         *,
         in_flight: int = 256,
+        batch: int = OUTBOX_BATCH,
         capacity: int = 50_000,
         max_wait: float = OUTBOX_MAX_WAIT,
         on_failure: Callable[[], None] | None = None,
@@ -220,6 +225,7 @@ class Outbox:
         self._marker = Marker(store)
         self._on_failure = on_failure
         self._in_flight = in_flight
+        self._batch = batch
         self._max_wait = max_wait
         self._tasks: list[asyncio.Task[None]] = []
         self.handed_over = 0  # rows left to the relay because they waited too long
@@ -230,7 +236,7 @@ class Outbox:
         self._marker.start()
         self._tasks = [
             asyncio.create_task(self._run(), name=f"taskq-outbox-{n}")
-            for n in range(max(1, self._in_flight // OUTBOX_BATCH))
+            for n in range(max(1, self._in_flight // self._batch))
         ]
 
     def submit(self, row: Row) -> bool:
@@ -245,7 +251,7 @@ class Outbox:
         """Take what is queued (up to a batch) and publish it, until cancelled."""
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < OUTBOX_BATCH and not self._queue.empty():
+            while len(batch) < self._batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
                 await self._publish(batch)

@@ -269,10 +269,17 @@ class Store:
 
         With ``connection``, the rows join the caller's open transaction and the
         relay is notified, so they are published once (and only if) it commits.
+
+        Otherwise, unless ``all_or_nothing``, the insert runs as a statement of its
+        own, which Postgres commits by itself: one round trip, where BEGIN, the
+        insert and COMMIT took three. A single statement is atomic all the same,
+        and the idempotent replays it skipped are committed rows, read after it.
         """
         async with self._connection(connection) as conn:
             if connection is not None:
                 return await self._enqueue(conn, tasks, notify=True)
+            if not all_or_nothing:
+                return await self._enqueue(conn, tasks, notify=False)
             try:
                 async with conn.transaction():
                     results = await self._enqueue(conn, tasks, notify=False)
