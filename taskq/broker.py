@@ -10,9 +10,9 @@ import asyncio
 import logging
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -396,7 +396,7 @@ class Publisher:
         """
         envelope, queue = item.envelope, item.queue
         if item.dead_letter:
-            properties = envelope.properties(queue, headers=item.headers)
+            properties = envelope.persistent(queue, headers=item.headers)
             return frames.Outgoing(self._topology.names.dlx, queue, envelope.body(), properties)
         if queue not in self._work_queues:
             # A delayed envelope for an unknown queue would be confirmed by the
@@ -407,8 +407,8 @@ class Publisher:
                 f"a delay of {item.delay:g}s exceeds the maximum {self._max_delay:g}s"
             )
         seconds = math.ceil(item.delay) if item.delay > 0 else 0
-        due = datetime.now(UTC) + timedelta(seconds=seconds)
-        properties = envelope.properties(queue, due=due, delay=seconds, headers=item.headers)
+        due_ms = int(time.time() * 1000) + seconds * 1000
+        properties = envelope.persistent(queue, due_ms=due_ms, delay=seconds, headers=item.headers)
         if seconds:
             exchange = self._topology.delay_entry
             routing_key = delay_routing_key(seconds, queue, self._topology.levels)

@@ -7,7 +7,9 @@ a message in the management UI without decoding anything.
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,9 +19,9 @@ import orjson
 from pamqp.commands import Basic
 
 from taskq.errors import TaskqError
+from taskq.frames import JSON as CONTENT_TYPE
+from taskq.frames import PERSISTENT, Persistent
 
-CONTENT_TYPE = "application/json"
-PERSISTENT = 2  # AMQP delivery mode: written to disk by the broker
 MAX_BODY_BYTES = 4096
 # What a real envelope can carry: a task type name (at most 200 characters, see
 # taskq.validation.TYPE_NAME) travels in the AMQP ``type`` property, a short
@@ -63,21 +65,40 @@ class Envelope:
     ) -> Basic.Properties:
         """The AMQP properties of this envelope's persistent message, bound for work
         queue ``queue``: message id, type, content type, timestamp and headers."""
-        all_headers: dict[str, Any] = {HEADER_ATTEMPT: self.attempt, HEADER_QUEUE: queue}
-        if due is not None:
-            all_headers[HEADER_DUE] = due.astimezone(UTC).isoformat(timespec="milliseconds")
-        if delay:
-            all_headers[HEADER_DELAY] = delay
-        if headers:
-            all_headers.update(headers)
         return Basic.Properties(
             message_id=str(self.id),
             message_type=self.type,
             content_type=CONTENT_TYPE,
             delivery_mode=PERSISTENT,
             timestamp=datetime.now(UTC),
-            headers=all_headers,
+            headers=self._headers(queue, due, delay, headers),
         )
+
+    def persistent(
+        self,
+        queue: str,
+        *,
+        due_ms: int | None = None,
+        delay: int = 0,
+        headers: dict[str, Any] | None = None,
+    ) -> Persistent:
+        """The same properties as :meth:`properties` (``due_ms``: the due time in
+        milliseconds since the epoch), in the form the publisher writes without pamqp
+        (:class:`taskq.frames.Persistent`)."""
+        all_headers: dict[str, Any] = {HEADER_ATTEMPT: self.attempt, HEADER_QUEUE: queue}
+        if due_ms is not None:
+            all_headers[HEADER_DUE] = _due_text(due_ms)
+        return Persistent(
+            str(self.id), self.type, int(time.time()), _more(all_headers, delay, headers)
+        )
+
+    def _headers(
+        self, queue: str, due: datetime | None, delay: int, headers: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        all_headers: dict[str, Any] = {HEADER_ATTEMPT: self.attempt, HEADER_QUEUE: queue}
+        if due is not None:
+            all_headers[HEADER_DUE] = due.astimezone(UTC).isoformat(timespec="milliseconds")
+        return _more(all_headers, delay, headers)
 
     @classmethod
     def parse(cls, body: bytes) -> Envelope:
@@ -126,3 +147,21 @@ class Envelope:
         if attempt > MAX_ATTEMPT:
             raise InvalidEnvelope(f"'attempt' is larger than {MAX_ATTEMPT}")
         return cls(task_id, task_type, attempt)
+
+
+def _more(
+    all_headers: dict[str, Any], delay: int, headers: dict[str, Any] | None
+) -> dict[str, Any]:
+    if delay:
+        all_headers[HEADER_DELAY] = delay
+    if headers:
+        all_headers.update(headers)
+    return all_headers
+
+
+@functools.lru_cache(maxsize=256)
+def _due_text(due_ms: int) -> str:
+    """A due time in milliseconds since the epoch as the due header writes it (the
+    envelopes of one millisecond share it)."""
+    due = datetime.fromtimestamp(due_ms // 1000, UTC).replace(microsecond=due_ms % 1000 * 1000)
+    return due.isoformat(timespec="milliseconds")

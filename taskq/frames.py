@@ -19,14 +19,13 @@ import functools
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 import aiormq
 import pamqp.encode
 import pamqp.frame
 from aiormq.abc import ChannelFrame
-from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
@@ -38,6 +37,35 @@ _INTERNALS = ("lock", "delivery_tag", "confirmations", "message_id_delivery_tag"
 _ONE_FRAME_BODY = 4096 - 8
 
 
+JSON = "application/json"
+PERSISTENT = 2  # AMQP delivery mode: written to disk by the broker
+
+
+class Persistent(NamedTuple):
+    """The properties of a persistent JSON message: message id, type, timestamp (whole
+    seconds since the epoch) and headers; :func:`content_header` writes them as pamqp
+    writes the same :class:`Basic.Properties` (:meth:`pamqp`), without building those.
+
+    Building and walking a ``Basic.Properties`` cost as much as the rest of an
+    envelope's publish: an envelope's properties are always these few.
+    """
+
+    message_id: str
+    message_type: str
+    timestamp: int
+    headers: dict[str, Any]
+
+    def pamqp(self) -> Basic.Properties:
+        return Basic.Properties(
+            message_id=self.message_id,
+            message_type=self.message_type,
+            content_type=JSON,
+            delivery_mode=PERSISTENT,
+            timestamp=datetime.fromtimestamp(self.timestamp, UTC),
+            headers=self.headers,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """One message to publish (mandatory: an unroutable one is returned, hence failed)."""
@@ -45,7 +73,7 @@ class Outgoing:
     exchange: str
     routing_key: str
     body: bytes
-    properties: Basic.Properties
+    properties: Basic.Properties | Persistent
 
 
 async def publish_batch(
@@ -110,7 +138,9 @@ async def _write(
             confirms.append(confirm)
             parts.append(_method(number, message.exchange, message.routing_key))
             parts.append(content_header(number, len(message.body), message.properties))
-            parts.append(pamqp.frame.marshal(ContentBody(message.body), number))
+            parts.append(_BODY_START.pack(_FRAME_BODY, number, len(message.body)))
+            parts.append(message.body)
+            parts.append(_FRAME_END)
         drained = ch.create_future()
         await ch.write_queue.put(
             ChannelFrame(payload=b"".join(parts), should_close=False, drain_future=drained)
@@ -136,12 +166,18 @@ def _method(channel_number: int, exchange: str, routing_key: str) -> bytes:
 _HEADER_START = struct.Struct(">BHIHHQH")
 _FRAME_HEADER = 2
 _FRAME_END = b"\xce"
+# A body frame: frame type, channel, payload size; then the body and the frame end
+# (what pamqp.frame.marshal writes for a ContentBody).
+_BODY_START = struct.Struct(">BHI")
+_FRAME_BODY = 3
 _SHORT_STRING = struct.Struct(">B")
 _OCTET = struct.Struct(">B")
 _TIMESTAMP = struct.Struct(">Q")
 
 
-def content_header(channel_number: int, body_size: int, properties: Basic.Properties) -> bytes:
+def content_header(
+    channel_number: int, body_size: int, properties: Basic.Properties | Persistent
+) -> bytes:
     """The marshalled content header frame of a message: the bytes pamqp writes.
 
     pamqp dispatches every property through its generic type encoders, which
@@ -153,6 +189,15 @@ def content_header(channel_number: int, body_size: int, properties: Basic.Proper
     to pamqp whatever it cannot encode the same way (it raises for what no
     frame can carry, e.g. a short string over 255 bytes).
     """
+    if isinstance(properties, Persistent):
+        payload = _persistent(properties)
+        if payload is None:
+            return content_header(channel_number, body_size, properties.pamqp())
+        start = _HEADER_START.pack(
+            _FRAME_HEADER, channel_number, 14 + len(payload), Basic.frame_id, 0, body_size,
+            _PERSISTENT_FLAGS,
+        )  # fmt: skip
+        return start + payload + _FRAME_END
     flags = 0
     parts = []
     for name, flag, encode in _PROPERTIES:
@@ -230,6 +275,32 @@ _PROPERTIES: tuple[tuple[str, int, Callable[[Any], bytes | None]], ...] = tuple(
 )
 
 
+# The properties a Persistent sets, in wire order (content type, headers, delivery
+# mode, message id, timestamp, type).
+_PERSISTENT_FLAGS = sum(
+    Basic.Properties.flags[name]
+    for name in (
+        "content_type", "headers", "delivery_mode", "message_id", "timestamp", "message_type",
+    )
+)  # fmt: skip
+_JSON_BYTES = _SHORT_STRING.pack(len(JSON)) + JSON.encode()
+_PERSISTENT_BYTES = _OCTET.pack(PERSISTENT)
+
+
+def _persistent(properties: Persistent) -> bytes | None:
+    """The property list of a :class:`Persistent`; None where pamqp must have its say
+    (an empty or too long string, which pamqp leaves out or refuses)."""
+    message_id = _short_string(properties.message_id)
+    message_type = _short_string(properties.message_type)
+    table = _table(properties.headers)
+    if not (properties.message_id and properties.message_type and message_id and message_type):
+        return None
+    if table is None or not 0 <= properties.timestamp < 2**64:
+        return None
+    timestamp = _TIMESTAMP.pack(properties.timestamp)
+    return _JSON_BYTES + table + _PERSISTENT_BYTES + message_id + timestamp + message_type
+
+
 def _supported(channel: aiormq.abc.AbstractChannel, messages: Sequence[Outgoing]) -> bool:
     return (
         all(hasattr(channel, name) for name in _INTERNALS)
@@ -248,7 +319,9 @@ async def _one_by_one(
                 m.body,
                 exchange=m.exchange,
                 routing_key=m.routing_key,
-                properties=m.properties,
+                properties=m.properties.pamqp()
+                if isinstance(m.properties, Persistent)
+                else m.properties,
                 mandatory=True,
                 timeout=timeout,
             )
