@@ -21,7 +21,8 @@ import asyncpg
 
 from taskq import task_types, validation
 from taskq.broker import Link, Publisher
-from taskq.errors import IdempotencyConflict, RejectedByDatabase
+from taskq.errors import IdempotencyConflict
+from taskq.inserts import InsertBatcher
 from taskq.metrics import ApiMetrics
 from taskq.offload import Offload, Overrun
 from taskq.relay import Outbox
@@ -30,14 +31,6 @@ from taskq.store import Enqueued, NewTask, Store
 from taskq.task_types import TaskType, TypeCache
 from taskq.validation import FieldError, InvalidRequest
 
-MAX_INSERT_BATCH = 500
-# Concurrent insert statements. Each takes whatever is queued when it starts, so
-# under load the batches grow with the load; a request that comes while a flusher
-# is free is inserted at once. Two, not one, so that one statement waiting (on the
-# commit, or on a concurrent insert of the same idempotency key) does not hold up
-# every other request. Four gave batches half the size for no more throughput:
-# 32 clients, 9 rows a statement against 16 (Postgres 44 against 31 us a row).
-FLUSHERS = 2
 # The outbox publishes everything queued, up to this many rows, in one write and
 # waits for their confirms before the next write: a batch forms while the previous
 # one is confirmed. Eight batches of 32 at once gave the broker a write of 3 or 4
@@ -55,65 +48,6 @@ class EnqueueResult:
     @property
     def id(self) -> Any:
         return self.task["id"]
-
-
-class _InsertBatcher:
-    """Groups concurrent single enqueues into one INSERT statement."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._queue: asyncio.Queue[tuple[NewTask, asyncio.Future[Enqueued]]] = asyncio.Queue()
-        self._tasks = [
-            asyncio.create_task(self._flush(), name=f"taskq-insert-{n}") for n in range(FLUSHERS)
-        ]
-
-    async def submit(self, task: NewTask) -> Enqueued:
-        future: asyncio.Future[Enqueued] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((task, future))
-        return await future
-
-    async def _flush(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_INSERT_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                results = await self._store.enqueue([task for task, _ in batch])
-            except RejectedByDatabase as exc:
-                if len(batch) == 1:
-                    self._fail(batch, exc)
-                    continue
-                # One row the database refuses must not fail the requests that
-                # shared its statement: insert them one by one.
-                for item in batch:
-                    try:
-                        self._settle([item], await self._store.enqueue([item[0]]))
-                    except Exception as exc:
-                        self._fail([item], exc)
-                continue
-            except Exception as exc:  # every waiter gets the error, the flusher goes on
-                self._fail(batch, exc)
-                continue
-            self._settle(batch, results)
-
-    @staticmethod
-    def _settle(
-        batch: list[tuple[NewTask, asyncio.Future[Enqueued]]], results: list[Enqueued]
-    ) -> None:
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-
-    @staticmethod
-    def _fail(batch: list[tuple[NewTask, asyncio.Future[Enqueued]]], exc: BaseException) -> None:
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(exc)
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class Client:
@@ -153,7 +87,7 @@ class Client:
             on_failure=self.metrics.publish_failures.inc,
         )
         self.outbox.start()
-        self._batcher = _InsertBatcher(store)
+        self._batcher = InsertBatcher(store, on_inserted=self._publish_created)
 
     @classmethod
     async def connect(cls, settings: Settings, *, metrics: ApiMetrics | None = None) -> Client:
@@ -226,7 +160,7 @@ class Client:
             if task_type.validator is not None:
                 validation.raise_all(await self._check_payloads([("", task_type, body.payload)]))
             result = await self._batcher.submit(task)
-            answer = self._settle(task, result, "")
+            answer = self._settle(task, result, "", publish=False)  # the batcher handed it over
         except (InvalidRequest, IdempotencyConflict) as exc:
             outcome = "conflict" if isinstance(exc, IdempotencyConflict) else "invalid"
             self.metrics.enqueue_total.labels("", "", outcome).inc()
@@ -305,8 +239,16 @@ class Client:
             message = f"checking it against the type's payload_schema took over {deadline:g}s"
             return [InvalidRequest([FieldError(field, message)])]
 
-    def _settle(self, task: NewTask, result: Enqueued, prefix: str) -> EnqueueResult:
-        """Turn the store's answer into ours; publish what was created."""
+    def _publish_created(self, results: Sequence[Enqueued]) -> None:
+        """Hand the created rows of ``results`` to the outbox: they are durable now."""
+        for result in results:
+            if result.outcome == "created":
+                self.outbox.submit(_owed(result))
+
+    def _settle(
+        self, task: NewTask, result: Enqueued, prefix: str, *, publish: bool = True
+    ) -> EnqueueResult:
+        """Turn the store's answer into ours; with ``publish``, publish what was created."""
         if result.outcome == "conflict":
             assert task.idempotency_key is not None and result.row is not None
             raise IdempotencyConflict(
@@ -315,16 +257,21 @@ class Client:
         if result.outcome == "unknown_type":
             raise InvalidRequest([FieldError(prefix + "type", f"unknown task type {task.type!r}")])
         assert result.row is not None
-        if result.outcome == "created":
+        if publish and result.outcome == "created":
             # The task is durable now; the outbox publishes it in the background.
-            row = {
-                **result.row,
-                "delay": result.delay,
-                "last_error": None,
-                "generation": result.generation,
-            }
-            self.outbox.submit(row)
+            self.outbox.submit(_owed(result))
         return EnqueueResult(result.outcome == "created", result.row)
+
+
+def _owed(result: Enqueued) -> dict[str, Any]:
+    """The row the outbox publishes for a created task."""
+    assert result.row is not None
+    return {
+        **result.row,
+        "delay": result.delay,
+        "last_error": None,
+        "generation": result.generation,
+    }
 
 
 def _index(field: str) -> int:
