@@ -163,11 +163,10 @@ class Client:
             answer = self._settle(task, result, "", publish=False)  # the batcher handed it over
         except (InvalidRequest, IdempotencyConflict) as exc:
             outcome = "conflict" if isinstance(exc, IdempotencyConflict) else "invalid"
-            self.metrics.enqueue_total.labels("", "", outcome).inc()
+            self.metrics.enqueued("", "", outcome, None)
             raise
         queue = answer.task["queue"]
-        self.metrics.enqueue_total.labels(body.type, queue, _outcome(answer)).inc()
-        self.metrics.enqueue_latency.labels(body.type, queue).observe(time.perf_counter() - started)
+        self.metrics.enqueued(body.type, queue, _outcome(answer), time.perf_counter() - started)
         return answer
 
     async def enqueue_many(

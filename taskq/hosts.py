@@ -24,6 +24,7 @@ from taskq.settings import Settings
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 MAX_HOST_CHARS = 300
+MAX_SEEN = 256
 
 
 def host_name(value: str) -> str | None:
@@ -67,10 +68,20 @@ class HostCheck:
                 entries.append(bind)
         self.names = frozenset(e.strip("[]") for e in entries if not e.startswith("."))
         self.domains = tuple(e for e in entries if e.startswith("."))
+        # Answers for the Host headers seen lately: the same one or few, request after request.
+        self._seen: dict[str, bool] = {}
 
     def allows(self, header: str | None) -> bool:
         if self.any or header is None:
             return True
+        known = self._seen.get(header)
+        if known is None:
+            if len(self._seen) >= MAX_SEEN:  # hostile hosts cannot grow it
+                self._seen.clear()
+            known = self._seen[header] = self._allows(header)
+        return known
+
+    def _allows(self, header: str) -> bool:
         name = host_name(header)
         if name is None:
             return False

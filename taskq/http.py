@@ -63,6 +63,10 @@ class Problem(Exception):
         return Response(orjson.dumps(body), self.status, self.headers, media_type=PROBLEM)
 
 
+# What a request that met a bug gets (and the log the error).
+SERVER_ERROR = Problem(500, "Internal error", "the server failed; see its log")
+
+
 def json_default(value: Any) -> str:
     # asyncpg returns its own UUID class, which orjson does not know.
     if isinstance(value, uuid.UUID):
@@ -96,41 +100,47 @@ def endpoint(route: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
                 if request.method in CHANGES_STATE:
                     require_json(request)
                 response = await handler(request)
-            except Problem as problem:
+            except Exception as exc:
+                problem = problem_for(exc, route)
+                if problem is None:
+                    raise
                 response = problem.response()
-            except InvalidRequest as exc:
-                response = _invalid(exc).response()
-            except IdempotencyConflict as exc:
-                response = Problem(
-                    409,
-                    "Idempotency conflict",
-                    str(exc),
-                    errors=[FieldError(exc.field, "already used with another request")],
-                    extra={"task_id": str(exc.task_id)},
-                ).response()
-            except RejectedByDatabase as exc:
-                response = Problem(
-                    400, "Invalid request", str(exc), errors=[FieldError("body", str(exc))]
-                ).response()
-            except StoreError as exc:
-                # The driver's words stay in the log: they can name hosts and users.
-                log.warning("route %s: %s", route, exc)
-                response = Problem(
-                    503, "Database unavailable", "the database did not answer; try again"
-                ).response()
-            except Busy:
-                response = Problem(
-                    503,
-                    "Busy",
-                    "every payload check is taken; try again",
-                    headers={"Retry-After": "1"},
-                ).response()
-            state.metrics.http_requests.labels(route, str(response.status_code)).inc()
+            state.metrics.http_request(route, response.status_code)
             return response
 
         return endpoint
 
     return wrap
+
+
+def problem_for(exc: Exception, route: str) -> Problem | None:
+    """The problem answered for an error of ``route``; None for one that is a bug (a 500)."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return _invalid(exc)
+    if isinstance(exc, IdempotencyConflict):
+        return Problem(
+            409,
+            "Idempotency conflict",
+            str(exc),
+            errors=[FieldError(exc.field, "already used with another request")],
+            extra={"task_id": str(exc.task_id)},
+        )
+    if isinstance(exc, RejectedByDatabase):
+        return Problem(400, "Invalid request", str(exc), errors=[FieldError("body", str(exc))])
+    if isinstance(exc, StoreError):
+        # The driver's words stay in the log: they can name hosts and users.
+        log.warning("route %s: %s", route, exc)
+        return Problem(503, "Database unavailable", "the database did not answer; try again")
+    if isinstance(exc, Busy):
+        return Problem(
+            503,
+            "Busy",
+            "every payload check is taken; try again",
+            headers={"Retry-After": "1"},
+        )
+    return None
 
 
 def key_label(key: str) -> str:
@@ -140,7 +150,12 @@ def key_label(key: str) -> str:
 
 def _authenticate(request: Request, keys: list[str]) -> str:
     """The label of the request's API key; 401 if it has none of ``keys``."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return authenticate(request.headers.get("authorization", ""), keys)
+
+
+def authenticate(authorization: str, keys: list[str]) -> str:
+    """The label of the API key in an Authorization header; 401 if it holds none of ``keys``."""
+    scheme, _, token = authorization.partition(" ")
     given = token.strip().encode()
     # Compare with every key, so the time taken does not say which one matched.
     matches = [hmac.compare_digest(given, k.encode()) for k in keys]
@@ -162,7 +177,12 @@ def require_json(request: Request) -> None:
     a "simple" content type (form encodings, ``text/plain``); requiring JSON on
     every request that changes state means another site can never make one.
     """
-    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    check_json(request.headers.get("content-type", ""))
+
+
+def check_json(content_type: str) -> None:
+    """415 unless a Content-Type header says JSON (see :func:`require_json`)."""
+    media = content_type.partition(";")[0].strip().lower()
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
     ):
@@ -175,23 +195,36 @@ def require_json(request: Request) -> None:
         )
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body parsed as JSON, refusing other media types and oversized bodies."""
-    require_json(request)
-    too_large = Problem(
+def check_length(content_length: str, limit: int) -> None:
+    """413 if a Content-Length header announces more than ``limit`` bytes."""
+    if content_length.isdigit() and int(content_length) > limit:
+        raise too_large(limit)
+
+
+def too_large(limit: int) -> Problem:
+    """The 413 of a body over ``limit`` bytes."""
+    return Problem(
         413,
         "Payload too large",
         f"the body exceeds {limit} bytes",
         errors=[FieldError("body", f"larger than {limit} bytes")],
     )
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body parsed as JSON, refusing other media types and oversized bodies."""
+    require_json(request)
+    check_length(request.headers.get("content-length", ""), limit)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise too_large
+            raise too_large(limit)
+    return parse_json(body)
+
+
+def parse_json(body: bytes | bytearray) -> Any:
+    """A request body parsed as JSON; 400 naming what is malformed."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

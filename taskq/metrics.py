@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -57,11 +58,37 @@ class ApiMetrics:
             ["queue", "kind"],
             registry=self.registry,
         )
+        # The children of the label sets seen so far (bounded by the registered types,
+        # the queues and the routes): labels() costs as much as the rest of a count.
+        self._enqueue_children: dict[tuple[str, str, str], Any] = {}
+        self._latency_children: dict[tuple[str, str], Any] = {}
+        self._http_children: dict[tuple[str, int], Any] = {}
         self.broker_up = Gauge(
             "taskq_broker_up",
             "1 when the queue depths could be read from the broker at the last scrape, else 0.",
             registry=self.registry,
         )
+
+    def enqueued(self, task_type: str, queue: str, outcome: str, seconds: float | None) -> None:
+        """Count one enqueue; with ``seconds``, observe how long it took."""
+        key = (task_type, queue, outcome)
+        counter = self._enqueue_children.get(key)
+        if counter is None:  # labels() validates and locks: once per label set
+            counter = self._enqueue_children[key] = self.enqueue_total.labels(*key)
+        counter.inc()
+        if seconds is not None:
+            histogram = self._latency_children.get(key[:2])
+            if histogram is None:
+                histogram = self._latency_children[key[:2]] = self.enqueue_latency.labels(*key[:2])
+            histogram.observe(seconds)
+
+    def http_request(self, route: str, status: int) -> None:
+        child = self._http_children.get((route, status))
+        if child is None:
+            child = self._http_children[(route, status)] = self.http_requests.labels(
+                route, str(status)
+            )
+        child.inc()
 
     def observe_queues(self, depths: Sequence[tuple[str, str, int, int]] | None) -> None:
         """Set the queue gauges from ``(queue, kind, messages, consumers)`` rows;

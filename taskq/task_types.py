@@ -1,8 +1,10 @@
 """The task type registry as the enqueue path sees it: a cache, and payload checks.
 
 The cache is one snapshot of the ``task_type`` table. A read refreshes it when it
-is older than ``ttl``, or when the name is missing from a snapshot older than
-``MISS_REFRESH_AFTER`` and was not found missing within ``NEGATIVE_TTL``.
+is older than ``ttl`` (in the background while the snapshot is younger than
+``ttl * STALE_FACTOR`` and holds the name, answering from it meanwhile), or when
+the name is missing from a snapshot older than ``MISS_REFRESH_AFTER`` and was not
+found missing within ``NEGATIVE_TTL``.
 Refreshes are single-flight: concurrent callers share one query, so a flood of
 unknown names costs at most one query at a time (and at most one per
 ``MISS_REFRESH_AFTER``). The insert itself joins the live registry, so a stale
@@ -25,6 +27,9 @@ from taskq.store import Store
 from taskq.validation import FieldError, InvalidRequest
 
 TYPES_TTL = 2.0
+# A snapshot younger than TYPES_TTL * STALE_FACTOR answers for the names it holds while
+# a newer one is read; an older one (the database was away) is waited for.
+STALE_FACTOR = 5
 MISS_REFRESH_AFTER = 0.05
 NEGATIVE_TTL = 1.0
 MAX_MISSES = 10_000
@@ -87,7 +92,12 @@ class TypeCache:
     async def get(self, name: str) -> TaskType | None:
         now = time.monotonic()
         age = now - self._loaded_at
-        if age > self._ttl:
+        if age > self._ttl and name in self._types and age < self._ttl * STALE_FACTOR:
+            # Answer from the snapshot and refresh it in the background: the query
+            # stays off the requests' way (it held up every request arriving during
+            # it, every ttl seconds). The insert joins the live registry anyway.
+            self._refresh_soon()
+        elif age > self._ttl:
             await self.refresh()
         elif name not in self._types and age > MISS_REFRESH_AFTER:
             missed = self._misses.get(name)
@@ -102,11 +112,15 @@ class TypeCache:
 
     async def refresh(self) -> None:
         """Read the registry; callers that come meanwhile share the same read."""
+        await asyncio.shield(self._refresh_soon())
+
+    def _refresh_soon(self) -> asyncio.Task[None]:
+        """The read of the registry under way, started if there is none."""
         if self._refreshing is None or self._refreshing[0] != self._generation:
             task = asyncio.create_task(self._load(self._generation))
             self._refreshing = (self._generation, task)
             task.add_done_callback(self._refreshed)
-        await asyncio.shield(self._refreshing[1])
+        return self._refreshing[1]
 
     def _refreshed(self, task: asyncio.Task[None]) -> None:
         if self._refreshing is not None and self._refreshing[1] is task:

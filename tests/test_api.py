@@ -379,9 +379,24 @@ async def test_the_enqueue_fast_path_answers_like_the_routed_api(
         await api.post("/enqueue", content=b"{}", headers={"content-type": "text/plain"}), 415
     )
     assert (await api.get("/enqueue")).status_code == 405  # other methods still go through routing
+
+    async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    # A body in several messages (chunked, no Content-Length) is read whole, and refused
+    # once it passes the limit.
+    whole = chunks(b'{"type": "demo.echo", ', b'"payload": {"n": 1}}')
+    assert (await api.post("/enqueue", content=whole, headers=json_type)).status_code == 201
+    limit = app_settings(api).max_payload_bytes
+    endless = chunks(
+        b'{"type": "demo.echo", "payload": {"s": "', *[b"x" * 65536] * (limit // 65536 + 2)
+    )
+    assert_problem(await api.post("/enqueue", content=endless, headers=json_type), 413, "body")
     metrics = (await api.get("/metrics")).text
-    assert 'taskq_http_requests_total{route="enqueue",status="201"} 1.0' in metrics
+    assert 'taskq_http_requests_total{route="enqueue",status="201"} 2.0' in metrics
     assert 'taskq_http_requests_total{route="enqueue",status="400"} 1.0' in metrics
+    assert 'taskq_http_requests_total{route="enqueue",status="413"} 1.0' in metrics
 
     app = api.app  # type: ignore[attr-defined]
 
@@ -394,3 +409,8 @@ async def test_the_enqueue_fast_path_answers_like_the_routed_api(
         failed = await client.post("/enqueue", json={"type": "demo.echo", "payload": {}})
     body = assert_problem(failed, 500)
     assert "a bug" not in failed.text and body["title"] == "Internal error"
+
+
+def app_settings(api: httpx.AsyncClient) -> Settings:
+    settings: Settings = api.app.state.settings  # type: ignore[attr-defined]
+    return settings
