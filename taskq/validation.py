@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -18,7 +17,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from taskq import schemas
-from taskq._utils import json_has_nul, parse_duration
+from taskq._utils import json_has_nul, parse_duration, task_id
 from taskq.errors import TaskqError
 from taskq.settings import QUEUE_NAME, Settings
 from taskq.store import NewTask
@@ -229,7 +228,7 @@ def enqueue_task(data: Any, settings: Settings, *, prefix: str = "") -> tuple[Ne
     if errors:
         raise InvalidRequest(errors)
     task = NewTask(
-        id=uuid.uuid4(),
+        id=task_id(),
         type=body.type,
         payload_json=payload_json,
         queue=body.queue,

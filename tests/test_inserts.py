@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -79,3 +80,20 @@ async def test_a_stalled_statement_does_not_hold_up_the_next(monkeypatch: Any) -
         }
     finally:
         await batcher.close()
+
+
+def test_task_ids_are_version_7_and_grow_with_time(monkeypatch: Any) -> None:
+    from taskq import _utils
+
+    before = time.time_ns() // 1_000_000
+    ids = [_utils.task_id() for _ in range(1000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 1000
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+    assert all(before <= i.int >> 80 <= after for i in ids)  # the time in ms leads
+    clock = [1_800_000_000_000_000_000]
+    monkeypatch.setattr(_utils.time, "time_ns", lambda: clock[0])
+    earlier = [_utils.task_id() for _ in range(100)]
+    clock[0] += 1_000_000  # a millisecond later
+    later = [_utils.task_id() for _ in range(100)]
+    assert max(earlier) < min(later)
