@@ -181,11 +181,16 @@ class Client:
         errors: list[InvalidRequest] = []
         tasks: list[NewTask] = []
         checks: list[tuple[str, TaskType, dict[str, Any]]] = []
+        registry: dict[str, TaskType | None] = {}  # each type looked up once a batch
         for index, item in enumerate(validation.batch_items({"tasks": list(items)})):
             prefix = f"tasks[{index}]"
             try:
                 task, body = validation.enqueue_task(item, self.settings, prefix=prefix)
-                task_type = await self._check_type(body.type, body.queue, prefix + ".")
+                if body.type not in registry:
+                    registry[body.type] = await self.types.get(body.type)
+                task_type = task_types.check_type(
+                    registry[body.type], body.type, body.queue, self.settings.queues, prefix + "."
+                )
             except InvalidRequest as exc:
                 errors.append(exc)
             else:
