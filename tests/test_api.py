@@ -414,3 +414,32 @@ async def test_the_enqueue_fast_path_answers_like_the_routed_api(
 def app_settings(api: httpx.AsyncClient) -> Settings:
     settings: Settings = api.app.state.settings  # type: ignore[attr-defined]
     return settings
+
+
+async def test_an_insert_waiting_for_a_key_does_not_hold_up_the_others(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Single enqueues share one insert statement at a time; one that waits (for an
+    idempotency key another transaction is inserting) gets the others a statement beside it."""
+    client = api.app.state.client  # type: ignore[attr-defined]
+    holder = await asyncpg.connect(settings.database_url)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await client.enqueue("demo.echo", {"held": 1}, idempotency_key="held", connection=holder)
+        request = {"type": "demo.echo", "payload": {"held": 1}, "idempotency_key": "held"}
+        waiting = asyncio.create_task(api.post("/enqueue", json=request))
+        waits = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        while not await holder.fetchval(waits + " AND wait_event_type = 'Lock'"):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # until its statement waits for the key's lock
+        others = [
+            api.post("/enqueue", json={"type": "demo.echo", "payload": {"n": n}}) for n in range(5)
+        ]
+        answers = await asyncio.wait_for(asyncio.gather(*others), 10)  # no commit needed
+        assert [a.status_code for a in answers] == [201] * 5
+        assert not waiting.done()
+        await transaction.commit()
+        replay = await asyncio.wait_for(waiting, 10)
+        assert replay.status_code == 200 and replay.headers["idempotent-replayed"] == "true"
+    finally:
+        await holder.close()
