@@ -91,7 +91,7 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ("TASKQ_AMQP_URL", "not a url"),
         ("TASKQ_AMQP_URL", "amqp://host:port/"),
         ("TASKQ_NAMESPACE", "bad name"),
-        ("TASKQ_WORKER_PREFETCH", "0"),
+        ("TASKQ_WORKER_PREFETCH", "-1"),
         ("TASKQ_WORKER_PROCESSES", "0"),
         ("TASKQ_LEASE_SECONDS", "0"),
         ("TASKQ_HTTP_PORT", "70000"),
