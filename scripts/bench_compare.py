@@ -4,8 +4,10 @@
     .venv/bin/python scripts/bench_compare.py BEFORE.txt AFTER.txt
 
 Each output's JSON lines give the figures; with several runs their medians are
-used, else the one run's values. Rows follow the second output's order; a
-figure only one side has shows "-" on the other. Ratios are after / before.
+used, else the one run's values. A figure whose name its workload repeats is
+named after the figure before it ("Dramatiq: end to end → taskq / peer"). Rows
+follow the second output's order; a figure only one side has shows "-" on the
+other. Ratios are after / before.
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ Key = tuple[str, str]
 def figures(lines: Iterable[str]) -> tuple[dict[Key, tuple[float, str]], int]:
     """The figures of one output (medians if it has them) and how many runs it had."""
     by_run: dict[object, dict[Key, tuple[float, str]]] = {}
+    previous: dict[object, str] = {}
     for line in lines:
         if not line.startswith('{"bench": "taskq"'):
             continue
         record = json.loads(line)
-        key = (record["workload"], record["figure"])
-        by_run.setdefault(record["run"], {})[key] = (float(record["value"]), record["unit"])
+        run, name = record["run"], record["figure"]
+        figures = by_run.setdefault(run, {})
+        key = (record["workload"], name)
+        if key in figures:
+            # A name a workload repeats (a ratio after each peer figure, the
+            # latency of each app) is told apart by the figure before it.
+            key = (record["workload"], f"{previous[run]} → {name}")
+        figures[key] = (float(record["value"]), record["unit"])
+        previous[run] = name
     if not by_run:
         raise SystemExit("no figures: is this the output of scripts/bench?")
     runs = sum(1 for run in by_run if run != "median")

@@ -43,6 +43,13 @@ def test_rows_pair_by_workload_and_figure_with_the_ratio(compare: ModuleType) ->
     assert rows[4] == "| 3 end to end | gone (s) | 1.00 | - | - |"
 
 
+def test_a_repeated_name_is_told_apart_by_the_figure_before_it(compare: ModuleType) -> None:
+    lines = [line(1, "A: rate", 1.0), line(1, "ratio", 2.0), line(1, "B: rate", 3.0)]
+    values, _ = compare.figures([*lines, line(1, "ratio", 4.0)])
+    assert values[("3 end to end", "ratio")] == (2.0, "s")
+    assert values[("3 end to end", "B: rate → ratio")] == (4.0, "s")
+
+
 def test_an_output_without_figures_is_refused(compare: ModuleType) -> None:
     with pytest.raises(SystemExit, match="no figures"):
         compare.figures(["Traceback (most recent call last):"])
