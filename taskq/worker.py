@@ -130,9 +130,7 @@ class Worker:
             known = ",".join(settings.queues)
             raise ConfigError("--queues", f"list distinct queues of TASKQ_QUEUES ({known})")
         self.concurrency = concurrency or settings.worker_concurrency
-        self.threads = (
-            threads or settings.worker_threads or min(self.concurrency, DEFAULT_THREADS)
-        )
+        self.threads = threads or settings.worker_threads or min(self.concurrency, DEFAULT_THREADS)
         # As many as the concurrency: a claim can then take a batch as large as
         # the free slots, so batches follow the load, not a second setting.
         self.prefetch = prefetch or settings.worker_prefetch or self.concurrency
