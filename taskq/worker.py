@@ -1,6 +1,6 @@
 """The worker: consume envelopes, claim their tasks in batches, run handlers, record outcomes.
 
-Per delivery (DESIGN §5):
+Per delivery (docs/workers.md, "Per delivery: claim, run, record"):
 
 1. :mod:`taskq.consumer` parses the envelope; garbage is rejected, and the
    work queue dead-letters it to ``<ns>.dlq``. Good envelopes are buffered
@@ -206,7 +206,7 @@ class Worker:
         )
         stack.push_async_callback(self.store.close)
         await self._register_types()
-        # In the workers registry from now on (the heartbeat keeps it fresh),
+        # In the worker list from now on (the heartbeat keeps it fresh),
         # and out of it at a clean stop.
         await self.store.heartbeat([], self.info, self.lease)
         stack.push_async_callback(self._leave_registry)

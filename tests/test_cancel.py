@@ -1,4 +1,4 @@
-"""Cancelling with a real worker: cooperative, forced after the grace, scheduled; the registry."""
+"""Cancelling with a real worker: cooperative, forced after the grace, scheduled; GET /workers."""
 
 from __future__ import annotations
 

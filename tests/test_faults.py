@@ -1,4 +1,4 @@
-"""The promises of DESIGN §2 under faults: real worker and API processes, killed and starved.
+"""The README's promises under faults: real worker and API processes, killed and starved.
 
 Scenarios (numbered as in issue 6):
 

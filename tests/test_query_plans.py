@@ -95,8 +95,8 @@ async def test_id_lists_are_never_a_per_row_filter(db: asyncpg.Connection, query
             status,
         )
     ids = [r["id"] for r in await db.fetch("SELECT id FROM tasks ORDER BY random() LIMIT 200")]
-    # A prepared statement is planned for its values at first, then may settle
-    # on a generic plan: neither may test rows against the list.
+    # A prepared statement is planned for its values at first, then may switch
+    # to a generic plan: neither may test rows against the list.
     for mode in ("force_custom_plan", "force_generic_plan"):
         async with db.transaction():
             await db.execute(f"SET LOCAL plan_cache_mode = {mode}")

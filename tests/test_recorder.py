@@ -37,7 +37,7 @@ async def test_an_outcome_that_cannot_be_written_is_given_up(
     try:
         token = uuid.uuid4()
         recorder.add(Finished("complete", uuid.uuid4(), token, 1, "t", "default", result="null"))
-        # Retried while the heartbeat keeps the lease; then settled, so the heartbeat
+        # Retried while the heartbeat keeps the lease; then closed, so the heartbeat
         # lets the lease run out and the sweeper takes the task back.
         await poll(lambda: settled == [token], "the outcome was never given up")
         assert store.tries > 1

@@ -71,7 +71,7 @@ async def test_a_base_exception_fails_the_attempt_with_a_reason(settings: Settin
             assert (row["attempts"], row["last_error"]) == (2, expected[name]), name
             retry = [e for e in await h.events(task_id) if e["status"] == "ENQUEUED"][-1]
             assert retry["error"] == expected[name]  # the first attempt was retried
-        # Every attempt settled: the heartbeat extends no lease any more.
+        # Every attempt closed: the heartbeat extends no lease any more.
         await poll(lambda: not worker._runner.attempts, "attempts still held")
         assert metric(worker, "taskq_tasks_in_flight") == 0
 

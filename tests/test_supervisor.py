@@ -185,7 +185,7 @@ async def test_sigterm_stops_every_process_gracefully_and_exits_0(
         finished = [await h.task(task_id) for task_id in ids]
         left = await worker_ids(h)
     assert [(row["status"], row["attempts"]) for row in finished] == [("SUCCEEDED", 1)] * 2
-    assert left == []  # each stopped cleanly, leaving the registry
+    assert left == []  # each stopped cleanly, leaving the worker list
     text = log_text(tmp_path)
     assert text.count("exited with code 0") == 2 and f"supervisor {process.pid} stopped" in text
 
@@ -264,6 +264,6 @@ async def test_the_processes_stop_when_the_supervisor_is_killed(
         await poll(lambda: not any(alive(pid) for pid in pids), "gone")
         row = await h.task(task_id)
         left = await worker_ids(h)
-    assert left == []  # they stopped gracefully, leaving the registry
+    assert left == []  # they stopped gracefully, leaving the worker list
     assert row["status"] == "SUCCEEDED"  # within their shutdown grace
     assert "the supervisor is gone: stopping" in log_text(tmp_path)
