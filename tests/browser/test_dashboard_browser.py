@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .browser_fixtures import API_KEY, System, artifacts_dir, browser, page, system
+from tests.support.browser_fixtures import API_KEY, System, artifacts_dir, browser, page, system
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 __all__ = ["browser", "page", "system"]  # fixtures, imported to be found

@@ -13,7 +13,7 @@ fleet go on without it:
    buffer, the sweeper takes its expired lease back, another worker runs every
    task; resumed, the frozen worker records nothing.
 
-Both end with the audit of :mod:`tests.test_faults` and print their figures.
+Both end with the audit of :mod:`tests.support.faults` and print their figures.
 """
 
 from __future__ import annotations
@@ -31,18 +31,17 @@ from taskq import relay, sweeper
 from taskq.client import Client
 from taskq.settings import Settings
 from taskq.store import NewTask
-
-from .test_faults import (
+from tests.support.faults import (
     Processes,
     all_terminal,
     audit,
     eventually,
-    free_port,
     processes,
     queue_depth,
     worker_ready,
 )
-from .worker_fixtures import Harness, harness
+from tests.support.services import free_port
+from tests.support.worker_fixtures import Harness, harness
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -24,10 +24,9 @@ import asyncpg
 import pytest
 
 from taskq.settings import Settings
-
-from .api_fixtures import declare_topology
-from .fault_load import Load, api_process, committed, consumers, put_record_type
-from .test_faults import all_terminal, audit, eventually, processes
+from tests.support.api_fixtures import declare_topology
+from tests.support.fault_load import Load, api_process, committed, consumers, put_record_type
+from tests.support.faults import all_terminal, audit, eventually, processes
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(300)]
 

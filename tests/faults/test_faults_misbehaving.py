@@ -18,9 +18,9 @@ import pytest
 
 from taskq.client import Client
 from taskq.settings import Settings
-
-from .test_faults import Figures, all_terminal, audit, processes, worker_ready
-from .worker_fixtures import ROOT, harness
+from tests.support import ROOT
+from tests.support.faults import Figures, all_terminal, audit, processes, worker_ready
+from tests.support.worker_fixtures import harness
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -59,13 +59,14 @@ async def test_misbehaving_handlers_are_contained(
     settings: Settings, tmp_path: Path, db: asyncpg.Connection
 ) -> None:
     env = {
-        "PYTHONPATH": ROOT,
+        "PYTHONPATH": str(ROOT),
         "TASKQ_LEASE_SECONDS": f"{LEASE:g}",
         "TASKQ_SWEEPER_OVERDUE_AFTER": "1",
         "TASKQ_SWEEPER_CHECK_EVERY": "0.5",
     }
     async with harness(settings) as h, processes(settings, tmp_path) as procs:
-        workers = [await procs.start("worker", "tests.misbehaving", **env) for _ in range(2)]
+        module = "tests.support.misbehaving"
+        workers = [await procs.start("worker", module, **env) for _ in range(2)]
         await worker_ready(h, 2)
         client = await Client.connect(settings)
         kinds: dict[uuid.UUID, str] = {}

@@ -6,14 +6,14 @@ back. Nothing is restarted by the test but the server: the API and the
 workers must reconnect by themselves.
 
 The servers restarted here are **private**: a RabbitMQ node and a Postgres
-cluster that :mod:`tests.private_services` starts for this session from the
+cluster that :mod:`tests.support.private_services` starts for this session from the
 machine's installed binaries, on free ports, in a temporary directory. They
 are the real RabbitMQ and Postgres, only disposable; the machine's shared
 servers (5672, 5432), which other test runs use at the same time, are never
 touched. Scenario 3 keeps its envelopes on the shared broker (in a namespace
 of its own) since only Postgres restarts there.
 
-Each scenario ends with the audit of :mod:`tests.test_faults` and prints its
+Each scenario ends with the audit of :mod:`tests.support.faults` and prints its
 figures (run with ``-s``).
 """
 
@@ -27,9 +27,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from .api_fixtures import declare_topology
-from .conftest import delete_namespace, make_settings
-from .fault_load import (
+from tests.support.api_fixtures import declare_topology
+from tests.support.fault_load import (
     Load,
     api_process,
     committed,
@@ -39,8 +38,14 @@ from .fault_load import (
     progress,
     put_record_type,
 )
-from .private_services import PrivatePostgres, PrivateRabbit, private_postgres, private_rabbit
-from .test_faults import all_terminal, audit, eventually, processes
+from tests.support.faults import all_terminal, audit, eventually, processes
+from tests.support.private_services import (
+    PrivatePostgres,
+    PrivateRabbit,
+    private_postgres,
+    private_rabbit,
+)
+from tests.support.services import delete_namespace, make_settings
 
 __all__ = ["private_postgres", "private_rabbit"]  # fixtures, used by name
 

@@ -29,9 +29,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from taskq.api import BATCH_BODY_FACTOR
 from taskq.settings import Settings
 from taskq.validation import TYPE_NAME
-
-from .api_fixtures import declare_topology, put_type, running_api
-from .conftest import delete_namespace, make_settings
+from tests.support.api_fixtures import declare_topology, put_type, running_api
+from tests.support.services import delete_namespace, make_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 

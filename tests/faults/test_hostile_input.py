@@ -18,10 +18,9 @@ import httpx
 import pytest
 
 from taskq.settings import Settings
-
-from .api_fixtures import assert_problem, declare_topology, put_type, running_api
-from .browser_fixtures import Process, _wait_until_up, free_port
-from .conftest import subprocess_env
+from tests.support.api_fixtures import assert_problem, declare_topology, put_type, running_api
+from tests.support.browser_fixtures import Process, wait_until_up
+from tests.support.services import free_port, subprocess_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -163,7 +162,7 @@ async def test_health_answers_while_every_parser_is_attacked(
     process = Process(["api", "--port", str(port)], env, tmp_path / "api.log").start()
     url = f"http://127.0.0.1:{port}"
     try:
-        await asyncio.to_thread(_wait_until_up, url, process)
+        await asyncio.to_thread(wait_until_up, url, process)
         async with httpx.AsyncClient(base_url=url, headers=KEYED, timeout=30) as http:
             for name, schema in TYPES.items():
                 response = await http.put(f"/types/{name}", json={"payload_schema": schema})

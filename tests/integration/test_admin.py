@@ -13,9 +13,15 @@ import pytest
 
 from taskq.http import key_label
 from taskq.settings import Settings
-
-from .api_fixtures import JSON, assert_problem, declare_topology, drain, put_type, running_api
-from .conftest import delete_namespace, make_settings
+from tests.support.api_fixtures import (
+    JSON,
+    assert_problem,
+    declare_topology,
+    drain,
+    put_type,
+    running_api,
+)
+from tests.support.services import delete_namespace, make_settings
 
 pytestmark = pytest.mark.integration
 

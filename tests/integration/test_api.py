@@ -13,9 +13,14 @@ import httpx
 import pytest
 
 from taskq.settings import Settings
-
-from .api_fixtures import assert_problem, declare_topology, drain, put_type, running_api
-from .conftest import make_settings
+from tests.support.api_fixtures import (
+    assert_problem,
+    declare_topology,
+    drain,
+    put_type,
+    running_api,
+)
+from tests.support.services import make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -217,7 +222,7 @@ async def test_too_large_wrong_type_and_auth(
         api_keys="k1,k2",
     )
     await declare_topology(settings)
-    from .conftest import delete_namespace
+    from tests.support.services import delete_namespace
 
     try:
         async with running_api(settings) as api:

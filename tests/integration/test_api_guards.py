@@ -17,9 +17,8 @@ import orjson
 import pytest
 
 from taskq.settings import Settings
-
-from .api_fixtures import JSON, assert_problem, declare_topology, put_type, running_api
-from .proxy import proxied
+from tests.support.api_fixtures import JSON, assert_problem, declare_topology, put_type, running_api
+from tests.support.proxy import proxied
 
 pytestmark = pytest.mark.integration
 
@@ -254,7 +253,7 @@ async def test_the_type_cache_refreshes_single_flight(settings: Settings) -> Non
 async def test_the_registry_is_capped(
     settings: Settings, db: asyncpg.Connection, tmp_path: Any
 ) -> None:
-    from .conftest import subprocess_env
+    from tests.support.services import subprocess_env
 
     capped = settings.model_copy(update={"max_task_types": 3})
     await declare_topology(capped)

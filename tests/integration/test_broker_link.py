@@ -9,8 +9,7 @@ import pytest
 
 from taskq.broker import Link
 from taskq.settings import Settings
-
-from .proxy import proxied
+from tests.support.proxy import proxied
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,8 @@ from taskq.envelope import Envelope
 from taskq.handlers import Context, Registry
 from taskq.settings import Settings
 from taskq.store import NewTask, Store
-
-from .api_fixtures import JSON, declare_topology, running_api
-from .worker_fixtures import Harness, harness, metric, running_worker
+from tests.support.api_fixtures import JSON, declare_topology, running_api
+from tests.support.worker_fixtures import Harness, harness, metric, running_worker
 
 pytestmark = pytest.mark.integration
 

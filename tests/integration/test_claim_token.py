@@ -17,8 +17,7 @@ from taskq.envelope import Envelope
 from taskq.handlers import Context, Registry
 from taskq.settings import Settings
 from taskq.store import NewTask, Row, Store, WorkerInfo
-
-from .worker_fixtures import harness, metric, poll, running_worker
+from tests.support.worker_fixtures import harness, metric, poll, running_worker
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,8 @@ import httpx
 import pytest
 
 from taskq.settings import Settings
-
-from .api_fixtures import declare_topology
-from .conftest import subprocess_env
+from tests.support.api_fixtures import declare_topology
+from tests.support.services import subprocess_env
 
 pytestmark = pytest.mark.integration
 

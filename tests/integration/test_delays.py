@@ -24,8 +24,7 @@ from taskq.envelope import HEADER_ATTEMPT, HEADER_DELAY, HEADER_DUE, HEADER_QUEU
 from taskq.errors import DelayTooLong, PublishError
 from taskq.settings import Settings
 from taskq.topology import Topology, plan
-
-from .conftest import delete_namespace, make_settings
+from tests.support.services import delete_namespace, make_settings
 
 pytestmark = pytest.mark.integration
 

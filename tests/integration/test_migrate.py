@@ -12,8 +12,7 @@ import pytest
 from taskq import sql
 from taskq.errors import MigrationError
 from taskq.migrate import migrate
-
-from .conftest import subprocess_env
+from tests.support.services import subprocess_env
 
 pytestmark = pytest.mark.integration
 

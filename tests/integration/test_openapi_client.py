@@ -1,7 +1,6 @@
 """Clients generated from /openapi.json work: openapi-python-client's, against the running API.
 
-The document is checked first without services: valid OpenAPI 3.1 and JSON Schema, and
-its free-form JSON (payloads, results) says exactly what the API's validation accepts.
+The document itself is checked without services in ``tests/unit/test_openapi_document.py``.
 """
 
 from __future__ import annotations
@@ -16,88 +15,17 @@ from typing import Any
 
 import asyncpg
 import httpx
-import jsonschema
 import orjson
 import pytest
-from openapi_spec_validator import validate
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
 from taskq.openapi import openapi_document
-from taskq.validation import InvalidRequest, enqueue_task
+from tests.support.api_fixtures import declare_topology, running_api
+from tests.support.openapi import KEY, PAYLOADS_ACCEPTED, TYPE, schema_validator
+from tests.support.services import delete_namespace, make_settings
 
-from .api_fixtures import declare_topology, running_api
-from .conftest import delete_namespace, make_settings
-
-TYPE = "client.echo"
-KEY = "k1"
 # Generated into a temporary folder under this name, imported from there.
 PACKAGE = "taskq_generated_client"
-
-PAYLOADS_ACCEPTED: list[Any] = [
-    {},
-    {"a": [1, -2.5, "x", True, None, [], [[["deep"]]], {"k": ["v", {"w": [None]}]}]},
-    {"\U0001f600": "\U0001f600", "": ""},
-]
 PAYLOAD_SCHEMA = {"type": "object", "properties": {"a": {"type": "array", "maxItems": 10}}}
-PAYLOADS_REFUSED: list[Any] = [
-    [],
-    "x",
-    None,
-    {"s": "x\x00"},
-    {"k\x00": 1},
-    {"a": ["x\x00"]},
-    {"a": [["x", "\x00"]]},
-    {"a": [{"k\x00": 1}]},
-    {"a": {"b": [1, {"c": ["\x00"]}]}},
-]
-
-
-def schema_validator(document: dict[str, Any], name: str) -> jsonschema.Draft202012Validator:
-    """A validator of component ``name`` that resolves the document's references."""
-    resource = Resource.from_contents(document, default_specification=DRAFT202012)
-    registry: Registry[Any] = Registry().with_resource("urn:taskq", resource)
-    schema = {"$ref": f"urn:taskq#/components/schemas/{name}"}
-    return jsonschema.Draft202012Validator(schema, registry=registry)
-
-
-@pytest.mark.parametrize("overrides", [{}, {"api_keys": KEY, "queues": "fast,slow"}])
-def test_the_document_is_valid_and_says_what_the_api_accepts(overrides: dict[str, str]) -> None:
-    settings = make_settings(**overrides)
-    document = openapi_document(settings)
-    validate(document)  # OpenAPI 3.1
-    for schema in document["components"]["schemas"].values():
-        jsonschema.Draft202012Validator.check_schema(schema)
-    # Payloads and results are free-form JSON in a form generators read (no union that
-    # recurses into itself); the document still says all that validation checks.
-    request = schema_validator(document, "EnqueueRequest")
-    for payload in PAYLOADS_ACCEPTED + PAYLOADS_REFUSED:
-        body = {"type": TYPE, "payload": payload}
-        try:
-            enqueue_task(body, settings)
-            accepted = True
-        except InvalidRequest:
-            accepted = False
-        assert accepted == (payload in PAYLOADS_ACCEPTED), payload
-        assert request.is_valid(body) == accepted, payload
-    # A task's answer carries its payload and its result, any JSON value.
-    task = schema_validator(document, "Task")
-    answer = {
-        "id": str(uuid.uuid4()),
-        "type": TYPE,
-        "queue": "default",
-        "status": "SUCCEEDED",
-        "attempts": 1,
-        "max_attempts": 5,
-        "run_at": "2030-01-01T00:00:00+00:00",
-        "created_at": "2030-01-01T00:00:00+00:00",
-        "payload": PAYLOADS_ACCEPTED[1],
-        "last_error": None,
-    }
-    for result in [None, 1, "x", [1, ["y"]], {"z": [{}]}]:
-        assert task.is_valid({**answer, "result": result}), result
-    for result in ["\x00", [["\x00"]], {"\x00": 1}]:
-        assert not task.is_valid({**answer, "result": result}), result
 
 
 @pytest.fixture(scope="module")

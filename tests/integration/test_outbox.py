@@ -18,9 +18,14 @@ from taskq.marker import Marker
 from taskq.relay import Outbox, Relay
 from taskq.settings import Settings
 from taskq.store import NewTask, Store
-
-from .api_fixtures import assert_problem, declare_topology, drain, put_type, running_api
-from .proxy import proxied
+from tests.support.api_fixtures import (
+    assert_problem,
+    declare_topology,
+    drain,
+    put_type,
+    running_api,
+)
+from tests.support.proxy import proxied
 
 pytestmark = pytest.mark.integration
 

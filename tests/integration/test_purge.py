@@ -18,11 +18,10 @@ from taskq.metrics import WorkerMetrics
 from taskq.relay import Relay
 from taskq.settings import Settings
 from taskq.sweeper import Sweeper
-
-from .api_fixtures import declare_topology, drain, put_type, running_api
-from .proxy import TcpProxy, proxied
-from .test_faults import eventually, queue_depth
-from .worker_fixtures import Harness, harness
+from tests.support.api_fixtures import declare_topology, drain, put_type, running_api
+from tests.support.faults import eventually, queue_depth
+from tests.support.proxy import TcpProxy, proxied
+from tests.support.worker_fixtures import Harness, harness
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,7 @@ from taskq.metrics import set_aside_counter
 from taskq.relay import SET_ASIDE_RETRY_BATCH, Relay, _fault_of_row
 from taskq.settings import Settings
 from taskq.store import Store
-
-from .api_fixtures import declare_topology, drain
+from tests.support.api_fixtures import declare_topology, drain
 
 pytestmark = pytest.mark.integration
 

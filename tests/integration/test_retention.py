@@ -12,8 +12,7 @@ from taskq.broker import Link
 from taskq.metrics import WorkerMetrics
 from taskq.settings import Settings
 from taskq.sweeper import Sweeper
-
-from .worker_fixtures import harness
+from tests.support.worker_fixtures import harness
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,7 @@ import httpx
 import pytest
 
 from taskq.settings import Settings
-
-from .conftest import delete_namespace, make_settings, subprocess_env
+from tests.support.services import delete_namespace, make_settings, subprocess_env
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,8 @@ import pytest
 
 from taskq.handlers import Context, Registry
 from taskq.settings import Settings
-
-from .misbehaving import Custom
-from .worker_fixtures import (
+from tests.support.misbehaving import Custom
+from tests.support.worker_fixtures import (
     Harness,
     abandoned_until,
     harness,
@@ -81,7 +80,7 @@ async def test_a_worker_process_lives_on_after_sys_exit_and_stops_past_a_runaway
 ) -> None:
     async with harness(settings) as h:
         process = await start_worker_process(
-            settings, tmp_path, module="tests.misbehaving", TASKQ_WORKER_SHUTDOWN_GRACE="1s"
+            settings, tmp_path, module="tests.support.misbehaving", TASKQ_WORKER_SHUTDOWN_GRACE="1s"
         )
         try:
             await wait_for_types(h, "bad.exit")

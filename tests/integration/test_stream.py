@@ -16,8 +16,7 @@ import uvicorn
 
 from taskq.api import create_app
 from taskq.settings import Settings
-
-from .api_fixtures import JSON, declare_topology
+from tests.support.api_fixtures import JSON, declare_topology
 
 pytestmark = pytest.mark.integration
 

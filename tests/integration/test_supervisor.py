@@ -1,4 +1,7 @@
-"""`taskq worker --processes N`: the supervisor and its worker processes, as real processes."""
+"""`taskq worker --processes N`: the supervisor and its worker processes, as real processes.
+
+Its pure logic (restart delays, exit descriptions, children's options) is in
+``tests/unit/test_supervisor.py``."""
 
 from __future__ import annotations
 
@@ -13,39 +16,11 @@ from pathlib import Path
 import pytest
 
 from taskq.settings import Settings
-from taskq.supervisor import child_argv, describe_exit, restart_delay
-
-from .api_fixtures import running_api
-from .conftest import subprocess_env
-from .worker_fixtures import Harness, harness, start_worker_process
+from tests.support.api_fixtures import running_api
+from tests.support.services import subprocess_env
+from tests.support.worker_fixtures import Harness, harness, start_worker_process
 
 DEADLINE = 60.0  # generous: the machine may be loaded; every wait polls a condition
-
-
-# ---------------------------------------------------------------- pure logic
-
-
-def test_restart_delay_doubles_up_to_a_ceiling() -> None:
-    assert [restart_delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
-
-
-def test_describe_exit_names_the_code_or_the_signal() -> None:
-    assert describe_exit(0) == "exited with code 0"
-    assert describe_exit(3) == "exited with code 3"
-    assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
-    assert describe_exit(-200) == "was killed by signal 200"
-
-
-def test_a_childs_own_options_come_last_so_they_win() -> None:
-    argv = ["worker", "app.tasks", "--processes", "4", "--metrics-port", "9100"]
-    assert child_argv(argv, 2, 7, 9100) == [
-        *argv, "--processes", "1", "--supervisor-fd", "7", "--metrics-port", "9102",
-    ]  # fmt: skip
-    assert child_argv(["worker", "--processes=3", "--", "app"], 0, 5, None) == [
-        "worker", "--processes=3", "--processes", "1", "--supervisor-fd", "5", "--", "app",
-    ]  # fmt: skip
-    # Port 0 asks the system for a free port, in every child.
-    assert child_argv(["worker", "app"], 1, 5, 0)[-2:] == ["--metrics-port", "0"]
 
 
 # ---------------------------------------------------------------- processes

@@ -14,8 +14,7 @@ from taskq.metrics import WorkerMetrics
 from taskq.relay import HEADER_REASON, Relay
 from taskq.settings import Settings
 from taskq.sweeper import Sweeper
-
-from .worker_fixtures import Harness, harness
+from tests.support.worker_fixtures import Harness, harness
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,7 @@ import pytest
 
 from taskq.handlers import Context, Registry
 from taskq.settings import Settings
-
-from .worker_fixtures import abandoned_until, harness, poll, running_worker
+from tests.support.worker_fixtures import abandoned_until, harness, poll, running_worker
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,7 @@ from taskq.handlers import Context, Registry
 from taskq.relay import HEADER_ATTEMPTS, HEADER_ORIGIN, HEADER_REASON
 from taskq.settings import Settings
 from taskq.store import NewTask
-
-from .worker_fixtures import harness, metric, running_worker
+from tests.support.worker_fixtures import harness, metric, running_worker
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,8 @@ from taskq import broker
 from taskq.envelope import Envelope
 from taskq.relay import HEADER_ORIGIN, HEADER_REASON
 from taskq.settings import Settings
-
-from .proxy import proxied
-from .worker_fixtures import harness, metric, running_worker
+from tests.support.proxy import proxied
+from tests.support.worker_fixtures import harness, metric, running_worker
 
 pytestmark = pytest.mark.integration
 

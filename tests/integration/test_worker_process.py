@@ -14,9 +14,8 @@ import httpx
 import pytest
 
 from taskq.settings import Settings
-
-from .conftest import subprocess_env
-from .worker_fixtures import harness, start_worker_process
+from tests.support.services import subprocess_env
+from tests.support.worker_fixtures import harness, start_worker_process
 
 pytestmark = pytest.mark.integration
 

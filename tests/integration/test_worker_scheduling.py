@@ -11,8 +11,7 @@ import pytest
 from taskq.consumer import Buffers, Delivery, weights
 from taskq.envelope import Envelope
 from taskq.settings import Settings
-
-from .worker_fixtures import harness, running_worker
+from tests.support.worker_fixtures import harness, running_worker
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,17 +27,18 @@ import pytest
 
 from taskq.settings import Settings
 
+from . import ROOT
 from .api_fixtures import declare_topology
-from .conftest import (
-    _drop_database,
-    _with_database,
+from .services import (
     delete_namespace,
+    drop_database,
+    free_port,
     make_settings,
     subprocess_env,
     unavailable,
+    with_database,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "dashboard-test-key"
 
 
@@ -56,12 +56,6 @@ def artifacts_dir() -> Path:
     path = Path(os.environ.get("TASKQ_ARTIFACTS", ROOT / "test-artifacts"))
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -133,7 +127,7 @@ class System:
             time.sleep(0.1)
 
 
-def _wait_until_up(url: str, process: Process, path: str = "/healthz") -> None:
+def wait_until_up(url: str, process: Process, path: str = "/healthz") -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert process.popen is not None
@@ -165,7 +159,7 @@ def system(
     """A whole taskq for the module: two API processes (one with keys) and a demo worker."""
     database = asyncio.run(_create_database(postgres_server_url, template_database))
     settings = make_settings(
-        database_url=_with_database(postgres_server_url, database),
+        database_url=with_database(postgres_server_url, database),
         amqp_url=amqp_url,
         namespace=f"t{uuid.uuid4().hex[:10]}",
         max_delay="2h",
@@ -187,16 +181,16 @@ def system(
     worker.start()
     url, keyed_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{keyed_port}"
     try:
-        _wait_until_up(url, api)
-        _wait_until_up(keyed_url, keyed)
-        _wait_until_up(url, worker, "/types/demo.fail")  # the worker registered its types
+        wait_until_up(url, api)
+        wait_until_up(keyed_url, keyed)
+        wait_until_up(url, worker, "/types/demo.fail")  # the worker registered its types
         with httpx.Client(base_url=url, timeout=30) as http:
             yield System(settings, url, keyed_url, http)
     finally:
         for process in (worker, api, keyed):
             process.stop()
         asyncio.run(delete_namespace(settings))
-        asyncio.run(_drop_database(postgres_server_url, database))
+        asyncio.run(drop_database(postgres_server_url, database))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from taskq.migrate import migrate
 from taskq.settings import Settings
 from taskq.store import Store
 
-from .test_faults import Processes, eventually, free_port
+from .faults import Processes, eventually
+from .services import free_port
 
 # (time sent, seconds taken, status or the transport error's name, content type)
 Answer = tuple[float, float, int | str, str]

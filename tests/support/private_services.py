@@ -31,15 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import unavailable
+from .services import free_port, unavailable
 
 START_TIMEOUT = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 60.0) -> str:

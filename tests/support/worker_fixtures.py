@@ -23,10 +23,8 @@ from taskq.settings import Settings
 from taskq.store import NewTask, Row, Store
 from taskq.worker import Worker
 
-from .conftest import subprocess_env
-
-# The repository, where ``tests.*`` handler modules import from.
-ROOT = str(Path(__file__).resolve().parent.parent)
+from . import ROOT
+from .services import subprocess_env
 
 
 class Harness:
@@ -181,9 +179,9 @@ async def start_worker_process(
 ) -> asyncio.subprocess.Process:
     """``taskq worker MODULE`` as a child process, logging to ``tmp_path``.
 
-    ``module`` may be one of the tests' own (``tests.misbehaving``).
+    ``module`` may be one of the tests' own (``tests.support.misbehaving``).
     """
-    env.setdefault("PYTHONPATH", ROOT)
+    env.setdefault("PYTHONPATH", str(ROOT))
     with (tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log").open("wb") as log:
         return await asyncio.create_subprocess_exec(
             sys.executable,

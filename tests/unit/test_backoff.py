@@ -6,8 +6,7 @@ import pytest
 
 from taskq import backoff
 from taskq.backoff import ExponentialBackoff, FixedBackoff, ListBackoff
-
-from .conftest import make_settings
+from tests.support.services import make_settings
 
 
 def test_list_walks_the_delays_and_repeats_the_last() -> None:

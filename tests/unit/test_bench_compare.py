@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_compare.py"
+from tests.support import ROOT
+
+SCRIPT = ROOT / "scripts" / "bench_compare.py"
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from taskq import outcomes
 from taskq.errors import StoreError
 from taskq.metrics import WorkerMetrics
 from taskq.outcomes import Finished, Recorder
-
-from .worker_fixtures import poll
+from tests.support.worker_fixtures import poll
 
 
 class Failing:

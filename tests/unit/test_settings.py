@@ -11,8 +11,8 @@ import pytest
 from taskq._utils import format_duration, mask_url, parse_duration
 from taskq.errors import ConfigError
 from taskq.settings import load_settings
-
-from .conftest import subprocess_env
+from tests.support import ROOT
+from tests.support.services import subprocess_env
 
 
 def settings_from(monkeypatch: pytest.MonkeyPatch, **env: str):  # type: ignore[no-untyped-def]
@@ -136,11 +136,10 @@ def test_mask_url_without_password() -> None:
 
 def test_env_example_lists_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     import re
-    from pathlib import Path
 
     from taskq.settings import ENV_PREFIX, Settings
 
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     wanted = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     example = dict(re.findall(r"^# (TASKQ_\w+)=(.*)$", (root / ".env.example").read_text(), re.M))
     assert set(example) == wanted

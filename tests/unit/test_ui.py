@@ -5,11 +5,9 @@ from __future__ import annotations
 import fnmatch
 import re
 import tomllib
-from pathlib import Path
 
 from taskq.ui import STATIC
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 def test_package_data_ships_every_dashboard_file() -> None:
