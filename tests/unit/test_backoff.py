@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from taskq import backoff
@@ -87,3 +89,36 @@ def test_global_default_comes_from_settings() -> None:
         backoff_strategy="exponential", backoff_base=2, backoff_factor=3, backoff_max="1m"
     )
     assert backoff.from_settings(exponential) == ExponentialBackoff(2.0, 3.0, 60.0, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: ListBackoff(()), "at least one delay"),
+        (lambda: ListBackoff((1.0, -1.0)), "negative"),
+        (lambda: FixedBackoff(-0.5), "negative"),
+        (lambda: ExponentialBackoff(base=-1), "negative"),
+        (lambda: ExponentialBackoff(max=-1), "negative"),
+        (lambda: ExponentialBackoff(factor=0.9), "factor"),
+        (lambda: ExponentialBackoff(jitter=-0.1), "jitter"),
+    ],
+)
+def test_strategies_refuse_what_no_wait_can_be(
+    make: Callable[[], backoff.Backoff], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_the_default_random_source_keeps_within_the_jitter() -> None:
+    strategy = ExponentialBackoff(base=10, factor=1, max=100, jitter=0.2)
+    delays = [strategy.delay(1) for _ in range(500)]
+    assert all(8.0 <= d <= 12.0 for d in delays)
+    assert len(set(delays)) > 1  # spread, not one value
+
+
+def test_a_coerce_of_what_is_no_duration_is_refused() -> None:
+    with pytest.raises(ValueError):
+        backoff.coerce("soon")
+    with pytest.raises(ValueError):
+        backoff.coerce([1, "later"])
