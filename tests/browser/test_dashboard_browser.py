@@ -21,7 +21,7 @@ __all__ = ["browser", "page", "system"]  # fixtures, imported to be found
 try:
     from playwright.sync_api import expect
 except ImportError:  # the fixtures skip (or fail under CI) with the reason
-    expect = None
+    expect = None  # type: ignore[assignment]
 
 
 def row(page: Any, table: str, task_id: str) -> Any:

@@ -12,7 +12,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 import asyncpg
@@ -194,7 +194,7 @@ def _use_registered_type(case: schemathesis.Case) -> None:
     )
     for item in items if isinstance(items, list) else []:
         name = item.get("type") if isinstance(item, dict) else None
-        if isinstance(name, str) and TYPE_NAME.fullmatch(name):
+        if isinstance(item, dict) and isinstance(name, str) and TYPE_NAME.fullmatch(name):
             item["type"] = TYPE
 
 
@@ -228,8 +228,8 @@ async def test_schemathesis_all_operations(
             api.request(
                 prepared.method or "",
                 prepared.url or "",
-                headers=dict(prepared.headers),
-                content=prepared.body,
+                headers=cast(dict[str, str], dict(prepared.headers)),
+                content=cast(bytes | str | None, prepared.body),
             )
         )
 
@@ -239,7 +239,7 @@ async def test_schemathesis_all_operations(
             _use_registered_type(case)
         before = run(count_tasks(db)) if enqueues else 0
         response = send(case)
-        excluded = [positive_data_acceptance] if _unknowable(response) else []
+        excluded: list[Any] = [positive_data_acceptance] if _unknowable(response) else []
         case.validate_response(
             response, additional_checks=[_problem_check], excluded_checks=excluded
         )
@@ -289,7 +289,7 @@ async def test_open_and_protected_operations_match_the_document(
                 url = path.format(id=uuid.uuid4(), name=TYPE)
                 for method, operation in item.items():
                     protected = operation.get("security", document["security"]) != []
-                    body = {"json": task()} if method in ("post", "put") else {}
+                    body: dict[str, Any] = {"json": task()} if method in ("post", "put") else {}
                     if path == "/enqueue/batch":
                         body = {"json": {"tasks": [task()]}}
                     response = await api.request(method, url, **body)
@@ -579,14 +579,14 @@ async def test_nul_characters(api: httpx.AsyncClient, db: asyncpg.Connection) ->
         api, db, "POST", "/enqueue", content=b'{"type": "a\x00", "payload": {}}', headers=JSON,
         status=400, field="body",
     )  # fmt: skip
-    for body, field in [
+    for definition, field in [
         ({"queue": "default\u0000"}, "queue"),
         ({"payload_schema": {"description": "\u0000"}}, "payload_schema"),
         ({"payload_schema": {"properties": {"a\u0000": {}}}}, "payload_schema"),
         ({"backoff": {"strategy": "fixed", "delay": "5s\u0000"}}, "backoff"),
         ({"backoff": {"strategy": "list", "delays": ["\u0000"]}}, "backoff"),
     ]:
-        await refused(api, db, "PUT", "/types/fuzz.nul", json=body, status=400, field=field)
+        await refused(api, db, "PUT", "/types/fuzz.nul", json=definition, status=400, field=field)
     await refused(api, db, "PUT", "/types/fuzz%00nul", json={}, status=400, field="name")
     assert (await api.get("/types/fuzz.nul")).status_code == 404
 

@@ -169,8 +169,8 @@ async def test_health_answers_while_every_parser_is_attacked(
                 assert response.status_code == 201, response.text
         latencies, answers = await asyncio.to_thread(attack_and_sample, url)
     finally:
-        process.popen.kill()  # type: ignore[union-attr]  # a frozen loop ignores SIGTERM
-        process.popen.wait()  # type: ignore[union-attr]
+        process.popen.kill()  # a frozen loop ignores SIGTERM
+        process.popen.wait()
     median, worst = statistics.median(latencies), max(latencies)
     print(
         f"\n[fault] hostile input: attacks = {len(answers)}, /healthz samples = {len(latencies)},"

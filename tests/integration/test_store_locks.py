@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import asyncpg
 import pytest
@@ -62,7 +63,7 @@ async def waiting_for_a_lock(connection: asyncpg.Connection) -> None:
     raise AssertionError("the batch never waited for the held lock")
 
 
-Batch = Callable[[Store, uuid.UUID, uuid.UUID], Awaitable[object]]
+Batch = Callable[[Store, uuid.UUID, uuid.UUID], Coroutine[Any, Any, object]]
 
 
 async def claim(store: Store, low: uuid.UUID, high: uuid.UUID) -> object:

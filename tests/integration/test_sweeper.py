@@ -105,7 +105,7 @@ async def test_overdue_tasks_of_an_empty_queue_are_published_again(settings: Set
             # Empty queue and overdue tasks: both are owed again; the relay pays at once.
             await relay.pass_once()
             envelopes = await h.take(h.names.queue("default"), 2, 5)
-            assert sorted(e.message_id for e in envelopes) == sorted([str(lost), str(waiting)])
+            assert sorted(str(e.message_id) for e in envelopes) == sorted([str(lost), str(waiting)])
             assert (await h.task(lost))["published_at"] is not None
         finally:
             await relay.close()

@@ -65,7 +65,7 @@ async def delete_namespace(settings: Settings) -> None:
         await connection.close()
 
 
-def subprocess_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
+def subprocess_env(settings: Settings | None = None, /, **extra: str) -> dict[str, str]:
     """The environment for a ``taskq`` subprocess: this one's plus the settings as TASKQ_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKQ_")}
     if settings is not None:

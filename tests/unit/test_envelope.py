@@ -9,17 +9,17 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from taskq.envelope import (
-    CONTENT_TYPE,
     HEADER_ATTEMPT,
     HEADER_DELAY,
     HEADER_DUE,
     HEADER_QUEUE,
     MAX_BODY_BYTES,
-    PERSISTENT,
     Envelope,
     InvalidEnvelope,
 )
 from taskq.errors import TaskqError
+from taskq.frames import JSON as CONTENT_TYPE
+from taskq.frames import PERSISTENT
 
 TASK_ID = uuid.UUID("0b7e4f2c-8d1a-4e55-9a63-2f1c4d5e6a7b")
 

@@ -92,7 +92,7 @@ def test_task_ids_are_version_7_and_grow_with_time(monkeypatch: Any) -> None:
     assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
     assert all(before <= i.int >> 80 <= after for i in ids)  # the time in ms leads
     clock = [1_800_000_000_000_000_000]
-    monkeypatch.setattr(_utils.time, "time_ns", lambda: clock[0])
+    monkeypatch.setattr("taskq._utils.time.time_ns", lambda: clock[0])
     earlier = [_utils.task_id() for _ in range(100)]
     clock[0] += 1_000_000  # a millisecond later
     later = [_utils.task_id() for _ in range(100)]

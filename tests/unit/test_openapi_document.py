@@ -62,7 +62,9 @@ def test_the_document_is_valid_and_says_what_the_api_accepts(overrides: dict[str
         "payload": PAYLOADS_ACCEPTED[1],
         "last_error": None,
     }
-    for result in [None, 1, "x", [1, ["y"]], {"z": [{}]}]:
+    results: list[Any] = [None, 1, "x", [1, ["y"]], {"z": [{}]}]
+    for result in results:
         assert task.is_valid({**answer, "result": result}), result
-    for result in ["\x00", [["\x00"]], {"\x00": 1}]:
+    refused: list[Any] = ["\x00", [["\x00"]], {"\x00": 1}]
+    for result in refused:
         assert not task.is_valid({**answer, "result": result}), result

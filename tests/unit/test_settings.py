@@ -15,7 +15,7 @@ from tests.support import ROOT
 from tests.support.services import subprocess_env
 
 
-def settings_from(monkeypatch: pytest.MonkeyPatch, **env: str):  # type: ignore[no-untyped-def]
+def settings_from(monkeypatch: pytest.MonkeyPatch, **env: str):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return load_settings(_env_file=None)

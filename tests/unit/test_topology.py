@@ -312,6 +312,7 @@ class SimulatedBroker:
         }
         for b in topology.bindings:
             kind = self.exchange_types[b.source]
+            matcher: Matcher
             if kind == "topic":
                 matcher = topic_regex(b.routing_key).fullmatch
             elif kind == "direct":
@@ -341,7 +342,7 @@ class SimulatedBroker:
     def deliver(self, exchange: str, key: str, max_hops: int = 64) -> list[Arrival]:
         """Publish, then let every queue with a message TTL expire it and dead-letter it on."""
         arrivals = []
-        pending = [(exchange, key, 0, ())]
+        pending: list[tuple[str, str, int, tuple[str, ...]]] = [(exchange, key, 0, ())]
         while pending:
             exchange, key, ttl, path = pending.pop()
             assert len(path) <= max_hops, f"dead-letter loop: {path}"

@@ -26,7 +26,7 @@ class GatedRegistry:
 
 async def test_a_stale_snapshot_answers_at_once_and_refreshes_behind(monkeypatch: Any) -> None:
     now = [1000.0]
-    monkeypatch.setattr(task_types.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("taskq.task_types.time.monotonic", lambda: now[0])
     registry = GatedRegistry()
     cache = TypeCache(registry)  # type: ignore[arg-type]
     assert (await cache.get("a.v1")) is not None
