@@ -151,10 +151,16 @@ def delivery(tag: int, task_id: uuid.UUID | None = None) -> Delivery:
     return Delivery(envelope, QUEUE, cast(Any, Channel()), tag)
 
 
-async def test_a_claimed_delivery_runs_and_is_acked() -> None:
+async def claim_one(decision: str, publisher: Publisher | None = None) -> tuple[Claiming, Delivery]:
+    """Claim one delivery whose row gets ``decision``."""
     d = delivery(1)
-    c = Claiming(Store({d.envelope.id: "claimed"}))
+    c = Claiming(Store({d.envelope.id: decision}), publisher or Publisher())
     await c.claim([d])
+    return c, d
+
+
+async def test_a_claimed_delivery_runs_and_is_acked() -> None:
+    c, d = await claim_one("claimed")
     assert c.begun == [d.envelope.id]
     assert c.acker.acked == [d.envelope.id]
     assert c.store.claimed == [([d.envelope.id], "w1", 30.0)]
@@ -165,9 +171,7 @@ async def test_a_claimed_delivery_runs_and_is_acked() -> None:
 
 @pytest.mark.parametrize("decision", ["terminal", "duplicate"])
 async def test_terminal_and_duplicate_deliveries_are_dropped(decision: str) -> None:
-    d = delivery(1)
-    c = Claiming(Store({d.envelope.id: decision}))
-    await c.claim([d])
+    c, d = await claim_one(decision)
     assert c.acker.acked == [d.envelope.id]
     assert c.begun == [] and c.publisher.sent == []
     assert c.claimer._reserved == 0
@@ -185,26 +189,20 @@ async def test_a_second_delivery_of_an_id_in_the_same_batch_is_a_duplicate() -> 
 
 
 async def test_an_early_delivery_goes_back_for_the_time_left_then_is_acked() -> None:
-    d = delivery(1)
-    c = Claiming(Store({d.envelope.id: "early"}))
-    await c.claim([d])
+    c, d = await claim_one("early")
     assert c.publisher.sent == [("publish", d.envelope.id, QUEUE, {"delay": 42.5})]
     assert c.acker.acked == [d.envelope.id]
     assert c.begun == [] and c.store.republished == []
 
 
 async def test_an_early_delivery_the_broker_refuses_is_owed_in_postgres() -> None:
-    d = delivery(1)
-    c = Claiming(Store({d.envelope.id: "early"}), Publisher(PublishError("nacked")))
-    await c.claim([d])
+    c, d = await claim_one("early", Publisher(PublishError("nacked")))
     assert c.store.republished == [d.envelope.id]  # the relay publishes it with its delay
     assert c.acker.acked == [d.envelope.id]
 
 
 async def test_an_exhausted_delivery_is_dead_lettered_with_its_error_then_acked() -> None:
-    d = delivery(1)
-    c = Claiming(Store({d.envelope.id: "exhausted"}))
-    await c.claim([d])
+    c, d = await claim_one("exhausted")
     [(kind, task_id, queue, headers)] = c.publisher.sent
     assert (kind, task_id, queue) == ("dead_letter", d.envelope.id, QUEUE)
     assert headers[HEADER_REASON] == "ValueError: boom"
@@ -214,17 +212,13 @@ async def test_an_exhausted_delivery_is_dead_lettered_with_its_error_then_acked(
 
 
 async def test_an_exhausted_delivery_whose_publish_fails_stays_owed() -> None:
-    d = delivery(1)
-    c = Claiming(Store({d.envelope.id: "exhausted"}), Publisher(PublishError("nacked")))
-    await c.claim([d])
+    c, d = await claim_one("exhausted", Publisher(PublishError("nacked")))
     assert c.store.marked == []  # still owed: the relay publishes it
     assert c.acker.acked == [d.envelope.id]
 
 
 async def test_a_delivery_of_a_missing_task_goes_to_the_dlq_then_is_acked() -> None:
-    d = delivery(1)
-    c = Claiming(Store({d.envelope.id: "missing"}))
-    await c.claim([d])
+    c, d = await claim_one("missing")
     [(kind, task_id, queue, headers)] = c.publisher.sent
     assert (kind, task_id, queue) == ("dead_letter", d.envelope.id, QUEUE)
     assert headers[HEADER_REASON].startswith("NoTask: no task with id")
