@@ -96,7 +96,7 @@ async def test_a_worker_process_lives_on_after_sys_exit_and_stops_past_a_runaway
             for name, task_id in ids.items():
                 row = await h.wait_for(task_id, "FAILED")
                 assert row.last_error == reasons[name]
-            assert (await h.wait_for(await h.enqueue("ok.noop"), "SUCCEEDED"))["attempts"] == 1
+            assert (await h.wait_for(await h.enqueue("ok.noop"), "SUCCEEDED")).attempts == 1
             assert process.returncode is None
 
             # A handler that swallows every cancellation for 10 minutes cannot hold
