@@ -1,14 +1,18 @@
 """The domain's words: task statuses, the decisions and outcomes that move a task, and
 the typed records that cross the store's boundary.
 
-Every row the store reads leaves it as one of the frozen records below, built by
-its ``from_row`` (the only place that knows a query's column names); the rest of
-taskq reads attributes, which strict mypy checks. The records of the hot path
-(:class:`ClaimedTask`, :class:`Unclaimed`, :class:`OwedPublish`) take their
-columns by position, in the order their queries list them (a test checks each
-query's columns against :data:`COLUMNS`): a record is built for every task a
-worker claims and every publish, so it must cost next to nothing (slots, no
-validation, no per-field name lookups).
+Every row the store reads leaves it as one of the immutable records below, built
+by its ``from_row`` (the only place that knows a query's column names); the rest
+of taskq reads attributes, which strict mypy checks.
+
+A record is built for every task a worker claims and every publish, so the
+records of the hot path (:class:`ClaimedTask`, :class:`Unclaimed`,
+:class:`OwedPublish`) must cost next to nothing: they are typed named tuples,
+built straight from the row's columns by position, in the order their queries
+list them (:data:`COLUMNS`, checked against each query in a test), with no
+validation. A frozen dataclass costs several times as much to build (its
+``__init__`` sets each field through ``object.__setattr__``); the records read
+elsewhere are frozen slotted dataclasses.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 
 class TaskStatus(StrEnum):
@@ -190,8 +194,12 @@ OWED_QUERIES: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class OwedPublish:
+# Builds a named tuple from its fields in one call, without the keyword-taking __new__
+# a NamedTuple class defines (half the cost).
+_new = tuple.__new__
+
+
+class OwedPublish(NamedTuple):
     """A publish a task is owed after a commit: ENQUEUED rows to their work queue (after
     ``delay`` seconds), FAILED rows to the dead-letter queue with ``last_error`` as the
     reason. ``generation`` names the publish, so a confirm marks only this one paid.
@@ -211,11 +219,19 @@ class OwedPublish:
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> OwedPublish:
         """From a row of the columns ``COLUMNS["owed"]``."""
-        return cls(row[0], row[1], row[2], _STATUS[row[3]], row[4], row[5], row[6], row[7])
+        return _new(cls, (row[0], row[1], row[2], _STATUS[row[3]], row[4], row[5], row[6], row[7]))
+
+    @classmethod
+    def created(
+        cls, task_id: uuid.UUID, task_type: str, queue: str, generation: int, delay: float
+    ) -> OwedPublish:
+        """The first publish of a task just enqueued: to its queue after ``delay`` seconds."""
+        return _new(
+            cls, (task_id, task_type, queue, TaskStatus.ENQUEUED, 0, None, generation, delay)
+        )
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedTask:
+class ClaimedTask(NamedTuple):
     """A task this worker claimed: RUNNING under its lease, ``attempts`` counting this one.
 
     ``payload`` is JSON text; ``claim_token`` names the claim in heartbeats and outcomes.
@@ -233,8 +249,7 @@ class ClaimedTask:
     claim_token: uuid.UUID
 
 
-@dataclass(frozen=True, slots=True)
-class Unclaimed:
+class Unclaimed(NamedTuple):
     """A delivery the claim did not turn into an attempt, and why (``decision``).
 
     ``type``, ``queue``, ``attempts`` and ``delay`` (seconds until due, for *early*)
@@ -265,11 +280,13 @@ def claim_from_row(row: Sequence[Any]) -> ClaimedTask | Unclaimed:
     """One row of the ``claim`` statement (columns ``COLUMNS["claim"]``)."""
     decision = row[1]
     if decision == "claimed":
-        return ClaimedTask(
-            row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10]
+        return _new(
+            ClaimedTask,
+            (row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10]),
         )
-    return Unclaimed(
-        row[0], _DECISION[decision], row[2], row[3], row[5], row[11], row[12], row[13] or 0.0
+    return _new(
+        Unclaimed,
+        (row[0], _DECISION[decision], row[2], row[3], row[5], row[11], row[12], row[13] or 0.0),
     )
 
 

@@ -125,10 +125,9 @@ class Enqueued:
         """The publish a created task is owed."""
         answer = self.answer
         assert answer is not None
-        return OwedPublish(
-            answer["id"], answer["type"], answer["queue"], TaskStatus.ENQUEUED,
-            answer["attempts"], None, self.generation, self.delay,
-        )  # fmt: skip
+        return OwedPublish.created(
+            answer["id"], answer["type"], answer["queue"], self.generation, self.delay
+        )
 
 
 class _Rollback(Exception):

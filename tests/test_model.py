@@ -90,7 +90,7 @@ def test_an_owed_publish_reads_its_columns_in_order_and_types_its_status() -> No
         OwedPublish.from_row((TASK, "t", "default", "LOST", 1, None, 7, 2.5))
 
 
-def test_records_are_frozen_and_slotted() -> None:
+def test_hot_path_records_are_immutable_and_carry_no_dict() -> None:
     owed = OwedPublish(TASK, "t", "default", TaskStatus.ENQUEUED, 1, None, 7, 2.5)
     with pytest.raises(AttributeError):
         owed.delay = 0.0  # type: ignore[misc]

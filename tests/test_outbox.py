@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import asyncpg
 import httpx
@@ -250,8 +250,8 @@ async def test_a_batch_that_fails_unexpectedly_leaves_the_outbox_running(
     outbox = Outbox(store, publishing.publisher, in_flight=1)
     await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
     (result,) = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}")])
-    row = replace(result.owed(), delay=0.0)
-    broken = replace(row, delay=None)
+    row = result.owed()._replace(delay=0.0)
+    broken = row._replace(delay=None)
     outbox.start()
     assert outbox.submit(broken)
     await outbox.drain(10)
