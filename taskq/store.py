@@ -579,8 +579,7 @@ class Store:
             filters.created_after,
             filters.created_before,
             filters.scheduled,
-            None if cursor is None else cursor.at,
-            None if cursor is None else cursor.id,
+            *_after(cursor),
             limit,
             with_payload,
             with_result,
@@ -602,8 +601,7 @@ class Store:
             "dlq_list",
             task_type,
             queue,
-            None if cursor is None else cursor.at,
-            None if cursor is None else cursor.id,
+            *_after(cursor),
             limit,
             with_payload,
             with_result,
@@ -675,6 +673,11 @@ ANSWER_FIELDS = (
 
 def _answer(row: Mapping[str, Any]) -> dict[str, Any]:
     return {name: row[name] for name in ANSWER_FIELDS}
+
+
+def _after(cursor: Cursor | None) -> tuple[datetime | None, uuid.UUID | None]:
+    """A listing's keyset parameters: the sort time and id to go on after (None: the start)."""
+    return (None, None) if cursor is None else (cursor.at, cursor.id)
 
 
 def _owed(rows: Sequence[asyncpg.Record]) -> list[OwedPublish]:
