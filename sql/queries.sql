@@ -476,6 +476,7 @@ RETURNING t.id, t.status;
 
 -- name: retry
 -- Records retryable failures: back to ENQUEUED, due after the backoff, publish owed.
+-- Returns the rows recorded as the publish each owes (taskq.model.COLUMNS["owed"]).
 -- $1: ids uuid[], $2: claim tokens uuid[], $3: errors text[], $4: delays float8[]
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
@@ -498,11 +499,12 @@ UPDATE tasks t SET
     published_at = NULL, generation = t.generation + 1, updated_at = now()
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
-RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation,
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, NULL::text AS last_error, t.generation,
           greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay;
 
 -- name: fail
 -- Records terminal failures: FAILED, owed to the DLQ.
+-- Returns the rows recorded as the publish each owes (taskq.model.COLUMNS["owed"]).
 -- $1: ids uuid[], $2: claim tokens uuid[], $3: errors text[]
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
@@ -522,11 +524,13 @@ UPDATE tasks t SET
     published_at = NULL, generation = t.generation + 1, updated_at = now()
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
-RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
+          0::float8 AS delay;
 
 -- name: give_back
 -- A worker shutting down gives back tasks it could not finish: ENQUEUED, due
 -- now, and the attempt does not count.
+-- Returns the rows recorded as the publish each owes (taskq.model.COLUMNS["owed"]).
 -- $1: ids uuid[], $2: claim tokens uuid[]
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
@@ -549,10 +553,12 @@ UPDATE tasks t SET
     published_at = NULL, generation = t.generation + 1, updated_at = now()
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
-RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, NULL::text AS last_error, t.generation,
+          0::float8 AS delay;
 
 -- name: cancel_running
 -- Records attempts the worker stopped because a cancel was requested: CANCELLED.
+-- Returns the rows recorded as the publish each owes (taskq.model.COLUMNS["owed"]).
 -- $1: ids uuid[], $2: claim tokens uuid[]
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
@@ -571,7 +577,8 @@ UPDATE tasks t SET
     updated_at = now(), last_error = 'Cancelled: the handler was stopped after a cancel was requested'
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
-RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.generation;
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, NULL::text AS last_error, t.generation,
+          0::float8 AS delay;
 
 -- name: session_alive
 -- Run on the lock's connection every pass: an error means the lock is gone too.

@@ -21,6 +21,7 @@ Every operator action is recorded in the task's event history with ``action``,
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
@@ -34,12 +35,18 @@ from taskq.client import Client
 from taskq.cursors import Cursors
 from taskq.errors import BrokerError
 from taskq.http import Problem, actor, endpoint, json_response, read_json, task_id
+from taskq.model import (
+    STATUS_BY_TEXT,
+    STATUS_NAMES,
+    Cursor,
+    OwedPublish,
+    TaskFilter,
+    TaskRecord,
+    TaskStatus,
+)
 from taskq.settings import QUEUE_NAME, Settings
-from taskq.store import Row
 from taskq.validation import TYPE_NAME, FieldError, InvalidRequest, parse_rfc3339
 
-STATUSES = ("ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 # Listings carry payloads and results only when asked for (?include=payload,result),
@@ -52,13 +59,19 @@ PURGE_BATCH = 1000
 MAX_REASON = 1000
 
 
-def task_body(row: Row) -> dict[str, Any]:
-    """A task as the API shows it (``GET /tasks/{id}`` and every listing)."""
-    task = dict(row)
+_DETAIL_FIELDS = tuple(field.name for field in fields(TaskRecord))
+# A listing does not say why a publish was set aside.
+_LISTED_FIELDS = tuple(n for n in _DETAIL_FIELDS if n not in ("publish_error", "publish_retry_at"))
+
+
+def task_body(task: TaskRecord, *, detail: bool = True) -> dict[str, Any]:
+    """A task as the API shows it: ``GET /tasks/{id}`` and the operator actions (with
+    ``detail``: why a publish was set aside), and every listing."""
+    body = {name: getattr(task, name) for name in (_DETAIL_FIELDS if detail else _LISTED_FIELDS)}
     for name in ("payload", "result"):
-        task[name] = orjson.loads(task[name]) if task[name] is not None else None
-    task["timeout"] = task.pop("timeout_seconds")
-    return task
+        body[name] = orjson.loads(body[name]) if body[name] is not None else None
+    body["timeout"] = body.pop("timeout_seconds")
+    return body
 
 
 def _client(request: Request) -> Client:
@@ -127,14 +140,14 @@ def _time(request: Request, name: str) -> datetime | None:
         raise _bad(name, str(exc)) from None
 
 
-def _statuses(request: Request) -> list[str] | None:
+def _statuses(request: Request) -> list[TaskStatus] | None:
     values = {s.strip() for v in request.query_params.getlist("status") for s in v.split(",")}
     if not values:
         return None
     for value in values:
-        if value not in STATUSES:
-            raise _bad("status", f"{preview(value)} is not one of {', '.join(STATUSES)}")
-    return sorted(values)
+        if value not in STATUS_BY_TEXT:
+            raise _bad("status", f"{preview(value)} is not one of {', '.join(STATUS_NAMES)}")
+    return sorted(STATUS_BY_TEXT[value] for value in values)
 
 
 def _scheduled(request: Request) -> bool | None:
@@ -146,12 +159,12 @@ def _scheduled(request: Request) -> bool | None:
     return text == "true"
 
 
-def _cursor(request: Request, listing: str) -> tuple[datetime | None, uuid.UUID | None]:
+def _cursor(request: Request, listing: str) -> Cursor | None:
     text = _one(request, "cursor")
     if text is None:
-        return None, None
+        return None
     try:
-        return _cursors(request).decode(listing, text)
+        return Cursor(*_cursors(request).decode(listing, text))
     except ValueError as exc:
         raise _bad("cursor", str(exc)) from None
 
@@ -162,14 +175,17 @@ def _cursors(request: Request) -> Cursors:
 
 
 def _page(
-    request: Request, listing: str, rows: list[Row], limit: int, include: frozenset[str]
+    request: Request, listing: str, found: list[TaskRecord], limit: int, include: frozenset[str]
 ) -> dict[str, Any]:
-    more = len(rows) > limit
-    rows = rows[:limit]
-    last = rows[-1] if rows and more else None
-    key = "created_at" if listing == "tasks" else "finished_at"
-    cursor = None if last is None else _cursors(request).encode(listing, last[key], last["id"])
-    tasks = [task_body(row) for row in rows]
+    more = len(found) > limit
+    page = found[:limit]
+    last = page[-1] if page and more else None
+    cursor = None
+    if last is not None:
+        at = last.created_at if listing == "tasks" else last.finished_at
+        assert at is not None  # the dead-letter listing shows finished tasks only
+        cursor = _cursors(request).encode(listing, at, last.id)
+    tasks = [task_body(task, detail=False) for task in page]
     for task in tasks:
         for name in set(INCLUDABLE) - include:
             del task[name]
@@ -183,22 +199,23 @@ def _page(
 async def list_tasks(request: Request) -> Response:
     include = _include(request)
     limit = _limit(request, include)
-    at, after_id = _cursor(request, "tasks")
-    rows = await _client(request).store.fetch(
-        "tasks_list",
-        _statuses(request),
-        _type(request),
-        _queue(request),
-        _time(request, "created_after"),
-        _time(request, "created_before"),
-        _scheduled(request),
-        at,
-        after_id,
-        limit + 1,
-        "payload" in include,
-        "result" in include,
+    cursor = _cursor(request, "tasks")
+    filters = TaskFilter(
+        statuses=_statuses(request),
+        type=_type(request),
+        queue=_queue(request),
+        created_after=_time(request, "created_after"),
+        created_before=_time(request, "created_before"),
+        scheduled=_scheduled(request),
     )
-    return json_response(_page(request, "tasks", rows, limit, include))
+    found = await _client(request).store.list_tasks(
+        filters,
+        cursor,
+        limit + 1,
+        with_payload="payload" in include,
+        with_result="result" in include,
+    )
+    return json_response(_page(request, "tasks", found, limit, include))
 
 
 async def _reason(request: Request) -> str | None:
@@ -226,8 +243,8 @@ async def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers
 
 
-def _conflict(task: Row, action: str) -> Problem:
-    status = task["status"]
+def _conflict(task: TaskRecord, action: str) -> Problem:
+    status = task.status
     return Problem(
         409,
         "Conflict",
@@ -237,7 +254,7 @@ def _conflict(task: Row, action: str) -> Problem:
     )
 
 
-async def _task_or_404(request: Request, row_id: uuid.UUID) -> Row:
+async def _task_or_404(request: Request, row_id: uuid.UUID) -> TaskRecord:
     task = await _client(request).store.task(row_id)
     if task is None:
         raise Problem(404, "Not found", "no such task")
@@ -249,18 +266,19 @@ async def cancel_task(request: Request) -> Response:
     row_id = task_id(request)
     reason = await _reason(request)
     store = _client(request).store
-    done = await store.as_operator("cancel", actor(request), reason, "cancel", row_id)
+    status = await store.cancel(row_id, actor=actor(request), reason=reason)
     task = await _task_or_404(request, row_id)
-    if not done:
+    if status is None:
         raise _conflict(task, "cancel")
-    return json_response(task_body(task), 202 if done[0]["status"] == "RUNNING" else 200)
+    return json_response(task_body(task), 202 if status == TaskStatus.RUNNING else 200)
 
 
 @endpoint("task_retry")
 async def retry_task(request: Request) -> Response:
     row_id = task_id(request)
     reason = await _reason(request)
-    rows = await _requeue(request, [row_id], ["FAILED", "CANCELLED"], "retry", reason)
+    retryable = [TaskStatus.FAILED, TaskStatus.CANCELLED]
+    rows = await _requeue(request, [row_id], retryable, "retry", reason)
     task = await _task_or_404(request, row_id)
     if not rows:
         raise _conflict(task, "retry")
@@ -268,11 +286,17 @@ async def retry_task(request: Request) -> Response:
 
 
 async def _requeue(
-    request: Request, ids: list[uuid.UUID], statuses: list[str], action: str, reason: str | None
-) -> list[Row]:
+    request: Request,
+    ids: list[uuid.UUID],
+    statuses: list[TaskStatus],
+    action: str,
+    reason: str | None,
+) -> list[OwedPublish]:
     """ENQUEUE ``ids`` that are in ``statuses`` again with fresh attempts, and publish them."""
     client = _client(request)
-    rows = await client.store.as_operator(action, actor(request), reason, "requeue", ids, statuses)
+    rows = await client.store.requeue(
+        ids, statuses, action=action, actor=actor(request), reason=reason
+    )
     for row in rows:
         if not client.outbox.submit(row):
             break  # the outbox is full: the relay publishes the rest
@@ -283,19 +307,17 @@ async def _requeue(
 async def list_dlq(request: Request) -> Response:
     include = _include(request)
     limit = _limit(request, include)
-    at, after_id = _cursor(request, "dlq")
+    cursor = _cursor(request, "dlq")
     state = request.app.state
-    rows = await _client(request).store.fetch(
-        "dlq_list",
+    found = await _client(request).store.list_dead_letters(
         _type(request),
         _queue(request),
-        at,
-        after_id,
+        cursor,
         limit + 1,
-        "payload" in include,
-        "result" in include,
+        with_payload="payload" in include,
+        with_result="result" in include,
     )
-    body = _page(request, "dlq", rows, limit, include)
+    body = _page(request, "dlq", found, limit, include)
     dlq = _settings(request).topology().names.dlq
     depths = await state.monitor.broker_depths()
     body["broker_messages"] = depths[dlq][0] if depths and dlq in depths else None
@@ -345,11 +367,11 @@ async def replay_dlq(request: Request) -> Response:
     # concurrent call is FAILED no more and is not picked twice.
     while len(replayed) < MAX_REPLAY:
         size = min(REPLAY_BATCH, MAX_REPLAY - len(replayed))
-        picked = await store.fetch("dlq_pick", task_type, queue, ids, size)
+        picked = await store.pick_dead_letters(task_type, queue, ids, size)
         if not picked:
             break
-        rows = await _requeue(request, [r["id"] for r in picked], ["FAILED"], "replay", None)
-        replayed += [str(row["id"]) for row in rows]
+        rows = await _requeue(request, picked, [TaskStatus.FAILED], "replay", None)
+        replayed += [str(row.id) for row in rows]
         if len(picked) < size:
             break
     more = len(replayed) >= MAX_REPLAY
@@ -379,30 +401,29 @@ async def purge_queue(request: Request) -> Response:
     cancelled = 0
     after: uuid.UUID | None = None
     while True:  # bounded batches, each a short transaction; each row is visited once
-        rows = await store.as_operator(
-            "purge", actor(request), "queue purged", "queue_cancel_enqueued", name,
-            PURGE_BATCH, after,
-        )  # fmt: skip
-        if not rows:
+        ids = await store.cancel_enqueued(
+            name, limit=PURGE_BATCH, after=after, actor=actor(request), reason="queue purged"
+        )
+        if not ids:
             break
-        cancelled += len(rows)
-        after = max(row["id"] for row in rows)
-    purge = await store.fetchval("purge_begin", name)
+        cancelled += len(ids)
+        after = max(ids)
+    purge = await store.begin_purge(name)
     purged: int | None
     try:
         purged = await request.app.state.monitor.reader.purge(settings.topology().names.queue(name))
     except BrokerError:
         purged = None  # the cancelled tasks' envelopes are dropped at claim
     if purged != 0:  # something may have been dropped (the broker may have purged, unanswered)
-        await store.execute("republish_queue", name)
-    await store.execute("purge_end", purge)
+        await store.republish_queue(name)
+    await store.end_purge(purge)
     return json_response({"queue": name, "purged_messages": purged, "cancelled": cancelled})
 
 
 @endpoint("workers")
 async def list_workers(request: Request) -> Response:
-    rows = await _client(request).store.fetch("workers_list", 3)
-    return json_response({"workers": [dict(row) for row in rows]})
+    workers = await _client(request).store.workers(missed_heartbeats=3)
+    return json_response({"workers": [asdict(worker) for worker in workers]})
 
 
 def routes() -> list[Route]:

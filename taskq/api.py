@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -32,6 +33,7 @@ from taskq.hot_route import serve_enqueue
 from taskq.http import SERVER_ERROR, Problem, endpoint, json_response, read_json
 from taskq.http import task_id as _task_id
 from taskq.metrics import ApiMetrics
+from taskq.model import TaskTypeRecord
 from taskq.offload import Overrun
 from taskq.openapi import openapi_document
 from taskq.relay import Relay
@@ -73,10 +75,10 @@ async def enqueue_batch(request: Request) -> Response:
 
 @endpoint("task")
 async def get_task(request: Request) -> Response:
-    row = await _client(request).store.task(_task_id(request))
-    if row is None:
+    task = await _client(request).store.task(_task_id(request))
+    if task is None:
         raise Problem(404, "Not found", "no such task")
-    return json_response(admin.task_body(row))
+    return json_response(admin.task_body(task))
 
 
 @endpoint("task_events")
@@ -86,35 +88,36 @@ async def get_task_events(request: Request) -> Response:
     events = await store.task_events(task_id)
     if not events and await store.task(task_id) is None:
         raise Problem(404, "Not found", "no such task")
-    return json_response({"task_id": task_id, "events": [dict(e) for e in events]})
+    return json_response({"task_id": task_id, "events": [asdict(e) for e in events]})
 
 
-def _type_body(row: Any) -> dict[str, Any]:
+def _type_body(task_type: TaskTypeRecord) -> dict[str, Any]:
+    schema = task_type.payload_schema
     return {
-        "name": row["name"],
-        "queue": row["queue"],
-        "max_attempts": row["max_attempts"],
-        "timeout": row["timeout_seconds"],
-        "backoff": orjson.loads(row["backoff"]) if row["backoff"] else None,
-        "payload_schema": orjson.loads(row["payload_schema"]) if row["payload_schema"] else None,
-        "enabled": row["enabled"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
+        "name": task_type.name,
+        "queue": task_type.queue,
+        "max_attempts": task_type.max_attempts,
+        "timeout": task_type.timeout_seconds,
+        "backoff": orjson.loads(task_type.backoff) if task_type.backoff else None,
+        "payload_schema": orjson.loads(schema) if schema else None,
+        "enabled": task_type.enabled,
+        "created_at": task_type.created_at,
+        "updated_at": task_type.updated_at,
     }
 
 
 @endpoint("types")
 async def list_types(request: Request) -> Response:
-    rows = await _client(request).store.task_types()
-    return json_response({"types": [_type_body(row) for row in rows]})
+    types = await _client(request).store.task_types()
+    return json_response({"types": [_type_body(task_type) for task_type in types]})
 
 
 @endpoint("type")
 async def get_type(request: Request) -> Response:
     name = request.path_params["name"]
-    for row in await _client(request).store.task_types():
-        if row["name"] == name:
-            return json_response(_type_body(row))
+    for task_type in await _client(request).store.task_types():
+        if task_type.name == name:
+            return json_response(_type_body(task_type))
     raise Problem(404, "Not found", f"no task type {name!r}")
 
 
@@ -133,7 +136,7 @@ async def put_type(request: Request) -> Response:
         message = f"checking it took over {SCHEMA_CHECK_SECONDS:g}s"
         raise InvalidRequest([FieldError("payload_schema", message)]) from None
     try:
-        row = await client.store.put_task_type(
+        task_type, created = await client.store.put_task_type(
             definition.name,
             queue=definition.queue,
             max_attempts=definition.max_attempts,
@@ -148,7 +151,7 @@ async def put_type(request: Request) -> Response:
             409, "Conflict", str(exc), errors=[FieldError("name", "the registry is full")]
         ) from None
     client.types.invalidate()
-    return json_response(_type_body(row), 201 if row["created"] else 200)
+    return json_response(_type_body(task_type), 201 if created else 200)
 
 
 @endpoint("info", auth=False)

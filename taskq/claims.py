@@ -23,8 +23,9 @@ from taskq.broker import Publisher
 from taskq.consumer import Acker, Buffers, Delivery
 from taskq.errors import StoreError, TaskqError
 from taskq.metrics import WorkerMetrics
+from taskq.model import ClaimDecision, ClaimedTask, DeadLetterReason, Unclaimed
 from taskq.relay import dead_letter_headers, publish_row
-from taskq.store import Row, Store
+from taskq.store import Store
 
 log = logging.getLogger("taskq.worker")
 
@@ -37,6 +38,10 @@ CLAIM_BATCH = 200
 CLAIMS_IN_FLIGHT = 2
 SECOND_CLAIM_MIN = CLAIM_BATCH // 4
 STORE_RETRY_SECONDS = 1.0
+_CLAIMED = ClaimDecision.CLAIMED
+_DUPLICATE = ClaimDecision.DUPLICATE
+# Deliveries acked and dropped: their task is done, or another claim owns it.
+_DROPPED = (ClaimDecision.TERMINAL, ClaimDecision.DUPLICATE)
 
 
 class Claimer:
@@ -62,7 +67,7 @@ class Claimer:
         buffers: Buffers,
         acker: Acker,
         *,
-        begin: Callable[[Row], None],
+        begin: Callable[[ClaimedTask], None],
         metrics: WorkerMetrics,
         worker_id: str,
         lease: float,
@@ -157,50 +162,50 @@ class Claimer:
             self._claims -= 1
             self.release(len(batch))
             return
-        by_id = {row["id"]: row for row in rows}
+        by_id = {row.id: row for row in rows}
         acks = []
         unused = 0
-        counts: Counter[tuple[str, str]] = Counter()
+        counts: Counter[tuple[str, ClaimDecision]] = Counter()
         for delivery in batch:
             row = by_id.pop(delivery.envelope.id, None)
-            # A second delivery of an id in the same batch is a duplicate.
-            decision = "duplicate" if row is None else row["decision"]
-            counts[delivery.queue, decision] += 1
-            if decision == "claimed":
-                assert row is not None
+            if isinstance(row, ClaimedTask):
+                counts[delivery.queue, _CLAIMED] += 1
                 acks.append(delivery)
                 self._begin(row)
                 continue
+            # A second delivery of an id in the same batch is a duplicate.
+            unclaimed = Unclaimed(delivery.envelope.id, _DUPLICATE) if row is None else row
+            decision = unclaimed.decision
+            counts[delivery.queue, decision] += 1
             unused += 1
-            if decision in ("terminal", "duplicate"):
+            if decision in _DROPPED:
                 acks.append(delivery)
             else:
-                self._spawn(self._settle_unclaimed(delivery, decision, row))
+                self._spawn(self._settle_unclaimed(delivery, unclaimed))
         for (queue, decision), count in counts.items():
             self.metrics.deliveries.labels(queue, decision).inc(count)
         self._claims -= 1
         self.release(unused)
         await self._acker.ack(acks)
 
-    async def _settle_unclaimed(self, delivery: Delivery, decision: str, row: Row | None) -> None:
+    async def _settle_unclaimed(self, delivery: Delivery, row: Unclaimed) -> None:
         """Early, exhausted and missing deliveries: publish where they belong, then ack."""
         envelope = delivery.envelope
+        decision = row.decision
         try:
-            if decision == "early":
-                assert row is not None
+            if decision is ClaimDecision.EARLY:
                 await self._send_back(delivery, row)
-            elif decision == "exhausted":
-                assert row is not None
-                owed = {**row, "status": "FAILED", "last_error": row["last_error"]}
+            elif decision is ClaimDecision.EXHAUSTED:
+                owed = row.dead_letter()
                 if await publish_row(self.publisher, owed):
-                    await self.store.mark_published([(row["id"], row["generation"])])
-                self.metrics.dead_lettered.labels(row["queue"], "exhausted").inc()
+                    await self.store.mark_published([(owed.id, owed.generation)])
+                self.metrics.dead_lettered.labels(owed.queue, DeadLetterReason.EXHAUSTED).inc()
             else:  # missing
                 headers = dead_letter_headers(
                     f"NoTask: no task with id {envelope.id}", envelope.attempt, delivery.queue
                 )
                 await self.publisher.publish_dead_letter(envelope, delivery.queue, headers)
-                self.metrics.dead_lettered.labels(delivery.queue, "missing").inc()
+                self.metrics.dead_lettered.labels(delivery.queue, DeadLetterReason.MISSING).inc()
                 log.warning("envelope for unknown task %s dead-lettered", envelope.id)
         except Exception as exc:
             # Whatever failed (the broker, or a hostile envelope that no message
@@ -212,14 +217,16 @@ class Claimer:
                 log.exception("settling a %s delivery of %s failed", decision, envelope.id)
             # The broker gets it back: a missing task's envelope dead-letters
             # through the queue's DLX; the others are redelivered and decided again.
-            await self._acker.reject(delivery.channel, delivery.tag, requeue=decision != "missing")
+            requeue = decision is not ClaimDecision.MISSING
+            await self._acker.reject(delivery.channel, delivery.tag, requeue=requeue)
             return
         await self._acker.ack([delivery])
 
-    async def _send_back(self, delivery: Delivery, row: Row) -> None:
+    async def _send_back(self, delivery: Delivery, row: Unclaimed) -> None:
+        assert row.queue is not None
         try:
-            await self.publisher.publish(delivery.envelope, row["queue"], delay=row["delay"])
+            await self.publisher.publish(delivery.envelope, row.queue, delay=row.delay)
         except TaskqError as exc:
             # Owe it in Postgres instead: the relay publishes it with the right delay.
-            log.warning("sending early task %s back failed, owed: %s", row["id"], exc)
-            await self.store.republish([row["id"]])
+            log.warning("sending early task %s back failed, owed: %s", row.id, exc)
+            await self.store.republish([row.id])

@@ -177,16 +177,17 @@ async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
 
     store = await Store.connect(settings.database_url, min_size=1, max_size=1)
     try:
-        rows = await store.task_types()
+        types = await store.task_types()
     finally:
         await store.close()
-    if not rows:
+    if not types:
         _print("no task types registered (workers register theirs at start)")
-    for row in rows:
-        state = "enabled" if row["enabled"] else "disabled"
+    for task_type in types:
+        state = "enabled" if task_type.enabled else "disabled"
         _print(
-            f"{row['name']:<32} queue={row['queue']:<10} max_attempts={row['max_attempts']:<3} "
-            f"timeout={row['timeout_seconds']:g}s {state}"
+            f"{task_type.name:<32} queue={task_type.queue:<10}"
+            f" max_attempts={task_type.max_attempts:<3}"
+            f" timeout={task_type.timeout_seconds:g}s {state}"
         )
     return 0
 

@@ -24,6 +24,7 @@ from taskq.broker import Link, Publisher
 from taskq.errors import IdempotencyConflict
 from taskq.inserts import InsertBatcher
 from taskq.metrics import ApiMetrics
+from taskq.model import EnqueueOutcome
 from taskq.offload import Offload, Overrun
 from taskq.relay import Outbox
 from taskq.settings import Settings
@@ -36,6 +37,7 @@ from taskq.validation import FieldError, InvalidRequest
 # one is confirmed. Eight batches of 32 at once gave the broker a write of 3 or 4
 # envelopes to wake up for at 32 clients.
 OUTBOX_BATCH = 256
+_CREATED = EnqueueOutcome.CREATED
 
 
 @dataclass(frozen=True)
@@ -203,15 +205,15 @@ class Client:
         validation.raise_all(errors)
         results = await self.store.enqueue(tasks, connection, all_or_nothing=True)
         for index, (task, result) in enumerate(zip(tasks, results, strict=True)):
-            if result.outcome == "conflict":
-                assert task.idempotency_key is not None and result.row is not None
+            if result.outcome == EnqueueOutcome.CONFLICT:
+                assert task.idempotency_key is not None
                 raise IdempotencyConflict(
-                    task.idempotency_key, result.row["id"], f"tasks[{index}].idempotency_key"
+                    task.idempotency_key, result.task_id, f"tasks[{index}].idempotency_key"
                 )
-            if result.outcome == "unknown_type":
+            if result.outcome == EnqueueOutcome.UNKNOWN_TYPE:
                 raise InvalidRequest([FieldError(f"tasks[{index}].type", "unknown task type")])
         if connection is not None:  # published by the relay when the caller commits
-            return [EnqueueResult(r.outcome == "created", r.row or {}) for r in results]
+            return [EnqueueResult(r.outcome == _CREATED, r.answer or {}) for r in results]
         answers = [
             self._settle(t, r, f"tasks[{i}].")
             for i, (t, r) in enumerate(zip(tasks, results, strict=True))
@@ -246,36 +248,26 @@ class Client:
     def _publish_created(self, results: Sequence[Enqueued]) -> None:
         """Hand the created rows of ``results`` to the outbox: they are durable now."""
         for result in results:
-            if result.outcome == "created":
-                self.outbox.submit(_owed(result))
+            if result.outcome == _CREATED:
+                self.outbox.submit(result.owed())
 
     def _settle(
         self, task: NewTask, result: Enqueued, prefix: str, *, publish: bool = True
     ) -> EnqueueResult:
         """Turn the store's answer into ours; with ``publish``, publish what was created."""
-        if result.outcome == "conflict":
-            assert task.idempotency_key is not None and result.row is not None
+        if result.outcome == EnqueueOutcome.CONFLICT:
+            assert task.idempotency_key is not None
             raise IdempotencyConflict(
-                task.idempotency_key, result.row["id"], prefix + "idempotency_key"
+                task.idempotency_key, result.task_id, prefix + "idempotency_key"
             )
-        if result.outcome == "unknown_type":
+        if result.outcome == EnqueueOutcome.UNKNOWN_TYPE:
             raise InvalidRequest([FieldError(prefix + "type", f"unknown task type {task.type!r}")])
-        assert result.row is not None
-        if publish and result.outcome == "created":
+        assert result.answer is not None
+        created = result.outcome == _CREATED
+        if publish and created:
             # The task is durable now; the outbox publishes it in the background.
-            self.outbox.submit(_owed(result))
-        return EnqueueResult(result.outcome == "created", result.row)
-
-
-def _owed(result: Enqueued) -> dict[str, Any]:
-    """The row the outbox publishes for a created task."""
-    assert result.row is not None
-    return {
-        **result.row,
-        "delay": result.delay,
-        "last_error": None,
-        "generation": result.generation,
-    }
+            self.outbox.submit(result.owed())
+        return EnqueueResult(created, result.answer)
 
 
 def _index(field: str) -> int:
@@ -284,4 +276,4 @@ def _index(field: str) -> int:
 
 
 def _outcome(answer: EnqueueResult) -> str:
-    return "created" if answer.created else "replayed"
+    return EnqueueOutcome.CREATED if answer.created else EnqueueOutcome.REPLAYED

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from prometheus_client import Histogram
@@ -42,10 +42,11 @@ from taskq import backoff
 from taskq.errors import StoreError, TaskqError
 from taskq.handlers import Context, Fail, Handler, Registry, Retry
 from taskq.metrics import WorkerMetrics
-from taskq.outcomes import Finished, Kind
+from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
+from taskq.outcomes import Finished
 from taskq.sandbox import Ending, Raised, Refused, Returned, call_async, call_sync, error_text
 from taskq.settings import Settings
-from taskq.store import Row, Store, WorkerInfo
+from taskq.store import Store, WorkerInfo
 from taskq.threads import HandlerThreads
 
 log = logging.getLogger("taskq.worker")
@@ -54,11 +55,6 @@ HEARTBEAT_MAX_SECONDS = 5.0
 CANCEL_GRACE_SECONDS = 5.0
 # How long a cancelled async handler may take to unwind before it is abandoned.
 ABANDON_AFTER_SECONDS = 5.0
-
-# Why the worker stopped waiting for a handler: its timeout passed (a failed
-# attempt), the worker shuts down (the task is given back), an operator's
-# cancel had its grace (CANCELLED), or the lease was lost (nothing is recorded).
-Stop = Literal["timeout", "shutdown", "cancel", "lost"]
 
 
 def heartbeat_interval(lease: float) -> float:
@@ -74,7 +70,7 @@ class NoHandler(TaskqError):
 class Stopped:
     """The worker stopped waiting for the handler, for ``reason``."""
 
-    reason: Stop
+    reason: StopReason
 
 
 class Attempt:
@@ -82,21 +78,21 @@ class Attempt:
 
     __slots__ = ("cancel_told", "ctx", "id", "number", "queue", "stopped", "task", "token", "type")
 
-    def __init__(self, row: Row, worker_id: str) -> None:
-        self.id: uuid.UUID = row["id"]
-        self.token: uuid.UUID = row["claim_token"]
-        self.number: int = row["attempts"]
-        self.type: str = row["type"]
-        self.queue: str = row["queue"]
+    def __init__(self, task: ClaimedTask, worker_id: str) -> None:
+        self.id = task.id
+        self.token = task.claim_token
+        self.number = task.attempts
+        self.type = task.type
+        self.queue = task.queue
         self.ctx = Context(
-            self.id, self.type, self.number, row["max_attempts"], self.queue, worker_id
+            self.id, self.type, self.number, task.max_attempts, self.queue, worker_id
         )
         self.task: asyncio.Task[None] | None = None
-        self.stopped: asyncio.Future[Stop] = asyncio.get_running_loop().create_future()
+        self.stopped: asyncio.Future[StopReason] = asyncio.get_running_loop().create_future()
         # Whether the handler was told of an operator's cancel request.
         self.cancel_told = False
 
-    def stop(self, reason: Stop) -> None:
+    def stop(self, reason: StopReason) -> None:
         """Stop waiting for the handler (the first reason given wins) and tell its context."""
         if not self.stopped.done():
             self.stopped.set_result(reason)
@@ -151,26 +147,26 @@ class Runner:
         self._backoffs: dict[str, backoff.Backoff | None] = {}
         self._children: dict[tuple[Histogram, str], Histogram] = {}
 
-    def load_backoffs(self, type_rows: list[Row]) -> None:
-        """Take each task type's backoff from the registry's rows (admins may edit them)."""
+    def load_backoffs(self, types: list[TaskTypeRecord]) -> None:
+        """Take each task type's backoff from the registry (admins may edit them)."""
         backoffs: dict[str, backoff.Backoff | None] = {}
-        for row in type_rows:
+        for task_type in types:
             try:
-                text = row["backoff"]
-                backoffs[row["name"]] = backoff.from_json(orjson.loads(text)) if text else None
+                text = task_type.backoff
+                backoffs[task_type.name] = backoff.from_json(orjson.loads(text)) if text else None
             except ValueError as exc:
-                log.warning("task type %s has an invalid backoff: %s", row["name"], exc)
+                log.warning("task type %s has an invalid backoff: %s", task_type.name, exc)
         self._backoffs = backoffs
 
-    def begin(self, row: Row) -> None:
-        """Start running a claimed row (from the ``claim`` statement)."""
-        attempt = Attempt(row, self.worker_id)
+    def begin(self, task: ClaimedTask) -> None:
+        """Start running a claimed task (from the ``claim`` statement)."""
+        attempt = Attempt(task, self.worker_id)
         self.attempts[attempt.token] = attempt
         self.metrics.in_flight.inc()
-        due = max(row["run_at"], row["created_at"])
+        due = max(task.run_at, task.created_at)
         wait = (datetime.now(UTC) - due).total_seconds()
         self._child(self.metrics.queue_wait, attempt.queue).observe(max(0.0, wait))
-        attempt.task = asyncio.create_task(self._execute(attempt, row))
+        attempt.task = asyncio.create_task(self._execute(attempt, task))
 
     def _child(self, histogram: Histogram, label: str) -> Histogram:
         """``histogram.labels(label)``, looked up once per label (it takes a lock each call)."""
@@ -188,7 +184,7 @@ class Runner:
         tasks = []
         for attempt in self.attempts.values():
             if attempt.task is not None and not attempt.task.done():
-                attempt.stop("shutdown")
+                attempt.stop(StopReason.SHUTDOWN)
                 tasks.append(attempt.task)
         return tasks
 
@@ -196,15 +192,15 @@ class Runner:
         """The outcome of the claim ``token`` is recorded: stop extending its lease."""
         self.attempts.pop(token, None)
 
-    async def _execute(self, attempt: Attempt, row: Row) -> None:
+    async def _execute(self, attempt: Attempt, task: ClaimedTask) -> None:
         started = time.perf_counter()
         try:
             try:
-                ending = await self._call(attempt, row)
+                ending = await self._call(attempt, task)
             except Exception as exc:  # a bug of taskq's: the attempt still ends
                 log.exception("task %s: running the attempt failed", attempt.id)
                 ending = Raised(exc)
-            outcome = self._outcome(attempt, ending, row["timeout_seconds"])
+            outcome = self._outcome(attempt, ending, task.timeout_seconds)
         finally:
             self._child(self.metrics.duration, attempt.type).observe(time.perf_counter() - started)
             self.metrics.in_flight.dec()
@@ -215,16 +211,16 @@ class Runner:
         else:
             self._record(outcome)
 
-    async def _call(self, attempt: Attempt, row: Row) -> Ending | Stopped:
+    async def _call(self, attempt: Attempt, task: ClaimedTask) -> Ending | Stopped:
         handler = self.registry.get(attempt.type)
         if handler is None:
             return Raised(
                 NoHandler(f"no handler for task type {attempt.type!r} on {self.worker_id}")
             )
-        payload = orjson.loads(row["payload"])
+        payload = orjson.loads(task.payload)
         if handler.sync:
-            return await self._call_sync(attempt, handler, payload, row["timeout_seconds"])
-        return await self._call_async(attempt, handler, payload, row["timeout_seconds"])
+            return await self._call_sync(attempt, handler, payload, task.timeout_seconds)
+        return await self._call_async(attempt, handler, payload, task.timeout_seconds)
 
     async def _call_async(
         self, attempt: Attempt, handler: Handler, payload: Any, timeout: float
@@ -267,9 +263,11 @@ class Runner:
         return Stopped(stop)
 
     @staticmethod
-    async def _wait(attempt: Attempt, call: asyncio.Future[Any], timeout: float) -> Stop | None:
+    async def _wait(
+        attempt: Attempt, call: asyncio.Future[Any], timeout: float
+    ) -> StopReason | None:
         """Wait until ``call`` is done (``None``), or the attempt stops (the reason why)."""
-        timer = asyncio.get_running_loop().call_later(timeout, attempt.stop, "timeout")
+        timer = asyncio.get_running_loop().call_later(timeout, attempt.stop, StopReason.TIMEOUT)
         try:
             await asyncio.wait([call, attempt.stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -277,14 +275,12 @@ class Runner:
         # A handler that finished as it was stopped keeps its outcome.
         return None if call.done() else attempt.stopped.result()
 
-    def _abandoned(self, attempt: Attempt, kind: str, stop: Stop) -> None:
+    def _abandoned(self, attempt: Attempt, kind: str, stop: StopReason) -> None:
         self.metrics.abandoned_total.labels(kind).inc()
         if kind == "task":  # the threads count theirs
             self.metrics.abandoned.labels("task").set(len(self.runaways))
-        after = {"timeout": "its timeout", "shutdown": "the shutdown grace",
-                 "cancel": "a cancel", "lost": "its lease was lost"}[stop]  # fmt: skip
         attempt.ctx.log.warning(
-            "the handler goes on after %s: abandoned, its %s runs on unwatched", after,
+            "the handler goes on after %s: abandoned, its %s runs on unwatched", stop.after,
             "thread" if kind == "thread" else "asyncio task (it ignores cancellation)",
         )  # fmt: skip
 
@@ -297,20 +293,20 @@ class Runner:
     ) -> Finished | None:
         ctx = attempt.ctx
         if isinstance(ending, Returned):
-            return self._finished("complete", attempt, result=ending.json)
+            return self._finished(OutcomeKind.COMPLETE, attempt, result=ending.json)
         if isinstance(ending, Refused):
             return self._failure(attempt, ending.reason, final=True)
         if isinstance(ending, Stopped):
-            if ending.reason == "timeout":
+            if ending.reason is StopReason.TIMEOUT:
                 error = f"TimeoutError: the handler exceeded its timeout of {timeout:g}s"
                 ctx.log.warning("attempt failed: %s", error)
                 return self._failure(attempt, error)
-            if ending.reason == "shutdown":
+            if ending.reason is StopReason.SHUTDOWN:
                 ctx.log.info("interrupted by shutdown: giving the task back")
-                return self._finished("give_back", attempt)
-            if ending.reason == "cancel":
+                return self._finished(OutcomeKind.GIVE_BACK, attempt)
+            if ending.reason is StopReason.CANCEL:
                 ctx.log.info("stopped after a cancel was requested")
-                return self._finished("cancel", attempt)
+                return self._finished(OutcomeKind.CANCEL, attempt)
             return None  # lost: another claim owns the task now; record nothing
         exc = ending.error
         if isinstance(exc, Retry):
@@ -325,7 +321,7 @@ class Runner:
 
     def _finished(
         self,
-        kind: Kind,
+        kind: OutcomeKind,
         attempt: Attempt,
         *,
         result: str | None = None,
@@ -350,12 +346,12 @@ class Runner:
         if final or ctx.last_attempt:
             # A handler's Fail is its decision, not an error of the worker's.
             ctx.log.log(logging.WARNING if final else logging.ERROR, "task failed: %s", error)
-            return self._finished("fail", attempt, error=error)
+            return self._finished(OutcomeKind.FAIL, attempt, error=error)
         if delay is None:
             delay = self._backoff(attempt.type).delay(attempt.number)
         delay = min(delay, self.max_delay)
         ctx.log.info("retrying in %gs: %s", delay, error)
-        return self._finished("retry", attempt, error=error, delay=delay)
+        return self._finished(OutcomeKind.RETRY, attempt, error=error, delay=delay)
 
     def _backoff(self, task_type: str) -> backoff.Backoff:
         strategy = self._backoffs.get(task_type)
@@ -384,7 +380,7 @@ class Runner:
                 if attempt.token not in held:
                     # The lease expired and the task was taken back: free the slot.
                     log.warning("task %s: lease lost, stopping its attempt", attempt.id)
-                    attempt.stop("lost")
+                    attempt.stop(StopReason.LOST)
                 elif held[attempt.token] and not attempt.cancel_told:
                     log.info("task %s: cancel requested, telling its handler", attempt.id)
                     attempt.cancel_told = True
@@ -397,4 +393,4 @@ class Runner:
         """The grace after a cancel request is over: stop a handler still running."""
         if attempt.task is not None and not attempt.task.done() and not attempt.stopped.done():
             log.info("task %s: the handler did not stop within the grace; stopping it", attempt.id)
-            attempt.stop("cancel")
+            attempt.stop(StopReason.CANCEL)

@@ -26,7 +26,6 @@ from taskq.http import endpoint, json_response
 from taskq.settings import Settings
 from taskq.store import Store
 
-STATUSES = ("ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 WINDOW_SECONDS = 60
 STATS_MAX_AGE = 1.0
 BROKER_TIMEOUT = 2.0
@@ -90,43 +89,31 @@ class Monitor:
             return self._unpublished[1]
 
     async def _compute(self) -> dict[str, Any]:
-        counts = await self.store.fetch("stats_counts")
-        [window] = await self.store.fetch("stats_window", WINDOW_SECONDS)
-        scheduled = (await self.store.fetch("stats_scheduled"))[0]["count"]
-        by_status = dict.fromkeys(STATUSES, 0)
-        by_queue: dict[str, dict[str, int]] = {}
-        by_type: dict[str, dict[str, int]] = {}
-        for row in counts:
-            status, n = row["status"], row["n"]
-            if not row["no_queue"]:
-                by_queue.setdefault(row["queue"], dict.fromkeys(STATUSES, 0))[status] = n
-            elif not row["no_type"]:
-                by_type.setdefault(row["type"], dict.fromkeys(STATUSES, 0))[status] = n
-            else:
-                by_status[status] = n
+        stats = await self.store.stats(WINDOW_SECONDS)
+        counts, window = stats.counts, stats.window
         depths = await self.broker_depths()
         queues = {
             name: {"kind": self.kinds[name], "messages": messages, "consumers": consumers}
             for name, (messages, consumers) in (depths or {}).items()
         }
         return {
-            "by_status": by_status,
-            "scheduled": scheduled,
-            "by_queue": by_queue,
-            "by_type": by_type,
+            "by_status": counts.by_status,
+            "scheduled": stats.scheduled,
+            "by_queue": counts.by_queue,
+            "by_type": counts.by_type,
             "broker": {"available": depths is not None, "queues": queues},
             "throughput": {
                 "window_seconds": WINDOW_SECONDS,
-                "succeeded_per_second": window["succeeded"] / WINDOW_SECONDS,
-                "failed_per_second": window["failed"] / WINDOW_SECONDS,
-                "enqueued_per_second": window["enqueued"] / WINDOW_SECONDS,
+                "succeeded_per_second": window.succeeded / WINDOW_SECONDS,
+                "failed_per_second": window.failed / WINDOW_SECONDS,
+                "enqueued_per_second": window.enqueued / WINDOW_SECONDS,
             },
             "latency": {
                 "window_seconds": WINDOW_SECONDS,
-                "queue_wait_p50": window["wait_p50"],
-                "queue_wait_p95": window["wait_p95"],
-                "duration_p50": window["duration_p50"],
-                "duration_p95": window["duration_p95"],
+                "queue_wait_p50": window.wait_p50,
+                "queue_wait_p95": window.wait_p95,
+                "duration_p50": window.duration_p50,
+                "duration_p95": window.duration_p95,
             },
             "at": datetime.now(UTC),
         }

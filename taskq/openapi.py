@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import taskq
+from taskq.model import STATUS_NAMES
 from taskq.openapi_schemas import body_schemas
 from taskq.openapi_schemas import ref as _ref
 from taskq.settings import Settings
@@ -106,7 +107,7 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
         "add payload and/or result to each task (comma-separated); a page then holds"
         " at most 50 tasks",
     )
-    status = {"type": "string", "enum": ["ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]}
+    status = {"type": "string", "enum": list(STATUS_NAMES)}
     page = _json(obj, "tasks (as GET /tasks/{id}) and next_cursor (null on the last page)")
     reason = _state_change_body(_ref("ReasonRequest"))
     return {

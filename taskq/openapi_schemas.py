@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from taskq._utils import DURATION_PATTERN, format_duration
+from taskq.model import STATUS_NAMES
 from taskq.settings import Settings
 from taskq.store import ANSWER_FIELDS
 from taskq.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
@@ -54,10 +55,7 @@ _TASK_ANSWER = {
         "id": {"type": "string", "format": "uuid"},
         "type": {"type": "string"},
         "queue": {"type": "string"},
-        "status": {
-            "type": "string",
-            "enum": ["ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"],
-        },
+        "status": {"type": "string", "enum": list(STATUS_NAMES)},
         "attempts": {"type": "integer"},
         "max_attempts": {"type": "integer"},
         "run_at": {"type": "string", "format": "date-time"},

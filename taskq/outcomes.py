@@ -27,18 +27,17 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from taskq.errors import RejectedByDatabase, StoreError
 from taskq.metrics import WorkerMetrics
+from taskq.model import DeadLetterReason, OutcomeKind, OwedPublish, TaskStatus
 from taskq.relay import Outbox
-from taskq.store import Row, Store
+from taskq.store import Store
 
 log = logging.getLogger("taskq.worker")
 
-Kind = Literal["complete", "retry", "fail", "give_back", "cancel"]
 RETRY_SECONDS = 1.0
 GIVE_UP_SECONDS = 300.0
 
@@ -52,7 +51,7 @@ class Finished:
     retry is due; ``failing_since`` when recording it first failed.
     """
 
-    kind: Kind
+    kind: OutcomeKind
     id: uuid.UUID
     token: uuid.UUID
     attempt: int
@@ -62,15 +61,6 @@ class Finished:
     error: str | None = None
     delay: float = 0.0
     failing_since: float | None = None
-
-
-_OUTCOME_LABEL = {
-    "complete": "succeeded",
-    "retry": "retried",
-    "fail": "failed",
-    "give_back": "given_back",
-    "cancel": "cancelled",
-}
 
 
 class Recorder:
@@ -117,14 +107,14 @@ class Recorder:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
-            kinds: dict[Kind, list[Finished]] = {}
+            kinds: dict[OutcomeKind, list[Finished]] = {}
             for item in batch:
                 kinds.setdefault(item.kind, []).append(item)
             await asyncio.gather(*(self._record(kind, items) for kind, items in kinds.items()))
             if not self._pending:
                 self._idle.set()
 
-    async def _record(self, kind: Kind, items: list[Finished]) -> None:
+    async def _record(self, kind: OutcomeKind, items: list[Finished]) -> None:
         self._metrics.batch_size.labels(kind).observe(len(items))
         try:
             recorded = await self._write(kind, items)
@@ -144,7 +134,7 @@ class Recorder:
                 log.error(
                     "task %s: giving up recording its %s after %gs of failures (%s); its lease"
                     " runs out and the sweeper takes the task back",
-                    item.id, _OUTCOME_LABEL[kind], GIVE_UP_SECONDS, exc, extra=_fields(item),
+                    item.id, kind.label, GIVE_UP_SECONDS, exc, extra=_fields(item),
                 )  # fmt: skip
                 self._on_recorded(item.token)
                 return
@@ -165,76 +155,69 @@ class Recorder:
         processed: Counter[tuple[str, str, str]] = Counter()
         for item in items:
             self._on_recorded(item.token)
-            row = recorded.get(item.id)
-            if row is None:
+            found = recorded.get(item.id)
+            if found is None:
                 processed[item.type, item.queue, "stale"] += 1
                 log.warning(
                     "task %s attempt %d: the claim was taken over; this %s was not recorded",
                     item.id,
                     item.attempt,
-                    _OUTCOME_LABEL[kind],
+                    kind.label,
                     extra=_fields(item),
                 )
                 continue
-            if row["status"] == "CANCELLED":
+            owed = found if isinstance(found, OwedPublish) else None
+            status = found if owed is None else owed.status
+            if status == TaskStatus.CANCELLED:
                 processed[item.type, item.queue, "cancelled"] += 1
                 continue
-            processed[item.type, item.queue, _OUTCOME_LABEL[kind]] += 1
-            if kind == "retry":
+            processed[item.type, item.queue, kind.label] += 1
+            if kind is OutcomeKind.RETRY:
                 self._metrics.retries.labels(item.type, item.queue).inc()
-                self._publish(row, "ENQUEUED", None)
-            elif kind == "fail":
-                self._metrics.dead_lettered.labels(item.queue, "failed").inc()
-                self._publish(row, "FAILED", item.error)
-            elif kind == "give_back":
-                self._publish(row, "ENQUEUED", None)
+            elif kind is OutcomeKind.FAIL:
+                self._metrics.dead_lettered.labels(item.queue, DeadLetterReason.FAILED).inc()
+            if owed is not None:  # a retry, a failure or a task given back
+                self._publish(owed)
         for (task_type, queue, outcome), count in processed.items():
             self._metrics.processed.labels(task_type, queue, outcome).inc(count)
 
-    def _rejected(self, kind: Kind, item: Finished, exc: RejectedByDatabase) -> None:
+    def _rejected(self, kind: OutcomeKind, item: Finished, exc: RejectedByDatabase) -> None:
         """An outcome the database refuses: trying again would fail the same way."""
-        if kind == "complete":
+        if kind is OutcomeKind.COMPLETE:
             # The handler ran, but its result cannot be kept: fail the task, saying why.
             error = f"RejectedByDatabase: the result was refused: {exc}"[:2000]
             log.error("task %s: %s", item.id, error, extra=_fields(item))
-            self.add(Finished("fail", item.id, item.token, item.attempt, item.type, item.queue,
-                              error=error))  # fmt: skip
+            self.add(Finished(OutcomeKind.FAIL, item.id, item.token, item.attempt, item.type,
+                              item.queue, error=error))  # fmt: skip
             return
         # The worker cleans errors before they get here, so this is a bug; the
         # lease expires and the sweeper puts the task back.
         log.error("task %s: the database refused its %s: %s", item.id, kind, exc)
         self._on_recorded(item.token)
 
-    async def _write(self, kind: Kind, items: Sequence[Finished]) -> dict[uuid.UUID, Row]:
-        """Run the statement; the rows recorded by id, each with its new status.
+    async def _write(
+        self, kind: OutcomeKind, items: Sequence[Finished]
+    ) -> Mapping[uuid.UUID, TaskStatus | OwedPublish]:
+        """Run the statement; by id, the tasks recorded: a success's new status, or what
+        the others owe (with their new status).
 
         An id missing from the answer was stale: its claim had been taken over.
         """
-        if kind == "complete":
-            rows = await self._store.complete([(i.id, i.token, i.result or "null") for i in items])
-        elif kind == "cancel":
+        if kind is OutcomeKind.COMPLETE:
+            return await self._store.complete([(i.id, i.token, i.result or "null") for i in items])
+        if kind is OutcomeKind.CANCEL:
             rows = await self._store.cancel_running([(i.id, i.token) for i in items])
-        elif kind == "retry":
+        elif kind is OutcomeKind.RETRY:
             rows = await self._store.retry([(i.id, i.token, i.error or "", i.delay) for i in items])
-        elif kind == "fail":
+        elif kind is OutcomeKind.FAIL:
             rows = await self._store.fail([(i.id, i.token, i.error or "") for i in items])
         else:
             rows = await self._store.give_back([(i.id, i.token) for i in items])
-        return {row["id"]: row for row in rows}
+        return {row.id: row for row in rows}
 
-    def _publish(self, row: Row, status: str, error: str | None) -> None:
-        owed = {
-            "id": row["id"],
-            "type": row["type"],
-            "queue": row["queue"],
-            "status": status,
-            "attempts": row["attempts"],
-            "generation": row["generation"],
-            "last_error": error,
-            "delay": row.get("delay") or 0.0,
-        }
+    def _publish(self, owed: OwedPublish) -> None:
         if not self._outbox.submit(owed):
-            log.warning("outbox full: task %s stays owed for the relay", row["id"])
+            log.warning("outbox full: task %s stays owed for the relay", owed.id)
 
     async def close(self, timeout: float) -> None:
         """Record what is pending (within ``timeout``), then stop; leases cover the rest."""

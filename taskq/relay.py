@@ -41,7 +41,8 @@ from taskq.envelope import Envelope
 from taskq.errors import DelayTooLong, Nacked, TaskqError, Unpublishable
 from taskq.leader import SessionLock, lead
 from taskq.marker import Marker
-from taskq.store import NOTIFY_CHANNEL, Row, Store
+from taskq.model import OwedPublish, TaskStatus
+from taskq.store import NOTIFY_CHANNEL, Store
 
 log = logging.getLogger("taskq.relay")
 
@@ -65,6 +66,8 @@ SET_ASIDE_RETRY_BATCH = 50
 # Batches of owed rows one pass publishes at most (the rest waits for the next).
 BATCHES_PER_PASS = 20
 
+_ENQUEUED = TaskStatus.ENQUEUED
+
 HEADER_REASON = "x-taskq-reason"
 HEADER_ATTEMPTS = "x-taskq-attempts"
 HEADER_ORIGIN = "x-taskq-origin-queue"
@@ -75,34 +78,33 @@ def dead_letter_headers(reason: str, attempts: int, queue: str) -> dict[str, Any
     return {HEADER_REASON: reason[:1000], HEADER_ATTEMPTS: attempts, HEADER_ORIGIN: queue}
 
 
-def _publish(row: Row, delay: float | None) -> Publish:
-    """What ``row`` owes: ENQUEUED to its queue (after ``delay``, default the row's), FAILED
+def _publish(owed: OwedPublish, delay: float | None) -> Publish:
+    """What ``owed`` says: ENQUEUED to its queue (after ``delay``, default its own), FAILED
     to the DLQ."""
-    envelope = Envelope(row["id"], row["type"], row["attempts"])
-    if row["status"] == "FAILED":
-        reason = row["last_error"] or "failed"
-        headers = dead_letter_headers(reason, row["attempts"], row["queue"])
-        return Publish(envelope, row["queue"], headers=headers, dead_letter=True)
-    return Publish(envelope, row["queue"], row["delay"] if delay is None else delay)
+    envelope = Envelope(owed.id, owed.type, owed.attempts)
+    if owed.status == TaskStatus.FAILED:
+        reason = owed.last_error or "failed"
+        headers = dead_letter_headers(reason, owed.attempts, owed.queue)
+        return Publish(envelope, owed.queue, headers=headers, dead_letter=True)
+    return Publish(envelope, owed.queue, owed.delay if delay is None else delay)
 
 
 async def publish_rows(
-    publisher: Publisher, rows: Sequence[Row], delays: Sequence[float | None] | None = None
+    publisher: Publisher,
+    rows: Sequence[OwedPublish],
+    delays: Sequence[float | None] | None = None,
 ) -> list[TaskqError | None]:
-    """Publish what ``rows`` owe in one batch; for each, None if confirmed, else why not.
-
-    Each row has id, type, queue, status, attempts, last_error, generation and delay.
-    """
+    """Pay owed publishes in one batch; for each, None if confirmed, else why not."""
     chosen = delays if delays is not None else [None] * len(rows)
-    items = [_publish(row, delay) for row, delay in zip(rows, chosen, strict=True)]
+    items = [_publish(owed, delay) for owed, delay in zip(rows, chosen, strict=True)]
     return await publisher.publish_many(items)
 
 
-async def publish_row(publisher: Publisher, row: Row) -> bool:
-    """Publish what one row owes; whether it was confirmed (a failure is logged)."""
-    (error,) = await publish_rows(publisher, [row])
+async def publish_row(publisher: Publisher, owed: OwedPublish) -> bool:
+    """Pay one owed publish; whether it was confirmed (a failure is logged)."""
+    (error,) = await publish_rows(publisher, [owed])
     if error is not None:
-        log.warning("publish of task %s failed, still owed: %s", row["id"], error)
+        log.warning("publish of task %s failed, still owed: %s", owed.id, error)
     return error is None
 
 
@@ -133,7 +135,11 @@ def _reason(error: TaskqError) -> str:
 
 
 async def publish_owed(
-    store: Store, publisher: Publisher, rows: Sequence[Row], *, set_aside: Counter | None = None
+    store: Store,
+    publisher: Publisher,
+    rows: Sequence[OwedPublish],
+    *,
+    set_aside: Counter | None = None,
 ) -> Paid:
     """Publish owed rows in one batch, mark the confirmed ones and set aside, with their
     reason, those that failed for the row alone (counted in ``set_aside`` by queue and
@@ -141,12 +147,10 @@ async def publish_owed(
     if not rows:
         return Paid()
     errors = await publish_rows(publisher, rows)
-    confirmed = [
-        (row["id"], row["generation"]) for row, e in zip(rows, errors, strict=True) if e is None
-    ]
+    confirmed = [(row.id, row.generation) for row, e in zip(rows, errors, strict=True) if e is None]
     await store.mark_published(confirmed)
-    faults: list[tuple[Row, TaskqError, str]] = []
-    broker: list[tuple[Row, TaskqError]] = []
+    faults: list[tuple[OwedPublish, TaskqError, str]] = []
+    broker: list[tuple[OwedPublish, TaskqError]] = []
     for row, error in zip(rows, errors, strict=True):
         if error is not None:
             kind = _fault_of_row(error, bool(confirmed))
@@ -159,14 +163,14 @@ async def publish_owed(
         log.warning("%d owed publishes failed, still owed: %s", len(broker), error)
     aside = 0
     if faults:
-        kinds = {row["id"]: kind for row, _, kind in faults}
-        items = [(row["id"], row["generation"], _reason(error)) for row, error, _ in faults]
+        kinds = {row.id: kind for row, _, kind in faults}
+        items = [(row.id, row.generation, _reason(error)) for row, error, _ in faults]
         done = await store.set_aside(items, SET_ASIDE_RETRY_MIN, SET_ASIDE_RETRY_MAX)
         aside = len(done)
-        fresh = [row for row in done if row["newly"]]
+        fresh = [entry for entry in done if entry.newly]
         if set_aside is not None:
-            for row in fresh:
-                set_aside.labels(row["queue"], kinds[row["id"]]).inc()
+            for entry in fresh:
+                set_aside.labels(entry.queue, kinds[entry.id]).inc()
         row, error, _ = faults[0]
         log.warning(
             "set %d owed publishes aside (%d again), retried in %g s to %g s:"
@@ -175,7 +179,7 @@ async def publish_owed(
             aside - len(fresh),
             SET_ASIDE_RETRY_MIN,
             SET_ASIDE_RETRY_MAX,
-            row["id"],
+            row.id,
             error,
         )
     return Paid(len(confirmed), aside, bool(broker))
@@ -221,7 +225,7 @@ class Outbox:
         on_failure: Callable[[], None] | None = None,
     ) -> None:
         self._publisher = publisher
-        self._queue: asyncio.Queue[tuple[Row, float]] = asyncio.Queue(capacity)
+        self._queue: asyncio.Queue[tuple[OwedPublish, float]] = asyncio.Queue(capacity)
         self._marker = Marker(store)
         self._on_failure = on_failure
         self._in_flight = in_flight
@@ -239,10 +243,10 @@ class Outbox:
             for n in range(max(1, self._in_flight // self._batch))
         ]
 
-    def submit(self, row: Row) -> bool:
-        """Queue ``row`` for publishing; False if full (the relay will publish it)."""
+    def submit(self, owed: OwedPublish) -> bool:
+        """Queue ``owed`` for publishing; False if full (the relay will publish it)."""
         try:
-            self._queue.put_nowait((row, time.monotonic()))
+            self._queue.put_nowait((owed, time.monotonic()))
         except asyncio.QueueFull:
             return False
         return True
@@ -263,22 +267,22 @@ class Outbox:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _publish(self, batch: list[tuple[Row, float]]) -> None:
+    async def _publish(self, batch: list[tuple[OwedPublish, float]]) -> None:
         """Publish a batch in one write and mark the confirmed rows; hand late ones over."""
         now = time.monotonic()
         rows, delays = [], []
         for row, submitted in batch:
             waited = now - submitted
             if waited > self._max_wait:
-                self._hand_over(row["id"])
+                self._hand_over(row.id)
                 continue
             rows.append(row)
-            delays.append(max(0.0, row["delay"] - waited) if row["status"] == "ENQUEUED" else 0.0)
+            delays.append(max(0.0, row.delay - waited) if row.status == _ENQUEUED else 0.0)
         errors = await publish_rows(self._publisher, rows, delays) if rows else []
         failed = 0
         for row, error in zip(rows, errors, strict=True):
             if error is None:
-                self._marker.add(row["id"], row["generation"])
+                self._marker.add(row.id, row.generation)
                 continue
             failed += 1
             if self._on_failure is not None:
@@ -398,20 +402,20 @@ class Relay:
             await ensure()
             ids = list(itertools.islice(self._notified, self.batch))
             self._notified.difference_update(ids)
-            rows = await self.store.fetch("publish_owed_ids", ids)
+            rows = await self.store.owed_among(ids)
             published += (await self._pay(rows)).confirmed
         for duty in self.duties:
             await ensure()
             await duty()
         for _ in range(BATCHES_PER_PASS):
             await ensure()
-            rows = await self.store.fetch("publish_owed", self.grace, self.batch)
+            rows = await self.store.publish_owed(self.grace, self.batch)
             paid = await self._pay(rows)
             published += paid.confirmed
             if paid.broker_failed or paid.confirmed + paid.set_aside == 0:
                 break  # the broker is failing (try again next pass), or nothing is left
         await ensure()
-        rows = await self.store.fetch("publish_set_aside_due", SET_ASIDE_RETRY_BATCH)
+        rows = await self.store.set_aside_due(SET_ASIDE_RETRY_BATCH)
         recovered = (await self._pay(rows)).confirmed
         if recovered:
             log.info("relay published %d owed envelopes it had set aside", recovered)
@@ -420,7 +424,7 @@ class Relay:
             log.info("relay published %d owed envelopes", published)
         return published
 
-    async def _pay(self, rows: Sequence[Row]) -> Paid:
+    async def _pay(self, rows: Sequence[OwedPublish]) -> Paid:
         return await publish_owed(self.store, self.publisher, rows, set_aside=self.set_aside)
 
 

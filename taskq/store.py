@@ -13,12 +13,33 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 
 import taskq.sql as sql
 from taskq.errors import RejectedByDatabase, StoreError, TooManyTaskTypes
+from taskq.model import (
+    STATUS_BY_TEXT,
+    ClaimedTask,
+    Cursor,
+    EnqueueOutcome,
+    OwedPublish,
+    Purge,
+    SetAside,
+    Stats,
+    StatusCounts,
+    StreamEvent,
+    TaskEvent,
+    TaskFilter,
+    TaskRecord,
+    TaskStatus,
+    TaskTypeRecord,
+    Throughput,
+    Unclaimed,
+    WorkerRecord,
+    claim_from_row,
+)
 
 log = logging.getLogger("taskq.store")
 
@@ -47,9 +68,6 @@ DATABASE_DOWN = _DOWN
 # value or row too large). Retrying them cannot help; everything else (a lost
 # connection, a deadlock, a cancelled statement, a full disk) may pass.
 _REFUSED_CLASSES = frozenset({"21", "22", "23", "44", "54"})
-
-# asyncpg.Record: read by column name.
-Row: TypeAlias = Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,23 +101,33 @@ class WorkerInfo:
 
 @dataclass(frozen=True, slots=True)
 class Enqueued:
-    """What the store did with one :class:`NewTask`.
+    """What the store did with one :class:`NewTask` (see :class:`EnqueueOutcome`).
 
-    ``outcome`` is ``created``, ``replayed`` (the key exists with the same
-    request), ``conflict`` (the key exists with another request) or
-    ``unknown_type`` (the type is not registered or is disabled). ``row`` holds
-    the answer's fields for created and replayed tasks; ``delay`` is the time
-    left until the task is due and ``generation`` the row's publish generation,
-    both for the publish.
+    ``answer`` is the enqueue's answer (:data:`ANSWER_FIELDS`, the body
+    ``POST /enqueue`` returns) for created and replayed tasks, and the existing
+    task's for a conflict; ``delay`` is the time left until the task is due and
+    ``generation`` the row's publish generation, both for the publish.
     """
 
-    outcome: str
-    row: dict[str, Any] | None = None
+    outcome: EnqueueOutcome
+    answer: dict[str, Any] | None = None
     delay: float = 0.0
     generation: int = 0
 
+    @property
+    def task_id(self) -> uuid.UUID:
+        """The id of the task that answers (created, replayed or in conflict)."""
+        assert self.answer is not None
+        task_id: uuid.UUID = self.answer["id"]
+        return task_id
 
-_REFUSED = ("conflict", "unknown_type")
+    def owed(self) -> OwedPublish:
+        """The publish a created task is owed."""
+        answer = self.answer
+        assert answer is not None
+        return OwedPublish.created(
+            answer["id"], answer["type"], answer["queue"], self.generation, self.delay
+        )
 
 
 class _Rollback(Exception):
@@ -159,28 +187,30 @@ class Store:
                 raise RejectedByDatabase(f"the database refused the data: {exc}") from exc
             raise StoreError(f"database error: {exc}") from exc
 
-    async def fetch(self, query: str, *args: Any) -> list[Row]:
+    # The generic helpers stay private: every statement used elsewhere has a
+    # method of its own below, with named arguments and typed records.
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         async with self._connection() as connection:
             return list(await connection.fetch(self.q[query], *args))
 
-    async def fetchrow(self, query: str, *args: Any) -> Row | None:
+    async def _fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
         async with self._connection() as connection:
-            row: Row | None = await connection.fetchrow(self.q[query], *args)
-            return row
+            return await connection.fetchrow(self.q[query], *args)
 
-    async def fetchval(self, query: str, *args: Any) -> Any:
+    async def _fetchval(self, query: str, *args: Any) -> Any:
         async with self._connection() as connection:
             return await connection.fetchval(self.q[query], *args)
 
-    async def execute(self, query: str, *args: Any) -> int:
+    async def _execute(self, query: str, *args: Any) -> int:
         """Run a statement; returns the number of rows it affected."""
         async with self._connection() as connection:
             status: str = await connection.execute(self.q[query], *args)
         return int(status.split()[-1])
 
-    async def as_operator(
+    async def _as_operator(
         self, action: str, actor: str, reason: str | None, query: str, *args: Any
-    ) -> list[Row]:
+    ) -> list[asyncpg.Record]:
         """Run ``query`` in a transaction whose events record who did what and why."""
         async with self._connection() as connection, connection.transaction():
             await connection.execute(self.q["admin_context"], action, actor, reason)
@@ -192,8 +222,8 @@ class Store:
 
     # ---------------------------------------------------------------- task types
 
-    async def task_types(self) -> list[Row]:
-        return await self.fetch("types_all")
+    async def task_types(self) -> list[TaskTypeRecord]:
+        return [TaskTypeRecord.from_row(row) for row in await self._fetch("types_all")]
 
     async def put_task_type(
         self,
@@ -206,15 +236,15 @@ class Store:
         payload_schema_json: str | None,
         enabled: bool,
         max_types: int | None = None,
-    ) -> Row:
-        """Create or replace one task type.
+    ) -> tuple[TaskTypeRecord, bool]:
+        """Create or replace one task type; returns it, and whether it is new.
 
         Raises:
             TooManyTaskTypes: it is new and the registry holds ``max_types`` already.
         """
         async with self._connection() as connection, connection.transaction():
             await self._check_room(connection, [name], max_types)
-            row: Row | None = await connection.fetchrow(
+            row = await connection.fetchrow(
                 self.q["type_put"],
                 name,
                 queue,
@@ -225,7 +255,7 @@ class Store:
                 enabled,
             )
         assert row is not None
-        return row
+        return TaskTypeRecord.from_row(row), row["created"]
 
     async def register_task_types(
         self, types: Sequence[tuple[str, str, int, float, str | None]], max_types: int | None = None
@@ -283,7 +313,7 @@ class Store:
             try:
                 async with conn.transaction():
                     results = await self._enqueue(conn, tasks, notify=False)
-                    if all_or_nothing and any(r.outcome in _REFUSED for r in results):
+                    if all_or_nothing and any(r.outcome.refused for r in results):
                         raise _Rollback(results)
             except _Rollback as rollback:
                 return rollback.results
@@ -315,15 +345,15 @@ class Store:
         for task in tasks:
             row = inserted.get(task.id)
             if row is not None:
-                results.append(Enqueued("created", _answer(row), row["delay"], row["generation"]))
+                results.append(Enqueued(_CREATED, _answer(row), row["delay"], row["generation"]))
                 continue
             found = existing.get(task.idempotency_key) if task.idempotency_key else None
             if found is None:
-                results.append(Enqueued("unknown_type"))
+                results.append(Enqueued(EnqueueOutcome.UNKNOWN_TYPE))
             elif found["request_fingerprint"] == task.fingerprint:
-                results.append(Enqueued("replayed", _answer(found)))
+                results.append(Enqueued(EnqueueOutcome.REPLAYED, _answer(found)))
             else:
-                results.append(Enqueued("conflict", _answer(found)))
+                results.append(Enqueued(EnqueueOutcome.CONFLICT, _answer(found)))
         if notify and inserted:
             ids = ",".join(str(task_id) for task_id in inserted)
             await conn.execute(self.q["enqueue_notify"], NOTIFY_CHANNEL, ids)
@@ -348,21 +378,33 @@ class Store:
 
     async def set_aside(
         self, items: Sequence[tuple[uuid.UUID, int, str]], retry_min: float, retry_max: float
-    ) -> list[Row]:
-        """Set owed publishes ``(id, generation, reason)`` aside (see ``set_aside`` SQL).
-
-        Returns the rows set aside: id, queue, and ``newly`` (not set aside before).
-        """
+    ) -> list[SetAside]:
+        """Set owed publishes ``(id, generation, reason)`` aside (see ``set_aside`` SQL);
+        returns those set aside."""
         columns = _columns(sorted(items), 3)
-        return await self.fetch("set_aside", *columns, retry_min, retry_max)
+        rows = await self._fetch("set_aside", *columns, retry_min, retry_max)
+        return [SetAside.from_row(row) for row in rows]
+
+    async def publish_owed(self, grace: float, limit: int) -> list[OwedPublish]:
+        """Up to ``limit`` owed publishes older than ``grace`` seconds, oldest first."""
+        return _owed(await self._fetch("publish_owed", grace, limit))
+
+    async def owed_among(self, ids: Sequence[uuid.UUID]) -> list[OwedPublish]:
+        """The owed publishes (not set aside) among the tasks ``ids``."""
+        return _owed(await self._fetch("publish_owed_ids", list(ids)))
+
+    async def set_aside_due(self, limit: int) -> list[OwedPublish]:
+        """Up to ``limit`` set-aside publishes whose retry is due, the earliest first."""
+        return _owed(await self._fetch("publish_set_aside_due", limit))
 
     # ---------------------------------------------------------------- reading
 
-    async def task(self, task_id: uuid.UUID) -> Row | None:
-        return await self.fetchrow("task_get", task_id)
+    async def task(self, task_id: uuid.UUID) -> TaskRecord | None:
+        row = await self._fetchrow("task_get", task_id)
+        return None if row is None else TaskRecord.from_detail_row(row)
 
-    async def task_events(self, task_id: uuid.UUID) -> list[Row]:
-        return await self.fetch("task_events", task_id)
+    async def task_events(self, task_id: uuid.UUID) -> list[TaskEvent]:
+        return [TaskEvent.from_row(row) for row in await self._fetch("task_events", task_id)]
 
     async def unpublished_count(self) -> int:
         async with self._connection() as conn:
@@ -376,9 +418,13 @@ class Store:
     # and outcomes name each claim by (id, claim token) and change nothing for
     # a claim that has been taken over: its token is gone from the row.
 
-    async def claim(self, ids: Sequence[uuid.UUID], worker_id: str, lease: float) -> list[Row]:
-        """Claim deliveries: one row per distinct id with its ``decision`` (see ``claim`` SQL)."""
-        return await self.fetch("claim", sorted(ids), worker_id, lease)
+    async def claim(
+        self, ids: Sequence[uuid.UUID], worker_id: str, lease: float
+    ) -> list[ClaimedTask | Unclaimed]:
+        """Claim deliveries: one record per distinct id, claimed or not and why
+        (see ``claim`` SQL)."""
+        rows = await self._fetch("claim", sorted(ids), worker_id, lease)
+        return [claim_from_row(row) for row in rows]
 
     async def heartbeat(
         self, claims: Sequence[tuple[uuid.UUID, uuid.UUID]], worker: WorkerInfo, lease: float
@@ -389,7 +435,7 @@ class Store:
         an operator asked to cancel the task.
         """
         ids, tokens = _columns(sorted(claims), 2)
-        rows = await self.fetch(
+        rows = await self._fetch(
             "heartbeat",
             ids,
             worker.id,
@@ -408,37 +454,46 @@ class Store:
         async with self._connection() as conn:
             await conn.execute(self.q["worker_gone"], worker_id)
 
-    async def complete(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]) -> list[Row]:
-        """Record successes ``(id, token, result_json)``; returns the rows recorded.
+    # Outcomes: each returns the tasks recorded, by their new status (CANCELLED if a
+    # cancel was requested meanwhile); an id missing from the answer was not held by
+    # that claim any more (stale). Those but complete return the publish each owes
+    # (none for a CANCELLED one).
 
-        Each row has id and status (CANCELLED if a cancel was requested meanwhile).
-        An id missing from the answer was not held by that claim any more (stale).
-        """
-        return await self.fetch("complete", *_columns(sorted(items), 3))
+    async def complete(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
+    ) -> dict[uuid.UUID, TaskStatus]:
+        """Record successes ``(id, token, result_json)``."""
+        rows = await self._fetch("complete", *_columns(sorted(items), 3))
+        return {row[0]: STATUS_BY_TEXT[row[1]] for row in rows}
 
-    async def cancel_running(self, items: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> list[Row]:
+    async def cancel_running(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID]]
+    ) -> list[OwedPublish]:
         """Record claims ``(id, token)`` stopped on an operator's cancel request."""
-        return await self.fetch("cancel_running", *_columns(sorted(items), 2))
+        return _owed(await self._fetch("cancel_running", *_columns(sorted(items), 2)))
 
-    async def retry(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]]) -> list[Row]:
-        """Record retryable failures ``(id, token, error, delay)``; returns the rows recorded."""
-        return await self.fetch("retry", *_columns(sorted(items), 4))
+    async def retry(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]]
+    ) -> list[OwedPublish]:
+        """Record retryable failures ``(id, token, error, delay)``."""
+        return _owed(await self._fetch("retry", *_columns(sorted(items), 4)))
 
-    async def fail(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]) -> list[Row]:
-        """Record terminal failures ``(id, token, error)``; returns the rows recorded."""
-        return await self.fetch("fail", *_columns(sorted(items), 3))
+    async def fail(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]) -> list[OwedPublish]:
+        """Record terminal failures ``(id, token, error)``."""
+        return _owed(await self._fetch("fail", *_columns(sorted(items), 3)))
 
-    async def give_back(self, items: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> list[Row]:
+    async def give_back(self, items: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> list[OwedPublish]:
         """Give back unfinished claims ``(id, token)`` at shutdown; the attempt does not count."""
-        return await self.fetch("give_back", *_columns(sorted(items), 2))
+        return _owed(await self._fetch("give_back", *_columns(sorted(items), 2)))
 
-    async def recover_expired(self, limit: int) -> list[Row]:
-        """Take back up to ``limit`` claims whose lease expired; their publishes are owed."""
-        return await self.fetch("recover_expired", limit)
+    async def recover_expired(self, limit: int) -> list[OwedPublish]:
+        """Take back up to ``limit`` claims whose lease expired; returns them with the
+        publish each owes (ENQUEUED, FAILED, or CANCELLED: nothing owed)."""
+        return _owed(await self._fetch("recover_expired", limit))
 
     async def overdue_enqueued(self, queue: str, seconds: float, limit: int) -> list[uuid.UUID]:
         """ENQUEUED tasks of ``queue`` published and due more than ``seconds`` ago."""
-        rows = await self.fetch("overdue_enqueued", queue, seconds, limit)
+        rows = await self._fetch("overdue_enqueued", queue, seconds, limit)
         return [row["id"] for row in rows]
 
     async def republish(self, ids: Sequence[uuid.UUID]) -> int:
@@ -447,6 +502,162 @@ class Store:
             status: str = await conn.execute(self.q["republish"], list(ids))
         return int(status.split()[-1])
 
+    # ---------------------------------------------------------------- sweeper
+
+    async def unfinished_purges(self, older_than: float) -> list[Purge]:
+        """Queue purges begun more than ``older_than`` seconds ago and never ended."""
+        rows = await self._fetch("purges_unfinished", older_than)
+        return [Purge.from_row(row) for row in rows]
+
+    async def begin_purge(self, queue: str) -> int:
+        """Record a broker purge of ``queue`` about to start; returns its id."""
+        purge_id: int = await self._fetchval("purge_begin", queue)
+        return purge_id
+
+    async def end_purge(self, purge_id: int) -> None:
+        await self._execute("purge_end", purge_id)
+
+    async def republish_queue(self, queue: str) -> int:
+        """Owe again the publishes of ``queue``'s due ENQUEUED tasks; returns how many."""
+        return await self._execute("republish_queue", queue)
+
+    async def prune_workers(self, silent_for: float) -> None:
+        """Forget workers silent for longer than ``silent_for`` seconds."""
+        await self._execute("workers_prune", silent_for)
+
+    async def delete_finished(self, older_than: float, limit: int) -> int:
+        """Delete up to ``limit`` tasks finished more than ``older_than`` seconds ago, and
+        their events; returns how many."""
+        deleted: int = await self._fetchval("retention_delete", older_than, limit)
+        return deleted
+
+    # ---------------------------------------------------------------- monitoring
+
+    async def stats(self, window_seconds: float) -> Stats:
+        """Counts by status, queue and type; scheduled tasks; the recent window's throughput."""
+        counts = await self._fetch("stats_counts")
+        window = await self._fetchrow("stats_window", window_seconds)
+        scheduled: int = await self._fetchval("stats_scheduled")
+        assert window is not None
+        return Stats(StatusCounts.from_rows(counts), scheduled, Throughput.from_row(window))
+
+    async def workers(self, missed_heartbeats: int) -> list[WorkerRecord]:
+        """The workers registry; alive: missed fewer than ``missed_heartbeats`` heartbeats."""
+        rows = await self._fetch("workers_list", missed_heartbeats)
+        return [WorkerRecord.from_row(row) for row in rows]
+
+    async def last_event_id(self) -> int:
+        last: int = await self._fetchval("events_last_id")
+        return last
+
+    async def events_since(self, after_id: int, limit: int) -> list[StreamEvent]:
+        """Up to ``limit`` task events of any task after ``after_id``, oldest first."""
+        rows = await self._fetch("events_since", after_id, limit)
+        return [StreamEvent.from_row(row) for row in rows]
+
+    # ---------------------------------------------------------------- admin
+
+    async def list_tasks(
+        self,
+        filters: TaskFilter,
+        cursor: Cursor | None,
+        limit: int,
+        *,
+        with_payload: bool = False,
+        with_result: bool = False,
+    ) -> list[TaskRecord]:
+        """Tasks matching ``filters``, newest first, after ``cursor`` (on created_at, id).
+
+        Payloads and results are read only when asked for (each can be a MiB).
+        """
+        statuses = None if filters.statuses is None else sorted(str(s) for s in filters.statuses)
+        rows = await self._fetch(
+            "tasks_list",
+            statuses,
+            filters.type,
+            filters.queue,
+            filters.created_after,
+            filters.created_before,
+            filters.scheduled,
+            *_after(cursor),
+            limit,
+            with_payload,
+            with_result,
+        )
+        return [TaskRecord.from_row(row) for row in rows]
+
+    async def list_dead_letters(
+        self,
+        task_type: str | None,
+        queue: str | None,
+        cursor: Cursor | None,
+        limit: int,
+        *,
+        with_payload: bool = False,
+        with_result: bool = False,
+    ) -> list[TaskRecord]:
+        """FAILED tasks, newest finished first, after ``cursor`` (on finished_at, id)."""
+        rows = await self._fetch(
+            "dlq_list",
+            task_type,
+            queue,
+            *_after(cursor),
+            limit,
+            with_payload,
+            with_result,
+        )
+        return [TaskRecord.from_row(row) for row in rows]
+
+    async def pick_dead_letters(
+        self,
+        task_type: str | None,
+        queue: str | None,
+        ids: Sequence[uuid.UUID] | None,
+        limit: int,
+    ) -> list[uuid.UUID]:
+        """Up to ``limit`` FAILED tasks to replay, oldest failure first; None matches all."""
+        rows = await self._fetch(
+            "dlq_pick", task_type, queue, None if ids is None else list(ids), limit
+        )
+        return [row["id"] for row in rows]
+
+    async def cancel(
+        self, task_id: uuid.UUID, *, actor: str, reason: str | None
+    ) -> TaskStatus | None:
+        """An operator's cancel (see ``cancel`` SQL): the task's status after it,
+        CANCELLED or RUNNING (a cancel request), or None if it was neither ENQUEUED
+        nor RUNNING (nothing changed)."""
+        rows = await self._as_operator("cancel", actor, reason, "cancel", task_id)
+        return TaskStatus(rows[0]["status"]) if rows else None
+
+    async def requeue(
+        self,
+        ids: Sequence[uuid.UUID],
+        statuses: Sequence[TaskStatus],
+        *,
+        action: str,
+        actor: str,
+        reason: str | None,
+    ) -> list[OwedPublish]:
+        """ENQUEUE the tasks ``ids`` that are in ``statuses`` again, with fresh attempts
+        (an operator's retry or replay); returns them with the publish each owes."""
+        rows = await self._as_operator(
+            action, actor, reason, "requeue", list(ids), [str(s) for s in statuses]
+        )
+        return _owed(rows)
+
+    async def cancel_enqueued(
+        self, queue: str, *, limit: int, after: uuid.UUID | None, actor: str, reason: str
+    ) -> list[uuid.UUID]:
+        """A queue purge's step: cancel up to ``limit`` ENQUEUED tasks of ``queue`` whose
+        id is above ``after``, in id order; returns their ids."""
+        rows = await self._as_operator(
+            "purge", actor, reason, "queue_cancel_enqueued", queue, limit, after
+        )
+        return [row["id"] for row in rows]
+
+
+_CREATED = EnqueueOutcome.CREATED
 
 ANSWER_FIELDS = (
     "id",
@@ -460,8 +671,18 @@ ANSWER_FIELDS = (
 )
 
 
-def _answer(row: Row) -> dict[str, Any]:
+def _answer(row: Mapping[str, Any]) -> dict[str, Any]:
     return {name: row[name] for name in ANSWER_FIELDS}
+
+
+def _after(cursor: Cursor | None) -> tuple[datetime | None, uuid.UUID | None]:
+    """A listing's keyset parameters: the sort time and id to go on after (None: the start)."""
+    return (None, None) if cursor is None else (cursor.at, cursor.id)
+
+
+def _owed(rows: Sequence[asyncpg.Record]) -> list[OwedPublish]:
+    from_row = OwedPublish.from_row
+    return [from_row(row) for row in rows]
 
 
 def refused(exc: BaseException) -> bool:

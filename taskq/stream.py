@@ -25,6 +25,7 @@ from starlette.responses import Response, StreamingResponse
 
 from taskq.errors import StoreError
 from taskq.http import Problem, endpoint, json_default
+from taskq.model import StreamEvent
 from taskq.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -104,29 +105,29 @@ class Hub:
         seen_set: set[int] = set()
         stats_due = 0.0
         while self._streams and not self.stopping.is_set():
-            rows = []
+            rows: list[StreamEvent] = []
             try:
                 if start_id is None:
-                    start_id = (await self.monitor.store.fetch("events_last_id"))[0]["last_id"]
+                    start_id = await self.monitor.store.last_event_id()
                     self._last_id = start_id
                 if time.monotonic() >= stats_due:
                     stats_due = time.monotonic() + STATS_EVERY
                     self._stats = sse("stats", await self.monitor.stats())
                     self._send(self._stats)
-                rows = await self.monitor.store.fetch(
-                    "events_since", max(0, self._last_id - LOOKBACK), BATCH
+                rows = await self.monitor.store.events_since(
+                    max(0, self._last_id - LOOKBACK), BATCH
                 )
             except StoreError as exc:
                 log.warning("the event stream cannot read the database: %s", exc)
                 self._send(sse("error", {"detail": "the database did not answer"}))
             for row in rows:
-                if row["id"] <= (start_id or 0) or row["id"] in seen_set:
+                if row.id <= (start_id or 0) or row.id in seen_set:
                     continue
                 if len(seen) == seen.maxlen:
                     seen_set.discard(seen[0])
-                seen.append(row["id"])
-                seen_set.add(row["id"])
-                self._last_id = max(self._last_id, row["id"])
+                seen.append(row.id)
+                seen_set.add(row.id)
+                self._last_id = max(self._last_id, row.id)
                 self._send(sse("task", _task_event(row)))
             if len(rows) < BATCH:
                 with contextlib.suppress(TimeoutError):
@@ -143,14 +144,14 @@ class Hub:
                 await self._poller
 
 
-def _task_event(row: Any) -> dict[str, Any]:
+def _task_event(event: StreamEvent) -> dict[str, Any]:
     return {
-        "id": row["task_id"],
-        "type": row["type"],
-        "queue": row["queue"],
-        "status": row["status"],
-        "attempt": row["attempt"],
-        "at": row["at"],
+        "id": event.task_id,
+        "type": event.type,
+        "queue": event.queue,
+        "status": event.status,
+        "attempt": event.attempt,
+        "at": event.at,
     }
 
 

@@ -43,6 +43,7 @@ from taskq.broker import Link, Publisher
 from taskq.errors import BrokerError
 from taskq.leader import SessionLock, lead
 from taskq.metrics import WorkerMetrics
+from taskq.model import DeadLetterReason, TaskStatus
 from taskq.relay import publish_owed
 from taskq.store import Store
 from taskq.topology import Names
@@ -146,18 +147,18 @@ class Sweeper:
         for row in rows:
             log.warning(
                 "task %s: lease expired, %s",
-                row["id"],
-                "failed: no attempt left" if row["status"] == "FAILED" else "enqueued again",
-                extra={"task_id": str(row["id"]), "task_type": row["type"]},
+                row.id,
+                "failed: no attempt left" if row.status == TaskStatus.FAILED else "enqueued again",
+                extra={"task_id": str(row.id), "task_type": row.type},
             )
         if self.metrics is not None:
             self.metrics.lease_recoveries.inc(len(rows))
             for row in rows:
-                if row["status"] == "FAILED":
-                    self.metrics.dead_lettered.labels(row["queue"], "exhausted").inc()
+                if row.status == TaskStatus.FAILED:
+                    self.metrics.dead_lettered.labels(row.queue, DeadLetterReason.EXHAUSTED).inc()
         # Unpublished ones stay owed; the relay's pass after the grace period sends them.
         # A task whose cancel was requested is CANCELLED now: nothing is owed.
-        owed = [row for row in rows if row["status"] != "CANCELLED"]
+        owed = [row for row in rows if row.status != TaskStatus.CANCELLED]
         set_aside = self.metrics.set_aside if self.metrics is not None else None
         await publish_owed(self.store, self.publisher, owed, set_aside=set_aside)
         return len(rows)
@@ -165,14 +166,14 @@ class Sweeper:
     async def end_purges(self) -> int:
         """Owe again the publishes that purges never ended may have dropped; returns
         how many purges it ended."""
-        purges = await self.store.fetch("purges_unfinished", self.purge_ended_after)
+        purges = await self.store.unfinished_purges(self.purge_ended_after)
         for purge in purges:
-            owed = await self.store.execute("republish_queue", purge["queue"])
-            await self.store.execute("purge_end", purge["id"])
+            owed = await self.store.republish_queue(purge.queue)
+            await self.store.end_purge(purge.id)
             log.warning(
                 "a purge of work queue %s never ended (its process or the database failed):"
                 " %d tasks of it are published again",
-                self.names.queue(purge["queue"]),
+                self.names.queue(purge.queue),
                 owed,
             )
         return len(purges)
@@ -187,12 +188,12 @@ class Sweeper:
         if not force and time.monotonic() - self._retention_at < RETENTION_EVERY:
             return 0
         self._retention_at = time.monotonic()
-        await self.store.execute("workers_prune", WORKERS_FORGOTTEN_AFTER)
+        await self.store.prune_workers(WORKERS_FORGOTTEN_AFTER)
         if self.retention <= 0:
             return 0
         total = 0
         for _ in range(RETENTION_STATEMENTS):
-            deleted = await self.store.fetchval("retention_delete", self.retention, RETENTION_BATCH)
+            deleted = await self.store.delete_finished(self.retention, RETENTION_BATCH)
             total += deleted
             if deleted < RETENTION_BATCH:
                 break

@@ -23,6 +23,7 @@ import orjson
 from referencing.exceptions import Unresolvable
 
 from taskq import schemas
+from taskq.model import TaskTypeRecord
 from taskq.store import Store
 from taskq.validation import FieldError, InvalidRequest
 
@@ -55,8 +56,8 @@ class TaskType:
     broken: str | None = None
 
     @classmethod
-    def from_row(cls, row: Any) -> TaskType:
-        schema = orjson.loads(row["payload_schema"]) if row["payload_schema"] else None
+    def from_record(cls, record: TaskTypeRecord) -> TaskType:
+        schema = orjson.loads(record.payload_schema) if record.payload_schema else None
         broken = None
         if schema is not None:
             try:
@@ -64,14 +65,14 @@ class TaskType:
             except schemas.SchemaProblem as exc:
                 broken = str(exc)
         return cls(
-            name=row["name"],
-            queue=row["queue"],
-            max_attempts=row["max_attempts"],
-            timeout=row["timeout_seconds"],
-            backoff=orjson.loads(row["backoff"]) if row["backoff"] else None,
+            name=record.name,
+            queue=record.queue,
+            max_attempts=record.max_attempts,
+            timeout=record.timeout_seconds,
+            backoff=orjson.loads(record.backoff) if record.backoff else None,
             payload_schema=schema,
-            enabled=row["enabled"],
-            updated_at=row["updated_at"],
+            enabled=record.enabled,
+            updated_at=record.updated_at,
             validator=schemas.PayloadValidator(schema) if schema and not broken else None,
             broken=broken,
         )
@@ -129,14 +130,14 @@ class TypeCache:
             task.exception()  # seen by the callers that awaited it; not logged again
 
     async def _load(self, generation: int) -> None:
-        rows = await self._store.task_types()
+        records = await self._store.task_types()
         known = self._types
         types = {}
-        for row in rows:
-            old = known.get(row["name"])
+        for record in records:
+            old = known.get(record.name)
             # Unchanged rows keep their entry (and its compiled validator).
-            same = old is not None and old.updated_at == row["updated_at"]
-            types[row["name"]] = old if same and old is not None else TaskType.from_row(row)
+            same = old is not None and old.updated_at == record.updated_at
+            types[record.name] = old if same and old is not None else TaskType.from_record(record)
         self._types = types
         self._misses.clear()
         if generation == self._generation:

@@ -29,6 +29,7 @@ import pytest
 
 from taskq import relay, sweeper
 from taskq.client import Client
+from taskq.model import ClaimedTask
 from taskq.settings import Settings
 from taskq.store import NewTask
 from tests.support.faults import (
@@ -103,7 +104,7 @@ async def expired_claim(h: Harness) -> uuid.UUID:
     [result] = await h.store.enqueue([NewTask(task_id, "demo.record", "{}")])
     assert result.outcome == "created"
     [claim] = await h.store.claim([task_id], "gone-worker", 0.5)
-    assert claim["decision"] == "claimed"
+    assert isinstance(claim, ClaimedTask)
     return task_id
 
 

@@ -65,19 +65,19 @@ async def test_cancel_running_task(settings: Settings, task_type: str) -> None:
         await enqueue_with_id(h, task_type, task_id)
         await cancel_running(api, task_id)
         row = await h.wait_for(task_id, "CANCELLED", timeout=15)
-        assert row["finished_at"] is not None and row["attempts"] == 1
+        assert row.finished_at is not None and row.attempts == 1
         history = await h.events(task_id)
-        assert [e["status"] for e in history] == ["ENQUEUED", "RUNNING", "RUNNING", "CANCELLED"]
+        assert [e.status for e in history] == ["ENQUEUED", "RUNNING", "RUNNING", "CANCELLED"]
         request = history[2]
-        assert (request["action"], request["actor"], request["reason"]) == (
+        assert (request.action, request.actor, request.reason) == (
             "cancel_requested", "api", "stop it",
         )  # fmt: skip
-        assert history[3]["error"].startswith("Cancelled:")
+        assert history[3].error.startswith("Cancelled:")
         labels = {"type": task_type, "queue": "default", "outcome": "cancelled"}
         assert metric(worker, "taskq_tasks_processed_total", **labels) == 1
         # Nothing was published for it: it never runs again.
         await asyncio.sleep(1.0)
-        assert (await h.task(task_id))["status"] == "CANCELLED"
+        assert (await h.task(task_id)).status == "CANCELLED"
 
 
 async def enqueue_with_id(h: Harness, task_type: str, task_id: uuid.UUID) -> None:
@@ -104,7 +104,7 @@ async def test_cancelled_scheduled_task_never_runs(settings: Settings) -> None:
             await asyncio.sleep(0.1)
         assert metric(worker, "taskq_deliveries_total", queue="default", decision="terminal") == 1
         history = await h.events(task_id)
-        assert [e["status"] for e in history] == ["ENQUEUED", "CANCELLED"]
+        assert [e.status for e in history] == ["ENQUEUED", "CANCELLED"]
 
 
 async def test_lease_recovery_of_a_cancel_requested_task_cancels_it(
@@ -127,7 +127,7 @@ async def test_lease_recovery_of_a_cancel_requested_task_cancels_it(
     store = await Store.connect(settings.database_url)
     try:
         [row] = await store.recover_expired(10)
-        assert row["status"] == "CANCELLED"
+        assert row.status == "CANCELLED"
     finally:
         await store.close()
 

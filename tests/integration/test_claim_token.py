@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from typing import Any
 
 import asyncpg
@@ -15,8 +15,9 @@ import pytest
 from taskq import sql
 from taskq.envelope import Envelope
 from taskq.handlers import Context, Registry
+from taskq.model import ClaimedTask, TaskStatus
 from taskq.settings import Settings
-from taskq.store import NewTask, Row, Store, WorkerInfo
+from taskq.store import NewTask, Store, WorkerInfo
 from tests.support.worker_fixtures import harness, metric, poll, running_worker
 
 pytestmark = pytest.mark.integration
@@ -41,11 +42,13 @@ async def fail_by_the_sweeper(database_url: str, task_id: uuid.UUID) -> None:
 
 
 async def retry_by_an_operator(store: Store, task_id: uuid.UUID) -> None:
-    [row] = await store.as_operator("retry", "test", None, "requeue", [task_id], ["FAILED"])
-    assert (row["status"], row["attempts"]) == ("ENQUEUED", 0)
+    [row] = await store.requeue(
+        [task_id], [TaskStatus.FAILED], action="retry", actor="test", reason=None
+    )
+    assert (row.status, row.attempts) == (TaskStatus.ENQUEUED, 0)
 
 
-Stale = Callable[[Store, uuid.UUID, uuid.UUID], Awaitable[list[Row] | dict[uuid.UUID, bool]]]
+Stale = Callable[[Store, uuid.UUID, uuid.UUID], Awaitable[Sized]]
 STALE: dict[str, Stale] = {
     "complete": lambda s, i, t: s.complete([(i, t, '"stale"')]),
     "retry": lambda s, i, t: s.retry([(i, t, "stale", 0.0)]),
@@ -73,15 +76,16 @@ async def test_a_claim_before_an_operators_retry_changes_nothing(
         await retry_by_an_operator(store, task_id)
         [second] = await store.claim([task_id], "w1", 30.0)
         # The same task, attempt and worker: only the token tells the claims apart.
-        assert (second["decision"], second["attempts"]) == ("claimed", first["attempts"])
-        assert second["claim_token"] != first["claim_token"]
+        assert isinstance(first, ClaimedTask) and isinstance(second, ClaimedTask)
+        assert second.attempts == first.attempts
+        assert second.claim_token != first.claim_token
         before = await store.task(task_id)
 
-        assert not await STALE[statement](store, task_id, first["claim_token"])
+        assert not await STALE[statement](store, task_id, first.claim_token)
         assert await store.task(task_id) == before
-        assert await STALE[statement](store, task_id, second["claim_token"])
+        assert await STALE[statement](store, task_id, second.claim_token)
         if statement != "heartbeat":  # the claim is over: its token no longer holds either
-            assert not await STALE[statement](store, task_id, second["claim_token"])
+            assert not await STALE[statement](store, task_id, second.claim_token)
     finally:
         await store.close()
 
@@ -121,9 +125,9 @@ async def test_a_stale_outcome_after_an_operators_retry_is_refused(
             "the first run's outcome was not refused as stale",
         )
         row = await h.task(task_id)
-        assert (row["status"], row["attempts"], row["result"]) == ("RUNNING", 1, None)
+        assert (row.status, row.attempts, row.result) == ("RUNNING", 1, None)
 
         runs[1].set()
         row = await h.wait_for(task_id, "SUCCEEDED")
-        assert json.loads(row["result"]) == 2
+        assert json.loads(row.result) == 2
         assert metric(worker, "taskq_tasks_processed_total", **labels, outcome="succeeded") == 1

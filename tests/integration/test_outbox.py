@@ -15,6 +15,7 @@ import pytest
 from taskq.broker import Link, Publisher
 from taskq.client import Client
 from taskq.marker import Marker
+from taskq.model import ClaimedTask, OwedPublish
 from taskq.relay import Outbox, Relay
 from taskq.settings import Settings
 from taskq.store import NewTask, Store
@@ -215,14 +216,10 @@ async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(
     try:
         await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
 
-        async def committed(count: int) -> list[dict[str, object]]:
+        async def committed(count: int) -> list[OwedPublish]:
             tasks = [NewTask(uuid.uuid4(), "demo.echo", "{}") for _ in range(count)]
             results = await store.enqueue(tasks)
-            return [
-                {**r.row, "delay": r.delay, "last_error": None, "generation": r.generation}
-                for r in results
-                if r.row
-            ]
+            return [r.owed() for r in results if r.answer]
 
         relay.start()
         await wait_for(lambda: _any_active([relay]))
@@ -243,7 +240,7 @@ async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(
 
         await wait_for(all_published)
         messages = await drain(settings, "default", expect=7)
-        ids = sorted(str(row["id"]) for row in late + fresh)
+        ids = sorted(str(row.id) for row in late + fresh)
         assert sorted(m.message_id for m in messages) == ids  # each exactly once
     finally:
         await relay.close()
@@ -258,8 +255,8 @@ async def test_a_batch_that_fails_unexpectedly_leaves_the_outbox_running(
     outbox = Outbox(store, publishing.publisher, in_flight=1)
     await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
     (result,) = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}")])
-    row = {**result.row, "delay": 0.0, "last_error": None, "generation": result.generation}
-    broken = {key: value for key, value in row.items() if key != "type"}
+    row = result.owed()._replace(delay=0.0)
+    broken = row._replace(delay=None)
     outbox.start()
     assert outbox.submit(broken)
     await outbox.drain(10)
@@ -270,7 +267,7 @@ async def test_a_batch_that_fails_unexpectedly_leaves_the_outbox_running(
     await outbox.close()
     assert await unpublished(settings) == 0
     (message,) = await drain(settings, "default", expect=1)
-    assert message.message_id == str(row["id"])
+    assert message.message_id == str(row.id)
 
 
 async def test_a_publish_is_marked_after_the_delay_unless_a_claim_recorded_it(
@@ -282,7 +279,7 @@ async def test_a_publish_is_marked_after_the_delay_unless_a_claim_recorded_it(
     marker = Marker(store, interval=0.02, delay=0.5)
     await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
     results = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}") for _ in range(2)])
-    waiting, claimed = (result.row["id"] for result in results)
+    waiting, claimed = (result.task_id for result in results)
     db = await asyncpg.connect(settings.database_url)
 
     async def version(task_id: uuid.UUID) -> asyncpg.Record:
@@ -301,7 +298,7 @@ async def test_a_publish_is_marked_after_the_delay_unless_a_claim_recorded_it(
         await asyncio.sleep(0.2)
         assert not await waiting_marked()  # younger than the delay
         (decision,) = await store.claim([claimed], "w1", 30.0)
-        assert decision["decision"] == "claimed"
+        assert isinstance(decision, ClaimedTask)
         after_claim = await version(claimed)
         assert after_claim["published_at"] == after_claim["started_at"]  # the claim recorded it
         await wait_for(waiting_marked, timeout=5)
@@ -320,7 +317,7 @@ async def test_closing_the_marker_records_every_publish_at_once(
     results = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}") for _ in range(3)])
     marker.start()
     for result in results:
-        marker.add(result.row["id"], result.generation)
+        marker.add(result.task_id, result.generation)
     assert await unpublished(settings) == 3
     await marker.close()
     assert await unpublished(settings) == 0
@@ -340,7 +337,7 @@ async def test_a_marker_that_loses_the_database_leaves_rows_owed_and_goes_on(
     marker = Marker(store, delay=0.0, batch=1)
     try:
         for result in results:
-            marker.add(result.row["id"], result.generation)
+            marker.add(result.task_id, result.generation)
         await proxy.cut()
         await marker.flush()
         assert caplog.text.count("could not record 1 publishes") == 1

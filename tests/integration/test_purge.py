@@ -124,9 +124,9 @@ async def test_a_task_enqueued_during_the_purge_keeps_an_envelope(settings: Sett
         # The API's relay publishes it again.
         [message] = await drain(settings, "default", expect=1, timeout=15)
         assert message.message_id == str(window[0])
-        assert (await h.task(window[0]))["status"] == "ENQUEUED"
+        assert (await h.task(window[0])).status == "ENQUEUED"
         for task_id in doomed:
-            assert (await h.task(uuid.UUID(task_id)))["status"] == "CANCELLED"
+            assert (await h.task(uuid.UUID(task_id))).status == "CANCELLED"
 
 
 async def test_a_purge_cut_short_after_the_broker_purge_is_ended_by_the_sweeper(

@@ -98,7 +98,7 @@ async def test_rows_that_cannot_be_published_are_set_aside_and_newer_ones_flow(
         assert await relay.pass_once() == 1
         [message] = await drain(settings, "high", expect=1)
         assert message.message_id == str(good)
-        assert (await store.task(good))["published_at"] is not None
+        assert (await store.task(good)).published_at is not None
         for ids, reason in ((gone, "no work queue 'gone'"), (low, "unroutable"),
                             (far, "exceeds the maximum")):  # fmt: skip
             rows = await db.fetch(
@@ -110,8 +110,8 @@ async def test_rows_that_cannot_be_published_are_set_aside_and_newer_ones_flow(
             assert all(row["aside"] and row["later"] for row in rows), reason
             assert all(reason in row["publish_error"] for row in rows), rows[0]["publish_error"]
         task = await store.task(gone[0])
-        assert task is not None and "no work queue 'gone'" in task["publish_error"]
-        assert task["publish_retry_at"] is not None
+        assert task is not None and "no work queue 'gone'" in task.publish_error
+        assert task.publish_retry_at is not None
         assert await store.unpublished_count() == 600
         samples = {
             (s.labels["queue"], s.labels["reason"]): s.value
@@ -145,7 +145,7 @@ async def test_rows_that_cannot_be_published_are_set_aside_and_newer_ones_flow(
         await relay.close()
         await connection_link.close()
     assert len(await drain(settings, "low", expect=BAD["low"])) == BAD["low"]
-    assert (await store.task(newer))["published_at"] is not None
+    assert (await store.task(newer)).published_at is not None
     assert sum(
         s.value
         for metric in registry.collect()

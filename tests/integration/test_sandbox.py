@@ -67,9 +67,9 @@ async def test_a_base_exception_fails_the_attempt_with_a_reason(settings: Settin
         ids = {name: await h.enqueue(name) for name in expected}
         for name, task_id in ids.items():
             row = await h.wait_for(task_id, "FAILED")
-            assert (row["attempts"], row["last_error"]) == (2, expected[name]), name
-            retry = [e for e in await h.events(task_id) if e["status"] == "ENQUEUED"][-1]
-            assert retry["error"] == expected[name]  # the first attempt was retried
+            assert (row.attempts, row.last_error) == (2, expected[name]), name
+            retry = [e for e in await h.events(task_id) if e.status == "ENQUEUED"][-1]
+            assert retry.error == expected[name]  # the first attempt was retried
         # Every attempt closed: the heartbeat extends no lease any more.
         await poll(lambda: not worker._runner.attempts, "attempts still held")
         assert metric(worker, "taskq_tasks_in_flight") == 0
@@ -94,8 +94,8 @@ async def test_a_worker_process_lives_on_after_sys_exit_and_stops_past_a_runaway
             ids = {name: await h.enqueue(name) for name in reasons}
             for name, task_id in ids.items():
                 row = await h.wait_for(task_id, "FAILED")
-                assert row["last_error"] == reasons[name]
-            assert (await h.wait_for(await h.enqueue("ok.noop"), "SUCCEEDED"))["attempts"] == 1
+                assert row.last_error == reasons[name]
+            assert (await h.wait_for(await h.enqueue("ok.noop"), "SUCCEEDED")).attempts == 1
             assert process.returncode is None
 
             # A handler that swallows every cancellation for 10 minutes cannot hold
@@ -105,8 +105,8 @@ async def test_a_worker_process_lives_on_after_sys_exit_and_stops_past_a_runaway
             process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(process.wait(), 60) == 0
             row = await h.task(runaway)
-            assert (row["status"], row["attempts"]) == ("ENQUEUED", 0)  # given back
-            assert row["last_error"].startswith("given back by worker")
+            assert (row.status, row.attempts) == ("ENQUEUED", 0)  # given back
+            assert row.last_error.startswith("given back by worker")
         finally:
             if process.returncode is None:
                 process.kill()
@@ -148,15 +148,15 @@ async def test_a_handler_that_swallows_cancellation_is_abandoned(
             await asyncio.wait_for(started.wait(), 15)
             if stop == "timeout":
                 row = await h.wait_for(task_id, "FAILED")
-                assert row["last_error"] == "TimeoutError: the handler exceeded its timeout of 0.5s"
+                assert row.last_error == "TimeoutError: the handler exceeded its timeout of 0.5s"
             elif stop == "cancel":
-                await h.store.as_operator("cancel", "test", "stop it", "cancel", task_id)
+                await h.store.cancel(task_id, actor="test", reason="stop it")
                 row = await h.wait_for(task_id, "CANCELLED")
-                assert row["last_error"].startswith("Cancelled: the handler was stopped")
+                assert row.last_error.startswith("Cancelled: the handler was stopped")
             else:
                 await asyncio.wait_for(worker.stop(grace=0.3), 30)
                 row = await h.task(task_id)
-                assert (row["status"], row["attempts"]) == ("ENQUEUED", 0)
+                assert (row.status, row.attempts) == ("ENQUEUED", 0)
                 assert worker.runaways() == 1
             await abandoned_until(worker, "task", release.set)
     finally:
@@ -166,7 +166,7 @@ async def test_a_handler_that_swallows_cancellation_is_abandoned(
 async def wait_for_types(h: Harness, name: str) -> None:
     """Wait until a worker process has registered its task types."""
     for _ in range(600):
-        if any(row["name"] == name for row in await h.store.task_types()):
+        if any(task_type.name == name for task_type in await h.store.task_types()):
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"task type {name} never registered")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import uuid
 
 import asyncpg
 import pytest
 
-from taskq import sql
+from taskq import model, sql
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +44,45 @@ async def test_every_query_block_prepares(db: asyncpg.Connection) -> None:
             await db.prepare(text)
         except asyncpg.PostgresError as exc:  # pragma: no cover - the failure message
             pytest.fail(f"query {name!r} does not prepare: {exc}")
+
+
+def _fields(record: type, *also: str, without: tuple[str, ...] = ()) -> list[str]:
+    return [f.name for f in dataclasses.fields(record) if f.name not in without] + list(also)
+
+
+_SET_ASIDE_INFO = ("publish_error", "publish_retry_at")
+# The columns each query returns, in order, as the record built from its rows reads them.
+RECORD_COLUMNS = {
+    "claim": list(model.COLUMNS["claim"]),
+    **{name: list(model.COLUMNS["owed"]) for name in model.OWED_QUERIES},
+    "task_get": _fields(model.TaskRecord),
+    "tasks_list": _fields(model.TaskRecord, without=_SET_ASIDE_INFO),
+    "dlq_list": _fields(model.TaskRecord, without=_SET_ASIDE_INFO),
+    "task_events": _fields(model.TaskEvent),
+    "events_since": _fields(model.StreamEvent),
+    "types_all": _fields(model.TaskTypeRecord),
+    "type_put": _fields(model.TaskTypeRecord, "created"),
+    "workers_list": _fields(model.WorkerRecord),
+    "set_aside": _fields(model.SetAside),
+    "purges_unfinished": _fields(model.Purge),
+    "stats_window": _fields(model.Throughput),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECORD_COLUMNS))
+async def test_each_record_reads_the_columns_its_query_returns(
+    db: asyncpg.Connection, name: str
+) -> None:
+    statement = await db.prepare(sql.queries()[name])
+    assert [a.name for a in statement.get_attributes()] == RECORD_COLUMNS[name]
+
+
+@pytest.mark.parametrize("constraint", ["tasks_status_valid", "task_events_status_valid"])
+async def test_the_status_enum_is_the_schemas(db: asyncpg.Connection, constraint: str) -> None:
+    definition = await db.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = $1", constraint
+    )
+    assert sorted(re.findall(r"'([A-Z]+)'", definition)) == sorted(model.STATUS_NAMES)
 
 
 async def test_events_follow_the_lifecycle(db: asyncpg.Connection) -> None:

@@ -61,7 +61,7 @@ async def poll(condition: Callable[[], bool], what: str) -> None:
 
 
 async def worker_ids(h: Harness) -> list[str]:
-    return [row["id"] for row in await h.store.fetch("workers_list", 3)]
+    return [worker.id for worker in await h.store.workers(missed_heartbeats=3)]
 
 
 @asynccontextmanager
@@ -129,7 +129,7 @@ async def test_a_killed_process_is_restarted_and_every_task_finishes(
     ) as (h, process):
         ids = [await h.enqueue("demo.sleep", {"seconds": 0.5}) for _ in range(12)]
         claimed = await h.wait_for(ids[0], "RUNNING", timeout=DEADLINE)
-        victim = pid_of(claimed["worker_id"])
+        victim = pid_of(claimed.worker_id)
         os.kill(victim, signal.SIGKILL)
         await wait_until_logged(tmp_path, f"(pid {victim}) was killed by SIGKILL")
         await wait_ready(tmp_path, 3)  # the replacement
@@ -155,11 +155,11 @@ async def test_sigterm_stops_every_process_gracefully_and_exits_0(
     ) as (h, process):
         ids = [await h.enqueue("demo.sleep", {"seconds": 2}) for _ in range(2)]
         rows = [await h.wait_for(task_id, "RUNNING", timeout=DEADLINE) for task_id in ids]
-        assert len({row["worker_id"] for row in rows}) == 2  # one in each process
+        assert len({row.worker_id for row in rows}) == 2  # one in each process
         await stop_gracefully(process)
         finished = [await h.task(task_id) for task_id in ids]
         left = await worker_ids(h)
-    assert [(row["status"], row["attempts"]) for row in finished] == [("SUCCEEDED", 1)] * 2
+    assert [(row.status, row.attempts) for row in finished] == [("SUCCEEDED", 1)] * 2
     assert left == []  # each stopped cleanly, leaving the worker list
     text = log_text(tmp_path)
     assert text.count("exited with code 0") == 2 and f"supervisor {process.pid} stopped" in text
@@ -179,7 +179,7 @@ async def test_a_second_sigint_hurries_the_processes_and_their_tasks_go_back(
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), DEADLINE) == 0
         row = await h.task(task_id)
-    assert (row["status"], row["attempts"]) == ("ENQUEUED", 0)  # given back, not counted
+    assert (row.status, row.attempts) == ("ENQUEUED", 0)  # given back, not counted
 
 
 @pytest.mark.integration
@@ -240,5 +240,5 @@ async def test_the_processes_stop_when_the_supervisor_is_killed(
         row = await h.task(task_id)
         left = await worker_ids(h)
     assert left == []  # they stopped gracefully, leaving the worker list
-    assert row["status"] == "SUCCEEDED"  # within their shutdown grace
+    assert row.status == "SUCCEEDED"  # within their shutdown grace
     assert "the supervisor is gone: stopping" in log_text(tmp_path)

@@ -11,6 +11,7 @@ from taskq.broker import Link
 from taskq.errors import StoreError
 from taskq.leader import SessionLock
 from taskq.metrics import WorkerMetrics
+from taskq.model import ClaimedTask
 from taskq.relay import HEADER_REASON, Relay
 from taskq.settings import Settings
 from taskq.sweeper import Sweeper
@@ -37,7 +38,7 @@ async def make_sweeper(h: Harness, **options: float) -> tuple[Sweeper, Link]:
 
 async def claim_and_expire(h: Harness, task_id: uuid.UUID) -> None:
     [claim] = await h.store.claim([task_id], "dead-worker", 30.0)
-    assert claim["decision"] == "claimed"
+    assert isinstance(claim, ClaimedTask)
     await h.store.pool.execute(
         "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
     )
@@ -64,20 +65,20 @@ async def test_expired_leases_are_recovered_and_published(settings: Settings) ->
         assert sweeper.metrics.registry.get_sample_value("taskq_lease_recoveries_total") == 2
 
         row = await h.task(retried)
-        assert (row["status"], row["attempts"], row["worker_id"]) == ("ENQUEUED", 1, None)
-        assert row["published_at"] is not None
+        assert (row.status, row.attempts, row.worker_id) == ("ENQUEUED", 1, None)
+        assert row.published_at is not None
         [envelope] = await h.take(h.names.queue("default"), 1, 5)
         assert envelope.message_id == str(retried)
         assert await h.take(h.names.queue("default"), 1, 0.3) == []
 
         row = await h.task(exhausted)
-        assert row["status"] == "FAILED"
+        assert row.status == "FAILED"
         [letter] = await h.dead_letters(1)
         assert letter.message_id == str(exhausted)
         assert letter.headers[HEADER_REASON] == (
             "lease expired: worker dead-worker stopped heartbeating"
         )
-        assert (await h.task(live))["status"] == "RUNNING"
+        assert (await h.task(live)).status == "RUNNING"
 
 
 async def test_overdue_tasks_of_an_empty_queue_are_published_again(settings: Settings) -> None:
@@ -106,7 +107,7 @@ async def test_overdue_tasks_of_an_empty_queue_are_published_again(settings: Set
             await relay.pass_once()
             envelopes = await h.take(h.names.queue("default"), 2, 5)
             assert sorted(str(e.message_id) for e in envelopes) == sorted([str(lost), str(waiting)])
-            assert (await h.task(lost))["published_at"] is not None
+            assert (await h.task(lost)).published_at is not None
         finally:
             await relay.close()
             await sweeper.close()

@@ -45,10 +45,10 @@ async def test_sync_handlers_run_at_once_in_threads_past_their_lease(
             rows = [await h.wait_for(task_id, "SUCCEEDED", "FAILED") for task_id in ids]
             events = [await h.events(task_id) for task_id in ids]
     for row, history in zip(rows, events, strict=True):
-        assert (row["status"], row["attempts"]) == ("SUCCEEDED", 1), row["last_error"]
-        assert [e["status"] for e in history] == ["ENQUEUED", "RUNNING", "SUCCEEDED"]
-        assert row["finished_at"] - row["started_at"] > timedelta(seconds=settings.lease_seconds)
-    results = [json.loads(row["result"]) for row in rows]
+        assert (row.status, row.attempts) == ("SUCCEEDED", 1), row.last_error
+        assert [e.status for e in history] == ["ENQUEUED", "RUNNING", "SUCCEEDED"]
+        assert row.finished_at - row.started_at > timedelta(seconds=settings.lease_seconds)
+    results = [json.loads(row.result) for row in rows]
     assert len({r["thread"] for r in results}) == 3
     assert all(r["thread"].startswith("taskq-handler") and r["cancel"] is False for r in results)
     logged = [r for r in caplog.records if r.getMessage() == "waiting for the others"]
@@ -80,10 +80,10 @@ async def test_a_sync_handler_over_its_timeout_is_abandoned_and_replaced(
             running_worker(settings, stuck_and_quick(stuck), threads=1) as worker,
         ):
             row = await h.wait_for(await h.enqueue("sync.stuck"), "FAILED")
-            assert row["last_error"] == "TimeoutError: the handler exceeded its timeout of 0.5s"
+            assert row.last_error == "TimeoutError: the handler exceeded its timeout of 0.5s"
             # The pool's one place went to a new thread: the next sync task runs.
             row = await h.wait_for(await h.enqueue("sync.quick"), "SUCCEEDED")
-            assert row["result"] == '"quick"'
+            assert row.result == '"quick"'
             await abandoned_until(worker, "thread", stuck.set)
     finally:
         stuck.set()
@@ -106,10 +106,10 @@ async def test_a_sync_handler_learns_of_a_cancel_in_its_thread(settings: Setting
     async with harness(settings) as h, running_worker(settings, polite(started)):
         task_id = await h.enqueue("sync.polite")
         await poll(started.is_set, "the handler never started")
-        await h.store.as_operator("cancel", "test", "stop it", "cancel", task_id)
+        await h.store.cancel(task_id, actor="test", reason="stop it")
         row = await h.wait_for(task_id, "CANCELLED")
-        assert row["result"] == '"stopped early"'
-        assert row["last_error"].startswith("Cancelled: the handler returned")
+        assert row.result == '"stopped early"'
+        assert row.last_error.startswith("Cancelled: the handler returned")
 
 
 def results() -> Registry:
@@ -146,11 +146,11 @@ async def test_results_that_cannot_be_stored_fail_the_task_at_once(settings: Set
         names = ("big", "big_sync", "fits", "awaitable")
         ids = {name: await h.enqueue(f"result.{name}") for name in names}
         rows = {name: await h.wait_for(ids[name], "SUCCEEDED", "FAILED") for name in names}
-    assert (rows["fits"]["status"], len(rows["fits"]["result"])) == ("SUCCEEDED", 992)
+    assert (rows["fits"].status, len(rows["fits"].result)) == ("SUCCEEDED", 992)
     for name in ("big", "big_sync", "awaitable"):
-        assert (rows[name]["status"], rows[name]["attempts"]) == ("FAILED", 1), name
-    assert rows["big"]["last_error"] == rows["big_sync"]["last_error"] == too_big
-    assert rows["awaitable"]["last_error"] == (
+        assert (rows[name].status, rows[name].attempts) == ("FAILED", 1), name
+    assert rows["big"].last_error == rows["big_sync"].last_error == too_big
+    assert rows["awaitable"].last_error == (
         "HandlerError: the handler of 'result.awaitable' is a plain function but returned"
         " coroutine, an awaitable: declare it with async def"
     )
@@ -177,6 +177,6 @@ async def test_a_sync_handler_waits_for_a_thread_and_its_timeout_starts_then(
         rows = [await h.wait_for(task_id, "SUCCEEDED", "FAILED") for task_id in ids]
     # Claimed at once, run one after the other in the one thread: the last waited
     # 4 s for it, and its timeout of 5 s counted only the 2 s it ran.
-    assert [row["status"] for row in rows] == ["SUCCEEDED"] * 3, [r["last_error"] for r in rows]
+    assert [row.status for row in rows] == ["SUCCEEDED"] * 3, [r.last_error for r in rows]
     spans.sort()
     assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))

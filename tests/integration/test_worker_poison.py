@@ -72,7 +72,7 @@ async def test_consuming_resumes_after_the_connection_drops(settings: Settings) 
             await proxy.cut()
             second = await h.enqueue("demo.echo")
             await asyncio.sleep(1.0)
-            assert (await h.task(second))["status"] == "ENQUEUED"
+            assert (await h.task(second)).status == "ENQUEUED"
             await proxy.start()  # the same port: the robust connection comes back
             await h.wait_for(second, "SUCCEEDED", timeout=30)
             third = await h.enqueue("demo.fail", {"times": 0})

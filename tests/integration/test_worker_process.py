@@ -62,14 +62,14 @@ async def test_a_killed_workers_task_is_recovered_and_succeeds_once(
             survivor.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(survivor.wait(), 20) == 0
         events = await h.events(task_id)
-    assert row["attempts"] == 2
-    assert row["worker_id"] != first["worker_id"]
-    assert [e["status"] for e in events] == [
+    assert row.attempts == 2
+    assert row.worker_id != first.worker_id
+    assert [e.status for e in events] == [
         "ENQUEUED", "RUNNING", "ENQUEUED", "RUNNING", "SUCCEEDED",
     ]  # fmt: skip
     recovery = events[2]
-    assert recovery["error"] == f"lease expired: worker {first['worker_id']} stopped heartbeating"
-    assert [e["status"] for e in events].count("SUCCEEDED") == 1
+    assert recovery.error == f"lease expired: worker {first.worker_id} stopped heartbeating"
+    assert [e.status for e in events].count("SUCCEEDED") == 1
 
 
 async def test_sigterm_lets_the_running_task_finish_and_exits_0(
@@ -96,7 +96,7 @@ async def test_sigterm_lets_the_running_task_finish_and_exits_0(
             await stop(process)
         row = await h.task(task_id)
         executions = await h.store.pool.fetch("SELECT task_id, attempt FROM demo_executions")
-    assert (row["status"], row["attempts"], row["result"]) == ("SUCCEEDED", 1, '{"slept": 1.5}')
+    assert (row.status, row.attempts, row.result) == ("SUCCEEDED", 1, '{"slept": 1.5}')
     assert [tuple(e) for e in executions] == [(recorded, 1)]
     lines = json_log_lines(tmp_path)
     messages = [line["message"] for line in lines]

@@ -72,8 +72,8 @@ async def test_a_short_delay_is_not_blocked_by_a_long_one(settings: Settings) ->
         long_id = await h.enqueue("demo.echo", {"task": "A"}, delay=20)
         short_id = await h.enqueue("demo.echo", {"task": "B"}, delay=2)
         short = await h.wait_for(short_id, "SUCCEEDED", timeout=10)
-        assert (await h.task(long_id))["status"] == "ENQUEUED"
+        assert (await h.task(long_id)).status == "ENQUEUED"
         long = await h.wait_for(long_id, "SUCCEEDED", timeout=30)
     for row, delay in ((short, 2), (long, 20)):
-        waited = row["started_at"] - row["created_at"]
+        waited = row.started_at - row.created_at
         assert timedelta(seconds=delay) <= waited < timedelta(seconds=delay + 1.5), (delay, waited)

@@ -19,8 +19,9 @@ from taskq import broker, demo
 from taskq.broker import Publisher
 from taskq.envelope import Envelope
 from taskq.handlers import Registry
+from taskq.model import TaskEvent, TaskRecord
 from taskq.settings import Settings
-from taskq.store import NewTask, Row, Store
+from taskq.store import NewTask, Store
 from taskq.worker import Worker
 
 from . import ROOT
@@ -66,9 +67,9 @@ class Harness:
         task_id = uuid.uuid4()
         task = NewTask(task_id, task_type, json.dumps(payload or {}), **options)
         [result] = await self.store.enqueue([task])
-        assert result.outcome == "created" and result.row is not None, result
+        assert result.outcome == "created" and result.answer is not None, result
         envelope = Envelope(task_id, task_type, 0)
-        await self.publisher.publish(envelope, result.row["queue"], delay=result.delay)
+        await self.publisher.publish(envelope, result.answer["queue"], delay=result.delay)
         await self.store.mark_published([(task_id, 0)])
         return task_id
 
@@ -81,23 +82,25 @@ class Harness:
         finally:
             await channel.close()
 
-    async def task(self, task_id: uuid.UUID) -> Row:
+    async def task(self, task_id: uuid.UUID) -> TaskRecord:
         row = await self.store.task(task_id)
         assert row is not None
         return row
 
-    async def events(self, task_id: uuid.UUID) -> list[Row]:
+    async def events(self, task_id: uuid.UUID) -> list[TaskEvent]:
         return await self.store.task_events(task_id)
 
-    async def wait_for(self, task_id: uuid.UUID, *statuses: str, timeout: float = 20.0) -> Row:
+    async def wait_for(
+        self, task_id: uuid.UUID, *statuses: str, timeout: float = 20.0
+    ) -> TaskRecord:
         """Poll the task until its status is one of ``statuses``."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             row = await self.task(task_id)
-            if row["status"] in statuses:
+            if row.status in statuses:
                 return row
             if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"task {task_id} still {row['status']}, wanted {statuses}")
+                raise AssertionError(f"task {task_id} still {row.status}, wanted {statuses}")
             await asyncio.sleep(0.05)
 
     async def dead_letters(

@@ -10,6 +10,7 @@ from typing import Any
 
 from taskq import inserts
 from taskq.inserts import InsertBatcher
+from taskq.model import EnqueueOutcome
 from taskq.store import Enqueued, NewTask
 
 
@@ -31,7 +32,7 @@ class GatedStore:
         self.gates.append(gate)
         self.started.set()
         await gate.wait()
-        return [Enqueued("created", {"id": t.id}) for t in tasks]
+        return [Enqueued(EnqueueOutcome.CREATED, {"id": t.id}) for t in tasks]
 
     async def wait_statements(self, count: int) -> None:
         while len(self.statements) < count:
@@ -75,7 +76,7 @@ async def test_a_stalled_statement_does_not_hold_up_the_next(monkeypatch: Any) -
         store.gates[0].set()
         assert (await stalled).outcome == "created"
         # The rows were handed on before their callers resumed.
-        assert {r.row["id"] for r in created if r.row} == {
+        assert {r.task_id for r in created if r.answer} == {
             t.id for s in store.statements for t in s
         }
     finally:

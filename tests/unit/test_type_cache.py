@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from taskq import task_types
+from taskq.model import TaskTypeRecord
 from taskq.task_types import TYPES_TTL, TypeCache
+
+NOW = datetime(2026, 12, 7, tzinfo=UTC)
 
 
 class GatedRegistry:
@@ -17,11 +21,10 @@ class GatedRegistry:
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def task_types(self) -> list[dict[str, Any]]:
+    async def task_types(self) -> list[TaskTypeRecord]:
         self.reads += 1
         await self.gate.wait()
-        row = {"name": "a.v1", "queue": "default", "max_attempts": 5, "timeout_seconds": 300.0}
-        return [row | {"backoff": None, "payload_schema": None, "enabled": True, "updated_at": 1}]
+        return [TaskTypeRecord("a.v1", "default", 5, 300.0, None, None, True, NOW, NOW)]
 
 
 async def test_a_stale_snapshot_answers_at_once_and_refreshes_behind(monkeypatch: Any) -> None:
