@@ -16,20 +16,50 @@ SELECT set_config('lock_timeout', $1, false);
 -- name: migrations_invalid_indexes
 -- Which of these indexes exist but are invalid: a CREATE INDEX CONCURRENTLY
 -- that failed (a lock timeout, a cancel) leaves its index so.
--- $1: index names text[]
+-- $1: index names text[], $2: the schema the migrations run in
 SELECT n.nspname AS schema, c.relname AS name
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indexrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE NOT i.indisvalid AND c.relname = ANY($1::text[])
-  AND n.nspname = ANY(current_schemas(false));
+WHERE NOT i.indisvalid AND c.relname = ANY($1::text[]) AND n.nspname = $2;
+
+-- name: migrations_search_path
+-- Where the migration files' unqualified names resolve, for this session: the
+-- schema taskq's objects are in (files before 0007 name them unqualified).
+-- $1: the schema, quoted as an identifier (text)
+SELECT set_config('search_path', $1, false);
+
+-- name: migrations_schema_exists
+-- $1: schema name
+SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1);
+
+-- name: migrations_schema
+-- The schema of taskq's objects (TASKQ_DB_SCHEMA), created by taskq migrate
+-- when missing (which takes the CREATE privilege on the database; a schema
+-- made beforehand by its owner needs none).
+CREATE SCHEMA taskq;
+
+-- name: migrations_table_in
+-- Whether a schema holds taskq's migrations table.
+-- $1: schema name
+SELECT EXISTS (
+    SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relname = 'taskq_migrations' AND c.relkind = 'r'
+);
+
+-- name: migrations_table_found
+-- The schema of the migrations table this session's search_path finds (NULL:
+-- none): where taskq put its objects before they had a schema of their own.
+SELECT n.nspname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass('taskq_migrations');
 
 -- name: migrations_unlock
 -- $1: advisory lock key (bigint)
 SELECT pg_advisory_unlock($1);
 
 -- name: migrations_table
-CREATE TABLE IF NOT EXISTS taskq_migrations (
+CREATE TABLE IF NOT EXISTS taskq.taskq_migrations (
     version    integer PRIMARY KEY,
     name       text NOT NULL,
     checksum   text NOT NULL,
@@ -37,24 +67,24 @@ CREATE TABLE IF NOT EXISTS taskq_migrations (
 );
 
 -- name: migrations_applied
-SELECT version, name, checksum FROM taskq_migrations ORDER BY version;
+SELECT version, name, checksum FROM taskq.taskq_migrations ORDER BY version;
 
 -- name: migrations_record
 -- $1: version, $2: name, $3: sha256 of the file
-INSERT INTO taskq_migrations (version, name, checksum) VALUES ($1, $2, $3);
+INSERT INTO taskq.taskq_migrations (version, name, checksum) VALUES ($1, $2, $3);
 
 -- ---------------------------------------------------------------- task types
 
 -- name: types_all
 SELECT name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
        enabled, created_at, updated_at
-FROM task_type ORDER BY name;
+FROM taskq.task_type ORDER BY name;
 
 -- name: type_put
 -- Creates or replaces one task type (the admin API).
 -- $1: name, $2: queue, $3: max_attempts, $4: timeout_seconds, $5: backoff (json text or NULL),
 -- $6: payload_schema (json text or NULL), $7: enabled
-INSERT INTO task_type AS t (name, queue, max_attempts, timeout_seconds, backoff, payload_schema, enabled)
+INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff, payload_schema, enabled)
 VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7)
 ON CONFLICT (name) DO UPDATE SET
     queue = EXCLUDED.queue, max_attempts = EXCLUDED.max_attempts,
@@ -72,9 +102,9 @@ SELECT pg_advisory_xact_lock($1);
 -- name: types_count_with
 -- How many task types the registry would hold with these names in it.
 -- $1: names text[]
-SELECT (SELECT count(*) FROM task_type)
+SELECT (SELECT count(*) FROM taskq.task_type)
      + (SELECT count(DISTINCT n.name) FROM unnest($1::text[]) AS n(name)
-        WHERE NOT EXISTS (SELECT 1 FROM task_type t WHERE t.name = n.name)) AS total;
+        WHERE NOT EXISTS (SELECT 1 FROM taskq.task_type t WHERE t.name = n.name)) AS total;
 
 -- name: types_register
 -- Workers register the types they handle at start: a new type is created from
@@ -82,7 +112,7 @@ SELECT (SELECT count(*) FROM task_type)
 -- what only admins set (payload_schema, enabled).
 -- $1: names text[], $2: queues text[], $3: max_attempts int[], $4: timeouts float8[],
 -- $5: backoffs text[] (json or NULL)
-INSERT INTO task_type AS t (name, queue, max_attempts, timeout_seconds, backoff)
+INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff)
 SELECT r.name, r.queue, r.max_attempts, r.timeout_seconds, r.backoff::jsonb
 FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::text[])
     AS r(name, queue, max_attempts, timeout_seconds, backoff)
@@ -105,7 +135,7 @@ WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff)
 -- $6: idempotency keys text[], $7: request fingerprints text[],
 -- $8: timeouts float8[] (NULL: the type's), $9: run_at timestamptz[] (NULL: now + delay),
 -- $10: delays float8[] (NULL: 0)
-INSERT INTO tasks (id, type, queue, payload, max_attempts, idempotency_key,
+INSERT INTO taskq.tasks (id, type, queue, payload, max_attempts, idempotency_key,
                    request_fingerprint, timeout_seconds, run_at)
 SELECT r.id, r.type, coalesce(r.queue, t.queue), r.payload::jsonb,
        coalesce(r.max_attempts, t.max_attempts), r.idempotency_key, r.fingerprint,
@@ -115,7 +145,7 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[
             $7::text[], $8::float8[], $9::timestamptz[], $10::float8[])
     WITH ORDINALITY AS r(id, type, queue, payload, max_attempts, idempotency_key,
                          fingerprint, timeout_seconds, run_at, delay, n)
-JOIN task_type t ON t.name = r.type AND t.enabled
+JOIN taskq.task_type t ON t.name = r.type AND t.enabled
 ORDER BY r.n
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, generation,
@@ -126,10 +156,10 @@ RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, g
 -- enqueue gave (status ENQUEUED, attempts 0 and the original run_at).
 -- $1: idempotency keys text[]
 SELECT t.id, t.type, t.queue, 'ENQUEUED' AS status, 0 AS attempts, t.max_attempts,
-       coalesce((SELECT e.run_at FROM task_events e WHERE e.task_id = t.id ORDER BY e.id LIMIT 1),
+       coalesce((SELECT e.run_at FROM taskq.task_events e WHERE e.task_id = t.id ORDER BY e.id LIMIT 1),
                 t.run_at) AS run_at,
        t.created_at, t.idempotency_key, t.request_fingerprint
-FROM tasks t WHERE t.idempotency_key = ANY($1::text[]);
+FROM taskq.tasks t WHERE t.idempotency_key = ANY($1::text[]);
 
 -- name: enqueue_notify
 -- Wakes the relay when the enclosing transaction commits (notifications are
@@ -157,12 +187,12 @@ WITH owed AS (
     FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[])
                        AS r(id, generation) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT t.id FROM tasks t
+        SELECT t.id FROM taskq.tasks t
         WHERE t.id = r.id AND t.published_at IS NULL AND t.generation = r.generation
         FOR UPDATE SKIP LOCKED
     ) t
 )
-UPDATE tasks SET published_at = now()
+UPDATE taskq.tasks SET published_at = now()
 WHERE id = ANY(ARRAY(SELECT id FROM owed));
 
 -- ---------------------------------------------------------------- reading
@@ -178,19 +208,19 @@ SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempoten
             THEN publish_error END AS publish_error,
        CASE WHEN published_at IS NULL AND set_aside_generation = generation
             THEN publish_retry_at END AS publish_retry_at
-FROM tasks WHERE id = $1;
+FROM taskq.tasks WHERE id = $1;
 
 -- name: task_events
 -- $1: task id
 SELECT id, status, previous_status, attempt, error, worker_id, run_at, at, action, actor, reason
-FROM task_events WHERE task_id = $1 ORDER BY id;
+FROM taskq.task_events WHERE task_id = $1 ORDER BY id;
 
 -- name: unpublished_count
 -- Owed publishes: those due (tasks_publish_due) and those set aside (tasks_publish_set_aside).
-SELECT (SELECT count(*) FROM tasks
+SELECT (SELECT count(*) FROM taskq.tasks
         WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
           AND set_aside_generation IS DISTINCT FROM generation)
-     + (SELECT count(*) FROM tasks
+     + (SELECT count(*) FROM taskq.tasks
         WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
           AND set_aside_generation = generation);
 
@@ -223,7 +253,7 @@ JOIN pg_settings s ON s.name = v.name;
 -- $1: grace seconds, $2: limit
 SELECT id, type, queue, status, attempts, last_error, generation,
        greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
-FROM tasks
+FROM taskq.tasks
 WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
   AND set_aside_generation IS DISTINCT FROM generation
   AND updated_at < now() - make_interval(secs => $1)
@@ -245,13 +275,13 @@ WITH aside AS (
     FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[])
                        AS r(id, generation, reason) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT t.id, t.set_aside_generation AS before FROM tasks t
+        SELECT t.id, t.set_aside_generation AS before FROM taskq.tasks t
         WHERE t.id = r.id AND t.published_at IS NULL AND t.generation = r.generation
           AND t.status IN ('ENQUEUED', 'FAILED')
         FOR UPDATE SKIP LOCKED
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     set_aside_generation = t.generation, publish_error = a.reason,
     publish_retry_at = now() + make_interval(secs => least($5::float8, greatest($4::float8,
         extract(epoch FROM now() - t.updated_at)::float8)))
@@ -264,7 +294,7 @@ RETURNING t.id, t.queue, a.before IS DISTINCT FROM t.generation AS newly;
 -- $1: limit
 SELECT id, type, queue, status, attempts, last_error, generation,
        greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
-FROM tasks
+FROM taskq.tasks
 WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
   AND set_aside_generation = generation AND publish_retry_at <= now()
 ORDER BY publish_retry_at
@@ -280,7 +310,7 @@ LIMIT $1;
 SELECT t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
        greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay
 FROM unnest($1::uuid[]) AS i(id)
-JOIN tasks t ON t.id = i.id
+JOIN taskq.tasks t ON t.id = i.id
 WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED')
   AND t.set_aside_generation IS DISTINCT FROM t.generation;
 
@@ -290,7 +320,7 @@ WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED')
 -- the rows returned have what taskq.relay.publish_row needs to pay it at once.
 -- A task whose cancel was requested is CANCELLED instead (nothing owed).
 -- $1: limit
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'CANCELLED'
                   WHEN t.attempts >= t.max_attempts THEN 'FAILED' ELSE 'ENQUEUED' END,
     last_error = 'lease expired: worker ' || t.worker_id || ' stopped heartbeating',
@@ -298,7 +328,7 @@ UPDATE tasks t SET
                        THEN now() END,
     run_at = now(), lease_expires_at = NULL, worker_id = NULL, claim_token = NULL,
     published_at = NULL, generation = t.generation + 1, updated_at = now()
-WHERE t.id IN (SELECT id FROM tasks WHERE status = 'RUNNING' AND lease_expires_at < now()
+WHERE t.id IN (SELECT id FROM taskq.tasks WHERE status = 'RUNNING' AND lease_expires_at < now()
                ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
           0::float8 AS delay;
@@ -307,7 +337,7 @@ RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generatio
 -- ENQUEUED tasks of one queue, published long ago and due for a while: when
 -- their work queue holds no ready message, the broker has lost them.
 -- $1: queue, $2: seconds overdue, $3: limit
-SELECT id FROM tasks
+SELECT id FROM taskq.tasks
 WHERE status = 'ENQUEUED' AND queue = $1 AND published_at IS NOT NULL
   AND run_at < now() - make_interval(secs => $2)
   AND published_at < now() - make_interval(secs => $2)
@@ -321,11 +351,11 @@ WITH owed AS (
     SELECT t.id
     FROM (SELECT id FROM unnest($1::uuid[]) AS id ORDER BY id) i
     CROSS JOIN LATERAL (
-        SELECT t.id FROM tasks t WHERE t.id = i.id AND t.status = 'ENQUEUED'
+        SELECT t.id FROM taskq.tasks t WHERE t.id = i.id AND t.status = 'ENQUEUED'
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET published_at = NULL, generation = t.generation + 1,
+UPDATE taskq.tasks t SET published_at = NULL, generation = t.generation + 1,
                    updated_at = now() - interval '1 hour'
 FROM owed
 WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
@@ -357,7 +387,7 @@ WITH input AS (
     CROSS JOIN LATERAL (
         SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts,
                t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at
-        FROM tasks t WHERE t.id = i.id
+        FROM taskq.tasks t WHERE t.id = i.id
         FOR UPDATE
     ) t
 ), decided AS (
@@ -373,7 +403,7 @@ WITH input AS (
            END AS decision
     FROM locked l
 ), claimed AS (
-    UPDATE tasks t SET
+    UPDATE taskq.tasks t SET
         status = 'RUNNING', attempts = t.attempts + 1, worker_id = $2,
         claim_token = gen_random_uuid(), lease_expires_at = now() + make_interval(secs => $3),
         started_at = now(), updated_at = now(),
@@ -387,7 +417,7 @@ WITH input AS (
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
               t.timeout_seconds, t.run_at, t.created_at, t.claim_token
 ), exhausted AS (
-    UPDATE tasks t SET
+    UPDATE taskq.tasks t SET
         status = 'FAILED', finished_at = now(), updated_at = now(), lease_expires_at = NULL,
         claim_token = NULL, last_error = coalesce(t.last_error, 'no attempt left'),
         published_at = NULL, generation = t.generation + 1
@@ -417,7 +447,7 @@ LEFT JOIN exhausted x ON x.id = i.id;
 -- $6: queues text[], $7: concurrency, $8: prefetch, $9: heartbeat seconds,
 -- $10: claim tokens uuid[] (one per id)
 WITH presence AS (
-    INSERT INTO workers AS w (id, hostname, pid, queues, concurrency, prefetch, in_flight,
+    INSERT INTO taskq.workers AS w (id, hostname, pid, queues, concurrency, prefetch, in_flight,
                               heartbeat_seconds)
     VALUES ($2, $4, $5, $6, $7, $8, cardinality($1::uuid[]), $9)
     ON CONFLICT (id) DO UPDATE SET
@@ -427,12 +457,12 @@ WITH presence AS (
     SELECT t.id
     FROM (SELECT * FROM unnest($1::uuid[], $10::uuid[]) AS r(id, token) ORDER BY id) i
     CROSS JOIN LATERAL (
-        SELECT t.id FROM tasks t
+        SELECT t.id FROM taskq.tasks t
         WHERE t.id = i.id AND t.status = 'RUNNING' AND t.claim_token = i.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3)
+UPDATE taskq.tasks t SET lease_expires_at = now() + make_interval(secs => $3)
 FROM held
 WHERE t.id = held.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.claim_token, t.cancel_requested_at IS NOT NULL AS cancel_requested;
@@ -440,7 +470,7 @@ RETURNING t.claim_token, t.cancel_requested_at IS NOT NULL AS cancel_requested;
 -- name: worker_gone
 -- A worker stopping cleanly leaves the registry.
 -- $1: worker id
-DELETE FROM workers WHERE id = $1;
+DELETE FROM taskq.workers WHERE id = $1;
 
 -- Outcomes are guarded by the claim's token: an outcome of a claim that was
 -- taken over (its lease expired; the sweeper, another worker or an operator's
@@ -459,12 +489,12 @@ WITH held AS (
     FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[])
                        AS r(id, token, result) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'SUCCEEDED' ELSE 'CANCELLED' END,
     last_error = CASE WHEN t.cancel_requested_at IS NULL THEN t.last_error
                       ELSE 'Cancelled: the handler returned after a cancel was requested' END,
@@ -484,12 +514,12 @@ WITH held AS (
     FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::float8[])
                        AS r(id, token, error, delay) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'ENQUEUED' ELSE 'CANCELLED' END,
     finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
     run_at = CASE WHEN t.cancel_requested_at IS NULL THEN now() + make_interval(secs => r.delay)
@@ -511,12 +541,12 @@ WITH held AS (
     FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[])
                        AS r(id, token, error) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'FAILED' ELSE 'CANCELLED' END,
     last_error = r.error, finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
     published_at = NULL, generation = t.generation + 1, updated_at = now()
@@ -535,12 +565,12 @@ WITH held AS (
     FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[])
                        AS r(id, token) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'ENQUEUED' ELSE 'CANCELLED' END,
     finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
     attempts = t.attempts - 1,
@@ -561,12 +591,12 @@ WITH held AS (
     FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[])
                        AS r(id, token) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = 'CANCELLED', finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
     updated_at = now(), last_error = 'Cancelled: the handler was stopped after a cancel was requested'
 FROM held r
@@ -597,7 +627,7 @@ SELECT id, type, queue, CASE WHEN $10::boolean THEN payload::text END AS payload
        last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
        replays, status = 'ENQUEUED' AND run_at > now() AS scheduled
-FROM tasks
+FROM taskq.tasks
 WHERE ($1::text[] IS NULL OR status = ANY($1::text[]))
   AND ($2::text IS NULL OR type = $2)
   AND ($3::text IS NULL OR queue = $3)
@@ -618,7 +648,7 @@ SELECT id, type, queue, CASE WHEN $6::boolean THEN payload::text END AS payload,
        last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
        replays, false AS scheduled
-FROM tasks
+FROM taskq.tasks
 WHERE status = 'FAILED'
   AND ($1::text IS NULL OR type = $1)
   AND ($2::text IS NULL OR queue = $2)
@@ -631,7 +661,7 @@ LIMIT $5;
 -- it is, is dropped by the claim. RUNNING gets a cancel request, which the
 -- worker learns from its heartbeat. Anything else is left alone (no row back).
 -- $1: id
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.status = 'ENQUEUED' THEN 'CANCELLED' ELSE t.status END,
     finished_at = CASE WHEN t.status = 'ENQUEUED' THEN now() ELSE t.finished_at END,
     cancel_requested_at = CASE WHEN t.status = 'RUNNING'
@@ -654,12 +684,12 @@ WITH held AS (
     SELECT t.id
     FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS id ORDER BY id) i
     CROSS JOIN LATERAL (
-        SELECT t.id, t.status FROM tasks t WHERE t.id = i.id
+        SELECT t.id, t.status FROM taskq.tasks t WHERE t.id = i.id
         OFFSET 0 FOR UPDATE
     ) t
     WHERE t.status = ANY($2::text[])
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = 'ENQUEUED', attempts = 0, run_at = now(), result = NULL, finished_at = NULL,
     lease_expires_at = NULL, worker_id = NULL, cancel_requested_at = NULL,
     published_at = NULL, generation = t.generation + 1, replays = t.replays + 1,
@@ -671,7 +701,7 @@ RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generatio
 -- name: dlq_pick
 -- FAILED tasks to replay, oldest failure first; ids NULL: any.
 -- $1: type, $2: queue, $3: ids uuid[], $4: limit
-SELECT id FROM tasks
+SELECT id FROM taskq.tasks
 WHERE status = 'FAILED'
   AND ($1::text IS NULL OR type = $1)
   AND ($2::text IS NULL OR queue = $2)
@@ -686,13 +716,13 @@ LIMIT $4;
 -- until none is left. Returns the ids cancelled.
 -- $1: queue, $2: limit, $3: ids above this one only (NULL: from the start)
 WITH doomed AS (
-    SELECT id FROM tasks
+    SELECT id FROM taskq.tasks
     WHERE queue = $1 AND status = 'ENQUEUED' AND ($3::uuid IS NULL OR id > $3::uuid)
     ORDER BY id
     LIMIT $2
     FOR UPDATE
 )
-UPDATE tasks t SET status = 'CANCELLED', finished_at = now(), updated_at = now()
+UPDATE taskq.tasks t SET status = 'CANCELLED', finished_at = now(), updated_at = now()
 FROM doomed d
 WHERE t.id = d.id AND t.id = ANY(ARRAY(SELECT id FROM doomed))
 RETURNING t.id;
@@ -700,18 +730,18 @@ RETURNING t.id;
 -- name: purge_begin
 -- Records a broker purge about to start (see purge_end).
 -- $1: queue
-INSERT INTO queue_purges (queue) VALUES ($1) RETURNING id;
+INSERT INTO taskq.queue_purges (queue) VALUES ($1) RETURNING id;
 
 -- name: purge_end
 -- The purge's dropped publishes are owed again: it is done.
 -- $1: purge id
-DELETE FROM queue_purges WHERE id = $1;
+DELETE FROM taskq.queue_purges WHERE id = $1;
 
 -- name: purges_unfinished
 -- Purges begun more than $1 seconds ago and never ended: their process or the
 -- database failed in between; the sweeper ends them.
 -- $1: seconds
-SELECT id, queue FROM queue_purges
+SELECT id, queue FROM taskq.queue_purges
 WHERE started_at < now() - make_interval(secs => $1)
 ORDER BY id;
 
@@ -723,12 +753,12 @@ ORDER BY id;
 -- which the claim drops. Rows are locked in id order, as claims lock them.
 -- $1: queue
 WITH owed AS (
-    SELECT id FROM tasks
+    SELECT id FROM taskq.tasks
     WHERE queue = $1 AND status = 'ENQUEUED' AND run_at <= now()
     ORDER BY id
     FOR UPDATE
 )
-UPDATE tasks t SET published_at = NULL, generation = t.generation + 1,
+UPDATE taskq.tasks t SET published_at = NULL, generation = t.generation + 1,
                    updated_at = now() - interval '1 hour'
 FROM owed
 WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
@@ -738,11 +768,11 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 -- the grouping column left NULL says which set a row belongs to.
 SELECT queue, type, status, count(*) AS n,
        GROUPING(queue) AS no_queue, GROUPING(type) AS no_type
-FROM tasks
+FROM taskq.tasks
 GROUP BY GROUPING SETS ((status), (queue, status), (type, status));
 
 -- name: stats_scheduled
-SELECT count(*) FROM tasks WHERE status = 'ENQUEUED' AND run_at > now();
+SELECT count(*) FROM taskq.tasks WHERE status = 'ENQUEUED' AND run_at > now();
 
 -- name: stats_window
 -- Over the last $1 seconds: tasks created, finished by status, and percentiles
@@ -750,12 +780,12 @@ SELECT count(*) FROM tasks WHERE status = 'ENQUEUED' AND run_at > now();
 -- $1: window seconds
 WITH finished AS (
     SELECT status, started_at, finished_at, run_at
-    FROM tasks
+    FROM taskq.tasks
     WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
       AND finished_at > now() - make_interval(secs => $1)
 )
 SELECT
-    (SELECT count(*) FROM tasks WHERE created_at > now() - make_interval(secs => $1)) AS enqueued,
+    (SELECT count(*) FROM taskq.tasks WHERE created_at > now() - make_interval(secs => $1)) AS enqueued,
     count(*) FILTER (WHERE status = 'SUCCEEDED') AS succeeded,
     count(*) FILTER (WHERE status = 'FAILED') AS failed,
     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - run_at))
@@ -772,21 +802,21 @@ FROM finished;
 -- $1: heartbeats a worker may miss before it is listed as not alive
 SELECT id, hostname, pid, queues, concurrency, prefetch, in_flight, started_at, last_heartbeat,
        last_heartbeat > now() - make_interval(secs => $1 * heartbeat_seconds) AS alive
-FROM workers ORDER BY started_at, id;
+FROM taskq.workers ORDER BY started_at, id;
 
 -- name: workers_prune
 -- Forgets workers silent for longer than $1 seconds (they died without a clean stop).
 -- $1: seconds
-DELETE FROM workers WHERE last_heartbeat < now() - make_interval(secs => $1);
+DELETE FROM taskq.workers WHERE last_heartbeat < now() - make_interval(secs => $1);
 
 -- name: events_last_id
-SELECT coalesce(max(id), 0) AS last_id FROM task_events;
+SELECT coalesce(max(id), 0) AS last_id FROM taskq.task_events;
 
 -- name: events_since
 -- Task events after an id, oldest first, for the live stream.
 -- $1: after id, $2: limit
 SELECT e.id, e.task_id, t.type, t.queue, e.status, e.attempt, e.at
-FROM task_events e JOIN tasks t ON t.id = e.task_id
+FROM taskq.task_events e JOIN taskq.tasks t ON t.id = e.task_id
 WHERE e.id > $1
 ORDER BY e.id
 LIMIT $2;
@@ -796,13 +826,13 @@ LIMIT $2;
 -- them, and their events. Returns how many tasks it deleted.
 -- $1: seconds, $2: limit
 WITH gone AS (
-    DELETE FROM tasks
-    WHERE id IN (SELECT id FROM tasks
+    DELETE FROM taskq.tasks
+    WHERE id IN (SELECT id FROM taskq.tasks
                  WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
                    AND finished_at < now() - make_interval(secs => $1)
                  ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)
     RETURNING id
 ), history AS (
-    DELETE FROM task_events e USING gone WHERE e.task_id = gone.id
+    DELETE FROM taskq.task_events e USING gone WHERE e.task_id = gone.id
 )
 SELECT count(*) FROM gone;

@@ -34,6 +34,7 @@ from .conftest import (
     _with_database,
     delete_namespace,
     make_settings,
+    read_unqualified,
     subprocess_env,
     unavailable,
 )
@@ -153,6 +154,7 @@ async def _create_database(server_url: str, template: str) -> str:
     connection = await asyncpg.connect(server_url)
     try:
         await connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        await read_unqualified(connection, name)
     finally:
         await connection.close()
     return name

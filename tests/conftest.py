@@ -120,6 +120,18 @@ def template_database(postgres_server_url: str) -> Iterator[str]:
     asyncio.run(_drop_database(postgres_server_url, name))
 
 
+async def read_unqualified(connection: asyncpg.Connection, database: str) -> None:
+    """Let the tests' own SQL name taskq's tables unqualified in ``database``.
+
+    taskq's objects live in the ``taskq`` schema. The tests read and write them
+    with plain SQL (``SELECT ... FROM tasks``), so their databases look there
+    first (a database's default, for sessions opened from now on). taskq's own
+    SQL never relies on it: test_schema prepares every query block with an empty
+    search_path, and test_db_schema runs taskq in databases without this default.
+    """
+    await connection.execute(f'ALTER DATABASE "{database}" SET search_path = taskq, public')
+
+
 async def _drop_database(server_url: str, name: str) -> None:
     connection = await asyncpg.connect(server_url)
     try:
@@ -135,6 +147,7 @@ async def database_url(postgres_server_url: str, template_database: str) -> Asyn
     connection = await asyncpg.connect(postgres_server_url)
     try:
         await connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        await read_unqualified(connection, name)
     finally:
         await connection.close()
     yield _with_database(postgres_server_url, name)
@@ -204,6 +217,7 @@ def subprocess_env(settings: Settings | None = None, **extra: str) -> dict[str, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKQ_")}
     if settings is not None:
         env["TASKQ_DATABASE_URL"] = settings.database_url
+        env["TASKQ_DB_SCHEMA"] = settings.db_schema
         env["TASKQ_AMQP_URL"] = settings.amqp_url
         env["TASKQ_NAMESPACE"] = settings.namespace
         env["TASKQ_QUEUES"] = ",".join(settings.queues)

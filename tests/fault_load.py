@@ -19,6 +19,7 @@ from taskq.migrate import migrate
 from taskq.settings import Settings
 from taskq.store import Store
 
+from .conftest import read_unqualified
 from .test_faults import Processes, eventually, free_port
 
 # (time sent, seconds taken, status or the transport error's name, content type)
@@ -241,6 +242,12 @@ async def put_record_type(database_url: str) -> None:
 
 
 async def migrated_database(server_url: str) -> str:
-    url = server_url.rsplit("/", 1)[0] + f"/taskq_fault_{uuid.uuid4().hex[:10]}"
+    name = f"taskq_fault_{uuid.uuid4().hex[:10]}"
+    url = server_url.rsplit("/", 1)[0] + "/" + name
     await migrate(url)
+    connection = await asyncpg.connect(server_url)
+    try:
+        await read_unqualified(connection, name)
+    finally:
+        await connection.close()
     return url
