@@ -53,11 +53,11 @@ class Bench:
         """Poll Postgres until ``count`` rows are SUCCEEDED; the time it happened.
 
         The count scans the table, so it costs the server CPU the system being
-        measured could use (16 ms for 80,000 rows here): each poll waits half the
+        measured could use: each poll waits half the
         time the rate so far says the rest needs, at least 20 ms and at most 0.5 s.
-        At 5,500 tasks/s that is 13 counts per 20,000 tasks instead of 24 (polling
-        every 0.25 s until 90% are done, then every 20 ms), and the end is still
-        seen within 20 ms.
+        That takes about half as many counts as polling every 0.25 s until 90% are
+        done, then every 20 ms, and still sees the end within 20 ms (figures:
+        docs/benchmark.md).
         """
         deadline = time.monotonic() + timeout
         first: tuple[float, int] | None = None
@@ -271,7 +271,7 @@ class Bench:
 
     def peer_tasks(self, variant: str) -> int:
         """Tasks per peer workload: --tasks, the same workload as taskq's, but at most
-        --slow-peer-tasks for Celery with Postgres results (it runs 200-450 tasks/s)."""
+        --slow-peer-tasks for Celery with Postgres results (by far the slowest peer)."""
         if variant == "celery+pg" and self.args.slow_peer_tasks:
             return min(self.args.tasks, self.args.slow_peer_tasks)
         return int(self.args.tasks)

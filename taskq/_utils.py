@@ -115,8 +115,8 @@ def task_id() -> uuid.UUID:
     Ids that grow with time go into the primary key's B-tree (and the events' index
     on the task id) near the ones before them, where random (version 4) ids touched
     a page of their own each: a full page image in the WAL for each after every
-    checkpoint, and a split here and there. With 200,000 tasks, the insert took
-    17% less of the server's time and wrote 26% less WAL per task.
+    checkpoint, and a split here and there. The insert takes less of the server's
+    time and writes less WAL per task (figures: docs/benchmark.md).
     """
     rand = int.from_bytes(os.urandom(10))
     rand_a = (rand >> 62) & 0xFFF

@@ -318,10 +318,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--threads",
         type=_positive,
-        help="sync handlers running at once (TASKQ_WORKER_THREADS; default: the concurrency)",
+        help="sync handlers running at once"
+        " (TASKQ_WORKER_THREADS; default: the concurrency, at most 32)",
     )
     worker.add_argument(
-        "--prefetch", type=_positive, help="envelopes buffered per queue (TASKQ_WORKER_PREFETCH)"
+        "--prefetch",
+        type=_positive,
+        help="envelopes buffered per queue (TASKQ_WORKER_PREFETCH; default: the concurrency)",
     )
     worker.add_argument(
         "--processes",

@@ -1,10 +1,10 @@
 """Running claimed attempts: handlers under their timeout, leases kept alive, outcomes decided.
 
 Each attempt runs in its own asyncio task, outside any transaction, and that
-task only *supervises* the handler: an ``async def`` handler runs in an asyncio
+task only *watches* the handler: an ``async def`` handler runs in an asyncio
 task of its own, a plain ``def`` in a thread of :mod:`taskq.threads`, and
 whatever the call ends with (:mod:`taskq.sandbox`) becomes the attempt's
-outcome. The supervisor stops waiting for the handler when its timeout passes,
+outcome. The watching task stops waiting for the handler when its timeout passes,
 when the worker shuts down, when an operator's cancel has had its grace, or when
 the lease turns out lost; it records that outcome (a failed attempt, the task
 given back, CANCELLED, or nothing) whatever the handler does next. An async
@@ -13,9 +13,9 @@ swallows the cancellation, like a sync handler's thread, is abandoned: it runs
 on unwatched, counted by ``taskq_abandoned_handlers_running``, and its result is lost.
 
 One batched heartbeat per worker, every ``min(lease/3, 5 s)``, records the worker
-in the ``workers`` registry and extends the lease of every claim it holds
+in the worker list (``workers``) and extends the lease of every claim it holds
 (named by its token): running attempts, and those whose outcome waits to be
-recorded (:mod:`taskq.outcomes`), never one already settled. An attempt whose
+recorded (:mod:`taskq.outcomes`), never one already closed. An attempt whose
 lease turns out lost (the sweeper or another worker took the task back) is
 stopped and records nothing. The heartbeat also says which tasks an operator
 asked to cancel: their handler's context is told at once

@@ -2,14 +2,14 @@
 
 aiormq's ``basic_publish`` pays for every message on its own: a lock, a timeout,
 a hand-off through the writer task's queue and a drain, each with its futures.
-That was a third of the CPU of a process publishing envelopes (py-spy, ``scripts/bench
---profile``). :func:`publish_batch` writes a whole batch as one buffer, under the
+That was a large share of a publishing process's CPU (figures: docs/benchmark.md).
+:func:`publish_batch` writes a whole batch as one buffer, under the
 channel's own publish lock, and registers each message's confirm exactly as
-``basic_publish`` does, so that aiormq settles them unchanged: acks (single or
+``basic_publish`` does, so that aiormq resolves them unchanged: acks (single or
 ``multiple``), nacks, returns of unroutable messages (matched by message id) and
 a channel or connection that closes (which rejects every pending future).
 Each message's content header is encoded by :func:`content_header`, which
-writes pamqp's bytes in a third of pamqp's time.
+writes pamqp's bytes in a fraction of pamqp's time (docs/benchmark.md).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ async def publish_batch(
             confirm.cancel()  # aiormq ignores a confirm that comes after this
         return [exc] * len(messages)
     # The broker confirms a channel's publishes in order, as a rule: the last one's
-    # confirm usually finds the others settled, and a wait on it alone spares a
+    # confirm usually finds the others resolved, and a wait on it alone spares a
     # callback on every other confirm.
     deadline = asyncio.get_running_loop().time() + timeout
     await asyncio.wait(confirms[-1:], timeout=timeout)
@@ -157,7 +157,7 @@ async def _write(
 
 
 def _forget(channel: Any, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
-    """Drop the message id's entry once its confirm settled (as ``basic_publish`` does)."""
+    """Drop the message id's entry once its confirm resolved (as ``basic_publish`` does)."""
     if channel.message_id_delivery_tag.get(message_id) == tag:
         channel.message_id_delivery_tag.pop(message_id)
 
@@ -189,7 +189,8 @@ def content_header(
     """The marshalled content header frame of a message: the bytes pamqp writes.
 
     pamqp dispatches every property through its generic type encoders, which
-    made the header a tenth of a publishing process's CPU. This encodes each
+    made the header a noticeable share of a publishing process's CPU (figures:
+    docs/benchmark.md). This encodes each
     property by its known AMQP type, reuses the encoding of a headers table
     seen before (an envelope's table holds its queue, attempt and due time to
     the millisecond, so under load the envelopes of one millisecond share

@@ -4,8 +4,8 @@ The API's hot route. It does what the route's endpoint (:func:`taskq.api.enqueue
 under :func:`taskq.http.endpoint`) does, with the same checks, errors and counts,
 but reads the few headers it needs in one pass, reads the body from ``receive``
 and writes its answer as two ASGI messages. Building and walking Starlette's
-request, headers, state, body stream and response cost a taskq request 20 us of
-the 30 us it spent between uvicorn and the client (a stubbed client, in-process).
+request, headers, state, body stream and response cost a taskq request most of
+the time it spent between uvicorn and the client (figures: docs/benchmark.md).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 One statement runs at a time and takes everything queued when it starts (up to
 :data:`MAX_INSERT_BATCH` rows): a request that comes while nothing runs is
 inserted at once, and under load the batches grow with the load (what comes
-while a statement runs goes into the next one). Four statements at once, as
-before, cut the batches to a quarter for no more throughput: 32 clients, 11 rows
-a statement against 16 with one, Postgres 0.09 against 0.07 ms a request.
+while a statement runs goes into the next one). Several statements at once, as
+before, made smaller batches for no more throughput and cost Postgres more per
+request (figures: docs/benchmark.md).
 
 A statement that waits (for the lock of an idempotency key another transaction
 is inserting, say) must not hold up every request behind it: once it has run for
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_INSERT_BATCH = 500
 MAX_STATEMENTS = 4
-# Far beyond a statement's normal time (about a millisecond, 15 for 500 rows).
+# Far beyond a statement's normal time (docs/benchmark.md, "Figures behind the code").
 STALL_SECONDS = 0.05
 
 _Item = tuple[NewTask, "asyncio.Future[Enqueued]"]

@@ -16,7 +16,7 @@ log = logging.getLogger("taskq.relay")
 
 # How old a confirmed publish is before its marker is written (see Marker): an
 # outbox's row is marked within OUTBOX_MAX_WAIT + MARK_DELAY, well inside the
-# relay's grace (taskq.relay).
+# relay's minimum age (taskq.relay.RELAY_GRACE).
 MARK_DELAY = 1.0
 
 
@@ -28,9 +28,9 @@ class Marker:
     usually claimed the task, and the claim records the publish in the row
     version it writes anyway; the marker's statement then finds nothing to
     change. Recorded at once, most tasks of a busy queue got a row version of
-    their own for the marker (a non-HOT update with an entry in every index):
-    0.65 of an update per task end to end. Only tasks still waiting in the
-    broker (a backlog, or a delay) get one now, well within the relay's grace.
+    their own for the marker (a non-HOT update with an entry in every index;
+    figures: docs/benchmark.md). Only tasks still waiting in the
+    broker (a backlog, or a delay) get one now, well within the relay's minimum age.
     """
 
     def __init__(

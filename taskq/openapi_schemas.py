@@ -3,7 +3,7 @@
 Payloads, results and payload schemas are free-form JSON, described so that client
 generators read them (openapi-python-client cannot follow a schema that refers to itself
 other than through an object) while validators and fuzzers still see every rule the API
-checks. ``tests/test_openapi_client.py`` generates a client and uses it.
+checks. ``tests/integration/test_openapi_client.py`` generates a client and uses it.
 """
 
 from __future__ import annotations

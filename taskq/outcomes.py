@@ -83,8 +83,8 @@ class Recorder:
         store: the database.
         outbox: publishes retries and dead letters after their commit.
         metrics: the worker's metrics.
-        on_recorded: called with the claim token of each outcome settled
-            (recorded, found stale or given up), so its lease is no longer extended.
+        on_recorded: called with the claim token of each attempt closed (its outcome
+            recorded, found stale or given up), so its lease is no longer extended.
     """
 
     def __init__(

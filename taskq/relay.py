@@ -1,4 +1,4 @@
-"""The outbox relay: publishes what Postgres says is owed.
+"""Owed publishes: the outbox publishes after a commit, the relay whatever is still owed.
 
 A publish is owed while ``tasks.published_at`` is NULL on an ENQUEUED row (to
 the work or delay queues) or a FAILED row (to the dead-letter queue). The
@@ -205,7 +205,7 @@ class Outbox:
             and a row that comes while nothing is in flight goes at once.
         capacity: rows waiting beyond that; more are left to the relay.
         max_wait: seconds a row may wait for its publish to start; older ones
-            are left to the relay. Keep it well below the relay's grace.
+            are left to the relay. Keep it well below the relay's minimum age.
         on_failure: called once per publish that failed.
     """
 
@@ -322,7 +322,7 @@ class Relay:
         database_url: for the dedicated connection that holds the lock and LISTENs.
         publisher: where to publish.
         interval: seconds between passes over the owed rows.
-        grace: how old an owed row must be before the relay takes it, so that it
+        grace: the relay's minimum age: how old an owed row must be before it takes it, so that it
             does not race the publish that normally follows a commit.
         duties: further coroutines run on every pass while the lock is held
             (the worker's sweeper adds its lease recovery here).

@@ -88,10 +88,12 @@ class Settings(BaseSettings):
     backoff_max: Duration = 3600.0
     backoff_jitter: float = Field(0.1, ge=0.0, le=1.0)
 
-    worker_prefetch: int = Field(32, ge=1, le=65535)
-    worker_concurrency: int = Field(16, ge=1, le=10000)
+    # 0: as many as the concurrency (per work queue).
+    worker_prefetch: int = Field(0, ge=0, le=65535)
+    worker_concurrency: int = Field(100, ge=1, le=10000)
     worker_processes: int = Field(1, ge=1, le=1024)
-    # 0: as many as TASKQ_WORKER_CONCURRENCY.
+    # 0: as many as TASKQ_WORKER_CONCURRENCY, at most 32
+    # (taskq.worker.DEFAULT_THREADS).
     worker_threads: int = Field(0, ge=0, le=10000)
     max_result_bytes: int = Field(1024 * 1024, ge=1)
     lease_seconds: Duration = 30.0

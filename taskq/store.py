@@ -69,7 +69,7 @@ class NewTask:
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
-    """What the workers registry shows about one worker process."""
+    """What the worker list (``workers``) shows about one worker process."""
 
     id: str
     hostname: str

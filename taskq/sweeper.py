@@ -1,4 +1,4 @@
-"""The sweeper: duties the active relay runs on every pass (one active across the fleet).
+"""The sweeper: fleet duties that one process at a time runs on every pass (its leader).
 
 - :meth:`Sweeper.recover_expired` takes back claims whose lease expired (the
   worker was killed or hangs): back to ENQUEUED and published at once, or
@@ -60,7 +60,7 @@ LOCK_KEY = 0x7377656570
 RETENTION_BATCH = 1000
 RETENTION_STATEMENTS = 3
 RETENTION_EVERY = 30.0
-# Workers silent this long are deleted from the registry (they died uncleanly).
+# Workers silent this long are deleted from the worker list (they died uncleanly).
 WORKERS_FORGOTTEN_AFTER = 3600.0
 # A queue purge not ended this many seconds after it began is ended by the sweeper.
 PURGE_ENDED_AFTER = 60.0

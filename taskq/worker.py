@@ -1,6 +1,6 @@
 """The worker: consume envelopes, claim their tasks in batches, run handlers, record outcomes.
 
-Per delivery (DESIGN §5):
+Per delivery (docs/workers.md, "Per delivery: claim, run, record"):
 
 1. :mod:`taskq.consumer` parses the envelope; garbage is rejected, and the
    work queue dead-letters it to ``<ns>.dlq``. Good envelopes are buffered
@@ -64,6 +64,11 @@ from taskq.threads import HandlerThreads
 log = logging.getLogger("taskq.worker")
 
 TYPES_REFRESH_SECONDS = 10.0
+# Sync handlers running at once unless set: as many as the concurrency, at most
+# this. Threads share the GIL with the event loop, so past a few dozen more
+# threads add contention (and heartbeat delay) rather than throughput; blocking
+# I/O handlers that need more ask for them with --threads.
+DEFAULT_THREADS = 32
 
 
 def default_worker_id() -> str:
@@ -79,8 +84,10 @@ class Worker:
         queues: work queues to consume, highest priority first (default: all).
         concurrency: handlers running at once (default ``TASKQ_WORKER_CONCURRENCY``).
         threads: sync handlers running at once, each in a thread (default
-            ``TASKQ_WORKER_THREADS``, or as many as ``concurrency``).
-        prefetch: unclaimed envelopes buffered per queue (default ``TASKQ_WORKER_PREFETCH``).
+            ``TASKQ_WORKER_THREADS``, or as many as ``concurrency``, at most
+            :data:`DEFAULT_THREADS`).
+        prefetch: unclaimed envelopes buffered per queue (default
+            ``TASKQ_WORKER_PREFETCH``, or as many as ``concurrency``).
         worker_id: the id recorded on claims (default ``host:pid:random``).
         metrics: where to count (default: a fresh registry).
         relay: run the relay and the sweeper in this process (each active in one
@@ -123,8 +130,10 @@ class Worker:
             known = ",".join(settings.queues)
             raise ConfigError("--queues", f"list distinct queues of TASKQ_QUEUES ({known})")
         self.concurrency = concurrency or settings.worker_concurrency
-        self.threads = threads or settings.worker_threads or self.concurrency
-        self.prefetch = prefetch or settings.worker_prefetch
+        self.threads = threads or settings.worker_threads or min(self.concurrency, DEFAULT_THREADS)
+        # As many as the concurrency: a claim can then take a batch as large as
+        # the free slots, so batches follow the load, not a second setting.
+        self.prefetch = prefetch or settings.worker_prefetch or self.concurrency
         self.worker_id = worker_id or default_worker_id()
         self.metrics = metrics or WorkerMetrics()
         self.lease = settings.lease_seconds
@@ -201,7 +210,7 @@ class Worker:
         )
         stack.push_async_callback(self.store.close)
         await self._register_types()
-        # In the workers registry from now on (the heartbeat keeps it fresh),
+        # In the worker list from now on (the heartbeat keeps it fresh),
         # and out of it at a clean stop.
         await self.store.heartbeat([], self.info, self.lease)
         stack.push_async_callback(self._leave_registry)

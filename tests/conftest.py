@@ -1,9 +1,16 @@
-"""Real services for the tests: Postgres and RabbitMQ, isolated per test.
+"""The test layers, and real services for the tests that need them.
+
+Layers, run in this order (``testpaths``): ``tests/unit`` (no service; its own
+conftest refuses them), ``tests/integration``, ``tests/faults``, ``tests/browser``.
+A test's folder gives it its markers (``integration``, ``fault``, ``browser``;
+``unit`` in ``tests/unit``), so ``-m fault`` selects the fault suite and
+``-m unit`` the layer that needs nothing running.
 
 Service URLs come from ``TASKQ_TEST_DATABASE_URL`` / ``TASKQ_TEST_AMQP_URL`` /
 ``TASKQ_TEST_MANAGEMENT_URL``, then the local defaults, then testcontainers when a
 Docker engine answers. A missing service skips the test locally and fails it
-when ``CI`` is set: in CI integration tests never skip.
+when ``CI`` is set: in CI integration tests never skip. The plain helpers
+(settings, namespaces, subprocess environments) are in ``tests/support/services.py``.
 """
 
 from __future__ import annotations
@@ -12,8 +19,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
 
 import aio_pika
 import asyncpg
@@ -25,21 +31,48 @@ for _name in list(os.environ):
     if _name.startswith("TASKQ_") and not _name.startswith("TASKQ_TEST_"):
         del os.environ[_name]
 
-from taskq._utils import format_duration  # noqa: E402
 from taskq.migrate import migrate  # noqa: E402
-from taskq.settings import Settings, load_settings  # noqa: E402
+from taskq.settings import Settings  # noqa: E402
+from tests.support.services import (  # noqa: E402
+    delete_namespace,
+    drop_database,
+    make_settings,
+    read_unqualified,
+    unavailable,
+    with_database,
+)
 
-CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672"
 
 
-def unavailable(what: str, error: BaseException | str) -> None:
-    message = f"{what} is not available: {error}"
-    if CI:
-        pytest.fail(f"{message} (CI is set, so integration tests may not skip)")
-    pytest.skip(message)
+TESTS = Path(__file__).resolve().parent
+# The markers each layer's tests get from their folder.
+LAYER_MARKERS = {
+    "unit": ("unit",),
+    "integration": ("integration",),
+    "faults": ("fault", "integration"),
+    "browser": ("browser", "integration"),
+}
+SERVICE_MARKERS = {"integration", "fault", "browser"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its layer; a unit test marked as needing services is an error."""
+    for item in items:
+        layer = item.path.relative_to(TESTS).parts[0]
+        if layer not in LAYER_MARKERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in one of {sorted(LAYER_MARKERS)}")
+        present = {mark.name for mark in item.iter_markers()}
+        if layer == "unit" and present & SERVICE_MARKERS:
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked {sorted(present & SERVICE_MARKERS)}: tests that"
+                " need services belong in tests/integration, tests/faults or tests/browser"
+            )
+        for name in LAYER_MARKERS[layer]:
+            if name not in present:
+                item.add_marker(name)
 
 
 def _docker_answers() -> bool:
@@ -50,10 +83,6 @@ def _docker_answers() -> bool:
     except Exception:
         return False
     return True
-
-
-def _with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + database))
 
 
 async def _can_connect_postgres(url: str) -> None:
@@ -115,29 +144,9 @@ def management_url(amqp_url: str) -> str:
 def template_database(postgres_server_url: str) -> Iterator[str]:
     """A database migrated once per session; tests get clones of it."""
     name = f"taskq_template_{uuid.uuid4().hex[:10]}"
-    asyncio.run(migrate(_with_database(postgres_server_url, name)))
+    asyncio.run(migrate(with_database(postgres_server_url, name)))
     yield name
-    asyncio.run(_drop_database(postgres_server_url, name))
-
-
-async def read_unqualified(connection: asyncpg.Connection, database: str) -> None:
-    """Let the tests' own SQL name taskq's tables unqualified in ``database``.
-
-    taskq's objects live in the ``taskq`` schema. The tests read and write them
-    with plain SQL (``SELECT ... FROM tasks``), so their databases look there
-    first (a database's default, for sessions opened from now on). taskq's own
-    SQL never relies on it: test_schema prepares every query block with an empty
-    search_path, and test_db_schema runs taskq in databases without this default.
-    """
-    await connection.execute(f'ALTER DATABASE "{database}" SET search_path = taskq, public')
-
-
-async def _drop_database(server_url: str, name: str) -> None:
-    connection = await asyncpg.connect(server_url)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await connection.close()
+    asyncio.run(drop_database(postgres_server_url, name))
 
 
 @pytest.fixture
@@ -150,16 +159,16 @@ async def database_url(postgres_server_url: str, template_database: str) -> Asyn
         await read_unqualified(connection, name)
     finally:
         await connection.close()
-    yield _with_database(postgres_server_url, name)
-    await _drop_database(postgres_server_url, name)
+    yield with_database(postgres_server_url, name)
+    await drop_database(postgres_server_url, name)
 
 
 @pytest.fixture
 async def empty_database_url(postgres_server_url: str) -> AsyncIterator[str]:
     """The URL of a database that does not exist yet; dropped afterwards if created."""
     name = f"taskq_empty_{uuid.uuid4().hex[:12]}"
-    yield _with_database(postgres_server_url, name)
-    await _drop_database(postgres_server_url, name)
+    yield with_database(postgres_server_url, name)
+    await drop_database(postgres_server_url, name)
 
 
 @pytest.fixture
@@ -192,37 +201,3 @@ async def amqp_settings(amqp_url: str, namespace: str) -> AsyncIterator[Settings
     value = make_settings(amqp_url=amqp_url, namespace=namespace)
     yield value
     await delete_namespace(value)
-
-
-def make_settings(**overrides: Any) -> Settings:
-    return load_settings(_env_file=None, **overrides)
-
-
-async def delete_namespace(settings: Settings) -> None:
-    """Delete every exchange and queue the namespace's topology names."""
-    topology = settings.topology()
-    connection = await aio_pika.connect(settings.amqp_url)
-    try:
-        channel = await connection.channel()
-        for queue in topology.queues:
-            await channel.queue_delete(queue.name)
-        for exchange in topology.exchanges:
-            await channel.exchange_delete(exchange.name)
-    finally:
-        await connection.close()
-
-
-def subprocess_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
-    """The environment for a ``taskq`` subprocess: this one's plus the settings as TASKQ_*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKQ_")}
-    if settings is not None:
-        env["TASKQ_DATABASE_URL"] = settings.database_url
-        env["TASKQ_DB_SCHEMA"] = settings.db_schema
-        env["TASKQ_AMQP_URL"] = settings.amqp_url
-        env["TASKQ_NAMESPACE"] = settings.namespace
-        env["TASKQ_QUEUES"] = ",".join(settings.queues)
-        env["TASKQ_QUEUE_TYPE"] = settings.queue_type
-        env["TASKQ_MAX_DELAY"] = format_duration(settings.max_delay)
-        env["TASKQ_DELIVERY_LIMIT"] = str(settings.delivery_limit)
-    env.update(extra)
-    return env

@@ -1,0 +1,230 @@
+"""The dashboard at /ui in headless Chromium, against real API and worker processes.
+
+Each test drives the page as an operator would and checks the outcome both on
+screen and through the API. Screenshots go to ``$TASKQ_ARTIFACTS`` (default
+``test-artifacts/``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.browser_fixtures import API_KEY, System, artifacts_dir, browser, page, system
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+__all__ = ["browser", "page", "system"]  # fixtures, imported to be found
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the fixtures skip (or fail under CI) with the reason
+    expect = None  # type: ignore[assignment]
+
+
+def row(page: Any, table: str, task_id: str) -> Any:
+    return page.locator(f'{table} tbody tr[data-id="{task_id}"]')
+
+
+def confirm(page: Any) -> None:
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_be_visible()
+    dialog.locator("#confirm-ok").click()
+    expect(dialog).to_be_hidden()
+
+
+def test_ui_is_served_without_a_key_and_data_needs_one(system: System) -> None:
+    index = httpx.get(system.keyed_url + "/ui/")
+    assert index.status_code == 200 and "text/html" in index.headers["content-type"]
+    assert "script-src 'self'" in index.headers["content-security-policy"]
+    assert httpx.get(system.keyed_url + "/ui", follow_redirects=False).status_code in (307, 308)
+    script = httpx.get(system.keyed_url + "/ui/app.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert httpx.get(system.keyed_url + "/ui/nope.js").status_code == 404
+    assert httpx.get(system.keyed_url + "/stats").status_code == 401
+
+
+def test_an_enqueued_task_appears_live_and_its_timeline_opens(system: System, page: Any) -> None:
+    page.goto(system.url + "/ui/#/tasks")
+    expect(page.locator("#live")).to_have_text("Live")
+    task = system.enqueue("demo.echo", {"hello": "browser"})
+    line = row(page, "#tasks-table", task["id"])
+    expect(line).to_be_visible()  # arrived through the stream, no reload
+    expect(line.locator(".badge").first).to_have_text("succeeded")
+
+    line.locator("a").click()
+    expect(page.locator("#task-id")).to_have_text(task["id"])
+    expect(page.locator("#task-status")).to_have_text("succeeded")
+    timeline = page.locator("#timeline li")
+    expect(timeline).to_have_count(len(system.events(task["id"])))
+    expect(timeline.first.locator(".badge")).to_have_text("enqueued")
+    expect(timeline.last.locator(".badge")).to_have_text("succeeded")
+    expect(page.locator("#task-payload")).to_contain_text('"hello": "browser"')
+    expect(page.locator("#task-result")).to_contain_text('"hello": "browser"')
+    expect(page.locator("#task-cancel")).to_be_hidden()
+
+    # The search box finds a task by id; an unknown id says so.
+    page.goto(system.url + "/ui/#/")
+    page.fill("#find-id", task["id"])
+    page.press("#find-id", "Enter")
+    expect(page.locator("#task-id")).to_have_text(task["id"])
+    page.fill("#find-id", "00000000-0000-4000-8000-000000000000")
+    page.press("#find-id", "Enter")
+    expect(page.locator("#task-missing")).to_be_visible()
+
+
+def test_overview_counts_charts_and_screenshot(system: System, page: Any) -> None:
+    for n in range(6):
+        system.enqueue("demo.echo", {"n": n})
+    system.enqueue("demo.sleep", {"seconds": 20})
+    system.enqueue("demo.echo", {"later": True}, delay=600)
+    page.goto(system.url + "/ui/")
+    expect(page.locator("#live")).to_have_text("Live")
+    succeeded = system.http.get("/stats").json()["by_status"]["SUCCEEDED"]
+    assert succeeded >= 1
+    card = page.locator('.value[data-status="SUCCEEDED"]')
+    expect(card).not_to_have_text("0")
+    expect(page.locator('.value[data-status="RUNNING"]')).to_have_text("1")
+    expect(page.locator("#status-cards .sub").first).to_have_text(re.compile(r"\d+ scheduled"))
+    default = page.locator('#queues-table tr[data-queue="default"]')
+    expect(default).to_be_visible()
+    expect(page.locator("#chart-throughput svg polyline")).to_have_count(3)
+    late = system.enqueue("demo.echo", {"late": True})
+    expect(page.locator(f'#activity a[href="#/task/{late["id"]}"]').first).to_be_visible()
+    page.wait_for_timeout(2500)  # a few stream samples, so the sparklines have a shape
+    page.screenshot(path=str(artifacts_dir() / "dashboard.png"), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(artifacts_dir() / "dashboard-dark.png"), full_page=True)
+    page.emulate_media(color_scheme="light")
+
+    page.click("nav >> text=Workers")
+    workers = page.locator("#workers-table tbody tr")
+    expect(workers).to_have_count(1)
+    expect(workers.first.locator(".badge")).to_have_text("alive")
+    page.screenshot(path=str(artifacts_dir() / "workers.png"))
+
+
+def test_a_failed_task_is_replayed_from_the_dlq_browser(system: System, page: Any) -> None:
+    first = system.enqueue("demo.fail", {"fatal": True})
+    second = system.enqueue("demo.fail", {"fatal": True}, queue="low")
+    for task in (first, second):
+        system.wait_for(task["id"], "FAILED")
+    page.goto(system.url + "/ui/#/dlq")
+    line = row(page, "#dlq-table", first["id"])
+    expect(line).to_be_visible()
+    expect(line.locator("td.error")).to_contain_text("fail")
+    page.screenshot(path=str(artifacts_dir() / "dlq.png"), full_page=True)
+
+    line.get_by_role("button", name=re.compile("Replay task")).click()
+    expect(page.locator("#notice")).to_have_text("Replayed 1 task.")
+    # Replayed: enqueued again with fresh attempts, ran, and (being fatal) failed again.
+    system.wait_for(first["id"], "FAILED")
+    statuses = [e["status"] for e in system.events(first["id"])]
+    assert statuses.count("RUNNING") == 2, statuses
+
+    # Replay all, filtered to the queue `low`: only the second task.
+    page.select_option("#dlq-filters select[name=queue]", "low")
+    page.click("#dlq-filters button[type=submit]")
+    expect(page.locator("#dlq-table tbody tr")).to_have_count(1)
+    page.click("#dlq-replay-all")
+    confirm(page)
+    expect(page.locator("#notice")).to_have_text("Replayed 1 task.")
+    system.wait_for(second["id"], "FAILED")
+    assert [e["status"] for e in system.events(second["id"])].count("RUNNING") == 2
+    assert [e["status"] for e in system.events(first["id"])].count("RUNNING") == 2
+
+
+def test_a_scheduled_task_is_cancelled_and_retried(system: System, page: Any) -> None:
+    task = system.enqueue("demo.echo", {"scheduled": True}, delay=3600)
+    page.goto(system.url + "/ui/#/tasks?scheduled=true")
+    line = row(page, "#tasks-table", task["id"])
+    expect(line.locator(".badge.scheduled")).to_be_visible()
+    line.locator("a").click()
+    expect(page.locator("#task-scheduled")).to_be_visible()
+    expect(page.locator("#task-retry")).to_be_hidden()
+
+    page.get_by_role("button", name="Cancel task").click()
+    confirm(page)
+    expect(page.locator("#task-status")).to_have_text("cancelled")
+    expect(page.locator("#task-cancel")).to_be_hidden()
+    assert system.task(task["id"])["status"] == "CANCELLED"
+    page.screenshot(path=str(artifacts_dir() / "task.png"), full_page=True)
+
+    page.get_by_role("button", name="Retry task").click()
+    confirm(page)
+    expect(page.locator("#task-status")).not_to_have_text("cancelled")
+    assert system.task(task["id"])["status"] in ("ENQUEUED", "RUNNING", "SUCCEEDED")
+
+
+def test_task_list_pages_with_more_and_filters(system: System, page: Any) -> None:
+    items = [{"type": "demo.noop", "payload": {"n": n}, "delay": 7000} for n in range(55)]
+    response = system.http.post("/enqueue/batch", json={"tasks": items})
+    assert response.status_code == 201, response.text
+    ids = {task["id"] for task in response.json()["tasks"]}
+    page.goto(system.url + "/ui/#/tasks")
+    page.fill("#task-filters input[name=type]", "demo.noop")
+    page.click("#task-filters button[type=submit]")
+    rows = page.locator("#tasks-table tbody tr")
+    expect(rows).to_have_count(50)
+    page.click("#tasks-more")
+    expect(rows).to_have_count(55)
+    expect(page.locator("#tasks-more")).to_be_hidden()
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(artifacts_dir() / "tasks.png"))
+    shown = set(rows.evaluate_all("rows => rows.map(r => r.dataset.id)"))
+    assert shown == ids  # each once, none missing, in two keyset pages
+
+
+def test_the_key_prompt_unlocks_the_dashboard(system: System, page: Any) -> None:
+    page.goto(system.keyed_url + "/ui/")
+    dialog = page.locator("#key-dialog")
+    expect(dialog).to_be_visible()
+    page.fill("#key-input", "wrong-key")
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#key-error")).to_be_visible()  # refused: asked again
+    page.fill("#key-input", API_KEY)
+    page.click("#key-form button[type=submit]")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#live")).to_have_text("Live")
+    expect(page.locator('.value[data-status="SUCCEEDED"]')).not_to_have_text("0")
+    assert page.evaluate("sessionStorage.getItem('taskq.apiKey')") == API_KEY
+
+    page.reload()  # the key is kept for the tab
+    expect(page.locator("#live")).to_have_text("Live")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#forget-key")).to_be_visible()
+
+
+def test_the_stream_parser_handles_comments_multiline_data_and_partial_events(
+    system: System, page: Any
+) -> None:
+    page.goto(system.url + "/ui/")
+    parsed = page.evaluate(
+        """async () => (await import("./stream.js")).parseEvents(
+            ': hello\\n\\nevent: stats\\ndata: {"a":1}\\n\\nevent: task\\ndata: {"b":\\ndata: 2}'
+            + '\\r\\n\\r\\nevent: task\\ndata: {"c"')"""
+    )
+    assert parsed == {
+        "events": [
+            {"event": "stats", "data": '{"a":1}'},
+            {"event": "task", "data": '{"b":\n2}'},
+        ],
+        "rest": 'event: task\ndata: {"c"',
+    }
+
+
+def test_purging_a_queue_asks_for_its_name_and_cancels_its_tasks(system: System, page: Any) -> None:
+    waiting = [system.enqueue("demo.echo", {"n": n}, queue="critical", delay=3600) for n in (1, 2)]
+    page.goto(system.url + "/ui/")
+    page.get_by_role("button", name="Purge queue critical").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog.locator("#confirm-ok")).to_be_disabled()
+    page.fill("#confirm-input", "critica")
+    expect(dialog.locator("#confirm-ok")).to_be_disabled()
+    page.fill("#confirm-input", "critical")
+    dialog.locator("#confirm-ok").click()
+    expect(page.locator("#notice")).to_contain_text("2 tasks cancelled")
+    for task in waiting:
+        assert system.task(task["id"])["status"] == "CANCELLED"

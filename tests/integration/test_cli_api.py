@@ -1,0 +1,128 @@
+"""The `taskq api`, `taskq enqueue` and `taskq types` commands as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from taskq.settings import Settings
+from tests.support.api_fixtures import declare_topology
+from tests.support.services import subprocess_env
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def run(settings: Settings, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskq",
+        *args,
+        env=subprocess_env(settings),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_api_process_serves_and_stops_cleanly(settings: Settings, tmp_path: Path) -> None:
+    await declare_topology(settings)
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskq",
+        "api",
+        "--port",
+        str(port),
+        env=subprocess_env(settings),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(100):
+                try:
+                    health = await http.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            assert health.json()["status"] == "ok"
+            response = await http.put("/types/demo.echo", json={"queue": "high"})
+            assert response.status_code == 201
+
+            code, out, err = await run(settings, tmp_path, "enqueue", "demo.echo", '{"a": 1}')
+            assert code == 0, err
+            task = json.loads(out)
+            assert task["queue"] == "high" and task["replayed"] is False
+            fetched = (await http.get(f"/tasks/{task['id']}")).json()
+            assert fetched["payload"] == {"a": 1}
+
+            code, out, err = await run(settings, tmp_path, "types")
+            assert code == 0 and "demo.echo" in out and "queue=high" in out
+
+            code, out, err = await run(settings, tmp_path, "enqueue", "demo.echo", "{nope")
+            assert code == 2 and "not JSON" in err
+            code, out, err = await run(settings, tmp_path, "enqueue", "demo.nope", "{}")
+            assert code == 1 and "unknown task type" in err and "Traceback" not in err
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, output.decode()
+
+
+async def test_run_starts_the_whole_system_and_stops_on_ctrl_c(
+    settings: Settings, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskq",
+        "run",
+        env=subprocess_env(settings, TASKQ_HTTP_PORT=str(port)),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # Ctrl-C reaches the whole process group
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(300):
+                try:
+                    if (await http.get("/types/demo.echo")).status_code == 200:
+                        break  # the API is up and the worker registered its types
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+            response = await http.post("/enqueue", json={"type": "demo.echo", "payload": {"a": 1}})
+            assert response.status_code == 201, response.text
+            task_id = response.json()["id"]
+            for _ in range(200):
+                task = (await http.get(f"/tasks/{task_id}")).json()
+                if task["status"] == "SUCCEEDED":
+                    break
+                await asyncio.sleep(0.05)
+            assert task["status"] == "SUCCEEDED" and task["result"] == {"a": 1}
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = await asyncio.wait_for(process.communicate(), 40)
+    assert process.returncode == 0, output.decode()[-3000:]

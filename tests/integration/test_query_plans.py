@@ -1,0 +1,167 @@
+"""Statements given a list of task ids reach the tasks through the primary key,
+whatever the statistics say.
+
+Written as ``id = ANY($1)`` next to conditions that a partial index matches
+(``published_at IS NULL AND status IN (...)``), Postgres may scan that index
+and test every row it holds against the whole list: with a backlog of owed
+rows (a broker outage, a burst of enqueues the relay takes over) each batch
+then costs rows x ids comparisons. The table here is analysed while empty, as
+a fresh or quickly grown table is, which is when the planner makes that choice.
+
+The same choice made the outcome statements (complete, retry, fail, ...) scan
+every entry of the partial index of RUNNING tasks, dead ones included until a
+vacuum, for each batch: the longer a busy worker ran, the longer each took. The
+statements that lock the rows they change therefore find each id through the
+primary key, one lookup per id (a LATERAL subquery), in id order.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from taskq import sql
+
+pytestmark = pytest.mark.integration
+
+BACKLOG = 3000
+TOKENS = [uuid.uuid4() for _ in range(200)]
+
+# Each statement that takes a list of ids, with the arguments besides the list.
+STATEMENTS: dict[str, tuple[Any, ...]] = {
+    "publish_owed_ids": (),
+    "republish": (),
+    "requeue": (["FAILED", "CANCELLED"],),
+    "heartbeat": ("w1", 30.0, "host", 1, ["default"], 1, 1, 5.0, TOKENS),
+    "mark_published": ([0] * 200,),
+    "set_aside": ([0] * 200, ["unroutable"] * 200, 30.0, 600.0),
+    "claim": ("w1", 30.0),
+    "complete": (TOKENS, ["null"] * 200),
+    "retry": (TOKENS, ["boom"] * 200, [1.0] * 200),
+    "fail": (TOKENS, ["boom"] * 200),
+    "give_back": (TOKENS,),
+    "cancel_running": (TOKENS,),
+}
+# Those that lock what they change: only ever through the primary key.
+THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "complete",
+                   "retry", "fail", "give_back", "cancel_running", "set_aside"}  # fmt: skip
+
+
+def scans(plan: dict[str, Any]) -> list[str]:
+    """How each node of a JSON plan tree reads the tasks table: a sequential scan,
+    or the index it uses (the modified table itself is not a read)."""
+    found = []
+    if plan.get("Relation Name") == "tasks" and plan["Node Type"] != "ModifyTable":
+        if plan["Node Type"] == "Seq Scan":
+            found.append("Seq Scan")
+        elif "Index Name" in plan:
+            found.append(plan["Index Name"])
+    if plan["Node Type"] == "Bitmap Index Scan" and plan["Index Name"].startswith("tasks"):
+        found.append(plan["Index Name"])
+    for child in plan.get("Plans", []):
+        found += scans(child)
+    return found
+
+
+def filters(plan: dict[str, Any]) -> list[str]:
+    """Every row filter of a JSON plan tree, with the relation it applies to."""
+    found = []
+    if "Filter" in plan:
+        found.append(f"{plan.get('Relation Name')}: {plan['Filter']}")
+    for child in plan.get("Plans", []):
+        found += filters(child)
+    return found
+
+
+@pytest.mark.parametrize("query", sorted(STATEMENTS))
+async def test_id_lists_are_never_a_per_row_filter(db: asyncpg.Connection, query: str) -> None:
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    await db.execute("ANALYZE tasks")
+    for status in ("ENQUEUED", "RUNNING"):  # both partial indexes hold thousands
+        await db.execute(
+            "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, run_at,"
+            " status, attempts, worker_id, claim_token, lease_expires_at)"
+            " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60, now(), $2,"
+            " CASE WHEN $2 = 'RUNNING' THEN 1 ELSE 0 END,"
+            " CASE WHEN $2 = 'RUNNING' THEN 'w1' END,"
+            " CASE WHEN $2 = 'RUNNING' THEN gen_random_uuid() END,"
+            " CASE WHEN $2 = 'RUNNING' THEN now() + interval '1 minute' END"
+            " FROM generate_series(1, $1)",
+            BACKLOG,
+            status,
+        )
+    ids = [r["id"] for r in await db.fetch("SELECT id FROM tasks ORDER BY random() LIMIT 200")]
+    # A prepared statement is planned for its values at first, then may switch
+    # to a generic plan: neither may test rows against the list.
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        async with db.transaction():
+            await db.execute(f"SET LOCAL plan_cache_mode = {mode}")
+            statement = await db.prepare("EXPLAIN (FORMAT JSON) " + sql.queries()[query])
+            (plan,) = json.loads(await statement.fetchval(ids, *STATEMENTS[query]))
+        per_row = [f[:80] for f in filters(plan["Plan"]) if "id = ANY" in f]
+        assert per_row == [], f"{query} ({mode}) tests each row against the id list: {per_row}"
+        if query in THROUGH_THE_KEY:
+            reads = scans(plan["Plan"])
+            assert reads and set(reads) == {"tasks_pkey"}, (query, mode, reads)
+
+
+@pytest.mark.parametrize("status", ["FAILED", "CANCELLED"])
+async def test_rare_failures_are_listed_through_their_own_index(
+    db: asyncpg.Connection, status: str
+) -> None:
+    # A few failures among many successes: the listing must find them through an
+    # index of failures, not walk every newer success (or the whole table).
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
+        " attempts, finished_at, created_at)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60,"
+        " CASE WHEN g % 1000 = 0 THEN $2 ELSE 'SUCCEEDED' END, 1, now(),"
+        " now() - make_interval(secs => $1 - g)"
+        " FROM generate_series(1, $1) g",
+        BACKLOG * 10,
+        status,
+    )
+    await db.execute("ANALYZE tasks")
+    async with db.transaction():
+        await db.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        statement = await db.prepare("EXPLAIN (FORMAT JSON) " + sql.queries()["tasks_list"])
+        (plan,) = json.loads(
+            await statement.fetchval(
+                [status], None, None, None, None, None, None, None, 50, False, False
+            )
+        )
+    reads = scans(plan["Plan"])
+    assert reads and not {"Seq Scan", "tasks_created_keyset"} & set(reads), reads
+
+
+async def test_rows_set_aside_are_not_in_the_relays_way(db: asyncpg.Connection) -> None:
+    # Thousands of owed rows set aside, older than the few that are due: the relay's
+    # pass reads the due ones through an index that holds none of the others.
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds,"
+        " updated_at, set_aside_generation, publish_retry_at)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'gone', '{}', 3, 60,"
+        " now() - interval '1 hour', 0, now() + interval '10 minutes'"
+        " FROM generate_series(1, $1)",
+        BACKLOG,
+    )
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, updated_at)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60,"
+        " now() - interval '1 minute' FROM generate_series(1, 10)"
+    )
+    await db.execute("ANALYZE tasks")
+    for query, args in (("publish_owed", (5.0, 500)), ("publish_set_aside_due", (50,))):
+        statement = await db.prepare("EXPLAIN (ANALYZE, FORMAT JSON) " + sql.queries()[query])
+        (plan,) = json.loads(await statement.fetchval(*args))
+        wanted = "tasks_publish_due" if query == "publish_owed" else "tasks_publish_set_aside"
+        assert scans(plan["Plan"]) == [wanted], (query, scans(plan["Plan"]))
+        assert "Rows Removed by Filter" not in json.dumps(plan), query
+    rows = await db.fetch(sql.queries()["publish_owed"], 5.0, 500)
+    assert len(rows) == 10

@@ -1,0 +1,172 @@
+"""The sweeper's duties: expired leases are taken back, lost envelopes are published again."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from taskq.broker import Link
+from taskq.errors import StoreError
+from taskq.leader import SessionLock
+from taskq.metrics import WorkerMetrics
+from taskq.relay import HEADER_REASON, Relay
+from taskq.settings import Settings
+from taskq.sweeper import Sweeper
+from tests.support.worker_fixtures import Harness, harness
+
+pytestmark = pytest.mark.integration
+
+
+async def make_sweeper(h: Harness, **options: float) -> tuple[Sweeper, Link]:
+    link = Link(h.settings.amqp_url, name="test-sweeper")
+    await link.start()
+    await link.ready.wait()
+    sweeper = Sweeper(
+        h.store,
+        h.publisher,
+        link,
+        h.names,
+        h.settings.queues,
+        metrics=WorkerMetrics(),
+        **options,  # type: ignore[arg-type]
+    )
+    return sweeper, link
+
+
+async def claim_and_expire(h: Harness, task_id: uuid.UUID) -> None:
+    [claim] = await h.store.claim([task_id], "dead-worker", 30.0)
+    assert claim["decision"] == "claimed"
+    await h.store.pool.execute(
+        "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
+    )
+
+
+async def test_expired_leases_are_recovered_and_published(settings: Settings) -> None:
+    async with harness(settings) as h:
+        await h.put_type("demo.echo", max_attempts=2)
+        retried, exhausted = await h.enqueue("demo.echo"), await h.enqueue("demo.echo")
+        await h.store.pool.execute("UPDATE tasks SET max_attempts = 1 WHERE id = $1", exhausted)
+        live = await h.enqueue("demo.echo")
+        assert len(await h.take(h.names.queue("default"), 3, 5)) == 3  # as workers would
+        for task_id in (retried, exhausted):
+            await claim_and_expire(h, task_id)
+        await h.store.claim([live], "live-worker", 30.0)
+        sweeper, link = await make_sweeper(h)
+        try:
+            assert await sweeper.recover_expired() == 2
+            assert await sweeper.recover_expired() == 0
+        finally:
+            await sweeper.close()
+            await link.close()
+        assert sweeper.metrics is not None
+        assert sweeper.metrics.registry.get_sample_value("taskq_lease_recoveries_total") == 2
+
+        row = await h.task(retried)
+        assert (row["status"], row["attempts"], row["worker_id"]) == ("ENQUEUED", 1, None)
+        assert row["published_at"] is not None
+        [envelope] = await h.take(h.names.queue("default"), 1, 5)
+        assert envelope.message_id == str(retried)
+        assert await h.take(h.names.queue("default"), 1, 0.3) == []
+
+        row = await h.task(exhausted)
+        assert row["status"] == "FAILED"
+        [letter] = await h.dead_letters(1)
+        assert letter.message_id == str(exhausted)
+        assert letter.headers[HEADER_REASON] == (
+            "lease expired: worker dead-worker stopped heartbeating"
+        )
+        assert (await h.task(live))["status"] == "RUNNING"
+
+
+async def test_overdue_tasks_of_an_empty_queue_are_published_again(settings: Settings) -> None:
+    async with harness(settings) as h:
+        await h.put_type("demo.echo")
+        lost = await h.enqueue("demo.echo")
+        await h.take(h.names.queue("default"), 1, 5)  # the broker "loses" its envelope
+        sweeper, link = await make_sweeper(h, overdue_after=0.3, check_every=0)
+        relay = Relay(h.store, settings.database_url, h.publisher, duties=sweeper.duties)
+        try:
+            # Not overdue yet.
+            assert await sweeper.republish_lost() == 0
+            await h.store.pool.execute(
+                "UPDATE tasks SET run_at = run_at - interval '1 second',"
+                " published_at = published_at - interval '1 second'"
+            )
+            # A ready message in the queue means the broker has not lost anything.
+            waiting = await h.enqueue("demo.echo")
+            assert await sweeper.republish_lost() == 0
+            await h.take(h.names.queue("default"), 1, 5)
+            await h.store.pool.execute(
+                "UPDATE tasks SET run_at = run_at - interval '1 second',"
+                " published_at = published_at - interval '1 second'"
+            )
+            # Empty queue and overdue tasks: both are owed again; the relay pays at once.
+            await relay.pass_once()
+            envelopes = await h.take(h.names.queue("default"), 2, 5)
+            assert sorted(str(e.message_id) for e in envelopes) == sorted([str(lost), str(waiting)])
+            assert (await h.task(lost))["published_at"] is not None
+        finally:
+            await relay.close()
+            await sweeper.close()
+            await link.close()
+        assert sweeper.metrics is not None
+        assert (
+            sweeper.metrics.registry.get_sample_value(
+                "taskq_republished_total", {"queue": "default"}
+            )
+            == 2
+        )
+
+
+async def test_one_sweeper_is_active_and_another_takes_over(settings: Settings) -> None:
+    async with harness(settings) as h:
+        made = [await make_sweeper(h) for _ in range(3)]
+        sweepers = [sweeper for sweeper, _ in made]
+        try:
+            for sweeper in sweepers:
+                sweeper.start(settings.database_url, interval=0.1)
+            await asyncio.sleep(0.5)
+            assert sum(sweeper.active for sweeper in sweepers) == 1
+            active = next(sweeper for sweeper in sweepers if sweeper.active)
+            await active.close()
+            others = [sweeper for sweeper in sweepers if sweeper is not active]
+            for _ in range(50):
+                if any(sweeper.active for sweeper in others):
+                    break
+                await asyncio.sleep(0.1)
+            assert sum(sweeper.active for sweeper in others) == 1
+        finally:
+            for sweeper, link in made:
+                await sweeper.close()
+                await link.close()
+
+
+async def test_a_silent_leader_loses_its_lock_to_another_and_finds_out(
+    settings: Settings,
+) -> None:
+    """The server ends a lock session idle for its idle timeout (only a frozen leader's
+    is), which frees the lock; the old leader learns it before its next step."""
+    silent = SessionLock(settings.database_url, 4242, "test", idle_timeout=1.0)
+    standby = SessionLock(settings.database_url, 4242, "test", idle_timeout=1.0)
+    try:
+        assert await silent.hold()
+        assert not await standby.hold()
+        assert standby.connection is not None
+        limits = [
+            await standby.connection.fetchval(f"SHOW {name}")
+            for name in ("idle_session_timeout", "tcp_keepalives_idle", "tcp_user_timeout")
+        ]
+        assert limits == ["1s", "5", "15000"]  # tcp_user_timeout shows milliseconds
+        # The silent one sends nothing for a while, as if stopped; the standby keeps trying.
+        deadline = asyncio.get_running_loop().time() + 20
+        while not await standby.hold():
+            assert asyncio.get_running_loop().time() < deadline, "the lock was never freed"
+            await asyncio.sleep(0.2)
+        with pytest.raises(StoreError):  # LockLost, or its connection is found dead
+            await silent.ensure()
+        assert not silent.held and standby.held
+    finally:
+        await silent.release()
+        await standby.release()

@@ -1,0 +1,284 @@
+"""Claim decisions, through small fakes of the store, the publisher and the acker.
+
+One claim statement decides each delivery of a batch (see the ``claim`` SQL);
+:meth:`Claimer._claim` then acts on each decision: *claimed* runs and acks,
+*terminal* and *duplicate* ack, *early* goes back through the delay levels,
+*exhausted* and *missing* go to the DLQ; those three are acked once published.
+A claim the store cannot run puts the batch back, unacked.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+
+from taskq import claims
+from taskq.broker import Publish
+from taskq.claims import Claimer
+from taskq.consumer import Buffers, Delivery
+from taskq.envelope import Envelope
+from taskq.errors import PublishError, StoreError
+from taskq.metrics import WorkerMetrics
+from taskq.relay import HEADER_ORIGIN, HEADER_REASON
+
+QUEUE = "default"
+
+
+@dataclass
+class Channel:
+    """What a delivery needs of its channel: whether it closed."""
+
+    is_closed: bool = False
+
+
+@dataclass
+class Store:
+    """Answers the claim with one row per id, each with the decision asked for."""
+
+    decisions: dict[uuid.UUID, str] = field(default_factory=dict)
+    error: Exception | None = None
+    claimed: list[tuple[list[uuid.UUID], str, float]] = field(default_factory=list)
+    marked: list[tuple[uuid.UUID, int]] = field(default_factory=list)
+    republished: list[uuid.UUID] = field(default_factory=list)
+
+    async def claim(self, ids: list[uuid.UUID], worker_id: str, lease: float) -> list[Any]:
+        self.claimed.append((list(ids), worker_id, lease))
+        if self.error is not None:
+            raise self.error
+        return [row(i, decision) for i, decision in self.decisions.items() if i in ids]
+
+    async def mark_published(self, items: list[tuple[uuid.UUID, int]]) -> None:
+        self.marked.extend(items)
+
+    async def republish(self, ids: list[uuid.UUID]) -> None:
+        self.republished.extend(ids)
+
+
+def row(task_id: uuid.UUID, decision: str) -> dict[str, Any]:
+    """A row of the claim statement's answer (the columns the claimer reads)."""
+    fields: dict[str, Any] = {"id": task_id, "decision": decision}
+    if decision != "missing":
+        fields |= {"type": "t", "queue": QUEUE, "attempts": 3, "max_attempts": 3, "delay": 0.0}
+    if decision == "early":
+        fields["delay"] = 42.5
+    if decision == "exhausted":
+        fields |= {"last_error": "ValueError: boom", "generation": 2}
+    return fields
+
+
+@dataclass
+class Publisher:
+    """Records what is published; ``error`` makes every publish fail."""
+
+    error: PublishError | None = None
+    sent: list[tuple[str, uuid.UUID, str, dict[str, Any]]] = field(default_factory=list)
+
+    async def publish(self, envelope: Envelope, queue: str, *, delay: float = 0.0) -> None:
+        if self.error is not None:
+            raise self.error
+        self.sent.append(("publish", envelope.id, queue, {"delay": delay}))
+
+    async def publish_many(self, items: list[Publish]) -> list[PublishError | None]:
+        for item in items:
+            kind = "dead_letter" if item.dead_letter else "publish"
+            self.sent.append((kind, item.envelope.id, item.queue, item.headers or {}))
+        return [self.error] * len(items)
+
+    async def publish_dead_letter(
+        self, envelope: Envelope, queue: str, headers: dict[str, Any]
+    ) -> None:
+        if self.error is not None:
+            raise self.error
+        self.sent.append(("dead_letter", envelope.id, queue, headers))
+
+
+@dataclass
+class Acker:
+    """Records the deliveries acked and rejected."""
+
+    acked: list[uuid.UUID] = field(default_factory=list)
+    rejected: list[tuple[int, bool]] = field(default_factory=list)
+
+    async def ack(self, deliveries: list[Delivery]) -> None:
+        self.acked.extend(d.envelope.id for d in deliveries)
+
+    async def reject(self, channel: Channel, tag: int, *, requeue: bool) -> None:
+        self.rejected.append((tag, requeue))
+
+
+@dataclass
+class Claiming:
+    """A claimer wired to the fakes, and what it started running."""
+
+    store: Store
+    publisher: Publisher = field(default_factory=Publisher)
+    acker: Acker = field(default_factory=Acker)
+    buffers: Buffers = field(default_factory=lambda: Buffers([QUEUE]))
+    begun: list[uuid.UUID] = field(default_factory=list)
+    claimer: Claimer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.claimer = Claimer(
+            cast(Any, self.store),
+            cast(Any, self.publisher),
+            self.buffers,
+            cast(Any, self.acker),
+            begin=lambda r: self.begun.append(r["id"]),
+            metrics=WorkerMetrics(),
+            worker_id="w1",
+            lease=30.0,
+            concurrency=10,
+        )
+
+    async def claim(self, deliveries: list[Delivery]) -> None:
+        self.claimer._reserved += len(deliveries)  # as run() does before a claim
+        self.claimer._claims += 1
+        await self.claimer._claim(deliveries)
+        await self.claimer.settled(5.0)
+
+    def count(self, decision: str) -> float:
+        """``taskq_deliveries_total`` of this decision."""
+        labels = {"queue": QUEUE, "decision": decision}
+        value = self.claimer.metrics.registry.get_sample_value("taskq_deliveries_total", labels)
+        return value or 0.0
+
+
+def delivery(tag: int, task_id: uuid.UUID | None = None) -> Delivery:
+    envelope = Envelope(task_id or uuid.uuid4(), "t", 1)
+    return Delivery(envelope, QUEUE, cast(Any, Channel()), tag)
+
+
+async def claim_one(decision: str, publisher: Publisher | None = None) -> tuple[Claiming, Delivery]:
+    """Claim one delivery whose row gets ``decision``."""
+    d = delivery(1)
+    c = Claiming(Store({d.envelope.id: decision}), publisher or Publisher())
+    await c.claim([d])
+    return c, d
+
+
+async def test_a_claimed_delivery_runs_and_is_acked() -> None:
+    c, d = await claim_one("claimed")
+    assert c.begun == [d.envelope.id]
+    assert c.acker.acked == [d.envelope.id]
+    assert c.store.claimed == [([d.envelope.id], "w1", 30.0)]
+    assert c.publisher.sent == []
+    assert c.claimer._reserved == 1  # its slot stays taken until the handler is done
+    assert c.count("claimed") == 1
+
+
+@pytest.mark.parametrize("decision", ["terminal", "duplicate"])
+async def test_terminal_and_duplicate_deliveries_are_dropped(decision: str) -> None:
+    c, d = await claim_one(decision)
+    assert c.acker.acked == [d.envelope.id]
+    assert c.begun == [] and c.publisher.sent == []
+    assert c.claimer._reserved == 0
+    assert c.count(decision) == 1
+
+
+async def test_a_second_delivery_of_an_id_in_the_same_batch_is_a_duplicate() -> None:
+    task_id = uuid.uuid4()
+    first, second = delivery(1, task_id), delivery(2, task_id)
+    c = Claiming(Store({task_id: "claimed"}))
+    await c.claim([first, second])
+    assert c.begun == [task_id]  # run once
+    assert c.acker.acked == [task_id, task_id]
+    assert (c.count("claimed"), c.count("duplicate")) == (1, 1)
+
+
+async def test_an_early_delivery_goes_back_for_the_time_left_then_is_acked() -> None:
+    c, d = await claim_one("early")
+    assert c.publisher.sent == [("publish", d.envelope.id, QUEUE, {"delay": 42.5})]
+    assert c.acker.acked == [d.envelope.id]
+    assert c.begun == [] and c.store.republished == []
+
+
+async def test_an_early_delivery_the_broker_refuses_is_owed_in_postgres() -> None:
+    c, d = await claim_one("early", Publisher(PublishError("nacked")))
+    assert c.store.republished == [d.envelope.id]  # the relay publishes it with its delay
+    assert c.acker.acked == [d.envelope.id]
+
+
+async def test_an_exhausted_delivery_is_dead_lettered_with_its_error_then_acked() -> None:
+    c, d = await claim_one("exhausted")
+    [(kind, task_id, queue, headers)] = c.publisher.sent
+    assert (kind, task_id, queue) == ("dead_letter", d.envelope.id, QUEUE)
+    assert headers[HEADER_REASON] == "ValueError: boom"
+    assert c.store.marked == [(d.envelope.id, 2)]  # the DLQ publish is paid
+    assert c.acker.acked == [d.envelope.id]
+    assert c.begun == []
+
+
+async def test_an_exhausted_delivery_whose_publish_fails_stays_owed() -> None:
+    c, d = await claim_one("exhausted", Publisher(PublishError("nacked")))
+    assert c.store.marked == []  # still owed: the relay publishes it
+    assert c.acker.acked == [d.envelope.id]
+
+
+async def test_a_delivery_of_a_missing_task_goes_to_the_dlq_then_is_acked() -> None:
+    c, d = await claim_one("missing")
+    [(kind, task_id, queue, headers)] = c.publisher.sent
+    assert (kind, task_id, queue) == ("dead_letter", d.envelope.id, QUEUE)
+    assert headers[HEADER_REASON].startswith("NoTask: no task with id")
+    assert headers[HEADER_ORIGIN] == QUEUE
+    assert c.acker.acked == [d.envelope.id]
+
+
+@pytest.mark.parametrize(("decision", "requeue"), [("missing", False), ("early", True)])
+async def test_a_delivery_that_cannot_be_sent_on_goes_back_to_the_broker(
+    decision: str, requeue: bool
+) -> None:
+    """Missing: rejected to the queue's DLX. Early: requeued and decided again (the
+    store cannot take the debt either here)."""
+    d = delivery(7)
+    store = Store({d.envelope.id: decision})
+
+    async def unavailable(ids: list[uuid.UUID]) -> None:
+        raise StoreError("database error: connection refused")
+
+    store.republish = unavailable  # type: ignore[method-assign]
+    c = Claiming(store, Publisher(PublishError("nacked")))
+    await c.claim([d])
+    assert c.acker.rejected == [(7, requeue)]
+    assert c.acker.acked == []
+
+
+async def test_a_batch_with_every_decision_acts_on_each() -> None:
+    decisions = ["claimed", "terminal", "duplicate", "early", "exhausted", "missing"]
+    batch = [delivery(tag) for tag in range(1, len(decisions) + 1)]
+    by_id = {d.envelope.id: decision for d, decision in zip(batch, decisions, strict=True)}
+    c = Claiming(Store(by_id))
+    await c.claim(batch)
+    assert c.begun == [batch[0].envelope.id]
+    assert sorted(c.acker.acked) == sorted(by_id)  # every delivery settled once
+    assert sorted(task_id for _, task_id, _, _ in c.publisher.sent) == sorted(
+        d.envelope.id for d in batch[3:]
+    )
+    assert c.claimer._reserved == 1  # only the claimed one holds a slot
+
+
+async def test_a_claim_the_store_cannot_run_puts_the_batch_back_unacked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(claims, "STORE_RETRY_SECONDS", 0.0)
+    live, closed = delivery(1), delivery(2)
+    closed.channel = cast(Any, Channel(is_closed=True))  # the broker requeued it already
+    c = Claiming(Store(error=StoreError("database error: connection refused")))
+    await c.claim([live, closed])
+    assert c.acker.acked == [] and c.acker.rejected == []
+    assert c.begun == [] and c.publisher.sent == []
+    assert c.buffers.take(10) == [live]  # claimed again later; the closed one is gone
+    assert c.claimer._reserved == 0 and c.claimer._claims == 0
+
+
+async def test_a_claim_failing_for_any_reason_puts_the_batch_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(claims, "STORE_RETRY_SECONDS", 0.0)
+    d = delivery(1)
+    c = Claiming(Store(error=RuntimeError("a bug")))
+    await c.claim([d])
+    assert c.buffers.take(10) == [d]
+    assert c.acker.acked == []

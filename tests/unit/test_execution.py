@@ -1,0 +1,287 @@
+"""The runner's outcomes, without services: why an attempt ended decides what is recorded.
+
+A handler's return, ``Retry``, ``Fail`` or exception; the worker stopping to wait for
+it on its timeout (a failed attempt), a shutdown (the task given back), an operator's
+cancel after its grace (CANCELLED) or a lost lease (nothing recorded); and the
+backoff a retry waits (the type's row, else the handler's, else the global one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import pytest
+
+from taskq.execution import Attempt, Runner
+from taskq.handlers import Context, Fail, Registry, Retry
+from taskq.metrics import WorkerMetrics
+from taskq.outcomes import Finished
+from taskq.store import WorkerInfo
+from taskq.threads import HandlerThreads
+from tests.support.services import make_settings
+from tests.support.worker_fixtures import poll
+
+
+class Running:
+    """A runner whose outcomes are collected, and the attempts it began."""
+
+    def __init__(self, registry: Registry, **settings: Any) -> None:
+        self.recorded: list[Finished] = []
+        self.released = 0
+        self.threads = HandlerThreads(2)
+        self.runner = Runner(
+            make_settings(**settings),
+            registry,
+            "w1",
+            WorkerMetrics(),
+            self.threads,
+            record=self.recorded.append,
+            release=self._release,
+            cancel_grace=0.05,
+            abandon_after=0.5,
+        )
+
+    def _release(self) -> None:
+        self.released += 1
+
+    def begin(
+        self, task_type: str, *, attempt: int = 1, max_attempts: int = 3, timeout: float = 10.0
+    ) -> Attempt:
+        """Run a claimed row of ``task_type`` (attempt ``attempt`` of ``max_attempts``)."""
+        token = uuid.uuid4()
+        now = datetime.now(UTC)
+        self.runner.begin(
+            {
+                "id": uuid.uuid4(), "claim_token": token, "type": task_type, "queue": "default",
+                "attempts": attempt, "max_attempts": max_attempts, "payload": "{}",
+                "timeout_seconds": timeout, "run_at": now, "created_at": now,
+            }
+        )  # fmt: skip
+        return self.runner.attempts[token]
+
+    async def ended(self, attempt: Attempt) -> Finished | None:
+        """Wait for the attempt's end; its outcome, or None if nothing was recorded."""
+        assert attempt.task is not None
+        await asyncio.wait_for(attempt.task, 5)
+        found = [f for f in self.recorded if f.token == attempt.token]
+        assert len(found) <= 1
+        return found[0] if found else None
+
+    def stale(self) -> float:
+        labels = {"type": "slow", "queue": "default", "outcome": "stale"}
+        value = self.runner.metrics.registry.get_sample_value("taskq_tasks_processed_total", labels)
+        return value or 0.0
+
+
+RELEASE = threading.Event()
+
+
+def handlers(backoff: Any = 7) -> Registry:
+    """Handlers that return, raise, and one of each kind that waits until it is stopped."""
+    registry = Registry()
+
+    @registry.task("ok", backoff=backoff)
+    async def ok(payload: dict[str, Any], ctx: Context) -> dict[str, int]:
+        return {"attempt": ctx.attempt}
+
+    @registry.task("retry", backoff=backoff)
+    async def retry(payload: dict[str, Any], ctx: Context) -> None:
+        raise Retry(delay=3, reason="the API said 429")
+
+    @registry.task("retry.far", backoff=backoff)
+    async def retry_far(payload: dict[str, Any], ctx: Context) -> None:
+        raise Retry(delay=10**9)
+
+    @registry.task("retry.backoff", backoff=backoff)
+    async def retry_backoff(payload: dict[str, Any], ctx: Context) -> None:
+        raise Retry()
+
+    @registry.task("fail", backoff=backoff)
+    async def fail(payload: dict[str, Any], ctx: Context) -> None:
+        raise Fail("the card was declined")
+
+    @registry.task("raise", backoff=backoff)
+    async def raises(payload: dict[str, Any], ctx: Context) -> None:
+        raise ValueError("boom")
+
+    @registry.task("slow", backoff=backoff)
+    async def slow(payload: dict[str, Any], ctx: Context) -> None:
+        await asyncio.sleep(30)  # cancelled when the worker stops waiting
+
+    @registry.task("slow.sync", backoff=backoff)
+    def slow_sync(payload: dict[str, Any], ctx: Context) -> None:
+        # Goes on after the worker stops waiting (it is abandoned) until the test ends:
+        # one returning as it is stopped would keep its own outcome.
+        RELEASE.wait(5)
+
+    return registry
+
+
+@pytest.fixture
+def running() -> Iterator[Running]:
+    RELEASE.clear()
+    value = Running(handlers())
+    yield value
+    RELEASE.set()  # the abandoned sync handlers end
+    value.threads.close()
+
+
+# ------------------------------------------------------------ what the handler ended with
+
+
+async def test_a_return_completes_with_the_json_result(running: Running) -> None:
+    done = await running.ended(running.begin("ok", attempt=2))
+    assert done is not None
+    assert (done.kind, done.result, done.error, done.attempt) == (
+        "complete",
+        '{"attempt":2}',
+        None,
+        2,
+    )
+    assert running.released == 1
+
+
+async def test_retry_asks_for_its_delay_and_fail_ends_the_task(running: Running) -> None:
+    retry = await running.ended(running.begin("retry"))
+    assert retry is not None
+    assert (retry.kind, retry.error, retry.delay) == ("retry", "Retry: the API said 429", 3.0)
+    fail = await running.ended(running.begin("fail"))  # attempts left, but Fail is final
+    assert fail is not None
+    assert (fail.kind, fail.error) == ("fail", "Fail: the card was declined")
+
+
+async def test_a_retry_waits_at_most_the_longest_delay(running: Running) -> None:
+    done = await running.ended(running.begin("retry.far"))
+    assert done is not None
+    assert (done.kind, done.delay) == ("retry", make_settings().max_delay)
+
+
+async def test_an_exception_retries_after_the_backoff_until_the_last_attempt(
+    running: Running,
+) -> None:
+    retried = await running.ended(running.begin("raise", attempt=2, max_attempts=3))
+    assert retried is not None
+    assert (retried.kind, retried.error, retried.delay) == ("retry", "ValueError: boom", 7.0)
+    failed = await running.ended(running.begin("raise", attempt=3, max_attempts=3))
+    assert failed is not None
+    assert (failed.kind, failed.error) == ("fail", "ValueError: boom")
+
+
+async def test_a_type_without_a_handler_fails_its_attempt(running: Running) -> None:
+    done = await running.ended(running.begin("nobody.handles.this"))
+    assert done is not None
+    assert done.kind == "retry"
+    assert done.error == "NoHandler: no handler for task type 'nobody.handles.this' on w1"
+
+
+# --------------------------------------------------------- why the worker stopped waiting
+
+
+@pytest.mark.parametrize("task_type", ["slow", "slow.sync"])
+async def test_a_timeout_fails_the_attempt_saying_so(running: Running, task_type: str) -> None:
+    attempt = running.begin(task_type, timeout=0.05)
+    done = await running.ended(attempt)
+    assert done is not None
+    assert (done.kind, done.delay) == ("retry", 7.0)
+    assert done.error == "TimeoutError: the handler exceeded its timeout of 0.05s"
+    assert attempt.ctx.cancel_requested  # told, so a sync handler can end its thread
+    last = await running.ended(running.begin(task_type, attempt=3, timeout=0.05))
+    assert last is not None
+    assert (last.kind, last.error) == ("fail", done.error)
+
+
+@pytest.mark.parametrize("task_type", ["slow", "slow.sync"])
+async def test_a_shutdown_gives_the_task_back(running: Running, task_type: str) -> None:
+    attempt = running.begin(task_type)
+    await asyncio.sleep(0.02)
+    assert running.runner.interrupt() == [attempt.task]
+    done = await running.ended(attempt)
+    assert done is not None
+    assert (done.kind, done.error) == ("give_back", None)
+
+
+class Heartbeats:
+    """A store whose heartbeat answers ``held`` (token -> cancel requested)."""
+
+    def __init__(self, held: dict[uuid.UUID, bool]) -> None:
+        self.held = held
+        self.beats = 0
+
+    async def heartbeat(self, claims: Any, worker: WorkerInfo, lease: float) -> Any:
+        self.beats += 1
+        return self.held
+
+
+@contextlib.asynccontextmanager
+async def beating(running: Running, store: Heartbeats) -> AsyncIterator[None]:
+    worker = WorkerInfo("w1", "host", 1, ["default"], 2, 2, 0.01)
+    task = asyncio.create_task(running.runner.heartbeat_loop(cast(Any, store), worker))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_cancel_is_told_then_after_its_grace_records_cancelled(running: Running) -> None:
+    attempt = running.begin("slow")
+    store = Heartbeats({attempt.token: True})
+    async with beating(running, store):
+        await poll(lambda: attempt.ctx.cancel_requested, "the handler was never told")
+        done = await running.ended(attempt)
+    assert done is not None
+    assert (done.kind, done.error) == ("cancel", None)
+
+
+async def test_a_lost_lease_stops_the_attempt_and_records_nothing(running: Running) -> None:
+    attempt = running.begin("slow")
+    store = Heartbeats({})  # the claim is not held any more
+    async with beating(running, store):
+        assert await running.ended(attempt) is None
+    assert running.stale() == 1
+    assert attempt.token not in running.runner.attempts  # its lease is not extended
+    assert running.released == 1
+
+
+async def test_the_first_reason_to_stop_wins(running: Running) -> None:
+    attempt = running.begin("slow")
+    attempt.stop("shutdown")
+    attempt.stop("timeout")
+    done = await running.ended(attempt)
+    assert done is not None and done.kind == "give_back"
+
+
+# ------------------------------------------------------------------------------- backoff
+
+
+async def test_the_backoff_of_a_type_row_wins_over_the_handlers() -> None:
+    running = Running(handlers(backoff=7))
+    try:
+        running.runner.load_backoffs(
+            [
+                {"name": "raise", "backoff": '{"strategy": "fixed", "delay": 11}'},
+                {"name": "retry.backoff", "backoff": None},  # no row backoff: the handler's
+                {"name": "ok", "backoff": '{"strategy": "nonsense"}'},  # ignored, logged
+            ]
+        )
+        from_row = await running.ended(running.begin("raise"))
+        from_handler = await running.ended(running.begin("retry.backoff"))
+    finally:
+        running.threads.close()
+    assert from_row is not None and from_row.delay == 11.0
+    assert from_handler is not None and from_handler.delay == 7.0
+
+
+async def test_without_a_backoff_of_its_own_a_type_takes_the_global_one() -> None:
+    running = Running(handlers(backoff=None), backoff_strategy="fixed", backoff_fixed="13s")
+    try:
+        done = await running.ended(running.begin("raise"))
+    finally:
+        running.threads.close()
+    assert done is not None and done.delay == 13.0

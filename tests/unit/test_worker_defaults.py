@@ -1,0 +1,42 @@
+"""The worker's sizes at their defaults: they follow the concurrency (no service needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskq.handlers import Registry
+from taskq.settings import load_settings
+from taskq.worker import DEFAULT_THREADS, Worker
+
+
+def worker(monkeypatch: pytest.MonkeyPatch, **kwargs: int) -> Worker:
+    for key in ("TASKQ_WORKER_CONCURRENCY", "TASKQ_WORKER_PREFETCH", "TASKQ_WORKER_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    env = {k: v for k, v in kwargs.items() if k.startswith("TASKQ_")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    args = {k: v for k, v in kwargs.items() if not k.startswith("TASKQ_")}
+    return Worker(load_settings(_env_file=None), Registry(), **args)  # type: ignore[arg-type]
+
+
+def test_defaults_buffer_and_thread_as_many_as_the_concurrency(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w = worker(monkeypatch)
+    assert (w.concurrency, w.prefetch, w.threads) == (100, 100, DEFAULT_THREADS)
+
+
+def test_prefetch_and_threads_follow_a_chosen_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (
+        worker(monkeypatch, concurrency=8).prefetch,
+        worker(monkeypatch, concurrency=8).threads,
+    ) == (8, 8)
+    w = worker(monkeypatch, TASKQ_WORKER_CONCURRENCY=500)
+    assert (w.prefetch, w.threads) == (500, DEFAULT_THREADS)
+
+
+def test_explicit_sizes_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = worker(monkeypatch, TASKQ_WORKER_PREFETCH=7, TASKQ_WORKER_THREADS=64)
+    assert (w.concurrency, w.prefetch, w.threads) == (100, 7, 64)
+    w = worker(monkeypatch, concurrency=4, prefetch=2, threads=3, TASKQ_WORKER_PREFETCH=7)
+    assert (w.concurrency, w.prefetch, w.threads) == (4, 2, 3)
