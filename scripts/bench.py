@@ -30,7 +30,7 @@ from benchlib import AMQP_URL, Sandbox, enqueue_chunks, peak_rss_mb
 
 from taskq.client import Client
 
-SUCCEEDED = "SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'"
+SUCCEEDED = "SELECT count(*) FROM taskq.tasks WHERE status = 'SUCCEEDED'"
 # Issue #14's goals for taskq's tuned end-to-end rate over each peer's.
 E2E_TARGETS = {"celery": ">= 3", "celery+pg": ">= 12", "dramatiq": ">= 2"}
 # The sync no-op handler (a plain def run in the worker's thread pool), where taskq.demo has it.
@@ -84,10 +84,10 @@ class Bench:
         for queue in self.sandbox.settings.topology().queues:
             await (await channel.declare_queue(queue.name, passive=True)).purge()
         await amqp.close()
-        await self.sandbox.db.execute("TRUNCATE tasks, task_events")
+        await self.sandbox.db.execute("TRUNCATE taskq.tasks, taskq.task_events")
 
     async def wait_published(self, timeout: float) -> None:
-        sql = "SELECT count(*) FROM tasks WHERE published_at IS NULL"
+        sql = "SELECT count(*) FROM taskq.tasks WHERE published_at IS NULL"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not await self.sandbox.db.fetchval(sql):
@@ -104,7 +104,7 @@ class Bench:
         self.sandbox.start_workers(a.workers, a.concurrency, a.prefetch)
         end = await self.wait_succeeded(a.tasks, max(120.0, a.tasks / 50))
         span = await self.sandbox.db.fetchval(
-            "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks"
+            "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM taskq.tasks"
         )
         w = "3 end to end"
         self.key["drain"] = a.tasks / float(span)
@@ -120,7 +120,7 @@ class Bench:
         SUCCEEDED, with each process's CPU per task, envelopes per task and rows per
         statement. Starts on empty tables, so that every end-to-end workload compares."""
         a, w = self.args, workload
-        await self.sandbox.db.execute("TRUNCATE tasks, task_events")
+        await self.sandbox.db.execute("TRUNCATE taskq.tasks, taskq.task_events")
         profilers = self.start_profilers() if profile and a.profile else []
         deliveries = await asyncio.to_thread(self.sandbox.deliveries)
         batches = await asyncio.to_thread(self.sandbox.batches)
@@ -161,7 +161,7 @@ class Bench:
         figure; skipped (one NaN row, and a line saying why) where the workers have no
         such handler."""
         w = "3b end to end, sync handler"
-        sql = "SELECT count(*) FROM task_type WHERE name = $1"
+        sql = "SELECT count(*) FROM taskq.task_type WHERE name = $1"
         if not await self.sandbox.db.fetchval(sql, SYNC_NOOP):
             print(f"bench: skipped {w!r}: the workers register no {SYNC_NOOP}", flush=True)
             self.add(w, f"skipped: the workers register no {SYNC_NOOP}", float("nan"), "")

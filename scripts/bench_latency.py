@@ -65,9 +65,9 @@ SELECT t.id::text AS id,
        CASE WHEN $2 THEN extract(epoch FROM pg_xact_commit_timestamp(r.xmin))::float8
        END AS claim_commit,
        (t.result #>> '{}')::float8 AS handler
-FROM tasks t
-JOIN task_events e ON e.task_id = t.id AND e.status = 'ENQUEUED' AND e.previous_status IS NULL
-JOIN task_events r ON r.task_id = t.id AND r.status = 'RUNNING' AND r.attempt = 1
+FROM taskq.tasks t
+JOIN taskq.task_events e ON e.task_id = t.id AND e.status = 'ENQUEUED' AND e.previous_status IS NULL
+JOIN taskq.task_events r ON r.task_id = t.id AND r.status = 'RUNNING' AND r.attempt = 1
 WHERE t.id = ANY($1::uuid[]) AND t.status = 'SUCCEEDED'
 """
 
@@ -194,7 +194,7 @@ async def retry_accuracy(
     task = {"type": "demo.fail", "payload": {"times": 1}}
     ids = [task_id for task_id, _, _ in await enqueue_paced(port, count, 0.05, task)]
     deadline = time.monotonic() + delay + 60
-    sql = "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[]) AND status = 'SUCCEEDED'"
+    sql = "SELECT count(*) FROM taskq.tasks WHERE id = ANY($1::uuid[]) AND status = 'SUCCEEDED'"
     while await sandbox.db.fetchval(sql, ids) < len(ids):
         if time.monotonic() > deadline:
             raise RuntimeError(f"retried tasks not SUCCEEDED {delay + 60:g}s after")
@@ -202,10 +202,10 @@ async def retry_accuracy(
     rows = await sandbox.db.fetch(
         """
         SELECT extract(epoch FROM e.run_at - e.at) AS asked,
-               extract(epoch FROM (SELECT min(r.at) FROM task_events r
+               extract(epoch FROM (SELECT min(r.at) FROM taskq.task_events r
                                    WHERE r.task_id = e.task_id AND r.id > e.id
                                      AND r.status = 'RUNNING') - e.at) AS gap
-        FROM task_events e
+        FROM taskq.task_events e
         WHERE e.task_id = ANY($1::uuid[])
           AND e.previous_status = 'RUNNING' AND e.status = 'ENQUEUED'
         """,

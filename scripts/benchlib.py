@@ -177,7 +177,9 @@ class Sandbox:
         await broker.declare(connection, self.settings.topology())
         await connection.close()
         self.db = await asyncpg.connect(self.database_url)
-        await self.db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+        await self.db.execute(
+            "INSERT INTO taskq.task_type (name, queue) VALUES ('demo.noop', 'default')"
+        )
 
     async def start_api(self) -> None:
         self.api = subprocess.Popen(  # noqa: ASYNC220 - started before any measurement

@@ -1,8 +1,27 @@
 """taskq's SQL: numbered migrations and the named query blocks of ``queries.sql``.
 
 This directory ships inside the wheel as the ``taskq.sql`` package. A query block
-starts with ``-- name: <name>`` and ends where the next one starts; its header
-comment lists its ``$n`` parameters, since asyncpg has no named parameters.
+starts with ``-- name: <name>`` and ends where the next one starts. Its
+statement names its parameters (``:ids``), and its header comment lists them,
+in the order the store passes them, on lines that start with ``-- :``
+(``-- :ids uuid[], :claim_tokens uuid[]``). asyncpg has no named parameters:
+:func:`queries` turns each name into ``$n``, its place in that list, and
+refuses a block whose list and statement name different parameters (or that
+still numbers its own).
+
+Every object taskq creates lives in one Postgres schema, ``taskq`` unless
+``TASKQ_DB_SCHEMA`` names another, so that it cannot clash with an
+application's tables in the same database. The SQL names them qualified
+(``taskq.tasks``), never through ``search_path``: a client's enqueue runs on
+the application's own connection, whose ``search_path`` taskq does not set, and
+PgBouncer in transaction mode does not keep one per client. In the files the
+word ``taskq`` used as an identifier (outside string literals, quoted
+identifiers and comments) is the schema: :func:`compile_schema` replaces it
+with the configured name, validated by :func:`check_schema` and quoted as an
+identifier. That is the only text substituted into the SQL, and it is an
+identifier, which cannot be a bind parameter; values are always ``$n``
+parameters. (``taskq_`` prefixes and ``'taskq.actor'`` setting names are other
+words and stay as they are.)
 
 A migration runs in one transaction with its record, unless a line of it reads
 ``-- taskq:no-transaction``: then its statements run one by one, outside any
@@ -21,6 +40,19 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+DEFAULT_SCHEMA = "taskq"
+# A plain lower-case identifier: what Postgres takes unquoted and keeps as
+# written. pg_ names are reserved for the system's schemas; 50 characters leave
+# room for the notification channel <schema>_enqueued within Postgres' 63.
+SCHEMA_NAME = re.compile(r"^(?!pg_)[a-z_][a-z0-9_]{0,49}$")
+# What may hold the word taskq without naming the schema: a string literal
+# (E'' strings are not used), a quoted identifier, a comment; else the word.
+_SCHEMA_WORD = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|\b(taskq)\b""")
+# A parameter (not a :: cast), and what may hold one without being one.
+_PARAMETER = re.compile(
+    r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|(?<![:\w]):(?P<name>[a-z_][a-z0-9_]*)|\$(?P<n>\d+)"""
+)
+_LISTED = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 _BLOCK = re.compile(r"^-- name: (?P<name>[a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 _NO_TRANSACTION = re.compile(r"^-- taskq:no-transaction\s*$", re.MULTILINE)
@@ -31,11 +63,72 @@ _CONCURRENT_INDEX = re.compile(
 )
 
 
+def check_schema(name: str) -> str:
+    """Return ``name`` if it can name taskq's schema.
+
+    Raises:
+        ValueError: unless it is 1-50 lower-case letters, digits and ``_``, not
+            starting with a digit or ``pg_``.
+    """
+    if not SCHEMA_NAME.fullmatch(name):
+        raise ValueError(
+            "use 1-50 lower-case letters, digits or '_', not starting with a digit or 'pg_'"
+        )
+    return name
+
+
+def compile_schema(text: str, schema: str) -> str:
+    """``text`` with its schema word (see the module) naming ``schema``, quoted."""
+    quoted = '"' + schema.replace('"', '""') + '"'
+    return _SCHEMA_WORD.sub(lambda m: quoted if m[1] else m[0], text)
+
+
+def positional(name: str, block: str) -> str:
+    """``block`` with its named parameters numbered ``$n`` (see the module).
+
+    Raises:
+        ValueError: naming the block, if its header and its statement disagree.
+    """
+    header = []
+    for line in block.splitlines():
+        if not line.startswith("--"):
+            break
+        if line.startswith("-- :"):
+            header.append(line)
+    listed: list[str] = []
+    for parameter in _LISTED.findall("\n".join(header)):
+        if parameter in listed:
+            raise ValueError(f"query {name!r} lists :{parameter} twice")
+        listed.append(parameter)
+    used: set[str] = set()
+
+    def number(match: re.Match[str]) -> str:
+        if match["n"]:
+            raise ValueError(f"query {name!r} numbers a parameter (${match['n']}): name it")
+        if not match["name"]:
+            return match[0]
+        parameter = match["name"]
+        if parameter not in listed:
+            raise ValueError(f"query {name!r} uses :{parameter}, which its header does not list")
+        used.add(parameter)
+        return f"${listed.index(parameter) + 1}"
+
+    text = _PARAMETER.sub(number, block)
+    unused = [parameter for parameter in listed if parameter not in used]
+    if unused:
+        raise ValueError(f"query {name!r} never uses :{', :'.join(unused)}, which its header lists")
+    return text
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
     sql: str
+
+    def compiled(self, schema: str) -> Migration:
+        """The migration naming ``schema`` (its checksum stays the file's, see taskq.migrate)."""
+        return Migration(self.version, self.name, compile_schema(self.sql, schema))
 
     @property
     def transactional(self) -> bool:
@@ -69,14 +162,15 @@ class Migration:
 
 
 @cache
-def queries() -> dict[str, str]:
-    """Every named block of ``queries.sql``, by name."""
+def queries(schema: str = DEFAULT_SCHEMA) -> dict[str, str]:
+    """Every named block of ``queries.sql``, by name, naming taskq's objects in ``schema``."""
     text = resources.files(__name__).joinpath("queries.sql").read_text(encoding="utf-8")
+    text = compile_schema(text, schema)
     starts = list(_BLOCK.finditer(text))
     blocks = {}
     for match, following in zip(starts, [*starts[1:], None], strict=True):
         end = following.start() if following else len(text)
-        blocks[match["name"]] = text[match.end() : end].strip()
+        blocks[match["name"]] = positional(match["name"], text[match.end() : end].strip())
     return blocks
 
 

@@ -1,35 +1,68 @@
 -- Named query blocks, run only by taskq.store and taskq.migrate.
--- Each block lists its $n parameters in its header comment.
+-- Each block names its parameters (:ids) and lists them in its header comment,
+-- on lines starting with "-- :", in the order the store passes them: taskq.sql
+-- numbers them $1, $2, ... in that order. The word taskq names taskq's schema
+-- (TASKQ_DB_SCHEMA); see taskq.sql.
 
 -- name: migrations_lock
 -- Serialises concurrent `taskq migrate` runs on one database. A run that does
 -- not get it polls again later, rather than wait inside a statement (whose
 -- snapshot CREATE INDEX CONCURRENTLY in the run holding it would wait for).
--- $1: advisory lock key (bigint)
-SELECT pg_try_advisory_lock($1);
+-- :key advisory lock key (bigint)
+SELECT pg_try_advisory_lock(:key);
 
 -- name: migrations_lock_timeout
 -- How long each migration statement may wait for a lock, for this session.
--- $1: milliseconds (text)
-SELECT set_config('lock_timeout', $1, false);
+-- :milliseconds (text)
+SELECT set_config('lock_timeout', :milliseconds, false);
 
 -- name: migrations_invalid_indexes
 -- Which of these indexes exist but are invalid: a CREATE INDEX CONCURRENTLY
 -- that failed (a lock timeout, a cancel) leaves its index so.
--- $1: index names text[]
+-- :index_names text[], :schema the schema the migrations run in
 SELECT n.nspname AS schema, c.relname AS name
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indexrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE NOT i.indisvalid AND c.relname = ANY($1::text[])
-  AND n.nspname = ANY(current_schemas(false));
+WHERE NOT i.indisvalid AND c.relname = ANY(:index_names::text[]) AND n.nspname = :schema;
+
+-- name: migrations_search_path
+-- Where the migration files' unqualified names resolve, for this session: the
+-- schema taskq's objects are in (files before 0007 name them unqualified).
+-- :schema the schema, quoted as an identifier (text)
+SELECT set_config('search_path', :schema, false);
+
+-- name: migrations_schema_exists
+-- :schema_name
+SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = :schema_name);
+
+-- name: migrations_schema
+-- The schema of taskq's objects (TASKQ_DB_SCHEMA), created by taskq migrate
+-- when missing (which takes the CREATE privilege on the database; a schema
+-- made beforehand by its owner needs none).
+CREATE SCHEMA taskq;
+
+-- name: migrations_table_in
+-- Whether a schema holds taskq's migrations table.
+-- :schema_name
+SELECT EXISTS (
+    SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = :schema_name AND c.relname = 'taskq_migrations' AND c.relkind = 'r'
+);
+
+-- name: migrations_table_found
+-- The schema of the migrations table this session's search_path finds (NULL:
+-- none): where taskq put its objects before they had a schema of their own.
+SELECT n.nspname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass('taskq_migrations');
 
 -- name: migrations_unlock
--- $1: advisory lock key (bigint)
-SELECT pg_advisory_unlock($1);
+-- :key advisory lock key (bigint)
+SELECT pg_advisory_unlock(:key);
 
 -- name: migrations_table
-CREATE TABLE IF NOT EXISTS taskq_migrations (
+CREATE TABLE IF NOT EXISTS taskq.taskq_migrations (
     version    integer PRIMARY KEY,
     name       text NOT NULL,
     checksum   text NOT NULL,
@@ -37,25 +70,26 @@ CREATE TABLE IF NOT EXISTS taskq_migrations (
 );
 
 -- name: migrations_applied
-SELECT version, name, checksum FROM taskq_migrations ORDER BY version;
+SELECT version, name, checksum FROM taskq.taskq_migrations ORDER BY version;
 
 -- name: migrations_record
--- $1: version, $2: name, $3: sha256 of the file
-INSERT INTO taskq_migrations (version, name, checksum) VALUES ($1, $2, $3);
+-- :version, :name, :checksum sha256 of the file
+INSERT INTO taskq.taskq_migrations (version, name, checksum) VALUES (:version, :name, :checksum);
 
 -- ---------------------------------------------------------------- task types
 
 -- name: types_all
 SELECT name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
        enabled, created_at, updated_at
-FROM task_type ORDER BY name;
+FROM taskq.task_type ORDER BY name;
 
 -- name: type_put
 -- Creates or replaces one task type (the admin API).
--- $1: name, $2: queue, $3: max_attempts, $4: timeout_seconds, $5: backoff (json text or NULL),
--- $6: payload_schema (json text or NULL), $7: enabled
-INSERT INTO task_type AS t (name, queue, max_attempts, timeout_seconds, backoff, payload_schema, enabled)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7)
+-- :name, :queue, :max_attempts, :timeout_seconds, :backoff (json text or NULL),
+-- :payload_schema (json text or NULL), :enabled
+INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff, payload_schema, enabled)
+VALUES (:name, :queue, :max_attempts, :timeout_seconds, :backoff::jsonb, :payload_schema::jsonb,
+        :enabled)
 ON CONFLICT (name) DO UPDATE SET
     queue = EXCLUDED.queue, max_attempts = EXCLUDED.max_attempts,
     timeout_seconds = EXCLUDED.timeout_seconds, backoff = EXCLUDED.backoff,
@@ -66,25 +100,26 @@ RETURNING name, queue, max_attempts, timeout_seconds, backoff::text, payload_sch
 -- name: types_lock
 -- Serialises the writers of the registry for the check against TASKQ_MAX_TASK_TYPES
 -- (until the transaction ends).
--- $1: advisory lock key (bigint)
-SELECT pg_advisory_xact_lock($1);
+-- :key advisory lock key (bigint)
+SELECT pg_advisory_xact_lock(:key);
 
 -- name: types_count_with
 -- How many task types the registry would hold with these names in it.
--- $1: names text[]
-SELECT (SELECT count(*) FROM task_type)
-     + (SELECT count(DISTINCT n.name) FROM unnest($1::text[]) AS n(name)
-        WHERE NOT EXISTS (SELECT 1 FROM task_type t WHERE t.name = n.name)) AS total;
+-- :names text[]
+SELECT (SELECT count(*) FROM taskq.task_type)
+     + (SELECT count(DISTINCT n.name) FROM unnest(:names::text[]) AS n(name)
+        WHERE NOT EXISTS (SELECT 1 FROM taskq.task_type t WHERE t.name = n.name)) AS total;
 
 -- name: types_register
 -- Workers register the types they handle at start: a new type is created from
 -- the handler's options; an existing one takes the handler's options but keeps
 -- what only admins set (payload_schema, enabled).
--- $1: names text[], $2: queues text[], $3: max_attempts int[], $4: timeouts float8[],
--- $5: backoffs text[] (json or NULL)
-INSERT INTO task_type AS t (name, queue, max_attempts, timeout_seconds, backoff)
+-- :names text[], :queues text[], :max_attempts int[], :timeouts float8[],
+-- :backoffs text[] (json or NULL)
+INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff)
 SELECT r.name, r.queue, r.max_attempts, r.timeout_seconds, r.backoff::jsonb
-FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::text[])
+FROM unnest(:names::text[], :queues::text[], :max_attempts::int[], :timeouts::float8[],
+            :backoffs::text[])
     AS r(name, queue, max_attempts, timeout_seconds, backoff)
 ON CONFLICT (name) DO UPDATE SET
     queue = EXCLUDED.queue, max_attempts = EXCLUDED.max_attempts,
@@ -100,22 +135,23 @@ WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff)
 -- type is unknown or disabled are skipped too. `delay` is the time until run_at
 -- measured on the database's clock, which is what the publish into the delay
 -- levels needs.
--- $1: ids uuid[], $2: types text[], $3: queues text[] (NULL: the type's),
--- $4: payloads text[] (json), $5: max_attempts int[] (NULL: the type's),
--- $6: idempotency keys text[], $7: request fingerprints text[],
--- $8: timeouts float8[] (NULL: the type's), $9: run_at timestamptz[] (NULL: now + delay),
--- $10: delays float8[] (NULL: 0)
-INSERT INTO tasks (id, type, queue, payload, max_attempts, idempotency_key,
+-- :ids uuid[], :types text[], :queues text[] (NULL: the type's),
+-- :payloads text[] (json), :max_attempts int[] (NULL: the type's),
+-- :idempotency_keys text[], :request_fingerprints text[],
+-- :timeouts float8[] (NULL: the type's), :run_at timestamptz[] (NULL: now + delay),
+-- :delays float8[] (NULL: 0)
+INSERT INTO taskq.tasks (id, type, queue, payload, max_attempts, idempotency_key,
                    request_fingerprint, timeout_seconds, run_at)
 SELECT r.id, r.type, coalesce(r.queue, t.queue), r.payload::jsonb,
        coalesce(r.max_attempts, t.max_attempts), r.idempotency_key, r.fingerprint,
        coalesce(r.timeout_seconds, t.timeout_seconds),
        coalesce(r.run_at, now() + make_interval(secs => coalesce(r.delay, 0)))
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
-            $7::text[], $8::float8[], $9::timestamptz[], $10::float8[])
+FROM unnest(:ids::uuid[], :types::text[], :queues::text[], :payloads::text[],
+            :max_attempts::int[], :idempotency_keys::text[], :request_fingerprints::text[],
+            :timeouts::float8[], :run_at::timestamptz[], :delays::float8[])
     WITH ORDINALITY AS r(id, type, queue, payload, max_attempts, idempotency_key,
                          fingerprint, timeout_seconds, run_at, delay, n)
-JOIN task_type t ON t.name = r.type AND t.enabled
+JOIN taskq.task_type t ON t.name = r.type AND t.enabled
 ORDER BY r.n
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, generation,
@@ -124,12 +160,12 @@ RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, g
 -- name: enqueue_existing
 -- The tasks that already hold some idempotency keys, with the answer their
 -- enqueue gave (status ENQUEUED, attempts 0 and the original run_at).
--- $1: idempotency keys text[]
+-- :idempotency_keys text[]
 SELECT t.id, t.type, t.queue, 'ENQUEUED' AS status, 0 AS attempts, t.max_attempts,
-       coalesce((SELECT e.run_at FROM task_events e WHERE e.task_id = t.id ORDER BY e.id LIMIT 1),
+       coalesce((SELECT e.run_at FROM taskq.task_events e WHERE e.task_id = t.id ORDER BY e.id LIMIT 1),
                 t.run_at) AS run_at,
        t.created_at, t.idempotency_key, t.request_fingerprint
-FROM tasks t WHERE t.idempotency_key = ANY($1::text[]);
+FROM taskq.tasks t WHERE t.idempotency_key = ANY(:idempotency_keys::text[]);
 
 -- name: enqueue_notify
 -- Wakes the relay when the enclosing transaction commits (notifications are
@@ -137,8 +173,8 @@ FROM tasks t WHERE t.idempotency_key = ANY($1::text[]);
 -- transaction gets published without waiting for the relay's next pass.
 -- Outside a transaction it wakes the relay at once (an outbox that fell
 -- behind hands its oldest rows over this way).
--- $1: channel, $2: payload (comma-separated task ids)
-SELECT pg_notify($1, $2);
+-- :channel, :payload (comma-separated task ids)
+SELECT pg_notify(:channel, :payload);
 
 -- name: mark_published
 -- Records confirmed publishes. The generation guard makes a late marker of an
@@ -151,24 +187,24 @@ SELECT pg_notify($1, $2);
 -- Each id is looked up through the primary key (the LATERAL, in id order, as
 -- `claim` locks): joined as a whole, the planner may hash the table instead,
 -- and re-check that whole join for every row a concurrent claim changed.
--- $1: ids uuid[], $2: generations bigint[]
+-- :ids uuid[], :generations bigint[]
 WITH owed AS (
     SELECT t.id
-    FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[])
+    FROM (SELECT * FROM unnest(:ids::uuid[], :generations::bigint[])
                        AS r(id, generation) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT t.id FROM tasks t
+        SELECT t.id FROM taskq.tasks t
         WHERE t.id = r.id AND t.published_at IS NULL AND t.generation = r.generation
         FOR UPDATE SKIP LOCKED
     ) t
 )
-UPDATE tasks SET published_at = now()
+UPDATE taskq.tasks SET published_at = now()
 WHERE id = ANY(ARRAY(SELECT id FROM owed));
 
 -- ---------------------------------------------------------------- reading
 
 -- name: task_get
--- $1: id
+-- :id
 SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
        result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
@@ -178,19 +214,19 @@ SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempoten
             THEN publish_error END AS publish_error,
        CASE WHEN published_at IS NULL AND set_aside_generation = generation
             THEN publish_retry_at END AS publish_retry_at
-FROM tasks WHERE id = $1;
+FROM taskq.tasks WHERE id = :id;
 
 -- name: task_events
--- $1: task id
+-- :task_id
 SELECT id, status, previous_status, attempt, error, worker_id, run_at, at, action, actor, reason
-FROM task_events WHERE task_id = $1 ORDER BY id;
+FROM taskq.task_events WHERE task_id = :task_id ORDER BY id;
 
 -- name: unpublished_count
 -- Owed publishes: those due (tasks_publish_due) and those set aside (tasks_publish_set_aside).
-SELECT (SELECT count(*) FROM tasks
+SELECT (SELECT count(*) FROM taskq.tasks
         WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
           AND set_aside_generation IS DISTINCT FROM generation)
-     + (SELECT count(*) FROM tasks
+     + (SELECT count(*) FROM taskq.tasks
         WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
           AND set_aside_generation = generation);
 
@@ -199,20 +235,22 @@ SELECT (SELECT count(*) FROM tasks
 -- name: session_lock
 -- One relay and one sweeper are active across the fleet: the holders of these
 -- session locks (each has its own key), held as long as their connection lives.
--- $1: advisory lock key (bigint)
-SELECT pg_try_advisory_lock($1);
+-- :key advisory lock key (bigint)
+SELECT pg_try_advisory_lock(:key);
 
 -- name: session_limits
 -- Bounds a lock session on the server's side (see taskq.leader): the server
 -- ends it once it is idle that long (only a frozen leader is) or its peer stops
 -- answering. Settings this server does not know (idle_session_timeout before
 -- Postgres 14) are skipped; the rows returned name those that were set.
--- $1: idle_session_timeout (ms), $2: tcp_keepalives_idle (s),
--- $3: tcp_keepalives_interval (s), $4: tcp_keepalives_count, $5: tcp_user_timeout (ms)
+-- :idle_session_timeout (ms), :tcp_keepalives_idle (s),
+-- :tcp_keepalives_interval (s), :tcp_keepalives_count, :tcp_user_timeout (ms)
 SELECT s.name, set_config(s.name, v.value, false) AS value
-FROM (VALUES ('idle_session_timeout', $1::text), ('tcp_keepalives_idle', $2::text),
-             ('tcp_keepalives_interval', $3::text), ('tcp_keepalives_count', $4::text),
-             ('tcp_user_timeout', $5::text)) AS v(name, value)
+FROM (VALUES ('idle_session_timeout', :idle_session_timeout::text),
+             ('tcp_keepalives_idle', :tcp_keepalives_idle::text),
+             ('tcp_keepalives_interval', :tcp_keepalives_interval::text),
+             ('tcp_keepalives_count', :tcp_keepalives_count::text),
+             ('tcp_user_timeout', :tcp_user_timeout::text)) AS v(name, value)
 JOIN pg_settings s ON s.name = v.name;
 
 -- name: publish_owed
@@ -220,67 +258,69 @@ JOIN pg_settings s ON s.name = v.name;
 -- than the grace period), oldest first. FAILED rows are owed to the DLQ.
 -- Rows the relay set aside (see set_aside) are not among them: the index
 -- tasks_publish_due holds none, so any number of them costs this nothing.
--- $1: grace seconds, $2: limit
+-- :grace_seconds, :limit
 SELECT id, type, queue, status, attempts, last_error, generation,
        greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
-FROM tasks
+FROM taskq.tasks
 WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
   AND set_aside_generation IS DISTINCT FROM generation
-  AND updated_at < now() - make_interval(secs => $1)
+  AND updated_at < now() - make_interval(secs => :grace_seconds)
 ORDER BY updated_at
-LIMIT $2;
+LIMIT :limit;
 
 -- name: set_aside
 -- Sets owed publishes aside that failed for the row alone (no route to its
 -- queue, a delay beyond the levels, ...), with the reason. Keyed by the
 -- generation: a newer owed publish (any statement that bumps the generation) is
 -- not set aside. Retried after as long as the publish has been owed (updated_at
--- is when it became owed), within $4 and $5 seconds. A row another transaction
--- has locked is skipped (it is changing anyway); rows are locked in id order.
+-- is when it became owed), within :retry_min and :retry_max seconds. A row
+-- another transaction has locked is skipped (it is changing anyway); rows are
+-- locked in id order.
 -- Returns each row set aside, and whether it was not set aside before.
--- $1: ids uuid[], $2: generations bigint[], $3: reasons text[],
--- $4: least seconds until the retry, $5: most seconds until the retry
+-- :ids uuid[], :generations bigint[], :reasons text[],
+-- :retry_min least seconds until the retry,
+-- :retry_max most seconds until the retry
 WITH aside AS (
     SELECT t.id, t.before, r.reason
-    FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[])
+    FROM (SELECT * FROM unnest(:ids::uuid[], :generations::bigint[], :reasons::text[])
                        AS r(id, generation, reason) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT t.id, t.set_aside_generation AS before FROM tasks t
+        SELECT t.id, t.set_aside_generation AS before FROM taskq.tasks t
         WHERE t.id = r.id AND t.published_at IS NULL AND t.generation = r.generation
           AND t.status IN ('ENQUEUED', 'FAILED')
         FOR UPDATE SKIP LOCKED
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     set_aside_generation = t.generation, publish_error = a.reason,
-    publish_retry_at = now() + make_interval(secs => least($5::float8, greatest($4::float8,
-        extract(epoch FROM now() - t.updated_at)::float8)))
+    publish_retry_at = now() + make_interval(secs => least(:retry_max::float8,
+        greatest(:retry_min::float8, extract(epoch FROM now() - t.updated_at)::float8)))
 FROM aside a
 WHERE t.id = a.id AND t.id = ANY(ARRAY(SELECT id FROM aside))
 RETURNING t.id, t.queue, a.before IS DISTINCT FROM t.generation AS newly;
 
 -- name: publish_set_aside_due
 -- Set-aside publishes whose retry is due, the earliest first.
--- $1: limit
+-- :limit
 SELECT id, type, queue, status, attempts, last_error, generation,
        greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
-FROM tasks
+FROM taskq.tasks
 WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
   AND set_aside_generation = generation AND publish_retry_at <= now()
 ORDER BY publish_retry_at
-LIMIT $1;
+LIMIT :limit;
 
 -- name: publish_owed_ids
 -- The owed publishes among some ids (woken by a notification). Every lookup
 -- by a list of ids joins the list to the primary key: written as
--- `id = ANY($1)` the planner may rather scan a partial index that matches the
+-- `id = ANY(:ids)` the planner may rather scan a partial index that matches the
 -- other conditions (here tasks_publish_owed, every owed row, thousands in a
 -- backlog) and test each row against the whole list.
--- $1: ids uuid[]
+-- :ids uuid[]
 SELECT t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
        greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay
-FROM unnest($1::uuid[]) AS i(id)
-JOIN tasks t ON t.id = i.id
+FROM unnest(:ids::uuid[]) AS i(id)
+JOIN taskq.tasks t ON t.id = i.id
 WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED')
   AND t.set_aside_generation IS DISTINCT FROM t.generation;
 
@@ -289,8 +329,8 @@ WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED')
 -- ENQUEUED, due now, or FAILED if no attempt is left. Either way a publish is owed;
 -- the rows returned have what taskq.relay.publish_row needs to pay it at once.
 -- A task whose cancel was requested is CANCELLED instead (nothing owed).
--- $1: limit
-UPDATE tasks t SET
+-- :limit
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'CANCELLED'
                   WHEN t.attempts >= t.max_attempts THEN 'FAILED' ELSE 'ENQUEUED' END,
     last_error = 'lease expired: worker ' || t.worker_id || ' stopped heartbeating',
@@ -298,34 +338,34 @@ UPDATE tasks t SET
                        THEN now() END,
     run_at = now(), lease_expires_at = NULL, worker_id = NULL, claim_token = NULL,
     published_at = NULL, generation = t.generation + 1, updated_at = now()
-WHERE t.id IN (SELECT id FROM tasks WHERE status = 'RUNNING' AND lease_expires_at < now()
-               ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+WHERE t.id IN (SELECT id FROM taskq.tasks WHERE status = 'RUNNING' AND lease_expires_at < now()
+               ORDER BY lease_expires_at LIMIT :limit FOR UPDATE SKIP LOCKED)
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
           0::float8 AS delay;
 
 -- name: overdue_enqueued
 -- ENQUEUED tasks of one queue, published long ago and due for a while: when
 -- their work queue holds no ready message, the broker has lost them.
--- $1: queue, $2: seconds overdue, $3: limit
-SELECT id FROM tasks
-WHERE status = 'ENQUEUED' AND queue = $1 AND published_at IS NOT NULL
-  AND run_at < now() - make_interval(secs => $2)
-  AND published_at < now() - make_interval(secs => $2)
-ORDER BY run_at LIMIT $3;
+-- :queue, :seconds_overdue, :limit
+SELECT id FROM taskq.tasks
+WHERE status = 'ENQUEUED' AND queue = :queue AND published_at IS NOT NULL
+  AND run_at < now() - make_interval(secs => :seconds_overdue)
+  AND published_at < now() - make_interval(secs => :seconds_overdue)
+ORDER BY run_at LIMIT :limit;
 
 -- name: republish
 -- Marks publishes owed again so that the relay sends them. Rows are locked in
 -- id order, as `claim` locks them, so the two cannot deadlock.
--- $1: ids uuid[]
+-- :ids uuid[]
 WITH owed AS (
     SELECT t.id
-    FROM (SELECT id FROM unnest($1::uuid[]) AS id ORDER BY id) i
+    FROM (SELECT id FROM unnest(:ids::uuid[]) AS id ORDER BY id) i
     CROSS JOIN LATERAL (
-        SELECT t.id FROM tasks t WHERE t.id = i.id AND t.status = 'ENQUEUED'
+        SELECT t.id FROM taskq.tasks t WHERE t.id = i.id AND t.status = 'ENQUEUED'
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET published_at = NULL, generation = t.generation + 1,
+UPDATE taskq.tasks t SET published_at = NULL, generation = t.generation + 1,
                    updated_at = now() - interval '1 hour'
 FROM owed
 WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
@@ -347,9 +387,9 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 -- until run_at, for `early`); payload (json text), timeout_seconds, created_at
 -- and claim_token for `claimed`; last_error for `exhausted` (the DLQ reason).
 -- Every claim sets a fresh claim_token: heartbeats and outcomes must name it.
--- $1: ids uuid[], $2: worker id, $3: lease seconds
+-- :ids uuid[], :worker_id, :lease_seconds
 WITH input AS (
-    SELECT DISTINCT id FROM unnest($1::uuid[]) AS id
+    SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id
 ), locked AS (
     -- One primary-key lookup per id, locked in id order (see mark_published).
     SELECT t.*
@@ -357,7 +397,7 @@ WITH input AS (
     CROSS JOIN LATERAL (
         SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts,
                t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at
-        FROM tasks t WHERE t.id = i.id
+        FROM taskq.tasks t WHERE t.id = i.id
         FOR UPDATE
     ) t
 ), decided AS (
@@ -373,9 +413,10 @@ WITH input AS (
            END AS decision
     FROM locked l
 ), claimed AS (
-    UPDATE tasks t SET
-        status = 'RUNNING', attempts = t.attempts + 1, worker_id = $2,
-        claim_token = gen_random_uuid(), lease_expires_at = now() + make_interval(secs => $3),
+    UPDATE taskq.tasks t SET
+        status = 'RUNNING', attempts = t.attempts + 1, worker_id = :worker_id,
+        claim_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => :lease_seconds),
         started_at = now(), updated_at = now(),
         published_at = coalesce(t.published_at, now()),
         last_error = CASE WHEN t.status = 'RUNNING'
@@ -387,7 +428,7 @@ WITH input AS (
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
               t.timeout_seconds, t.run_at, t.created_at, t.claim_token
 ), exhausted AS (
-    UPDATE tasks t SET
+    UPDATE taskq.tasks t SET
         status = 'FAILED', finished_at = now(), updated_at = now(), lease_expires_at = NULL,
         claim_token = NULL, last_error = coalesce(t.last_error, 'no attempt left'),
         published_at = NULL, generation = t.generation + 1
@@ -413,34 +454,35 @@ LEFT JOIN exhausted x ON x.id = i.id;
 -- saying whether an operator asked to cancel the task. Rows are locked in id
 -- order, as `claim` locks them (another worker may be claiming a duplicate
 -- delivery of one).
--- $1: ids uuid[], $2: worker id, $3: lease seconds, $4: hostname, $5: pid,
--- $6: queues text[], $7: concurrency, $8: prefetch, $9: heartbeat seconds,
--- $10: claim tokens uuid[] (one per id)
+-- :ids uuid[], :worker_id, :lease_seconds, :hostname, :pid,
+-- :queues text[], :concurrency, :prefetch, :heartbeat_seconds,
+-- :claim_tokens uuid[] (one per id)
 WITH presence AS (
-    INSERT INTO workers AS w (id, hostname, pid, queues, concurrency, prefetch, in_flight,
+    INSERT INTO taskq.workers AS w (id, hostname, pid, queues, concurrency, prefetch, in_flight,
                               heartbeat_seconds)
-    VALUES ($2, $4, $5, $6, $7, $8, cardinality($1::uuid[]), $9)
+    VALUES (:worker_id, :hostname, :pid, :queues, :concurrency, :prefetch,
+            cardinality(:ids::uuid[]), :heartbeat_seconds)
     ON CONFLICT (id) DO UPDATE SET
         in_flight = EXCLUDED.in_flight, heartbeat_seconds = EXCLUDED.heartbeat_seconds,
         last_heartbeat = now()
 ), held AS (
     SELECT t.id
-    FROM (SELECT * FROM unnest($1::uuid[], $10::uuid[]) AS r(id, token) ORDER BY id) i
+    FROM (SELECT * FROM unnest(:ids::uuid[], :claim_tokens::uuid[]) AS r(id, token) ORDER BY id) i
     CROSS JOIN LATERAL (
-        SELECT t.id FROM tasks t
+        SELECT t.id FROM taskq.tasks t
         WHERE t.id = i.id AND t.status = 'RUNNING' AND t.claim_token = i.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3)
+UPDATE taskq.tasks t SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
 FROM held
 WHERE t.id = held.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.claim_token, t.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: worker_gone
 -- A worker stopping cleanly leaves the registry.
--- $1: worker id
-DELETE FROM workers WHERE id = $1;
+-- :worker_id
+DELETE FROM taskq.workers WHERE id = :worker_id;
 
 -- Outcomes are guarded by the claim's token: an outcome of a claim that was
 -- taken over (its lease expired; the sweeper, another worker or an operator's
@@ -451,20 +493,20 @@ DELETE FROM workers WHERE id = $1;
 
 -- name: complete
 -- Records successes.
--- $1: ids uuid[], $2: claim tokens uuid[], $3: results text[] (json)
+-- :ids uuid[], :claim_tokens uuid[], :results text[] (json)
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
     -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[])
+    FROM (SELECT * FROM unnest(:ids::uuid[], :claim_tokens::uuid[], :results::text[])
                        AS r(id, token, result) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'SUCCEEDED' ELSE 'CANCELLED' END,
     last_error = CASE WHEN t.cancel_requested_at IS NULL THEN t.last_error
                       ELSE 'Cancelled: the handler returned after a cancel was requested' END,
@@ -477,20 +519,21 @@ RETURNING t.id, t.status;
 -- name: retry
 -- Records retryable failures: back to ENQUEUED, due after the backoff, publish owed.
 -- Returns the rows recorded as the publish each owes (taskq.model.COLUMNS["owed"]).
--- $1: ids uuid[], $2: claim tokens uuid[], $3: errors text[], $4: delays float8[]
+-- :ids uuid[], :claim_tokens uuid[], :errors text[], :delays float8[]
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
     -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::float8[])
+    FROM (SELECT * FROM unnest(:ids::uuid[], :claim_tokens::uuid[], :errors::text[],
+                               :delays::float8[])
                        AS r(id, token, error, delay) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'ENQUEUED' ELSE 'CANCELLED' END,
     finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
     run_at = CASE WHEN t.cancel_requested_at IS NULL THEN now() + make_interval(secs => r.delay)
@@ -505,20 +548,20 @@ RETURNING t.id, t.type, t.queue, t.status, t.attempts, NULL::text AS last_error,
 -- name: fail
 -- Records terminal failures: FAILED, owed to the DLQ.
 -- Returns the rows recorded as the publish each owes (taskq.model.COLUMNS["owed"]).
--- $1: ids uuid[], $2: claim tokens uuid[], $3: errors text[]
+-- :ids uuid[], :claim_tokens uuid[], :errors text[]
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
     -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[])
+    FROM (SELECT * FROM unnest(:ids::uuid[], :claim_tokens::uuid[], :errors::text[])
                        AS r(id, token, error) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'FAILED' ELSE 'CANCELLED' END,
     last_error = r.error, finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
     published_at = NULL, generation = t.generation + 1, updated_at = now()
@@ -531,20 +574,20 @@ RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generatio
 -- A worker shutting down gives back tasks it could not finish: ENQUEUED, due
 -- now, and the attempt does not count.
 -- Returns the rows recorded as the publish each owes (taskq.model.COLUMNS["owed"]).
--- $1: ids uuid[], $2: claim tokens uuid[]
+-- :ids uuid[], :claim_tokens uuid[]
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
     -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[])
+    FROM (SELECT * FROM unnest(:ids::uuid[], :claim_tokens::uuid[])
                        AS r(id, token) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'ENQUEUED' ELSE 'CANCELLED' END,
     finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
     attempts = t.attempts - 1,
@@ -559,20 +602,20 @@ RETURNING t.id, t.type, t.queue, t.status, t.attempts, NULL::text AS last_error,
 -- name: cancel_running
 -- Records attempts the worker stopped because a cancel was requested: CANCELLED.
 -- Returns the rows recorded as the publish each owes (taskq.model.COLUMNS["owed"]).
--- $1: ids uuid[], $2: claim tokens uuid[]
+-- :ids uuid[], :claim_tokens uuid[]
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
     -- key and locked in id order (see mark_published).
     SELECT r.*
-    FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[])
+    FROM (SELECT * FROM unnest(:ids::uuid[], :claim_tokens::uuid[])
                        AS r(id, token) ORDER BY id) r
     CROSS JOIN LATERAL (
-        SELECT FROM tasks t
+        SELECT FROM taskq.tasks t
         WHERE t.id = r.id AND t.status = 'RUNNING' AND t.claim_token = r.token
         FOR UPDATE
     ) t
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = 'CANCELLED', finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
     updated_at = now(), last_error = 'Cancelled: the handler was stopped after a cancel was requested'
 FROM held r
@@ -588,63 +631,65 @@ SELECT 1;
 
 -- name: admin_context
 -- Who does what and why, for the event triggers; local to the transaction.
--- $1: action, $2: actor, $3: reason (NULL: none)
-SELECT set_config('taskq.action', $1, true), set_config('taskq.actor', $2, true),
-       set_config('taskq.reason', coalesce($3, ''), true);
+-- :action, :actor, :reason (NULL: none)
+SELECT set_config('taskq.action', :action, true), set_config('taskq.actor', :actor, true),
+       set_config('taskq.reason', coalesce(:reason, ''), true);
 
 -- name: tasks_list
 -- Newest first, keyset-paginated on (created_at, id). NULL filters match all.
 -- Payloads and results are read only when asked for (each can be a MiB).
--- $1: statuses text[], $2: type, $3: queue, $4: created after, $5: created before,
--- $6: scheduled (bool), $7: cursor created_at, $8: cursor id, $9: limit,
--- $10: with payloads (bool), $11: with results (bool)
-SELECT id, type, queue, CASE WHEN $10::boolean THEN payload::text END AS payload, status,
+-- :statuses text[], :type, :queue, :created_after, :created_before,
+-- :scheduled (bool), :cursor_created_at, :cursor_id, :limit,
+-- :with_payloads (bool), :with_results (bool)
+SELECT id, type, queue, CASE WHEN :with_payloads::boolean THEN payload::text END AS payload, status,
        attempts, max_attempts, idempotency_key,
-       CASE WHEN $11::boolean THEN result::text END AS result,
+       CASE WHEN :with_results::boolean THEN result::text END AS result,
        last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
        replays, status = 'ENQUEUED' AND run_at > now() AS scheduled
-FROM tasks
-WHERE ($1::text[] IS NULL OR status = ANY($1::text[]))
-  AND ($2::text IS NULL OR type = $2)
-  AND ($3::text IS NULL OR queue = $3)
-  AND ($4::timestamptz IS NULL OR created_at > $4)
-  AND ($5::timestamptz IS NULL OR created_at < $5)
-  AND ($6::boolean IS NULL OR (status = 'ENQUEUED' AND run_at > now()) = $6)
-  AND ($7::timestamptz IS NULL OR (created_at, id) < ($7, $8::uuid))
+FROM taskq.tasks
+WHERE (:statuses::text[] IS NULL OR status = ANY(:statuses::text[]))
+  AND (:type::text IS NULL OR type = :type)
+  AND (:queue::text IS NULL OR queue = :queue)
+  AND (:created_after::timestamptz IS NULL OR created_at > :created_after)
+  AND (:created_before::timestamptz IS NULL OR created_at < :created_before)
+  AND (:scheduled::boolean IS NULL OR (status = 'ENQUEUED' AND run_at > now()) = :scheduled)
+  AND (:cursor_created_at::timestamptz IS NULL
+       OR (created_at, id) < (:cursor_created_at, :cursor_id::uuid))
 ORDER BY created_at DESC, id DESC
-LIMIT $9;
+LIMIT :limit;
 
 -- name: dlq_list
 -- FAILED tasks, newest finished first, keyset-paginated on (finished_at, id).
--- $1: type, $2: queue, $3: cursor finished_at, $4: cursor id, $5: limit,
--- $6: with payloads (bool), $7: with results (bool)
-SELECT id, type, queue, CASE WHEN $6::boolean THEN payload::text END AS payload, status,
+-- :type, :queue, :cursor_finished_at, :cursor_id, :limit,
+-- :with_payloads (bool), :with_results (bool)
+SELECT id, type, queue, CASE WHEN :with_payloads::boolean THEN payload::text END AS payload, status,
        attempts, max_attempts, idempotency_key,
-       CASE WHEN $7::boolean THEN result::text END AS result,
+       CASE WHEN :with_results::boolean THEN result::text END AS result,
        last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
        replays, false AS scheduled
-FROM tasks
+FROM taskq.tasks
 WHERE status = 'FAILED'
-  AND ($1::text IS NULL OR type = $1)
-  AND ($2::text IS NULL OR queue = $2)
-  AND ($3::timestamptz IS NULL OR (finished_at, id) < ($3, $4::uuid))
+  AND (:type::text IS NULL OR type = :type)
+  AND (:queue::text IS NULL OR queue = :queue)
+  AND (:cursor_finished_at::timestamptz IS NULL
+       OR (finished_at, id) < (:cursor_finished_at, :cursor_id::uuid))
 ORDER BY finished_at DESC, id DESC
-LIMIT $5;
+LIMIT :limit;
 
 -- name: cancel
 -- ENQUEUED (scheduled or not) becomes CANCELLED at once: its envelope, wherever
 -- it is, is dropped by the claim. RUNNING gets a cancel request, which the
 -- worker learns from its heartbeat. Anything else is left alone (no row back).
--- $1: id
-UPDATE tasks t SET
+-- :id
+UPDATE taskq.tasks t SET
     status = CASE WHEN t.status = 'ENQUEUED' THEN 'CANCELLED' ELSE t.status END,
     finished_at = CASE WHEN t.status = 'ENQUEUED' THEN now() ELSE t.finished_at END,
     cancel_requested_at = CASE WHEN t.status = 'RUNNING'
                                THEN coalesce(t.cancel_requested_at, now()) END,
     updated_at = now()
-WHERE t.id = $1 AND t.status IN ('ENQUEUED', 'RUNNING')
+WHERE t.id = :id AND t.status IN ('ENQUEUED', 'RUNNING')
 RETURNING t.id, t.status;
 
 -- name: requeue
@@ -656,17 +701,17 @@ RETURNING t.id, t.status;
 -- row is locked (OFFSET 0 keeps the test out of the lookup): inside it, the
 -- planner may read the partial index of failures, whose id is its last column,
 -- along all entries of a status for every id.
--- $1: ids uuid[], $2: statuses allowed text[]
+-- :ids uuid[], :statuses_allowed text[]
 WITH held AS (
     SELECT t.id
-    FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS id ORDER BY id) i
+    FROM (SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id ORDER BY id) i
     CROSS JOIN LATERAL (
-        SELECT t.id, t.status FROM tasks t WHERE t.id = i.id
+        SELECT t.id, t.status FROM taskq.tasks t WHERE t.id = i.id
         OFFSET 0 FOR UPDATE
     ) t
-    WHERE t.status = ANY($2::text[])
+    WHERE t.status = ANY(:statuses_allowed::text[])
 )
-UPDATE tasks t SET
+UPDATE taskq.tasks t SET
     status = 'ENQUEUED', attempts = 0, run_at = now(), result = NULL, finished_at = NULL,
     lease_expires_at = NULL, worker_id = NULL, cancel_requested_at = NULL,
     published_at = NULL, generation = t.generation + 1, replays = t.replays + 1,
@@ -677,49 +722,50 @@ RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generatio
 
 -- name: dlq_pick
 -- FAILED tasks to replay, oldest failure first; ids NULL: any.
--- $1: type, $2: queue, $3: ids uuid[], $4: limit
-SELECT id FROM tasks
+-- :type, :queue, :ids uuid[], :limit
+SELECT id FROM taskq.tasks
 WHERE status = 'FAILED'
-  AND ($1::text IS NULL OR type = $1)
-  AND ($2::text IS NULL OR queue = $2)
-  AND ($3::uuid[] IS NULL OR id = ANY($3::uuid[]))
+  AND (:type::text IS NULL OR type = :type)
+  AND (:queue::text IS NULL OR queue = :queue)
+  AND (:ids::uuid[] IS NULL OR id = ANY(:ids::uuid[]))
 ORDER BY finished_at, id
-LIMIT $4;
+LIMIT :limit;
 
 -- name: queue_cancel_enqueued
--- A queue purge's first step: cancels up to $2 ENQUEUED tasks (scheduled ones
--- too) of one queue whose id is above $3, locked in id order as claims lock
+-- A queue purge's first step: cancels up to :limit ENQUEUED tasks (scheduled
+-- ones too) of one queue whose id is above :after_id, locked in id order as claims lock
 -- them, so the two cannot deadlock. Called again with the last id returned
 -- until none is left. Returns the ids cancelled.
--- $1: queue, $2: limit, $3: ids above this one only (NULL: from the start)
+-- :queue, :limit, :after_id ids above this one only (NULL: from the start)
 WITH doomed AS (
-    SELECT id FROM tasks
-    WHERE queue = $1 AND status = 'ENQUEUED' AND ($3::uuid IS NULL OR id > $3::uuid)
+    SELECT id FROM taskq.tasks
+    WHERE queue = :queue AND status = 'ENQUEUED'
+      AND (:after_id::uuid IS NULL OR id > :after_id::uuid)
     ORDER BY id
-    LIMIT $2
+    LIMIT :limit
     FOR UPDATE
 )
-UPDATE tasks t SET status = 'CANCELLED', finished_at = now(), updated_at = now()
+UPDATE taskq.tasks t SET status = 'CANCELLED', finished_at = now(), updated_at = now()
 FROM doomed d
 WHERE t.id = d.id AND t.id = ANY(ARRAY(SELECT id FROM doomed))
 RETURNING t.id;
 
 -- name: purge_begin
 -- Records a broker purge about to start (see purge_end).
--- $1: queue
-INSERT INTO queue_purges (queue) VALUES ($1) RETURNING id;
+-- :queue
+INSERT INTO taskq.queue_purges (queue) VALUES (:queue) RETURNING id;
 
 -- name: purge_end
 -- The purge's dropped publishes are owed again: it is done.
--- $1: purge id
-DELETE FROM queue_purges WHERE id = $1;
+-- :purge_id
+DELETE FROM taskq.queue_purges WHERE id = :purge_id;
 
 -- name: purges_unfinished
--- Purges begun more than $1 seconds ago and never ended: their process or the
--- database failed in between; the sweeper ends them.
--- $1: seconds
-SELECT id, queue FROM queue_purges
-WHERE started_at < now() - make_interval(secs => $1)
+-- Purges begun more than :seconds seconds ago and never ended: their process or
+-- the database failed in between; the sweeper ends them.
+-- :seconds
+SELECT id, queue FROM taskq.queue_purges
+WHERE started_at < now() - make_interval(secs => :seconds)
 ORDER BY id;
 
 -- name: republish_queue
@@ -728,14 +774,14 @@ ORDER BY id;
 -- purge cancelled the others), so their publishes are owed again, for the
 -- relay to pay at once (see republish). Some had not lost it: a duplicate,
 -- which the claim drops. Rows are locked in id order, as claims lock them.
--- $1: queue
+-- :queue
 WITH owed AS (
-    SELECT id FROM tasks
-    WHERE queue = $1 AND status = 'ENQUEUED' AND run_at <= now()
+    SELECT id FROM taskq.tasks
+    WHERE queue = :queue AND status = 'ENQUEUED' AND run_at <= now()
     ORDER BY id
     FOR UPDATE
 )
-UPDATE tasks t SET published_at = NULL, generation = t.generation + 1,
+UPDATE taskq.tasks t SET published_at = NULL, generation = t.generation + 1,
                    updated_at = now() - interval '1 hour'
 FROM owed
 WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
@@ -745,24 +791,26 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 -- the grouping column left NULL says which set a row belongs to.
 SELECT queue, type, status, count(*) AS n,
        GROUPING(queue) AS no_queue, GROUPING(type) AS no_type
-FROM tasks
+FROM taskq.tasks
 GROUP BY GROUPING SETS ((status), (queue, status), (type, status));
 
 -- name: stats_scheduled
-SELECT count(*) FROM tasks WHERE status = 'ENQUEUED' AND run_at > now();
+SELECT count(*) FROM taskq.tasks WHERE status = 'ENQUEUED' AND run_at > now();
 
 -- name: stats_window
--- Over the last $1 seconds: tasks created, finished by status, and percentiles
--- of queue wait (due to start) and duration (start to finish) of finished attempts.
--- $1: window seconds
+-- Over the last :window_seconds seconds: tasks created, finished by status, and
+-- percentiles of queue wait (due to start) and duration (start to finish) of
+-- finished attempts.
+-- :window_seconds
 WITH finished AS (
     SELECT status, started_at, finished_at, run_at
-    FROM tasks
+    FROM taskq.tasks
     WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
-      AND finished_at > now() - make_interval(secs => $1)
+      AND finished_at > now() - make_interval(secs => :window_seconds)
 )
 SELECT
-    (SELECT count(*) FROM tasks WHERE created_at > now() - make_interval(secs => $1)) AS enqueued,
+    (SELECT count(*) FROM taskq.tasks
+     WHERE created_at > now() - make_interval(secs => :window_seconds)) AS enqueued,
     count(*) FILTER (WHERE status = 'SUCCEEDED') AS succeeded,
     count(*) FILTER (WHERE status = 'FAILED') AS failed,
     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - run_at))
@@ -776,40 +824,41 @@ SELECT
 FROM finished;
 
 -- name: workers_list
--- $1: heartbeats a worker may miss before it is listed as not alive
+-- :heartbeats a worker may miss before it is listed as not alive
 SELECT id, hostname, pid, queues, concurrency, prefetch, in_flight, started_at, last_heartbeat,
-       last_heartbeat > now() - make_interval(secs => $1 * heartbeat_seconds) AS alive
-FROM workers ORDER BY started_at, id;
+       last_heartbeat > now() - make_interval(secs => :heartbeats * heartbeat_seconds) AS alive
+FROM taskq.workers ORDER BY started_at, id;
 
 -- name: workers_prune
--- Forgets workers silent for longer than $1 seconds (they died without a clean stop).
--- $1: seconds
-DELETE FROM workers WHERE last_heartbeat < now() - make_interval(secs => $1);
+-- Forgets workers silent for longer than :seconds seconds (they died without a
+-- clean stop).
+-- :seconds
+DELETE FROM taskq.workers WHERE last_heartbeat < now() - make_interval(secs => :seconds);
 
 -- name: events_last_id
-SELECT coalesce(max(id), 0) AS last_id FROM task_events;
+SELECT coalesce(max(id), 0) AS last_id FROM taskq.task_events;
 
 -- name: events_since
 -- Task events after an id, oldest first, for the live stream.
--- $1: after id, $2: limit
+-- :after_id, :limit
 SELECT e.id, e.task_id, t.type, t.queue, e.status, e.attempt, e.at
-FROM task_events e JOIN tasks t ON t.id = e.task_id
-WHERE e.id > $1
+FROM taskq.task_events e JOIN taskq.tasks t ON t.id = e.task_id
+WHERE e.id > :after_id
 ORDER BY e.id
-LIMIT $2;
+LIMIT :limit;
 
 -- name: retention_delete
--- Deletes terminal tasks finished more than $1 seconds ago, at most $2 of
+-- Deletes terminal tasks finished more than :seconds seconds ago, at most :limit of
 -- them, and their events. Returns how many tasks it deleted.
--- $1: seconds, $2: limit
+-- :seconds, :limit
 WITH gone AS (
-    DELETE FROM tasks
-    WHERE id IN (SELECT id FROM tasks
+    DELETE FROM taskq.tasks
+    WHERE id IN (SELECT id FROM taskq.tasks
                  WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
-                   AND finished_at < now() - make_interval(secs => $1)
-                 ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+                   AND finished_at < now() - make_interval(secs => :seconds)
+                 ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED)
     RETURNING id
 ), history AS (
-    DELETE FROM task_events e USING gone WHERE e.task_id = gone.id
+    DELETE FROM taskq.task_events e USING gone WHERE e.task_id = gone.id
 )
 SELECT count(*) FROM gone;

@@ -42,7 +42,7 @@ async def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    report = await migrate.migrate(settings.database_url)
+    report = await migrate.migrate(settings.database_url, schema=settings.db_schema)
     if report.created_database:
         _print("created the database")
     if report.applied:
@@ -175,7 +175,9 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
     from taskq.store import Store
 
-    store = await Store.connect(settings.database_url, min_size=1, max_size=1)
+    store = await Store.connect(
+        settings.database_url, min_size=1, max_size=1, schema=settings.db_schema
+    )
     try:
         types = await store.task_types()
     finally:

@@ -96,7 +96,9 @@ class Client:
         """Open a database pool and a broker link (which may come up later)."""
         # The client leaves no session state on its connections (no LISTEN, no session
         # settings or locks): the pool's reset query would be a round trip per batch.
-        store = await Store.connect(settings.database_url, session_reset=False)
+        store = await Store.connect(
+            settings.database_url, session_reset=False, schema=settings.db_schema
+        )
         link = Link(settings.amqp_url, name="taskq-client", heartbeat=settings.amqp_heartbeat)
         await link.start()
         with contextlib.suppress(TimeoutError):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -39,6 +40,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+import taskq.sql as sql
 from taskq import store
 from taskq.errors import LockLost, StoreError
 
@@ -61,6 +63,20 @@ LOCK_RECHECK_AFTER = 1.0
 
 _DOWN = store.DATABASE_DOWN
 _DATABASE_ERRORS = (StoreError, *_DOWN)
+
+
+def lock_key(key: int, schema: str) -> int:
+    """The advisory lock ``key`` of the install in ``schema``.
+
+    Advisory locks belong to the database, not to a schema: two installs in one
+    database (two ``TASKQ_DB_SCHEMA``) each need a relay and a sweeper of their
+    own. The default schema keeps ``key`` itself, which is what processes of
+    earlier versions take; another schema gets a key derived from both.
+    """
+    if schema == sql.DEFAULT_SCHEMA:
+        return key
+    digest = hashlib.sha256(f"{key}:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class SessionLock:

@@ -17,6 +17,14 @@ a few times, then fails saying so; ``taskq migrate`` can simply run again.
 Runs wait for each other's advisory lock by polling, not inside a statement: a
 waiting statement holds a snapshot, which ``CREATE INDEX CONCURRENTLY`` in the
 run holding the lock would wait for (a deadlock).
+
+taskq's objects live in one schema (``TASKQ_DB_SCHEMA``, see :mod:`taskq.sql`).
+The files before ``0007_own_schema`` name them unqualified, so every file runs
+with ``search_path`` set to the schema the objects are in: the configured one,
+or, for an install those files made before taskq had a schema of its own, the
+schema where the connection's own ``search_path`` finds ``taskq_migrations``
+(``public`` as a rule). ``0007_own_schema`` moves such an install's objects,
+``taskq_migrations`` with them, into the configured schema.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ from taskq._utils import quote_ident
 from taskq.errors import MigrationError, StoreError
 
 # pg_advisory_lock key for migrations: "taskq" in ASCII, an arbitrary constant.
+# One for every schema of the database: their runs wait for each other.
 LOCK_KEY = 0x7461736B71
+# The migration that moves an install made before it into its schema.
+MOVE_MIGRATION = "own_schema"
 # How long a statement may wait for a lock, how often a migration is tried, and
 # how long a run waits between tries and between polls of the advisory lock.
 LOCK_TIMEOUT = 5.0
@@ -90,6 +101,7 @@ async def ensure_database(url: str) -> bool:
 async def migrate(
     url: str,
     *,
+    schema: str = sql.DEFAULT_SCHEMA,
     lock_timeout: float = LOCK_TIMEOUT,
     lock_tries: int = LOCK_TRIES,
     retry_wait: float = RETRY_WAIT,
@@ -98,6 +110,8 @@ async def migrate(
 
     Args:
         url: the database.
+        schema: the schema of taskq's objects (created if missing; an install
+            made before taskq had a schema of its own is moved into it).
         lock_timeout: seconds a statement may wait for a lock.
         lock_tries: how often a migration that cannot get its locks is tried.
         retry_wait: seconds before the second try, doubling for each further one.
@@ -106,9 +120,11 @@ async def migrate(
         MigrationError: if a migration fails, cannot get its locks, or an applied
             one was edited since.
         StoreError: if the database cannot be reached.
+        ValueError: if ``schema`` cannot name a schema (see :func:`taskq.sql.check_schema`).
     """
+    sql.check_schema(schema)
     report = MigrateReport(created_database=await ensure_database(url))
-    queries = sql.queries()
+    queries = sql.queries(schema)
     try:
         connection = await asyncpg.connect(url)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -116,12 +132,17 @@ async def migrate(
     try:
         await _take_lock(connection)
         try:
-            await connection.execute(queries["migrations_table"])
+            home = await _home(connection, schema)
+            if not await connection.fetchval(queries["migrations_schema_exists"], schema):
+                await connection.execute(queries["migrations_schema"])
+            await _enter(connection, home)
+            await connection.execute(sql.queries(home)["migrations_table"])
             await connection.execute(
                 queries["migrations_lock_timeout"], str(round(lock_timeout * 1000))
             )
             applied = {
-                row["version"]: row for row in await connection.fetch(queries["migrations_applied"])
+                row["version"]: row
+                for row in await connection.fetch(sql.queries(home)["migrations_applied"])
             }
             for migration in sql.migrations():
                 label = f"{migration.version:04d}_{migration.name}"
@@ -135,11 +156,21 @@ async def migrate(
                         )
                     report.current = migration.version
                     continue
+                moves = migration.name == MOVE_MIGRATION
                 await _apply_with_retries(
-                    connection, migration, checksum, lock_timeout, lock_tries, retry_wait
+                    connection,
+                    migration.compiled(schema),
+                    checksum,
+                    schema if moves else home,
+                    lock_timeout,
+                    lock_tries,
+                    retry_wait,
                 )
                 report.applied.append(label)
                 report.current = migration.version
+                if moves and home != schema:
+                    home = schema
+                    await _enter(connection, home)
         finally:
             await connection.execute(queries["migrations_unlock"], LOCK_KEY)
     except asyncpg.PostgresError as exc:
@@ -147,6 +178,29 @@ async def migrate(
     finally:
         await connection.close()
     return report
+
+
+async def _home(connection: asyncpg.Connection, schema: str) -> str:
+    """The schema taskq's objects are in now: ``schema``, unless an install made
+    before taskq had a schema of its own is found where the connection's
+    ``search_path`` leads (see the module); ``schema`` for a new install."""
+    queries = sql.queries(schema)
+    if await connection.fetchval(queries["migrations_table_in"], schema):
+        return schema
+    found: str | None = await connection.fetchval(queries["migrations_table_found"])
+    if found is None:
+        return schema
+    # Another schema's install that the search_path happens to reach (a schema
+    # named after the user, say) has been moved already: it is not to be moved again.
+    done = await connection.fetch(sql.queries(found)["migrations_applied"])
+    if any(row["name"] == MOVE_MIGRATION for row in done):
+        return schema
+    return found
+
+
+async def _enter(connection: asyncpg.Connection, schema: str) -> None:
+    """Resolve the migration files' unqualified names in ``schema``, for the session."""
+    await connection.execute(sql.queries(schema)["migrations_search_path"], quote_ident(schema))
 
 
 async def _take_lock(connection: asyncpg.Connection) -> None:
@@ -162,6 +216,7 @@ async def _apply_with_retries(
     connection: asyncpg.Connection,
     migration: sql.Migration,
     checksum: str,
+    recorded_in: str,
     lock_timeout: float,
     tries: int,
     wait: float,
@@ -169,7 +224,7 @@ async def _apply_with_retries(
     label = f"{migration.version:04d}_{migration.name}"
     for attempt in range(1, tries + 1):
         try:
-            await _apply(connection, migration, checksum)
+            await _apply(connection, migration, checksum, recorded_in)
             return
         except asyncpg.LockNotAvailableError as exc:
             if attempt == tries:
@@ -190,9 +245,13 @@ async def _apply_with_retries(
             raise MigrationError(f"migration {label} cannot run: {exc}") from exc
 
 
-async def _apply(connection: asyncpg.Connection, migration: sql.Migration, checksum: str) -> None:
-    """Apply one migration and record it: in one transaction, or statement by statement."""
-    record = sql.queries()["migrations_record"]
+async def _apply(
+    connection: asyncpg.Connection, migration: sql.Migration, checksum: str, recorded_in: str
+) -> None:
+    """Apply one migration and record it in ``recorded_in``'s ``taskq_migrations``
+    (where the table is once the migration ran): in one transaction, or statement
+    by statement, in the schema the session's search_path names."""
+    record = sql.queries(recorded_in)["migrations_record"]
     if migration.transactional:
         async with connection.transaction():
             await connection.execute(migration.sql)
@@ -200,7 +259,9 @@ async def _apply(connection: asyncpg.Connection, migration: sql.Migration, check
         return
     statements = migration.statements()
     invalid = await connection.fetch(
-        sql.queries()["migrations_invalid_indexes"], migration.concurrent_indexes()
+        sql.queries(recorded_in)["migrations_invalid_indexes"],
+        migration.concurrent_indexes(),
+        recorded_in,
     )
     for row in invalid:
         # Left by a failed CREATE INDEX CONCURRENTLY: IF NOT EXISTS would keep it as it is.

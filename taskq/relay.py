@@ -39,10 +39,10 @@ from prometheus_client import Counter
 from taskq.broker import Publish, Publisher
 from taskq.envelope import Envelope
 from taskq.errors import DelayTooLong, Nacked, TaskqError, Unpublishable
-from taskq.leader import SessionLock, lead
+from taskq.leader import SessionLock, lead, lock_key
 from taskq.marker import Marker
 from taskq.model import OwedPublish, TaskStatus
-from taskq.store import NOTIFY_CHANNEL, Store
+from taskq.store import Store
 
 log = logging.getLogger("taskq.relay")
 
@@ -353,7 +353,7 @@ class Relay:
         self.batch = batch
         self.duties = list(duties)
         self.set_aside = set_aside
-        self._lock = SessionLock(database_url, LOCK_KEY, "relay")
+        self._lock = SessionLock(database_url, lock_key(LOCK_KEY, store.schema), "relay")
         self._listening: object | None = None
         self._notified: set[uuid.UUID] = set()
         self._wake = asyncio.Event()
@@ -379,7 +379,7 @@ class Relay:
     async def _lead(self) -> None:
         connection = self._lock.connection
         if self._listening is not connection and connection is not None:
-            await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            await connection.add_listener(self.store.notify_channel, self._on_notify)
             self._listening = connection
         await self.pass_once(check=self._lock.ensure)
 

@@ -12,6 +12,7 @@ from urllib.parse import SplitResult, urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+import taskq.sql as sql
 from taskq._utils import format_duration, mask_url, parse_duration
 from taskq.errors import ConfigError
 from taskq.topology import RESERVED_QUEUE_NAMES, Topology, plan
@@ -61,6 +62,7 @@ class Settings(BaseSettings):
 
     # Secrets, here and in api_keys, stay out of repr() (describe() masks them).
     database_url: str = Field("postgresql://postgres@127.0.0.1:5432/taskq", repr=False)
+    db_schema: str = sql.DEFAULT_SCHEMA
     amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", repr=False)
     amqp_heartbeat: Duration = 10.0
     namespace: str = "taskq"
@@ -108,6 +110,12 @@ class Settings(BaseSettings):
         parts = check_url(value, ("postgres", "postgresql"), "postgresql://user@host:port/database")
         if not parts.path.strip("/"):
             raise ValueError("the URL names no database")
+        return value
+
+    @field_validator("db_schema")
+    @classmethod
+    def _check_db_schema(cls, value: str) -> str:
+        sql.check_schema(value)
         return value
 
     @field_validator("amqp_url")

@@ -43,7 +43,6 @@ from taskq.model import (
 
 log = logging.getLogger("taskq.store")
 
-NOTIFY_CHANNEL = "taskq_enqueued"
 # pg_advisory_xact_lock key of the registry's writers: "types" in ASCII.
 TYPES_LOCK_KEY = 0x7479706573
 # Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
@@ -136,15 +135,33 @@ class _Rollback(Exception):
 
 
 class Store:
-    """A pool of connections to the taskq database."""
+    """A pool of connections to the taskq database.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    Args:
+        pool: the connections.
+        schema: the schema of taskq's objects (``TASKQ_DB_SCHEMA``); every
+            statement names them in it, whatever a connection's ``search_path``.
+
+    Raises:
+        ValueError: if ``schema`` cannot name a schema (see :func:`taskq.sql.check_schema`).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, schema: str = sql.DEFAULT_SCHEMA) -> None:
         self.pool = pool
-        self.q = sql.queries()
+        sql.check_schema(schema)
+        self.schema = schema
+        self.q = sql.queries(schema)
+        self.notify_channel = notify_channel(schema)
 
     @classmethod
     async def connect(
-        cls, url: str, *, min_size: int = 2, max_size: int = 10, session_reset: bool = True
+        cls,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        session_reset: bool = True,
+        schema: str = sql.DEFAULT_SCHEMA,
     ) -> Store:
         """Open a pool. Raises :class:`StoreError` if the database cannot be reached.
 
@@ -153,6 +170,7 @@ class Store:
         reset query (unlock all, close all, unlisten, reset all): one round trip
         less per statement, for callers that never leave session state behind.
         """
+        sql.check_schema(schema)
         try:
             pool = await asyncpg.create_pool(
                 url,
@@ -164,7 +182,7 @@ class Store:
             )
         except _DOWN as exc:
             raise StoreError(f"cannot connect to the database: {exc}") from exc
-        return cls(pool)
+        return cls(pool, schema)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -356,7 +374,7 @@ class Store:
                 results.append(Enqueued(EnqueueOutcome.CONFLICT, _answer(found)))
         if notify and inserted:
             ids = ",".join(str(task_id) for task_id in inserted)
-            await conn.execute(self.q["enqueue_notify"], NOTIFY_CHANNEL, ids)
+            await conn.execute(self.q["enqueue_notify"], self.notify_channel, ids)
         return results
 
     async def notify_owed(self, ids: Sequence[uuid.UUID]) -> None:
@@ -364,7 +382,7 @@ class Store:
         async with self._connection() as conn:
             for start in range(0, len(ids), NOTIFY_IDS):
                 payload = ",".join(str(task_id) for task_id in ids[start : start + NOTIFY_IDS])
-                await conn.execute(self.q["enqueue_notify"], NOTIFY_CHANNEL, payload)
+                await conn.execute(self.q["enqueue_notify"], self.notify_channel, payload)
 
     async def mark_published(self, published: Sequence[tuple[uuid.UUID, int]]) -> None:
         """Record confirmed publishes of ``(id, generation)``.
@@ -683,6 +701,12 @@ def _after(cursor: Cursor | None) -> tuple[datetime | None, uuid.UUID | None]:
 def _owed(rows: Sequence[asyncpg.Record]) -> list[OwedPublish]:
     from_row = OwedPublish.from_row
     return [from_row(row) for row in rows]
+
+
+def notify_channel(schema: str) -> str:
+    """The channel that wakes the relay of the install in ``schema``: ``taskq_enqueued``
+    for the default schema, so that each install in a database hears only its own."""
+    return f"{schema}_enqueued"
 
 
 def refused(exc: BaseException) -> bool:

@@ -41,7 +41,7 @@ from aio_pika.abc import AbstractChannel
 
 from taskq.broker import Link, Publisher
 from taskq.errors import BrokerError
-from taskq.leader import SessionLock, lead
+from taskq.leader import SessionLock, lead, lock_key
 from taskq.metrics import WorkerMetrics
 from taskq.model import DeadLetterReason, TaskStatus
 from taskq.relay import publish_owed
@@ -120,7 +120,8 @@ class Sweeper:
 
     def start(self, database_url: str, *, interval: float = 1.0) -> None:
         """Run the duties every ``interval`` seconds while this process holds the sweeper lock."""
-        lock = self._lock = SessionLock(database_url, LOCK_KEY, "sweeper")
+        key = lock_key(LOCK_KEY, self.store.schema)
+        lock = self._lock = SessionLock(database_url, key, "sweeper")
 
         async def sweep() -> None:
             for duty in self.duties:

@@ -202,7 +202,11 @@ class Worker:
         # The worker's statements leave no session state (the relay's lock has
         # its own connection), so the pool skips the reset round trip.
         self.store = await Store.connect(
-            settings.database_url, min_size=2, max_size=10, session_reset=False
+            settings.database_url,
+            min_size=2,
+            max_size=10,
+            session_reset=False,
+            schema=settings.db_schema,
         )
         stack.push_async_callback(self.store.close)
         await self._register_types()

@@ -37,6 +37,7 @@ from tests.support.services import (  # noqa: E402
     delete_namespace,
     drop_database,
     make_settings,
+    read_unqualified,
     unavailable,
     with_database,
 )
@@ -155,6 +156,7 @@ async def database_url(postgres_server_url: str, template_database: str) -> Asyn
     connection = await asyncpg.connect(postgres_server_url)
     try:
         await connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        await read_unqualified(connection, name)
     finally:
         await connection.close()
     yield with_database(postgres_server_url, name)

@@ -36,7 +36,7 @@ async def run_migrate(url: str, cwd: Path) -> tuple[int, str, str]:
 async def applied_versions(url: str) -> list[int]:
     connection = await asyncpg.connect(url)
     try:
-        rows = await connection.fetch("SELECT version FROM taskq_migrations ORDER BY version")
+        rows = await connection.fetch("SELECT version FROM taskq.taskq_migrations ORDER BY version")
     finally:
         await connection.close()
     return [row["version"] for row in rows]

@@ -34,6 +34,7 @@ from .services import (
     drop_database,
     free_port,
     make_settings,
+    read_unqualified,
     subprocess_env,
     unavailable,
     with_database,
@@ -147,6 +148,7 @@ async def _create_database(server_url: str, template: str) -> str:
     connection = await asyncpg.connect(server_url)
     try:
         await connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        await read_unqualified(connection, name)
     finally:
         await connection.close()
     return name

@@ -20,7 +20,7 @@ from taskq.settings import Settings
 from taskq.store import Store
 
 from .faults import Processes, eventually
-from .services import free_port
+from .services import free_port, read_unqualified
 
 # (time sent, seconds taken, status or the transport error's name, content type)
 Answer = tuple[float, float, int | str, str]
@@ -242,6 +242,12 @@ async def put_record_type(database_url: str) -> None:
 
 
 async def migrated_database(server_url: str) -> str:
-    url = server_url.rsplit("/", 1)[0] + f"/taskq_fault_{uuid.uuid4().hex[:10]}"
+    name = f"taskq_fault_{uuid.uuid4().hex[:10]}"
+    url = server_url.rsplit("/", 1)[0] + "/" + name
     await migrate(url)
+    connection = await asyncpg.connect(server_url)
+    try:
+        await read_unqualified(connection, name)
+    finally:
+        await connection.close()
     return url

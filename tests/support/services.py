@@ -70,6 +70,7 @@ def subprocess_env(settings: Settings | None = None, /, **extra: str) -> dict[st
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKQ_")}
     if settings is not None:
         env["TASKQ_DATABASE_URL"] = settings.database_url
+        env["TASKQ_DB_SCHEMA"] = settings.db_schema
         env["TASKQ_AMQP_URL"] = settings.amqp_url
         env["TASKQ_NAMESPACE"] = settings.namespace
         env["TASKQ_QUEUES"] = ",".join(settings.queues)
@@ -78,3 +79,15 @@ def subprocess_env(settings: Settings | None = None, /, **extra: str) -> dict[st
         env["TASKQ_DELIVERY_LIMIT"] = str(settings.delivery_limit)
     env.update(extra)
     return env
+
+
+async def read_unqualified(connection: asyncpg.Connection, database: str) -> None:
+    """Let the tests' own SQL name taskq's tables unqualified in ``database``.
+
+    taskq's objects live in the ``taskq`` schema. The tests read and write them
+    with plain SQL (``SELECT ... FROM tasks``), so their databases look there
+    first (a database's default, for sessions opened from now on). taskq's own
+    SQL never relies on it: test_schema prepares every query block with an empty
+    search_path, and test_db_schema runs taskq in databases without this default.
+    """
+    await connection.execute(f'ALTER DATABASE "{database}" SET search_path = taskq, public')
