@@ -129,5 +129,6 @@ async def test_a_stale_outcome_after_an_operators_retry_is_refused(
 
         runs[1].set()
         row = await h.wait_for(task_id, "SUCCEEDED")
+        assert row.result is not None
         assert json.loads(row.result) == 2
         assert metric(worker, "taskq_tasks_processed_total", **labels, outcome="succeeded") == 1

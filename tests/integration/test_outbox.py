@@ -256,7 +256,7 @@ async def test_a_batch_that_fails_unexpectedly_leaves_the_outbox_running(
     await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
     (result,) = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}")])
     row = result.owed()._replace(delay=0.0)
-    broken = row._replace(delay=None)
+    broken = row._replace(delay=None)  # type: ignore[arg-type]  # deliberately ill-typed
     outbox.start()
     assert outbox.submit(broken)
     await outbox.drain(10)

@@ -129,6 +129,7 @@ async def test_a_killed_process_is_restarted_and_every_task_finishes(
     ) as (h, process):
         ids = [await h.enqueue("demo.sleep", {"seconds": 0.5}) for _ in range(12)]
         claimed = await h.wait_for(ids[0], "RUNNING", timeout=DEADLINE)
+        assert claimed.worker_id is not None
         victim = pid_of(claimed.worker_id)
         os.kill(victim, signal.SIGKILL)
         await wait_until_logged(tmp_path, f"(pid {victim}) was killed by SIGKILL")

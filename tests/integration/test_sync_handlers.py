@@ -47,8 +47,12 @@ async def test_sync_handlers_run_at_once_in_threads_past_their_lease(
     for row, history in zip(rows, events, strict=True):
         assert (row.status, row.attempts) == ("SUCCEEDED", 1), row.last_error
         assert [e.status for e in history] == ["ENQUEUED", "RUNNING", "SUCCEEDED"]
+        assert row.finished_at is not None and row.started_at is not None
         assert row.finished_at - row.started_at > timedelta(seconds=settings.lease_seconds)
-    results = [json.loads(row.result) for row in rows]
+    results = []
+    for row in rows:
+        assert row.result is not None
+        results.append(json.loads(row.result))
     assert len({r["thread"] for r in results}) == 3
     assert all(r["thread"].startswith("taskq-handler") and r["cancel"] is False for r in results)
     logged = [r for r in caplog.records if r.getMessage() == "waiting for the others"]
@@ -146,7 +150,9 @@ async def test_results_that_cannot_be_stored_fail_the_task_at_once(settings: Set
         names = ("big", "big_sync", "fits", "awaitable")
         ids = {name: await h.enqueue(f"result.{name}") for name in names}
         rows = {name: await h.wait_for(ids[name], "SUCCEEDED", "FAILED") for name in names}
-    assert (rows["fits"].status, len(rows["fits"].result)) == ("SUCCEEDED", 992)
+    fits = rows["fits"]
+    assert fits.result is not None
+    assert (fits.status, len(fits.result)) == ("SUCCEEDED", 992)
     for name in ("big", "big_sync", "awaitable"):
         assert (rows[name].status, rows[name].attempts) == ("FAILED", 1), name
     assert rows["big"].last_error == rows["big_sync"].last_error == too_big

@@ -67,6 +67,7 @@ async def test_failures_retry_after_the_backoff_then_succeed(settings: Settings)
             following = next(e for e in events if e.id > retry.id)
             assert following.status == "RUNNING"
             assert following.at - retry.at >= timedelta(seconds=1)
+            assert retry.run_at is not None
             assert following.at >= retry.run_at
         assert metric(worker, "taskq_task_retries_total", type="demo.fail", queue="default") == 2
 
@@ -221,6 +222,7 @@ async def test_an_early_delivery_goes_back_through_the_delay_levels(settings: Se
         [result] = await h.store.enqueue([NewTask(task_id, "demo.echo", json.dumps({}), delay=2)])
         await h.publisher.publish(Envelope(task_id, "demo.echo", 0), "default")
         row = await h.wait_for(task_id, "SUCCEEDED", timeout=15)
+        assert row.started_at is not None
         assert row.started_at >= row.run_at
         assert metric(worker, "taskq_deliveries_total", queue="default", decision="early") == 1
         assert statuses(await h.events(task_id)) == ["ENQUEUED", "RUNNING", "SUCCEEDED"]
@@ -289,6 +291,7 @@ async def test_results_and_errors_postgres_cannot_store_fail_cleanly(settings: S
         "InvalidResult: the result contains a NUL character (\\u0000), which Postgres cannot store"
     )
     error = rows["nul_error"].last_error
+    assert error is not None
     assert error.startswith("RuntimeError: bad\\0byte ?xxx") and len(error) == 2000
 
 

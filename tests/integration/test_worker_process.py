@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from taskq.model import TaskStatus
 from taskq.settings import Settings
 from tests.support.services import subprocess_env
 from tests.support.worker_fixtures import harness, start_worker_process
@@ -69,7 +70,7 @@ async def test_a_killed_workers_task_is_recovered_and_succeeds_once(
     ]  # fmt: skip
     recovery = events[2]
     assert recovery.error == f"lease expired: worker {first.worker_id} stopped heartbeating"
-    assert [e.status for e in events].count("SUCCEEDED") == 1
+    assert [e.status for e in events].count(TaskStatus.SUCCEEDED) == 1
 
 
 async def test_sigterm_lets_the_running_task_finish_and_exits_0(

@@ -75,5 +75,6 @@ async def test_a_short_delay_is_not_blocked_by_a_long_one(settings: Settings) ->
         assert (await h.task(long_id)).status == "ENQUEUED"
         long = await h.wait_for(long_id, "SUCCEEDED", timeout=30)
     for row, delay in ((short, 2), (long, 20)):
+        assert row.started_at is not None
         waited = row.started_at - row.created_at
         assert timedelta(seconds=delay) <= waited < timedelta(seconds=delay + 1.5), (delay, waited)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
@@ -22,6 +23,7 @@ from taskq.consumer import Buffers, Delivery
 from taskq.envelope import Envelope
 from taskq.errors import PublishError, StoreError
 from taskq.metrics import WorkerMetrics
+from taskq.model import ClaimDecision, ClaimedTask, Unclaimed
 from taskq.relay import HEADER_ORIGIN, HEADER_REASON
 
 QUEUE = "default"
@@ -38,13 +40,15 @@ class Channel:
 class Store:
     """Answers the claim with one row per id, each with the decision asked for."""
 
-    decisions: dict[uuid.UUID, str] = field(default_factory=dict)
+    decisions: dict[uuid.UUID, ClaimDecision] = field(default_factory=dict)
     error: Exception | None = None
     claimed: list[tuple[list[uuid.UUID], str, float]] = field(default_factory=list)
     marked: list[tuple[uuid.UUID, int]] = field(default_factory=list)
     republished: list[uuid.UUID] = field(default_factory=list)
 
-    async def claim(self, ids: list[uuid.UUID], worker_id: str, lease: float) -> list[Any]:
+    async def claim(
+        self, ids: list[uuid.UUID], worker_id: str, lease: float
+    ) -> list[ClaimedTask | Unclaimed]:
         self.claimed.append((list(ids), worker_id, lease))
         if self.error is not None:
             raise self.error
@@ -57,16 +61,18 @@ class Store:
         self.republished.extend(ids)
 
 
-def row(task_id: uuid.UUID, decision: str) -> dict[str, Any]:
-    """A row of the claim statement's answer (the columns the claimer reads)."""
-    fields: dict[str, Any] = {"id": task_id, "decision": decision}
-    if decision != "missing":
-        fields |= {"type": "t", "queue": QUEUE, "attempts": 3, "max_attempts": 3, "delay": 0.0}
-    if decision == "early":
-        fields["delay"] = 42.5
-    if decision == "exhausted":
-        fields |= {"last_error": "ValueError: boom", "generation": 2}
-    return fields
+def row(task_id: uuid.UUID, decision: ClaimDecision) -> ClaimedTask | Unclaimed:
+    """The claim's record for one id, as the store answers it."""
+    if decision is ClaimDecision.CLAIMED:
+        now = datetime.now(UTC)
+        return ClaimedTask(task_id, "t", QUEUE, "{}", 3, 3, 10.0, now, now, uuid.uuid4())
+    if decision is ClaimDecision.MISSING:
+        return Unclaimed(task_id, decision)
+    if decision is ClaimDecision.EARLY:
+        return Unclaimed(task_id, decision, "t", QUEUE, 3, delay=42.5)
+    if decision is ClaimDecision.EXHAUSTED:
+        return Unclaimed(task_id, decision, "t", QUEUE, 3, "ValueError: boom", 2)
+    return Unclaimed(task_id, decision, "t", QUEUE, 3)
 
 
 @dataclass
@@ -126,7 +132,7 @@ class Claiming:
             cast(Any, self.publisher),
             self.buffers,
             cast(Any, self.acker),
-            begin=lambda r: self.begun.append(r["id"]),
+            begin=lambda r: self.begun.append(r.id),
             metrics=WorkerMetrics(),
             worker_id="w1",
             lease=30.0,
@@ -139,7 +145,7 @@ class Claiming:
         await self.claimer._claim(deliveries)
         await self.claimer.settled(5.0)
 
-    def count(self, decision: str) -> float:
+    def count(self, decision: ClaimDecision) -> float:
         """``taskq_deliveries_total`` of this decision."""
         labels = {"queue": QUEUE, "decision": decision}
         value = self.claimer.metrics.registry.get_sample_value("taskq_deliveries_total", labels)
@@ -151,7 +157,9 @@ def delivery(tag: int, task_id: uuid.UUID | None = None) -> Delivery:
     return Delivery(envelope, QUEUE, cast(Any, Channel()), tag)
 
 
-async def claim_one(decision: str, publisher: Publisher | None = None) -> tuple[Claiming, Delivery]:
+async def claim_one(
+    decision: ClaimDecision, publisher: Publisher | None = None
+) -> tuple[Claiming, Delivery]:
     """Claim one delivery whose row gets ``decision``."""
     d = delivery(1)
     c = Claiming(Store({d.envelope.id: decision}), publisher or Publisher())
@@ -160,17 +168,17 @@ async def claim_one(decision: str, publisher: Publisher | None = None) -> tuple[
 
 
 async def test_a_claimed_delivery_runs_and_is_acked() -> None:
-    c, d = await claim_one("claimed")
+    c, d = await claim_one(ClaimDecision.CLAIMED)
     assert c.begun == [d.envelope.id]
     assert c.acker.acked == [d.envelope.id]
     assert c.store.claimed == [([d.envelope.id], "w1", 30.0)]
     assert c.publisher.sent == []
     assert c.claimer._reserved == 1  # its slot stays taken until the handler is done
-    assert c.count("claimed") == 1
+    assert c.count(ClaimDecision.CLAIMED) == 1
 
 
-@pytest.mark.parametrize("decision", ["terminal", "duplicate"])
-async def test_terminal_and_duplicate_deliveries_are_dropped(decision: str) -> None:
+@pytest.mark.parametrize("decision", [ClaimDecision.TERMINAL, ClaimDecision.DUPLICATE])
+async def test_terminal_and_duplicate_deliveries_are_dropped(decision: ClaimDecision) -> None:
     c, d = await claim_one(decision)
     assert c.acker.acked == [d.envelope.id]
     assert c.begun == [] and c.publisher.sent == []
@@ -181,28 +189,28 @@ async def test_terminal_and_duplicate_deliveries_are_dropped(decision: str) -> N
 async def test_a_second_delivery_of_an_id_in_the_same_batch_is_a_duplicate() -> None:
     task_id = uuid.uuid4()
     first, second = delivery(1, task_id), delivery(2, task_id)
-    c = Claiming(Store({task_id: "claimed"}))
+    c = Claiming(Store({task_id: ClaimDecision.CLAIMED}))
     await c.claim([first, second])
     assert c.begun == [task_id]  # run once
     assert c.acker.acked == [task_id, task_id]
-    assert (c.count("claimed"), c.count("duplicate")) == (1, 1)
+    assert (c.count(ClaimDecision.CLAIMED), c.count(ClaimDecision.DUPLICATE)) == (1, 1)
 
 
 async def test_an_early_delivery_goes_back_for_the_time_left_then_is_acked() -> None:
-    c, d = await claim_one("early")
+    c, d = await claim_one(ClaimDecision.EARLY)
     assert c.publisher.sent == [("publish", d.envelope.id, QUEUE, {"delay": 42.5})]
     assert c.acker.acked == [d.envelope.id]
     assert c.begun == [] and c.store.republished == []
 
 
 async def test_an_early_delivery_the_broker_refuses_is_owed_in_postgres() -> None:
-    c, d = await claim_one("early", Publisher(PublishError("nacked")))
+    c, d = await claim_one(ClaimDecision.EARLY, Publisher(PublishError("nacked")))
     assert c.store.republished == [d.envelope.id]  # the relay publishes it with its delay
     assert c.acker.acked == [d.envelope.id]
 
 
 async def test_an_exhausted_delivery_is_dead_lettered_with_its_error_then_acked() -> None:
-    c, d = await claim_one("exhausted")
+    c, d = await claim_one(ClaimDecision.EXHAUSTED)
     [(kind, task_id, queue, headers)] = c.publisher.sent
     assert (kind, task_id, queue) == ("dead_letter", d.envelope.id, QUEUE)
     assert headers[HEADER_REASON] == "ValueError: boom"
@@ -212,13 +220,13 @@ async def test_an_exhausted_delivery_is_dead_lettered_with_its_error_then_acked(
 
 
 async def test_an_exhausted_delivery_whose_publish_fails_stays_owed() -> None:
-    c, d = await claim_one("exhausted", Publisher(PublishError("nacked")))
+    c, d = await claim_one(ClaimDecision.EXHAUSTED, Publisher(PublishError("nacked")))
     assert c.store.marked == []  # still owed: the relay publishes it
     assert c.acker.acked == [d.envelope.id]
 
 
 async def test_a_delivery_of_a_missing_task_goes_to_the_dlq_then_is_acked() -> None:
-    c, d = await claim_one("missing")
+    c, d = await claim_one(ClaimDecision.MISSING)
     [(kind, task_id, queue, headers)] = c.publisher.sent
     assert (kind, task_id, queue) == ("dead_letter", d.envelope.id, QUEUE)
     assert headers[HEADER_REASON].startswith("NoTask: no task with id")
@@ -226,9 +234,11 @@ async def test_a_delivery_of_a_missing_task_goes_to_the_dlq_then_is_acked() -> N
     assert c.acker.acked == [d.envelope.id]
 
 
-@pytest.mark.parametrize(("decision", "requeue"), [("missing", False), ("early", True)])
+@pytest.mark.parametrize(
+    ("decision", "requeue"), [(ClaimDecision.MISSING, False), (ClaimDecision.EARLY, True)]
+)
 async def test_a_delivery_that_cannot_be_sent_on_goes_back_to_the_broker(
-    decision: str, requeue: bool
+    decision: ClaimDecision, requeue: bool
 ) -> None:
     """Missing: rejected to the queue's DLX. Early: requeued and decided again (the
     store cannot take the debt either here)."""
@@ -246,7 +256,10 @@ async def test_a_delivery_that_cannot_be_sent_on_goes_back_to_the_broker(
 
 
 async def test_a_batch_with_every_decision_acts_on_each() -> None:
-    decisions = ["claimed", "terminal", "duplicate", "early", "exhausted", "missing"]
+    decisions = [
+        ClaimDecision.CLAIMED, ClaimDecision.TERMINAL, ClaimDecision.DUPLICATE,
+        ClaimDecision.EARLY, ClaimDecision.EXHAUSTED, ClaimDecision.MISSING,
+    ]  # fmt: skip
     batch = [delivery(tag) for tag in range(1, len(decisions) + 1)]
     by_id = {d.envelope.id: decision for d, decision in zip(batch, decisions, strict=True)}
     c = Claiming(Store(by_id))

@@ -21,6 +21,7 @@ import pytest
 from taskq.execution import Attempt, Runner
 from taskq.handlers import Context, Fail, Registry, Retry
 from taskq.metrics import WorkerMetrics
+from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
 from taskq.outcomes import Finished
 from taskq.store import WorkerInfo
 from taskq.threads import HandlerThreads
@@ -57,11 +58,11 @@ class Running:
         token = uuid.uuid4()
         now = datetime.now(UTC)
         self.runner.begin(
-            {
-                "id": uuid.uuid4(), "claim_token": token, "type": task_type, "queue": "default",
-                "attempts": attempt, "max_attempts": max_attempts, "payload": "{}",
-                "timeout_seconds": timeout, "run_at": now, "created_at": now,
-            }
+            ClaimedTask(
+                id=uuid.uuid4(), type=task_type, queue="default", payload="{}",
+                attempts=attempt, max_attempts=max_attempts, timeout_seconds=timeout,
+                run_at=now, created_at=now, claim_token=token,
+            )
         )  # fmt: skip
         return self.runner.attempts[token]
 
@@ -139,7 +140,7 @@ async def test_a_return_completes_with_the_json_result(running: Running) -> None
     done = await running.ended(running.begin("ok", attempt=2))
     assert done is not None
     assert (done.kind, done.result, done.error, done.attempt) == (
-        "complete",
+        OutcomeKind.COMPLETE,
         '{"attempt":2}',
         None,
         2,
@@ -150,16 +151,20 @@ async def test_a_return_completes_with_the_json_result(running: Running) -> None
 async def test_retry_asks_for_its_delay_and_fail_ends_the_task(running: Running) -> None:
     retry = await running.ended(running.begin("retry"))
     assert retry is not None
-    assert (retry.kind, retry.error, retry.delay) == ("retry", "Retry: the API said 429", 3.0)
+    assert (retry.kind, retry.error, retry.delay) == (
+        OutcomeKind.RETRY,
+        "Retry: the API said 429",
+        3.0,
+    )
     fail = await running.ended(running.begin("fail"))  # attempts left, but Fail is final
     assert fail is not None
-    assert (fail.kind, fail.error) == ("fail", "Fail: the card was declined")
+    assert (fail.kind, fail.error) == (OutcomeKind.FAIL, "Fail: the card was declined")
 
 
 async def test_a_retry_waits_at_most_the_longest_delay(running: Running) -> None:
     done = await running.ended(running.begin("retry.far"))
     assert done is not None
-    assert (done.kind, done.delay) == ("retry", make_settings().max_delay)
+    assert (done.kind, done.delay) == (OutcomeKind.RETRY, make_settings().max_delay)
 
 
 async def test_an_exception_retries_after_the_backoff_until_the_last_attempt(
@@ -167,16 +172,20 @@ async def test_an_exception_retries_after_the_backoff_until_the_last_attempt(
 ) -> None:
     retried = await running.ended(running.begin("raise", attempt=2, max_attempts=3))
     assert retried is not None
-    assert (retried.kind, retried.error, retried.delay) == ("retry", "ValueError: boom", 7.0)
+    assert (retried.kind, retried.error, retried.delay) == (
+        OutcomeKind.RETRY,
+        "ValueError: boom",
+        7.0,
+    )
     failed = await running.ended(running.begin("raise", attempt=3, max_attempts=3))
     assert failed is not None
-    assert (failed.kind, failed.error) == ("fail", "ValueError: boom")
+    assert (failed.kind, failed.error) == (OutcomeKind.FAIL, "ValueError: boom")
 
 
 async def test_a_type_without_a_handler_fails_its_attempt(running: Running) -> None:
     done = await running.ended(running.begin("nobody.handles.this"))
     assert done is not None
-    assert done.kind == "retry"
+    assert done.kind == OutcomeKind.RETRY
     assert done.error == "NoHandler: no handler for task type 'nobody.handles.this' on w1"
 
 
@@ -188,12 +197,12 @@ async def test_a_timeout_fails_the_attempt_saying_so(running: Running, task_type
     attempt = running.begin(task_type, timeout=0.05)
     done = await running.ended(attempt)
     assert done is not None
-    assert (done.kind, done.delay) == ("retry", 7.0)
+    assert (done.kind, done.delay) == (OutcomeKind.RETRY, 7.0)
     assert done.error == "TimeoutError: the handler exceeded its timeout of 0.05s"
     assert attempt.ctx.cancel_requested  # told, so a sync handler can end its thread
     last = await running.ended(running.begin(task_type, attempt=3, timeout=0.05))
     assert last is not None
-    assert (last.kind, last.error) == ("fail", done.error)
+    assert (last.kind, last.error) == (OutcomeKind.FAIL, done.error)
 
 
 @pytest.mark.parametrize("task_type", ["slow", "slow.sync"])
@@ -203,7 +212,7 @@ async def test_a_shutdown_gives_the_task_back(running: Running, task_type: str) 
     assert running.runner.interrupt() == [attempt.task]
     done = await running.ended(attempt)
     assert done is not None
-    assert (done.kind, done.error) == ("give_back", None)
+    assert (done.kind, done.error) == (OutcomeKind.GIVE_BACK, None)
 
 
 class Heartbeats:
@@ -236,7 +245,7 @@ async def test_a_cancel_is_told_then_after_its_grace_records_cancelled(running: 
         await poll(lambda: attempt.ctx.cancel_requested, "the handler was never told")
         done = await running.ended(attempt)
     assert done is not None
-    assert (done.kind, done.error) == ("cancel", None)
+    assert (done.kind, done.error) == (OutcomeKind.CANCEL, None)
 
 
 async def test_a_lost_lease_stops_the_attempt_and_records_nothing(running: Running) -> None:
@@ -251,13 +260,19 @@ async def test_a_lost_lease_stops_the_attempt_and_records_nothing(running: Runni
 
 async def test_the_first_reason_to_stop_wins(running: Running) -> None:
     attempt = running.begin("slow")
-    attempt.stop("shutdown")
-    attempt.stop("timeout")
+    attempt.stop(StopReason.SHUTDOWN)
+    attempt.stop(StopReason.TIMEOUT)
     done = await running.ended(attempt)
-    assert done is not None and done.kind == "give_back"
+    assert done is not None and done.kind == OutcomeKind.GIVE_BACK
 
 
 # ------------------------------------------------------------------------------- backoff
+
+
+def type_row(name: str, backoff: str | None) -> TaskTypeRecord:
+    """A row of the task type registry with this ``backoff`` (JSON text)."""
+    now = datetime.now(UTC)
+    return TaskTypeRecord(name, "default", 3, 10.0, backoff, None, True, now, now)
 
 
 async def test_the_backoff_of_a_type_row_wins_over_the_handlers() -> None:
@@ -265,9 +280,9 @@ async def test_the_backoff_of_a_type_row_wins_over_the_handlers() -> None:
     try:
         running.runner.load_backoffs(
             [
-                {"name": "raise", "backoff": '{"strategy": "fixed", "delay": 11}'},
-                {"name": "retry.backoff", "backoff": None},  # no row backoff: the handler's
-                {"name": "ok", "backoff": '{"strategy": "nonsense"}'},  # ignored, logged
+                type_row("raise", '{"strategy": "fixed", "delay": 11}'),
+                type_row("retry.backoff", None),  # no row backoff: the handler's
+                type_row("ok", '{"strategy": "nonsense"}'),  # ignored, logged
             ]
         )
         from_row = await running.ended(running.begin("raise"))

@@ -75,7 +75,7 @@ class Outbox:
 
 async def test_a_recorded_retry_goes_to_the_outbox_and_a_cancelled_one_does_not() -> None:
     retried, cancelled, stale = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    store, outbox, settled = Recording(retried, cancelled), Outbox(), []
+    store, outbox, settled = Recording(retried, cancelled), Outbox(), list[uuid.UUID]()
     metrics = WorkerMetrics()
     recorder = Recorder(cast(Any, store), cast(Any, outbox), metrics, settled.append)
     recorder.start()

@@ -5,6 +5,7 @@ and cancelled outcomes publish nothing."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -13,7 +14,8 @@ import pytest
 from taskq import outcomes
 from taskq.errors import RejectedByDatabase, StoreError
 from taskq.metrics import WorkerMetrics
-from taskq.outcomes import Finished, Kind, Recorder
+from taskq.model import OutcomeKind, OwedPublish, TaskStatus
+from taskq.outcomes import Finished, Recorder
 from tests.support.worker_fixtures import poll
 
 
@@ -27,43 +29,55 @@ class Store:
     CANCELLED (an operator's cancel won).
     """
 
-    bad: dict[tuple[str, uuid.UUID], StoreError] = field(default_factory=dict)
+    bad: dict[tuple[OutcomeKind, uuid.UUID], StoreError] = field(default_factory=dict)
     stale: set[uuid.UUID] = field(default_factory=set)
     cancelled: set[uuid.UUID] = field(default_factory=set)
-    calls: list[tuple[str, list[uuid.UUID]]] = field(default_factory=list)
+    calls: list[tuple[OutcomeKind, list[uuid.UUID]]] = field(default_factory=list)
 
-    async def _statement(self, kind: str, status: str, items: Any) -> list[Any]:
+    def _statement(
+        self, kind: OutcomeKind, status: TaskStatus, items: Sequence[tuple[Any, ...]]
+    ) -> list[OwedPublish]:
+        """The rows recorded, as the store answers the statements that owe a publish
+        (a failure's error is its ``last_error``)."""
         ids = [item[0] for item in items]
         self.calls.append((kind, ids))
         for task_id in ids:
             if (kind, task_id) in self.bad:
                 raise self.bad[kind, task_id]
         return [
-            {"id": i, "status": "CANCELLED" if i in self.cancelled else status, "type": "t",
-             "queue": "default", "attempts": 1, "generation": 1, "delay": 9.0}
-            for i in ids if i not in self.stale
+            OwedPublish(
+                item[0], "t", "default",
+                TaskStatus.CANCELLED if item[0] in self.cancelled else status, 1,
+                item[2] if kind is not OutcomeKind.COMPLETE else None, 1, 9.0,
+            )
+            for item in items if item[0] not in self.stale
         ]  # fmt: skip
 
-    async def complete(self, items: Any) -> list[Any]:
-        return await self._statement("complete", "SUCCEEDED", items)
+    async def complete(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
+    ) -> dict[uuid.UUID, TaskStatus]:
+        recorded = self._statement(OutcomeKind.COMPLETE, TaskStatus.SUCCEEDED, items)
+        return {owed.id: owed.status for owed in recorded}
 
-    async def retry(self, items: Any) -> list[Any]:
-        return await self._statement("retry", "ENQUEUED", items)
+    async def retry(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]]
+    ) -> list[OwedPublish]:
+        return self._statement(OutcomeKind.RETRY, TaskStatus.ENQUEUED, items)
 
-    async def fail(self, items: Any) -> list[Any]:
-        return await self._statement("fail", "FAILED", items)
+    async def fail(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]) -> list[OwedPublish]:
+        return self._statement(OutcomeKind.FAIL, TaskStatus.FAILED, items)
 
 
 @dataclass
 class Outbox:
-    owed: list[dict[str, Any]] = field(default_factory=list)
+    owed: list[OwedPublish] = field(default_factory=list)
 
-    def submit(self, owed: dict[str, Any]) -> bool:
+    def submit(self, owed: OwedPublish) -> bool:
         self.owed.append(owed)
         return True
 
 
-def finished(kind: Kind, **fields: Any) -> Finished:
+def finished(kind: OutcomeKind, **fields: Any) -> Finished:
     return Finished(kind, uuid.uuid4(), uuid.uuid4(), 1, "t", "default", **fields)
 
 
@@ -87,18 +101,21 @@ async def record(store: Store, items: list[Finished]) -> tuple[Outbox, WorkerMet
 
 
 async def test_a_refused_result_is_isolated_and_fails_its_task_alone() -> None:
-    items = [finished("complete", result="1") for _ in range(4)]
+    items = [finished(OutcomeKind.COMPLETE, result="1") for _ in range(4)]
     bad = items[2]
-    store = Store(bad={("complete", bad.id): RejectedByDatabase("invalid input syntax for json")})
+    store = Store(
+        bad={(OutcomeKind.COMPLETE, bad.id): RejectedByDatabase("invalid input syntax for json")}
+    )
     outbox, metrics, settled = await record(store, items)
     # The batch failed, so each outcome was written alone; the refused one became a failure.
-    assert store.calls[0] == ("complete", [i.id for i in items])
-    assert sorted(store.calls[1:5]) == sorted(("complete", [i.id]) for i in items)
-    assert store.calls[5:] == [("fail", [bad.id])]
+    assert store.calls[0] == (OutcomeKind.COMPLETE, [i.id for i in items])
+    assert sorted(store.calls[1:5]) == sorted((OutcomeKind.COMPLETE, [i.id]) for i in items)
+    assert store.calls[5:] == [(OutcomeKind.FAIL, [bad.id])]
     assert processed(metrics, "succeeded") == 3 and processed(metrics, "failed") == 1
     [owed] = outbox.owed
-    assert (owed["id"], owed["status"]) == (bad.id, "FAILED")
-    assert owed["last_error"].startswith("RejectedByDatabase: the result was refused:")
+    assert (owed.id, owed.status) == (bad.id, TaskStatus.FAILED)
+    assert owed.last_error is not None
+    assert owed.last_error.startswith("RejectedByDatabase: the result was refused:")
     # Every claim is settled once (the refused one after its failure was recorded).
     assert sorted(settled) == sorted(i.token for i in items)
 
@@ -108,9 +125,9 @@ async def test_an_outcome_failing_alone_is_retried_then_given_up_the_others_reco
 ) -> None:
     monkeypatch.setattr(outcomes, "GIVE_UP_SECONDS", 0.3)
     monkeypatch.setattr(outcomes, "RETRY_SECONDS", 0.02)
-    items = [finished("retry", error="ValueError: x", delay=9.0) for _ in range(3)]
+    items = [finished(OutcomeKind.RETRY, error="ValueError: x", delay=9.0) for _ in range(3)]
     bad = items[0]
-    store = Store(bad={("retry", bad.id): StoreError("database error: value too long")})
+    store = Store(bad={(OutcomeKind.RETRY, bad.id): StoreError("database error: value too long")})
     outbox, metrics, settled = await record(store, items)
     alone = [ids for kind, ids in store.calls if ids == [bad.id]]
     assert len(alone) > 2, store.calls  # retried alone, never again with the others
@@ -118,20 +135,20 @@ async def test_an_outcome_failing_alone_is_retried_then_given_up_the_others_reco
     # The others were recorded once each and their retries published.
     good = {i.id for i in items[1:]}
     assert sum(ids == [i] for _, ids in store.calls for i in good) == 2
-    assert {o["id"] for o in outbox.owed} == good
-    assert {(o["status"], o["delay"]) for o in outbox.owed} == {("ENQUEUED", 9.0)}
+    assert {o.id for o in outbox.owed} == good
+    assert {(o.status, o.delay) for o in outbox.owed} == {(TaskStatus.ENQUEUED, 9.0)}
     assert processed(metrics, "retried") == 2
     # Given up: its claim is settled (the lease runs out), nothing is counted for it.
     assert sorted(settled) == sorted(i.token for i in items)
 
 
 async def test_stale_and_cancelled_outcomes_publish_nothing() -> None:
-    items = [finished("fail", error="ValueError: x") for _ in range(3)]
+    items = [finished(OutcomeKind.FAIL, error="ValueError: x") for _ in range(3)]
     stale, cancelled, failed = items
     store = Store(stale={stale.id}, cancelled={cancelled.id})
     outbox, metrics, settled = await record(store, items)
-    assert store.calls == [("fail", [i.id for i in items])]  # one statement
-    assert [o["id"] for o in outbox.owed] == [failed.id]
-    assert outbox.owed[0]["last_error"] == "ValueError: x"
+    assert store.calls == [(OutcomeKind.FAIL, [i.id for i in items])]  # one statement
+    assert [o.id for o in outbox.owed] == [failed.id]
+    assert outbox.owed[0].last_error == "ValueError: x"
     assert [processed(metrics, o) for o in ("stale", "cancelled", "failed")] == [1, 1, 1]
     assert sorted(settled) == sorted(i.token for i in items)
