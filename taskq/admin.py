@@ -32,11 +32,11 @@ from starlette.routing import Route
 from taskq._utils import preview
 from taskq.client import Client
 from taskq.cursors import Cursors
-from taskq.errors import BrokerError
-from taskq.http import Problem, actor, endpoint, json_response, read_json, task_id
+from taskq.errors import BrokerError, FieldError, InvalidRequest, Problem
+from taskq.http import actor, endpoint, json_response, read_json, task_id
 from taskq.settings import QUEUE_NAME, Settings
 from taskq.store import Row
-from taskq.validation import TYPE_NAME, FieldError, InvalidRequest, parse_rfc3339
+from taskq.validation import TYPE_NAME, parse_rfc3339
 
 STATUSES = ("ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")

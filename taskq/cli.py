@@ -20,7 +20,7 @@ from typing import Any
 
 from taskq import broker, migrate
 from taskq._utils import redact
-from taskq.errors import ConfigError, TaskqError
+from taskq.errors import ConfigError, HandlerError, TaskqError
 from taskq.settings import Settings, load_settings
 from taskq.topology import Topology
 
@@ -212,7 +212,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             threads=args.threads,
             prefetch=args.prefetch,
         )
-    except handlers.HandlerError as exc:
+    except HandlerError as exc:
         print(f"taskq: {exc}", file=sys.stderr)
         return 2
     if args.metrics_port is not None:

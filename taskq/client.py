@@ -21,15 +21,14 @@ import asyncpg
 
 from taskq import task_types, validation
 from taskq.broker import Link, Publisher
-from taskq.errors import IdempotencyConflict
+from taskq.errors import FieldError, IdempotencyConflict, InvalidRequest, Overrun
 from taskq.inserts import InsertBatcher
 from taskq.metrics import ApiMetrics
-from taskq.offload import Offload, Overrun
+from taskq.offload import Offload
 from taskq.relay import Outbox
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
 from taskq.task_types import TaskType, TypeCache
-from taskq.validation import FieldError, InvalidRequest
 
 # The outbox publishes everything queued, up to this many rows, in one write and
 # waits for their confirms before the next write: a batch forms while the previous

@@ -40,7 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 from taskq import backoff as backoff_
-from taskq.errors import TaskqError
+
+# Defined in taskq.errors; importing them from here keeps working.
+from taskq.errors import Fail as Fail
+from taskq.errors import HandlerError as HandlerError
+from taskq.errors import Retry as Retry
 
 TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 DEFAULT_MAX_ATTEMPTS = 5
@@ -54,40 +58,6 @@ F = TypeVar("F", bound=HandlerFunction)
 BackoffSpec: TypeAlias = (
     backoff_.Backoff | Mapping[str, Any] | Sequence[float | str] | float | str | None
 )
-
-
-class Retry(Exception):
-    """Ask for another attempt after ``delay`` seconds (default: the task type's backoff).
-
-    The attempt counts: with no attempt left the task is FAILED instead.
-
-    Args:
-        delay: seconds until the next attempt; ``None`` uses the backoff.
-        reason: recorded as the attempt's error (``Retry: <reason>``).
-    """
-
-    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
-        if delay is not None and delay < 0:
-            raise ValueError("a retry delay cannot be negative")
-        self.delay = delay
-        self.reason = reason
-        super().__init__(reason)
-
-
-class Fail(Exception):
-    """End the task as FAILED now, without further attempts; it goes to the DLQ.
-
-    Args:
-        reason: recorded as the task's error and in the dead letter's headers.
-    """
-
-    def __init__(self, reason: str = "failed by the handler") -> None:
-        self.reason = reason
-        super().__init__(reason)
-
-
-class HandlerError(TaskqError):
-    """The handlers could not be loaded or declared."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from taskq.errors import StoreError
-from taskq.http import Problem, endpoint, json_default
+from taskq.errors import Problem, StoreError
+from taskq.http import endpoint, json_default
 from taskq.monitor import Monitor
 
 log = logging.getLogger(__name__)

@@ -45,14 +45,14 @@ import orjson
 from taskq.broker import Link, Publisher
 from taskq.claims import Claimer
 from taskq.consumer import Acker, Buffers, Consumers
-from taskq.errors import ConfigError, StoreError
+from taskq.errors import ConfigError, HandlerError, StoreError
 from taskq.execution import (
     ABANDON_AFTER_SECONDS,
     CANCEL_GRACE_SECONDS,
     Runner,
     heartbeat_interval,
 )
-from taskq.handlers import HandlerError, Registry
+from taskq.handlers import Registry
 from taskq.metrics import WorkerMetrics
 from taskq.outcomes import Finished, Recorder
 from taskq.relay import Outbox, Relay
