@@ -314,6 +314,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         state.topology_checked_at, state.topology_status = -1e9, "unknown"
         state.monitor = monitor.Monitor(settings, state.client.store, state.link)
         state.hub = stream.Hub(state.monitor, app.state.stopping, settings.max_streams)
+        await state.hub.start()
         relay_ = Relay(
             state.client.store,
             settings.database_url,
@@ -321,14 +322,14 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
             set_aside=state.metrics.set_aside,
         )
         if relay:
-            relay_.start()
+            await relay_.start()
         try:
             yield
         finally:
             state.stopping.set()  # ends the open event streams
-            await state.hub.close()
+            await state.hub.stop()
             await state.monitor.close()
-            await relay_.close()
+            await relay_.stop()
             await state.client.close()
 
     routes = [

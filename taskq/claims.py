@@ -24,6 +24,7 @@ from taskq.consumer import Acker, Buffers, Delivery
 from taskq.errors import StoreError, TaskqError
 from taskq.metrics import WorkerMetrics
 from taskq.relay import dead_letter_headers, publish_row
+from taskq.service import Service
 from taskq.store import Row, Store
 
 log = logging.getLogger("taskq.worker")
@@ -39,7 +40,7 @@ SECOND_CLAIM_MIN = CLAIM_BATCH // 4
 STORE_RETRY_SECONDS = 1.0
 
 
-class Claimer:
+class Claimer(Service):
     """Holds the concurrency slots and turns buffered deliveries into running attempts.
 
     Args:
@@ -94,18 +95,25 @@ class Claimer:
         self._reserved -= slots
         self._wake.set()
 
-    def stop(self) -> None:
-        """Claim nothing more; :meth:`run` returns once the claims in flight are done."""
+    name = "taskq-claim"
+    stop_timeout = 15.0
+
+    async def _start(self) -> None:
+        self._spawn(self._run(), self.name)
+
+    async def _stop(self, timeout: float) -> None:
+        """Claim nothing more; wait up to ``timeout`` for the claims in flight (which
+        start their handlers), then as long again for the early, exhausted and
+        missing deliveries being settled."""
         self._stopping = True
         self._buffers.clear()  # unacked: requeued when the channels close
         self._wake.set()
-
-    async def settled(self, timeout: float) -> None:
-        """Wait for the early, exhausted and missing deliveries being settled."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
         if self._background:
             await asyncio.wait(list(self._background), timeout=timeout)
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         """Claim while slots and deliveries allow, until :meth:`stop`."""
         while not self._stopping:
             await self._wake.wait()
@@ -119,7 +127,7 @@ class Claimer:
                     break
                 self._reserved += len(batch)
                 self._claims += 1
-                self._spawn(self._claim(batch))
+                self._in_background(self._claim(batch))
         # Claims in flight finish (and start their handlers) before stop() goes on.
         while self._claims:
             await self._wake.wait()
@@ -134,7 +142,7 @@ class Claimer:
         enough = max(1, min(SECOND_CLAIM_MIN, self.concurrency // 4))
         return self._claims == 0 or min(len(self._buffers), free) >= enough
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _in_background(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -175,7 +183,7 @@ class Claimer:
             if decision in ("terminal", "duplicate"):
                 acks.append(delivery)
             else:
-                self._spawn(self._settle_unclaimed(delivery, decision, row))
+                self._in_background(self._settle_unclaimed(delivery, decision, row))
         for (queue, decision), count in counts.items():
             self.metrics.deliveries.labels(queue, decision).inc(count)
         self._claims -= 1

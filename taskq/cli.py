@@ -156,8 +156,7 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"taskq: the payload is not JSON: {exc}", file=sys.stderr)
         return 2
-    client = await Client.connect(settings)
-    try:
+    async with Client.connect(settings) as client:
         result = await client.enqueue(
             args.type,
             payload,
@@ -166,8 +165,6 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
             delay=args.delay,
             max_attempts=args.max_attempts,
         )
-    finally:
-        await client.close()
     _print(json.dumps({**result.task, "replayed": not result.created}, default=str))
     return 0
 

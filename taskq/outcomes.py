@@ -34,6 +34,7 @@ from typing import Literal
 from taskq.errors import RejectedByDatabase, StoreError
 from taskq.metrics import WorkerMetrics
 from taskq.relay import Outbox
+from taskq.service import Service
 from taskq.store import Row, Store
 
 log = logging.getLogger("taskq.worker")
@@ -73,7 +74,7 @@ _OUTCOME_LABEL = {
 }
 
 
-class Recorder:
+class Recorder(Service):
     """Collects outcomes and records them in batches, one statement per kind at a time.
 
     While a batch is being written the next one collects, so under load the
@@ -102,10 +103,12 @@ class Recorder:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="taskq-recorder")
+    name = "taskq-recorder"
+    stop_timeout = 15.0
+
+    async def _start(self) -> None:
+        self._spawn(self._run(), self.name)
 
     def add(self, finished: Finished) -> None:
         self._pending.append(finished)
@@ -236,13 +239,11 @@ class Recorder:
         if not self._outbox.submit(owed):
             log.warning("outbox full: task %s stays owed for the relay", row["id"])
 
-    async def close(self, timeout: float) -> None:
+    async def _stop(self, timeout: float) -> None:
         """Record what is pending (within ``timeout``), then stop; leases cover the rest."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._cancel_tasks()
         if self._pending:
             log.warning("%d outcomes not recorded at shutdown", len(self._pending))
 

@@ -33,7 +33,7 @@ async def test_an_outcome_that_cannot_be_written_is_given_up(
     monkeypatch.setattr(outcomes, "RETRY_SECONDS", 0.05)
     store, settled = Failing(), []
     recorder = Recorder(cast(Any, store), cast(Any, None), WorkerMetrics(), settled.append)
-    recorder.start()
+    await recorder.start()
     try:
         token = uuid.uuid4()
         recorder.add(Finished("complete", uuid.uuid4(), token, 1, "t", "default", result="null"))
@@ -45,4 +45,4 @@ async def test_an_outcome_that_cannot_be_written_is_given_up(
         await poll(lambda: recorder._idle.is_set(), "the recorder kept the outcome")
         assert store.tries == tries
     finally:
-        await recorder.close(1.0)
+        await recorder.stop(1.0)
