@@ -13,10 +13,11 @@ What applications use is importable from here::
         await client.enqueue("email.send.v1", {"to": "a@example.com"})
 
 Every exception taskq raises is here too (their tree is drawn in
-:mod:`taskq.errors`). The other modules are taskq's internals.
+:mod:`taskq.errors`); :mod:`taskq.testing` runs a handler without services.
+The other modules are taskq's internals.
 
-:class:`Client` and :class:`Worker` are imported on first use, so that
-``import taskq`` (and the ``taskq`` command) stays light.
+:class:`Client`, :class:`Worker` and :func:`run_handler` are imported on first
+use, so that ``import taskq`` (and the ``taskq`` command) stays light.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from taskq.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from taskq.client import Client, EnqueueResult
+    from taskq.testing import Outcome, run_handler, run_handler_sync
     from taskq.worker import Worker
 
 __version__ = "0.1.0"
@@ -66,6 +68,9 @@ _LAZY = {
     "Client": "taskq.client",
     "EnqueueResult": "taskq.client",
     "Worker": "taskq.worker",
+    "Outcome": "taskq.testing",
+    "run_handler": "taskq.testing",
+    "run_handler_sync": "taskq.testing",
 }
 
 
@@ -97,6 +102,7 @@ __all__ = [
     "MigrationError",
     "Nacked",
     "NoHandler",
+    "Outcome",
     "Overrun",
     "Problem",
     "PublishError",
@@ -114,4 +120,6 @@ __all__ = [
     "Worker",
     "__version__",
     "load_settings",
+    "run_handler",
+    "run_handler_sync",
 ]

@@ -29,12 +29,14 @@ the task as FAILED at once. A result that is not JSON or is larger than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import logging
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
@@ -202,9 +204,12 @@ class Registry:
 
         def register(function: F) -> F:
             sync = _is_sync(name, function)
-            self._handlers[name] = Handler(
-                name, function, queue, max_attempts, timeout, strategy, sync
-            )
+            handler = Handler(name, function, queue, max_attempts, timeout, strategy, sync)
+            self._handlers[name] = handler
+            # Not every callable can be a weak key (a class with __slots__, an unhashable
+            # object): taskq.testing then needs the registry to find its options.
+            with contextlib.suppress(TypeError):
+                _REGISTERED[function] = handler
             return function
 
         return register
@@ -220,6 +225,19 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._handlers)
+
+
+# The last registration of each function, so that :mod:`taskq.testing` finds a
+# handler's options from the function alone.
+_REGISTERED: weakref.WeakKeyDictionary[Any, Handler] = weakref.WeakKeyDictionary()
+
+
+def registration(function: object) -> Handler | None:
+    """The options ``function`` was last registered with (by any :class:`Registry`)."""
+    try:
+        return _REGISTERED.get(function)
+    except TypeError:  # not a possible weak key: never registered here
+        return None
 
 
 def _is_sync(name: str, function: object) -> bool:

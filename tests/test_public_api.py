@@ -46,11 +46,13 @@ def test_what_users_touch_is_exported() -> None:
     from taskq.client import Client
     from taskq.handlers import Context, Registry
     from taskq.settings import Settings
+    from taskq.testing import run_handler
 
     assert taskq.Client is Client
     assert taskq.Registry is Registry
     assert taskq.Context is Context
     assert taskq.Settings is Settings
+    assert taskq.run_handler is run_handler
     assert taskq.Retry is errors.Retry and taskq.Fail is errors.Fail
 
 
