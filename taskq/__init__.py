@@ -1,8 +1,125 @@
-"""taskq: durable background tasks. RabbitMQ carries the work, Postgres holds the truth."""
+"""taskq: durable background tasks. RabbitMQ carries the work, Postgres holds the truth.
 
-from taskq.errors import TaskqError
+What applications use is importable from here::
+
+    from taskq import Client, Context, Fail, Registry, Retry, load_settings
+
+    handlers = Registry()
+
+    @handlers.task("email.send.v1", max_attempts=5)
+    async def send_email(payload: dict, ctx: Context) -> dict: ...
+
+    async with Client.connect(load_settings()) as client:
+        await client.enqueue("email.send.v1", {"to": "a@example.com"})
+
+Every exception taskq raises is here too (their tree is drawn in
+:mod:`taskq.errors`); :mod:`taskq.testing` runs a handler without services.
+The other modules are taskq's internals.
+
+:class:`Client`, :class:`Worker` and :func:`run_handler` are imported on first
+use, so that ``import taskq`` (and the ``taskq`` command) stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from taskq.errors import (
+    BrokerError,
+    Busy,
+    ConfigError,
+    DelayTooLong,
+    Fail,
+    FieldError,
+    HandlerError,
+    IdempotencyConflict,
+    InvalidEnvelope,
+    InvalidRequest,
+    LockLost,
+    MigrationError,
+    Nacked,
+    NoHandler,
+    Overrun,
+    Problem,
+    PublishError,
+    RejectedByDatabase,
+    Retry,
+    SchemaProblem,
+    StoreError,
+    TaskqError,
+    TooLarge,
+    TooManyTaskTypes,
+    TopologyConflict,
+    Unpublishable,
+)
+from taskq.handlers import Context, Handler, Registry
 from taskq.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from taskq.client import Client, EnqueueResult
+    from taskq.testing import Outcome, run_handler, run_handler_sync
+    from taskq.worker import Worker
 
 __version__ = "0.1.0"
 
-__all__ = ["Settings", "TaskqError", "__version__", "load_settings"]
+# Name -> the module that defines it, imported on first access (PEP 562).
+_LAZY = {
+    "Client": "taskq.client",
+    "EnqueueResult": "taskq.client",
+    "Worker": "taskq.worker",
+    "Outcome": "taskq.testing",
+    "run_handler": "taskq.testing",
+    "run_handler_sync": "taskq.testing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'taskq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "BrokerError",
+    "Busy",
+    "Client",
+    "ConfigError",
+    "Context",
+    "DelayTooLong",
+    "EnqueueResult",
+    "Fail",
+    "FieldError",
+    "Handler",
+    "HandlerError",
+    "IdempotencyConflict",
+    "InvalidEnvelope",
+    "InvalidRequest",
+    "LockLost",
+    "MigrationError",
+    "Nacked",
+    "NoHandler",
+    "Outcome",
+    "Overrun",
+    "Problem",
+    "PublishError",
+    "Registry",
+    "RejectedByDatabase",
+    "Retry",
+    "SchemaProblem",
+    "Settings",
+    "StoreError",
+    "TaskqError",
+    "TooLarge",
+    "TooManyTaskTypes",
+    "TopologyConflict",
+    "Unpublishable",
+    "Worker",
+    "__version__",
+    "load_settings",
+    "run_handler",
+    "run_handler_sync",
+]

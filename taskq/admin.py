@@ -33,8 +33,8 @@ from starlette.routing import Route
 from taskq._utils import preview
 from taskq.client import Client
 from taskq.cursors import Cursors
-from taskq.errors import BrokerError
-from taskq.http import Problem, actor, endpoint, json_response, read_json, task_id
+from taskq.errors import BrokerError, FieldError, InvalidRequest, Problem
+from taskq.http import actor, endpoint, json_response, read_json, task_id
 from taskq.model import (
     STATUS_BY_TEXT,
     STATUS_NAMES,
@@ -45,7 +45,7 @@ from taskq.model import (
     TaskStatus,
 )
 from taskq.settings import QUEUE_NAME, Settings
-from taskq.validation import TYPE_NAME, FieldError, InvalidRequest, parse_rfc3339
+from taskq.validation import TYPE_NAME, parse_rfc3339
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500

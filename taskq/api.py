@@ -27,18 +27,16 @@ from taskq import admin, broker, monitor, stream, ui, validation
 from taskq._utils import preview
 from taskq.client import Client
 from taskq.cursors import Cursors
-from taskq.errors import StoreError, TooManyTaskTypes
+from taskq.errors import FieldError, InvalidRequest, Overrun, Problem, StoreError, TooManyTaskTypes
 from taskq.hosts import HostCheck
 from taskq.hot_route import serve_enqueue
-from taskq.http import SERVER_ERROR, Problem, endpoint, json_response, read_json
+from taskq.http import SERVER_ERROR, endpoint, json_response, problem_response, read_json
 from taskq.http import task_id as _task_id
 from taskq.metrics import ApiMetrics
 from taskq.model import TaskTypeRecord
-from taskq.offload import Overrun
 from taskq.openapi import openapi_document
 from taskq.relay import Relay
 from taskq.settings import Settings
-from taskq.validation import FieldError, InvalidRequest
 
 log = logging.getLogger(__name__)
 BATCH_BODY_FACTOR = 16
@@ -178,7 +176,9 @@ async def healthz(request: Request) -> Response:
     if status == "error":
         failing = [name for name, value in checks.items() if value != "ok"]
         detail = f"failing: {', '.join(failing)}"
-        return Problem(503, "Unhealthy", detail, extra={"health": status, **checks}).response()
+        return problem_response(
+            Problem(503, "Unhealthy", detail, extra={"health": status, **checks})
+        )
     return json_response({"status": status, **checks})
 
 
@@ -254,11 +254,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     titles = {404: "Not found", 405: "Method not allowed"}
     title = titles.get(exc.status_code, "HTTP error")
-    return Problem(exc.status_code, title, str(exc.detail), headers=exc.headers).response()
+    return problem_response(Problem(exc.status_code, title, str(exc.detail), headers=exc.headers))
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    return SERVER_ERROR.response()
+    return problem_response(SERVER_ERROR)
 
 
 class _Api(Starlette):
@@ -275,7 +275,7 @@ class _Api(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not _host_allowed(self.state.hosts, scope):
-            await _wrong_host(scope).response()(scope, receive, send)
+            await problem_response(_wrong_host(scope))(scope, receive, send)
         elif (
             scope["type"] == "http"
             and scope["path"] == "/enqueue"
@@ -317,6 +317,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         state.topology_checked_at, state.topology_status = -1e9, "unknown"
         state.monitor = monitor.Monitor(settings, state.client.store, state.link)
         state.hub = stream.Hub(state.monitor, app.state.stopping, settings.max_streams)
+        await state.hub.start()
         relay_ = Relay(
             state.client.store,
             settings.database_url,
@@ -324,14 +325,14 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
             set_aside=state.metrics.set_aside,
         )
         if relay:
-            relay_.start()
+            await relay_.start()
         try:
             yield
         finally:
             state.stopping.set()  # ends the open event streams
-            await state.hub.close()
+            await state.hub.stop()
             await state.monitor.close()
-            await relay_.close()
+            await relay_.stop()
             await state.client.close()
 
     routes = [

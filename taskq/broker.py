@@ -35,6 +35,7 @@ from taskq.errors import (
     TopologyConflict,
     Unpublishable,
 )
+from taskq.service import Service
 from taskq.topology import Topology, delay_routing_key
 
 log = logging.getLogger("taskq.broker")
@@ -199,7 +200,7 @@ async def _declare_one(channel: AbstractChannel, kind: str, obj: Any) -> None:
         await channel.declare_queue(obj.name, durable=True, arguments=obj.arguments)
 
 
-class Link:
+class Link(Service):
     """A robust connection that keeps trying in the background until the broker answers.
 
     Processes that must keep working while the broker is down (the API accepts
@@ -215,14 +216,12 @@ class Link:
         self.name = name
         self.heartbeat = heartbeat
         self._connection: AbstractConnection | None = None
-        self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.ready = asyncio.Event()
 
-    async def start(self) -> None:
+    async def _start(self) -> None:
         """Begin connecting in the background; returns at once."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._connect_forever(), name=f"{self.name}-connect")
+        self._spawn(self._connect_forever(), f"{self.name}-connect")
 
     async def _connect_forever(self) -> None:
         while self._connection is None:
@@ -267,11 +266,9 @@ class Link:
             raise BrokerError("the broker is unreachable")
         return connection
 
-    async def close(self) -> None:
+    async def _stop(self, timeout: float) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._cancel_tasks()
         if self._connection is not None:
             await self._connection.close()
 

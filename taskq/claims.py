@@ -25,6 +25,7 @@ from taskq.errors import StoreError, TaskqError
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimDecision, ClaimedTask, DeadLetterReason, Unclaimed
 from taskq.relay import dead_letter_headers, publish_row
+from taskq.service import Service
 from taskq.store import Store
 
 log = logging.getLogger("taskq.worker")
@@ -44,7 +45,7 @@ _DUPLICATE = ClaimDecision.DUPLICATE
 _DROPPED = (ClaimDecision.TERMINAL, ClaimDecision.DUPLICATE)
 
 
-class Claimer:
+class Claimer(Service):
     """Holds the concurrency slots and turns buffered deliveries into running attempts.
 
     Args:
@@ -99,18 +100,25 @@ class Claimer:
         self._reserved -= slots
         self._wake.set()
 
-    def stop(self) -> None:
-        """Claim nothing more; :meth:`run` returns once the claims in flight are done."""
+    name = "taskq-claim"
+    stop_timeout = 15.0
+
+    async def _start(self) -> None:
+        self._spawn(self._run(), self.name)
+
+    async def _stop(self, timeout: float) -> None:
+        """Claim nothing more; wait up to ``timeout`` for the claims in flight (which
+        start their handlers), then as long again for the early, exhausted and
+        missing deliveries being settled."""
         self._stopping = True
         self._buffers.clear()  # unacked: requeued when the channels close
         self._wake.set()
-
-    async def settled(self, timeout: float) -> None:
-        """Wait for the early, exhausted and missing deliveries being settled."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
         if self._background:
             await asyncio.wait(list(self._background), timeout=timeout)
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         """Claim while slots and deliveries allow, until :meth:`stop`."""
         while not self._stopping:
             await self._wake.wait()
@@ -124,7 +132,7 @@ class Claimer:
                     break
                 self._reserved += len(batch)
                 self._claims += 1
-                self._spawn(self._claim(batch))
+                self._in_background(self._claim(batch))
         # Claims in flight finish (and start their handlers) before stop() goes on.
         while self._claims:
             await self._wake.wait()
@@ -139,7 +147,7 @@ class Claimer:
         enough = max(1, min(SECOND_CLAIM_MIN, self.concurrency // 4))
         return self._claims == 0 or min(len(self._buffers), free) >= enough
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _in_background(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -181,7 +189,7 @@ class Claimer:
             if decision in _DROPPED:
                 acks.append(delivery)
             else:
-                self._spawn(self._settle_unclaimed(delivery, unclaimed))
+                self._in_background(self._settle_unclaimed(delivery, unclaimed))
         for (queue, decision), count in counts.items():
             self.metrics.deliveries.labels(queue, decision).inc(count)
         self._claims -= 1

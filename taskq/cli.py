@@ -20,7 +20,7 @@ from typing import Any
 
 from taskq import broker, migrate
 from taskq._utils import redact
-from taskq.errors import ConfigError, TaskqError
+from taskq.errors import ConfigError, HandlerError, TaskqError
 from taskq.settings import Settings, load_settings
 from taskq.topology import Topology
 
@@ -156,8 +156,7 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"taskq: the payload is not JSON: {exc}", file=sys.stderr)
         return 2
-    client = await Client.connect(settings)
-    try:
+    async with Client.connect(settings) as client:
         result = await client.enqueue(
             args.type,
             payload,
@@ -166,8 +165,6 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
             delay=args.delay,
             max_attempts=args.max_attempts,
         )
-    finally:
-        await client.close()
     _print(json.dumps({**result.task, "replayed": not result.created}, default=str))
     return 0
 
@@ -215,7 +212,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             threads=args.threads,
             prefetch=args.prefetch,
         )
-    except handlers.HandlerError as exc:
+    except HandlerError as exc:
         print(f"taskq: {exc}", file=sys.stderr)
         return 2
     if args.metrics_port is not None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,16 +21,16 @@ import asyncpg
 
 from taskq import task_types, validation
 from taskq.broker import Link, Publisher
-from taskq.errors import IdempotencyConflict
+from taskq.errors import FieldError, IdempotencyConflict, InvalidRequest, Overrun
 from taskq.inserts import InsertBatcher
 from taskq.metrics import ApiMetrics
 from taskq.model import EnqueueOutcome
-from taskq.offload import Offload, Overrun
+from taskq.offload import Offload
 from taskq.relay import Outbox
+from taskq.service import Service
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
 from taskq.task_types import TaskType, TypeCache
-from taskq.validation import FieldError, InvalidRequest
 
 # The outbox publishes everything queued, up to this many rows, in one write and
 # waits for their confirms before the next write: a batch forms while the previous
@@ -52,17 +52,34 @@ class EnqueueResult:
         return self.task["id"]
 
 
-class Client:
+class Client(Service):
     """Enqueue tasks into taskq from Python.
+
+    Open one from settings with :meth:`connect`, either as a context manager::
+
+        async with Client.connect(settings) as client:
+            await client.enqueue("email.send.v1", {"to": "a@example.com"})
+
+    or awaited, and closed when done::
+
+        client = await Client.connect(settings)
+        try:
+            ...
+        finally:
+            await client.close()
 
     Args:
         settings: connections, namespace and limits.
-        store: the database; the client owns it if it opened it.
+        store: the database; the client closes it when it stops.
         publisher: the confirming publisher.
         metrics: counters to update (the API passes its own).
+        link: the broker link under ``publisher``, stopped with the client.
 
-    Use :meth:`connect` to open everything from settings.
+    A client built directly must be started (``await client.start()``) before it
+    enqueues; it starts no background task in ``__init__``.
     """
+
+    name = "taskq-client"
 
     def __init__(
         self,
@@ -88,32 +105,59 @@ class Client:
             batch=OUTBOX_BATCH,
             on_failure=self.metrics.publish_failures.inc,
         )
-        self.outbox.start()
         self._batcher = InsertBatcher(store, on_inserted=self._publish_created)
 
     @classmethod
-    async def connect(cls, settings: Settings, *, metrics: ApiMetrics | None = None) -> Client:
-        """Open a database pool and a broker link (which may come up later)."""
+    def connect(cls, settings: Settings, *, metrics: ApiMetrics | None = None) -> Connecting:
+        """Open a database pool and a broker link (which may come up later), and start.
+
+        Await it for a started client (close it with :meth:`close`), or use it
+        with ``async with``, which closes the client on leaving the block.
+
+        Raises:
+            StoreError: the database cannot be reached.
+        """
+        return Connecting(cls._open(settings, metrics))
+
+    @classmethod
+    async def _open(cls, settings: Settings, metrics: ApiMetrics | None) -> Client:
         # The client leaves no session state on its connections (no LISTEN, no session
         # settings or locks): the pool's reset query would be a round trip per batch.
         store = await Store.connect(
             settings.database_url, session_reset=False, schema=settings.db_schema
         )
         link = Link(settings.amqp_url, name="taskq-client", heartbeat=settings.amqp_heartbeat)
-        await link.start()
+        client = cls(
+            settings,
+            store,
+            Publisher(link, settings.topology(), settings.max_delay),
+            metrics=metrics,
+            link=link,
+        )
+        await client.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(link.ready.wait(), 5.0)
-        publisher = Publisher(link, settings.topology(), settings.max_delay)
-        return cls(settings, store, publisher, metrics=metrics, link=link)
+        return client
 
-    async def close(self) -> None:
+    async def _start(self) -> None:
+        if self._link is not None:
+            await self._link.start()
+        await self.outbox.start()
+        await self._batcher.start()
+
+    async def _stop(self, timeout: float) -> None:
+        """Publish what is queued (within ``timeout``), then close everything."""
         self.offload.close()
-        await self._batcher.close()
-        await self.outbox.close()
+        await self._batcher.stop()
+        await self.outbox.stop(timeout)
         await self.publisher.close()
         if self._link is not None:
-            await self._link.close()
+            await self._link.stop()
         await self.store.close()
+
+    async def close(self) -> None:
+        """Stop the client (:meth:`stop` with its default timeout)."""
+        await self.stop()
 
     async def enqueue(
         self,
@@ -270,6 +314,25 @@ class Client:
             # The task is durable now; the outbox publishes it in the background.
             self.outbox.submit(result.owed())
         return EnqueueResult(created, result.answer)
+
+
+class Connecting:
+    """What :meth:`Client.connect` returns: await it, or use it with ``async with``."""
+
+    def __init__(self, opening: Coroutine[Any, Any, Client]) -> None:
+        self._opening = opening
+        self._client: Client | None = None
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._opening
+        return self._client
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._client is not None:
+            await self._client.close()
 
 
 def _index(field: str) -> int:

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 import aiormq
-from aio_pika.abc import AbstractConnection, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
+from taskq.broker import Link
 from taskq.envelope import Envelope
 from taskq.errors import BrokerError
+from taskq.service import Service
 from taskq.topology import Names
 
 log = logging.getLogger("taskq.worker")
@@ -293,7 +295,7 @@ class QueueConsumer:
                 log.debug("closing the channel of %s: %s", self.name, exc)
 
 
-class Consumers:
+class Consumers(Service):
     """One :class:`QueueConsumer` per work queue on a robust connection.
 
     Args:
@@ -304,7 +306,15 @@ class Consumers:
         on_invalid: called with the queue and the error of each undecodable message,
             after it was rejected to the DLQ.
         acker: told of every delivery, and rejects the invalid ones.
+        link: the broker link to consume on (a robust connection, see
+            :func:`taskq.broker.connect`); it must be ready when :meth:`start` runs.
+
+    :meth:`stop_receiving` cancels the consumers and keeps the channels open, so
+    that the deliveries claimed meanwhile can still be acked; :meth:`stop` closes
+    the channels, and RabbitMQ requeues whatever is still unacked.
     """
+
+    name = "taskq-consumers"
 
     def __init__(
         self,
@@ -315,7 +325,9 @@ class Consumers:
         on_delivery: Callable[[Delivery], None],
         on_invalid: Callable[[str, Exception], None],
         acker: Acker,
+        link: Link,
     ) -> None:
+        self._link = link
         self._prefetch = prefetch
         self._on_delivery = on_delivery
         self._on_invalid = on_invalid
@@ -324,12 +336,14 @@ class Consumers:
             QueueConsumer(names.queue(queue), queue, self._callback(queue)) for queue in queues
         ]
 
-    async def start(self, connection: AbstractConnection) -> None:
-        """Consume every queue, on a robust connection (see :func:`taskq.broker.connect`).
+    async def _start(self) -> None:
+        """Consume every queue.
 
         Raises:
-            BrokerError: if a work queue does not exist (the topology is not declared).
+            BrokerError: if a work queue does not exist (the topology is not declared)
+                or the link is not connected.
         """
+        connection = self._link.connection()
         assert isinstance(connection, AbstractRobustConnection)
         for consumer in self._consumers:
             await consumer.start(connection, self._prefetch)
@@ -354,12 +368,12 @@ class Consumers:
 
         return on_message
 
-    async def stop(self) -> None:
-        """Stop receiving; unsettled deliveries stay unacked until :meth:`close`."""
+    async def stop_receiving(self) -> None:
+        """Stop receiving; unsettled deliveries stay unacked until :meth:`stop`."""
         for consumer in self._consumers:
             await consumer.stop()
 
-    async def close(self) -> None:
+    async def _stop(self, timeout: float) -> None:
         """Close the channels: RabbitMQ requeues whatever is still unacked."""
         for consumer in self._consumers:
             await consumer.close()

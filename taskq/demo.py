@@ -21,8 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from taskq.handlers import Context, Fail, Registry
-from taskq.settings import load_settings
+from taskq import Context, Fail, Registry, load_settings
 
 handlers = Registry()
 

@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 from pamqp.commands import Basic
 
-from taskq.errors import TaskqError
+# Defined in taskq.errors; importing them from here keeps working.
+from taskq.errors import InvalidEnvelope as InvalidEnvelope
 from taskq.frames import JSON as CONTENT_TYPE
 from taskq.frames import PERSISTENT, Persistent
 
@@ -34,10 +35,6 @@ HEADER_ATTEMPT = "x-taskq-attempt"
 HEADER_DUE = "x-taskq-due"
 HEADER_QUEUE = "x-taskq-queue"
 HEADER_DELAY = "x-taskq-delay"
-
-
-class InvalidEnvelope(TaskqError):
-    """The message is not a taskq envelope."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,49 @@
-"""The exceptions taskq raises. Driver errors are wrapped into these ``from`` the original."""
+"""The exceptions taskq raises, all in this module. Driver errors are wrapped into
+these ``from`` the original (asyncpg's stay inside :mod:`taskq.store`, aio-pika's
+inside :mod:`taskq.broker`).
+
+The hierarchy::
+
+    TaskqError                     taskq failed (the root of what taskq raises)
+    ├── ConfigError                a setting is invalid
+    ├── StoreError                 the database did not answer as expected
+    │   ├── RejectedByDatabase     it refused the data (a constraint, a value)
+    │   ├── LockLost               no longer the active relay or sweeper
+    │   └── MigrationError         the schema could not be migrated
+    ├── BrokerError                the broker did not answer as expected
+    │   ├── PublishError           a publish was not confirmed
+    │   │   ├── Unpublishable      nothing routes the envelope
+    │   │   └── Nacked             the broker refused the publish
+    │   └── TopologyConflict       an exchange or queue exists with other properties
+    ├── TooManyTaskTypes           the task type registry is full
+    ├── DelayTooLong               a delay beyond what the delay levels carry
+    ├── IdempotencyConflict        an idempotency key reused with another request
+    ├── InvalidRequest             an enqueue or admin request is invalid (names the fields)
+    │   └── TooLarge               a payload over TASKQ_MAX_PAYLOAD_BYTES
+    ├── InvalidEnvelope            a message is not a taskq envelope
+    ├── HandlerError               the handlers could not be loaded or declared
+    ├── NoHandler                  this worker has no handler for a task's type
+    ├── Overrun                    a payload check ran past its deadline
+    └── Busy                       every payload-checking thread stayed taken
+
+    Retry                          raised by a handler: another attempt after a delay
+    Fail                           raised by a handler: FAILED now, no further attempt
+    SchemaProblem (ValueError)     a payload schema taskq refuses, and where in it
+    Problem                        an HTTP error, answered as problem+json
+
+:class:`Retry` and :class:`Fail` are control flow that handler code raises, not
+errors of taskq, so they do not derive from :class:`TaskqError` (and are not
+logged as errors). :class:`Problem` is the answer of an HTTP request.
+
+Old import paths (``taskq.handlers.Retry``, ``taskq.validation.InvalidRequest``,
+``taskq.http.Problem`` ...) still work: those modules import the classes from here.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 
 class TaskqError(Exception):
@@ -90,3 +133,115 @@ class IdempotencyConflict(TaskqError):
         super().__init__(
             f"idempotency key {key!r} was used for task {task_id} with another request"
         )
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One field at fault in a request: ``field`` is its path (``tasks[3].payload``)."""
+
+    field: str
+    message: str
+
+
+class InvalidRequest(TaskqError):
+    """The request is invalid."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e.field}: {e.message}" for e in errors))
+
+
+class TooLarge(InvalidRequest):
+    """A payload exceeds TASKQ_MAX_PAYLOAD_BYTES."""
+
+
+class InvalidEnvelope(TaskqError):
+    """The message is not a taskq envelope."""
+
+
+class HandlerError(TaskqError):
+    """The handlers could not be loaded or declared."""
+
+
+class NoHandler(TaskqError):
+    """This worker has no handler for the task's type."""
+
+
+class Overrun(TaskqError):
+    """The check ran past its deadline and was interrupted."""
+
+
+class Busy(TaskqError):
+    """Every checking thread was taken until the deadline: try again later."""
+
+
+class Retry(Exception):
+    """Ask for another attempt after ``delay`` seconds (default: the task type's backoff).
+
+    The attempt counts: with no attempt left the task is FAILED instead.
+
+    Args:
+        delay: seconds until the next attempt; ``None`` uses the backoff.
+        reason: recorded as the attempt's error (``Retry: <reason>``).
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        if delay is not None and delay < 0:
+            raise ValueError("a retry delay cannot be negative")
+        self.delay = delay
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Fail(Exception):
+    """End the task as FAILED now, without further attempts; it goes to the DLQ.
+
+    Args:
+        reason: recorded as the task's error and in the dead letter's headers.
+    """
+
+    def __init__(self, reason: str = "failed by the handler") -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class SchemaProblem(ValueError):
+    """A payload schema taskq refuses; ``path`` is where, inside the schema."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"at {path}: {message}" if path else message)
+
+
+class Problem(Exception):
+    """An HTTP error answered as problem+json (:func:`taskq.http.problem_response`)."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        errors: list[FieldError] | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+        self.errors = errors or []
+        self.headers = headers
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        """The problem+json document (RFC 9457)."""
+        body: dict[str, Any] = {
+            "type": "urn:taskq:problem:" + self.title.lower().replace(" ", "-"),
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors:
+            body["field"] = self.errors[0].field
+            body["errors"] = [{"field": e.field, "message": e.message} for e in self.errors]
+        body.update(self.extra)
+        return body

@@ -39,8 +39,11 @@ import orjson
 from prometheus_client import Histogram
 
 from taskq import backoff
-from taskq.errors import StoreError, TaskqError
-from taskq.handlers import Context, Fail, Handler, Registry, Retry
+from taskq.errors import Fail, Retry, StoreError
+
+# Defined in taskq.errors; importing them from here keeps working.
+from taskq.errors import NoHandler as NoHandler
+from taskq.handlers import Context, Handler, Registry
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
 from taskq.outcomes import Finished
@@ -60,10 +63,6 @@ ABANDON_AFTER_SECONDS = 5.0
 def heartbeat_interval(lease: float) -> float:
     """Seconds between a worker's heartbeats: a third of the lease, at most 5 s."""
     return min(lease / 3, HEARTBEAT_MAX_SECONDS)
-
-
-class NoHandler(TaskqError):
-    """This worker has no handler for the task's type."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,18 +29,24 @@ the task as FAILED at once. A result that is not JSON or is larger than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import logging
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 from taskq import backoff as backoff_
-from taskq.errors import TaskqError
+
+# Defined in taskq.errors; importing them from here keeps working.
+from taskq.errors import Fail as Fail
+from taskq.errors import HandlerError as HandlerError
+from taskq.errors import Retry as Retry
 
 TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 DEFAULT_MAX_ATTEMPTS = 5
@@ -54,40 +60,6 @@ F = TypeVar("F", bound=HandlerFunction)
 BackoffSpec: TypeAlias = (
     backoff_.Backoff | Mapping[str, Any] | Sequence[float | str] | float | str | None
 )
-
-
-class Retry(Exception):
-    """Ask for another attempt after ``delay`` seconds (default: the task type's backoff).
-
-    The attempt counts: with no attempt left the task is FAILED instead.
-
-    Args:
-        delay: seconds until the next attempt; ``None`` uses the backoff.
-        reason: recorded as the attempt's error (``Retry: <reason>``).
-    """
-
-    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
-        if delay is not None and delay < 0:
-            raise ValueError("a retry delay cannot be negative")
-        self.delay = delay
-        self.reason = reason
-        super().__init__(reason)
-
-
-class Fail(Exception):
-    """End the task as FAILED now, without further attempts; it goes to the DLQ.
-
-    Args:
-        reason: recorded as the task's error and in the dead letter's headers.
-    """
-
-    def __init__(self, reason: str = "failed by the handler") -> None:
-        self.reason = reason
-        super().__init__(reason)
-
-
-class HandlerError(TaskqError):
-    """The handlers could not be loaded or declared."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +204,12 @@ class Registry:
 
         def register(function: F) -> F:
             sync = _is_sync(name, function)
-            self._handlers[name] = Handler(
-                name, function, queue, max_attempts, timeout, strategy, sync
-            )
+            handler = Handler(name, function, queue, max_attempts, timeout, strategy, sync)
+            self._handlers[name] = handler
+            # Not every callable can be a weak key (a class with __slots__, an unhashable
+            # object): taskq.testing then needs the registry to find its options.
+            with contextlib.suppress(TypeError):
+                _REGISTERED[function] = handler
             return function
 
         return register
@@ -250,6 +225,19 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._handlers)
+
+
+# The last registration of each function, so that :mod:`taskq.testing` finds a
+# handler's options from the function alone.
+_REGISTERED: weakref.WeakKeyDictionary[Any, Handler] = weakref.WeakKeyDictionary()
+
+
+def registration(function: object) -> Handler | None:
+    """The options ``function`` was last registered with (by any :class:`Registry`)."""
+    try:
+        return _REGISTERED.get(function)
+    except TypeError:  # not a possible weak key: never registered here
+        return None
 
 
 def _is_sync(name: str, function: object) -> bool:

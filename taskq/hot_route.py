@@ -24,6 +24,7 @@ from taskq.http import (
     json_default,
     parse_json,
     problem_for,
+    problem_response,
     too_large,
 )
 
@@ -59,9 +60,9 @@ async def serve_enqueue(state: Any, scope: Scope, receive: Receive, send: Send) 
     except Exception as exc:
         problem = problem_for(exc, ROUTE)
         if problem is None:  # a bug: the same 500 as from Starlette's error middleware
-            await SERVER_ERROR.response()(scope, receive, send)
+            await problem_response(SERVER_ERROR)(scope, receive, send)
             raise
-        response = problem.response()
+        response = problem_response(problem)
         await response(scope, receive, send)
         state.metrics.http_request(ROUTE, response.status_code)
         return

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -18,9 +18,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from taskq._utils import preview
-from taskq.errors import IdempotencyConflict, RejectedByDatabase, StoreError
-from taskq.offload import Busy
-from taskq.validation import FieldError, InvalidRequest, TooLarge
+from taskq.errors import (
+    Busy,
+    FieldError,
+    IdempotencyConflict,
+    InvalidRequest,
+    Problem,
+    RejectedByDatabase,
+    StoreError,
+    TooLarge,
+)
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -30,37 +37,11 @@ CHANGES_STATE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class Problem(Exception):
-    """An HTTP error answered as problem+json."""
-
-    def __init__(
-        self,
-        status: int,
-        title: str,
-        detail: str,
-        *,
-        errors: list[FieldError] | None = None,
-        headers: Mapping[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status, self.title, self.detail = status, title, detail
-        self.errors = errors or []
-        self.headers = headers
-        self.extra = extra or {}
-
-    def response(self) -> Response:
-        body: dict[str, Any] = {
-            "type": "urn:taskq:problem:" + self.title.lower().replace(" ", "-"),
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if self.errors:
-            body["field"] = self.errors[0].field
-            body["errors"] = [{"field": e.field, "message": e.message} for e in self.errors]
-        body.update(self.extra)
-        return Response(orjson.dumps(body), self.status, self.headers, media_type=PROBLEM)
+def problem_response(problem: Problem) -> Response:
+    """The ``application/problem+json`` answer of ``problem``."""
+    return Response(
+        orjson.dumps(problem.body()), problem.status, problem.headers, media_type=PROBLEM
+    )
 
 
 # What a request that met a bug gets (and the log the error).
@@ -104,7 +85,7 @@ def endpoint(route: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
                 problem = problem_for(exc, route)
                 if problem is None:
                     raise
-                response = problem.response()
+                response = problem_response(problem)
             state.metrics.http_request(route, response.status_code)
             return response
 

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from taskq.errors import RejectedByDatabase
+from taskq.service import Service
 from taskq.store import Enqueued, NewTask, Store
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ STALL_SECONDS = 0.05
 _Item = tuple[NewTask, "asyncio.Future[Enqueued]"]
 
 
-class InsertBatcher:
+class InsertBatcher(Service):
     """Groups concurrent single enqueues into batched INSERT statements.
 
     Args:
@@ -48,13 +49,17 @@ class InsertBatcher:
     ) -> None:
         self._store = store
         self._on_inserted = on_inserted
-        self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._running: set[asyncio.Task[None]] = set()
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="taskq-insert")
+
+    name = "taskq-insert"
+
+    async def _start(self) -> None:
+        self._spawn(self._dispatch(), self.name)
 
     async def submit(self, task: NewTask) -> Enqueued:
-        future: asyncio.Future[Enqueued] = self._loop.create_future()
+        """Insert ``task`` with the others queued meanwhile (once started)."""
+        future: asyncio.Future[Enqueued] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((task, future))
         return await future
 
@@ -108,8 +113,11 @@ class InsertBatcher:
             if not future.done():
                 future.set_exception(exc)
 
-    async def close(self) -> None:
-        tasks = [self._dispatcher, *self._running]
+    async def _stop(self, timeout: float) -> None:
+        """Cancel the dispatcher and the statements running (their callers get the
+        cancellation)."""
+        tasks = [*self._tasks, *self._running]
+        self._tasks.clear()
         for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -10,6 +10,7 @@ import time
 import uuid
 
 from taskq.errors import StoreError
+from taskq.service import Service
 from taskq.store import Store
 
 log = logging.getLogger("taskq.relay")
@@ -20,7 +21,7 @@ log = logging.getLogger("taskq.relay")
 MARK_DELAY = 1.0
 
 
-class Marker:
+class Marker(Service):
     """Collects confirmed publishes and records them in batched statements; also
     tells the relay, in batches, of the rows an outbox left to it.
 
@@ -48,7 +49,6 @@ class Marker:
         # (confirmed at, task id, generation), oldest first.
         self._pending: collections.deque[tuple[float, uuid.UUID, int]] = collections.deque()
         self._handed: list[uuid.UUID] = []
-        self._task: asyncio.Task[None] | None = None
 
     def add(self, task_id: uuid.UUID, generation: int) -> None:
         self._pending.append((time.monotonic(), task_id, generation))
@@ -56,8 +56,10 @@ class Marker:
     def hand_over(self, task_id: uuid.UUID) -> None:
         self._handed.append(task_id)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="taskq-marker")
+    name = "taskq-marker"
+
+    async def _start(self) -> None:
+        self._spawn(self._run(), self.name)
 
     async def _run(self) -> None:
         while True:
@@ -94,8 +96,7 @@ class Marker:
                 self._handed = handed + self._handed
                 raise
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def _stop(self, timeout: float) -> None:
+        """Stop the loop, then record every publish confirmed so far."""
+        await self._cancel_tasks()
         await self.flush()

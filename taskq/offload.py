@@ -24,19 +24,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from taskq.errors import TaskqError
+# Defined in taskq.errors; importing them from here keeps working.
+from taskq.errors import Busy as Busy
+from taskq.errors import Overrun as Overrun
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 THREADS = 2
-
-
-class Overrun(TaskqError):
-    """The check ran past its deadline and was interrupted."""
-
-
-class Busy(TaskqError):
-    """Every checking thread was taken until the deadline: try again later."""
 
 
 class _Interrupt(BaseException):

@@ -34,6 +34,7 @@ from taskq.errors import RejectedByDatabase, StoreError
 from taskq.metrics import WorkerMetrics
 from taskq.model import DeadLetterReason, OutcomeKind, OwedPublish, TaskStatus
 from taskq.relay import Outbox
+from taskq.service import Service
 from taskq.store import Store
 
 log = logging.getLogger("taskq.worker")
@@ -63,7 +64,16 @@ class Finished:
     failing_since: float | None = None
 
 
-class Recorder:
+_OUTCOME_LABEL = {
+    "complete": "succeeded",
+    "retry": "retried",
+    "fail": "failed",
+    "give_back": "given_back",
+    "cancel": "cancelled",
+}
+
+
+class Recorder(Service):
     """Collects outcomes and records them in batches, one statement per kind at a time.
 
     While a batch is being written the next one collects, so under load the
@@ -92,10 +102,12 @@ class Recorder:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="taskq-recorder")
+    name = "taskq-recorder"
+    stop_timeout = 15.0
+
+    async def _start(self) -> None:
+        self._spawn(self._run(), self.name)
 
     def add(self, finished: Finished) -> None:
         self._pending.append(finished)
@@ -219,13 +231,11 @@ class Recorder:
         if not self._outbox.submit(owed):
             log.warning("outbox full: task %s stays owed for the relay", owed.id)
 
-    async def close(self, timeout: float) -> None:
+    async def _stop(self, timeout: float) -> None:
         """Record what is pending (within ``timeout``), then stop; leases cover the rest."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._cancel_tasks()
         if self._pending:
             log.warning("%d outcomes not recorded at shutdown", len(self._pending))
 

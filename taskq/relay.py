@@ -42,6 +42,7 @@ from taskq.errors import DelayTooLong, Nacked, TaskqError, Unpublishable
 from taskq.leader import SessionLock, lead, lock_key
 from taskq.marker import Marker
 from taskq.model import OwedPublish, TaskStatus
+from taskq.service import Service
 from taskq.store import Store
 
 log = logging.getLogger("taskq.relay")
@@ -185,7 +186,7 @@ async def publish_owed(
     return Paid(len(confirmed), aside, bool(broker))
 
 
-class Outbox:
+class Outbox(Service):
     """Publishes rows right after their commit, in the background, many confirms in flight.
 
     Callers hand over committed rows and go on: the task is durable already. A
@@ -231,17 +232,16 @@ class Outbox:
         self._in_flight = in_flight
         self._batch = batch
         self._max_wait = max_wait
-        self._tasks: list[asyncio.Task[None]] = []
         self.handed_over = 0  # rows left to the relay because they waited too long
         self._logged_at = -HANDOVER_LOG_SECONDS
         self._logged_count = 0
 
-    def start(self) -> None:
-        self._marker.start()
-        self._tasks = [
-            asyncio.create_task(self._run(), name=f"taskq-outbox-{n}")
-            for n in range(max(1, self._in_flight // self._batch))
-        ]
+    name = "taskq-outbox"
+
+    async def _start(self) -> None:
+        await self._marker.start()
+        for n in range(max(1, self._in_flight // self._batch)):
+            self._spawn(self._run(), f"taskq-outbox-{n}")
 
     def submit(self, owed: OwedPublish) -> bool:
         """Queue ``owed`` for publishing; False if full (the relay will publish it)."""
@@ -309,16 +309,14 @@ class Outbox:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout)
 
-    async def close(self, timeout: float = 5.0) -> None:
+    async def _stop(self, timeout: float) -> None:
         """Publish what is queued (within ``timeout``), then stop; the rest stays owed."""
         await self.drain(timeout)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._marker.close()
+        await self._cancel_tasks()
+        await self._marker.stop()
 
 
-class Relay:
+class Relay(Service):
     """Publishes owed rows while this process holds the relay lock.
 
     Args:
@@ -357,18 +355,14 @@ class Relay:
         self._listening: object | None = None
         self._notified: set[uuid.UUID] = set()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(
-            lead(self._lock, self._lead, interval=self.interval, wake=self._wake),
-            name="taskq-relay",
-        )
+    name = "taskq-relay"
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def _start(self) -> None:
+        self._spawn(lead(self._lock, self._lead, interval=self.interval, wake=self._wake))
+
+    async def _stop(self, timeout: float) -> None:
+        await self._cancel_tasks()
         await self._lock.release()
 
     @property

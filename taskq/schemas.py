@@ -25,19 +25,14 @@ from jsonschema.exceptions import best_match
 
 from taskq._utils import preview
 
+# Defined in taskq.errors; importing them from here keeps working.
+from taskq.errors import SchemaProblem as SchemaProblem
+
 MAX_PATTERN_CHARS = 10_000
 MAX_MESSAGE_CHARS = 300
 _OPTIONS = re2.Options()
 _OPTIONS.log_errors = False  # errors are answered, not printed on stderr
 _OPTIONS.never_capture = True
-
-
-class SchemaProblem(ValueError):
-    """A payload schema taskq refuses; ``path`` is where, inside the schema."""
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        super().__init__(f"at {path}: {message}" if path else message)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -23,10 +23,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from taskq.errors import StoreError
-from taskq.http import Problem, endpoint, json_default
+from taskq.errors import Problem, StoreError
+from taskq.http import endpoint, json_default
 from taskq.model import StreamEvent
 from taskq.monitor import Monitor
+from taskq.service import Service
 
 log = logging.getLogger(__name__)
 STATS_EVERY = 1.0
@@ -47,8 +48,13 @@ def sse(event: str, data: Any) -> bytes:
 _BEHIND = sse("error", {"detail": "this stream fell behind; reconnect"})
 
 
-class Hub:
-    """The poller of one API process and the streams it feeds."""
+class Hub(Service):
+    """The poller of one API process and the streams it feeds.
+
+    Its poller runs while streams are open; :meth:`stop` ends them all.
+    """
+
+    name = "taskq-stream"
 
     def __init__(self, monitor: Monitor, stopping: asyncio.Event, max_streams: int) -> None:
         self.monitor = monitor
@@ -136,7 +142,8 @@ class Hub:
         if self.stopping.is_set():
             self._send(None)
 
-    async def close(self) -> None:
+    async def _stop(self, timeout: float) -> None:
+        """End every stream and stop the poller (which starts with the first stream)."""
         self._send(None)
         if self._poller is not None:
             self._poller.cancel()

@@ -18,9 +18,9 @@
   them) that finished more than ``retention`` seconds ago, in bounded batches,
   and forgets workers silent for an hour.
 
-Workers run it with :meth:`Sweeper.start`: under a Postgres advisory lock of
-its own, so one sweeper is active across the fleet, whichever process holds the
-relay's lock (the API runs a relay too). Its duties also fit
+Workers run it with :meth:`Sweeper.start` (built with a ``database_url``):
+under a Postgres advisory lock of its own, so one sweeper is active across the
+fleet, whichever process holds the relay's lock (the API runs a relay too). Its duties also fit
 ``Relay(..., duties=sweeper.duties)``. Either way an active relay publishes
 what the sweeper marks owed, as it publishes rows that were never published and
 retries whose publish failed.
@@ -28,7 +28,6 @@ retries whose publish failed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -40,11 +39,12 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 
 from taskq.broker import Link, Publisher
-from taskq.errors import BrokerError
+from taskq.errors import BrokerError, ConfigError
 from taskq.leader import SessionLock, lead, lock_key
 from taskq.metrics import WorkerMetrics
 from taskq.model import DeadLetterReason, TaskStatus
 from taskq.relay import publish_owed
+from taskq.service import Service
 from taskq.store import Store
 from taskq.topology import Names
 
@@ -67,7 +67,7 @@ WORKERS_FORGOTTEN_AFTER = 3600.0
 PURGE_ENDED_AFTER = 60.0
 
 
-class Sweeper:
+class Sweeper(Service):
     """Lease recovery and lost-envelope detection.
 
     Args:
@@ -84,6 +84,10 @@ class Sweeper:
         retention: seconds after which finished tasks are deleted; 0 keeps them.
         purge_ended_after: seconds after which a queue purge not ended is ended here.
         metrics: counts lease recoveries, republishes and deletions, if given.
+        database_url: for the dedicated connection that holds the sweeper lock;
+            needed by :meth:`start` only (``Relay(duties=sweeper.duties)`` runs
+            the duties under the relay's lock instead).
+        interval: seconds between passes once started.
     """
 
     def __init__(
@@ -100,6 +104,8 @@ class Sweeper:
         retention: float = 7 * 86400.0,
         purge_ended_after: float = PURGE_ENDED_AFTER,
         metrics: WorkerMetrics | None = None,
+        database_url: str | None = None,
+        interval: float = 1.0,
     ) -> None:
         self.retention = retention
         self.purge_ended_after = purge_ended_after
@@ -115,20 +121,31 @@ class Sweeper:
         self.metrics = metrics
         self._channel: AbstractChannel | None = None
         self._checked_at = -1e9
-        self._lock: SessionLock | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.interval = interval
+        self._lock = (
+            None
+            if database_url is None
+            else SessionLock(database_url, lock_key(LOCK_KEY, store.schema), "sweeper")
+        )
 
-    def start(self, database_url: str, *, interval: float = 1.0) -> None:
-        """Run the duties every ``interval`` seconds while this process holds the sweeper lock."""
-        key = lock_key(LOCK_KEY, self.store.schema)
-        lock = self._lock = SessionLock(database_url, key, "sweeper")
+    name = "taskq-sweeper"
+
+    async def _start(self) -> None:
+        """Run the duties every ``interval`` seconds while this process holds the sweeper lock.
+
+        Raises:
+            ConfigError: the sweeper was built without a ``database_url``.
+        """
+        lock = self._lock
+        if lock is None:
+            raise ConfigError("database_url", "a sweeper started on its own needs one")
 
         async def sweep() -> None:
             for duty in self.duties:
                 await lock.ensure()  # a process resumed after a freeze may have lost it
                 await duty()
 
-        self._task = asyncio.create_task(lead(lock, sweep, interval=interval), name="taskq-sweeper")
+        self._spawn(lead(lock, sweep, interval=self.interval))
 
     @property
     def active(self) -> bool:
@@ -251,14 +268,16 @@ class Sweeper:
         count: int | None = declared.message_count
         return count
 
-    async def close(self) -> None:
-        """Stop the loop started by :meth:`start` and release the lock."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop started by :meth:`start`, release the lock, close the depth
+        channel (also opened by duties run under a relay, without a start)."""
+        await super().stop(timeout)
+        await self._close_channel()
+
+    async def _stop(self, timeout: float) -> None:
+        await self._cancel_tasks()
         if self._lock is not None:
             await self._lock.release()
-        await self._close_channel()
 
     async def _close_channel(self) -> None:
         channel, self._channel = self._channel, None

@@ -23,9 +23,9 @@ import orjson
 from referencing.exceptions import Unresolvable
 
 from taskq import schemas
+from taskq.errors import FieldError, InvalidRequest, SchemaProblem
 from taskq.model import TaskTypeRecord
 from taskq.store import Store
-from taskq.validation import FieldError, InvalidRequest
 
 TYPES_TTL = 2.0
 # A snapshot younger than TYPES_TTL * STALE_FACTOR answers for the names it holds while
@@ -62,7 +62,7 @@ class TaskType:
         if schema is not None:
             try:
                 schemas.check_runnable(schema)
-            except schemas.SchemaProblem as exc:
+            except SchemaProblem as exc:
                 broken = str(exc)
         return cls(
             name=record.name,

@@ -18,7 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from taskq import schemas
 from taskq._utils import json_has_nul, parse_duration, task_id
-from taskq.errors import TaskqError
+
+# Defined in taskq.errors; importing them from here keeps working.
+from taskq.errors import FieldError as FieldError
+from taskq.errors import InvalidRequest as InvalidRequest
+from taskq.errors import SchemaProblem
+from taskq.errors import TooLarge as TooLarge
 from taskq.settings import QUEUE_NAME, Settings
 from taskq.store import NewTask
 
@@ -28,29 +33,11 @@ MAX_BATCH = 1000
 TOO_DEEP = "nested too deeply: keep it within 250 levels"
 
 
-@dataclass(frozen=True)
-class FieldError:
-    field: str
-    message: str
-
-
 def _integral(value: Any) -> Any:
     # JSON has one number type: 3.0 is the integer 3, as JSON Schema's "integer" says.
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
-
-
-class InvalidRequest(TaskqError):
-    """The request is invalid."""
-
-    def __init__(self, errors: list[FieldError]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{e.field}: {e.message}" for e in errors))
-
-
-class TooLarge(InvalidRequest):
-    """A payload exceeds TASKQ_MAX_PAYLOAD_BYTES."""
 
 
 class EnqueueBody(BaseModel):
@@ -297,7 +284,7 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
         try:
             schemas.check_schema(body.payload_schema)
             schema_json = dumps(body.payload_schema)
-        except schemas.SchemaProblem as exc:
+        except SchemaProblem as exc:
             errors.append(FieldError("payload_schema", f"not a valid JSON Schema: {exc}"))
         except (RecursionError, orjson.JSONEncodeError):
             errors.append(FieldError("payload_schema", TOO_DEEP))

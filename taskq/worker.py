@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -44,18 +45,19 @@ import orjson
 
 from taskq.broker import Link, Publisher
 from taskq.claims import Claimer
-from taskq.consumer import Acker, Buffers, Consumers
-from taskq.errors import ConfigError, StoreError
+from taskq.consumer import Acker, Buffers, Consumers, Delivery
+from taskq.errors import ConfigError, HandlerError, StoreError
 from taskq.execution import (
     ABANDON_AFTER_SECONDS,
     CANCEL_GRACE_SECONDS,
     Runner,
     heartbeat_interval,
 )
-from taskq.handlers import HandlerError, Registry
+from taskq.handlers import Registry
 from taskq.metrics import WorkerMetrics
 from taskq.outcomes import Finished, Recorder
 from taskq.relay import Outbox, Relay
+from taskq.service import Loop, OnStop, Service, Services
 from taskq.settings import Settings
 from taskq.store import Store, WorkerInfo
 from taskq.sweeper import Sweeper
@@ -75,7 +77,7 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class Worker:
+class Worker(Service):
     """Runs the tasks of some work queues with a registry's handlers.
 
     Args:
@@ -165,10 +167,33 @@ class Worker:
             heartbeat_seconds=heartbeat_interval(self.lease),
         )
         self._hurry = asyncio.Event()
-        self._stopping = False
-        self._loops: list[asyncio.Task[None]] = []
-        self._exit = contextlib.AsyncExitStack()
+        self.name = f"taskq-worker {self.worker_id}"
+        self.stop_timeout = settings.worker_shutdown_grace
         self._check_handlers()
+        # The parts that need no database are built here; those that need the
+        # store are built by start(), once its pool is open.
+        # A short AMQP heartbeat: were this process frozen, the broker would
+        # requeue its buffered envelopes for other workers within seconds.
+        heartbeat = settings.amqp_heartbeat
+        self._consume_link = Link(
+            settings.amqp_url, name=f"taskq-worker-consume {self.worker_id}", heartbeat=heartbeat
+        )
+        self._publish_link = Link(
+            settings.amqp_url, name=f"taskq-worker-publish {self.worker_id}", heartbeat=heartbeat
+        )
+        self._topology = settings.topology()
+        self.publisher = Publisher(self._publish_link, self._topology, settings.max_delay)
+        self._consumers = Consumers(
+            self._topology.names,
+            self.queues,
+            self.prefetch,
+            on_delivery=self._on_delivery,
+            on_invalid=self._on_invalid,
+            acker=self._acker,
+            link=self._consume_link,
+        )
+        # Started in order, stopped in reverse (see taskq.service).
+        self._parts = Services(name=f"taskq-worker {self.worker_id}")
 
     def _check_handlers(self) -> None:
         for handler in self.registry:
@@ -183,22 +208,19 @@ class Worker:
     async def start(self) -> None:
         """Connect, register the handlers' task types and start consuming.
 
-        Waits for the broker if it is not up yet.
+        Waits for the broker if it is not up yet. A failed or interrupted start
+        stops exactly what it started, in reverse order. Starting a running
+        worker does nothing; a stopped worker cannot start again.
 
         Raises:
             StoreError: if the database cannot be reached.
             BrokerError: if a work queue does not exist.
         """
-        try:
-            await self._start()
-        except BaseException:
-            await self._exit.aclose()
-            raise
+        await super().start()
 
     async def _start(self) -> None:
-        # Everything opened is pushed on the exit stack, so a failed or
-        # interrupted start closes exactly what it opened, in reverse order.
-        settings, stack = self.settings, self._exit
+        settings, parts = self.settings, self._parts
+        await parts.start()
         # The worker's statements leave no session state (the relay's lock has
         # its own connection), so the pool skips the reset round trip.
         self.store = await Store.connect(
@@ -208,38 +230,24 @@ class Worker:
             session_reset=False,
             schema=settings.db_schema,
         )
-        stack.push_async_callback(self.store.close)
+        await parts.add(OnStop(self.store.close, name="taskq-worker-store"))
         await self._register_types()
         # In the worker list from now on (the heartbeat keeps it fresh),
         # and out of it at a clean stop.
         await self.store.heartbeat([], self.info, self.lease)
-        stack.push_async_callback(self._leave_registry)
-        # A short AMQP heartbeat: were this process frozen, the broker would
-        # requeue its buffered envelopes for other workers within seconds.
-        heartbeat = settings.amqp_heartbeat
-        consume_link = Link(
-            settings.amqp_url, name=f"taskq-worker-consume {self.worker_id}", heartbeat=heartbeat
-        )
-        publish_link = Link(
-            settings.amqp_url, name=f"taskq-worker-publish {self.worker_id}", heartbeat=heartbeat
-        )
-        for link in (consume_link, publish_link):
-            stack.push_async_callback(link.close)
-            await link.start()
+        await parts.add(OnStop(self._leave_registry, name="taskq-worker-registry"))
+        for link in (self._consume_link, self._publish_link):
+            await parts.add(link)
             try:
                 await asyncio.wait_for(link.ready.wait(), 2.0)
             except TimeoutError:
                 log.info("waiting for the broker (%s)", link.name)
                 await link.ready.wait()
-        topology = settings.topology()
-        self.publisher = Publisher(publish_link, topology, settings.max_delay)
-        stack.push_async_callback(self.publisher.close)
+        await parts.add(OnStop(self.publisher.close, name="taskq-worker-publisher"))
         self._outbox = Outbox(self.store, self.publisher, in_flight=64)
-        self._outbox.start()
-        stack.push_async_callback(self._outbox.close, 5.0)
+        await parts.add(self._outbox)
         self._recorder = Recorder(self.store, self._outbox, self.metrics, self._runner.settled)
-        self._recorder.start()
-        stack.push_async_callback(self._recorder.close, 15.0)
+        await parts.add(self._recorder)
         self._claimer = Claimer(
             self.store,
             self.publisher,
@@ -251,47 +259,36 @@ class Worker:
             lease=self.lease,
             concurrency=self.concurrency,
         )
-        self._consumers = Consumers(
-            topology.names,
-            self.queues,
-            self.prefetch,
-            on_delivery=self._claimer.put,
-            on_invalid=self._on_invalid,
-            acker=self._acker,
-        )
-        stack.push_async_callback(self._consumers.close)
-        self._loops = [
-            asyncio.create_task(self._claimer.run(), name="taskq-claim"),
-            asyncio.create_task(
-                self._runner.heartbeat_loop(self.store, self.info), name="taskq-heartbeat"
-            ),
-            asyncio.create_task(self._types_loop(), name="taskq-types"),
-        ]
-        stack.push_async_callback(self._cancel_loops)
-        await self._consumers.start(consume_link.connection())
+        await parts.add(self._claimer)
+        heartbeat = functools.partial(self._runner.heartbeat_loop, self.store, self.info)
+        await parts.add(Loop(heartbeat, name="taskq-heartbeat"))
+        await parts.add(Loop(self._types_loop, name="taskq-types"))
+        await parts.add(self._consumers)
         if self._run_relay:
-            sweeper = Sweeper(
-                self.store,
-                self.publisher,
-                publish_link,
-                topology.names,
-                settings.queues,
-                overdue_after=self._overdue_after,
-                check_every=settings.sweeper_check_every,
-                retention=settings.retention,
-                metrics=self.metrics,
+            await parts.add(
+                Relay(
+                    self.store,
+                    settings.database_url,
+                    self.publisher,
+                    interval=self._relay_interval,
+                    set_aside=self.metrics.set_aside,
+                )
             )
-            relay = Relay(
-                self.store,
-                settings.database_url,
-                self.publisher,
-                interval=self._relay_interval,
-                set_aside=self.metrics.set_aside,
+            await parts.add(
+                Sweeper(
+                    self.store,
+                    self.publisher,
+                    self._publish_link,
+                    self._topology.names,
+                    settings.queues,
+                    overdue_after=self._overdue_after,
+                    check_every=settings.sweeper_check_every,
+                    retention=settings.retention,
+                    metrics=self.metrics,
+                    database_url=settings.database_url,
+                    interval=self._relay_interval,
+                )
             )
-            relay.start()
-            stack.push_async_callback(relay.close)
-            sweeper.start(settings.database_url, interval=self._relay_interval)
-            stack.push_async_callback(sweeper.close)
         log.info(
             "worker %s started: queues %s, concurrency %d, threads %d, prefetch %d, %d handlers",
             self.worker_id,
@@ -337,33 +334,34 @@ class Worker:
         """End the shutdown grace now (a second Ctrl-C)."""
         self._hurry.set()
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully.
 
-        Stops consuming, lets running handlers finish within ``grace`` seconds
-        (default ``TASKQ_WORKER_SHUTDOWN_GRACE``), gives back the tasks still
-        running after that (ENQUEUED again, the attempt not counted), records
-        every outcome and closes. Buffered unclaimed envelopes go back to their
-        queues when the channels close. Stopping again does nothing.
+        Stops consuming, lets running handlers finish within ``timeout`` seconds
+        (the grace, default ``TASKQ_WORKER_SHUTDOWN_GRACE``), gives back the
+        tasks still running after that (ENQUEUED again, the attempt not
+        counted), records every outcome and closes. Buffered unclaimed
+        envelopes go back to their queues when the channels close. Stopping
+        again, or before starting, does nothing.
 
         Handlers still running after the grace are cancelled (async) and
         abandoned after ``abandon_after`` seconds if they go on, so a stop takes
-        at most about ``grace + abandon_after`` plus the time to record the
+        at most about ``timeout + abandon_after`` plus the time to record the
         outcomes; :meth:`runaways` then says how many still run.
         """
-        if self._stopping or not self._loops:
-            return  # stopped already, or never started
-        grace = self.settings.worker_shutdown_grace if grace is None else grace
-        self._stopping = True
-        log.info("worker %s stopping: %d tasks running", self.worker_id, len(self._runner.attempts))
-        await self._consumers.stop()
-        self._claimer.stop()
-        await asyncio.wait(self._loops[:1], timeout=15.0)  # the claims in flight
-        await self._wait_for_handlers(self._runner.running(), grace)
-        await asyncio.gather(*self._runner.interrupt(), return_exceptions=True)
-        await self._claimer.settled(15.0)
-        await self._recorder.close(timeout=15.0)
-        await self._exit.aclose()
+        await super().stop(timeout)
+
+    async def _stop(self, timeout: float) -> None:
+        if self._consumers.running:  # else a start that failed: close what it opened
+            log.info(
+                "worker %s stopping: %d tasks running", self.worker_id, len(self._runner.attempts)
+            )
+            await self._consumers.stop_receiving()
+            await self._claimer.stop()  # the claims in flight, and the deliveries settled
+            await self._wait_for_handlers(self._runner.running(), timeout)
+            await asyncio.gather(*self._runner.interrupt(), return_exceptions=True)
+            await self._recorder.stop()
+        await self._parts.stop()
         self._threads.close()
         if self._runner.runaways:
             log.warning(
@@ -376,11 +374,6 @@ class Worker:
         """Abandoned handlers still running: async ones ignoring their cancellation, and
         sync ones' threads. A process should exit without waiting for them."""
         return len(self._runner.runaways) + self._threads.abandoned
-
-    async def _cancel_loops(self) -> None:
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
 
     async def _wait_for_handlers(self, running: list[asyncio.Task[None]], grace: float) -> None:
         """Wait until the handlers finish, ``grace`` passes or :meth:`hurry` is called."""
@@ -420,6 +413,9 @@ class Worker:
 
     def _release(self) -> None:
         self._claimer.release()
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        self._claimer.put(delivery)
 
     def _on_invalid(self, queue: str, error: Exception) -> None:
         log.warning("rejected an invalid envelope from %s to the DLQ: %s", queue, error)

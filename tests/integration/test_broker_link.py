@@ -39,7 +39,7 @@ async def test_a_link_reconnects_after_the_broker_went_away_and_logs_it(
         channel = await link.connection().channel()  # and it works
         await channel.close()
     finally:
-        await link.close()
+        await link.stop()
         await proxy.cut()
     messages = [r.getMessage() for r in caplog.records if r.name == "taskq.broker"]
     assert any(m.startswith("test-link: lost the broker connection") for m in messages), messages

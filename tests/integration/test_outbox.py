@@ -56,7 +56,7 @@ async def publishing(settings: Settings) -> AsyncIterator[Publishing]:
     try:
         yield Publishing(store, link, Publisher(link, settings.topology(), settings.max_delay))
     finally:
-        await link.close()
+        await link.stop()
         await store.close()
 
 
@@ -106,7 +106,7 @@ async def test_client_inside_a_transaction(settings: Settings) -> None:
     await declare_topology(settings)
     client = await Client.connect(settings)
     relay = Relay(client.store, settings.database_url, client.publisher, interval=0.2)
-    relay.start()
+    await relay.start()
     try:
         await client.store.put_task_type(
             "demo.echo",
@@ -140,7 +140,7 @@ async def test_client_inside_a_transaction(settings: Settings) -> None:
         assert [m.message_id for m in messages] == [str(result.id)]
         await wait_for(lambda: _none_unpublished(settings))
     finally:
-        await relay.close()
+        await relay.stop()
         await client.close()
 
 
@@ -151,19 +151,19 @@ async def test_only_one_relay_is_active(settings: Settings) -> None:
     publisher = Publisher(link, settings.topology(), settings.max_delay)
     relays = [Relay(store, settings.database_url, publisher, interval=0.1) for _ in range(3)]
     for relay in relays:
-        relay.start()
+        await relay.start()
     try:
         await asyncio.sleep(1.0)
         assert sum(relay.active for relay in relays) == 1
         active = next(relay for relay in relays if relay.active)
-        await active.close()  # the lock is released; another relay takes over
+        await active.stop()  # the lock is released; another relay takes over
         others = [relay for relay in relays if relay is not active]
         await wait_for(lambda: _any_active(others), timeout=5)
         assert sum(relay.active for relay in others) == 1
     finally:
         for relay in relays:
-            await relay.close()
-        await link.close()
+            await relay.stop()
+        await link.stop()
         await store.close()
 
 
@@ -221,18 +221,18 @@ async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(
             results = await store.enqueue(tasks)
             return [r.owed() for r in results if r.answer]
 
-        relay.start()
+        await relay.start()
         await wait_for(lambda: _any_active([relay]))
         late = await committed(3)
         for row in late:
             assert outbox.submit(row)
         await asyncio.sleep(0.4)  # they wait past max_wait before the outbox runs
-        outbox.start()
+        await outbox.start()
         fresh = await committed(4)
         for row in fresh:
             assert outbox.submit(row)
         await outbox.drain(10)
-        await outbox.close()
+        await outbox.stop()
         assert outbox.handed_over == 3
 
         async def all_published() -> bool:
@@ -243,7 +243,7 @@ async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(
         ids = sorted(str(row.id) for row in late + fresh)
         assert sorted(m.message_id for m in messages) == ids  # each exactly once
     finally:
-        await relay.close()
+        await relay.stop()
 
 
 async def test_a_batch_that_fails_unexpectedly_leaves_the_outbox_running(
@@ -257,14 +257,14 @@ async def test_a_batch_that_fails_unexpectedly_leaves_the_outbox_running(
     (result,) = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}")])
     row = result.owed()._replace(delay=0.0)
     broken = row._replace(delay=None)  # type: ignore[arg-type]  # deliberately ill-typed
-    outbox.start()
+    await outbox.start()
     assert outbox.submit(broken)
     await outbox.drain(10)
     assert "not published, left to the relay" in caplog.text
     assert await unpublished(settings) == 1
     assert outbox.submit(row)
     await outbox.drain(10)
-    await outbox.close()
+    await outbox.stop()
     assert await unpublished(settings) == 0
     (message,) = await drain(settings, "default", expect=1)
     assert message.message_id == str(row.id)
@@ -291,7 +291,7 @@ async def test_a_publish_is_marked_after_the_delay_unless_a_claim_recorded_it(
     async def waiting_marked() -> bool:
         return (await version(waiting))["published_at"] is not None
 
-    marker.start()
+    await marker.start()
     try:
         for task_id in (waiting, claimed):
             marker.add(task_id, 0)
@@ -304,7 +304,7 @@ async def test_a_publish_is_marked_after_the_delay_unless_a_claim_recorded_it(
         await wait_for(waiting_marked, timeout=5)
         assert await version(claimed) == after_claim  # the marker wrote no version of its own
     finally:
-        await marker.close()
+        await marker.stop()
         await db.close()
 
 
@@ -315,11 +315,11 @@ async def test_closing_the_marker_records_every_publish_at_once(
     marker = Marker(store, delay=600.0)
     await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
     results = await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}") for _ in range(3)])
-    marker.start()
+    await marker.start()
     for result in results:
         marker.add(result.task_id, result.generation)
     assert await unpublished(settings) == 3
-    await marker.close()
+    await marker.stop()
     assert await unpublished(settings) == 0
 
 
@@ -346,6 +346,6 @@ async def test_a_marker_that_loses_the_database_leaves_rows_owed_and_goes_on(
         await marker.flush()
         assert await unpublished(settings) == 1  # the first stays owed, for the relay
     finally:
-        await marker.close()
+        await marker.stop()
         await store.close()
         await proxy.cut()

@@ -158,9 +158,9 @@ async def test_a_purge_cut_short_after_the_broker_purge_is_ended_by_the_sweeper(
             await relay.pass_once()  # ...the sweeper owes it again, the relay publishes it
             assert await sweeper.end_purges() == 0  # ended once
         finally:
-            await relay.close()
-            await sweeper.close()
-            await link.close()
+            await relay.stop()
+            await sweeper.stop()
+            await link.stop()
         [message] = await drain(settings, "default", expect=1)
         assert message.message_id == str(window[0])
 

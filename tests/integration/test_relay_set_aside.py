@@ -81,8 +81,8 @@ async def test_rows_that_cannot_be_published_are_set_aside_and_newer_ones_flow(
     try:
         assert await relay.pass_once() == 0
     finally:
-        await relay.close()
-        await dead.close()
+        await relay.stop()
+        await dead.stop()
     aside = await db.fetchval(
         "SELECT count(*) FROM tasks WHERE set_aside_generation IS NOT NULL AND queue <> 'gone'"
         " AND id <> ALL($1::uuid[])",
@@ -143,8 +143,8 @@ async def test_rows_that_cannot_be_published_are_set_aside_and_newer_ones_flow(
         )
         assert retried == SET_ASIDE_RETRY_BATCH
     finally:
-        await relay.close()
-        await connection_link.close()
+        await relay.stop()
+        await connection_link.stop()
     assert len(await drain(settings, "low", expect=BAD["low"])) == BAD["low"]
     assert (await store.task(newer)).published_at is not None
     assert sum(

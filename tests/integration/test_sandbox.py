@@ -154,7 +154,7 @@ async def test_a_handler_that_swallows_cancellation_is_abandoned(
                 row = await h.wait_for(task_id, "CANCELLED")
                 assert row.last_error.startswith("Cancelled: the handler was stopped")
             else:
-                await asyncio.wait_for(worker.stop(grace=0.3), 30)
+                await asyncio.wait_for(worker.stop(0.3), 30)
                 row = await h.task(task_id)
                 assert (row.status, row.attempts) == ("ENQUEUED", 0)
                 assert worker.runaways() == 1

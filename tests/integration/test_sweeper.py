@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from tests.support.worker_fixtures import Harness, harness
 pytestmark = pytest.mark.integration
 
 
-async def make_sweeper(h: Harness, **options: float) -> tuple[Sweeper, Link]:
+async def make_sweeper(h: Harness, **options: Any) -> tuple[Sweeper, Link]:
     link = Link(h.settings.amqp_url, name="test-sweeper")
     await link.start()
     await link.ready.wait()
@@ -31,7 +32,7 @@ async def make_sweeper(h: Harness, **options: float) -> tuple[Sweeper, Link]:
         h.names,
         h.settings.queues,
         metrics=WorkerMetrics(),
-        **options,  # type: ignore[arg-type]
+        **options,
     )
     return sweeper, link
 
@@ -59,8 +60,8 @@ async def test_expired_leases_are_recovered_and_published(settings: Settings) ->
             assert await sweeper.recover_expired() == 2
             assert await sweeper.recover_expired() == 0
         finally:
-            await sweeper.close()
-            await link.close()
+            await sweeper.stop()
+            await link.stop()
         assert sweeper.metrics is not None
         assert sweeper.metrics.registry.get_sample_value("taskq_lease_recoveries_total") == 2
 
@@ -109,9 +110,9 @@ async def test_overdue_tasks_of_an_empty_queue_are_published_again(settings: Set
             assert sorted(str(e.message_id) for e in envelopes) == sorted([str(lost), str(waiting)])
             assert (await h.task(lost)).published_at is not None
         finally:
-            await relay.close()
-            await sweeper.close()
-            await link.close()
+            await relay.stop()
+            await sweeper.stop()
+            await link.stop()
         assert sweeper.metrics is not None
         assert (
             sweeper.metrics.registry.get_sample_value(
@@ -123,15 +124,18 @@ async def test_overdue_tasks_of_an_empty_queue_are_published_again(settings: Set
 
 async def test_one_sweeper_is_active_and_another_takes_over(settings: Settings) -> None:
     async with harness(settings) as h:
-        made = [await make_sweeper(h) for _ in range(3)]
+        made = [
+            await make_sweeper(h, database_url=settings.database_url, interval=0.1)
+            for _ in range(3)
+        ]
         sweepers = [sweeper for sweeper, _ in made]
         try:
             for sweeper in sweepers:
-                sweeper.start(settings.database_url, interval=0.1)
+                await sweeper.start()
             await asyncio.sleep(0.5)
             assert sum(sweeper.active for sweeper in sweepers) == 1
             active = next(sweeper for sweeper in sweepers if sweeper.active)
-            await active.close()
+            await active.stop()
             others = [sweeper for sweeper in sweepers if sweeper is not active]
             for _ in range(50):
                 if any(sweeper.active for sweeper in others):
@@ -140,8 +144,8 @@ async def test_one_sweeper_is_active_and_another_takes_over(settings: Settings) 
             assert sum(sweeper.active for sweeper in others) == 1
         finally:
             for sweeper, link in made:
-                await sweeper.close()
-                await link.close()
+                await sweeper.stop()
+                await link.stop()
 
 
 async def test_a_silent_leader_loses_its_lock_to_another_and_finds_out(

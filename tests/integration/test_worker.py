@@ -203,7 +203,7 @@ async def test_graceful_stop_gives_back_what_outlives_the_grace(settings: Settin
         async with running_worker(settings) as first:
             task_id = await h.enqueue("demo.sleep", {"seconds": 1.5})
             await h.wait_for(task_id, "RUNNING")
-            await first.stop(grace=0.3)  # stopping again on leaving the block is a no-op
+            await first.stop(0.3)  # stopping again on leaving the block is a no-op
             row = await h.task(task_id)
             assert (row.status, row.attempts) == ("ENQUEUED", 0)
             assert row.last_error.startswith("given back by worker")

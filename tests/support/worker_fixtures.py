@@ -148,7 +148,7 @@ async def running_worker(
     try:
         yield worker
     finally:
-        await worker.stop(grace=5.0)
+        await worker.stop(5.0)
 
 
 async def poll(condition: Callable[[], bool], message: str, timeout: float = 20.0) -> None:

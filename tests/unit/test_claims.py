@@ -9,6 +9,7 @@ A claim the store cannot run puts the batch back, unacked.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -143,7 +144,8 @@ class Claiming:
         self.claimer._reserved += len(deliveries)  # as run() does before a claim
         self.claimer._claims += 1
         await self.claimer._claim(deliveries)
-        await self.claimer.settled(5.0)
+        if self.claimer._background:  # the early, exhausted and missing being settled
+            await asyncio.wait(list(self.claimer._background), timeout=5.0)
 
     def count(self, decision: ClaimDecision) -> float:
         """``taskq_deliveries_total`` of this decision."""

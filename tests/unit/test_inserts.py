@@ -43,6 +43,7 @@ class GatedStore:
 async def test_one_statement_at_a_time_and_what_comes_meanwhile_goes_next_as_one() -> None:
     store = GatedStore()
     batcher = InsertBatcher(store)  # type: ignore[arg-type]
+    await batcher.start()
     try:
         first = asyncio.create_task(batcher.submit(new_task(0)))
         await store.wait_statements(1)
@@ -57,7 +58,7 @@ async def test_one_statement_at_a_time_and_what_comes_meanwhile_goes_next_as_one
         store.gates[1].set()
         await asyncio.gather(*rest)
     finally:
-        await batcher.close()
+        await batcher.stop()
 
 
 async def test_a_stalled_statement_does_not_hold_up_the_next(monkeypatch: Any) -> None:
@@ -65,6 +66,7 @@ async def test_a_stalled_statement_does_not_hold_up_the_next(monkeypatch: Any) -
     store = GatedStore()
     created: list[Enqueued] = []
     batcher = InsertBatcher(store, on_inserted=created.extend)  # type: ignore[arg-type]
+    await batcher.start()
     try:
         stalled = asyncio.create_task(batcher.submit(new_task(0)))
         await store.wait_statements(1)
@@ -80,7 +82,7 @@ async def test_a_stalled_statement_does_not_hold_up_the_next(monkeypatch: Any) -
             t.id for s in store.statements for t in s
         }
     finally:
-        await batcher.close()
+        await batcher.stop()
 
 
 def test_task_ids_are_version_7_and_grow_with_time(monkeypatch: Any) -> None:

@@ -33,7 +33,7 @@ async def test_an_outcome_that_cannot_be_written_is_given_up(
     monkeypatch.setattr(outcomes, "RETRY_SECONDS", 0.05)
     store, settled = Failing(), list[uuid.UUID]()
     recorder = Recorder(cast(Any, store), cast(Any, None), WorkerMetrics(), settled.append)
-    recorder.start()
+    await recorder.start()
     try:
         token = uuid.uuid4()
         recorder.add(
@@ -47,7 +47,7 @@ async def test_an_outcome_that_cannot_be_written_is_given_up(
         await poll(lambda: recorder._idle.is_set(), "the recorder kept the outcome")
         assert store.tries == tries
     finally:
-        await recorder.close(1.0)
+        await recorder.stop(1.0)
 
 
 class Recording:
@@ -78,7 +78,7 @@ async def test_a_recorded_retry_goes_to_the_outbox_and_a_cancelled_one_does_not(
     store, outbox, settled = Recording(retried, cancelled), Outbox(), list[uuid.UUID]()
     metrics = WorkerMetrics()
     recorder = Recorder(cast(Any, store), cast(Any, outbox), metrics, settled.append)
-    recorder.start()
+    await recorder.start()
     try:
         tokens = [uuid.uuid4() for _ in range(3)]
         for task_id, token in zip((retried, cancelled, stale), tokens, strict=True):
@@ -87,7 +87,7 @@ async def test_a_recorded_retry_goes_to_the_outbox_and_a_cancelled_one_does_not(
             )
         await poll(lambda: len(settled) == 3, "the outcomes were not settled")
     finally:
-        await recorder.close(1.0)
+        await recorder.stop(1.0)
     assert [owed.id for owed in outbox.submitted] == [retried]
     assert sorted(settled) == sorted(tokens)
     processed = "taskq_tasks_processed_total"

@@ -92,11 +92,11 @@ async def record(store: Store, items: list[Finished]) -> tuple[Outbox, WorkerMet
     recorder = Recorder(cast(Any, store), cast(Any, outbox), metrics, settled.append)
     for item in items:
         recorder.add(item)
-    recorder.start()
+    await recorder.start()
     try:
         await poll(lambda: recorder._idle.is_set(), "the recorder kept outcomes")
     finally:
-        await recorder.close(1.0)
+        await recorder.stop(1.0)
     return outbox, metrics, settled
 
 
