@@ -48,7 +48,7 @@ from typing import Any
 from bench_handlers import STAMP
 from benchlib import HttpConnection, Sandbox, percentile
 
-from taskq.worker import TYPES_REFRESH_SECONDS
+from taskq.worker.worker import TYPES_REFRESH_SECONDS
 
 INTERVAL = 0.02
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import asyncpg
 
-from taskq import broker
+from taskq.amqp import broker
 from taskq.client import Client
 from taskq.migrate import migrate
 from taskq.settings import Settings, load_settings

@@ -239,7 +239,7 @@ SELECT (SELECT count(*) FROM taskq.tasks
 SELECT pg_try_advisory_lock(:key);
 
 -- name: session_limits
--- Bounds a lock session on the server's side (see taskq.leader): the server
+-- Bounds a lock session on the server's side (see taskq.fleet.leader): the server
 -- ends it once it is idle that long (only a frozen leader is) or its peer stops
 -- answering. Settings this server does not know (idle_session_timeout before
 -- Postgres 14) are skipped; the rows returned name those that were set.
@@ -327,7 +327,7 @@ WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED')
 -- name: recover_expired
 -- Takes back claims whose lease expired (the worker died or hung): back to
 -- ENQUEUED, due now, or FAILED if no attempt is left. Either way a publish is owed;
--- the rows returned have what taskq.relay.publish_row needs to pay it at once.
+-- the rows returned have what taskq.fleet.relay.publish_row needs to pay it at once.
 -- A task whose cancel was requested is CANCELLED instead (nothing owed).
 -- :limit
 UPDATE taskq.tasks t SET

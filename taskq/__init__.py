@@ -59,7 +59,7 @@ from taskq.settings import Settings, load_settings
 if TYPE_CHECKING:
     from taskq.client import Client, EnqueueResult
     from taskq.testing import Outcome, run_handler, run_handler_sync
-    from taskq.worker import Worker
+    from taskq.worker.worker import Worker
 
 __version__ = "0.1.0"
 
@@ -67,7 +67,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Client": "taskq.client",
     "EnqueueResult": "taskq.client",
-    "Worker": "taskq.worker",
+    "Worker": "taskq.worker.worker",
     "Outcome": "taskq.testing",
     "run_handler": "taskq.testing",
     "run_handler_sync": "taskq.testing",

@@ -18,11 +18,12 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from taskq import broker, migrate
+from taskq import migrate
 from taskq._utils import redact
+from taskq.amqp import broker
+from taskq.amqp.topology import Topology
 from taskq.errors import ConfigError, HandlerError, TaskqError
 from taskq.settings import Settings, load_settings
-from taskq.topology import Topology
 
 # Allocations (net of frees) between young-generation collections; CPython's default is 700.
 GC_THRESHOLD = 20_000
@@ -123,7 +124,7 @@ async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from taskq import logs
-    from taskq.api import create_app
+    from taskq.web.api import create_app
 
     logs.configure(settings.log_level)
     if args.host:  # the app's default allowed hosts include the bind address
@@ -194,8 +195,9 @@ async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from taskq import handlers, logs, supervisor
-    from taskq.worker import Worker
+    from taskq import handlers, logs
+    from taskq.worker import supervisor
+    from taskq.worker.worker import Worker
 
     logs.configure(settings.log_level)
     processes = args.processes or settings.worker_processes

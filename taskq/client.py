@@ -19,18 +19,18 @@ from typing import Any
 
 import asyncpg
 
-from taskq import task_types, validation
-from taskq.broker import Link, Publisher
+from taskq.amqp.broker import Link, Publisher
+from taskq.enqueue import task_types, validation
+from taskq.enqueue.inserts import InsertBatcher
+from taskq.enqueue.offload import Offload
+from taskq.enqueue.task_types import TaskType, TypeCache
 from taskq.errors import FieldError, IdempotencyConflict, InvalidRequest, Overrun
-from taskq.inserts import InsertBatcher
+from taskq.fleet.relay import Outbox
 from taskq.metrics import ApiMetrics
 from taskq.model import EnqueueOutcome
-from taskq.offload import Offload
-from taskq.relay import Outbox
 from taskq.service import Service
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
-from taskq.task_types import TaskType, TypeCache
 
 # The outbox publishes everything queued, up to this many rows, in one write and
 # waits for their confirms before the next write: a batch forms while the previous
@@ -280,7 +280,7 @@ class Client(Service):
         """Check payloads against their types' schemas off the event loop, with a deadline.
 
         Raises:
-            taskq.offload.Busy: every checking thread stayed taken (try again).
+            taskq.enqueue.offload.Busy: every checking thread stayed taken (try again).
         """
         progress = [0]
         deadline = task_types.check_deadline(len(checks))

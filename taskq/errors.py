@@ -1,6 +1,6 @@
 """The exceptions taskq raises, all in this module. Driver errors are wrapped into
 these ``from`` the original (asyncpg's stay inside :mod:`taskq.store`, aio-pika's
-inside :mod:`taskq.broker`).
+inside :mod:`taskq.amqp.broker`).
 
 The hierarchy::
 
@@ -35,8 +35,8 @@ The hierarchy::
 errors of taskq, so they do not derive from :class:`TaskqError` (and are not
 logged as errors). :class:`Problem` is the answer of an HTTP request.
 
-Old import paths (``taskq.handlers.Retry``, ``taskq.validation.InvalidRequest``,
-``taskq.http.Problem`` ...) still work: those modules import the classes from here.
+Old import paths (``taskq.handlers.Retry``, ``taskq.enqueue.validation.InvalidRequest``,
+``taskq.web.http.Problem`` ...) still work: those modules import the classes from here.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class SchemaProblem(ValueError):
 
 
 class Problem(Exception):
-    """An HTTP error answered as problem+json (:func:`taskq.http.problem_response`)."""
+    """An HTTP error answered as problem+json (:func:`taskq.web.http.problem_response`)."""
 
     def __init__(
         self,

@@ -45,7 +45,7 @@ class ApiMetrics:
             ["route", "status"],
             registry=self.registry,
         )
-        # The broker's view, read when /metrics is scraped (see taskq.api.metrics).
+        # The broker's view, read when /metrics is scraped (see taskq.web.api.metrics).
         self.queue_messages = Gauge(
             "taskq_queue_messages",
             "Ready messages in each broker queue, by kind: work, delay, dlq.",

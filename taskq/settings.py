@@ -14,8 +14,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import taskq.sql as sql
 from taskq._utils import format_duration, mask_url, parse_duration
+from taskq.amqp.topology import RESERVED_QUEUE_NAMES, Topology, plan
 from taskq.errors import ConfigError
-from taskq.topology import RESERVED_QUEUE_NAMES, Topology, plan
 
 ENV_PREFIX = "TASKQ_"
 
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(100, ge=1, le=10000)
     worker_processes: int = Field(1, ge=1, le=1024)
     # 0: as many as TASKQ_WORKER_CONCURRENCY, at most 32
-    # (taskq.worker.DEFAULT_THREADS).
+    # (taskq.worker.worker.DEFAULT_THREADS).
     worker_threads: int = Field(0, ge=0, le=10000)
     max_result_bytes: int = Field(1024 * 1024, ge=1)
     lease_seconds: Duration = 30.0

@@ -2,7 +2,7 @@
 
 asyncpg errors stay inside; callers see :class:`~taskq.errors.StoreError`
 (but for the lock-session statements, whose every error means a lost lock to
-:mod:`taskq.leader`). Methods that take lists run one statement for the whole batch.
+:mod:`taskq.fleet.leader`). Methods that take lists run one statement for the whole batch.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ _DOWN = (
     asyncpg.InternalClientError,
     TimeoutError,
 )
-# The same, for taskq.leader's lock sessions, which run their statements here too.
+# The same, for taskq.fleet.leader's lock sessions, which run their statements here too.
 DATABASE_DOWN = _DOWN
 # SQLSTATE classes of errors that the same statement with the same data meets
 # again on every try, whatever the server's state: cardinality violations (21),
@@ -733,7 +733,7 @@ def _columns(items: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 # ---------------------------------------------------------------- lock sessions
-# The statements of taskq.leader.SessionLock, each on its dedicated connection
+# The statements of taskq.fleet.leader.SessionLock, each on its dedicated connection
 # and bounded by ``timeout`` seconds. asyncpg's errors are the caller's to map:
 # any of them means the lock is lost.
 

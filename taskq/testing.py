@@ -9,8 +9,8 @@ returns what the worker would record::
         outcome = await run_handler(send_email, {"to": "a@example.com"}, attempt=3)
         assert outcome.retried and outcome.delay == 60
 
-The attempt goes through the worker's own code (:class:`taskq.execution.Runner`
-and :mod:`taskq.sandbox`): the payload is checked as an enqueue checks it (and
+The attempt goes through the worker's own code (:class:`taskq.worker.execution.Runner`
+and :mod:`taskq.worker.sandbox`): the payload is checked as an enqueue checks it (and
 against ``payload_schema`` if given) and reaches the handler as JSON does; an
 ``async def`` runs in an asyncio task of its own, a plain ``def`` in a thread;
 the handler's timeout applies; whatever it raises ends the attempt; its result
@@ -31,15 +31,15 @@ from typing import Any, Literal
 
 import orjson
 
-from taskq import schemas, task_types, validation
+from taskq.enqueue import schemas, task_types, validation
 from taskq.errors import FieldError, HandlerError, InvalidRequest
-from taskq.execution import ABANDON_AFTER_SECONDS, CANCEL_GRACE_SECONDS, Runner
 from taskq.handlers import TYPE_NAME, Handler, Registry, registration
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, StopReason
-from taskq.outcomes import Finished
 from taskq.settings import Settings, load_settings
-from taskq.threads import HandlerThreads
+from taskq.worker.execution import ABANDON_AFTER_SECONDS, CANCEL_GRACE_SECONDS, Runner
+from taskq.worker.outcomes import Finished
+from taskq.worker.threads import HandlerThreads
 
 __all__ = ["Outcome", "run_handler", "run_handler_sync"]
 

@@ -28,9 +28,9 @@ import asyncpg
 import httpx
 import pytest
 
+from taskq.amqp.envelope import Envelope
 from taskq.client import Client
-from taskq.envelope import Envelope
-from taskq.relay import HEADER_REASON
+from taskq.fleet.relay import HEADER_REASON
 from taskq.settings import Settings
 from taskq.store import NewTask
 from tests.support.faults import (

@@ -27,8 +27,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from taskq import relay, sweeper
 from taskq.client import Client
+from taskq.fleet import relay, sweeper
 from taskq.model import ClaimedTask
 from taskq.settings import Settings
 from taskq.store import NewTask

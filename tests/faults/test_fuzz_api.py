@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given
 from hypothesis.errors import Unsatisfiable
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from taskq.api import BATCH_BODY_FACTOR
+from taskq.enqueue.validation import TYPE_NAME
 from taskq.settings import Settings
-from taskq.validation import TYPE_NAME
+from taskq.web.api import BATCH_BODY_FACTOR
 from tests.support.api_fixtures import declare_topology, put_type, running_api
 from tests.support.services import delete_namespace, make_settings
 

@@ -11,8 +11,8 @@ import asyncpg
 import httpx
 import pytest
 
-from taskq.http import key_label
 from taskq.settings import Settings
+from taskq.web.http import key_label
 from tests.support.api_fixtures import (
     JSON,
     assert_problem,

@@ -66,7 +66,7 @@ async def test_enqueue_creates_publishes_and_reads_back(
     task = (await api.get(f"/tasks/{body['id']}")).json()
     assert task["payload"] == {"n": 1} and task["status"] == "ENQUEUED"
     # Published markers are written in batches, a second after the confirm
-    # (taskq.marker.MARK_DELAY) unless a worker's claim records the publish first.
+    # (taskq.fleet.marker.MARK_DELAY) unless a worker's claim records the publish first.
     for _ in range(100):
         task = (await api.get(f"/tasks/{body['id']}")).json()
         if task["published_at"] is not None:

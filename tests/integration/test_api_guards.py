@@ -220,8 +220,8 @@ async def test_broker_depths_and_the_unpublished_count_are_read_once_for_many_sc
 
 
 async def test_the_type_cache_refreshes_single_flight(settings: Settings) -> None:
+    from taskq.enqueue.task_types import TypeCache
     from taskq.store import Store
-    from taskq.task_types import TypeCache
 
     store = await Store.connect(settings.database_url)
     reads = 0

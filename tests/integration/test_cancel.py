@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from taskq import demo
-from taskq.envelope import Envelope
+from taskq.amqp.envelope import Envelope
 from taskq.handlers import Context, Registry
 from taskq.settings import Settings
 from taskq.store import NewTask, Store

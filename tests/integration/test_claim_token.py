@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from taskq import sql
-from taskq.envelope import Envelope
+from taskq.amqp.envelope import Envelope
 from taskq.handlers import Context, Registry
 from taskq.model import ClaimedTask, TaskStatus
 from taskq.settings import Settings

@@ -1,8 +1,8 @@
 """Delayed and immediate publishes against the real broker.
 
 Each test declares the whole topology (default 30-day maximum, 22 levels) in a
-namespace of its own with ``taskq.broker.declare`` and publishes with
-``taskq.broker.Publisher``, the way the API and the worker do.
+namespace of its own with ``taskq.amqp.broker.declare`` and publishes with
+``taskq.amqp.broker.Publisher``, the way the API and the worker do.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from taskq import broker
-from taskq.broker import Publisher
-from taskq.envelope import HEADER_ATTEMPT, HEADER_DELAY, HEADER_DUE, HEADER_QUEUE, Envelope
+from taskq.amqp import broker
+from taskq.amqp.broker import Publisher
+from taskq.amqp.envelope import HEADER_ATTEMPT, HEADER_DELAY, HEADER_DUE, HEADER_QUEUE, Envelope
+from taskq.amqp.topology import Topology, plan
 from taskq.errors import DelayTooLong, PublishError
 from taskq.settings import Settings
-from taskq.topology import Topology, plan
 from tests.support.services import delete_namespace, make_settings
 
 pytestmark = pytest.mark.integration

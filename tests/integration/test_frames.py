@@ -12,8 +12,8 @@ import aiormq
 import pytest
 from pamqp.commands import Basic
 
-from taskq import frames
-from taskq.frames import Outgoing, publish_batch
+from taskq.amqp import frames
+from taskq.amqp.frames import Outgoing, publish_batch
 
 pytestmark = pytest.mark.integration
 

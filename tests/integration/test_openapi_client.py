@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from taskq.openapi import openapi_document
+from taskq.web.openapi import openapi_document
 from tests.support.api_fixtures import declare_topology, running_api
 from tests.support.openapi import KEY, PAYLOADS_ACCEPTED, TYPE, schema_validator
 from tests.support.services import delete_namespace, make_settings

@@ -12,11 +12,11 @@ import asyncpg
 import httpx
 import pytest
 
-from taskq.broker import Link, Publisher
+from taskq.amqp.broker import Link, Publisher
 from taskq.client import Client
-from taskq.marker import Marker
+from taskq.fleet.marker import Marker
+from taskq.fleet.relay import Outbox, Relay
 from taskq.model import ClaimedTask, OwedPublish
-from taskq.relay import Outbox, Relay
 from taskq.settings import Settings
 from taskq.store import NewTask, Store
 from tests.support.api_fixtures import (

@@ -12,12 +12,12 @@ import asyncpg
 import httpx
 import pytest
 
-from taskq.broker import Link
+from taskq.amqp.broker import Link
 from taskq.errors import BrokerError
+from taskq.fleet.relay import Relay
+from taskq.fleet.sweeper import Sweeper
 from taskq.metrics import WorkerMetrics
-from taskq.relay import Relay
 from taskq.settings import Settings
-from taskq.sweeper import Sweeper
 from tests.support.api_fixtures import declare_topology, drain, put_type, running_api
 from tests.support.faults import eventually, queue_depth
 from tests.support.proxy import TcpProxy, proxied

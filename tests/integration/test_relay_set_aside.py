@@ -10,10 +10,10 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from taskq.broker import Link, Publisher
+from taskq.amqp.broker import Link, Publisher
 from taskq.errors import DelayTooLong, Nacked, PublishError, Unpublishable
+from taskq.fleet.relay import SET_ASIDE_RETRY_BATCH, Relay, _fault_of_row
 from taskq.metrics import set_aside_counter
-from taskq.relay import SET_ASIDE_RETRY_BATCH, Relay, _fault_of_row
 from taskq.settings import Settings
 from taskq.store import Store
 from tests.support.api_fixtures import declare_topology, drain

@@ -7,11 +7,11 @@ import uuid
 import asyncpg
 import pytest
 
-from taskq import sweeper as sweeper_module
-from taskq.broker import Link
+from taskq.amqp.broker import Link
+from taskq.fleet import sweeper as sweeper_module
+from taskq.fleet.sweeper import Sweeper
 from taskq.metrics import WorkerMetrics
 from taskq.settings import Settings
-from taskq.sweeper import Sweeper
 from tests.support.worker_fixtures import harness
 
 pytestmark = pytest.mark.integration

@@ -16,22 +16,22 @@ from typing import Any, cast
 
 import pytest
 
-from taskq.broker import Link, Publisher
-from taskq.claims import Claimer
+from taskq.amqp.broker import Link, Publisher
 from taskq.client import Client
-from taskq.consumer import Acker, Buffers, Consumers
+from taskq.enqueue.inserts import InsertBatcher
 from taskq.errors import BrokerError, ConfigError, StoreError
+from taskq.fleet.marker import Marker
+from taskq.fleet.relay import Outbox, Relay
+from taskq.fleet.sweeper import Sweeper
 from taskq.handlers import Registry
-from taskq.inserts import InsertBatcher
-from taskq.marker import Marker
 from taskq.metrics import WorkerMetrics
-from taskq.outcomes import Recorder
-from taskq.relay import Outbox, Relay
 from taskq.service import Loop, OnStop, Service, Services, State
 from taskq.settings import Settings, load_settings
-from taskq.stream import Hub
-from taskq.sweeper import Sweeper
-from taskq.worker import Worker
+from taskq.web.stream import Hub
+from taskq.worker.claims import Claimer
+from taskq.worker.consumer import Acker, Buffers, Consumers
+from taskq.worker.outcomes import Recorder
+from taskq.worker.worker import Worker
 
 # Addresses where nothing listens: a part's connection attempts fail at once.
 NO_DATABASE = "postgresql://postgres@127.0.0.1:1/none"

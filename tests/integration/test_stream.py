@@ -14,8 +14,8 @@ import httpx
 import pytest
 import uvicorn
 
-from taskq.api import create_app
 from taskq.settings import Settings
+from taskq.web.api import create_app
 from tests.support.api_fixtures import JSON, declare_topology
 
 pytestmark = pytest.mark.integration

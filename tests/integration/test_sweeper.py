@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from taskq.broker import Link
+from taskq.amqp.broker import Link
 from taskq.errors import StoreError
-from taskq.leader import SessionLock
+from taskq.fleet.leader import SessionLock
+from taskq.fleet.relay import HEADER_REASON, Relay
+from taskq.fleet.sweeper import Sweeper
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask
-from taskq.relay import HEADER_REASON, Relay
 from taskq.settings import Settings
-from taskq.sweeper import Sweeper
 from tests.support.worker_fixtures import Harness, harness
 
 pytestmark = pytest.mark.integration

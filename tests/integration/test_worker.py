@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from taskq import sandbox
+from taskq.amqp.envelope import Envelope
 from taskq.backoff import FixedBackoff
-from taskq.envelope import Envelope
+from taskq.fleet.relay import HEADER_ATTEMPTS, HEADER_ORIGIN, HEADER_REASON
 from taskq.handlers import Context, Registry
 from taskq.model import ClaimedTask
-from taskq.relay import HEADER_ATTEMPTS, HEADER_ORIGIN, HEADER_REASON
 from taskq.settings import Settings
 from taskq.store import NewTask
+from taskq.worker import sandbox
 from tests.support.worker_fixtures import harness, metric, running_worker
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from taskq import broker
-from taskq.envelope import Envelope
-from taskq.relay import HEADER_ORIGIN, HEADER_REASON
+from taskq.amqp import broker
+from taskq.amqp.envelope import Envelope
+from taskq.fleet.relay import HEADER_ORIGIN, HEADER_REASON
 from taskq.settings import Settings
 from tests.support.proxy import proxied
 from tests.support.worker_fixtures import harness, metric, running_worker

@@ -8,9 +8,9 @@ from datetime import timedelta
 
 import pytest
 
-from taskq.consumer import Buffers, Delivery, weights
-from taskq.envelope import Envelope
+from taskq.amqp.envelope import Envelope
 from taskq.settings import Settings
+from taskq.worker.consumer import Buffers, Delivery, weights
 from tests.support.worker_fixtures import harness, running_worker
 
 pytestmark = pytest.mark.integration

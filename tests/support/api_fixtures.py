@@ -9,9 +9,9 @@ from typing import Any
 import aio_pika
 import httpx
 
-from taskq import broker
-from taskq.api import create_app
+from taskq.amqp import broker
 from taskq.settings import Settings
+from taskq.web.api import create_app
 
 
 async def declare_topology(settings: Settings) -> None:

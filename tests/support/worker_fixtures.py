@@ -15,14 +15,15 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from taskq import broker, demo
-from taskq.broker import Publisher
-from taskq.envelope import Envelope
+from taskq import demo
+from taskq.amqp import broker
+from taskq.amqp.broker import Publisher
+from taskq.amqp.envelope import Envelope
 from taskq.handlers import Registry
 from taskq.model import TaskEvent, TaskRecord
 from taskq.settings import Settings
 from taskq.store import NewTask, Store
-from taskq.worker import Worker
+from taskq.worker.worker import Worker
 
 from . import ROOT
 from .services import subprocess_env

@@ -17,15 +17,15 @@ from typing import Any, cast
 
 import pytest
 
-from taskq import claims
-from taskq.broker import Publish
-from taskq.claims import Claimer
-from taskq.consumer import Buffers, Delivery
-from taskq.envelope import Envelope
+from taskq.amqp.broker import Publish
+from taskq.amqp.envelope import Envelope
 from taskq.errors import PublishError, StoreError
+from taskq.fleet.relay import HEADER_ORIGIN, HEADER_REASON
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimDecision, ClaimedTask, Unclaimed
-from taskq.relay import HEADER_ORIGIN, HEADER_REASON
+from taskq.worker import claims
+from taskq.worker.claims import Claimer
+from taskq.worker.consumer import Buffers, Delivery
 
 QUEUE = "default"
 

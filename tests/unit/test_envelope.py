@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from taskq.envelope import (
+from taskq.amqp.envelope import (
     HEADER_ATTEMPT,
     HEADER_DELAY,
     HEADER_DUE,
@@ -17,9 +17,9 @@ from taskq.envelope import (
     Envelope,
     InvalidEnvelope,
 )
+from taskq.amqp.frames import JSON as CONTENT_TYPE
+from taskq.amqp.frames import PERSISTENT
 from taskq.errors import TaskqError
-from taskq.frames import JSON as CONTENT_TYPE
-from taskq.frames import PERSISTENT
 
 TASK_ID = uuid.UUID("0b7e4f2c-8d1a-4e55-9a63-2f1c4d5e6a7b")
 

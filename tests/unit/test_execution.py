@@ -18,13 +18,13 @@ from typing import Any, cast
 
 import pytest
 
-from taskq.execution import Attempt, Runner
 from taskq.handlers import Context, Fail, Registry, Retry
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
-from taskq.outcomes import Finished
 from taskq.store import WorkerInfo
-from taskq.threads import HandlerThreads
+from taskq.worker.execution import Attempt, Runner
+from taskq.worker.outcomes import Finished
+from taskq.worker.threads import HandlerThreads
 from tests.support.services import make_settings
 from tests.support.worker_fixtures import poll
 

@@ -1,4 +1,4 @@
-"""taskq.frames.content_header writes exactly the content header frame pamqp writes."""
+"""taskq.amqp.frames.content_header writes exactly the content header frame pamqp writes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from taskq.envelope import Envelope
-from taskq.frames import Persistent, content_header
+from taskq.amqp.envelope import Envelope
+from taskq.amqp.frames import Persistent, content_header
 
 
 def pamqp_header(channel: int, body_size: int, properties: Basic.Properties) -> bytes:

@@ -1,4 +1,4 @@
-"""taskq.inserts: single enqueues grouped into statements whose size follows the load."""
+"""taskq.enqueue.inserts: single enqueues grouped into statements whose size follows the load."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from taskq import inserts
-from taskq.inserts import InsertBatcher
+from taskq.enqueue import inserts
+from taskq.enqueue.inserts import InsertBatcher
 from taskq.model import EnqueueOutcome
 from taskq.store import Enqueued, NewTask
 

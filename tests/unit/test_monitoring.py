@@ -131,8 +131,8 @@ def test_prometheus_scrapes_the_api_and_every_worker() -> None:
 def test_the_api_answers_the_hosts_its_compose_clients_use() -> None:
     from urllib.parse import urlsplit
 
-    from taskq.hosts import HostCheck
     from taskq.settings import load_settings
+    from taskq.web.hosts import HostCheck
 
     api = compose()["services"]["api"]
     command = api["command"]

@@ -1,4 +1,4 @@
-"""taskq.offload: checks run in threads with a deadline; an overrun is interrupted."""
+"""taskq.enqueue.offload: checks run in threads with a deadline; an overrun is interrupted."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from taskq.offload import Busy, Offload, Overrun
+from taskq.enqueue.offload import Busy, Offload, Overrun
 
 
 def spin() -> None:

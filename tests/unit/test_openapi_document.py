@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
-from taskq.openapi import openapi_document
-from taskq.validation import InvalidRequest, enqueue_task
+from taskq.enqueue.validation import InvalidRequest, enqueue_task
+from taskq.web.openapi import openapi_document
 from tests.support.openapi import KEY, PAYLOADS_ACCEPTED, TYPE, schema_validator
 from tests.support.services import make_settings
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from taskq import schemas
 from taskq._utils import parse_duration
+from taskq.enqueue import schemas
 from taskq.errors import ConfigError, TaskqError
 from taskq.settings import load_settings
 

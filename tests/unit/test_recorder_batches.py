@@ -11,11 +11,11 @@ from typing import Any, cast
 
 import pytest
 
-from taskq import outcomes
 from taskq.errors import RejectedByDatabase, StoreError
 from taskq.metrics import WorkerMetrics
 from taskq.model import OutcomeKind, OwedPublish, TaskStatus
-from taskq.outcomes import Finished, Recorder
+from taskq.worker import outcomes
+from taskq.worker.outcomes import Finished, Recorder
 from tests.support.worker_fixtures import poll
 
 

@@ -6,9 +6,9 @@ import pytest
 
 from taskq import sql
 from taskq.errors import ConfigError
-from taskq.leader import lock_key
-from taskq.relay import LOCK_KEY as RELAY_KEY
-from taskq.sweeper import LOCK_KEY as SWEEPER_KEY
+from taskq.fleet.leader import lock_key
+from taskq.fleet.relay import LOCK_KEY as RELAY_KEY
+from taskq.fleet.sweeper import LOCK_KEY as SWEEPER_KEY
 from tests.support.services import make_settings
 
 

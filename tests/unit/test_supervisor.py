@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 
-from taskq.supervisor import child_argv, describe_exit, restart_delay
+from taskq.worker.supervisor import child_argv, describe_exit, restart_delay
 
 
 def test_restart_delay_doubles_up_to_a_ceiling() -> None:

@@ -4,7 +4,7 @@ Pure unit tests: no broker. The routing proof runs the plan's own exchanges,
 bindings and queue arguments through a small simulator of RabbitMQ's routing
 (direct, fanout and topic exchanges, exchange-to-exchange bindings, and
 dead-lettering on message TTL expiry), so a wrong binding or argument in
-``taskq.topology.plan`` fails here, not after a 30-day wait in production.
+``taskq.amqp.topology.plan`` fails here, not after a 30-day wait in production.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from taskq.errors import DelayTooLong
-from taskq.topology import (
+from taskq.amqp.topology import (
     RESERVED_QUEUE_NAMES,
     Binding,
     Names,
@@ -28,6 +27,7 @@ from taskq.topology import (
     delay_routing_key,
     plan,
 )
+from taskq.errors import DelayTooLong
 
 QUEUES = ["critical", "high", "default", "low"]
 DAY = 86400

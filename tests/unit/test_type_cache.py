@@ -1,4 +1,4 @@
-"""taskq.task_types.TypeCache: a stale snapshot answers while a newer one is read."""
+"""taskq.enqueue.task_types.TypeCache: a stale snapshot answers while a newer one is read."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-from taskq import task_types
+from taskq.enqueue import task_types
+from taskq.enqueue.task_types import TYPES_TTL, TypeCache
 from taskq.model import TaskTypeRecord
-from taskq.task_types import TYPES_TTL, TypeCache
 
 NOW = datetime(2026, 12, 7, tzinfo=UTC)
 
@@ -29,7 +29,7 @@ class GatedRegistry:
 
 async def test_a_stale_snapshot_answers_at_once_and_refreshes_behind(monkeypatch: Any) -> None:
     now = [1000.0]
-    monkeypatch.setattr("taskq.task_types.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("taskq.enqueue.task_types.time.monotonic", lambda: now[0])
     registry = GatedRegistry()
     cache = TypeCache(registry)  # type: ignore[arg-type]
     assert (await cache.get("a.v1")) is not None

@@ -6,13 +6,13 @@ import fnmatch
 import re
 import tomllib
 
-from taskq.ui import STATIC
+from taskq.web.ui import STATIC
 from tests.support import ROOT
 
 
 def test_package_data_ships_every_dashboard_file() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["taskq"]
+    patterns = config["tool"]["setuptools"]["package-data"]["taskq.web"]
     files = [p.relative_to(STATIC.parent.parent).as_posix() for p in STATIC.iterdir()]
     assert "static/ui/index.html" in files
     for name in files:

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from taskq.validation import (
+from taskq.enqueue.validation import (
     MAX_BATCH,
     TOO_DEEP,
     FieldError,

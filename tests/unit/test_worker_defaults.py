@@ -6,7 +6,7 @@ import pytest
 
 from taskq.handlers import Registry
 from taskq.settings import load_settings
-from taskq.worker import DEFAULT_THREADS, Worker
+from taskq.worker.worker import DEFAULT_THREADS, Worker
 
 
 def worker(monkeypatch: pytest.MonkeyPatch, **kwargs: int) -> Worker:

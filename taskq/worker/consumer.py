@@ -31,11 +31,11 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
-from taskq.broker import Link
-from taskq.envelope import Envelope
+from taskq.amqp.broker import Link
+from taskq.amqp.envelope import Envelope
+from taskq.amqp.topology import Names
 from taskq.errors import BrokerError
 from taskq.service import Service
-from taskq.topology import Names
 
 log = logging.getLogger("taskq.worker")
 
@@ -307,7 +307,7 @@ class Consumers(Service):
             after it was rejected to the DLQ.
         acker: told of every delivery, and rejects the invalid ones.
         link: the broker link to consume on (a robust connection, see
-            :func:`taskq.broker.connect`); it must be ready when :meth:`start` runs.
+            :func:`taskq.amqp.broker.connect`); it must be ready when :meth:`start` runs.
 
     :meth:`stop_receiving` cancels the consumers and keeps the channels open, so
     that the deliveries claimed meanwhile can still be acked; :meth:`stop` closes

@@ -18,14 +18,15 @@ from typing import Any
 import orjson
 from pamqp.commands import Basic
 
+from taskq.amqp.frames import JSON as CONTENT_TYPE
+from taskq.amqp.frames import PERSISTENT, Persistent
+
 # Defined in taskq.errors; importing them from here keeps working.
 from taskq.errors import InvalidEnvelope as InvalidEnvelope
-from taskq.frames import JSON as CONTENT_TYPE
-from taskq.frames import PERSISTENT, Persistent
 
 MAX_BODY_BYTES = 4096
 # What a real envelope can carry: a task type name (at most 200 characters, see
-# taskq.validation.TYPE_NAME) travels in the AMQP ``type`` property, a short
+# taskq.enqueue.validation.TYPE_NAME) travels in the AMQP ``type`` property, a short
 # string of at most 255 bytes; attempts never exceed max_attempts (at most 100).
 # Anything larger is forged, and would break the publish that dead-letters it.
 MAX_TYPE_BYTES = 200
@@ -81,7 +82,7 @@ class Envelope:
     ) -> Persistent:
         """The same properties as :meth:`properties` (``due_ms``: the due time in
         milliseconds since the epoch), in the form the publisher writes without pamqp
-        (:class:`taskq.frames.Persistent`)."""
+        (:class:`taskq.amqp.frames.Persistent`)."""
         all_headers: dict[str, Any] = {HEADER_ATTEMPT: self.attempt, HEADER_QUEUE: queue}
         if due_ms is not None:
             all_headers[HEADER_DUE] = _due_text(due_ms)

@@ -2,8 +2,8 @@
 
 Each attempt runs in its own asyncio task, outside any transaction, and that
 task only *watches* the handler: an ``async def`` handler runs in an asyncio
-task of its own, a plain ``def`` in a thread of :mod:`taskq.threads`, and
-whatever the call ends with (:mod:`taskq.sandbox`) becomes the attempt's
+task of its own, a plain ``def`` in a thread of :mod:`taskq.worker.threads`, and
+whatever the call ends with (:mod:`taskq.worker.sandbox`) becomes the attempt's
 outcome. The watching task stops waiting for the handler when its timeout passes,
 when the worker shuts down, when an operator's cancel has had its grace, or when
 the lease turns out lost; it records that outcome (a failed attempt, the task
@@ -15,7 +15,7 @@ on unwatched, counted by ``taskq_abandoned_handlers_running``, and its result is
 One batched heartbeat per worker, every ``min(lease/3, 5 s)``, records the worker
 in the worker list (``workers``) and extends the lease of every claim it holds
 (named by its token): running attempts, and those whose outcome waits to be
-recorded (:mod:`taskq.outcomes`), never one already closed. An attempt whose
+recorded (:mod:`taskq.worker.outcomes`), never one already closed. An attempt whose
 lease turns out lost (the sweeper or another worker took the task back) is
 stopped and records nothing. The heartbeat also says which tasks an operator
 asked to cancel: their handler's context is told at once
@@ -46,11 +46,19 @@ from taskq.errors import NoHandler as NoHandler
 from taskq.handlers import Context, Handler, Registry
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
-from taskq.outcomes import Finished
-from taskq.sandbox import Ending, Raised, Refused, Returned, call_async, call_sync, error_text
 from taskq.settings import Settings
 from taskq.store import Store, WorkerInfo
-from taskq.threads import HandlerThreads
+from taskq.worker.outcomes import Finished
+from taskq.worker.sandbox import (
+    Ending,
+    Raised,
+    Refused,
+    Returned,
+    call_async,
+    call_sync,
+    error_text,
+)
+from taskq.worker.threads import HandlerThreads
 
 log = logging.getLogger("taskq.worker")
 
@@ -99,7 +107,7 @@ class Attempt:
 
 
 class Runner:
-    """Runs attempts and turns each into a :class:`~taskq.outcomes.Finished`.
+    """Runs attempts and turns each into a :class:`~taskq.worker.outcomes.Finished`.
 
     Args:
         settings: lease length, maximum delay, largest result and the global backoff.

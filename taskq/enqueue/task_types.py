@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from referencing.exceptions import Unresolvable
 
-from taskq import schemas
+from taskq.enqueue import schemas
 from taskq.errors import FieldError, InvalidRequest, SchemaProblem
 from taskq.model import TaskTypeRecord
 from taskq.store import Store
@@ -34,7 +34,7 @@ STALE_FACTOR = 5
 MISS_REFRESH_AFTER = 0.05
 NEGATIVE_TTL = 1.0
 MAX_MISSES = 10_000
-# Deadline of one payload check (taskq.offload), plus this much per payload of a batch.
+# Deadline of one payload check (taskq.enqueue.offload), plus this much per payload of a batch.
 CHECK_SECONDS = 1.0
 CHECK_SECONDS_PER_PAYLOAD = 0.002
 
@@ -181,7 +181,7 @@ def check_payloads(
 ) -> list[InvalidRequest]:
     """Each ``(prefix, type, payload)`` against its type's schema: one error per bad payload.
 
-    Slow on purpose-built input: run it through :class:`taskq.offload.Offload`;
+    Slow on purpose-built input: run it through :class:`taskq.enqueue.offload.Offload`;
     ``progress[0]`` says which payload it was checking when it was interrupted.
     """
     errors = []

@@ -38,15 +38,15 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel
 
-from taskq.broker import Link, Publisher
+from taskq.amqp.broker import Link, Publisher
+from taskq.amqp.topology import Names
 from taskq.errors import BrokerError, ConfigError
-from taskq.leader import SessionLock, lead, lock_key
+from taskq.fleet.leader import SessionLock, lead, lock_key
+from taskq.fleet.relay import publish_owed
 from taskq.metrics import WorkerMetrics
 from taskq.model import DeadLetterReason, TaskStatus
-from taskq.relay import publish_owed
 from taskq.service import Service
 from taskq.store import Store
-from taskq.topology import Names
 
 log = logging.getLogger("taskq.sweeper")
 

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from taskq import schemas
 from taskq._utils import json_has_nul, parse_duration, task_id
+from taskq.enqueue import schemas
 
 # Defined in taskq.errors; importing them from here keeps working.
 from taskq.errors import FieldError as FieldError
@@ -259,7 +259,7 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
     """Validate a task type definition (``PUT /types/{name}``).
 
     Checking a payload schema can be slow on purpose-built input: the API runs
-    this through :class:`taskq.offload.Offload`.
+    this through :class:`taskq.enqueue.offload.Offload`.
     """
     errors = []
     if not TYPE_NAME.fullmatch(name):

@@ -31,9 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from taskq.errors import RejectedByDatabase, StoreError
+from taskq.fleet.relay import Outbox
 from taskq.metrics import WorkerMetrics
 from taskq.model import DeadLetterReason, OutcomeKind, OwedPublish, TaskStatus
-from taskq.relay import Outbox
 from taskq.service import Service
 from taskq.store import Store
 

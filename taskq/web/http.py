@@ -29,7 +29,7 @@ from taskq.errors import (
     TooLarge,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("taskq.http")
 PROBLEM = "application/problem+json"
 # Methods of the routes that change something: each needs Content-Type: application/json.
 CHANGES_STATE = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from taskq._utils import DURATION_PATTERN, format_duration
+from taskq.enqueue.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
 from taskq.model import STATUS_NAMES
 from taskq.settings import Settings
 from taskq.store import ANSWER_FIELDS
-from taskq.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
 
 # Postgres text and jsonb cannot hold NUL, so no string the API stores may contain one.
 NO_NUL = r"^[^\x00]*$"

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import taskq
+from taskq.enqueue.validation import TYPE_NAME
 from taskq.model import STATUS_NAMES
-from taskq.openapi_schemas import body_schemas
-from taskq.openapi_schemas import ref as _ref
 from taskq.settings import Settings
-from taskq.validation import TYPE_NAME
+from taskq.web.openapi_schemas import body_schemas
+from taskq.web.openapi_schemas import ref as _ref
 
 _PROBLEM = {
     "type": "object",
@@ -92,7 +92,7 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 
 def _admin_paths(settings: Settings) -> dict[str, Any]:
-    """The admin operations (taskq.admin and taskq.monitor)."""
+    """The admin operations (taskq.web.admin and taskq.web.monitor)."""
     obj = {"type": "object"}
     task_id = _path_param("id", "uuid")
     type_filter = _query("type", {"type": "string", "pattern": TYPE_NAME.pattern}, "task type")
@@ -322,7 +322,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         },
     }
     paths.update(_admin_paths(settings))
-    for item in paths.values():  # the Host check (taskq.hosts) runs before every route
+    for item in paths.values():  # the Host check (taskq.web.hosts) runs before every route
         for operation in item.values():
             operation["responses"].setdefault("400", _problem("a Host not in TASKQ_ALLOWED_HOSTS"))
     return {

@@ -1,7 +1,7 @@
 """``POST /enqueue`` served straight from ASGI, without Starlette's request and response.
 
-The API's hot route. It does what the route's endpoint (:func:`taskq.api.enqueue`
-under :func:`taskq.http.endpoint`) does, with the same checks, errors and counts,
+The API's hot route. It does what the route's endpoint (:func:`taskq.web.api.enqueue`
+under :func:`taskq.web.http.endpoint`) does, with the same checks, errors and counts,
 but reads the few headers it needs in one pass, reads the body from ``receive``
 and writes its answer as two ASGI messages. Building and walking Starlette's
 request, headers, state, body stream and response cost a taskq request most of
@@ -16,7 +16,7 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from taskq.http import (
+from taskq.web.http import (
     SERVER_ERROR,
     authenticate,
     check_json,

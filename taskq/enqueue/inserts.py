@@ -24,7 +24,7 @@ from taskq.errors import RejectedByDatabase
 from taskq.service import Service
 from taskq.store import Enqueued, NewTask, Store
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("taskq.inserts")
 
 MAX_INSERT_BATCH = 500
 MAX_STATEMENTS = 4

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from taskq.errors import Busy as Busy
 from taskq.errors import Overrun as Overrun
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("taskq.offload")
 T = TypeVar("T")
 THREADS = 2
 

@@ -32,9 +32,8 @@ from starlette.routing import Route
 
 from taskq._utils import preview
 from taskq.client import Client
-from taskq.cursors import Cursors
+from taskq.enqueue.validation import TYPE_NAME, parse_rfc3339
 from taskq.errors import BrokerError, FieldError, InvalidRequest, Problem
-from taskq.http import actor, endpoint, json_response, read_json, task_id
 from taskq.model import (
     STATUS_BY_TEXT,
     STATUS_NAMES,
@@ -45,7 +44,8 @@ from taskq.model import (
     TaskStatus,
 )
 from taskq.settings import QUEUE_NAME, Settings
-from taskq.validation import TYPE_NAME, parse_rfc3339
+from taskq.web.cursors import Cursors
+from taskq.web.http import actor, endpoint, json_response, read_json, task_id
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500

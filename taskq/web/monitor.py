@@ -1,4 +1,4 @@
-"""What operators watch: ``GET /stats`` (streamed live by taskq.stream).
+"""What operators watch: ``GET /stats`` (streamed live by taskq.web.stream).
 
 Stats are computed at most once a second per API process, however many
 dashboards ask: counts by status, queue and type from one grouped scan of
@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from taskq.broker import DepthReader, Link
+from taskq.amqp.broker import DepthReader, Link
 from taskq.errors import BrokerError, StoreError
-from taskq.http import endpoint, json_response
 from taskq.settings import Settings
 from taskq.store import Store
+from taskq.web.http import endpoint, json_response
 
 WINDOW_SECONDS = 60
 STATS_MAX_AGE = 1.0

@@ -10,7 +10,7 @@ lookaround, a backreference) is refused when the type is written.
 evaluates that pair with ``re``.
 
 Everything here is slow on purpose-built input (it is pure Python), so callers
-run it through :class:`taskq.offload.Offload`, off the event loop, with a deadline.
+run it through :class:`taskq.enqueue.offload.Offload`, off the event loop, with a deadline.
 """
 
 from __future__ import annotations

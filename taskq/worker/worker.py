@@ -2,19 +2,19 @@
 
 Per delivery (docs/workers.md, "Per delivery: claim, run, record"):
 
-1. :mod:`taskq.consumer` parses the envelope; garbage is rejected, and the
+1. :mod:`taskq.worker.consumer` parses the envelope; garbage is rejected, and the
    work queue dead-letters it to ``<ns>.dlq``. Good envelopes are buffered
    per queue (the priority policy is documented there).
-2. :mod:`taskq.claims`: when concurrency slots are free, buffered envelopes
+2. :mod:`taskq.worker.claims`: when concurrency slots are free, buffered envelopes
    are claimed in batches, **one** statement each, and acked once the claim
    commits; each decision (claimed, terminal, duplicate, early, exhausted,
    missing) is acted on there.
-3. :mod:`taskq.execution`: the handler runs outside any transaction, an
+3. :mod:`taskq.worker.execution`: the handler runs outside any transaction, an
    ``async def`` in its own asyncio task, a plain ``def`` in a thread
-   (:mod:`taskq.threads`), under the task's timeout, while one batched heartbeat
+   (:mod:`taskq.worker.threads`), under the task's timeout, while one batched heartbeat
    per worker extends every lease it holds every ``lease/3`` seconds. Whatever
-   the handler does (:mod:`taskq.sandbox`), its attempt ends with an outcome.
-4. :mod:`taskq.outcomes` records outcomes, one statement per kind per batch,
+   the handler does (:mod:`taskq.worker.sandbox`), its attempt ends with an outcome.
+4. :mod:`taskq.worker.outcomes` records outcomes, one statement per kind per batch,
    guarded by the claim's token, and publishes retries and dead letters after
    commit.
 
@@ -43,25 +43,25 @@ from collections.abc import Callable, Sequence
 
 import orjson
 
-from taskq.broker import Link, Publisher
-from taskq.claims import Claimer
-from taskq.consumer import Acker, Buffers, Consumers, Delivery
+from taskq.amqp.broker import Link, Publisher
 from taskq.errors import ConfigError, HandlerError, StoreError
-from taskq.execution import (
+from taskq.fleet.relay import Outbox, Relay
+from taskq.fleet.sweeper import Sweeper
+from taskq.handlers import Registry
+from taskq.metrics import WorkerMetrics
+from taskq.service import Loop, OnStop, Service, Services
+from taskq.settings import Settings
+from taskq.store import Store, WorkerInfo
+from taskq.worker.claims import Claimer
+from taskq.worker.consumer import Acker, Buffers, Consumers, Delivery
+from taskq.worker.execution import (
     ABANDON_AFTER_SECONDS,
     CANCEL_GRACE_SECONDS,
     Runner,
     heartbeat_interval,
 )
-from taskq.handlers import Registry
-from taskq.metrics import WorkerMetrics
-from taskq.outcomes import Finished, Recorder
-from taskq.relay import Outbox, Relay
-from taskq.service import Loop, OnStop, Service, Services
-from taskq.settings import Settings
-from taskq.store import Store, WorkerInfo
-from taskq.sweeper import Sweeper
-from taskq.threads import HandlerThreads
+from taskq.worker.outcomes import Finished, Recorder
+from taskq.worker.threads import HandlerThreads
 
 log = logging.getLogger("taskq.worker")
 

@@ -18,7 +18,7 @@ few per pass), so newer rows keep flowing and a queue added back recovers its
 tasks.
 
 One relay is active across the fleet: the one holding a Postgres advisory lock
-on a dedicated connection (:mod:`taskq.leader`). The others wait and take over
+on a dedicated connection (:mod:`taskq.fleet.leader`). The others wait and take over
 if it dies or freezes.
 """
 
@@ -36,11 +36,11 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from taskq.broker import Publish, Publisher
-from taskq.envelope import Envelope
+from taskq.amqp.broker import Publish, Publisher
+from taskq.amqp.envelope import Envelope
 from taskq.errors import DelayTooLong, Nacked, TaskqError, Unpublishable
-from taskq.leader import SessionLock, lead, lock_key
-from taskq.marker import Marker
+from taskq.fleet.leader import SessionLock, lead, lock_key
+from taskq.fleet.marker import Marker
 from taskq.model import OwedPublish, TaskStatus
 from taskq.service import Service
 from taskq.store import Store

@@ -1,6 +1,6 @@
 """The operator dashboard at ``/ui``: static HTML, CSS and JavaScript modules.
 
-The files ship inside the package (``taskq/static/ui``), so an installed taskq
+The files ship inside the package (``taskq/web/static/ui``), so an installed taskq
 serves them with no build step and nothing fetched at run time. They hold no
 data: serving them needs no API key. The page reads everything through the API
 with the operator's key, so the API's own authentication protects the data.

@@ -1,6 +1,6 @@
 """The HTTP API: Starlette on uvicorn, JSON in and out, every error as problem+json.
 
-Errors become ``application/problem+json`` in one place, :func:`taskq.http.endpoint`.
+Errors become ``application/problem+json`` in one place, :func:`taskq.web.http.endpoint`.
 """
 
 from __future__ import annotations
@@ -23,22 +23,24 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 import taskq
-from taskq import admin, broker, monitor, stream, ui, validation
 from taskq._utils import preview
+from taskq.amqp import broker
 from taskq.client import Client
-from taskq.cursors import Cursors
+from taskq.enqueue import validation
 from taskq.errors import FieldError, InvalidRequest, Overrun, Problem, StoreError, TooManyTaskTypes
-from taskq.hosts import HostCheck
-from taskq.hot_route import serve_enqueue
-from taskq.http import SERVER_ERROR, endpoint, json_response, problem_response, read_json
-from taskq.http import task_id as _task_id
+from taskq.fleet.relay import Relay
 from taskq.metrics import ApiMetrics
 from taskq.model import TaskTypeRecord
-from taskq.openapi import openapi_document
-from taskq.relay import Relay
 from taskq.settings import Settings
+from taskq.web import admin, monitor, stream, ui
+from taskq.web.cursors import Cursors
+from taskq.web.hosts import HostCheck
+from taskq.web.hot_route import serve_enqueue
+from taskq.web.http import SERVER_ERROR, endpoint, json_response, problem_response, read_json
+from taskq.web.http import task_id as _task_id
+from taskq.web.openapi import openapi_document
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("taskq.api")
 BATCH_BODY_FACTOR = 16
 HEALTH_TIMEOUT = 2.0
 # /healthz needs no key: its checks run at most this often, however often it is asked.
@@ -126,7 +128,7 @@ async def put_type(request: Request) -> Response:
     client = _client(request)
     name = request.path_params["name"]
     try:
-        # Checking a payload schema can be slow on purpose-built input (taskq.schemas).
+        # Checking a payload schema can be slow on purpose-built input (taskq.enqueue.schemas).
         definition = await client.offload.run(
             SCHEMA_CHECK_SECONDS, validation.task_type, name, data, settings
         )
@@ -262,10 +264,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 class _Api(Starlette):
-    """Starlette, with the Host check first (taskq.hosts), and with ``POST /enqueue``,
+    """Starlette, with the Host check first (taskq.web.hosts), and with ``POST /enqueue``,
     the hot route, skipping Starlette's routing and middleware.
 
-    The route is served by :func:`taskq.hot_route.serve_enqueue`, which does what the
+    The route is served by :func:`taskq.web.hot_route.serve_enqueue`, which does what the
     route's endpoint in the route list does (the same authentication, checks, error
     mapping and request counting), without Starlette's routing, middleware, request and
     response, which cost about as much CPU as the enqueue itself. An unexpected error

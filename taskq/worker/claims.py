@@ -1,7 +1,7 @@
 """Claiming: buffered deliveries get free slots, one ``claim`` statement per batch.
 
 When concurrency slots are free, :meth:`Claimer.run` takes buffered envelopes
-(chosen by priority weight, see :mod:`taskq.consumer`) and claims all of them
+(chosen by priority weight, see :mod:`taskq.worker.consumer`) and claims all of them
 in one statement; while it runs, further envelopes collect for the next one, so
 batches grow with the load and nothing waits for a timer. Once the claim
 commits the deliveries are acked (``multiple`` where the tags allow): from here
@@ -19,14 +19,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from taskq.broker import Publisher
-from taskq.consumer import Acker, Buffers, Delivery
+from taskq.amqp.broker import Publisher
 from taskq.errors import StoreError, TaskqError
+from taskq.fleet.relay import dead_letter_headers, publish_row
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimDecision, ClaimedTask, DeadLetterReason, Unclaimed
-from taskq.relay import dead_letter_headers, publish_row
 from taskq.service import Service
 from taskq.store import Store
+from taskq.worker.consumer import Acker, Buffers, Delivery
 
 log = logging.getLogger("taskq.worker")
 

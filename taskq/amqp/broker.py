@@ -24,8 +24,9 @@ from aio_pika.abc import (
 )
 from pamqp.common import FieldTable
 
-from taskq import frames
-from taskq.envelope import Envelope
+from taskq.amqp import frames
+from taskq.amqp.envelope import Envelope
+from taskq.amqp.topology import Topology, delay_routing_key
 from taskq.errors import (
     BrokerError,
     DelayTooLong,
@@ -36,7 +37,6 @@ from taskq.errors import (
     Unpublishable,
 )
 from taskq.service import Service
-from taskq.topology import Topology, delay_routing_key
 
 log = logging.getLogger("taskq.broker")
 
@@ -289,7 +289,7 @@ class Publisher:
     """A channel with publisher confirms that publishes envelopes into one topology.
 
     :meth:`publish_many` writes a batch in one write and awaits its confirms
-    together (:mod:`taskq.frames`); concurrent calls pipeline. A publish the
+    together (:mod:`taskq.amqp.frames`); concurrent calls pipeline. A publish the
     broker returns as unroutable counts as failed, like a nack or a timeout.
     """
 

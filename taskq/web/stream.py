@@ -24,12 +24,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from taskq.errors import Problem, StoreError
-from taskq.http import endpoint, json_default
 from taskq.model import StreamEvent
-from taskq.monitor import Monitor
 from taskq.service import Service
+from taskq.web.http import endpoint, json_default
+from taskq.web.monitor import Monitor
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("taskq.stream")
 STATS_EVERY = 1.0
 POLL_EVERY = 0.25
 BATCH = 500

@@ -1,0 +1,52 @@
+"""The package layout docs/architecture.md draws: each side of the system stays in its folder."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "taskq"
+
+# Which of taskq's packages each package may import (the root's modules always).
+ALLOWED = {
+    "amqp": set(),
+    "enqueue": {"amqp"},
+    "fleet": {"amqp"},
+    "worker": {"amqp", "fleet"},
+    "web": {"amqp", "enqueue", "fleet"},
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """taskq's packages that a module imports (``taskq.<package>...``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "taskq" and len(parts) > 1 and parts[1] in ALLOWED:
+                found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_a_package_imports_only_the_packages_below_it(package: str) -> None:
+    modules = sorted((PACKAGE / package).glob("*.py"))
+    assert modules, package
+    for module in modules:
+        wrong = imported_packages(module) - ALLOWED[package] - {package}
+        assert not wrong, f"taskq/{package}/{module.name} imports taskq.{wrong}"
+
+
+def test_the_packages_are_the_ones_drawn() -> None:
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert packages == set(ALLOWED)
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    for package in ALLOWED:
+        assert f"  {package}/ " in text, package
