@@ -64,15 +64,6 @@ class Finished:
     failing_since: float | None = None
 
 
-_OUTCOME_LABEL = {
-    "complete": "succeeded",
-    "retry": "retried",
-    "fail": "failed",
-    "give_back": "given_back",
-    "cancel": "cancelled",
-}
-
-
 class Recorder(Service):
     """Collects outcomes and records them in batches, one statement per kind at a time.
 
