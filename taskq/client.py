@@ -208,7 +208,7 @@ class Client(Service):
             if task_type.validator is not None:
                 validation.raise_all(await self._check_payloads([("", task_type, body.payload)]))
             result = await self._batcher.submit(task)
-            answer = self._settle(task, result, "", publish=False)  # the batcher handed it over
+            answer = self._answer(task, result, "", publish=False)  # the batcher handed it over
         except (InvalidRequest, IdempotencyConflict) as exc:
             outcome = "conflict" if isinstance(exc, IdempotencyConflict) else "invalid"
             self.metrics.enqueued("", "", outcome, None)
@@ -261,7 +261,7 @@ class Client(Service):
         if connection is not None:  # published by the relay when the caller commits
             return [EnqueueResult(r.outcome == _CREATED, r.answer or {}) for r in results]
         answers = [
-            self._settle(t, r, f"tasks[{i}].")
+            self._answer(t, r, f"tasks[{i}].")
             for i, (t, r) in enumerate(zip(tasks, results, strict=True))
         ]
         # Counted once per label set, not per task (each labels() call takes a lock).
@@ -297,7 +297,7 @@ class Client(Service):
             if result.outcome == _CREATED:
                 self.outbox.submit(result.owed())
 
-    def _settle(
+    def _answer(
         self, task: NewTask, result: Enqueued, prefix: str, *, publish: bool = True
     ) -> EnqueueResult:
         """Turn the store's answer into ours; with ``publish``, publish what was created."""

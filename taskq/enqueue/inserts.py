@@ -88,16 +88,16 @@ class InsertBatcher(Service):
             # shared its statement: insert them one by one.
             for item in batch:
                 try:
-                    self._settle([item], await self._store.enqueue([item[0]]))
+                    self._resolve([item], await self._store.enqueue([item[0]]))
                 except Exception as exc:
                     self._fail([item], exc)
             return
         except Exception as exc:  # every waiter gets the error; the next batch goes on
             self._fail(batch, exc)
             return
-        self._settle(batch, results)
+        self._resolve(batch, results)
 
-    def _settle(self, batch: list[_Item], results: list[Enqueued]) -> None:
+    def _resolve(self, batch: list[_Item], results: list[Enqueued]) -> None:
         if self._on_inserted is not None:
             try:
                 self._on_inserted(results)

@@ -17,7 +17,7 @@ log = logging.getLogger("taskq.relay")
 
 # How old a confirmed publish is before its marker is written (see Marker): an
 # outbox's row is marked within OUTBOX_MAX_WAIT + MARK_DELAY, well inside the
-# relay's minimum age (taskq.fleet.relay.RELAY_GRACE).
+# relay's minimum age (taskq.fleet.relay.RELAY_MIN_AGE).
 MARK_DELAY = 1.0
 
 

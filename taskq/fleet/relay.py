@@ -53,8 +53,8 @@ LOCK_KEY = 0x72656C6179
 # How old an owed row must be before the relay publishes it: younger ones are
 # the outboxes' to publish. An outbox leaves to the relay any row that waited
 # longer than OUTBOX_MAX_WAIT, so the two never publish the same row.
-RELAY_GRACE = 5.0
-OUTBOX_MAX_WAIT = RELAY_GRACE / 2
+RELAY_MIN_AGE = 5.0
+OUTBOX_MAX_WAIT = RELAY_MIN_AGE / 2
 # Rows an outbox publishes in one write; in_flight / OUTBOX_BATCH batches go at once.
 OUTBOX_BATCH = 32
 # At most one log line per this many seconds about rows left to the relay.
@@ -196,7 +196,7 @@ class Outbox(Service):
     A row that waited in the outbox longer than ``max_wait`` (enqueues outpace
     the broker) is not published here but handed to the relay, woken by a
     NOTIFY to publish it at once: the relay takes unannounced rows only once
-    they are :data:`RELAY_GRACE` old, so were the outbox to publish such a row
+    they are :data:`RELAY_MIN_AGE` old, so were the outbox to publish such a row
     late, the relay could publish it too, and the broker and the workers would
     carry every one of those tasks twice.
 
@@ -324,7 +324,7 @@ class Relay(Service):
         database_url: for the dedicated connection that holds the lock and LISTENs.
         publisher: where to publish.
         interval: seconds between passes over the owed rows.
-        grace: the relay's minimum age: how old an owed row must be before it takes it, so that it
+        min_age: the relay's minimum age: how old an owed row must be before it takes it, so that it
             does not race the publish that normally follows a commit.
         duties: further coroutines run on every pass while the lock is held
             (the worker's sweeper adds its lease recovery here).
@@ -338,7 +338,7 @@ class Relay(Service):
         publisher: Publisher,
         *,
         interval: float = 1.0,
-        grace: float = RELAY_GRACE,
+        min_age: float = RELAY_MIN_AGE,
         batch: int = 500,
         duties: Sequence[Callable[[], Awaitable[Any]]] = (),
         set_aside: Counter | None = None,
@@ -347,7 +347,7 @@ class Relay(Service):
         self.database_url = database_url
         self.publisher = publisher
         self.interval = interval
-        self.grace = grace
+        self.min_age = min_age
         self.batch = batch
         self.duties = list(duties)
         self.set_aside = set_aside
@@ -403,7 +403,7 @@ class Relay(Service):
             await duty()
         for _ in range(BATCHES_PER_PASS):
             await ensure()
-            rows = await self.store.publish_owed(self.grace, self.batch)
+            rows = await self.store.publish_owed(self.min_age, self.batch)
             paid = await self._pay(rows)
             published += paid.confirmed
             if paid.broker_failed or paid.confirmed + paid.set_aside == 0:

@@ -195,7 +195,7 @@ class Runner:
                 tasks.append(attempt.task)
         return tasks
 
-    def settled(self, token: uuid.UUID) -> None:
+    def closed(self, token: uuid.UUID) -> None:
         """The outcome of the claim ``token`` is recorded: stop extending its lease."""
         self.attempts.pop(token, None)
 
@@ -213,7 +213,7 @@ class Runner:
             self.metrics.in_flight.dec()
             self._release()
         if outcome is None:  # the lease was lost: counted as a stale outcome
-            self.settled(attempt.token)
+            self.closed(attempt.token)
             self.metrics.processed.labels(attempt.type, attempt.queue, "stale").inc()
         else:
             self._record(outcome)

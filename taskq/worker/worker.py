@@ -235,7 +235,7 @@ class Worker(Service):
         # In the worker list from now on (the heartbeat keeps it fresh),
         # and out of it at a clean stop.
         await self.store.heartbeat([], self.info, self.lease)
-        await parts.add(OnStop(self._leave_registry, name="taskq-worker-registry"))
+        await parts.add(OnStop(self._leave_worker_list, name="taskq-worker-list"))
         for link in (self._consume_link, self._publish_link):
             await parts.add(link)
             try:
@@ -246,7 +246,7 @@ class Worker(Service):
         await parts.add(OnStop(self.publisher.close, name="taskq-worker-publisher"))
         self._outbox = Outbox(self.store, self.publisher, in_flight=64)
         await parts.add(self._outbox)
-        self._recorder = Recorder(self.store, self._outbox, self.metrics, self._runner.settled)
+        self._recorder = Recorder(self.store, self._outbox, self.metrics, self._runner.closed)
         await parts.add(self._recorder)
         self._claimer = Claimer(
             self.store,
@@ -299,7 +299,7 @@ class Worker(Service):
             len(self.registry),
         )
 
-    async def _leave_registry(self) -> None:
+    async def _leave_worker_list(self) -> None:
         with contextlib.suppress(StoreError):
             await self.store.worker_gone(self.worker_id)
 

@@ -212,7 +212,7 @@ async def test_a_row_that_waited_too_long_is_left_to_the_relay_alone(
     store, publisher = publishing.store, publishing.publisher
     outbox = Outbox(store, publisher, in_flight=4, max_wait=0.2)
     # A grace longer than the test: whatever the relay publishes, it was told to.
-    relay = Relay(store, settings.database_url, publisher, grace=600.0, interval=0.1)
+    relay = Relay(store, settings.database_url, publisher, min_age=600.0, interval=0.1)
     try:
         await store.register_task_types([("demo.echo", "default", 5, 30.0, None)])
 
