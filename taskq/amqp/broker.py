@@ -7,6 +7,7 @@ aio-pika and aiormq exceptions stay inside this module; callers see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -55,6 +56,35 @@ _INEQUIVALENT = re.compile(
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
 
 
+class _ClosedOnFailure(aio_pika.Connection):
+    """A connection that closes itself when its first connect fails (or is cancelled).
+
+    aio-pika leaves such a connection open, and closing it is then left to its
+    ``__del__``, which can only drop a ``close()`` coroutine unawaited: every
+    failed attempt (a broker down for a while) left one behind.
+    """
+
+    async def connect(self, timeout: aio_pika.abc.TimeoutType = None) -> None:
+        try:
+            await super().connect(timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise
+
+
+class _RobustClosedOnFailure(aio_pika.RobustConnection):
+    """:class:`_ClosedOnFailure`, for a connection that reconnects once it was up."""
+
+    async def connect(self, timeout: aio_pika.abc.TimeoutType = None) -> None:
+        try:
+            await super().connect(timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise
+
+
 async def connect(
     url: str, *, name: str, robust: bool = True, heartbeat: float | None = None
 ) -> AbstractConnection:
@@ -77,8 +107,11 @@ async def connect(
                 client_properties=properties,
                 reconnect_interval=RECONNECT_SECONDS,
                 heartbeat=beat,
+                connection_class=_RobustClosedOnFailure,
             )
-        return await aio_pika.connect(url, client_properties=properties, heartbeat=beat)
+        return await aio_pika.connect(
+            url, client_properties=properties, heartbeat=beat, connection_class=_ClosedOnFailure
+        )
     except _BROKER_ERRORS as exc:
         raise BrokerError(f"cannot connect to the broker: {exc}") from exc
 
