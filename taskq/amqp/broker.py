@@ -73,16 +73,9 @@ class _ClosedOnFailure(aio_pika.Connection):
             raise
 
 
-class _RobustClosedOnFailure(aio_pika.RobustConnection):
-    """:class:`_ClosedOnFailure`, for a connection that reconnects once it was up."""
-
-    async def connect(self, timeout: aio_pika.abc.TimeoutType = None) -> None:
-        try:
-            await super().connect(timeout)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.close()
-            raise
+class _RobustClosedOnFailure(_ClosedOnFailure, aio_pika.RobustConnection):
+    """:class:`_ClosedOnFailure`, for a connection that reconnects once it was up
+    (its ``connect`` wraps :class:`aio_pika.RobustConnection`'s, next in the MRO)."""
 
 
 async def connect(
