@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +76,11 @@ class Tracing:
 
     def __init__(self, tracer: Tracer | None) -> None:
         self.tracer = tracer
+        self._current_span: Callable[[], Span] | None = None
+        if tracer is not None:
+            from opentelemetry import trace
+
+            self._current_span = trace.get_current_span
 
     @classmethod
     def load(cls, settings: Settings) -> Tracing | None:
@@ -95,20 +100,21 @@ class Tracing:
         Raises:
             InvalidRequest: ``traceparent`` is not one (naming ``field``).
         """
-        if traceparent is not None:
-            check_traceparent(traceparent, field)
-        tracer = self.tracer
-        if tracer is None:
-            return None if traceparent is None else Sending(None, traceparent)
-        from opentelemetry import trace
-
-        if traceparent is not None:
-            parent = _context(traceparent)
-        elif trace.get_current_span().get_span_context().is_valid:
+        if traceparent is None:
+            # The common case, untraced: one look at the current context.
+            current = self._current_span
+            if current is None or not current().get_span_context().is_valid:
+                return None
             parent = None  # the current context
         else:
-            return None
-        span = tracer.start_span(
+            check_traceparent(traceparent, field)
+            if self.tracer is None:
+                return Sending(None, traceparent)
+            parent = _context(traceparent)
+        assert self.tracer is not None
+        from opentelemetry import trace
+
+        span = self.tracer.start_span(
             "send", parent, trace.SpanKind.PRODUCER, _SEND_ATTRIBUTES, record_exception=False
         )
         return Sending(span, _format(span))
