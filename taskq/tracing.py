@@ -20,10 +20,12 @@ continue the trace.
 from __future__ import annotations
 
 import contextvars
+import functools
+import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from taskq.errors import FieldError, InvalidRequest
 
@@ -33,12 +35,34 @@ if TYPE_CHECKING:  # the extra is optional: imported for real by Tracing.load on
     from taskq.model import ClaimedTask, OutcomeKind
     from taskq.settings import Settings
 
+log = logging.getLogger("taskq.tracing")
+
 # The W3C Trace Context header, in HTTP requests and in envelopes (AMQP headers).
 TRACEPARENT = "traceparent"
 # version-trace_id-parent_id-flags, lower-case hex (W3C Trace Context, level 1).
 _FORMAT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _LENGTH = 55
 SYSTEM = "rabbitmq"
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _contained(function: Callable[P, R | None]) -> Callable[P, R | None]:
+    """``function``, whose errors are logged and answered with None: the application's
+    OpenTelemetry set-up (a span processor, a sampler) must not fail an enqueue or an
+    attempt."""
+
+    @functools.wraps(function)
+    def contained(*args: P.args, **kwargs: P.kwargs) -> R | None:
+        try:
+            return function(*args, **kwargs)
+        except Exception:
+            log.exception("tracing failed in %s; going on without it", function.__name__)
+            return None
+
+    return contained
 
 
 def check_traceparent(value: str, field: str = TRACEPARENT) -> str:
@@ -111,6 +135,11 @@ class Tracing:
             if self.tracer is None:
                 return Sending(None, traceparent)
             parent = _context(traceparent)
+        return self._send(parent)
+
+    @_contained
+    def _send(self, parent: Any) -> Sending | None:
+        """Start the PRODUCER span under ``parent`` (None: the current context)."""
         assert self.tracer is not None
         from opentelemetry import trace
 
@@ -119,6 +148,7 @@ class Tracing:
         )
         return Sending(span, _format(span))
 
+    @_contained
     def attempt(self, task: ClaimedTask) -> Span | None:
         """The CONSUMER span of one attempt of ``task``, a child of its enqueuer's
         context; None if it was not traced (or the extra is missing)."""
@@ -158,6 +188,7 @@ class Sending:
     def __enter__(self) -> Sending:
         return self
 
+    @_contained
     def enqueued(self, tasks: Iterable[Mapping[str, Any]]) -> None:
         """Name the span after the tasks the enqueue answered (their ids, queues, types)."""
         span = self.span
@@ -182,6 +213,10 @@ class Sending:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self._end(exc)
+
+    @_contained
+    def _end(self, exc: BaseException | None) -> None:
         span = self.span
         if span is None:
             return
@@ -193,6 +228,7 @@ class Sending:
         span.end()
 
 
+@_contained
 def running(span: Span) -> contextvars.Context:
     """A copy of the current context in which ``span`` is the current span: the context
     an attempt runs in, so that the handler's own spans are its children."""
@@ -203,6 +239,7 @@ def running(span: Span) -> contextvars.Context:
     return copy
 
 
+@_contained
 def ended(
     span: Span,
     kind: OutcomeKind | None,

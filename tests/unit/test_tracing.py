@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
+from typing import Any, cast
 
 import pytest
 from opentelemetry import trace
@@ -201,3 +202,32 @@ def test_untraced_code_imports_no_opentelemetry() -> None:
         "assert not found, found\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+class Broken:
+    """A tracer, span and processor in one, each call failing: an application's
+    OpenTelemetry set-up gone wrong."""
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: object, **kwargs: object) -> None:
+            raise RuntimeError(f"broken {name}")
+
+        return fail
+
+
+def test_a_failing_opentelemetry_set_up_fails_no_enqueue_and_no_attempt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken = Tracing(cast(Any, Broken()))
+    with trace.get_tracer("test").start_as_current_span("request"):
+        assert broken.sending(None) is None  # not traced, but enqueued
+    assert broken.sending(VALID) is None
+    assert broken.attempt(_claimed(VALID)) is None
+    span = cast(Any, Broken())
+    tracing.ended(span, OutcomeKind.COMPLETE)
+    sending = tracing.Sending(span, VALID)
+    sending.enqueued([{"id": TASK, "type": "t", "queue": "default"}])
+    with sending:
+        pass
+    failures = [r for r in caplog.records if r.name == "taskq.tracing"]
+    assert len(failures) == 6 and all("going on without it" in r.message for r in failures)
