@@ -29,6 +29,7 @@ The hierarchy::
     Retry                          raised by a handler: another attempt after a delay
     Fail                           raised by a handler: FAILED now, no further attempt
     SchemaProblem (ValueError)     a payload schema taskq refuses, and where in it
+    CronProblem (ValueError)       a cron expression or time zone taskq refuses, and which field
     Problem                        an HTTP error, answered as problem+json
 
 :class:`Retry` and :class:`Fail` are control flow that handler code raises, not
@@ -211,6 +212,14 @@ class SchemaProblem(ValueError):
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         super().__init__(f"at {path}: {message}" if path else message)
+
+
+class CronProblem(ValueError):
+    """A cron expression or time zone taskq refuses; ``field`` names the part at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
 
 
 class Problem(Exception):
