@@ -26,6 +26,9 @@ from taskq.model import (
     EnqueueOutcome,
     OwedPublish,
     Purge,
+    ScheduleFire,
+    ScheduleRecord,
+    ScheduleSpec,
     SetAside,
     Stats,
     StatusCounts,
@@ -548,6 +551,62 @@ class Store:
         their events; returns how many."""
         deleted: int = await self._fetchval("retention_delete", older_than, limit)
         return deleted
+
+    # ---------------------------------------------------------------- schedules
+
+    async def put_schedule(self, spec: ScheduleSpec, next_fire_at: datetime) -> ScheduleRecord:
+        """Create or replace a schedule; a replacement with the same timing keeps its
+        next fire (``created`` on the record says which it was)."""
+        row = await self._fetchrow(
+            "schedule_put", spec.name, spec.cron, spec.timezone, spec.every_seconds, spec.type,
+            spec.payload, spec.queue, spec.catch_up, spec.catch_up_limit, spec.overlap,
+            spec.source, next_fire_at,
+        )  # fmt: skip
+        assert row is not None  # an upsert returns its row
+        return ScheduleRecord.from_row(row)
+
+    async def schedule(self, name: str) -> ScheduleRecord | None:
+        row = await self._fetchrow("schedule_get", name)
+        return None if row is None else ScheduleRecord.from_row(row)
+
+    async def schedules(self, after: str, limit: int) -> list[ScheduleRecord]:
+        """Schedules in name order, after the name ``after`` ("" for the first page)."""
+        rows = await self._fetch("schedules_list", after, limit)
+        return [ScheduleRecord.from_row(r) for r in rows]
+
+    async def count_schedules(self) -> int:
+        count: int = await self._fetchval("schedules_count")
+        return count
+
+    async def delete_schedule(self, name: str) -> bool:
+        return await self._execute("schedule_delete", name) > 0
+
+    async def pause_schedule(
+        self, name: str, *, paused: bool, next_fire_at: datetime | None = None
+    ) -> ScheduleRecord | None:
+        """Pause or resume; resuming moves the next fire to ``next_fire_at``."""
+        row = await self._fetchrow("schedule_pause", name, paused, next_fire_at)
+        return None if row is None else ScheduleRecord.from_row(row)
+
+    async def due_schedules(self, limit: int) -> tuple[datetime, list[ScheduleRecord]]:
+        """The database's clock, and the schedules due by it (at most ``limit``)."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(self.q["schedules_due"], limit)
+            if not rows:
+                now: datetime = await connection.fetchval(self.q["db_now"])
+                return now, []
+        return rows[0]["now"], [ScheduleRecord.from_row(r) for r in rows]
+
+    async def fire_schedule(self, fire: ScheduleFire) -> list[OwedPublish]:
+        """Enqueue a schedule's fires and move it on, if its next fire is still
+        ``fire.expected_next_fire_at``; returns the tasks created, owed their publish."""
+        return _owed(
+            await self._fetch(
+                "schedule_fire", fire.name, fire.expected_next_fire_at, fire.manual, fire.ids,
+                fire.idempotency_keys, fire.next_fire_at, fire.last_fire_at, fire.skipped,
+                fire.fingerprint,
+            )
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- monitoring
 
