@@ -908,6 +908,12 @@ LIMIT :limit;
 -- name: schedules_count
 SELECT count(*) FROM taskq.schedules;
 
+-- name: schedules_count_with
+-- How many schedules there would be with this one.
+-- :name
+SELECT (SELECT count(*) FROM taskq.schedules)
+     + (NOT EXISTS (SELECT 1 FROM taskq.schedules WHERE name = :name))::int AS total;
+
 -- name: schedule_delete
 -- :name
 DELETE FROM taskq.schedules WHERE name = :name;

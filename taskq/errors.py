@@ -16,6 +16,7 @@ The hierarchy::
     │   │   └── Nacked             the broker refused the publish
     │   └── TopologyConflict       an exchange or queue exists with other properties
     ├── TooManyTaskTypes           the task type registry is full
+    ├── TooManySchedules           there are TASKQ_MAX_SCHEDULES schedules already
     ├── DelayTooLong               a delay beyond what the delay levels carry
     ├── IdempotencyConflict        an idempotency key reused with another request
     ├── InvalidRequest             an enqueue or admin request is invalid (names the fields)
@@ -77,6 +78,17 @@ class LockLost(StoreError):
 
 class MigrationError(StoreError):
     """The schema could not be migrated."""
+
+
+class TooManySchedules(TaskqError):
+    """There are as many schedules as TASKQ_MAX_SCHEDULES allows."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"there are {limit} schedules, the maximum (TASKQ_MAX_SCHEDULES): raise the limit"
+            " or delete unused ones"
+        )
 
 
 class TooManyTaskTypes(TaskqError):

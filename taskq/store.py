@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 import taskq.sql as sql
-from taskq.errors import RejectedByDatabase, StoreError, TooManyTaskTypes
+from taskq.errors import RejectedByDatabase, StoreError, TooManySchedules, TooManyTaskTypes
 from taskq.model import (
     STATUS_BY_TEXT,
     ClaimedTask,
@@ -48,6 +48,8 @@ log = logging.getLogger("taskq.store")
 
 # pg_advisory_xact_lock key of the registry's writers: "types" in ASCII.
 TYPES_LOCK_KEY = 0x7479706573
+# Serialises the writers of schedules for the check against TASKQ_MAX_SCHEDULES: "sched".
+SCHEDULES_LOCK_KEY = 0x7363686564
 # Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
 NOTIFY_IDS = 200
 # What a database going away raises. InternalClientError too: a connection the
@@ -554,14 +556,25 @@ class Store:
 
     # ---------------------------------------------------------------- schedules
 
-    async def put_schedule(self, spec: ScheduleSpec, next_fire_at: datetime) -> ScheduleRecord:
+    async def put_schedule(
+        self, spec: ScheduleSpec, next_fire_at: datetime, *, max_schedules: int
+    ) -> ScheduleRecord:
         """Create or replace a schedule; a replacement with the same timing keeps its
-        next fire (``created`` on the record says which it was)."""
-        row = await self._fetchrow(
-            "schedule_put", spec.name, spec.cron, spec.timezone, spec.every_seconds, spec.type,
-            spec.payload, spec.queue, spec.catch_up, spec.catch_up_limit, spec.overlap,
-            spec.source, next_fire_at,
-        )  # fmt: skip
+        next fire (``created`` on the record says which it was).
+
+        Raises:
+            TooManySchedules: a new schedule would pass ``max_schedules``.
+        """
+        async with self._connection() as connection, connection.transaction():
+            # The advisory lock of types_lock, under a key of its own.
+            await connection.execute(self.q["types_lock"], SCHEDULES_LOCK_KEY)
+            if await connection.fetchval(self.q["schedules_count_with"], spec.name) > max_schedules:
+                raise TooManySchedules(max_schedules)
+            row = await connection.fetchrow(
+                self.q["schedule_put"], spec.name, spec.cron, spec.timezone, spec.every_seconds,
+                spec.type, spec.payload, spec.queue, spec.catch_up, spec.catch_up_limit,
+                spec.overlap, spec.source, next_fire_at,
+            )  # fmt: skip
         assert row is not None  # an upsert returns its row
         return ScheduleRecord.from_row(row)
 
@@ -588,13 +601,16 @@ class Store:
         row = await self._fetchrow("schedule_pause", name, paused, next_fire_at)
         return None if row is None else ScheduleRecord.from_row(row)
 
+    async def database_now(self) -> datetime:
+        """The database's clock, the one schedules' fires are compared with."""
+        now: datetime = await self._fetchval("db_now")
+        return now
+
     async def due_schedules(self, limit: int) -> tuple[datetime, list[ScheduleRecord]]:
         """The database's clock, and the schedules due by it (at most ``limit``)."""
-        async with self._connection() as connection:
-            rows = await connection.fetch(self.q["schedules_due"], limit)
-            if not rows:
-                now: datetime = await connection.fetchval(self.q["db_now"])
-                return now, []
+        rows = await self._fetch("schedules_due", limit)
+        if not rows:
+            return await self.database_now(), []
         return rows[0]["now"], [ScheduleRecord.from_row(r) for r in rows]
 
     async def fire_schedule(self, fire: ScheduleFire) -> list[OwedPublish]:

@@ -45,7 +45,7 @@ def minute_floor(moment: datetime) -> datetime:
 async def due_schedule(h: Harness, minutes_ago: int = 0, **fields: Any) -> ScheduleRecord:
     """A per-minute schedule whose next fire was ``minutes_ago`` minutes before this minute."""
     first = minute_floor(datetime.now(UTC)) - timedelta(minutes=minutes_ago)
-    return await h.store.put_schedule(spec(**fields), first)
+    return await h.store.put_schedule(spec(**fields), first, max_schedules=100)
 
 
 async def scheduled_tasks(h: Harness, name: str) -> list[tuple[str, str]]:
@@ -60,15 +60,17 @@ async def scheduled_tasks(h: Harness, name: str) -> list[tuple[str, str]]:
 async def test_put_keeps_the_next_fire_unless_the_timing_changes(settings: Settings) -> None:
     async with harness(settings) as h:
         first = datetime(2030, 1, 1, tzinfo=UTC)
-        created = await h.store.put_schedule(spec(), first)
+        created = await h.store.put_schedule(spec(), first, max_schedules=100)
         assert created.created
         assert created.next_fire_at == first
         later = datetime(2030, 6, 1, tzinfo=UTC)
-        same_timing = await h.store.put_schedule(spec(payload='{"report": "weekly"}'), later)
+        same_timing = await h.store.put_schedule(
+            spec(payload='{"report": "weekly"}'), later, max_schedules=100
+        )
         assert not same_timing.created
         assert same_timing.next_fire_at == first  # a worker's restart moves nothing
         assert json.loads(same_timing.payload) == {"report": "weekly"}
-        moved = await h.store.put_schedule(spec(cron="0 * * * *"), later)
+        moved = await h.store.put_schedule(spec(cron="0 * * * *"), later, max_schedules=100)
         assert moved.next_fire_at == later
         assert [s.name for s in await h.store.schedules("", 10)] == ["nightly"]
         assert await h.store.count_schedules() == 1
