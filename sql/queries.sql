@@ -867,3 +867,131 @@ WITH gone AS (
     DELETE FROM taskq.task_events e USING gone WHERE e.task_id = gone.id
 )
 SELECT count(*) FROM gone;
+
+-- ---------------------------------------------------------------- schedules
+
+-- name: schedule_put
+-- Creates or replaces a schedule. A replaced schedule whose timing (cron,
+-- timezone, every_seconds) and pause are unchanged keeps its next_fire_at, so
+-- that a worker re-declaring the schedules of its code at each start neither
+-- moves nor repeats a fire; other changes take the new one. `created` says which.
+-- :name, :cron, :timezone, :every_seconds, :type, :payload (json text), :queue,
+-- :catch_up, :catch_up_limit, :overlap, :source, :next_fire_at
+INSERT INTO taskq.schedules AS s (name, cron, timezone, every_seconds, type, payload, queue,
+                                  catch_up, catch_up_limit, overlap, source, next_fire_at)
+VALUES (:name, :cron, :timezone, :every_seconds, :type, :payload::jsonb, :queue,
+        :catch_up, :catch_up_limit, :overlap, :source, :next_fire_at)
+ON CONFLICT (name) DO UPDATE SET
+    cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, every_seconds = EXCLUDED.every_seconds,
+    type = EXCLUDED.type, payload = EXCLUDED.payload, queue = EXCLUDED.queue,
+    catch_up = EXCLUDED.catch_up, catch_up_limit = EXCLUDED.catch_up_limit,
+    overlap = EXCLUDED.overlap, source = EXCLUDED.source,
+    next_fire_at = CASE
+        WHEN (s.cron, s.timezone, s.every_seconds)
+             IS NOT DISTINCT FROM (EXCLUDED.cron, EXCLUDED.timezone, EXCLUDED.every_seconds)
+        THEN s.next_fire_at ELSE EXCLUDED.next_fire_at END,
+    last_error = NULL, updated_at = now()
+RETURNING s.*, (xmax = 0) AS created,
+          (SELECT t.status FROM taskq.tasks t WHERE t.id = s.last_task_id) AS last_task_status;
+
+-- name: schedule_get
+-- :name
+SELECT s.*, false AS created,
+       (SELECT t.status FROM taskq.tasks t WHERE t.id = s.last_task_id) AS last_task_status
+FROM taskq.schedules s WHERE s.name = :name;
+
+-- name: schedules_list
+-- Schedules in name order, after a name (keyset pagination).
+-- :after_name, :limit
+SELECT s.*, false AS created,
+       (SELECT t.status FROM taskq.tasks t WHERE t.id = s.last_task_id) AS last_task_status
+FROM taskq.schedules s
+WHERE s.name > :after_name
+ORDER BY s.name
+LIMIT :limit;
+
+-- name: schedules_count
+SELECT count(*) FROM taskq.schedules;
+
+-- name: schedules_count_with
+-- How many schedules there would be with this one.
+-- :name
+SELECT (SELECT count(*) FROM taskq.schedules)
+     + (NOT EXISTS (SELECT 1 FROM taskq.schedules WHERE name = :name))::int AS total;
+
+-- name: schedule_delete
+-- :name
+DELETE FROM taskq.schedules WHERE name = :name;
+
+-- name: schedule_pause
+-- Pauses or resumes a schedule. Resuming takes a new next_fire_at (the first
+-- fire after now): the fires of the pause are not caught up.
+-- :name, :paused, :next_fire_at (NULL: keep it)
+UPDATE taskq.schedules s SET
+    paused = :paused, next_fire_at = coalesce(:next_fire_at, s.next_fire_at), updated_at = now()
+WHERE s.name = :name
+RETURNING s.*, false AS created,
+          (SELECT t.status FROM taskq.tasks t WHERE t.id = s.last_task_id) AS last_task_status;
+
+-- name: schedules_due
+-- The schedules whose next fire is due, soonest first, with the database's clock.
+-- :limit
+SELECT s.*, false AS created,
+       (SELECT t.status FROM taskq.tasks t WHERE t.id = s.last_task_id) AS last_task_status,
+       now() AS now
+FROM taskq.schedules s
+WHERE NOT s.paused AND s.next_fire_at <= now()
+ORDER BY s.next_fire_at
+LIMIT :limit;
+
+-- name: db_now
+-- The database's clock (the one next_fire_at is compared with).
+SELECT now();
+
+-- name: schedule_fire
+-- Enqueues the fires of one schedule and moves its next_fire_at on, in one
+-- statement, if the schedule still has the next_fire_at its planner read (and
+-- is not paused): otherwise another sweeper fired it meanwhile, and nothing
+-- happens. Each fire's idempotency key names the schedule and the fire time, so
+-- no fire is enqueued twice however the statement is repeated. Defaults come
+-- from the (enabled) task type; with none, the fires are skipped and
+-- last_error says why. Returns the tasks it created (the owed columns).
+-- A manual fire (POST /schedules/{name}/trigger) fires a paused schedule too.
+-- :name, :expected_next_fire_at, :manual boolean, :ids uuid[], :idempotency_keys text[],
+-- :next_fire_at, :last_fire_at, :skipped, :fingerprint
+WITH s AS (
+    SELECT * FROM taskq.schedules
+    WHERE name = :name AND next_fire_at = :expected_next_fire_at AND (NOT paused OR :manual)
+    FOR UPDATE
+), type AS (
+    SELECT t.* FROM taskq.task_type t JOIN s ON t.name = s.type AND t.enabled
+), inserted AS (
+    INSERT INTO taskq.tasks (id, type, queue, payload, max_attempts, idempotency_key,
+                             request_fingerprint, timeout_seconds, run_at)
+    SELECT r.id, type.name, coalesce(s.queue, type.queue), s.payload, type.max_attempts, r.key,
+           :fingerprint, type.timeout_seconds, now()
+    FROM unnest(:ids::uuid[], :idempotency_keys::text[]) WITH ORDINALITY AS r(id, key, n)
+    CROSS JOIN s CROSS JOIN type
+    ORDER BY r.n
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, type, queue, status, attempts, last_error, generation, 0::float8 AS delay,
+              traceparent
+), moved AS (
+    UPDATE taskq.schedules sc SET
+        next_fire_at = :next_fire_at,
+        last_fire_at = coalesce(:last_fire_at, sc.last_fire_at),
+        last_task_id = coalesce(
+            (SELECT i.id FROM inserted i
+             WHERE i.id = (:ids::uuid[])[cardinality(:ids::uuid[])]), sc.last_task_id),
+        fires = sc.fires + (SELECT count(*) FROM inserted),
+        skipped = sc.skipped + :skipped
+                  + CASE WHEN EXISTS (SELECT FROM type) THEN 0 ELSE cardinality(:ids::uuid[]) END,
+        last_error = CASE WHEN cardinality(:ids::uuid[]) = 0 THEN sc.last_error
+                          WHEN EXISTS (SELECT FROM type) THEN NULL
+                          ELSE 'task type ' || sc.type || ' is unknown or disabled: fires skipped'
+                     END,
+        updated_at = now()
+    FROM s WHERE sc.name = s.name
+)
+SELECT id, type, queue, status, attempts, last_error, generation, delay, traceparent
+FROM inserted;

@@ -16,6 +16,7 @@ The hierarchy::
     │   │   └── Nacked             the broker refused the publish
     │   └── TopologyConflict       an exchange or queue exists with other properties
     ├── TooManyTaskTypes           the task type registry is full
+    ├── TooManySchedules           there are TASKQ_MAX_SCHEDULES schedules already
     ├── DelayTooLong               a delay beyond what the delay levels carry
     ├── IdempotencyConflict        an idempotency key reused with another request
     ├── InvalidRequest             an enqueue or admin request is invalid (names the fields)
@@ -29,6 +30,7 @@ The hierarchy::
     Retry                          raised by a handler: another attempt after a delay
     Fail                           raised by a handler: FAILED now, no further attempt
     SchemaProblem (ValueError)     a payload schema taskq refuses, and where in it
+    CronProblem (ValueError)       a cron expression or time zone taskq refuses, and which field
     Problem                        an HTTP error, answered as problem+json
 
 :class:`Retry` and :class:`Fail` are control flow that handler code raises, not
@@ -76,6 +78,17 @@ class LockLost(StoreError):
 
 class MigrationError(StoreError):
     """The schema could not be migrated."""
+
+
+class TooManySchedules(TaskqError):
+    """There are as many schedules as TASKQ_MAX_SCHEDULES allows."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"there are {limit} schedules, the maximum (TASKQ_MAX_SCHEDULES): raise the limit"
+            " or delete unused ones"
+        )
 
 
 class TooManyTaskTypes(TaskqError):
@@ -211,6 +224,14 @@ class SchemaProblem(ValueError):
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         super().__init__(f"at {path}: {message}" if path else message)
+
+
+class CronProblem(ValueError):
+    """A cron expression or time zone taskq refuses; ``field`` names the part at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
 
 
 class Problem(Exception):

@@ -189,6 +189,25 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.set_aside = set_aside_counter(self.registry)
+        self.schedule_fires = Counter(
+            "taskq_schedule_fires_total",
+            "Tasks enqueued by schedules (counted by the active sweeper's worker).",
+            ["schedule"],
+            registry=self.registry,
+        )
+        self.schedule_skipped = Counter(
+            "taskq_schedule_skipped_total",
+            "Schedule fires skipped: missed ones their catch-up policy skips, and those due"
+            " while the previous fire's task ran (overlap=skip).",
+            ["schedule"],
+            registry=self.registry,
+        )
+        self.schedule_lateness = Histogram(
+            "taskq_schedule_lateness_seconds",
+            "From a schedule's fire time to the commit of its task's enqueue.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0),
+            registry=self.registry,
+        )
         self.abandoned = Gauge(
             "taskq_abandoned_handlers_running",
             "Handlers the worker stopped waiting for (their timeout, a cancel, a shutdown) that"

@@ -194,6 +194,7 @@ OWED_QUERIES: Final = (
     "fail",
     "give_back",
     "cancel_running",
+    "schedule_fire",
 )
 
 
@@ -571,3 +572,101 @@ class Cursor:
 
     at: datetime
     id: uuid.UUID
+
+
+# ---------------------------------------------------------------- schedules
+
+
+class CatchUp(StrEnum):
+    """What a schedule does with the fires it missed while no sweeper ran."""
+
+    SKIP = "skip"  # none of them; only a fire due within the grace period still happens
+    ONCE = "once"  # one task for all of them, at the latest missed fire
+    ALL = "all"  # a task for each, the latest ``catch_up_limit`` of them
+
+
+class Overlap(StrEnum):
+    """Whether a schedule fires while the task of its previous fire is not finished."""
+
+    ALLOW = "allow"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRecord:
+    """A row of ``schedules``: when it fires (``cron`` in ``timezone``, or every
+    ``every_seconds``), what it enqueues, and what it did so far."""
+
+    name: str
+    cron: str | None
+    timezone: str
+    every_seconds: float | None
+    type: str
+    payload: str  # JSON text
+    queue: str | None
+    catch_up: CatchUp
+    catch_up_limit: int
+    overlap: Overlap
+    paused: bool
+    source: str
+    next_fire_at: datetime
+    last_fire_at: datetime | None
+    last_task_id: uuid.UUID | None
+    last_task_status: TaskStatus | None
+    fires: int
+    skipped: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    created: bool  # by the statement that returned it
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ScheduleRecord:
+        status = row["last_task_status"]
+        return cls(
+            row["name"], row["cron"], row["timezone"], row["every_seconds"], row["type"],
+            row["payload"], row["queue"], CatchUp(row["catch_up"]), row["catch_up_limit"],
+            Overlap(row["overlap"]), row["paused"], row["source"], row["next_fire_at"],
+            row["last_fire_at"], row["last_task_id"],
+            None if status is None else TaskStatus(status), row["fires"], row["skipped"],
+            row["last_error"], row["created_at"], row["updated_at"], row["created"],
+        )  # fmt: skip
+
+    @property
+    def finished_previous(self) -> bool:
+        """Whether the task of the latest fire is finished (or gone, or there is none)."""
+        status = self.last_task_status
+        return status is None or status.terminal
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSpec:
+    """What a schedule is, as ``PUT /schedules/{name}`` or a handler's ``schedule=``
+    declares it (validated by :func:`taskq.fleet.scheduler.schedule_spec`)."""
+
+    name: str
+    cron: str | None
+    timezone: str
+    every_seconds: float | None
+    type: str
+    payload: str  # JSON text
+    queue: str | None
+    catch_up: CatchUp
+    catch_up_limit: int
+    overlap: Overlap
+    source: str  # "api" or "code"
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleFire:
+    """The fires of one schedule that the store enqueues in one statement."""
+
+    name: str
+    expected_next_fire_at: datetime
+    manual: bool
+    ids: list[uuid.UUID]
+    idempotency_keys: list[str]
+    next_fire_at: datetime
+    last_fire_at: datetime | None
+    skipped: int
+    fingerprint: str

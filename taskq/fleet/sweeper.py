@@ -14,6 +14,8 @@
   ago and never ended (the API process or the database failed between the
   broker purge and its last step): the purged queue's ENQUEUED tasks that are
   due may have lost their envelope, so their publishes are owed again.
+- :meth:`Scheduler.fire_due <taskq.fleet.scheduler.Scheduler.fire_due>` enqueues
+  the fires of the schedules that are due (:mod:`taskq.fleet.scheduler`).
 - :meth:`Sweeper.apply_retention` deletes terminal tasks (their events go with
   them) that finished more than ``retention`` seconds ago, in bounded batches,
   and forgets workers silent for an hour.
@@ -43,6 +45,7 @@ from taskq.amqp.topology import Names
 from taskq.errors import BrokerError, ConfigError
 from taskq.fleet.leader import SessionLock, lead, lock_key
 from taskq.fleet.relay import publish_owed
+from taskq.fleet.scheduler import Scheduler
 from taskq.metrics import WorkerMetrics
 from taskq.model import DeadLetterReason, TaskStatus
 from taskq.service import Service
@@ -119,6 +122,7 @@ class Sweeper(Service):
         self.check_every = check_every
         self.batch = batch
         self.metrics = metrics
+        self.scheduler = Scheduler(store, publisher, metrics=metrics)
         self._channel: AbstractChannel | None = None
         self._checked_at = -1e9
         self.interval = interval
@@ -155,7 +159,13 @@ class Sweeper(Service):
     @property
     def duties(self) -> list[Callable[[], Awaitable[Any]]]:
         """The coroutines for ``Relay(duties=...)``."""
-        return [self.recover_expired, self.republish_lost, self.end_purges, self.apply_retention]
+        return [
+            self.scheduler.fire_due,
+            self.recover_expired,
+            self.republish_lost,
+            self.end_purges,
+            self.apply_retention,
+        ]
 
     async def recover_expired(self) -> int:
         """Take back claims whose lease expired and publish them; returns how many."""

@@ -31,7 +31,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskq._utils import preview
-from taskq.client import Client
 from taskq.enqueue.validation import TYPE_NAME, parse_rfc3339
 from taskq.errors import BrokerError, FieldError, InvalidRequest, Problem
 from taskq.model import (
@@ -45,7 +44,15 @@ from taskq.model import (
 )
 from taskq.settings import QUEUE_NAME, Settings
 from taskq.web.cursors import Cursors
-from taskq.web.http import actor, endpoint, json_response, read_json, task_id
+from taskq.web.http import (
+    actor,
+    app_client,
+    app_settings,
+    endpoint,
+    json_response,
+    read_json,
+    task_id,
+)
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -72,16 +79,6 @@ def task_body(task: TaskRecord, *, detail: bool = True) -> dict[str, Any]:
         body[name] = orjson.loads(body[name]) if body[name] is not None else None
     body["timeout"] = body.pop("timeout_seconds")
     return body
-
-
-def _client(request: Request) -> Client:
-    client: Client = request.app.state.client
-    return client
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
 
 
 def _bad(field: str, message: str) -> InvalidRequest:
@@ -208,7 +205,7 @@ async def list_tasks(request: Request) -> Response:
         created_before=_time(request, "created_before"),
         scheduled=_scheduled(request),
     )
-    found = await _client(request).store.list_tasks(
+    found = await app_client(request).store.list_tasks(
         filters,
         cursor,
         limit + 1,
@@ -255,7 +252,7 @@ def _conflict(task: TaskRecord, action: str) -> Problem:
 
 
 async def _task_or_404(request: Request, row_id: uuid.UUID) -> TaskRecord:
-    task = await _client(request).store.task(row_id)
+    task = await app_client(request).store.task(row_id)
     if task is None:
         raise Problem(404, "Not found", "no such task")
     return task
@@ -265,7 +262,7 @@ async def _task_or_404(request: Request, row_id: uuid.UUID) -> TaskRecord:
 async def cancel_task(request: Request) -> Response:
     row_id = task_id(request)
     reason = await _reason(request)
-    store = _client(request).store
+    store = app_client(request).store
     status = await store.cancel(row_id, actor=actor(request), reason=reason)
     task = await _task_or_404(request, row_id)
     if status is None:
@@ -293,7 +290,7 @@ async def _requeue(
     reason: str | None,
 ) -> list[OwedPublish]:
     """ENQUEUE ``ids`` that are in ``statuses`` again with fresh attempts, and publish them."""
-    client = _client(request)
+    client = app_client(request)
     rows = await client.store.requeue(
         ids, statuses, action=action, actor=actor(request), reason=reason
     )
@@ -309,7 +306,7 @@ async def list_dlq(request: Request) -> Response:
     limit = _limit(request, include)
     cursor = _cursor(request, "dlq")
     state = request.app.state
-    found = await _client(request).store.list_dead_letters(
+    found = await app_client(request).store.list_dead_letters(
         _type(request),
         _queue(request),
         cursor,
@@ -318,7 +315,7 @@ async def list_dlq(request: Request) -> Response:
         with_result="result" in include,
     )
     body = _page(request, "dlq", found, limit, include)
-    dlq = _settings(request).topology().names.dlq
+    dlq = app_settings(request).topology().names.dlq
     depths = await state.monitor.broker_depths()
     body["broker_messages"] = depths[dlq][0] if depths and dlq in depths else None
     return json_response(body)
@@ -358,10 +355,10 @@ def _replay_filter(
 
 @endpoint("dlq_replay")
 async def replay_dlq(request: Request) -> Response:
-    settings = _settings(request)
+    settings = app_settings(request)
     data = await read_json(request, 1024 * 1024) if await _has_body(request) else {}
     task_type, queue, ids = _replay_filter(data, settings)
-    store = _client(request).store
+    store = app_client(request).store
     replayed: list[str] = []
     # Bounded batches: each is one short transaction; a row replayed by a
     # concurrent call is FAILED no more and is not picked twice.
@@ -390,14 +387,14 @@ async def purge_queue(request: Request) -> Response:
     its publish is owed again afterwards, or, if that fails, by the sweeper,
     which ends every purge begun and not ended (``queue_purges``).
     """
-    settings = _settings(request)
+    settings = app_settings(request)
     name = request.path_params["name"]
     if name not in settings.queues:
         raise Problem(404, "Not found", f"no work queue {name!r}")
     confirm = request.query_params.getlist("confirm")
     if confirm != [name]:
         raise _bad("confirm", f"repeat the queue's name to confirm: ?confirm={name}")
-    store = _client(request).store
+    store = app_client(request).store
     cancelled = 0
     after: uuid.UUID | None = None
     while True:  # bounded batches, each a short transaction; each row is visited once
@@ -422,7 +419,7 @@ async def purge_queue(request: Request) -> Response:
 
 @endpoint("workers")
 async def list_workers(request: Request) -> Response:
-    workers = await _client(request).store.workers(missed_heartbeats=3)
+    workers = await app_client(request).store.workers(missed_heartbeats=3)
     return json_response({"workers": [asdict(worker) for worker in workers]})
 
 

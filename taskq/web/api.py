@@ -33,7 +33,7 @@ from taskq.metrics import ApiMetrics
 from taskq.model import TaskTypeRecord
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
-from taskq.web import admin, monitor, stream, ui
+from taskq.web import admin, monitor, schedules, stream, ui
 from taskq.web.cursors import Cursors
 from taskq.web.hosts import HostCheck
 from taskq.web.hot_route import serve_enqueue
@@ -357,6 +357,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         Route("/types/{name}", get_type, methods=["GET"]),
         Route("/types/{name}", put_type, methods=["PUT"]),
         *admin.routes(),
+        *schedules.routes(),
         *monitor.routes(),
         Route("/stream", stream.stream, methods=["GET"]),
         Mount("/ui", ui.dashboard(), name="ui"),

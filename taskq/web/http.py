@@ -11,13 +11,17 @@ import hmac
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from taskq._utils import preview
+
+if TYPE_CHECKING:
+    from taskq.client import Client
+    from taskq.settings import Settings
 from taskq.errors import (
     Busy,
     FieldError,
@@ -212,6 +216,17 @@ def parse_json(body: bytes | bytearray) -> Any:
         raise Problem(
             400, "Invalid request", f"malformed JSON: {exc}", errors=[FieldError("body", str(exc))]
         ) from None
+
+
+def app_client(request: Request) -> Client:
+    """The API process's client (its store, publisher and type cache)."""
+    client: Client = request.app.state.client
+    return client
+
+
+def app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def actor(request: Request) -> str:

@@ -6,6 +6,7 @@ from typing import Any
 
 import taskq
 from taskq.enqueue.validation import TYPE_NAME
+from taskq.fleet.schedules import SCHEDULE_NAME
 from taskq.model import STATUS_NAMES
 from taskq.settings import Settings
 from taskq.web.openapi_schemas import body_schemas
@@ -88,6 +89,78 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
         "required": False,
         "schema": schema,
         "description": description,
+    }
+
+
+def _schedule_paths() -> dict[str, Any]:
+    """The schedules (taskq.web.schedules)."""
+    obj = {"type": "object"}
+    name = _path_param("name", pattern=SCHEDULE_NAME.pattern)
+    action = _state_change_body({"description": "ignored"})
+    schedule = _json(obj, "the schedule, with its next fires (upcoming)")
+
+    def change(summary: str, answer: dict[str, Any], status: str = "200") -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": summary,
+                "parameters": [name],
+                "requestBody": action,
+                "responses": {status: answer, **_errors(401, 404, 409, 415, 503)},
+            }
+        }
+
+    return {
+        "/schedules": {
+            "get": {
+                "summary": "Schedules in name order, with their next fires",
+                "parameters": [
+                    _query(
+                        "after",
+                        {"type": "string", "pattern": SCHEDULE_NAME.pattern},
+                        "next_after of the previous page",
+                    ),
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
+                        "page size",
+                    ),
+                ],
+                "responses": {"200": _json(obj, "schedules and next_after"), **_errors(401, 503)},
+            }
+        },
+        "/schedules/{name}": {
+            "get": {
+                "summary": "One schedule",
+                "parameters": [name],
+                "responses": {"200": schedule, **_errors(401, 404, 503)},
+            },
+            "put": {
+                "summary": "Create or replace a schedule (cron in a time zone, or an interval)",
+                "parameters": [name],
+                "requestBody": _body("ScheduleRequest"),
+                "responses": {
+                    "201": _json(obj, "created"),
+                    "200": _json(obj, "replaced (its next fire kept if the timing is the same)"),
+                    **_errors(400, 401, 409, 413, 415, 503),
+                },
+            },
+            "delete": {
+                "summary": "Delete a schedule (tasks it enqueued stay)",
+                "parameters": [name],
+                "requestBody": action,
+                "responses": {"200": _json(obj, "deleted"), **_errors(401, 404, 415, 503)},
+            },
+        },
+        "/schedules/{name}/pause": change("Pause a schedule: no fire until resumed", schedule),
+        "/schedules/{name}/resume": change(
+            "Resume a schedule from its first fire after now (the pause is not caught up)",
+            schedule,
+        ),
+        "/schedules/{name}/trigger": change(
+            "Enqueue the schedule's task now, paused or not; its fires do not move",
+            _json(obj, "task_id and the schedule"),
+            "201",
+        ),
     }
 
 
@@ -322,6 +395,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         },
     }
     paths.update(_admin_paths(settings))
+    paths.update(_schedule_paths())
     for item in paths.values():  # the Host check (taskq.web.hosts) runs before every route
         for operation in item.values():
             operation["responses"].setdefault("400", _problem("a Host not in TASKQ_ALLOWED_HOSTS"))

@@ -12,6 +12,7 @@ from typing import Any
 
 from taskq._utils import DURATION_PATTERN, format_duration
 from taskq.enqueue.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
+from taskq.fleet.schedules import ScheduleBody
 from taskq.model import STATUS_NAMES
 from taskq.settings import Settings
 from taskq.store import ANSWER_FIELDS
@@ -161,6 +162,28 @@ _REASON = {
 }
 
 
+def _schedule_schema(settings: Settings) -> dict[str, Any]:
+    """The schedule definition of ``PUT /schedules/{name}``."""
+    schema = ScheduleBody.model_json_schema()
+    schema["title"] = "ScheduleRequest"
+    props = schema["properties"]
+    props["queue"] = nullable(
+        {"type": "string", "enum": settings.queues}, description="Default: the type's queue."
+    )
+    props["type"] = {"type": "string", "pattern": TYPE_NAME.pattern}
+    props["payload"] = {**ref("JsonObject"), "description": "Each fire's payload."}
+    props["every"] = nullable(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 1, "maximum": 366 * 86400},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ]
+        },
+        description="Instead of cron: seconds, or a duration such as 30s, 5m, 1h, 1d.",
+    )
+    return schema
+
+
 def body_schemas(settings: Settings) -> dict[str, Any]:
     """The component schemas of request and answer bodies, with queue names and limits."""
     type_schema, backoffs = _type_schema(settings)
@@ -180,6 +203,7 @@ def body_schemas(settings: Settings) -> dict[str, Any]:
             "additionalProperties": False,
         },
         "TaskTypeRequest": type_schema,
+        "ScheduleRequest": _schedule_schema(settings),
         "EnqueueAnswer": _TASK_ANSWER,
         "Task": _TASK,
         "JsonValue": _JSON_VALUE,
