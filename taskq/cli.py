@@ -192,6 +192,47 @@ async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_schedules(settings: Settings, args: argparse.Namespace) -> int:
+    from taskq.client import Client
+    from taskq.fleet import schedules
+
+    if args.action != "list" and args.name is None:
+        print(f"taskq: schedules {args.action} needs the schedule's name", file=sys.stderr)
+        return 2
+    async with Client.connect(settings) as client:
+        store = client.store
+        if args.action == "list":
+            found = await store.schedules("", 10_000)
+            if not found:
+                _print("no schedules (PUT /schedules/{name}, or schedule= on a handler)")
+            for s in found:
+                when = s.cron if s.cron is not None else f"every {s.every_seconds:g}s"
+                state = "paused" if s.paused else f"next {s.next_fire_at.isoformat()}"
+                _print(
+                    f"{s.name:<28} {when:<20} {s.timezone:<16} {s.type:<24} {state}"
+                    f" fires={s.fires} skipped={s.skipped}"
+                    + (f" error: {s.last_error}" if s.last_error else "")
+                )
+            return 0
+        if args.action == "delete":
+            done = await store.delete_schedule(args.name)
+        elif args.action == "trigger":
+            fired = await schedules.fire_now(store, client.publisher, args.name)
+            done = fired is not None
+            if fired is not None and fired[1] is None:
+                print(f"taskq: {fired[0].last_error}", file=sys.stderr)
+                return 1
+            if fired is not None:
+                _print(f"enqueued task {fired[1]}")
+        else:
+            paused = args.action == "pause"
+            done = await schedules.set_paused(store, args.name, paused=paused) is not None
+    if not done:
+        print(f"taskq: no schedule {args.name!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
@@ -305,6 +346,14 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--delay", type=float, help="seconds")
     enqueue.add_argument("--max-attempts", type=int)
     sub.add_parser("types", help="list the registered task types")
+    schedules = sub.add_parser("schedules", help="list, pause, resume, trigger or delete schedules")
+    schedules.add_argument(
+        "action",
+        nargs="?",
+        default="list",
+        choices=["list", "pause", "resume", "trigger", "delete"],
+    )
+    schedules.add_argument("name", nargs="?", help="the schedule (all but list)")
     worker = sub.add_parser("worker", help="run tasks with the handlers of MODULE[:ATTR]")
     worker.add_argument(
         "module", help="module with a taskq.handlers.Registry (attribute 'handlers' by default)"
@@ -369,6 +418,7 @@ COMMANDS: dict[str, Command] = {
     "api": cmd_api,
     "enqueue": cmd_enqueue,
     "types": cmd_types,
+    "schedules": cmd_schedules,
     "worker": cmd_worker,
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import uuid
 from datetime import datetime
 from typing import Any, Literal
 
@@ -18,9 +19,11 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from taskq._utils import parse_duration
-from taskq.errors import CronProblem, FieldError, InvalidRequest
-from taskq.fleet.scheduler import Timetable, next_fire, timetable
+from taskq.amqp.broker import Publisher
+from taskq.errors import CronProblem, FieldError, InvalidRequest, TaskqError
+from taskq.fleet.scheduler import Scheduler, Timetable, next_fire, timetable, timetable_of
 from taskq.model import CatchUp, Overlap, ScheduleRecord, ScheduleSpec
+from taskq.store import Store
 
 # As task type names.
 SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
@@ -146,6 +149,49 @@ def schedule_body(schedule: ScheduleRecord, table: Timetable | None = None) -> d
         "created_at": schedule.created_at,
         "updated_at": schedule.updated_at,
     }
+
+
+async def set_paused(store: Store, name: str, *, paused: bool) -> ScheduleRecord | None:
+    """Pause or resume schedule ``name`` (None: there is none). A resume takes the first
+    fire after now: the fires of the pause are not caught up.
+
+    Raises:
+        CronProblem: the schedule cannot compute its fires any more (its zone is gone).
+    """
+    schedule = await store.schedule(name)
+    if schedule is None:
+        return None
+    next_fire_at: datetime | None = None
+    if schedule.paused and not paused:
+        next_fire_at = first_fire(timetable_of(schedule), await store.database_now())
+    return await store.pause_schedule(name, paused=paused, next_fire_at=next_fire_at)
+
+
+async def fire_now(
+    store: Store, publisher: Publisher, name: str
+) -> tuple[ScheduleRecord, uuid.UUID | None] | None:
+    """Enqueue schedule ``name``'s task now, paused or not, moving none of its fires.
+
+    Returns None if there is no such schedule; else the schedule and the task's id,
+    None when its type is unknown or disabled (``last_error`` says so).
+
+    Raises:
+        TaskqError: the active sweeper kept moving the schedule on meanwhile.
+    """
+    scheduler = Scheduler(store, publisher)
+    for _ in range(3):  # the sweeper may move the schedule on between the read and the fire
+        schedule = await store.schedule(name)
+        if schedule is None:
+            return None
+        task_id = await scheduler.trigger(schedule)
+        if task_id is not None:
+            return schedule, task_id
+        again = await store.schedule(name)
+        if again is None:
+            return None
+        if again.next_fire_at == schedule.next_fire_at:  # nothing moved: the type is unusable
+            return again, None
+    raise TaskqError(f"schedule {name!r} kept moving on while being triggered; try again")
 
 
 def first_fire(table: Timetable, now: datetime) -> datetime:

@@ -14,7 +14,6 @@ trigger enqueues one task now, paused or not, and moves no fire.
 from __future__ import annotations
 
 import re
-from datetime import datetime
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,8 +22,17 @@ from starlette.routing import Route
 from taskq._utils import preview
 from taskq.client import Client
 from taskq.enqueue import task_types
-from taskq.errors import CronProblem, FieldError, InvalidRequest, Overrun, Problem, TooManySchedules
-from taskq.fleet.scheduler import Scheduler, timetable_of
+from taskq.errors import (
+    CronProblem,
+    FieldError,
+    InvalidRequest,
+    Overrun,
+    Problem,
+    TaskqError,
+    TooManySchedules,
+)
+from taskq.fleet import schedules
+from taskq.fleet.scheduler import timetable_of
 from taskq.fleet.schedules import SCHEDULE_NAME, first_fire, schedule_body, schedule_spec
 from taskq.model import ScheduleRecord
 from taskq.web.http import app_client, app_settings, endpoint, json_response, read_json
@@ -122,17 +130,12 @@ async def resume_schedule(request: Request) -> Response:
 
 
 async def _pause(request: Request, *, paused: bool) -> Response:
-    client = app_client(request)
     name = _name(request)
-    schedule = await _found(client, name)
-    next_fire_at: datetime | None = None
-    if schedule.paused and not paused:  # resumed from the first fire after now
-        try:
-            next_fire_at = first_fire(timetable_of(schedule), await client.store.database_now())
-        except CronProblem as exc:
-            raise Problem(409, "Conflict", f"the schedule cannot fire: {exc}") from None
-    changed = await client.store.pause_schedule(name, paused=paused, next_fire_at=next_fire_at)
-    if changed is None:  # deleted meanwhile
+    try:
+        changed = await schedules.set_paused(app_client(request).store, name, paused=paused)
+    except CronProblem as exc:
+        raise Problem(409, "Conflict", f"the schedule cannot fire: {exc}") from None
+    if changed is None:
         raise Problem(404, "Not found", f"no schedule {name!r}")
     return json_response(_body(changed))
 
@@ -141,18 +144,18 @@ async def _pause(request: Request, *, paused: bool) -> Response:
 async def trigger_schedule(request: Request) -> Response:
     client = app_client(request)
     name = _name(request)
-    scheduler = Scheduler(client.store, client.publisher)
-    for _ in range(3):  # the sweeper may move the schedule on between the read and the fire
-        schedule = await _found(client, name)
-        task_id = await scheduler.trigger(schedule)
-        if task_id is not None:
-            return json_response({"task_id": task_id, "schedule": _body(schedule)}, 201)
-        again = await _found(client, name)
-        if again.next_fire_at == schedule.next_fire_at:  # nothing moved: the type is unusable
-            raise Problem(
-                409, "Conflict", again.last_error or f"task type {schedule.type!r} is unusable"
-            )
-    raise Problem(503, "Service unavailable", "the schedule kept moving on; try again")
+    try:
+        fired = await schedules.fire_now(client.store, client.publisher, name)
+    except TaskqError as exc:
+        raise Problem(503, "Service unavailable", str(exc)) from None
+    if fired is None:
+        raise Problem(404, "Not found", f"no schedule {name!r}")
+    schedule, task_id = fired
+    if task_id is None:
+        raise Problem(
+            409, "Conflict", schedule.last_error or f"task type {schedule.type!r} is unusable"
+        )
+    return json_response({"task_id": task_id, "schedule": _body(schedule)}, 201)
 
 
 async def _check_enqueue(client: Client, name: str, queue: str | None, payload: object) -> None:
