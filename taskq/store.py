@@ -10,6 +10,7 @@ Driver errors stay inside; callers see :class:`~taskq.errors.StoreError`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import uuid
@@ -332,25 +333,54 @@ class Store:
         if connection is not None:
             caller = _psycopg(connection, self.schema)
             if caller is not None:
-                return await self._enqueue(caller, tasks, notify=True)
+                return await self._enqueue_in(caller, tasks)
         async with self._connection(connection) as conn:
             statements = _Asyncpg(conn, self.q)
             if connection is not None:
-                return await self._enqueue(statements, tasks, notify=True)
+                return await self._enqueue_in(statements, tasks)
             if not all_or_nothing:
-                return await self._enqueue(statements, tasks, notify=False)
+                return await self._enqueue(statements, tasks)
             try:
                 async with conn.transaction():
-                    results = await self._enqueue(statements, tasks, notify=False)
+                    results = await self._enqueue(statements, tasks)
                     if all_or_nothing and any(r.outcome.refused for r in results):
                         raise _Rollback(results)
             except _Rollback as rollback:
                 return rollback.results
             return results
 
-    async def _enqueue(
-        self, conn: _Statements, tasks: Sequence[NewTask], *, notify: bool
-    ) -> list[Enqueued]:
+    async def _enqueue_in(self, conn: _Statements, tasks: Sequence[NewTask]) -> list[Enqueued]:
+        """Enqueue in a caller's transaction, all or nothing, and wake the relay at commit.
+
+        One task is all or nothing by itself (its one row); a batch runs under a
+        savepoint (see ``enqueue_savepoint`` SQL), rolled back to when a task of it
+        is refused, so that the caller's transaction keeps none of it.
+        """
+        if len(tasks) < 2:
+            results = await self._enqueue(conn, tasks)
+        else:
+            begin, done, undo = (
+                ("enqueue_savepoint", "enqueue_savepoint_release", "enqueue_savepoint_rollback")
+                if conn.in_transaction()
+                else ("enqueue_begin", "enqueue_commit", "enqueue_rollback")
+            )
+            await conn.execute(begin)
+            try:
+                results = await self._enqueue(conn, tasks)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the first error says what went wrong
+                    await conn.execute(undo)
+                raise
+            if any(r.outcome.refused for r in results):
+                await conn.execute(undo)
+                return results
+            await conn.execute(done)
+        # In the caller's transaction a NOTIFY is delivered when it commits; after a
+        # transaction of our own, at once.
+        await self._notify([r.task_id for r in results if r.outcome == _CREATED], conn)
+        return results
+
+    async def _enqueue(self, conn: _Statements, tasks: Sequence[NewTask]) -> list[Enqueued]:
         rows = await conn.fetch(
             "enqueue",
             [t.id for t in tasks],
@@ -383,19 +413,18 @@ class Store:
                 results.append(Enqueued(EnqueueOutcome.REPLAYED, _answer(found)))
             else:
                 results.append(Enqueued(EnqueueOutcome.CONFLICT, _answer(found)))
-        if notify and inserted:
-            ids = list(inserted)
-            for start in range(0, len(ids), NOTIFY_IDS):  # a payload holds NOTIFY_IDS ids
-                payload = ",".join(str(task_id) for task_id in ids[start : start + NOTIFY_IDS])
-                await conn.execute("enqueue_notify", self.notify_channel, payload)
         return results
 
     async def notify_owed(self, ids: Sequence[uuid.UUID]) -> None:
         """Wake the active relay to publish the owed rows ``ids`` now, not after its grace."""
         async with self._connection() as conn:
-            for start in range(0, len(ids), NOTIFY_IDS):
-                payload = ",".join(str(task_id) for task_id in ids[start : start + NOTIFY_IDS])
-                await conn.execute(self.q["enqueue_notify"], self.notify_channel, payload)
+            await self._notify(ids, _Asyncpg(conn, self.q))
+
+    async def _notify(self, ids: Sequence[uuid.UUID], conn: _Statements) -> None:
+        """Name ``ids`` to the relay (see ``enqueue_notify`` SQL), NOTIFY_IDS a payload."""
+        for start in range(0, len(ids), NOTIFY_IDS):
+            payload = ",".join(str(task_id) for task_id in ids[start : start + NOTIFY_IDS])
+            await conn.execute("enqueue_notify", self.notify_channel, payload)
 
     async def mark_published(self, published: Sequence[tuple[uuid.UUID, int]]) -> None:
         """Record confirmed publishes of ``(id, generation)``.
@@ -759,6 +788,10 @@ class _Statements(Protocol):
 
     async def execute(self, query: str, *args: Any) -> None: ...
 
+    def in_transaction(self) -> bool:
+        """Whether a statement run now joins an open transaction."""
+        ...
+
 
 class _Asyncpg:
     def __init__(self, connection: asyncpg.Connection, queries: Mapping[str, str]) -> None:
@@ -771,6 +804,10 @@ class _Asyncpg:
 
     async def execute(self, query: str, *args: Any) -> None:
         await self.connection.execute(self.q[query], *args)
+
+    def in_transaction(self) -> bool:
+        in_transaction: bool = self.connection.is_in_transaction()
+        return in_transaction
 
 
 class _Psycopg:
@@ -787,6 +824,13 @@ class _Psycopg:
 
     async def execute(self, query: str, *args: Any) -> None:
         await self._run(self.q[query], args)
+
+    def in_transaction(self) -> bool:
+        # Out of autocommit, psycopg opens a transaction before the first statement.
+        import psycopg
+
+        idle = self.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        return not (self.connection.autocommit and idle)
 
     async def _run(self, query: sql.NamedQuery, args: Sequence[Any]) -> list[dict[str, Any]]:
         import psycopg

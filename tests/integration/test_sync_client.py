@@ -6,6 +6,7 @@ relay once it commits, nothing left by a rollback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import uuid
@@ -319,3 +320,55 @@ async def test_async_client_in_a_psycopg_async_transaction(
     messages = await drain(settings, "default", expect=1, timeout=30)
     assert [m.message_id for m in messages] == [str(result.id)]
     assert await count_tasks(settings) == 1
+
+
+async def test_a_refused_batch_leaves_none_of_its_tasks_in_the_callers_transaction(
+    settings: Settings, sync_client: SyncClient
+) -> None:
+    batch = [
+        {"type": "demo.echo", "payload": {"n": 1}},
+        {"type": "demo.echo", "payload": {"other": True}, "idempotency_key": "k"},
+    ]
+
+    def work(autocommit: bool) -> None:
+        with psycopg.connect(settings.database_url, autocommit=autocommit) as conn:
+            with conn.transaction():
+                sync_client.enqueue("demo.echo", {}, idempotency_key="k", connection=conn)
+            in_transaction = conn.transaction() if not autocommit else contextlib.nullcontext()
+            with in_transaction:
+                with pytest.raises(IdempotencyConflict) as conflict:
+                    sync_client.enqueue_many(batch, connection=conn)
+                assert conflict.value.field == "tasks[1].idempotency_key"
+                # The batch's first task is not kept, and the transaction goes on.
+                assert conn.execute("SELECT count(*) FROM taskq.tasks").fetchone() == (1,)
+                sync_client.enqueue_many(batch[:1] * 2, connection=conn)
+            assert conn.execute("SELECT count(*) FROM taskq.tasks").fetchone() == (3,)
+            conn.execute("TRUNCATE taskq.tasks")
+
+    await in_thread(lambda: work(False))
+    await in_thread(lambda: work(True))  # a connection in autocommit, no transaction open
+
+
+async def test_a_refused_batch_in_an_asyncpg_transaction_leaves_none_of_it(
+    settings: Settings,
+) -> None:
+    async with harness(settings) as h:
+        await h.put_type("demo.echo")
+    batch = [
+        {"type": "demo.echo", "payload": {"n": 1}},
+        {"type": "demo.echo", "payload": {"other": True}, "idempotency_key": "k"},
+    ]
+    async with Client.connect(settings) as client:
+        await client.enqueue("demo.echo", {}, idempotency_key="k")
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            async with conn.transaction():
+                with pytest.raises(IdempotencyConflict):
+                    await client.enqueue_many(batch, connection=conn)
+                assert await conn.fetchval("SELECT count(*) FROM taskq.tasks") == 1
+                await client.enqueue_many(batch[:1] * 2, connection=conn)
+            with pytest.raises(IdempotencyConflict):  # outside a transaction: the same
+                await client.enqueue_many(batch, connection=conn)
+        finally:
+            await conn.close()
+    assert await count_tasks(settings) == 3
