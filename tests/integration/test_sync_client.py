@@ -59,6 +59,11 @@ async def in_thread(function: Callable[[], Any]) -> Any:
     return await asyncio.to_thread(function)
 
 
+def loop_threads() -> set[threading.Thread]:
+    """The SyncClients' event-loop threads alive in this process."""
+    return {t for t in threading.enumerate() if t.name == "taskq-sync-client"}
+
+
 async def count_tasks(settings: Settings) -> int:
     connection = await asyncpg.connect(settings.database_url)
     try:
@@ -97,6 +102,7 @@ async def test_threads_share_one_client_and_a_worker_runs_their_tasks(
     def enqueue_five(thread: int) -> list[uuid.UUID]:
         return [sync_client.enqueue("demo.echo", {"thread": thread, "n": n}).id for n in range(5)]
 
+    before = loop_threads()
     async with harness(settings) as h, running_worker(settings):
         with ThreadPoolExecutor(8) as pool:
             batches = await in_thread(lambda: list(pool.map(enqueue_five, range(8))))
@@ -104,8 +110,7 @@ async def test_threads_share_one_client_and_a_worker_runs_their_tasks(
         assert len(set(ids)) == 40
         for task_id in ids:
             await h.wait_for(task_id, "SUCCEEDED")
-    loops = [t for t in threading.enumerate() if t.name == "taskq-sync-client"]
-    assert len(loops) == 1  # one loop thread served all eight threads
+    assert len(loop_threads() - before) == 1  # one loop thread served all eight threads
 
 
 async def test_errors_are_the_async_clients_raised_in_the_callers_thread(
@@ -203,10 +208,11 @@ async def test_a_client_that_cannot_connect_says_so_and_tries_again(
         update={"database_url": "postgresql://postgres@127.0.0.1:9/postgres"}
     )
     client = SyncClient(unreachable)
+    before = loop_threads()
     for _ in range(2):
         with pytest.raises(StoreError):
             await in_thread(lambda: client.enqueue("demo.echo", {}))
-    assert not [t for t in threading.enumerate() if t.name == "taskq-sync-client"]
+    assert loop_threads() == before  # each failed start stopped its thread
     await in_thread(client.close)
 
 
