@@ -7,7 +7,9 @@ in the order the store passes them, on lines that start with ``-- :``
 (``-- :ids uuid[], :claim_tokens uuid[]``). asyncpg has no named parameters:
 :func:`queries` turns each name into ``$n``, its place in that list, and
 refuses a block whose list and statement name different parameters (or that
-still numbers its own).
+still numbers its own). psycopg 3 has named parameters but spells them
+``%(ids)s``: :func:`psycopg_queries` compiles the same blocks to that style, for
+an enqueue on a caller's psycopg connection (:class:`taskq.SyncClient`).
 
 Every object taskq creates lives in one Postgres schema, ``taskq`` unless
 ``TASKQ_DB_SCHEMA`` names another, so that it cannot clash with an
@@ -36,9 +38,11 @@ failed run left invalid is dropped before the file runs again (taskq.migrate).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 DEFAULT_SCHEMA = "taskq"
 # A plain lower-case identifier: what Postgres takes unquoted and keeps as
@@ -89,6 +93,46 @@ def positional(name: str, block: str) -> str:
     Raises:
         ValueError: naming the block, if its header and its statement disagree.
     """
+    return _compile(name, block, lambda parameter, n: f"${n}")[0]
+
+
+@dataclass(frozen=True)
+class NamedQuery:
+    """A block compiled for psycopg: ``%(name)s`` placeholders, and the names in the
+    order of its header, which is the order the store passes the values in."""
+
+    text: str
+    parameters: tuple[str, ...]
+
+    def bind(self, values: Sequence[Any]) -> dict[str, Any]:
+        """The parameters psycopg takes for ``values`` given in the header's order.
+
+        Raises:
+            ValueError: if there are not as many values as parameters.
+        """
+        if len(values) != len(self.parameters):
+            raise ValueError(f"{len(self.parameters)} parameters, {len(values)} values")
+        return dict(zip(self.parameters, values, strict=True))
+
+
+def pyformat(name: str, block: str) -> NamedQuery:
+    """``block`` with its named parameters spelled ``%(name)s``, as psycopg takes them.
+
+    psycopg reads every ``%`` of a statement as the start of a placeholder (it does
+    not know SQL's literals and comments), so each one of the block is doubled.
+
+    Raises:
+        ValueError: naming the block, if its header and its statement disagree.
+    """
+    text, listed = _compile(name, block.replace("%", "%%"), lambda p, n: f"%({p})s")
+    return NamedQuery(text, tuple(listed))
+
+
+def _compile(
+    name: str, block: str, placeholder: Callable[[str, int], str]
+) -> tuple[str, list[str]]:
+    """``block`` with each named parameter replaced by ``placeholder(name, n)`` (``n``:
+    its place in the header, from 1), and the names the header lists."""
     header = []
     for line in block.splitlines():
         if not line.startswith("--"):
@@ -102,7 +146,7 @@ def positional(name: str, block: str) -> str:
         listed.append(parameter)
     used: set[str] = set()
 
-    def number(match: re.Match[str]) -> str:
+    def replace(match: re.Match[str]) -> str:
         if match["n"]:
             raise ValueError(f"query {name!r} numbers a parameter (${match['n']}): name it")
         if not match["name"]:
@@ -111,13 +155,13 @@ def positional(name: str, block: str) -> str:
         if parameter not in listed:
             raise ValueError(f"query {name!r} uses :{parameter}, which its header does not list")
         used.add(parameter)
-        return f"${listed.index(parameter) + 1}"
+        return placeholder(parameter, listed.index(parameter) + 1)
 
-    text = _PARAMETER.sub(number, block)
+    text = _PARAMETER.sub(replace, block)
     unused = [parameter for parameter in listed if parameter not in used]
     if unused:
         raise ValueError(f"query {name!r} never uses :{', :'.join(unused)}, which its header lists")
-    return text
+    return text, listed
 
 
 @dataclass(frozen=True)
@@ -164,13 +208,24 @@ class Migration:
 @cache
 def queries(schema: str = DEFAULT_SCHEMA) -> dict[str, str]:
     """Every named block of ``queries.sql``, by name, naming taskq's objects in ``schema``."""
+    return {name: positional(name, block) for name, block in _blocks(schema).items()}
+
+
+@cache
+def psycopg_queries(schema: str = DEFAULT_SCHEMA) -> dict[str, NamedQuery]:
+    """:func:`queries` compiled for psycopg 3 (see :func:`pyformat`)."""
+    return {name: pyformat(name, block) for name, block in _blocks(schema).items()}
+
+
+def _blocks(schema: str) -> dict[str, str]:
+    """The named blocks of ``queries.sql`` as written, naming taskq's objects in ``schema``."""
     text = resources.files(__name__).joinpath("queries.sql").read_text(encoding="utf-8")
     text = compile_schema(text, schema)
     starts = list(_BLOCK.finditer(text))
     blocks = {}
     for match, following in zip(starts, [*starts[1:], None], strict=True):
         end = following.start() if following else len(text)
-        blocks[match["name"]] = positional(match["name"], text[match.end() : end].strip())
+        blocks[match["name"]] = text[match.end() : end].strip()
     return blocks
 
 

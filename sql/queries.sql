@@ -168,6 +168,30 @@ SELECT t.id, t.type, t.queue, 'ENQUEUED' AS status, 0 AS attempts, t.max_attempt
        t.created_at, t.idempotency_key, t.request_fingerprint
 FROM taskq.tasks t WHERE t.idempotency_key = ANY(:idempotency_keys::text[]);
 
+-- name: enqueue_savepoint
+-- A batch enqueued in a caller's open transaction is all or nothing: it runs under
+-- this savepoint, which is rolled back to when a task of the batch is refused (an
+-- idempotency conflict, an unknown type) or its statement fails, so that the
+-- caller's transaction holds none of the batch and can go on.
+SAVEPOINT taskq_enqueue;
+
+-- name: enqueue_savepoint_release
+RELEASE SAVEPOINT taskq_enqueue;
+
+-- name: enqueue_savepoint_rollback
+ROLLBACK TO SAVEPOINT taskq_enqueue;
+
+-- name: enqueue_begin
+-- The same for a batch given a caller's connection with no transaction open (in
+-- autocommit): a transaction of its own, committed or rolled back as a whole.
+BEGIN;
+
+-- name: enqueue_commit
+COMMIT;
+
+-- name: enqueue_rollback
+ROLLBACK;
+
 -- name: enqueue_notify
 -- Wakes the relay when the enclosing transaction commits (notifications are
 -- delivered only on commit): how a task enqueued inside a caller's own

@@ -16,7 +16,9 @@ Every exception taskq raises is here too (their tree is drawn in
 :mod:`taskq.errors`); :mod:`taskq.testing` runs a handler without services.
 The other modules are taskq's internals.
 
-:class:`Client`, :class:`Worker` and :func:`run_handler` are imported on first
+:class:`SyncClient` enqueues from sync code (Django, Flask, scripts).
+
+:class:`Client`, :class:`SyncClient`, :class:`Worker` and :func:`run_handler` are imported on first
 use, so that ``import taskq`` (and the ``taskq`` command) stays light.
 """
 
@@ -54,12 +56,14 @@ from taskq.errors import (
     TooManyTaskTypes,
     TopologyConflict,
     Unpublishable,
+    UnsupportedConnection,
 )
 from taskq.handlers import Context, Handler, Registry
 from taskq.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from taskq.client import Client, EnqueueResult
+    from taskq.sync_client import SyncClient
     from taskq.testing import Outcome, run_handler, run_handler_sync
     from taskq.worker.worker import Worker
 
@@ -69,6 +73,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Client": "taskq.client",
     "EnqueueResult": "taskq.client",
+    "SyncClient": "taskq.sync_client",
     "Worker": "taskq.worker.worker",
     "Outcome": "taskq.testing",
     "run_handler": "taskq.testing",
@@ -115,12 +120,14 @@ __all__ = [
     "SchemaProblem",
     "Settings",
     "StoreError",
+    "SyncClient",
     "TaskqError",
     "TooLarge",
     "TooManySchedules",
     "TooManyTaskTypes",
     "TopologyConflict",
     "Unpublishable",
+    "UnsupportedConnection",
     "Worker",
     "__version__",
     "load_settings",

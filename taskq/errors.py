@@ -25,7 +25,9 @@ The hierarchy::
     ├── HandlerError               the handlers could not be loaded or declared
     ├── NoHandler                  this worker has no handler for a task's type
     ├── Overrun                    a payload check ran past its deadline
-    └── Busy                       every payload-checking thread stayed taken
+    ├── Busy                       every payload-checking thread stayed taken
+    └── UnsupportedConnection      connection= is no connection taskq can enqueue on
+        (also a TypeError)
 
     Retry                          raised by a handler: another attempt after a delay
     Fail                           raised by a handler: FAILED now, no further attempt
@@ -186,6 +188,10 @@ class Overrun(TaskqError):
 
 class Busy(TaskqError):
     """Every checking thread was taken until the deadline: try again later."""
+
+
+class UnsupportedConnection(TaskqError, TypeError):
+    """The ``connection=`` of an enqueue is no connection taskq can enqueue on."""
 
 
 class Retry(Exception):

@@ -1,19 +1,24 @@
 """The only module that runs SQL: every statement comes from ``sql/queries.sql``.
 
-asyncpg errors stay inside; callers see :class:`~taskq.errors.StoreError`
+It runs them through asyncpg, and the enqueue also on a caller's psycopg 3
+connection (sync or async), in the caller's transaction (see :meth:`Store.enqueue`).
+Driver errors stay inside; callers see :class:`~taskq.errors.StoreError`
 (but for the lock-session statements, whose every error means a lost lock to
 :mod:`taskq.fleet.leader`). Methods that take lists run one statement for the whole batch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -315,7 +320,7 @@ class Store:
     async def enqueue(
         self,
         tasks: Sequence[NewTask],
-        connection: asyncpg.Connection | None = None,
+        connection: Any = None,
         *,
         all_or_nothing: bool = False,
     ) -> list[Enqueued]:
@@ -324,33 +329,69 @@ class Store:
         With ``all_or_nothing``, a conflict or an unknown type among them rolls the
         whole transaction back (nothing is created; the results say why).
 
-        With ``connection``, the rows join the caller's open transaction and the
-        relay is notified, so they are published once (and only if) it commits.
+        With ``connection`` (asyncpg's, or psycopg 3's, sync or async), the rows join
+        the caller's open transaction and the relay is notified, so they are published
+        once (and only if) it commits. A sync psycopg connection runs the statements
+        in a thread, while its owner waits for the answer (a :class:`taskq.SyncClient`).
 
         Otherwise, unless ``all_or_nothing``, the insert runs as a statement of its
         own, which Postgres commits by itself: one round trip, where BEGIN, the
         insert and COMMIT took three. A single statement is atomic all the same,
         and the idempotent replays it skipped are committed rows, read after it.
         """
+        if connection is not None:
+            caller = _psycopg(connection, self.schema)
+            if caller is not None:
+                return await self._enqueue_in(caller, tasks)
         async with self._connection(connection) as conn:
+            statements = _Asyncpg(conn, self.q)
             if connection is not None:
-                return await self._enqueue(conn, tasks, notify=True)
+                return await self._enqueue_in(statements, tasks)
             if not all_or_nothing:
-                return await self._enqueue(conn, tasks, notify=False)
+                return await self._enqueue(statements, tasks)
             try:
                 async with conn.transaction():
-                    results = await self._enqueue(conn, tasks, notify=False)
+                    results = await self._enqueue(statements, tasks)
                     if all_or_nothing and any(r.outcome.refused for r in results):
                         raise _Rollback(results)
             except _Rollback as rollback:
                 return rollback.results
             return results
 
-    async def _enqueue(
-        self, conn: asyncpg.Connection, tasks: Sequence[NewTask], *, notify: bool
-    ) -> list[Enqueued]:
+    async def _enqueue_in(self, conn: _Statements, tasks: Sequence[NewTask]) -> list[Enqueued]:
+        """Enqueue in a caller's transaction, all or nothing, and wake the relay at commit.
+
+        One task is all or nothing by itself (its one row); a batch runs under a
+        savepoint (see ``enqueue_savepoint`` SQL), rolled back to when a task of it
+        is refused, so that the caller's transaction keeps none of it.
+        """
+        if len(tasks) < 2:
+            results = await self._enqueue(conn, tasks)
+        else:
+            begin, done, undo = (
+                ("enqueue_savepoint", "enqueue_savepoint_release", "enqueue_savepoint_rollback")
+                if conn.in_transaction()
+                else ("enqueue_begin", "enqueue_commit", "enqueue_rollback")
+            )
+            await conn.execute(begin)
+            try:
+                results = await self._enqueue(conn, tasks)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the first error says what went wrong
+                    await conn.execute(undo)
+                raise
+            if any(r.outcome.refused for r in results):
+                await conn.execute(undo)
+                return results
+            await conn.execute(done)
+        # In the caller's transaction a NOTIFY is delivered when it commits; after a
+        # transaction of our own, at once.
+        await self._notify([r.task_id for r in results if r.outcome == _CREATED], conn)
+        return results
+
+    async def _enqueue(self, conn: _Statements, tasks: Sequence[NewTask]) -> list[Enqueued]:
         rows = await conn.fetch(
-            self.q["enqueue"],
+            "enqueue",
             [t.id for t in tasks],
             [t.type for t in tasks],
             [t.queue for t in tasks],
@@ -367,15 +408,15 @@ class Store:
         keys = [t.idempotency_key for t in tasks if t.id not in inserted and t.idempotency_key]
         existing = {}
         if keys:
-            for row in await conn.fetch(self.q["enqueue_existing"], keys):
+            for row in await conn.fetch("enqueue_existing", keys):
                 existing[row["idempotency_key"]] = row
         results = []
         for task in tasks:
-            row = inserted.get(task.id)
-            if row is not None:
+            new = inserted.get(task.id)
+            if new is not None:
                 results.append(
                     Enqueued(
-                        _CREATED, _answer(row), row["delay"], row["generation"], task.traceparent
+                        _CREATED, _answer(new), new["delay"], new["generation"], task.traceparent
                     )
                 )
                 continue
@@ -386,17 +427,18 @@ class Store:
                 results.append(Enqueued(EnqueueOutcome.REPLAYED, _answer(found)))
             else:
                 results.append(Enqueued(EnqueueOutcome.CONFLICT, _answer(found)))
-        if notify and inserted:
-            ids = ",".join(str(task_id) for task_id in inserted)
-            await conn.execute(self.q["enqueue_notify"], self.notify_channel, ids)
         return results
 
     async def notify_owed(self, ids: Sequence[uuid.UUID]) -> None:
         """Wake the active relay to publish the owed rows ``ids`` now, not after its grace."""
         async with self._connection() as conn:
-            for start in range(0, len(ids), NOTIFY_IDS):
-                payload = ",".join(str(task_id) for task_id in ids[start : start + NOTIFY_IDS])
-                await conn.execute(self.q["enqueue_notify"], self.notify_channel, payload)
+            await self._notify(ids, _Asyncpg(conn, self.q))
+
+    async def _notify(self, ids: Sequence[uuid.UUID], conn: _Statements) -> None:
+        """Name ``ids`` to the relay (see ``enqueue_notify`` SQL), NOTIFY_IDS a payload."""
+        for start in range(0, len(ids), NOTIFY_IDS):
+            payload = ",".join(str(task_id) for task_id in ids[start : start + NOTIFY_IDS])
+            await conn.execute("enqueue_notify", self.notify_channel, payload)
 
     async def mark_published(self, published: Sequence[tuple[uuid.UUID, int]]) -> None:
         """Record confirmed publishes of ``(id, generation)``.
@@ -814,6 +856,106 @@ def _columns(items: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     if not items:
         return [[] for _ in range(width)]
     return [list(column) for column in zip(*items, strict=True)]
+
+
+# ---------------------------------------------------------------- callers' connections
+# An enqueue inside a caller's transaction runs its statements on the caller's
+# connection: asyncpg's ($n placeholders), or psycopg 3's (the same blocks compiled
+# to %(name)s by taskq.sql.psycopg_queries). psycopg is optional: it is only looked
+# at when the caller's connection is one of its (it is imported then).
+
+
+class _Statements(Protocol):
+    """Named blocks run on one connection, rows read by column name."""
+
+    async def fetch(self, query: str, *args: Any) -> Sequence[Mapping[str, Any]]: ...
+
+    async def execute(self, query: str, *args: Any) -> None: ...
+
+    def in_transaction(self) -> bool:
+        """Whether a statement run now joins an open transaction."""
+        ...
+
+
+class _Asyncpg:
+    def __init__(self, connection: asyncpg.Connection, queries: Mapping[str, str]) -> None:
+        self.connection = connection
+        self.q = queries
+
+    async def fetch(self, query: str, *args: Any) -> Sequence[Mapping[str, Any]]:
+        rows: list[asyncpg.Record] = await self.connection.fetch(self.q[query], *args)
+        return rows
+
+    async def execute(self, query: str, *args: Any) -> None:
+        await self.connection.execute(self.q[query], *args)
+
+    def in_transaction(self) -> bool:
+        in_transaction: bool = self.connection.is_in_transaction()
+        return in_transaction
+
+
+class _Psycopg:
+    """A caller's psycopg connection: each statement on a cursor of taskq's own
+    (server-side binding, rows as dicts), whatever cursor class the connection
+    makes (Django's binds on the client); errors wrapped as :func:`_wrapped` does."""
+
+    def __init__(self, connection: Any, schema: str) -> None:
+        self.connection = connection
+        self.q = sql.psycopg_queries(schema)
+
+    async def fetch(self, query: str, *args: Any) -> Sequence[Mapping[str, Any]]:
+        return await self._run(self.q[query], args)
+
+    async def execute(self, query: str, *args: Any) -> None:
+        await self._run(self.q[query], args)
+
+    def in_transaction(self) -> bool:
+        # Out of autocommit, psycopg opens a transaction before the first statement.
+        import psycopg
+
+        idle = self.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        return not (self.connection.autocommit and idle)
+
+    async def _run(self, query: sql.NamedQuery, args: Sequence[Any]) -> list[dict[str, Any]]:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        params = query.bind(args)
+        try:
+            if isinstance(self.connection, psycopg.AsyncConnection):
+                async with psycopg.AsyncCursor(self.connection, row_factory=dict_row) as cursor:
+                    await cursor.execute(query.text, params)
+                    return await cursor.fetchall() if cursor.description else []
+            return await asyncio.to_thread(self._run_sync, query.text, params)
+        except psycopg.Error as exc:
+            refused_data = isinstance(exc, psycopg.DataError | psycopg.IntegrityError)
+            raise _wrapped(exc, refused_data) from exc
+
+    def _run_sync(self, text: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.Cursor(self.connection, row_factory=dict_row) as cursor:
+            cursor.execute(text, params)
+            return cursor.fetchall() if cursor.description else []
+
+
+def _psycopg(connection: object, schema: str) -> _Psycopg | None:
+    """``connection`` as a caller's psycopg connection, or None if it is none."""
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(connection, psycopg.Connection | psycopg.AsyncConnection):
+        return _Psycopg(connection, schema)
+    return None
+
+
+def _wrapped(exc: Exception, refused_data: bool) -> StoreError:
+    """The taskq error for a driver's ``exc``; ``refused_data``: the driver says the data
+    itself was refused (psycopg's DataError and IntegrityError, raised before or by the
+    server), which the same data meets again."""
+    state = getattr(exc, "sqlstate", None)
+    if refused_data or (isinstance(state, str) and state[:2] in _REFUSED_CLASSES):
+        return RejectedByDatabase(f"the database refused the data: {exc}")
+    return StoreError(f"database error: {exc}")
 
 
 # ---------------------------------------------------------------- lock sessions

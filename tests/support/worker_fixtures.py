@@ -51,13 +51,14 @@ class Harness:
 
     async def put_type(self, name: str, **options: Any) -> None:
         backoff = options.get("backoff")
+        schema = options.get("payload_schema")
         await self.store.put_task_type(
             name,
             queue=options.get("queue", "default"),
             max_attempts=options.get("max_attempts", 3),
             timeout_seconds=options.get("timeout", 30.0),
             backoff_json=None if backoff is None else json.dumps(backoff),
-            payload_schema_json=None,
+            payload_schema_json=None if schema is None else json.dumps(schema),
             enabled=True,
         )
 

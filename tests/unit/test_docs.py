@@ -25,6 +25,8 @@ def _root() -> Path:
 
 ROOT = _root()
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# The examples' READMEs (examples/*/README.md): their links are checked too.
+EXAMPLES = sorted((ROOT / "examples").glob("*/README.md"))
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -94,7 +96,9 @@ def test_documents_exist() -> None:
     assert names >= {"README.md", "benchmark.md", "glossary.md", *wanted}
 
 
-@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "document", [*DOCUMENTS, *EXAMPLES], ids=lambda path: str(path.relative_to(ROOT))
+)
 def test_relative_links_lead_to_files_and_headings(document: Path) -> None:
     broken = []
     for target in links(document.read_text()):
