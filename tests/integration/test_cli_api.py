@@ -1,4 +1,5 @@
-"""The `taskq api`, `taskq enqueue` and `taskq types` commands as real processes."""
+"""The `taskq api`, `taskq enqueue`, `taskq types` and `taskq schedules` commands as real
+processes."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from taskq.fleet.schedules import schedule_spec
 from taskq.settings import Settings
 from tests.support.api_fixtures import declare_topology
 from tests.support.services import subprocess_env
+from tests.support.worker_fixtures import harness
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +129,31 @@ async def test_run_starts_the_whole_system_and_stops_on_ctrl_c(
         os.killpg(process.pid, signal.SIGINT)
         output, _ = await asyncio.wait_for(process.communicate(), 40)
     assert process.returncode == 0, output.decode()[-3000:]
+
+
+async def test_schedules_command(settings: Settings, tmp_path: Path) -> None:
+    await declare_topology(settings)
+    async with harness(settings) as h:
+        await h.put_type("demo.echo")
+        spec, _ = schedule_spec("pulse", {"every": 3600, "type": "demo.echo"})
+        await h.store.put_schedule(spec, await h.store.database_now(), max_schedules=10)
+
+        code, out, err = await run(settings, tmp_path, "schedules")
+        assert code == 0, err
+        assert "pulse" in out and "every 3600s" in out and "fires=0" in out
+        code, out, err = await run(settings, tmp_path, "schedules", "pause", "pulse")
+        assert code == 0, err
+        assert "paused" in (await run(settings, tmp_path, "schedules", "list"))[1]
+        code, out, err = await run(settings, tmp_path, "schedules", "trigger", "pulse")
+        assert code == 0 and out.startswith("enqueued task "), err
+        [envelope] = await h.take(h.names.queue("default"), 1, 5)
+        assert out.split()[-1] == envelope.message_id
+        code, out, err = await run(settings, tmp_path, "schedules", "resume", "pulse")
+        assert code == 0, err
+        code, out, err = await run(settings, tmp_path, "schedules", "delete", "pulse")
+        assert code == 0, err
+        code, out, err = await run(settings, tmp_path, "schedules", "delete", "pulse")
+        assert code == 1 and "no schedule 'pulse'" in err
+        code, out, err = await run(settings, tmp_path, "schedules", "pause")
+        assert code == 2 and "needs the schedule's name" in err
+        assert (await run(settings, tmp_path, "schedules"))[1].startswith("no schedules")

@@ -26,7 +26,9 @@ from tests.support.services import delete_namespace, make_settings
 from tests.support.worker_fixtures import harness, running_worker
 
 # What an install holds in its schema besides indexes, row types and sequences.
-TABLES = ["queue_purges", "task_events", "task_type", "taskq_migrations", "tasks", "workers"]
+TABLES = [
+    "queue_purges", "schedules", "task_events", "task_type", "taskq_migrations", "tasks", "workers"
+]  # fmt: skip
 FUNCTIONS = ["taskq_events_on_insert", "taskq_events_on_update"]
 # Every migration, as `taskq migrate` reports it applied.
 LABELS = [f"{m.version:04d}_{m.name}" for m in sql.migrations()]
