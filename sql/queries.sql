@@ -968,6 +968,10 @@ WHERE NOT s.paused AND s.next_fire_at <= now()
 ORDER BY s.next_fire_at
 LIMIT :limit;
 
+-- name: schedules_next
+-- Seconds until the soonest next fire of a schedule that is not paused (NULL: none).
+SELECT extract(epoch FROM min(next_fire_at) - now())::float8 FROM taskq.schedules WHERE NOT paused;
+
 -- name: db_now
 -- The database's clock (the one next_fire_at is compared with).
 SELECT now();

@@ -664,6 +664,11 @@ class Store:
             return await self.database_now(), []
         return rows[0]["now"], [ScheduleRecord.from_row(r) for r in rows]
 
+    async def seconds_to_next_fire(self) -> float | None:
+        """Seconds until the next fire of a schedule that is not paused (None: none)."""
+        seconds: float | None = await self._fetchval("schedules_next")
+        return seconds
+
     async def fire_schedule(self, fire: ScheduleFire) -> list[OwedPublish]:
         """Enqueue a schedule's fires and move it on, if its next fire is still
         ``fire.expected_next_fire_at``; returns the tasks created, owed their publish."""

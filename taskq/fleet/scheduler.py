@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -160,6 +160,9 @@ class Scheduler:
             stay owed, and the relay publishes them).
         metrics: counts fires and skips and observes lateness, if given.
         batch: the most schedules fired per pass.
+        on_next: called after each pass with the seconds until the next fire of any
+            schedule (None: there is none), so that the next pass comes at that time
+            rather than at the sweeper's next interval.
     """
 
     def __init__(
@@ -169,7 +172,9 @@ class Scheduler:
         *,
         metrics: WorkerMetrics | None = None,
         batch: int = BATCH,
+        on_next: Callable[[float | None], object] | None = None,
     ) -> None:
+        self.on_next = on_next
         self.store = store
         self.publisher = publisher
         self.metrics = metrics
@@ -186,6 +191,8 @@ class Scheduler:
                 log.error("schedule %s cannot fire: %s", schedule.name, exc)
                 continue
             total += await self._fire(schedule, plan(schedule, table, now), now)
+        if self.on_next is not None:
+            self.on_next(await self.store.seconds_to_next_fire())
         return total
 
     async def trigger(self, schedule: ScheduleRecord) -> uuid.UUID | None:

@@ -30,6 +30,7 @@ retries whose publish failed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -122,7 +123,10 @@ class Sweeper(Service):
         self.check_every = check_every
         self.batch = batch
         self.metrics = metrics
-        self.scheduler = Scheduler(store, publisher, metrics=metrics)
+        self.scheduler = Scheduler(store, publisher, metrics=metrics, on_next=self._wake_at)
+        # Set to start a pass before the interval is over: at a schedule's next fire.
+        self._wake = asyncio.Event()
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._channel: AbstractChannel | None = None
         self._checked_at = -1e9
         self.interval = interval
@@ -149,7 +153,16 @@ class Sweeper(Service):
                 await lock.ensure()  # a process resumed after a freeze may have lost it
                 await duty()
 
-        self._spawn(lead(lock, sweep, interval=self.interval))
+        self._spawn(lead(lock, sweep, interval=self.interval, wake=self._wake))
+
+    def _wake_at(self, seconds: float | None) -> None:
+        """Start the next pass in ``seconds`` if that comes before the interval is over."""
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
+        if seconds is not None and seconds < self.interval:
+            loop = asyncio.get_running_loop()
+            self._wake_timer = loop.call_later(max(0.0, seconds), self._wake.set)
 
     @property
     def active(self) -> bool:
@@ -285,6 +298,8 @@ class Sweeper(Service):
         await self._close_channel()
 
     async def _stop(self, timeout: float) -> None:
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
         await self._cancel_tasks()
         if self._lock is not None:
             await self._lock.release()

@@ -1,0 +1,88 @@
+"""Schedule lateness: how long after its fire time a schedule's task is enqueued.
+
+Starts K worker processes (their elected sweeper fires the schedules) against a
+fresh database and namespace, declares S schedules that fire every second
+(``every`` 1 s, ``demo.noop``), lets them run, and reads each fire's lateness
+from the rows: the task's ``created_at`` (its insert's transaction start) minus
+the fire time its idempotency key names. Also checks that every fire between
+the first and the last was enqueued exactly once. Prints a table and JSON lines.
+
+    .venv/bin/python scripts/bench_schedules.py [--seconds 60] [--schedules 5] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from datetime import datetime, timedelta
+
+from benchlib import Sandbox, percentile
+
+from taskq.fleet.schedules import schedule_spec
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--schedules", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--port", type=int, default=18_600)
+    args = parser.parse_args()
+
+    sandbox = Sandbox(args.port)
+    try:
+        await sandbox.open()
+        sandbox.start_workers(args.workers)
+        await sandbox.wait_consumers(args.workers)
+        from taskq.store import Store
+
+        store = await Store.connect(sandbox.database_url, min_size=1, max_size=2)
+        try:
+            now = await store.database_now()
+            for n in range(args.schedules):
+                spec, _ = schedule_spec(
+                    f"pulse-{n}", {"every": 1, "type": "demo.noop", "catch_up": "all"}
+                )
+                await store.put_schedule(
+                    spec, now.replace(microsecond=0) + timedelta(seconds=2), max_schedules=1000
+                )
+        finally:
+            await store.close()
+        await asyncio.sleep(args.seconds)
+        rows = await sandbox.db.fetch(
+            "SELECT idempotency_key, created_at FROM taskq.tasks"
+            " WHERE idempotency_key LIKE 'schedule:%'"
+        )
+    finally:
+        await sandbox.close()
+
+    lateness: list[float] = []
+    fires: dict[str, list[datetime]] = {}
+    for row in rows:
+        _, name, stamp = row["idempotency_key"].split(":", 2)
+        fire = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=row["created_at"].tzinfo
+        )
+        fires.setdefault(name, []).append(fire)
+        lateness.append((row["created_at"] - fire).total_seconds() * 1000)
+    gaps = 0
+    for times in fires.values():
+        times.sort()
+        expected = int((times[-1] - times[0]).total_seconds()) + 1
+        gaps += expected - len(set(times))
+    figures = {
+        "fires": (len(lateness), ""),
+        "fires missing between the first and last of each schedule": (gaps, ""),
+        "lateness p50": (percentile(lateness, 0.50), "ms"),
+        "lateness p99": (percentile(lateness, 0.99), "ms"),
+        "lateness max": (max(lateness), "ms"),
+    }
+    for figure, (value, unit) in figures.items():
+        print(f"{figure:<60} {value:>10.1f} {unit}")
+    for figure, (value, unit) in figures.items():
+        print(json.dumps({"bench": "schedules", "figure": figure, "value": value, "unit": unit}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
