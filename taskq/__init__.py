@@ -47,13 +47,20 @@ from taskq.errors import (
     Retry,
     SchemaProblem,
     StoreError,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
     TaskqError,
     TooLarge,
     TooManyTaskTypes,
+    TooManyWaiters,
     TopologyConflict,
     Unpublishable,
+    Unsuccessful,
+    WaitTimeout,
 )
 from taskq.handlers import Context, Handler, Registry
+from taskq.model import Progress, TaskRecord, TaskStatus
 from taskq.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -105,6 +112,7 @@ __all__ = [
     "Outcome",
     "Overrun",
     "Problem",
+    "Progress",
     "PublishError",
     "Registry",
     "RejectedByDatabase",
@@ -112,11 +120,19 @@ __all__ = [
     "SchemaProblem",
     "Settings",
     "StoreError",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskNotFound",
+    "TaskRecord",
+    "TaskStatus",
     "TaskqError",
     "TooLarge",
     "TooManyTaskTypes",
+    "TooManyWaiters",
     "TopologyConflict",
     "Unpublishable",
+    "Unsuccessful",
+    "WaitTimeout",
     "Worker",
     "__version__",
     "load_settings",

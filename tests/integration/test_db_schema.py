@@ -26,8 +26,16 @@ from tests.support.services import delete_namespace, make_settings
 from tests.support.worker_fixtures import harness, running_worker
 
 # What an install holds in its schema besides indexes, row types and sequences.
-TABLES = ["queue_purges", "task_events", "task_type", "taskq_migrations", "tasks", "workers"]
-FUNCTIONS = ["taskq_events_on_insert", "taskq_events_on_update"]
+TABLES = [
+    "queue_purges",
+    "task_events",
+    "task_progress",
+    "task_type",
+    "taskq_migrations",
+    "tasks",
+    "workers",
+]
+FUNCTIONS = ["taskq_events_on_insert", "taskq_events_on_update", "taskq_notify_finished"]
 
 
 # ---------------------------------------------------------------- installs
@@ -62,7 +70,7 @@ async def function_settings(connection: asyncpg.Connection, schema: str) -> list
 
 async def test_a_fresh_install_creates_nothing_in_public(empty_database_url: str) -> None:
     report = await migrate(empty_database_url)
-    assert report.applied[-1] == "0007_own_schema"
+    assert report.applied[-2:] == ["0007_own_schema", "0008_waits_and_progress"]
     connection = await asyncpg.connect(empty_database_url)
     try:
         assert await objects(connection, "public") == {}
@@ -70,11 +78,16 @@ async def test_a_fresh_install_creates_nothing_in_public(empty_database_url: str
         assert installed["relation r"] == TABLES
         assert installed["function"] == FUNCTIONS
         assert installed["type d"] == ["taskq_queue_name"]
-        assert installed["relation S"] == ["queue_purges_id_seq", "task_events_id_seq"]
+        assert installed["relation S"] == [
+            "queue_purges_id_seq",
+            "task_events_id_seq",
+            "task_progress_seq",
+        ]
         # The triggers resolve task_events whatever the caller's search_path.
         assert await function_settings(connection, "taskq") == [
             ["search_path=taskq, pg_temp"],
             ["enable_nestloop=off", "search_path=taskq, pg_temp"],
+            ["search_path=taskq, pg_temp"],
         ]
     finally:
         await connection.close()
@@ -139,13 +152,15 @@ async def test_an_install_made_before_the_schema_moves_into_it_with_its_tasks(
         checksums = await old.fetch("SELECT version, checksum FROM taskq_migrations ORDER BY 1")
 
         report = await migrate(empty_database_url)
-        assert report.applied == ["0007_own_schema"]
+        assert report.applied == ["0007_own_schema", "0008_waits_and_progress"]
 
         assert await objects(old, "public") == {}
-        assert await old.fetch("SELECT * FROM taskq.tasks ORDER BY id") == before
+        # The rows as they were, with the column 0008 added.
+        after = await old.fetch("SELECT * FROM taskq.tasks ORDER BY id")
+        assert [{**r, "wait_requested": False} for r in before] == [dict(r) for r in after]
         assert await old.fetch("SELECT * FROM taskq.task_events ORDER BY id") == events_before
         moved = await old.fetch("SELECT version, checksum FROM taskq.taskq_migrations ORDER BY 1")
-        assert moved[:6] == checksums and [row["version"] for row in moved] == [1, 2, 3, 4, 5, 6, 7]
+        assert moved[:6] == checksums and [row["version"] for row in moved] == [1, 2, 3, 4, 5, 6, 7, 8]
         assert (await migrate(empty_database_url)).applied == []
 
         # It works: a worker runs the moved tasks (the relay publishes what they
