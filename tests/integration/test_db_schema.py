@@ -160,7 +160,8 @@ async def test_an_install_made_before_the_schema_moves_into_it_with_its_tasks(
         assert [{**r, "wait_requested": False} for r in before] == [dict(r) for r in after]
         assert await old.fetch("SELECT * FROM taskq.task_events ORDER BY id") == events_before
         moved = await old.fetch("SELECT version, checksum FROM taskq.taskq_migrations ORDER BY 1")
-        assert moved[:6] == checksums and [row["version"] for row in moved] == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert moved[:6] == checksums
+        assert [row["version"] for row in moved] == list(range(1, 9))
         assert (await migrate(empty_database_url)).applied == []
 
         # It works: a worker runs the moved tasks (the relay publishes what they
