@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,7 +28,7 @@ from taskq.handlers import Context, Registry
 from taskq.model import TaskStatus
 from taskq.settings import Settings
 from tests.support.api_fixtures import declare_topology
-from tests.support.worker_fixtures import poll, running_worker
+from tests.support.worker_fixtures import poll, running_worker, until
 
 pytestmark = pytest.mark.integration
 
@@ -170,11 +170,11 @@ async def test_a_waiter_wakes_after_its_connection_was_killed(
         waiter = asyncio.create_task(client.wait(enqueued.id, timeout=60))
         await poll(lambda: client.waiters.waiting == 1, "the waiter did not start")
         [pid] = await listening_backends(db)
-        await wait_until(lambda: marked(db, enqueued.id), "the waiter did not mark the task")
+        await until(lambda: marked(db, enqueued.id), "the waiter did not mark the task")
         assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
         await poll(lambda: calls == 2, "the waiters did not try to listen again")
         gate.set()  # the task ends while nobody listens
-        await wait_until(lambda: ended(db, enqueued.id), "the task did not end")
+        await until(lambda: ended(db, enqueued.id), "the task did not end")
         await asyncio.sleep(0.2)
         assert not waiter.done()
         reconnect.set()
@@ -190,16 +190,6 @@ async def marked(db: asyncpg.Connection, task_id: uuid.UUID) -> bool:
 async def ended(db: asyncpg.Connection, task_id: uuid.UUID) -> bool:
     status = await db.fetchval("SELECT status FROM taskq.tasks WHERE id = $1", task_id)
     return bool(status == "SUCCEEDED")
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], message: str, timeout: float = 20.0
-) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(message)
-        await asyncio.sleep(0.05)
 
 
 async def test_waits_beyond_the_limit_are_refused(settings: Settings) -> None:
@@ -226,10 +216,10 @@ async def test_only_tasks_somebody_waits_for_send_a_notification(
         quiet = await client.enqueue("wait.gated", {})
         waited = await client.enqueue("wait.gated", {})
         waiter = asyncio.create_task(client.wait(waited.id, timeout=60))
-        await wait_until(lambda: marked(db, waited.id), "the waiter did not mark the task")
+        await until(lambda: marked(db, waited.id), "the waiter did not mark the task")
         gate.set()
         await asyncio.wait_for(waiter, 30)
-        await wait_until(lambda: ended(db, quiet.id), "the task did not end")
+        await until(lambda: ended(db, quiet.id), "the task did not end")
         await asyncio.sleep(0.3)
     assert heard == [str(waited.id)]
     assert not await marked(db, quiet.id)
