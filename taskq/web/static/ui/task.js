@@ -62,11 +62,11 @@ function render(task, events) {
   document.getElementById("error-panel").hidden = !task.last_error;
   document.getElementById("task-error").textContent = task.last_error || "";
   clear(document.getElementById("timeline")).append(...events.map(eventItem));
-  showProgress(task.progress, task.status);
+  showProgress(task.progress);
 }
 
 /** The latest progress report (from GET /tasks/{id} or the stream), or nothing. */
-function showProgress(progress, status) {
+function showProgress(progress) {
   const block = document.getElementById("task-progress");
   block.hidden = !progress;
   if (!progress) return;
@@ -74,8 +74,7 @@ function showProgress(progress, status) {
   bar.value = progress.fraction;
   const percent = `${Math.round(progress.fraction * 1000) / 10}%`;
   bar.setAttribute("aria-valuetext", percent);
-  const suffix = status && status !== "RUNNING" ? ` (last report, attempt ${progress.attempt})` : "";
-  document.getElementById("task-progress-text").textContent = percent + suffix;
+  document.getElementById("task-progress-text").textContent = `${percent} · attempt ${progress.attempt}`;
   const details = progress.details ? Object.entries(progress.details).map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ") : "";
   document.getElementById("task-progress-details").textContent = details;
 }
@@ -117,7 +116,7 @@ export function taskEvent(event) {
 /** A progress report from the stream: shown at once when it is about the task on screen. */
 export function progressEvent(report) {
   if (report.id !== current) return;
-  showProgress(report, "RUNNING");
+  showProgress(report);
 }
 
 async function act(action) {
