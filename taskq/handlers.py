@@ -127,7 +127,8 @@ class Context:
 
         Call it as often as is convenient: the worker keeps only the latest report of
         each task and writes them at most every ``TASKQ_PROGRESS_INTERVAL`` (1 s), all
-        in one statement, never to the task's own row. It returns at once, from an
+        in one statement, never to the task's own row. Reports made once
+        :attr:`cancel_requested` is true are dropped. It returns at once, from an
         async handler (``await ctx.progress(0.4)``) and from a sync handler's thread
         (``ctx.progress(0.4)``) alike.
 
@@ -140,7 +141,9 @@ class Context:
             InvalidRequest: naming ``fraction`` or ``details``; nothing is reported.
         """
         text = check_progress(fraction, details)
-        if self._report is not None:
+        # Once the worker stops waiting for the attempt (its timeout, a shutdown, a
+        # cancel), a handler that goes on says nothing more about the task.
+        if self._report is not None and not self._stop.is_set():
             self._report(float(fraction), text)
         return _REPORTED
 

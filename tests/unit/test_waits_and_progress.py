@@ -120,6 +120,9 @@ async def test_a_context_reports_progress_awaited_or_not() -> None:
     with pytest.raises(InvalidRequest):
         ctx.progress(3)
     assert len(reports) == 3
+    ctx.request_cancel()  # the worker stopped waiting: later reports are dropped
+    await ctx.progress(0.9)
+    assert len(reports) == 3
     # Without a worker (taskq.testing), a report is checked and dropped.
     await Context(TASK, "t", 1, 1, "default", "w").progress(0.5)
 
