@@ -57,7 +57,8 @@ async def sleep(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
     while (left := end - loop.time()) > 0:
-        await ctx.progress(1 - left / seconds, {"left": round(left, 1)})
+        # Clamped: (start + seconds) - start can exceed seconds in floating point.
+        await ctx.progress(min(1.0, max(0.0, 1 - left / seconds)), {"left": round(left, 1)})
         await asyncio.sleep(min(left, 1.0))
     await ctx.progress(1.0)
     return {"slept": seconds}
