@@ -29,7 +29,6 @@ from taskq import store as store_
 from taskq.errors import (
     FieldError,
     InvalidRequest,
-    StoreError,
     TaskCancelled,
     TaskFailed,
     TaskNotFound,
@@ -140,7 +139,7 @@ class Waiters(Service):
                     self._lost.set,
                     name=f"taskq waiters, pid {os.getpid()}",
                 )
-            except StoreError as exc:
+            except Exception as exc:  # a StoreError, or anything the driver raised
                 log.warning("cannot listen for finished tasks (trying again): %s", exc)
                 await asyncio.sleep(RECONNECT_EVERY)
                 continue
