@@ -33,7 +33,6 @@ from taskq.model import EnqueueOutcome, TaskRecord, TaskStatus
 from taskq.service import Service
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
-from taskq.waiting import Waiters
 
 # The outbox publishes everything queued, up to this many rows, in one write and
 # waits for their confirms before the next write: a batch forms while the previous
@@ -110,7 +109,7 @@ class Client(Service):
         )
         self._batcher = InsertBatcher(store, on_inserted=self._publish_created)
         # Opens its LISTEN connection at the first wait only.
-        self.waiters = Waiters(store, settings.database_url, limit=settings.max_waiters)
+        self.waiters = waiting.Waiters(store, settings.database_url, limit=settings.max_waiters)
 
     @classmethod
     def connect(cls, settings: Settings, *, metrics: ApiMetrics | None = None) -> Connecting:
