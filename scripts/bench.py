@@ -1,7 +1,8 @@
-"""The taskq benchmark of issues #5 and #14: enqueue (beside a bare-ASGI app on the
+"""The taskq benchmark of issues #5, #14 and #16: enqueue (beside a bare-ASGI app on the
 same HTTP stack), end to end (async and sync handlers, tuned and at taskq's
-defaults) and backlog drain, start latency step by step, retry-delay accuracy and
-peak RSS, optionally against Celery and Dramatiq (tuned and at their defaults).
+defaults) and backlog drain, start latency step by step, retry-delay accuracy,
+how soon ``Client.wait`` returns after a task ends (issue #16) and peak RSS,
+optionally against Celery and Dramatiq (tuned and at their defaults).
 
 Starts the API and K workers itself against a fresh database and namespace on
 the local Postgres and RabbitMQ, stops everything and cleans up, then prints a
@@ -26,6 +27,7 @@ import aio_pika
 from bench_enqueue import enqueue_workloads
 from bench_latency import put_backoff, retry_accuracy, start_latency
 from bench_report import Figure, report
+from bench_wait import wait_latency
 from benchlib import AMQP_URL, Sandbox, enqueue_chunks, peak_rss_mb
 
 from taskq.client import Client
@@ -216,6 +218,10 @@ class Bench:
             if name.startswith("POST sent -> handler start"):
                 self.key[name[-3:]] = value  # p50, p99: what the peers' latency measures
 
+    async def wait_latency(self) -> None:
+        for figure in await wait_latency(self.sandbox, self.args.latency_tasks):
+            self.add("7 wait for a result", *figure)
+
     async def retry_accuracy(self, delay: float, put_at: float) -> None:
         a = self.args
         for figure in await retry_accuracy(self.sandbox, a.port, a.retry_tasks, delay, put_at):
@@ -246,6 +252,7 @@ class Bench:
             await self.start_latency()
             await self.retry_accuracy(1, put_at)
             await self.retry_accuracy(5, await put_backoff(self.args.port, 5))
+            await self.wait_latency()
             self.rss()
             await self.defaults(tuned)
             self.sandbox.stop_workers()

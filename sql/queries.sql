@@ -229,17 +229,60 @@ WHERE id = ANY(ARRAY(SELECT id FROM owed));
 -- ---------------------------------------------------------------- reading
 
 -- name: task_get
+-- With the latest progress its handler reported (NULLs if none).
 -- :id
 SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
        result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
-       published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
+       published_at, created_at, t.updated_at, started_at, finished_at, cancel_requested_at,
        replays, status = 'ENQUEUED' AND run_at > now() AS scheduled,
        -- Why the relay set the owed publish aside, and when it tries again.
        CASE WHEN published_at IS NULL AND set_aside_generation = generation
             THEN publish_error END AS publish_error,
        CASE WHEN published_at IS NULL AND set_aside_generation = generation
-            THEN publish_retry_at END AS publish_retry_at
-FROM taskq.tasks WHERE id = :id;
+            THEN publish_retry_at END AS publish_retry_at,
+       p.fraction AS progress, p.details::text AS progress_details,
+       p.attempt AS progress_attempt, p.updated_at AS progress_at
+FROM taskq.tasks t LEFT JOIN taskq.task_progress p ON p.task_id = t.id
+WHERE t.id = :id;
+
+-- name: wait_request
+-- A waiter marks the tasks it waits for, so that their terminal transition sends
+-- a NOTIFY (the trigger tasks_notify_finished). Returns the ids it marked, those
+-- ENQUEUED or RUNNING in their latest version (a concurrent outcome is waited
+-- for and re-checked): an id missing from the answer has ended, or does not exist.
+-- A task marked here and ending later notifies, since its outcome's row version
+-- is built on this one.
+-- :ids uuid[]
+UPDATE taskq.tasks SET wait_requested = true
+WHERE id = ANY(:ids::uuid[]) AND status IN ('ENQUEUED', 'RUNNING')
+RETURNING id;
+
+-- name: progress_write
+-- Records the latest progress of running tasks, one row per task (the worker's
+-- batches; each id once per batch). Every write takes a new seq (the column's
+-- default, through EXCLUDED), which the event stream reads by.
+-- :ids uuid[], :attempts int[], :fractions float8[], :details text[] (json or NULL)
+INSERT INTO taskq.task_progress AS p (task_id, attempt, fraction, details)
+SELECT r.id, r.attempt, r.fraction, r.details::jsonb
+FROM unnest(:ids::uuid[], :attempts::int[], :fractions::float8[], :details::text[])
+    AS r(id, attempt, fraction, details)
+ORDER BY r.id
+ON CONFLICT (task_id) DO UPDATE SET
+    attempt = EXCLUDED.attempt, fraction = EXCLUDED.fraction, details = EXCLUDED.details,
+    seq = EXCLUDED.seq, updated_at = now();
+
+-- name: progress_last_seq
+SELECT coalesce(max(seq), 0) FROM taskq.task_progress;
+
+-- name: progress_since
+-- Progress written after :after_seq, oldest first, with the task's type and queue
+-- (the event stream).
+-- :after_seq, :limit
+SELECT p.seq, p.task_id, t.type, t.queue, p.attempt, p.fraction, p.details::text AS details,
+       p.updated_at
+FROM taskq.task_progress p JOIN taskq.tasks t ON t.id = p.task_id
+WHERE p.seq > :after_seq
+ORDER BY p.seq LIMIT :limit;
 
 -- name: task_events
 -- :task_id
@@ -878,7 +921,7 @@ LIMIT :limit;
 
 -- name: retention_delete
 -- Deletes terminal tasks finished more than :seconds seconds ago, at most :limit of
--- them, and their events. Returns how many tasks it deleted.
+-- them, their events and their progress. Returns how many tasks it deleted.
 -- :seconds, :limit
 WITH gone AS (
     DELETE FROM taskq.tasks
@@ -889,6 +932,8 @@ WITH gone AS (
     RETURNING id
 ), history AS (
     DELETE FROM taskq.task_events e USING gone WHERE e.task_id = gone.id
+), progress AS (
+    DELETE FROM taskq.task_progress p USING gone WHERE p.task_id = gone.id
 )
 SELECT count(*) FROM gone;
 

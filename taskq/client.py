@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections import Counter
 from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from taskq import waiting
 from taskq.amqp.broker import Link, Publisher
 from taskq.enqueue import task_types, validation
 from taskq.enqueue.inserts import InsertBatcher
@@ -27,7 +29,7 @@ from taskq.enqueue.task_types import TaskType, TypeCache
 from taskq.errors import FieldError, IdempotencyConflict, InvalidRequest, Overrun
 from taskq.fleet.relay import Outbox
 from taskq.metrics import ApiMetrics
-from taskq.model import EnqueueOutcome
+from taskq.model import EnqueueOutcome, TaskRecord, TaskStatus
 from taskq.service import Service
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
@@ -107,6 +109,8 @@ class Client(Service):
             on_failure=self.metrics.publish_failures.inc,
         )
         self._batcher = InsertBatcher(store, on_inserted=self._publish_created)
+        # Opens its LISTEN connection at the first wait only.
+        self.waiters = waiting.Waiters(store, settings.database_url, limit=settings.max_waiters)
         # None with TASKQ_OTEL=off; see taskq.tracing.
         self.tracing = Tracing.load(settings)
 
@@ -151,6 +155,7 @@ class Client(Service):
     async def _stop(self, timeout: float) -> None:
         """Publish what is queued (within ``timeout``), then close everything."""
         self.offload.close()
+        await self.waiters.stop()
         await self._batcher.stop()
         await self.outbox.stop(timeout)
         await self.publisher.close()
@@ -201,6 +206,50 @@ class Client(Service):
         if connection is not None:
             return (await self.enqueue_many([data], connection=connection))[0]
         return await self.submit(data)
+
+    async def wait(self, task_id: uuid.UUID | str, *, timeout: float = 60.0) -> TaskRecord:
+        """Wait until the task ends; return it if it SUCCEEDED.
+
+        Woken by a notification from the database when the task ends (no polling);
+        a task that has ended already is returned at once.
+
+        Args:
+            task_id: the task's id (``EnqueueResult.id``).
+            timeout: seconds to wait at most.
+
+        Returns:
+            The task (:class:`~taskq.model.TaskRecord`): ``result`` is its handler's
+            result as JSON text, :meth:`~taskq.model.TaskRecord.result_value` parses it.
+
+        Raises:
+            TaskFailed: it FAILED (``.reason`` is its last error, ``.task`` the record).
+            TaskCancelled: it was CANCELLED.
+            WaitTimeout: it had not ended after ``timeout`` seconds (``.task``: as it is).
+            TaskNotFound: there is no such task.
+            TooManyWaiters: this process waits for ``TASKQ_MAX_WAITERS`` tasks already.
+            InvalidRequest: ``task_id`` or ``timeout`` is invalid (naming it).
+            StoreError: the database failed.
+        """
+        ident, seconds = waiting.check_wait(task_id, timeout)
+        task = await self.waiters.wait(ident, seconds)
+        reason = None
+        if task.status is TaskStatus.CANCELLED:  # the operator's reason is in its history
+            events = await self.store.task_events(ident)
+            reason = next((e.reason for e in reversed(events) if e.reason), None)
+        return waiting.outcome(task, seconds, cancel_reason=reason)
+
+    async def call(self, task: Any, payload: Any, *, timeout: float = 60.0, **options: Any) -> Any:
+        """Enqueue a task and wait for it: its handler's result (parsed from JSON).
+
+        ``task`` and ``options`` (``queue``, ``idempotency_key``, ``delay`` ...) are
+        those of :meth:`enqueue`; ``timeout`` bounds the wait for the task's end.
+
+        Raises:
+            what :meth:`enqueue` and :meth:`wait` raise.
+        """
+        waiting.check_wait(uuid.UUID(int=0), timeout)  # a bad timeout enqueues nothing
+        enqueued = await self.enqueue(task, payload, **options)
+        return (await self.wait(enqueued.id, timeout=timeout)).result_value()
 
     async def submit(self, data: Any, *, traceparent: str | None = None) -> EnqueueResult:
         """Enqueue one task from a request body (a parsed JSON object).

@@ -6,7 +6,7 @@ Run them with ``taskq worker taskq.demo``:
 - ``demo.noop`` — does nothing (benchmarks); ``demo.noop_sync`` too, as a plain
   function run in a worker thread;
 - ``demo.echo`` — returns its payload;
-- ``demo.sleep`` — ``{"seconds": x}`` sleeps x seconds;
+- ``demo.sleep`` — ``{"seconds": x}`` sleeps x seconds, reporting its progress every second;
 - ``demo.fail`` — ``{"times": n}`` fails the first n attempts and then succeeds;
   without ``times`` it always fails; ``{"fatal": true}`` fails for good at once;
 - ``demo.record`` — inserts a row into ``demo_executions`` in the taskq database
@@ -54,7 +54,13 @@ async def echo(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
 @handlers.task("demo.sleep", timeout=3600)
 async def sleep(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     seconds = float(payload.get("seconds", 1.0))
-    await asyncio.sleep(seconds)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while (left := end - loop.time()) > 0:
+        # Clamped: (start + seconds) - start can exceed seconds in floating point.
+        await ctx.progress(min(1.0, max(0.0, 1 - left / seconds)), {"left": round(left, 1)})
+        await asyncio.sleep(min(left, 1.0))
+    await ctx.progress(1.0)
     return {"slept": seconds}
 
 

@@ -26,6 +26,12 @@ The hierarchy::
     ├── NoHandler                  this worker has no handler for a task's type
     ├── Overrun                    a payload check ran past its deadline
     ├── Busy                       every payload-checking thread stayed taken
+    ├── TaskNotFound               no task has the id waited for
+    ├── Unsuccessful               a task waited for ended other than SUCCEEDED
+    │   ├── TaskFailed             it FAILED (its last error is the reason)
+    │   └── TaskCancelled          it was CANCELLED
+    ├── WaitTimeout                a task waited for did not end in time
+    ├── TooManyWaiters             this process waits for as many tasks as it may
     └── UnsupportedConnection      connection= is no connection taskq can enqueue on
         (also a TypeError)
 
@@ -192,6 +198,60 @@ class Busy(TaskqError):
 
 class UnsupportedConnection(TaskqError, TypeError):
     """The ``connection=`` of an enqueue is no connection taskq can enqueue on."""
+
+
+class TaskNotFound(TaskqError):
+    """No task has this id (it was never enqueued, or retention deleted it)."""
+
+    def __init__(self, task_id: object) -> None:
+        self.task_id = task_id
+        super().__init__(f"no task {task_id}")
+
+
+class Unsuccessful(TaskqError):
+    """A task waited for ended, but did not succeed.
+
+    Attributes:
+        task: the finished task (a :class:`taskq.model.TaskRecord`).
+        reason: why it ended so (its last error, or the cancel's reason).
+    """
+
+    def __init__(self, task: Any, reason: str) -> None:
+        self.task = task
+        self.reason = reason
+        super().__init__(f"task {task.id} ({task.type}) {task.status}: {reason}")
+
+
+class TaskFailed(Unsuccessful):
+    """A task waited for FAILED: no attempt left, or its handler failed it for good."""
+
+
+class TaskCancelled(Unsuccessful):
+    """A task waited for was CANCELLED by an operator (or a purge of its queue)."""
+
+
+class WaitTimeout(TaskqError):
+    """A task waited for had not ended when the wait's timeout passed.
+
+    Attributes:
+        task: the task as it was at the timeout (a :class:`taskq.model.TaskRecord`).
+        timeout: the seconds waited.
+    """
+
+    def __init__(self, task: Any, timeout: float) -> None:
+        self.task = task
+        self.timeout = timeout
+        super().__init__(f"task {task.id} is still {task.status} after {timeout:g}s")
+
+
+class TooManyWaiters(TaskqError):
+    """This process waits for as many tasks at once as it may (TASKQ_MAX_WAITERS)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"this process waits for {limit} tasks already (TASKQ_MAX_WAITERS); try again later"
+        )
 
 
 class Retry(Exception):

@@ -37,20 +37,25 @@ import re
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
+
+import orjson
 
 from taskq import backoff as backoff_
 
 # Defined in taskq.errors; importing them from here keeps working.
 from taskq.errors import Fail as Fail
+from taskq.errors import FieldError, InvalidRequest
 from taskq.errors import HandlerError as HandlerError
 from taskq.errors import Retry as Retry
 
 TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_TIMEOUT = 300.0
+# The largest ``details`` of a progress report, in bytes of JSON.
+MAX_PROGRESS_DETAILS_BYTES = 8192
 
 log = logging.getLogger("taskq.task")
 
@@ -114,6 +119,33 @@ class Context:
     _log: logging.LoggerAdapter[logging.Logger] | None = field(default=None, repr=False)
     _cancel: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _report: Callable[[float, str | None], None] | None = field(default=None, repr=False)
+
+    def progress(self, fraction: float, details: Mapping[str, Any] | None = None) -> Reported:
+        """Report how far this attempt has come: ``GET /tasks/{id}``, the event stream and
+        the dashboard show the latest report.
+
+        Call it as often as is convenient: the worker keeps only the latest report of
+        each task and writes them at most every ``TASKQ_PROGRESS_INTERVAL`` (1 s), all
+        in one statement, never to the task's own row. Reports made once
+        :attr:`cancel_requested` is true are dropped. It returns at once, from an
+        async handler (``await ctx.progress(0.4)``) and from a sync handler's thread
+        (``ctx.progress(0.4)``) alike.
+
+        Args:
+            fraction: done so far, from 0 to 1.
+            details: a JSON object to show with it (``{"rows": 4000}``), at most
+                :data:`MAX_PROGRESS_DETAILS_BYTES` bytes of JSON.
+
+        Raises:
+            InvalidRequest: naming ``fraction`` or ``details``; nothing is reported.
+        """
+        text = check_progress(fraction, details)
+        # Once the worker stops waiting for the attempt (its timeout, a shutdown, a
+        # cancel), a handler that goes on says nothing more about the task.
+        if self._report is not None and not self._stop.is_set():
+            self._report(float(fraction), text)
+        return _REPORTED
 
     @property
     def cancel_requested(self) -> bool:
@@ -157,6 +189,57 @@ class Context:
 
     def log_fields(self) -> dict[str, Any]:
         return {"task_id": str(self.task_id), "task_type": self.type, "attempt": self.attempt}
+
+
+class Reported:
+    """What :meth:`Context.progress` returns: awaiting it does nothing (the report is
+    taken already), so async and sync handlers call it alike."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield  # a generator that ends at once
+
+
+_REPORTED = Reported()
+
+
+def check_progress(fraction: object, details: object) -> str | None:
+    """Check a progress report; returns ``details`` as JSON text (None if none).
+
+    Raises:
+        InvalidRequest: naming ``fraction`` or ``details``.
+    """
+    errors = []
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, int | float)
+        or not 0 <= fraction <= 1  # NaN fails too
+    ):
+        errors.append(FieldError("fraction", "must be a number from 0 to 1"))
+    text = None
+    if details is not None:
+        if not isinstance(details, Mapping):
+            errors.append(FieldError("details", "must be a JSON object (a dict) or None"))
+        else:
+            try:
+                text = orjson.dumps(details).decode()
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                errors.append(FieldError("details", f"must be JSON-able: {exc}"))
+            else:
+                if len(text) > MAX_PROGRESS_DETAILS_BYTES:
+                    errors.append(
+                        FieldError(
+                            "details",
+                            f"{len(text)} bytes of JSON, over {MAX_PROGRESS_DETAILS_BYTES}",
+                        )
+                    )
+                elif "\\u0000" in text:
+                    errors.append(FieldError("details", "strings may not contain NUL (\\u0000)"))
+    if errors:
+        raise InvalidRequest(errors)
+    return text
 
 
 class Registry:

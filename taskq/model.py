@@ -17,6 +17,7 @@ elsewhere are frozen slotted dataclasses.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -353,6 +354,11 @@ class TaskRecord:
     scheduled: bool
     publish_error: str | None = None
     publish_retry_at: datetime | None = None
+    progress: Progress | None = None
+
+    def result_value(self) -> Any:
+        """The handler's result, parsed from its JSON (None if there is none)."""
+        return None if self.result is None else json.loads(self.result)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TaskRecord:
@@ -371,8 +377,55 @@ class TaskRecord:
         """From a ``task_get`` row, which adds why a publish was set aside."""
         listed = cls.from_row(row)
         return replace(
-            listed, publish_error=row["publish_error"], publish_retry_at=row["publish_retry_at"]
+            listed,
+            publish_error=row["publish_error"],
+            publish_retry_at=row["publish_retry_at"],
+            progress=Progress.from_detail_row(row),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The latest progress a task's handler reported (``ctx.progress``).
+
+    ``details`` is JSON text (an object) or None; ``attempt`` is the attempt that
+    reported it; ``at`` is when a worker wrote it.
+    """
+
+    fraction: float
+    details: str | None
+    attempt: int
+    at: datetime
+
+    @classmethod
+    def from_detail_row(cls, row: Mapping[str, Any]) -> Progress | None:
+        """From a ``task_get`` row (None if no progress was reported)."""
+        if row["progress"] is None:
+            return None
+        return cls(
+            row["progress"], row["progress_details"], row["progress_attempt"], row["progress_at"]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    """A progress report as the live stream sends it (any task's, by ascending ``seq``)."""
+
+    seq: int
+    task_id: uuid.UUID
+    type: str
+    queue: str
+    attempt: int
+    fraction: float
+    details: str | None
+    at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ProgressEvent:
+        return cls(
+            row["seq"], row["task_id"], row["type"], row["queue"], row["attempt"],
+            row["fraction"], row["details"], row["updated_at"],
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

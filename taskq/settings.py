@@ -30,6 +30,8 @@ Duration = Annotated[float, Field(ge=0)]
 _DURATIONS = (
     "amqp_heartbeat",
     "max_delay",
+    "max_wait",
+    "progress_interval",
     "backoff_fixed",
     "backoff_base",
     "backoff_max",
@@ -78,6 +80,8 @@ class Settings(BaseSettings):
     cursor_secret: str = ""
     allowed_hosts: Annotated[list[str], NoDecode] = []
     max_streams: int = Field(100, ge=1)
+    max_wait: Duration = 60.0
+    max_waiters: int = Field(1000, ge=1)
     max_task_types: int = Field(500, ge=1)
     otel: Literal["auto", "off"] = "auto"
     max_schedules: int = Field(1000, ge=1)
@@ -98,6 +102,7 @@ class Settings(BaseSettings):
     # (taskq.worker.worker.DEFAULT_THREADS).
     worker_threads: int = Field(0, ge=0, le=10000)
     max_result_bytes: int = Field(1024 * 1024, ge=1)
+    progress_interval: Duration = 1.0
     lease_seconds: Duration = 30.0
     worker_shutdown_grace: Duration = 30.0
     sweeper_overdue_after: Duration = 60.0

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +30,7 @@ from taskq.model import (
     Cursor,
     EnqueueOutcome,
     OwedPublish,
+    ProgressEvent,
     Purge,
     ScheduleFire,
     ScheduleRecord,
@@ -166,6 +167,7 @@ class Store:
         self.schema = schema
         self.q = sql.queries(schema)
         self.notify_channel = notify_channel(schema)
+        self.finished_channel = finished_channel(schema)
 
     @classmethod
     async def connect(
@@ -477,6 +479,14 @@ class Store:
         row = await self._fetchrow("task_get", task_id)
         return None if row is None else TaskRecord.from_detail_row(row)
 
+    async def request_wait(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Mark tasks as waited for (their end sends a NOTIFY on :attr:`finished_channel`).
+
+        Returns the ids marked: those still ENQUEUED or RUNNING. The others have
+        ended or do not exist; read them.
+        """
+        return {row["id"] for row in await self._fetch("wait_request", list(ids))}
+
     async def task_events(self, task_id: uuid.UUID) -> list[TaskEvent]:
         return [TaskEvent.from_row(row) for row in await self._fetch("task_events", task_id)]
 
@@ -523,6 +533,13 @@ class Store:
             tokens,
         )
         return {row["claim_token"]: row["cancel_requested"] for row in rows}
+
+    async def write_progress(
+        self, items: Sequence[tuple[uuid.UUID, int, float, str | None]]
+    ) -> None:
+        """Record the latest progress of tasks ``(id, attempt, fraction, details_json)``,
+        each id once."""
+        await self._execute("progress_write", *_columns(sorted(items), 4))
 
     async def worker_gone(self, worker_id: str) -> None:
         async with self._connection() as conn:
@@ -699,6 +716,15 @@ class Store:
         last: int = await self._fetchval("events_last_id")
         return last
 
+    async def last_progress_seq(self) -> int:
+        last: int = await self._fetchval("progress_last_seq")
+        return last
+
+    async def progress_since(self, after_seq: int, limit: int) -> list[ProgressEvent]:
+        """Up to ``limit`` progress reports written after ``after_seq``, oldest first."""
+        rows = await self._fetch("progress_since", after_seq, limit)
+        return [ProgressEvent.from_row(row) for row in rows]
+
     async def events_since(self, after_id: int, limit: int) -> list[StreamEvent]:
         """Up to ``limit`` task events of any task after ``after_id``, oldest first."""
         rows = await self._fetch("events_since", after_id, limit)
@@ -838,6 +864,47 @@ def notify_channel(schema: str) -> str:
     """The channel that wakes the relay of the install in ``schema``: ``taskq_enqueued``
     for the default schema, so that each install in a database hears only its own."""
     return f"{schema}_enqueued"
+
+
+def finished_channel(schema: str) -> str:
+    """The channel on which tasks somebody waits for announce their end (their id is
+    the payload): ``taskq_finished`` for the default schema (migration 0008's trigger)."""
+    return f"{schema}_finished"
+
+
+async def listen(
+    url: str,
+    channel: str,
+    on_notify: Callable[[str], None],
+    on_lost: Callable[[], None],
+    *,
+    name: str,
+) -> asyncpg.Connection:
+    """A dedicated connection that LISTENs on ``channel``: ``on_notify(payload)`` for
+    each notification, ``on_lost()`` once the connection is gone.
+
+    Raises:
+        StoreError: the database cannot be reached.
+    """
+    try:
+        connection = await asyncpg.connect(
+            url, timeout=5, server_settings={"application_name": name[:63]}
+        )
+    except _DOWN as exc:
+        raise StoreError(f"cannot connect to the database: {exc}") from exc
+
+    def notified(conn: object, pid: int, channel: str, payload: str) -> None:
+        on_notify(payload)
+
+    try:
+        connection.add_termination_listener(lambda conn: on_lost())
+        await connection.add_listener(channel, notified)
+    except BaseException as exc:
+        connection.terminate()
+        if isinstance(exc, _DOWN):
+            raise StoreError(f"cannot listen for notifications: {exc}") from exc
+        raise
+    return connection
 
 
 def refused(exc: BaseException) -> bool:

@@ -90,6 +90,10 @@ class SyncClient:
     enqueue = _blocking(Client.enqueue)
     enqueue_many = _blocking(Client.enqueue_many)
     submit = _blocking(Client.submit)
+    wait = _blocking(Client.wait)
+    # mypy matches a ParamSpec against a method that takes **options only if its self is
+    # positional-only; the signature is Client.call's all the same.
+    call = _blocking(Client.call)  # type: ignore[arg-type]
 
     def close(self, timeout: float | None = None) -> None:
         """Publish what is queued (for up to ``timeout`` seconds, ``None``: the

@@ -38,6 +38,7 @@ from taskq.model import (
     STATUS_NAMES,
     Cursor,
     OwedPublish,
+    Progress,
     TaskFilter,
     TaskRecord,
     TaskStatus,
@@ -68,7 +69,9 @@ MAX_REASON = 1000
 
 _DETAIL_FIELDS = tuple(field.name for field in fields(TaskRecord))
 # A listing does not say why a publish was set aside.
-_LISTED_FIELDS = tuple(n for n in _DETAIL_FIELDS if n not in ("publish_error", "publish_retry_at"))
+_LISTED_FIELDS = tuple(
+    n for n in _DETAIL_FIELDS if n not in ("publish_error", "publish_retry_at", "progress")
+)
 
 
 def task_body(task: TaskRecord, *, detail: bool = True) -> dict[str, Any]:
@@ -78,7 +81,22 @@ def task_body(task: TaskRecord, *, detail: bool = True) -> dict[str, Any]:
     for name in ("payload", "result"):
         body[name] = orjson.loads(body[name]) if body[name] is not None else None
     body["timeout"] = body.pop("timeout_seconds")
+    if detail:
+        body["progress"] = progress_body(task.progress)
     return body
+
+
+def progress_body(progress: Progress | None) -> dict[str, Any] | None:
+    """The latest progress report as the API shows it (None: none reported)."""
+    if progress is None:
+        return None
+    details = orjson.loads(progress.details) if progress.details is not None else None
+    return {
+        "fraction": progress.fraction,
+        "details": details,
+        "attempt": progress.attempt,
+        "at": progress.at,
+    }
 
 
 def _bad(field: str, message: str) -> InvalidRequest:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -27,10 +29,19 @@ from taskq._utils import preview
 from taskq.amqp import broker
 from taskq.client import Client
 from taskq.enqueue import validation
-from taskq.errors import FieldError, InvalidRequest, Overrun, Problem, StoreError, TooManyTaskTypes
+from taskq.errors import (
+    FieldError,
+    InvalidRequest,
+    Overrun,
+    Problem,
+    StoreError,
+    TaskNotFound,
+    TooManyTaskTypes,
+    TooManyWaiters,
+)
 from taskq.fleet.relay import Relay
 from taskq.metrics import ApiMetrics
-from taskq.model import TaskTypeRecord
+from taskq.model import TaskRecord, TaskTypeRecord
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
 from taskq.web import admin, monitor, schedules, stream, ui
@@ -82,10 +93,57 @@ async def enqueue_batch(request: Request) -> Response:
 
 @endpoint("task")
 async def get_task(request: Request) -> Response:
-    task = await _client(request).store.task(_task_id(request))
+    client = _client(request)
+    task_id = _task_id(request)
+    wait = _wait_seconds(request)
+    if wait:
+        task = await _long_poll(request, client, task_id, wait)
+    else:
+        task = await client.store.task(task_id)
     if task is None:
         raise Problem(404, "Not found", "no such task")
     return json_response(admin.task_body(task))
+
+
+def _wait_seconds(request: Request) -> float:
+    """``?wait=``: seconds to wait for the task to end, 0 to ``TASKQ_MAX_WAIT``."""
+    values = request.query_params.getlist("wait")
+    if not values:
+        return 0.0
+    limit = request.app.state.settings.max_wait
+    problem = f"a number of seconds from 0 to {limit:g} (TASKQ_MAX_WAIT)"
+    if len(values) > 1:
+        raise InvalidRequest([FieldError("wait", "give it once")])
+    try:
+        seconds = float(values[0]) if len(values[0]) <= 20 else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= limit:  # NaN fails too
+        raise InvalidRequest([FieldError("wait", problem)])
+    return seconds
+
+
+async def _long_poll(
+    request: Request, client: Client, task_id: uuid.UUID, seconds: float
+) -> TaskRecord | None:
+    """The task once it ends, or as it is after ``seconds`` (or when the server stops)."""
+    stopping: asyncio.Event = request.app.state.stopping
+    waiting = asyncio.ensure_future(client.waiters.wait(task_id, seconds))
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((waiting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not waiting.done():
+            waiting.cancel()
+    if not waiting.done() or waiting.cancelled():  # the server stops: answer what is
+        return await client.store.task(task_id)
+    try:
+        return waiting.result()
+    except TaskNotFound:
+        return None
+    except TooManyWaiters as exc:
+        raise Problem(503, "Too many waiters", str(exc), headers={"Retry-After": "1"}) from None
 
 
 @endpoint("task_events")

@@ -54,7 +54,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         413: "body or payload too large",
         415: "not application/json (required on every request that changes state)",
         429: "too many open streams (TASKQ_MAX_STREAMS)",
-        503: "database unavailable",
+        503: "database unavailable (or, for a long-poll, too many waiters: TASKQ_MAX_WAITERS)",
     }
     return {str(code): _problem(text[code]) for code in codes}
 
@@ -298,6 +298,13 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     components = {**body_schemas(settings), "Problem": _PROBLEM}
     task_id = _path_param("id", "uuid")
     type_name = _path_param("name", pattern=TYPE_NAME.pattern)
+    wait = _query(
+        "wait",
+        {"type": "number", "minimum": 0, "maximum": settings.max_wait},
+        "seconds to wait for the task to end (TASKQ_MAX_WAIT at most): answered as soon"
+        " as it is SUCCEEDED, FAILED or CANCELLED, or as it is when the time is up;"
+        " 503 when the process waits for TASKQ_MAX_WAITERS tasks already",
+    )
     obj = {"type": "object"}
     paths: dict[str, dict[str, Any]] = {
         "/": {
@@ -358,9 +365,12 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         },
         "/tasks/{id}": {
             "get": {
-                "summary": "One task",
-                "parameters": [task_id],
-                "responses": {"200": _json(_ref("Task"), "the task"), **_errors(401, 404, 503)},
+                "summary": "One task; with ?wait=, once it has ended (a long-poll)",
+                "parameters": [task_id, wait],
+                "responses": {
+                    "200": _json(_ref("Task"), "the task (with ?wait=: ended, or as it is)"),
+                    **_errors(400, 401, 404, 503),
+                },
             }
         },
         "/tasks/{id}/events": {

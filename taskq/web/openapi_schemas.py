@@ -89,6 +89,23 @@ _TASK = {
         "cancel_requested_at": _TIME_OR_NULL,
         "replays": {"type": "integer", "description": "Times an operator enqueued it again."},
         "scheduled": {"type": "boolean", "description": "ENQUEUED with run_at in the future."},
+        "progress": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "fraction": {"type": "number", "minimum": 0, "maximum": 1},
+                        "details": {"anyOf": [ref("JsonObject"), {"type": "null"}]},
+                        "attempt": {"type": "integer"},
+                        "at": {"type": "string", "format": "date-time"},
+                    },
+                    "required": ["fraction", "details", "attempt", "at"],
+                },
+                {"type": "null"},
+            ],
+            "description": "The latest progress its handler reported (ctx.progress); in"
+            " GET /tasks/{id} only.",
+        },
     },
     "required": [*ANSWER_FIELDS, "payload", "result", "last_error"],
 }

@@ -1,7 +1,8 @@
 """``GET /stream``: Server-Sent Events of stats and task events, from one poller per process.
 
 Written for ``fetch()`` streaming (so the Authorization header works): an
-``event: stats`` every second and an ``event: task`` per task event. However many
+``event: stats`` every second, an ``event: task`` per task event and an
+``event: progress`` per progress report a worker wrote. However many
 streams are open, one poller per API process reads the events (by keyset on
 ``task_events.id``) and the stats, and hands each to every open stream; it runs
 only while a stream is open. At most ``TASKQ_MAX_STREAMS`` streams are open per
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from taskq.errors import Problem, StoreError
-from taskq.model import StreamEvent
+from taskq.model import ProgressEvent, StreamEvent
 from taskq.service import Service
 from taskq.web.http import endpoint, json_default
 from taskq.web.monitor import Monitor
@@ -106,36 +107,35 @@ class Hub(Service):
                 queue.put_nowait(None)
 
     async def _poll(self) -> None:
-        start_id: int | None = None  # events before the poller started are not sent
-        seen: collections.deque[int] = collections.deque(maxlen=LOOKBACK * 4)
-        seen_set: set[int] = set()
+        store = self.monitor.store
+        events = _Keyset()
+        progress = _Keyset()  # by task_progress.seq, which every write takes anew
         stats_due = 0.0
         while self._streams and not self.stopping.is_set():
             rows: list[StreamEvent] = []
+            reports: list[ProgressEvent] = []
             try:
-                if start_id is None:
-                    start_id = await self.monitor.store.last_event_id()
-                    self._last_id = start_id
+                if events.start is None:
+                    events.begin(await store.last_event_id())
+                    progress.begin(await store.last_progress_seq())
+                    self._last_id = events.last
                 if time.monotonic() >= stats_due:
                     stats_due = time.monotonic() + STATS_EVERY
                     self._stats = sse("stats", await self.monitor.stats())
                     self._send(self._stats)
-                rows = await self.monitor.store.events_since(
-                    max(0, self._last_id - LOOKBACK), BATCH
-                )
+                rows = await store.events_since(events.after(), BATCH)
+                reports = await store.progress_since(progress.after(), BATCH)
             except StoreError as exc:
                 log.warning("the event stream cannot read the database: %s", exc)
                 self._send(sse("error", {"detail": "the database did not answer"}))
             for row in rows:
-                if row.id <= (start_id or 0) or row.id in seen_set:
-                    continue
-                if len(seen) == seen.maxlen:
-                    seen_set.discard(seen[0])
-                seen.append(row.id)
-                seen_set.add(row.id)
-                self._last_id = max(self._last_id, row.id)
-                self._send(sse("task", _task_event(row)))
-            if len(rows) < BATCH:
+                if events.new(row.id):
+                    self._send(sse("task", _task_event(row)))
+            self._last_id = events.last
+            for report in reports:
+                if progress.new(report.seq):
+                    self._send(sse("progress", _progress_event(report)))
+            if len(rows) < BATCH and len(reports) < BATCH:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), POLL_EVERY)
         self._stats = None
@@ -151,15 +151,50 @@ class Hub(Service):
                 await self._poller
 
 
+class _Keyset:
+    """Where a poll of rows by an ascending key stands, and the keys sent already.
+
+    Rows are read again :data:`LOOKBACK` keys behind the last one seen: a row whose
+    transaction committed after a later key's is still sent (once).
+    """
+
+    def __init__(self) -> None:
+        self.start: int | None = None  # rows before the poller started are not sent
+        self.last = 0
+        self._seen: collections.deque[int] = collections.deque(maxlen=LOOKBACK * 4)
+        self._seen_set: set[int] = set()
+
+    def begin(self, last: int) -> None:
+        self.start = self.last = last
+
+    def after(self) -> int:
+        return max(0, self.last - LOOKBACK)
+
+    def new(self, key: int) -> bool:
+        """Whether the row ``key`` is to be sent (it is then remembered as sent)."""
+        if key <= (self.start or 0) or key in self._seen_set:
+            return False
+        if len(self._seen) == self._seen.maxlen:
+            self._seen_set.discard(self._seen[0])
+        self._seen.append(key)
+        self._seen_set.add(key)
+        self.last = max(self.last, key)
+        return True
+
+
+def _progress_event(report: ProgressEvent) -> dict[str, Any]:
+    details = orjson.loads(report.details) if report.details is not None else None
+    return {**_about(report), "fraction": report.fraction, "details": details}
+
+
 def _task_event(event: StreamEvent) -> dict[str, Any]:
-    return {
-        "id": event.task_id,
-        "type": event.type,
-        "queue": event.queue,
-        "status": event.status,
-        "attempt": event.attempt,
-        "at": event.at,
-    }
+    return {**_about(event), "status": event.status}
+
+
+def _about(event: StreamEvent | ProgressEvent) -> dict[str, Any]:
+    """What every event of the stream says of its task."""
+    fields = ("type", "queue", "attempt", "at")
+    return {"id": event.task_id, **{name: getattr(event, name) for name in fields}}
 
 
 @endpoint("stream")

@@ -72,6 +72,10 @@ CANCEL_GRACE_SECONDS = 5.0
 ABANDON_AFTER_SECONDS = 5.0
 
 
+# Takes a progress report: task id, attempt, fraction, details as JSON text.
+Reporter = Callable[[uuid.UUID, int, float, str | None], None]
+
+
 def heartbeat_interval(lease: float) -> float:
     """Seconds between a worker's heartbeats: a third of the lease, at most 5 s."""
     return min(lease / 3, HEARTBEAT_MAX_SECONDS)
@@ -91,15 +95,17 @@ class Attempt:
         "cancel_told", "ctx", "id", "number", "queue", "span", "stopped", "task", "token", "type",
     )  # fmt: skip
 
-    def __init__(self, task: ClaimedTask, worker_id: str) -> None:
+    def __init__(self, task: ClaimedTask, worker_id: str, progress: Reporter | None) -> None:
         self.id = task.id
         self.token = task.claim_token
         self.number = task.attempts
         self.type = task.type
         self.queue = task.queue
+        report = None if progress is None else functools.partial(progress, self.id, self.number)
         self.ctx = Context(
-            self.id, self.type, self.number, task.max_attempts, self.queue, worker_id
-        )
+            self.id, self.type, self.number, task.max_attempts, self.queue, worker_id,
+            _report=report,
+        )  # fmt: skip
         self.task: asyncio.Task[None] | None = None
         self.stopped: asyncio.Future[StopReason] = asyncio.get_running_loop().create_future()
         # Whether the handler was told of an operator's cancel request.
@@ -125,6 +131,7 @@ class Runner:
         threads: where sync handlers run.
         record: takes each outcome for recording.
         release: called once per attempt whose handler is done (a free slot).
+        progress: takes the handlers' progress reports ``(id, attempt, fraction, details)``.
         cancel_grace: seconds a handler may go on after it was told of a cancel.
         abandon_after: seconds a cancelled async handler may take to unwind.
     """
@@ -139,6 +146,7 @@ class Runner:
         *,
         record: Callable[[Finished], None],
         release: Callable[[], None],
+        progress: Reporter | None = None,
         cancel_grace: float = CANCEL_GRACE_SECONDS,
         abandon_after: float = ABANDON_AFTER_SECONDS,
     ) -> None:
@@ -158,6 +166,7 @@ class Runner:
         self.runaways: set[asyncio.Task[Ending]] = set()
         self._record = record
         self._release = release
+        self._progress = progress
         self._default_backoff = backoff.from_settings(settings)
         self._backoffs: dict[str, backoff.Backoff | None] = {}
         self._children: dict[tuple[Histogram, str], Histogram] = {}
@@ -176,7 +185,7 @@ class Runner:
 
     def begin(self, task: ClaimedTask) -> None:
         """Start running a claimed task (from the ``claim`` statement)."""
-        attempt = Attempt(task, self.worker_id)
+        attempt = Attempt(task, self.worker_id, self._progress)
         self.attempts[attempt.token] = attempt
         self.metrics.in_flight.inc()
         due = max(task.run_at, task.created_at)

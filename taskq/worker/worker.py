@@ -61,6 +61,7 @@ from taskq.worker.execution import (
     heartbeat_interval,
 )
 from taskq.worker.outcomes import Finished, Recorder
+from taskq.worker.progress import ProgressBuffer
 from taskq.worker.threads import HandlerThreads
 
 log = logging.getLogger("taskq.worker")
@@ -146,6 +147,7 @@ class Worker(Service):
         self._relay_interval = relay_interval
         self._acker = Acker()
         self._threads = HandlerThreads(self.threads, self.metrics.abandoned.labels("thread").set)
+        self.progress = ProgressBuffer()
         self._runner = Runner(
             settings,
             registry,
@@ -154,6 +156,7 @@ class Worker(Service):
             self._threads,
             record=self._record,
             release=self._release,
+            progress=self.progress.report,
             cancel_grace=cancel_grace,
             abandon_after=abandon_after,
         )
@@ -236,6 +239,13 @@ class Worker(Service):
         # and out of it at a clean stop.
         await self.store.heartbeat([], self.info, self.lease)
         await parts.add(OnStop(self._leave_worker_list, name="taskq-worker-list"))
+        # Progress reports: written every interval, and what is left at the stop.
+        flush = functools.partial(self.progress.flush, self.store)
+        await parts.add(OnStop(flush, name="taskq-progress-last"))
+        every = functools.partial(
+            self.progress.flush_every, self.store, settings.progress_interval or 0.05
+        )
+        await parts.add(Loop(every, name="taskq-progress"))
         for link in (self._consume_link, self._publish_link):
             await parts.add(link)
             try:

@@ -75,6 +75,22 @@ def test_an_enqueued_task_appears_live_and_its_timeline_opens(system: System, pa
     expect(page.locator("#task-missing")).to_be_visible()
 
 
+def test_the_inspector_shows_a_running_tasks_progress_live(system: System, page: Any) -> None:
+    task = system.enqueue("demo.sleep", {"seconds": 6})
+    page.goto(system.url + f"/ui/#/task/{task['id']}")
+    expect(page.locator("#task-id")).to_have_text(task["id"])
+    progress = page.locator("#task-progress")
+    expect(progress).to_be_visible(timeout=20_000)
+    expect(page.locator("#task-progress-details")).to_contain_text("left: ")
+    first = page.locator("#task-progress-text").text_content()
+    # Later reports arrive through the stream, without a reload; the last one stays.
+    expect(page.locator("#task-progress-text")).not_to_have_text(first or "", timeout=20_000)
+    expect(page.locator("#task-status")).to_have_text("succeeded", timeout=20_000)
+    expect(page.locator("#task-progress-text")).to_contain_text("100%", timeout=20_000)
+    assert page.locator("#task-progress-bar").evaluate("bar => bar.value") == 1
+    page.screenshot(path=str(artifacts_dir() / "task-progress.png"))
+
+
 def test_overview_counts_charts_and_screenshot(system: System, page: Any) -> None:
     for n in range(6):
         system.enqueue("demo.echo", {"n": n})

@@ -27,9 +27,16 @@ from tests.support.worker_fixtures import harness, running_worker
 
 # What an install holds in its schema besides indexes, row types and sequences.
 TABLES = [
-    "queue_purges", "schedules", "task_events", "task_type", "taskq_migrations", "tasks", "workers"
-]  # fmt: skip
-FUNCTIONS = ["taskq_events_on_insert", "taskq_events_on_update"]
+    "queue_purges",
+    "schedules",
+    "task_events",
+    "task_progress",
+    "task_type",
+    "taskq_migrations",
+    "tasks",
+    "workers",
+]
+FUNCTIONS = ["taskq_events_on_insert", "taskq_events_on_update", "taskq_notify_finished"]
 # Every migration, as `taskq migrate` reports it applied.
 LABELS = [f"{m.version:04d}_{m.name}" for m in sql.migrations()]
 
@@ -74,11 +81,16 @@ async def test_a_fresh_install_creates_nothing_in_public(empty_database_url: str
         assert installed["relation r"] == TABLES
         assert installed["function"] == FUNCTIONS
         assert installed["type d"] == ["taskq_queue_name"]
-        assert installed["relation S"] == ["queue_purges_id_seq", "task_events_id_seq"]
+        assert installed["relation S"] == [
+            "queue_purges_id_seq",
+            "task_events_id_seq",
+            "task_progress_seq",
+        ]
         # The triggers resolve task_events whatever the caller's search_path.
         assert await function_settings(connection, "taskq") == [
             ["search_path=taskq, pg_temp"],
             ["enable_nestloop=off", "search_path=taskq, pg_temp"],
+            ["search_path=taskq, pg_temp"],
         ]
     finally:
         await connection.close()

@@ -1,4 +1,5 @@
-"""Retention: the sweeper deletes old terminal tasks and their events, in bounded batches."""
+"""Retention: the sweeper deletes old terminal tasks, their events and progress, in bounded
+batches."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ async def test_retention_deletes_only_old_terminal_tasks(
         old = [await add(db, s, 8) for s in ("SUCCEEDED", "FAILED", "CANCELLED")]
         young = [await add(db, s, 6) for s in ("SUCCEEDED", "FAILED", "CANCELLED")]
         live = [await add(db, "ENQUEUED", None), await add(db, "RUNNING", None)]
+        # Their progress goes with them (task_progress has no foreign key).
+        await h.store.write_progress([(t, 1, 1.0, None) for t in old + young])
         metrics = WorkerMetrics()
         link = Link(settings.amqp_url, name="unused")
         sweeper = Sweeper(
@@ -60,6 +63,8 @@ async def test_retention_deletes_only_old_terminal_tasks(
             "SELECT count(*) FROM task_events WHERE task_id = ANY($1::uuid[])", old
         )
         assert orphans == 0
+        progress = {r["task_id"] for r in await db.fetch("SELECT task_id FROM task_progress")}
+        assert progress == set(young)
         assert metrics.registry.get_sample_value("taskq_retention_deleted_total") == 3
         assert await sweeper.apply_retention() == 0  # rests between runs
 

@@ -1,4 +1,5 @@
-"""GET /stream on a real HTTP server: stats every second, task events as they happen, auth."""
+"""GET /stream on a real HTTP server: stats every second, task events and progress reports
+as they happen, auth."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import httpx
 import pytest
 import uvicorn
 
+from taskq.handlers import Context, Registry
 from taskq.settings import Settings
 from taskq.web.api import create_app
 from tests.support.api_fixtures import JSON, declare_topology
+from tests.support.worker_fixtures import harness, running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -157,3 +160,38 @@ async def test_streams_are_capped_and_share_one_poller(settings: Settings) -> No
         async with http.stream("GET", "/stream") as third:
             assert (await anext(events(third)))[0] == "stats"
             assert pollers() == 1
+
+
+async def test_stream_sends_progress_reports(settings: Settings) -> None:
+    settings = settings.model_copy(update={"progress_interval": 0.1})
+    registry = Registry()
+    gate = asyncio.Event()
+
+    @registry.task("s.progress", max_attempts=1)
+    async def report(payload: dict[str, Any], ctx: Context) -> None:
+        await ctx.progress(0.3, {"rows": 3})
+        await gate.wait()
+        await ctx.progress(0.9)
+
+    async with (
+        serving(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+        harness(settings) as h,
+        running_worker(settings, registry),
+        http.stream("GET", "/stream") as response,
+    ):
+        reports = []
+        task_id = None
+        async with asyncio.timeout(30):
+            async for event, data in events(response):
+                if event == "stats" and task_id is None:
+                    task_id = str(await h.enqueue("s.progress"))
+                if event == "progress" and data["id"] == task_id:
+                    reports.append(data)
+                    if data["fraction"] == 0.3:
+                        gate.set()
+                    else:
+                        break
+        assert [(r["fraction"], r["details"]) for r in reports] == [(0.3, {"rows": 3}), (0.9, None)]
+        assert set(reports[0]) == {"id", "type", "queue", "attempt", "fraction", "details", "at"}
+        assert (reports[0]["type"], reports[0]["attempt"]) == ("s.progress", 1)

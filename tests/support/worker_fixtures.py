@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,18 @@ async def running_worker(
         yield worker
     finally:
         await worker.stop(5.0)
+
+
+async def until(
+    condition: Callable[[], Awaitable[bool]], message: str, timeout: float = 20.0
+) -> None:
+    """Wait until ``await condition()`` holds (a read of the database, say); fail with
+    ``message`` after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(message)
+        await asyncio.sleep(0.05)
 
 
 async def poll(condition: Callable[[], bool], message: str, timeout: float = 20.0) -> None:

@@ -16,6 +16,7 @@ from taskq.model import (
     EnqueueOutcome,
     OutcomeKind,
     OwedPublish,
+    Progress,
     StatusCounts,
     StopReason,
     TaskRecord,
@@ -138,8 +139,27 @@ def test_a_task_reads_why_its_publish_was_set_aside_only_from_its_detail_row() -
         "worker_id": None, "published_at": None, "created_at": NOW, "updated_at": NOW,
         "started_at": NOW, "finished_at": NOW, "cancel_requested_at": None, "replays": 0,
         "scheduled": False, "publish_error": "Unpublishable: gone", "publish_retry_at": NOW,
+        "progress": None, "progress_details": None, "progress_attempt": None, "progress_at": None,
     }  # fmt: skip
     listed = TaskRecord.from_row(row)
     assert (listed.status, listed.publish_error) == (TaskStatus.FAILED, None)
     detail = TaskRecord.from_detail_row(row)
     assert (detail.publish_error, detail.publish_retry_at) == ("Unpublishable: gone", NOW)
+    assert detail.progress is None
+
+
+def test_a_task_reads_its_progress_from_its_detail_row_only() -> None:
+    row = {
+        "id": TASK, "type": "t", "queue": "default", "payload": "{}", "status": "SUCCEEDED",
+        "attempts": 1, "max_attempts": 1, "idempotency_key": None, "result": '{"n": 1}',
+        "last_error": None, "timeout_seconds": 30.0, "run_at": NOW, "lease_expires_at": None,
+        "worker_id": None, "published_at": None, "created_at": NOW, "updated_at": NOW,
+        "started_at": NOW, "finished_at": NOW, "cancel_requested_at": None, "replays": 0,
+        "scheduled": False, "publish_error": None, "publish_retry_at": None,
+        "progress": 0.5, "progress_details": '{"rows": 4}', "progress_attempt": 1,
+        "progress_at": NOW,
+    }  # fmt: skip
+    assert TaskRecord.from_row(row).progress is None
+    detail = TaskRecord.from_detail_row(row)
+    assert detail.progress == Progress(0.5, '{"rows": 4}', 1, NOW)
+    assert detail.result_value() == {"n": 1}

@@ -62,6 +62,8 @@ function onStreamEvent(name, payload) {
     if (view === "tasks") tasks.taskEvent(payload);
     if (view === "task") task.taskEvent(payload);
     if (view === "dlq") dlq.taskEvent(payload);
+  } else if (name === "progress") {
+    if (view === "task") task.progressEvent(payload);
   }
 }
 

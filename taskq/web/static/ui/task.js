@@ -1,4 +1,4 @@
-// Task inspector: facts, payload/result/error, event timeline, cancel and retry.
+// Task inspector: progress, facts, payload/result/error, event timeline, cancel and retry.
 
 import { api } from "./api.js";
 import { h, badge, clear, json, localTime, seconds, when } from "./format.js";
@@ -62,6 +62,21 @@ function render(task, events) {
   document.getElementById("error-panel").hidden = !task.last_error;
   document.getElementById("task-error").textContent = task.last_error || "";
   clear(document.getElementById("timeline")).append(...events.map(eventItem));
+  showProgress(task.progress);
+}
+
+/** The latest progress report (from GET /tasks/{id} or the stream), or nothing. */
+function showProgress(progress) {
+  const block = document.getElementById("task-progress");
+  block.hidden = !progress;
+  if (!progress) return;
+  const bar = document.getElementById("task-progress-bar");
+  bar.value = progress.fraction;
+  const percent = `${Math.round(progress.fraction * 1000) / 10}%`;
+  bar.setAttribute("aria-valuetext", percent);
+  document.getElementById("task-progress-text").textContent = `${percent} · attempt ${progress.attempt}`;
+  const details = progress.details ? Object.entries(progress.details).map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ") : "";
+  document.getElementById("task-progress-details").textContent = details;
 }
 
 async function load(id) {
@@ -96,6 +111,12 @@ export function taskEvent(event) {
   if (event.id !== current) return;
   clearTimeout(reloadTimer);
   reloadTimer = setTimeout(() => load(current), 200);
+}
+
+/** A progress report from the stream: shown at once when it is about the task on screen. */
+export function progressEvent(report) {
+  if (report.id !== current) return;
+  showProgress(report);
 }
 
 async function act(action) {
