@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections import Counter
-from collections.abc import Coroutine, Generator, Sequence
+from collections.abc import Coroutine, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import asyncpg
 
 from taskq.amqp.broker import Link, Publisher
+from taskq.definitions import TaskDefinition
 from taskq.enqueue import task_types, validation
 from taskq.enqueue.inserts import InsertBatcher
 from taskq.enqueue.offload import Offload
@@ -27,7 +29,8 @@ from taskq.enqueue.task_types import TaskType, TypeCache
 from taskq.errors import FieldError, IdempotencyConflict, InvalidRequest, Overrun
 from taskq.fleet.relay import Outbox
 from taskq.metrics import ApiMetrics
-from taskq.model import EnqueueOutcome
+from taskq.model import EnqueueOutcome, TaskStatus
+from taskq.payloads import to_payload
 from taskq.service import Service
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
@@ -38,18 +41,57 @@ from taskq.store import Enqueued, NewTask, Store
 # envelopes to wake up for at 32 clients.
 OUTBOX_BATCH = 256
 _CREATED = EnqueueOutcome.CREATED
+_MANY_OPTIONS = (
+    "payloads",
+    "queue",
+    "max_attempts",
+    "idempotency_keys",
+    "delay",
+    "run_at",
+    "timeout",
+)
 
 
 @dataclass(frozen=True)
 class EnqueueResult:
-    """The answer to one enqueue: ``created`` is False for an idempotent replay."""
+    """The answer to one enqueue.
+
+    Attributes:
+        created: False for an idempotent replay (the task existed already).
+        task: the answer as ``POST /enqueue`` returns it: ``id``, ``type``,
+            ``queue``, ``status``, ``attempts``, ``max_attempts``, ``run_at``,
+            ``created_at``.
+    """
 
     created: bool
     task: dict[str, Any]
 
     @property
-    def id(self) -> Any:
-        return self.task["id"]
+    def id(self) -> uuid.UUID:
+        """The task's id."""
+        value = self.task["id"]
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+    @property
+    def status(self) -> TaskStatus:
+        """The task's status when it was answered (ENQUEUED, or a replayed task's status)."""
+        return TaskStatus(self.task["status"])
+
+    @property
+    def type(self) -> str:
+        """The task type."""
+        return str(self.task["type"])
+
+    @property
+    def queue(self) -> str:
+        """The work queue the task goes to."""
+        return str(self.task["queue"])
+
+    @property
+    def run_at(self) -> datetime:
+        """When the task is due."""
+        value = self.task["run_at"]
+        return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
 
 class Client(Service):
@@ -161,8 +203,8 @@ class Client(Service):
 
     async def enqueue(
         self,
-        type: str,
-        payload: dict[str, Any],
+        task: TaskDefinition[Any, Any] | str,
+        payload: Any,
         *,
         queue: str | None = None,
         max_attempts: int | None = None,
@@ -174,29 +216,28 @@ class Client(Service):
     ) -> EnqueueResult:
         """Enqueue one task.
 
-        With ``connection``, the task is inserted in that connection's open
-        transaction: it exists, and is published (by the relay, woken at
-        commit), only if that transaction commits.
+        Args:
+            task: the task type: a :class:`~taskq.definitions.TaskDefinition`
+                (what ``@handlers.task`` returns) or its name. Either way the
+                type's defaults in the registry (queue, max attempts, timeout)
+                apply to what is not given here.
+            payload: a JSON object, or an instance of a pydantic model or a
+                dataclass (the definition's payload model, or any), serialised
+                through pydantic (``mode="json"``).
+            queue, max_attempts, idempotency_key, delay, run_at, timeout: as
+                the fields of ``POST /enqueue``.
+            connection: an asyncpg connection in an open transaction: the task
+                is inserted in it, and exists and is published (by the relay,
+                woken at commit) only if that transaction commits.
 
         Raises:
             InvalidRequest: naming the fields at fault.
             IdempotencyConflict: the key was used with another request.
             StoreError: the database is unreachable.
         """
-        data: dict[str, Any] = {"type": type, "payload": payload}
-        for name, value in (
-            ("queue", queue),
-            ("max_attempts", max_attempts),
-            ("idempotency_key", idempotency_key),
-            ("delay", delay),
-            ("timeout", timeout),
-        ):
-            if value is not None:
-                data[name] = value
-        if run_at is not None:
-            data["run_at"] = run_at.isoformat() if isinstance(run_at, datetime) else run_at
+        data = _request(task, payload, queue, max_attempts, idempotency_key, delay, run_at, timeout)
         if connection is not None:
-            return (await self.enqueue_many([data], connection=connection))[0]
+            return (await self._enqueue_many([data], connection))[0]
         return await self.submit(data)
 
     async def submit(self, data: Any) -> EnqueueResult:
@@ -218,14 +259,48 @@ class Client(Service):
         return answer
 
     async def enqueue_many(
-        self, items: Sequence[Any], *, connection: asyncpg.Connection | None = None
+        self,
+        items: TaskDefinition[Any, Any] | str | Sequence[Any],
+        payloads: Iterable[Any] | None = None,
+        *,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        idempotency_keys: Sequence[str | None] | None = None,
+        delay: float | None = None,
+        run_at: datetime | str | None = None,
+        timeout: float | None = None,
+        connection: asyncpg.Connection | None = None,
     ) -> list[EnqueueResult]:
         """Enqueue up to 1000 tasks all-or-nothing in one transaction.
 
+        Either ``enqueue_many(task, payloads, ...)``: a task of the type ``task``
+        (a definition or a name) per payload, each with the options given
+        (``idempotency_keys``: one key or ``None`` per payload); or
+        ``enqueue_many(items)``: request bodies as ``POST /enqueue/batch`` takes
+        them, each naming its type.
+
         Raises:
-            InvalidRequest: naming the index and field of every error; nothing is created.
+            InvalidRequest: naming the index and field of every error; nothing is
+                created. Also naming ``payloads`` (or an option) given with
+                request bodies, or ``payloads`` missing with a type.
             IdempotencyConflict: a key was used with another request; nothing is created.
         """
+        options = (queue, max_attempts, idempotency_keys, delay, run_at, timeout)
+        if isinstance(items, TaskDefinition | str):
+            if payloads is None:
+                raise InvalidRequest([FieldError("payloads", "required with a task type")])
+            items = _requests(items, list(payloads), *options)
+        else:
+            given = dict(zip(_MANY_OPTIONS, (payloads, *options), strict=True))
+            misplaced = [name for name, value in given.items() if value is not None]
+            if misplaced:
+                message = "given with request bodies: set it in each body, or pass a type"
+                raise InvalidRequest([FieldError(name, message) for name in misplaced])
+        return await self._enqueue_many(items, connection)
+
+    async def _enqueue_many(
+        self, items: Sequence[Any], connection: asyncpg.Connection | None
+    ) -> list[EnqueueResult]:
         errors: list[InvalidRequest] = []
         tasks: list[NewTask] = []
         checks: list[tuple[str, TaskType, dict[str, Any]]] = []
@@ -333,6 +408,70 @@ class Connecting:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _request(
+    task: TaskDefinition[Any, Any] | str,
+    payload: Any,
+    queue: str | None,
+    max_attempts: int | None,
+    idempotency_key: str | None,
+    delay: float | None,
+    run_at: datetime | str | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    """The request body of one enqueue (what ``POST /enqueue`` takes).
+
+    Raises:
+        InvalidRequest: naming ``payload``: a model instance that does not serialise.
+    """
+    if isinstance(task, TaskDefinition):
+        data: dict[str, Any] = {"type": task.name, "payload": task.to_payload(payload)}
+    else:
+        data = {"type": task, "payload": to_payload(payload)}
+    for name, value in (
+        ("queue", queue),
+        ("max_attempts", max_attempts),
+        ("idempotency_key", idempotency_key),
+        ("delay", delay),
+        ("timeout", timeout),
+    ):
+        if value is not None:
+            data[name] = value
+    if run_at is not None:
+        data["run_at"] = run_at.isoformat() if isinstance(run_at, datetime) else run_at
+    return data
+
+
+def _requests(
+    task: TaskDefinition[Any, Any] | str,
+    payloads: list[Any],
+    queue: str | None,
+    max_attempts: int | None,
+    idempotency_keys: Sequence[str | None] | None,
+    delay: float | None,
+    run_at: datetime | str | None,
+    timeout: float | None,
+) -> list[dict[str, Any]]:
+    """The request bodies of ``enqueue_many(task, payloads, ...)``.
+
+    Raises:
+        InvalidRequest: naming ``idempotency_keys`` (not one per payload) or
+            ``tasks[i].payload`` (a model instance that does not serialise).
+    """
+    if idempotency_keys is not None and len(idempotency_keys) != len(payloads):
+        message = f"one key (or None) per payload: {len(idempotency_keys)} for {len(payloads)}"
+        raise InvalidRequest([FieldError("idempotency_keys", message)])
+    keys = idempotency_keys or [None] * len(payloads)
+    items, errors = [], []
+    for index, (payload, key) in enumerate(zip(payloads, keys, strict=True)):
+        try:
+            items.append(_request(task, payload, queue, max_attempts, key, delay, run_at, timeout))
+        except InvalidRequest as exc:
+            fields = [FieldError(f"tasks[{index}].{e.field}", e.message) for e in exc.errors]
+            errors.append(InvalidRequest(fields))
+    validation.raise_all(errors)
+    return items
 
 
 def _index(field: str) -> int:
