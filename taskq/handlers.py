@@ -14,8 +14,13 @@ one of the worker's threads, so it may block::
         return {"sent": True}
 
     @handlers.task("report.render.v1", timeout=600)
-    def render(payload: dict, ctx: Context) -> dict:
+    def render(payload: Report, ctx: Context) -> Rendered:  # pydantic models, dataclasses
         ...  # blocking code
+
+The decorator returns a :class:`~taskq.definitions.TaskDefinition`: the
+function, with ``.enqueue(client, payload)``. A payload parameter annotated with
+a pydantic model, a dataclass or a ``TypedDict`` gets the parsed object, and a
+return annotated with one is serialised through it (:mod:`taskq.payloads`).
 
 Anything a handler raises, ``BaseException`` included (``sys.exit()``, a
 ``KeyboardInterrupt``), is a retryable failure: the task is retried after its

@@ -35,7 +35,7 @@ class Recipient(BaseModel):
 class Email(BaseModel):
     to: Recipient
     subject: str
-    copies: int = Field(1, ge=1)
+    copies: int = Field(default=1, ge=1)
 
 
 @dataclasses.dataclass
@@ -86,6 +86,7 @@ async def test_the_worker_hands_the_handler_the_parsed_object(
         row = await h.wait_for(result.id, "SUCCEEDED", "FAILED")
         again = await definition.enqueue(client, EMAIL, idempotency_key="one")
     assert (row.status, row.attempts) == ("SUCCEEDED", 1), row.last_error
+    assert row.payload is not None
     assert json.loads(row.payload) == {
         "to": {"address": "a@example.com"},
         "subject": "hi",
