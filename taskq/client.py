@@ -22,7 +22,7 @@ import asyncpg
 
 from taskq.amqp.broker import Link, Publisher
 from taskq.definitions import TaskDefinition
-from taskq.enqueue import task_types, validation
+from taskq.enqueue import requests, task_types, validation
 from taskq.enqueue.inserts import InsertBatcher
 from taskq.enqueue.offload import Offload
 from taskq.enqueue.task_types import TaskType, TypeCache
@@ -30,7 +30,6 @@ from taskq.errors import FieldError, IdempotencyConflict, InvalidRequest, Overru
 from taskq.fleet.relay import Outbox
 from taskq.metrics import ApiMetrics
 from taskq.model import EnqueueOutcome, TaskStatus
-from taskq.payloads import to_payload
 from taskq.service import Service
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
@@ -41,15 +40,6 @@ from taskq.store import Enqueued, NewTask, Store
 # envelopes to wake up for at 32 clients.
 OUTBOX_BATCH = 256
 _CREATED = EnqueueOutcome.CREATED
-_MANY_OPTIONS = (
-    "payloads",
-    "queue",
-    "max_attempts",
-    "idempotency_keys",
-    "delay",
-    "run_at",
-    "timeout",
-)
 
 
 @dataclass(frozen=True)
@@ -235,7 +225,8 @@ class Client(Service):
             IdempotencyConflict: the key was used with another request.
             StoreError: the database is unreachable.
         """
-        data = _request(task, payload, queue, max_attempts, idempotency_key, delay, run_at, timeout)
+        options = (queue, max_attempts, idempotency_key, delay, run_at, timeout)
+        data = requests.body(task, payload, *options)
         if connection is not None:
             return (await self._enqueue_many([data], connection))[0]
         return await self.submit(data)
@@ -286,16 +277,7 @@ class Client(Service):
             IdempotencyConflict: a key was used with another request; nothing is created.
         """
         options = (queue, max_attempts, idempotency_keys, delay, run_at, timeout)
-        if isinstance(items, TaskDefinition | str):
-            if payloads is None:
-                raise InvalidRequest([FieldError("payloads", "required with a task type")])
-            items = _requests(items, list(payloads), *options)
-        else:
-            given = dict(zip(_MANY_OPTIONS, (payloads, *options), strict=True))
-            misplaced = [name for name, value in given.items() if value is not None]
-            if misplaced:
-                message = "given with request bodies: set it in each body, or pass a type"
-                raise InvalidRequest([FieldError(name, message) for name in misplaced])
+        items = requests.bodies(items, payloads, *options)
         return await self._enqueue_many(items, connection)
 
     async def _enqueue_many(
@@ -408,70 +390,6 @@ class Connecting:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._client is not None:
             await self._client.close()
-
-
-def _request(
-    task: TaskDefinition[Any, Any] | str,
-    payload: Any,
-    queue: str | None,
-    max_attempts: int | None,
-    idempotency_key: str | None,
-    delay: float | None,
-    run_at: datetime | str | None,
-    timeout: float | None,
-) -> dict[str, Any]:
-    """The request body of one enqueue (what ``POST /enqueue`` takes).
-
-    Raises:
-        InvalidRequest: naming ``payload``: a model instance that does not serialise.
-    """
-    if isinstance(task, TaskDefinition):
-        data: dict[str, Any] = {"type": task.name, "payload": task.to_payload(payload)}
-    else:
-        data = {"type": task, "payload": to_payload(payload)}
-    for name, value in (
-        ("queue", queue),
-        ("max_attempts", max_attempts),
-        ("idempotency_key", idempotency_key),
-        ("delay", delay),
-        ("timeout", timeout),
-    ):
-        if value is not None:
-            data[name] = value
-    if run_at is not None:
-        data["run_at"] = run_at.isoformat() if isinstance(run_at, datetime) else run_at
-    return data
-
-
-def _requests(
-    task: TaskDefinition[Any, Any] | str,
-    payloads: list[Any],
-    queue: str | None,
-    max_attempts: int | None,
-    idempotency_keys: Sequence[str | None] | None,
-    delay: float | None,
-    run_at: datetime | str | None,
-    timeout: float | None,
-) -> list[dict[str, Any]]:
-    """The request bodies of ``enqueue_many(task, payloads, ...)``.
-
-    Raises:
-        InvalidRequest: naming ``idempotency_keys`` (not one per payload) or
-            ``tasks[i].payload`` (a model instance that does not serialise).
-    """
-    if idempotency_keys is not None and len(idempotency_keys) != len(payloads):
-        message = f"one key (or None) per payload: {len(idempotency_keys)} for {len(payloads)}"
-        raise InvalidRequest([FieldError("idempotency_keys", message)])
-    keys = idempotency_keys or [None] * len(payloads)
-    items, errors = [], []
-    for index, (payload, key) in enumerate(zip(payloads, keys, strict=True)):
-        try:
-            items.append(_request(task, payload, queue, max_attempts, key, delay, run_at, timeout))
-        except InvalidRequest as exc:
-            fields = [FieldError(f"tasks[{index}].{e.field}", e.message) for e in exc.errors]
-            errors.append(InvalidRequest(fields))
-    validation.raise_all(errors)
-    return items
 
 
 def _index(field: str) -> int:

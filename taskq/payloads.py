@@ -9,7 +9,7 @@ get no adapter and run exactly as before.
 
 The payload model's JSON Schema becomes the task type's ``payload_schema`` when a
 worker registers its types; it carries :data:`GENERATED_KEY`, which tells a
-schema a worker wrote from one a operator set with ``PUT /types/{name}`` (a
+schema a worker wrote from one an operator set with ``PUT /types/{name}`` (a
 worker never replaces the latter).
 """
 
@@ -46,6 +46,7 @@ class PayloadModel:
         result: serialises the result (``None``: the result is stored as returned).
         schema: the payload model's JSON Schema, with :data:`GENERATED_KEY`.
         schema_json: ``schema`` as JSON text, as the registry stores it.
+        payload_name: the payload model's name, for the reason a payload fails.
     """
 
     payload: TypeAdapter[Any] | None
@@ -155,13 +156,21 @@ def payload_schema(name: str, adapter: TypeAdapter[Any], source: str) -> dict[st
         schema = adapter.json_schema(mode="validation")
     except (PydanticUserError, PydanticSchemaGenerationError) as exc:
         raise HandlerError(f"{name}: the payload model has no JSON Schema: {exc}") from None
-    if schema.get("type") != "object":
+    if _described(schema).get("type") != "object":
         raise HandlerError(f"{name}: the payload model must describe a JSON object")
     schema[GENERATED_KEY] = f"the payload model of {source}"
     try:
         schemas.check_schema(schema)
     except (schemas.SchemaProblem, RecursionError) as exc:
         raise HandlerError(f"{name}: the payload model's JSON Schema is refused: {exc}") from None
+    return schema
+
+
+def _described(schema: dict[str, Any]) -> Any:
+    """The schema a root ``{"$ref": "#/$defs/Name"}`` (a recursive model) stands for."""
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return schema.get("$defs", {}).get(ref.removeprefix("#/$defs/"), {})
     return schema
 
 
@@ -173,12 +182,6 @@ def describe(error: ValidationError) -> str:
     ]
     more = len(found) - MAX_ERRORS_SHOWN
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
-
-
-def field_errors(error: ValidationError, prefix: str) -> list[FieldError]:
-    """A validation's errors as the fields of an :class:`InvalidRequest`."""
-    found = error.errors(include_url=False, include_input=False)
-    return [FieldError(f"{prefix}{_path(item['loc'])}", _cut(item["msg"])) for item in found]
 
 
 def to_payload(payload: Any) -> Any:

@@ -163,9 +163,15 @@ async def test_enqueue_many_and_the_client_take_definitions_and_models(settings:
         rows = [await h.wait_for(r.id, "SUCCEEDED", "FAILED") for r in [*results, by_name]]
         with pytest.raises(InvalidRequest) as refused:
             await send_email.enqueue_many(client, [EMAIL, {"to": {"address": 3}, "subject": "x"}])
+        with pytest.raises(InvalidRequest) as misplaced:
+            await client.enqueue_many([{"type": send_email.name, "payload": {}}], queue="high")
+        with pytest.raises(InvalidRequest) as missing:
+            await client.enqueue_many(send_email)
     assert [r.status for r in rows] == ["SUCCEEDED"] * 3
     assert all(r.created and r.status is TaskStatus.ENQUEUED for r in results)
     assert [e.field for e in refused.value.errors] == ["tasks[1].payload.to.address"]
+    assert [e.field for e in misplaced.value.errors] == ["queue"]
+    assert [e.field for e in missing.value.errors] == ["payloads"]
     assert len(received) == 3
 
 

@@ -13,9 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 from typing_extensions import TypedDict
 
 from taskq import Client, Context, EnqueueResult, Registry, TaskDefinition, payloads
-from taskq.client import _requests
 from taskq.definitions import EnqueueManyOptions, EnqueueOptions
-from taskq.enqueue import task_types
+from taskq.enqueue import requests, task_types
 from taskq.enqueue.schemas import PayloadValidator
 from taskq.errors import HandlerError, InvalidRequest
 from taskq.handlers import registration
@@ -45,6 +44,11 @@ class Point(TypedDict):
 class Receipt:
     sent: bool
     to: str
+
+
+class Tree(BaseModel):
+    name: str
+    children: list[Tree] = []
 
 
 class PlainTypedDict(typing.TypedDict):
@@ -294,6 +298,27 @@ def test_the_enqueue_path_checks_the_schema_naming_the_field(
     assert found.field == field and message in found.message
 
 
+def test_a_recursive_model_is_checked_through_its_refs() -> None:
+    definition = _one("test.tree", _tree)
+    assert definition.model is not None and definition.model.schema is not None
+    schema = definition.model.schema
+    assert "Tree" in schema["$defs"]
+    task_type = task_types.TaskType(
+        "test.tree", "default", 3, 1.0, None, schema, True, None, PayloadValidator(schema)
+    )
+    deep: dict[str, Any] = {"name": "leaf"}
+    for _ in range(40):
+        deep = {"name": "node", "children": [deep]}
+    assert task_types.check_payloads([("", task_type, deep)], [0]) == []
+    deep["children"][0]["children"][0]["name"] = 7
+    [error] = task_types.check_payloads([("", task_type, deep)], [0])
+    assert error.errors[0].field == "payload.children[0].children[0].name"
+
+
+def _tree(payload: Tree, ctx: Context) -> int:
+    return len(payload.children)
+
+
 def test_payloads_become_json_objects() -> None:
     person = Person(name="a", address=Address(city="B"))
     expected = {"name": "a", "address": {"city": "B"}, "tags": []}
@@ -307,8 +332,8 @@ def test_payloads_become_json_objects() -> None:
         payloads.to_payload(RootModel[list[int]]([1]))
 
 
-def test_enqueue_many_requests_name_their_faults() -> None:
-    items = _requests(greet, [{"a": 1}, {"b": 2}], "high", None, ["k", None], 5, None, None)
+def test_enqueue_many_bodies_name_their_faults() -> None:
+    items = requests.bodies(greet, [{"a": 1}, {"b": 2}], "high", None, ["k", None], 5, None, None)
     assert items == [
         {
             "type": "test.person.v1",
@@ -319,7 +344,14 @@ def test_enqueue_many_requests_name_their_faults() -> None:
         },
         {"type": "test.person.v1", "payload": {"b": 2}, "queue": "high", "delay": 5},
     ]
+    given = [{"type": "t", "payload": {}}]
+    assert requests.bodies(given, None, None, None, None, None, None, None) is given
     with pytest.raises(InvalidRequest, match="idempotency_keys: one key"):
-        _requests("t", [{}], None, None, [], None, None, None)
+        requests.bodies("t", [{}], None, None, [], None, None, None)
     with pytest.raises(InvalidRequest, match=r"tasks\[1\]\.payload: must serialise"):
-        _requests("t", [{}, RootModel[list[int]]([1])], None, None, None, None, None, None)
+        requests.bodies("t", [{}, RootModel[list[int]]([1])], None, None, None, None, None, None)
+    with pytest.raises(InvalidRequest) as misplaced:
+        requests.bodies(given, [{}], "high", None, None, None, "2030-01-01T00:00:00Z", None)
+    assert [e.field for e in misplaced.value.errors] == ["payloads", "queue", "run_at"]
+    with pytest.raises(InvalidRequest, match="payloads: required"):
+        requests.bodies(greet, None, None, None, None, None, None, None)
