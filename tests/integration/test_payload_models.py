@@ -22,7 +22,7 @@ from taskq.model import TaskStatus
 from taskq.payloads import GENERATED_KEY
 from taskq.settings import Settings
 from taskq.store import Store
-from tests.support.api_fixtures import assert_problem, declare_topology, put_type, running_api
+from tests.support.api_fixtures import assert_problem, declare_topology, running_api
 from tests.support.worker_fixtures import harness, running_worker
 
 pytestmark = pytest.mark.integration
@@ -180,20 +180,36 @@ async def test_a_workers_schema_never_replaces_an_operators(
 ) -> None:
     await declare_topology(settings)
     operator = {"type": "object", "required": ["to"]}
-    async with running_api(settings) as api:
-        await put_type(api, "models.email.v1", payload_schema=operator)
+    async with harness(settings) as h:
+
+        async def put(schema: dict[str, Any] | None) -> None:
+            await h.store.put_task_type(
+                "models.email.v1",
+                queue="default",
+                max_attempts=3,
+                timeout_seconds=30.0,
+                backoff_json=None,
+                payload_schema_json=None if schema is None else json.dumps(schema),
+                enabled=True,
+            )
+
+        async def stored() -> Any:
+            [found] = [t for t in await h.store.task_types() if t.name == "models.email.v1"]
+            return None if found.payload_schema is None else json.loads(found.payload_schema)
+
+        await put(operator)  # as PUT /types/models.email.v1 does
         with caplog.at_level(logging.WARNING, logger="taskq.worker"):
             async with running_worker(settings, handlers):
-                stored = (await api.get("/types/models.email.v1")).json()
-        assert stored["payload_schema"] == operator
+                kept = await stored()
+        assert kept == operator
         assert any(
             "keeps the payload_schema an operator set" in r.getMessage() for r in caplog.records
         )
         # Without a schema, the type is the workers' again.
-        await put_type(api, "models.email.v1")
+        await put(None)
         async with running_worker(settings, handlers):
-            stored = (await api.get("/types/models.email.v1")).json()
-        assert GENERATED_KEY in stored["payload_schema"]
+            registered = await stored()
+    assert registered[GENERATED_KEY] == "the payload model of send_email"
 
 
 async def test_registering_replaces_only_a_workers_schema(settings: Settings) -> None:
