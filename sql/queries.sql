@@ -113,19 +113,30 @@ SELECT (SELECT count(*) FROM taskq.task_type)
 -- name: types_register
 -- Workers register the types they handle at start: a new type is created from
 -- the handler's options; an existing one takes the handler's options but keeps
--- what only admins set (payload_schema, enabled).
+-- what only admins set (enabled, and a payload_schema an operator wrote). The
+-- payload_schema a worker writes is its handler's payload model's (NULL: none);
+-- it replaces a stored schema only when that one is NULL or a worker's too (it
+-- holds the key x-taskq-generated), so an operator's schema stays.
 -- :names text[], :queues text[], :max_attempts int[], :timeouts float8[],
--- :backoffs text[] (json or NULL)
-INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff)
-SELECT r.name, r.queue, r.max_attempts, r.timeout_seconds, r.backoff::jsonb
+-- :backoffs text[] (json or NULL), :payload_schemas text[] (json or NULL)
+INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff,
+                                  payload_schema)
+SELECT r.name, r.queue, r.max_attempts, r.timeout_seconds, r.backoff::jsonb,
+       r.payload_schema::jsonb
 FROM unnest(:names::text[], :queues::text[], :max_attempts::int[], :timeouts::float8[],
-            :backoffs::text[])
-    AS r(name, queue, max_attempts, timeout_seconds, backoff)
+            :backoffs::text[], :payload_schemas::text[])
+    AS r(name, queue, max_attempts, timeout_seconds, backoff, payload_schema)
 ON CONFLICT (name) DO UPDATE SET
     queue = EXCLUDED.queue, max_attempts = EXCLUDED.max_attempts,
-    timeout_seconds = EXCLUDED.timeout_seconds, backoff = EXCLUDED.backoff, updated_at = now()
-WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff)
-    IS DISTINCT FROM (EXCLUDED.queue, EXCLUDED.max_attempts, EXCLUDED.timeout_seconds, EXCLUDED.backoff);
+    timeout_seconds = EXCLUDED.timeout_seconds, backoff = EXCLUDED.backoff,
+    payload_schema = CASE WHEN t.payload_schema IS NULL OR t.payload_schema ? 'x-taskq-generated'
+                          THEN EXCLUDED.payload_schema ELSE t.payload_schema END,
+    updated_at = now()
+WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff, t.payload_schema)
+    IS DISTINCT FROM (EXCLUDED.queue, EXCLUDED.max_attempts, EXCLUDED.timeout_seconds,
+                      EXCLUDED.backoff,
+                      CASE WHEN t.payload_schema IS NULL OR t.payload_schema ? 'x-taskq-generated'
+                           THEN EXCLUDED.payload_schema ELSE t.payload_schema END);
 
 -- ---------------------------------------------------------------- enqueue
 

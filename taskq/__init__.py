@@ -7,10 +7,11 @@ What applications use is importable from here::
     handlers = Registry()
 
     @handlers.task("email.send.v1", max_attempts=5)
-    async def send_email(payload: dict, ctx: Context) -> dict: ...
+    async def send_email(payload: Email, ctx: Context) -> None: ...  # Email: a pydantic model
 
     async with Client.connect(load_settings()) as client:
-        await client.enqueue("email.send.v1", {"to": "a@example.com"})
+        await send_email.enqueue(client, Email(to="a@example.com"))
+        await client.enqueue("email.send.v1", {"to": "a@example.com"})  # by name, as over HTTP
 
 Every exception taskq raises is here too (their tree is drawn in
 :mod:`taskq.errors`); :mod:`taskq.testing` runs a handler without services.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from taskq.definitions import EnqueueManyOptions, EnqueueOptions, TaskDefinition
 from taskq.errors import (
     BrokerError,
     Busy,
@@ -105,6 +107,8 @@ __all__ = [
     "Context",
     "CronProblem",
     "DelayTooLong",
+    "EnqueueManyOptions",
+    "EnqueueOptions",
     "EnqueueResult",
     "Fail",
     "FieldError",
@@ -130,6 +134,7 @@ __all__ = [
     "StoreError",
     "SyncClient",
     "TaskCancelled",
+    "TaskDefinition",
     "TaskFailed",
     "TaskNotFound",
     "TaskRecord",

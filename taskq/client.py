@@ -13,7 +13,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Coroutine, Generator, Sequence
+from collections.abc import Coroutine, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,7 +22,8 @@ import asyncpg
 
 from taskq import waiting
 from taskq.amqp.broker import Link, Publisher
-from taskq.enqueue import task_types, validation
+from taskq.definitions import TaskDefinition
+from taskq.enqueue import requests, task_types, validation
 from taskq.enqueue.inserts import InsertBatcher
 from taskq.enqueue.offload import Offload
 from taskq.enqueue.task_types import TaskType, TypeCache
@@ -45,14 +46,44 @@ _CREATED = EnqueueOutcome.CREATED
 
 @dataclass(frozen=True)
 class EnqueueResult:
-    """The answer to one enqueue: ``created`` is False for an idempotent replay."""
+    """The answer to one enqueue.
+
+    Attributes:
+        created: False for an idempotent replay (the task existed already).
+        task: the answer as ``POST /enqueue`` returns it: ``id``, ``type``,
+            ``queue``, ``status``, ``attempts``, ``max_attempts``, ``run_at``,
+            ``created_at``.
+    """
 
     created: bool
     task: dict[str, Any]
 
     @property
-    def id(self) -> Any:
-        return self.task["id"]
+    def id(self) -> uuid.UUID:
+        """The task's id."""
+        value = self.task["id"]
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+    @property
+    def status(self) -> TaskStatus:
+        """The task's status when it was answered (ENQUEUED, or a replayed task's status)."""
+        return TaskStatus(self.task["status"])
+
+    @property
+    def type(self) -> str:
+        """The task type."""
+        return str(self.task["type"])
+
+    @property
+    def queue(self) -> str:
+        """The work queue the task goes to."""
+        return str(self.task["queue"])
+
+    @property
+    def run_at(self) -> datetime:
+        """When the task is due."""
+        value = self.task["run_at"]
+        return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
 
 class Client(Service):
@@ -169,8 +200,8 @@ class Client(Service):
 
     async def enqueue(
         self,
-        type: str,
-        payload: dict[str, Any],
+        task: TaskDefinition[Any, Any] | str,
+        payload: Any,
         *,
         queue: str | None = None,
         max_attempts: int | None = None,
@@ -182,29 +213,29 @@ class Client(Service):
     ) -> EnqueueResult:
         """Enqueue one task.
 
-        With ``connection``, the task is inserted in that connection's open
-        transaction: it exists, and is published (by the relay, woken at
-        commit), only if that transaction commits.
+        Args:
+            task: the task type: a :class:`~taskq.definitions.TaskDefinition`
+                (what ``@handlers.task`` returns) or its name. Either way the
+                type's defaults in the registry (queue, max attempts, timeout)
+                apply to what is not given here.
+            payload: a JSON object, or an instance of a pydantic model or a
+                dataclass (the definition's payload model, or any), serialised
+                through pydantic (``mode="json"``).
+            queue, max_attempts, idempotency_key, delay, run_at, timeout: as
+                the fields of ``POST /enqueue``.
+            connection: an asyncpg connection in an open transaction: the task
+                is inserted in it, and exists and is published (by the relay,
+                woken at commit) only if that transaction commits.
 
         Raises:
             InvalidRequest: naming the fields at fault.
             IdempotencyConflict: the key was used with another request.
             StoreError: the database is unreachable.
         """
-        data: dict[str, Any] = {"type": type, "payload": payload}
-        for name, value in (
-            ("queue", queue),
-            ("max_attempts", max_attempts),
-            ("idempotency_key", idempotency_key),
-            ("delay", delay),
-            ("timeout", timeout),
-        ):
-            if value is not None:
-                data[name] = value
-        if run_at is not None:
-            data["run_at"] = run_at.isoformat() if isinstance(run_at, datetime) else run_at
+        options = (queue, max_attempts, idempotency_key, delay, run_at, timeout)
+        data = requests.body(task, payload, *options)
         if connection is not None:
-            return (await self.enqueue_many([data], connection=connection))[0]
+            return (await self._send_many([data], connection, None))[0]
         return await self.submit(data)
 
     async def wait(self, task_id: uuid.UUID | str, *, timeout: float = 60.0) -> TaskRecord:
@@ -298,19 +329,41 @@ class Client(Service):
 
     async def enqueue_many(
         self,
-        items: Sequence[Any],
+        items: TaskDefinition[Any, Any] | str | Sequence[Any],
+        payloads: Iterable[Any] | None = None,
         *,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        idempotency_keys: Sequence[str | None] | None = None,
+        delay: float | None = None,
+        run_at: datetime | str | None = None,
+        timeout: float | None = None,
         connection: asyncpg.Connection | None = None,
         traceparent: str | None = None,
     ) -> list[EnqueueResult]:
         """Enqueue up to 1000 tasks all-or-nothing in one transaction.
 
-        ``traceparent`` is as for :meth:`submit`: the batch is one enqueue span.
+        Either ``enqueue_many(task, payloads, ...)``: a task of the type ``task``
+        (a definition or a name) per payload, each with the options given
+        (``idempotency_keys``: one key or ``None`` per payload); or
+        ``enqueue_many(items)``: request bodies as ``POST /enqueue/batch`` takes
+        them, each naming its type. ``traceparent`` is as for :meth:`submit`: the
+        batch is one enqueue span.
 
         Raises:
-            InvalidRequest: naming the index and field of every error; nothing is created.
+            InvalidRequest: naming the index and field of every error; nothing is
+                created. Also naming ``payloads`` (or an option) given with
+                request bodies, or ``payloads`` missing with a type.
             IdempotencyConflict: a key was used with another request; nothing is created.
         """
+        options = (queue, max_attempts, idempotency_keys, delay, run_at, timeout)
+        bodies = requests.bodies(items, payloads, *options)
+        return await self._send_many(bodies, connection, traceparent)
+
+    async def _send_many(
+        self, items: Sequence[Any], connection: asyncpg.Connection | None, traceparent: str | None
+    ) -> list[EnqueueResult]:
+        """Enqueue request bodies as one batch, in an enqueue span if traced."""
         sending = self._sending(traceparent)
         if sending is None:
             return await self._enqueue_many(items, connection, None)

@@ -14,8 +14,13 @@ one of the worker's threads, so it may block::
         return {"sent": True}
 
     @handlers.task("report.render.v1", timeout=600)
-    def render(payload: dict, ctx: Context) -> dict:
+    def render(payload: Report, ctx: Context) -> Rendered:  # pydantic models, dataclasses
         ...  # blocking code
+
+The decorator returns a :class:`~taskq.definitions.TaskDefinition`: the
+function, with ``.enqueue(client, payload)``. A payload parameter annotated with
+a pydantic model, a dataclass or a ``TypedDict`` gets the parsed object, and a
+return annotated with one is serialised through it (:mod:`taskq.payloads`).
 
 Anything a handler raises, ``BaseException`` included (``sys.exit()``, a
 ``KeyboardInterrupt``), is a retryable failure: the task is retried after its
@@ -44,6 +49,8 @@ from typing import Any, TypeAlias, TypeVar
 import orjson
 
 from taskq import backoff as backoff_
+from taskq import payloads
+from taskq.definitions import TaskDefinition
 
 # Defined in taskq.errors; importing them from here keeps working.
 from taskq.errors import Fail as Fail
@@ -61,7 +68,8 @@ log = logging.getLogger("taskq.task")
 
 # ``async def f(payload, ctx)`` or ``def f(payload, ctx)``.
 HandlerFunction: TypeAlias = Callable[[dict[str, Any], "Context"], Any]
-F = TypeVar("F", bound=HandlerFunction)
+P = TypeVar("P")
+R = TypeVar("R")
 BackoffSpec: TypeAlias = (
     backoff_.Backoff | Mapping[str, Any] | Sequence[float | str] | float | str | None
 )
@@ -76,6 +84,11 @@ class Handler:
     default queue of the worker's settings, ``backoff=None`` the global backoff.
     A task may carry its own max attempts and timeout from its enqueue.
     ``sync`` says that ``function`` is a plain function, run in a thread.
+    ``function`` is what the worker calls with the payload as stored (a JSON
+    object): the decorated function itself, or, when its annotations name a
+    payload model, the function with its payload parsed and its result
+    serialised (:mod:`taskq.payloads`). ``payload_schema_json`` is the payload
+    model's JSON Schema, which the worker registers as the type's.
     """
 
     name: str
@@ -85,6 +98,7 @@ class Handler:
     timeout: float = DEFAULT_TIMEOUT
     backoff: backoff_.Backoff | None = None
     sync: bool = False
+    payload_schema_json: str | None = None
 
 
 @dataclass(slots=True)
@@ -256,8 +270,16 @@ class Registry:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         timeout: float = DEFAULT_TIMEOUT,
         backoff: BackoffSpec = None,
-    ) -> Callable[[F], F]:
+    ) -> Callable[[Callable[[P, Context], R]], TaskDefinition[P, R]]:
         """Register the decorated ``async def`` or ``def`` ``fn(payload, ctx)`` for ``name``.
+
+        Returns a :class:`~taskq.definitions.TaskDefinition`: callable as the
+        function, with ``.enqueue(client, payload, ...)``. When the payload
+        parameter is annotated with a pydantic model, a dataclass or a
+        ``TypedDict``, the worker hands the handler the parsed object (a payload
+        that does not validate fails the task at once, naming the field), and
+        the model's JSON Schema becomes the type's ``payload_schema``; a return
+        annotated with a model is serialised through it.
 
         Args:
             name: the task type, e.g. ``email.send.v1`` (letters, digits, ``._:-``).
@@ -268,9 +290,10 @@ class Registry:
                 delays or one fixed delay; ``None``: the global default.
 
         Raises:
-            HandlerError: for invalid options, a name registered twice, or a
+            HandlerError: for invalid options, a name registered twice, a
                 function that is neither an ``async def`` nor a plain function
-                taking ``(payload, ctx)`` (a generator, a class, ...).
+                taking ``(payload, ctx)`` (a generator, a class, ...), or
+                annotations naming a model pydantic cannot use.
         """
         if not TYPE_NAME.match(name):
             raise HandlerError(f"bad task type {name!r}: use letters, digits, '.', '_', ':', '-'")
@@ -285,15 +308,29 @@ class Registry:
         except ValueError as exc:
             raise HandlerError(f"{name}: invalid backoff: {exc}") from None
 
-        def register(function: F) -> F:
+        def register(function: Callable[[P, Context], R]) -> TaskDefinition[P, R]:
+            if isinstance(function, TaskDefinition):
+                function = function.function  # registered again, in another registry
             sync = _is_sync(name, function)
-            handler = Handler(name, function, queue, max_attempts, timeout, strategy, sync)
+            model = payloads.inspect_handler(name, function)
+            called: HandlerFunction = function  # type: ignore[assignment]  # P is a dict here
+            handler = Handler(
+                name,
+                called if model is None else model.wrap(function, sync),
+                queue,
+                max_attempts,
+                timeout,
+                strategy,
+                sync,
+                None if model is None else model.schema_json,
+            )
             self._handlers[name] = handler
+            definition = TaskDefinition(handler, function, model)
             # Not every callable can be a weak key (a class with __slots__, an unhashable
             # object): taskq.testing then needs the registry to find its options.
             with contextlib.suppress(TypeError):
                 _REGISTERED[function] = handler
-            return function
+            return definition
 
         return register
 
@@ -316,7 +353,10 @@ _REGISTERED: weakref.WeakKeyDictionary[Any, Handler] = weakref.WeakKeyDictionary
 
 
 def registration(function: object) -> Handler | None:
-    """The options ``function`` was last registered with (by any :class:`Registry`)."""
+    """The options ``function`` was last registered with (by any :class:`Registry`),
+    or the handler of a :class:`~taskq.definitions.TaskDefinition`."""
+    if isinstance(function, TaskDefinition):
+        return function.handler
     try:
         return _REGISTERED.get(function)
     except TypeError:  # not a possible weak key: never registered here

@@ -292,17 +292,25 @@ class Store:
         return TaskTypeRecord.from_row(row), row["created"]
 
     async def register_task_types(
-        self, types: Sequence[tuple[str, str, int, float, str | None]], max_types: int | None = None
+        self,
+        types: Sequence[
+            tuple[str, str, int, float, str | None]
+            | tuple[str, str, int, float, str | None, str | None]
+        ],
+        max_types: int | None = None,
     ) -> None:
-        """Upsert ``(name, queue, max_attempts, timeout, backoff_json)`` for a worker's handlers.
+        """Upsert ``(name, queue, max_attempts, timeout, backoff_json[, payload_schema_json])``
+        for a worker's handlers (a schema replaces only a worker's or none: see
+        ``types_register``; without one, a worker's schema is removed).
 
         Raises:
             TooManyTaskTypes: the new ones would take the registry past ``max_types``.
         """
         async with self._connection() as connection, connection.transaction():
             await self._check_room(connection, [t[0] for t in types], max_types)
+            rows = [(*t, None) if len(t) == 5 else t for t in types]
             await connection.execute(
-                self.q["types_register"], *(list(column) for column in zip(*types, strict=True))
+                self.q["types_register"], *(list(column) for column in zip(*rows, strict=True))
             )
 
     async def _check_room(

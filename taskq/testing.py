@@ -31,11 +31,13 @@ from typing import Any, Literal
 
 import orjson
 
+from taskq.definitions import TaskDefinition
 from taskq.enqueue import schemas, task_types, validation
 from taskq.errors import FieldError, HandlerError, InvalidRequest
 from taskq.handlers import TYPE_NAME, Handler, Registry, registration
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, StopReason
+from taskq.payloads import to_payload
 from taskq.settings import Settings, load_settings
 from taskq.worker.execution import ABANDON_AFTER_SECONDS, CANCEL_GRACE_SECONDS, Runner
 from taskq.worker.outcomes import Finished
@@ -88,8 +90,8 @@ class Outcome:
 
 
 async def run_handler(
-    handler: Callable[..., Any] | Handler | str,
-    payload: dict[str, Any],
+    handler: TaskDefinition[Any, Any] | Callable[..., Any] | Handler | str,
+    payload: Any,
     *,
     registry: Registry | None = None,
     attempt: int = 1,
@@ -104,10 +106,13 @@ async def run_handler(
     """Run one attempt of ``handler`` with ``payload``, as a worker runs it.
 
     Args:
-        handler: the handler function (registered with ``@registry.task`` or not:
-            an unregistered one gets the default options), its
+        handler: the task definition ``@registry.task`` returned, a handler
+            function (an unregistered one gets the default options), its
             :class:`~taskq.handlers.Handler`, or its task type's name (with ``registry``).
-        payload: the task's payload, a JSON object.
+        payload: the task's payload: a JSON object, or an instance of the
+            handler's payload model (serialised as an enqueue serialises it).
+            A handler with a payload model gets it parsed as the worker parses
+            it: a payload that does not validate fails the task at once.
         registry: where to look the handler up (default: its last registration).
         attempt: this attempt's number, from 1 (``ctx.attempt``).
         max_attempts: attempts in all (default: the handler's); on the last
@@ -136,6 +141,10 @@ async def run_handler(
     """
     settings = settings or load_settings()
     found = _handler(handler, registry)
+    if isinstance(handler, TaskDefinition):
+        payload = handler.to_payload(payload)
+    else:
+        payload = to_payload(payload)
     max_attempts = found.max_attempts if max_attempts is None else max_attempts
     timeout = found.timeout if timeout is None else timeout
     payload_json = _check(found.name, payload, attempt, max_attempts, timeout, settings)
@@ -195,7 +204,9 @@ async def run_handler(
 
 
 def run_handler_sync(
-    handler: Callable[..., Any] | Handler | str, payload: dict[str, Any], **options: Any
+    handler: TaskDefinition[Any, Any] | Callable[..., Any] | Handler | str,
+    payload: Any,
+    **options: Any,
 ) -> Outcome:
     """:func:`run_handler` for code without an event loop (it runs one).
 
@@ -210,10 +221,15 @@ def run_handler_sync(
     raise RuntimeError("run_handler_sync() runs its own event loop: await run_handler() here")
 
 
-def _handler(handler: Callable[..., Any] | Handler | str, registry: Registry | None) -> Handler:
+def _handler(
+    handler: TaskDefinition[Any, Any] | Callable[..., Any] | Handler | str,
+    registry: Registry | None,
+) -> Handler:
     """The handler and its options: given, looked up, or the defaults' for a bare function."""
     if isinstance(handler, Handler):
         return handler
+    if isinstance(handler, TaskDefinition):
+        return handler.handler
     if isinstance(handler, str):
         found = registry.get(handler) if registry is not None else None
         if found is None:

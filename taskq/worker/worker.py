@@ -49,6 +49,7 @@ from taskq.fleet.relay import Outbox, Relay
 from taskq.fleet.sweeper import Sweeper
 from taskq.handlers import Registry
 from taskq.metrics import WorkerMetrics
+from taskq.payloads import GENERATED_KEY
 from taskq.service import Loop, OnStop, Service, Services
 from taskq.settings import Settings
 from taskq.store import Store, WorkerInfo
@@ -324,11 +325,24 @@ class Worker(Service):
                     handler.max_attempts,
                     handler.timeout,
                     None if strategy is None else orjson.dumps(strategy).decode(),
+                    handler.payload_schema_json,
                 )
             )
         if rows:
             await self.store.register_task_types(rows, self.settings.max_task_types)
-        self._runner.load_backoffs(await self.store.task_types())
+        types = await self.store.task_types()
+        self._runner.load_backoffs(types)
+        for record in types:
+            mine = self.registry.get(record.name)
+            if mine is None or mine.payload_schema_json is None or not record.payload_schema:
+                continue
+            if GENERATED_KEY not in orjson.loads(record.payload_schema):
+                log.warning(
+                    "task type %s keeps the payload_schema an operator set; its handler's"
+                    " payload model is not registered (PUT the type without one to let"
+                    " workers register it)",
+                    record.name,
+                )
 
     async def _types_loop(self) -> None:
         # Admins may edit a type's backoff; take it up within a few seconds.

@@ -16,6 +16,7 @@ import pytest
 
 from taskq import demo, handlers, logs
 from taskq.backoff import FixedBackoff, ListBackoff
+from taskq.definitions import TaskDefinition
 from taskq.handlers import Context, Fail, HandlerError, Registry, Retry
 
 
@@ -23,14 +24,16 @@ async def _noop(payload: dict[str, Any], ctx: Context) -> None:
     return None
 
 
-def test_decorator_registers_with_options_and_returns_the_function() -> None:
+def test_decorator_registers_with_options_and_returns_a_definition() -> None:
     registry = Registry()
     decorated = registry.task(
         "email.send.v1", queue="high", max_attempts=3, timeout=30, backoff=[1, "5s"]
     )(_noop)
-    assert decorated is _noop
+    assert isinstance(decorated, TaskDefinition)
+    assert decorated.function is _noop and decorated.__wrapped__ is _noop
+    assert decorated.name == "email.send.v1" and decorated.__name__ == "_noop"
     handler = registry.get("email.send.v1")
-    assert handler is not None
+    assert handler is not None and decorated.handler is handler
     assert (handler.queue, handler.max_attempts, handler.timeout) == ("high", 3, 30)
     assert handler.backoff == ListBackoff((1.0, 5.0))
     assert handler.function is _noop

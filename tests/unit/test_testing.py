@@ -163,7 +163,7 @@ async def test_a_handler_ignoring_a_cancel_is_stopped_after_the_grace() -> None:
 
 async def test_a_payload_an_enqueue_refuses_is_refused() -> None:
     with pytest.raises(InvalidRequest, match="payload"):
-        await run_handler(echo, [1, 2])  # type: ignore[arg-type]
+        await run_handler(echo, [1, 2])
     with pytest.raises(TooLarge):
         await run_handler(echo, {"x": "y" * 2000}, settings=load_settings(max_payload_bytes=1024))
 
