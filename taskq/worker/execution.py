@@ -48,6 +48,7 @@ from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
 from taskq.settings import Settings
 from taskq.store import Store, WorkerInfo
+from taskq.worker.inline import Window
 from taskq.worker.outcomes import Finished
 from taskq.worker.sandbox import (
     Ending,
@@ -83,9 +84,11 @@ class Stopped:
 class Attempt:
     """A claimed attempt, from its claim until its outcome is recorded."""
 
-    __slots__ = ("cancel_told", "ctx", "id", "number", "queue", "stopped", "task", "token", "type")
+    __slots__ = (
+        "cancel_told", "ctx", "id", "number", "queue", "stopped", "task", "token", "type", "window",
+    )  # fmt: skip
 
-    def __init__(self, task: ClaimedTask, worker_id: str) -> None:
+    def __init__(self, task: ClaimedTask, worker_id: str, window: Window | None = None) -> None:
         self.id = task.id
         self.token = task.claim_token
         self.number = task.attempts
@@ -98,6 +101,13 @@ class Attempt:
         self.stopped: asyncio.Future[StopReason] = asyncio.get_running_loop().create_future()
         # Whether the handler was told of an operator's cancel request.
         self.cancel_told = False
+        # The open claim it began in (taskq.worker.inline), if it began inline.
+        self.window = window
+
+    @property
+    def committed(self) -> bool:
+        """Whether its claim has committed (an inline attempt's may not have yet)."""
+        return self.window is None or self.window.committed
 
     def stop(self, reason: StopReason) -> None:
         """Stop waiting for the handler (the first reason given wins) and tell its context."""
@@ -165,15 +175,27 @@ class Runner:
                 log.warning("task type %s has an invalid backoff: %s", task_type.name, exc)
         self._backoffs = backoffs
 
-    def begin(self, task: ClaimedTask) -> None:
-        """Start running a claimed task (from the ``claim`` statement)."""
-        attempt = Attempt(task, self.worker_id)
+    def begin(self, task: ClaimedTask, window: Window | None = None) -> asyncio.Task[None]:
+        """Start running a claimed task (from the ``claim`` statement), inside the
+        open claim ``window`` if given; returns the attempt's task."""
+        attempt = Attempt(task, self.worker_id, window)
         self.attempts[attempt.token] = attempt
         self.metrics.in_flight.inc()
         due = max(task.run_at, task.created_at)
         wait = (datetime.now(UTC) - due).total_seconds()
         self._child(self.metrics.queue_wait, attempt.queue).observe(max(0.0, wait))
         attempt.task = asyncio.create_task(self._execute(attempt, task))
+        return attempt.task
+
+    def abort(self, window: Window) -> None:
+        """The claim of ``window`` rolled back: its attempts never were. Drop the
+        outcomes it holds and stop those still running (they record nothing)."""
+        for outcome in window.close(committed=False):
+            self.closed(outcome.token)
+            self.metrics.processed.labels(outcome.type, outcome.queue, "stale").inc()
+        for attempt in list(self.attempts.values()):
+            if attempt.window is window:
+                attempt.stop(StopReason.LOST)
 
     def _child(self, histogram: Histogram, label: str) -> Histogram:
         """``histogram.labels(label)``, looked up once per label (it takes a lock each call)."""
@@ -215,7 +237,7 @@ class Runner:
         if outcome is None:  # the lease was lost: counted as a stale outcome
             self.closed(attempt.token)
             self.metrics.processed.labels(attempt.type, attempt.queue, "stale").inc()
-        else:
+        elif attempt.window is None or not attempt.window.take(outcome):
             self._record(outcome)
 
     async def _call(self, attempt: Attempt, task: ClaimedTask) -> Ending | Stopped:
@@ -373,7 +395,8 @@ class Runner:
         cancel requests."""
         while True:
             await asyncio.sleep(worker.heartbeat_seconds)
-            attempts = list(self.attempts.values())
+            # Not those whose claim is still open: their rows are locked until it commits.
+            attempts = [a for a in self.attempts.values() if a.committed]
             try:
                 held = await store.heartbeat(
                     [(a.id, a.token) for a in attempts], worker, self.lease
