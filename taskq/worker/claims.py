@@ -9,6 +9,11 @@ Postgres, not the broker, owns each task. Per decision: *claimed* → run;
 *terminal*, *duplicate* → drop; *early* → back through the delay levels for the
 remaining time; *exhausted* (now FAILED) and *missing* (no such task) → the DLQ
 with reason headers. Those three are acked once their publish is confirmed.
+
+With an inline window (:mod:`taskq.worker.inline`) the claim's transaction stays
+open while its claimed handlers start, for the successes within the window to
+commit with it; deliveries marked redelivered are begun only after the commit.
+A claim that fails after handlers began marks its deliveries redelivered too.
 """
 
 from __future__ import annotations

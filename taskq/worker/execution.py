@@ -1,12 +1,14 @@
 """Running claimed attempts: handlers under their timeout, leases kept alive, outcomes decided.
 
-Each attempt runs in its own asyncio task, outside any transaction, and that
-task only *watches* the handler: an ``async def`` handler runs in an asyncio
-task of its own, a plain ``def`` in a thread of :mod:`taskq.worker.threads`, and
-whatever the call ends with (:mod:`taskq.worker.sandbox`) becomes the attempt's
-outcome. The watching task stops waiting for the handler when its timeout passes,
-when the worker shuts down, when an operator's cancel has had its grace, or when
-the lease turns out lost; it records that outcome (a failed attempt, the task
+Each attempt runs in its own asyncio task, outside any transaction (but for
+the short inline window of :mod:`taskq.worker.inline`, until its claim
+commits), and that task only *watches* the handler: an ``async def`` handler
+runs in an asyncio task of its own, a plain ``def`` in a thread of
+:mod:`taskq.worker.threads`, and whatever the call ends with
+(:mod:`taskq.worker.sandbox`) becomes the attempt's outcome. The watching task
+stops waiting for the handler when its timeout passes, when the worker shuts
+down, when an operator's cancel has had its grace, or when the lease turns out
+lost; it records that outcome (a failed attempt, the task
 given back, CANCELLED, or nothing) whatever the handler does next. An async
 handler is cancelled and given :data:`ABANDON_AFTER_SECONDS` to unwind; one that
 swallows the cancellation, like a sync handler's thread, is abandoned: it runs

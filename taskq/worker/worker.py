@@ -9,7 +9,9 @@ Per delivery (docs/workers.md, "Per delivery: claim, run, record"):
    are claimed in batches, **one** statement each, and acked once the claim
    commits; each decision (claimed, terminal, duplicate, early, exhausted,
    missing) is acted on there.
-3. :mod:`taskq.worker.execution`: the handler runs outside any transaction, an
+3. :mod:`taskq.worker.execution`: the handler runs outside any transaction (but
+   for the short inline window, :mod:`taskq.worker.inline`, during which its
+   claim's transaction stays open and a quick success commits with it), an
    ``async def`` in its own asyncio task, a plain ``def`` in a thread
    (:mod:`taskq.worker.threads`), under the task's timeout, while one batched heartbeat
    per worker extends every lease it holds every ``lease/3`` seconds. Whatever
