@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from taskq import cli
 from taskq.errors import ConfigError
 from taskq.handlers import Registry
 from taskq.settings import load_settings
@@ -65,3 +66,13 @@ def test_an_inline_window_out_of_range_is_refused(
     with pytest.raises(ConfigError) as caught:
         worker(monkeypatch, inline_window=seconds)
     assert caught.value.variable == "--inline-window"
+
+
+def test_the_inline_window_flag_takes_a_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli._parser()
+    assert parser.parse_args(["worker", "m", "--inline-window", "20ms"]).inline_window == 0.02
+    assert parser.parse_args(["worker", "m"]).inline_window is None  # the setting decides
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["worker", "m", "--inline-window", "soon"])
+    assert exited.value.code == 2
+    assert "not a duration" in capsys.readouterr().err
