@@ -86,6 +86,7 @@ class Window:
         """Hold nothing more; returns the outcomes still held."""
         self.open = False
         self.committed = committed
+        self.tasks = []  # attempts that outlive the window keep it: keep it small
         held, self.outcomes = self.outcomes, []
         return held
 
