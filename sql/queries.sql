@@ -139,18 +139,19 @@ WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff)
 -- :payloads text[] (json), :max_attempts int[] (NULL: the type's),
 -- :idempotency_keys text[], :request_fingerprints text[],
 -- :timeouts float8[] (NULL: the type's), :run_at timestamptz[] (NULL: now + delay),
--- :delays float8[] (NULL: 0)
+-- :delays float8[] (NULL: 0), :traceparents text[] (NULL: not traced)
 INSERT INTO taskq.tasks (id, type, queue, payload, max_attempts, idempotency_key,
-                   request_fingerprint, timeout_seconds, run_at)
+                   request_fingerprint, timeout_seconds, run_at, traceparent)
 SELECT r.id, r.type, coalesce(r.queue, t.queue), r.payload::jsonb,
        coalesce(r.max_attempts, t.max_attempts), r.idempotency_key, r.fingerprint,
        coalesce(r.timeout_seconds, t.timeout_seconds),
-       coalesce(r.run_at, now() + make_interval(secs => coalesce(r.delay, 0)))
+       coalesce(r.run_at, now() + make_interval(secs => coalesce(r.delay, 0))), r.traceparent
 FROM unnest(:ids::uuid[], :types::text[], :queues::text[], :payloads::text[],
             :max_attempts::int[], :idempotency_keys::text[], :request_fingerprints::text[],
-            :timeouts::float8[], :run_at::timestamptz[], :delays::float8[])
+            :timeouts::float8[], :run_at::timestamptz[], :delays::float8[],
+            :traceparents::text[])
     WITH ORDINALITY AS r(id, type, queue, payload, max_attempts, idempotency_key,
-                         fingerprint, timeout_seconds, run_at, delay, n)
+                         fingerprint, timeout_seconds, run_at, delay, traceparent, n)
 JOIN taskq.task_type t ON t.name = r.type AND t.enabled
 ORDER BY r.n
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -260,7 +261,7 @@ JOIN pg_settings s ON s.name = v.name;
 -- tasks_publish_due holds none, so any number of them costs this nothing.
 -- :grace_seconds, :limit
 SELECT id, type, queue, status, attempts, last_error, generation,
-       greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
+       greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay, traceparent
 FROM taskq.tasks
 WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
   AND set_aside_generation IS DISTINCT FROM generation
@@ -303,7 +304,7 @@ RETURNING t.id, t.queue, a.before IS DISTINCT FROM t.generation AS newly;
 -- Set-aside publishes whose retry is due, the earliest first.
 -- :limit
 SELECT id, type, queue, status, attempts, last_error, generation,
-       greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
+       greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay, traceparent
 FROM taskq.tasks
 WHERE published_at IS NULL AND status IN ('ENQUEUED', 'FAILED')
   AND set_aside_generation = generation AND publish_retry_at <= now()
@@ -318,7 +319,8 @@ LIMIT :limit;
 -- backlog) and test each row against the whole list.
 -- :ids uuid[]
 SELECT t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
-       greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay
+       greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay,
+       t.traceparent
 FROM unnest(:ids::uuid[]) AS i(id)
 JOIN taskq.tasks t ON t.id = i.id
 WHERE t.published_at IS NULL AND t.status IN ('ENQUEUED', 'FAILED')
@@ -341,7 +343,7 @@ UPDATE taskq.tasks t SET
 WHERE t.id IN (SELECT id FROM taskq.tasks WHERE status = 'RUNNING' AND lease_expires_at < now()
                ORDER BY lease_expires_at LIMIT :limit FOR UPDATE SKIP LOCKED)
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
-          0::float8 AS delay;
+          0::float8 AS delay, t.traceparent;
 
 -- name: overdue_enqueued
 -- ENQUEUED tasks of one queue, published long ago and due for a while: when
@@ -385,7 +387,8 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 -- Returns one row per distinct id: id, decision, and for rows that exist type,
 -- queue, attempts (after the claim), max_attempts, run_at and delay (seconds
 -- until run_at, for `early`); payload (json text), timeout_seconds, created_at
--- and claim_token for `claimed`; last_error for `exhausted` (the DLQ reason).
+-- and claim_token for `claimed`; last_error for `exhausted` (the DLQ reason);
+-- traceparent (the enqueuer's trace context, NULL when not traced).
 -- Every claim sets a fresh claim_token: heartbeats and outcomes must name it.
 -- :ids uuid[], :worker_id, :lease_seconds
 WITH input AS (
@@ -396,7 +399,7 @@ WITH input AS (
     FROM (SELECT id FROM input ORDER BY id) i
     CROSS JOIN LATERAL (
         SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts,
-               t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at
+               t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at, t.traceparent
         FROM taskq.tasks t WHERE t.id = i.id
         FOR UPDATE
     ) t
@@ -440,7 +443,8 @@ WITH input AS (
 SELECT i.id, coalesce(d.decision, 'missing') AS decision, l.type, l.queue,
        c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
        c.timeout_seconds, l.run_at, c.created_at, c.claim_token, x.last_error, x.generation,
-       greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay
+       greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay,
+       l.traceparent
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
 LEFT JOIN locked l ON l.id = i.id
@@ -545,7 +549,8 @@ UPDATE taskq.tasks t SET
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, NULL::text AS last_error, t.generation,
-          greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay;
+          greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay,
+          t.traceparent;
 
 -- name: fail
 -- Records terminal failures: FAILED, owed to the DLQ.
@@ -570,7 +575,7 @@ UPDATE taskq.tasks t SET
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
-          0::float8 AS delay;
+          0::float8 AS delay, t.traceparent;
 
 -- name: give_back
 -- A worker shutting down gives back tasks it could not finish: ENQUEUED, due
@@ -599,7 +604,7 @@ UPDATE taskq.tasks t SET
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, NULL::text AS last_error, t.generation,
-          0::float8 AS delay;
+          0::float8 AS delay, t.traceparent;
 
 -- name: cancel_running
 -- Records attempts the worker stopped because a cancel was requested: CANCELLED.
@@ -623,7 +628,7 @@ UPDATE taskq.tasks t SET
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, NULL::text AS last_error, t.generation,
-          0::float8 AS delay;
+          0::float8 AS delay, t.traceparent;
 
 -- name: session_alive
 -- Run on the lock's connection every pass: an error means the lock is gone too.
@@ -720,7 +725,7 @@ UPDATE taskq.tasks t SET
     updated_at = now()
 WHERE t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
-          0::float8 AS delay;
+          0::float8 AS delay, t.traceparent;
 
 -- name: dlq_pick
 -- FAILED tasks to replay, oldest failure first; ids NULL: any.

@@ -31,6 +31,7 @@ from taskq.model import EnqueueOutcome
 from taskq.service import Service
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
+from taskq.tracing import Sending, Tracing
 
 # The outbox publishes everything queued, up to this many rows, in one write and
 # waits for their confirms before the next write: a batch forms while the previous
@@ -106,6 +107,8 @@ class Client(Service):
             on_failure=self.metrics.publish_failures.inc,
         )
         self._batcher = InsertBatcher(store, on_inserted=self._publish_created)
+        # None with TASKQ_OTEL=off; see taskq.tracing.
+        self.tracing = Tracing.load(settings)
 
     @classmethod
     def connect(cls, settings: Settings, *, metrics: ApiMetrics | None = None) -> Connecting:
@@ -199,11 +202,38 @@ class Client(Service):
             return (await self.enqueue_many([data], connection=connection))[0]
         return await self.submit(data)
 
-    async def submit(self, data: Any) -> EnqueueResult:
-        """Enqueue one task from a request body (a parsed JSON object)."""
+    async def submit(self, data: Any, *, traceparent: str | None = None) -> EnqueueResult:
+        """Enqueue one task from a request body (a parsed JSON object).
+
+        ``traceparent`` is the request's W3C trace context (an HTTP header); without
+        it the task joins the current OpenTelemetry span, if any (:mod:`taskq.tracing`).
+
+        Raises:
+            InvalidRequest: naming the fields at fault (``traceparent`` included).
+            IdempotencyConflict: the key was used with another request.
+        """
+        sending = self._sending(traceparent)
+        if sending is None:
+            return await self._submit(data, None)
+        with sending:
+            answer = await self._submit(data, sending.traceparent)
+            sending.enqueued([answer.task])
+            return answer
+
+    def _sending(self, traceparent: str | None) -> Sending | None:
+        """The enqueue's span (None: not traced), the request's ``traceparent`` checked."""
+        if self.tracing is None:
+            return None
+        try:
+            return self.tracing.sending(traceparent)
+        except InvalidRequest:
+            self.metrics.enqueued("", "", "invalid", None)
+            raise
+
+    async def _submit(self, data: Any, traceparent: str | None) -> EnqueueResult:
         started = time.perf_counter()
         try:
-            task, body = validation.enqueue_task(data, self.settings)
+            task, body = validation.enqueue_task(data, self.settings, traceparent=traceparent)
             task_type = await self._check_type(body.type, body.queue, "")
             if task_type.validator is not None:
                 validation.raise_all(await self._check_payloads([("", task_type, body.payload)]))
@@ -218,14 +248,31 @@ class Client(Service):
         return answer
 
     async def enqueue_many(
-        self, items: Sequence[Any], *, connection: asyncpg.Connection | None = None
+        self,
+        items: Sequence[Any],
+        *,
+        connection: asyncpg.Connection | None = None,
+        traceparent: str | None = None,
     ) -> list[EnqueueResult]:
         """Enqueue up to 1000 tasks all-or-nothing in one transaction.
+
+        ``traceparent`` is as for :meth:`submit`: the batch is one enqueue span.
 
         Raises:
             InvalidRequest: naming the index and field of every error; nothing is created.
             IdempotencyConflict: a key was used with another request; nothing is created.
         """
+        sending = self._sending(traceparent)
+        if sending is None:
+            return await self._enqueue_many(items, connection, None)
+        with sending:
+            answers = await self._enqueue_many(items, connection, sending.traceparent)
+            sending.enqueued(a.task for a in answers)
+            return answers
+
+    async def _enqueue_many(
+        self, items: Sequence[Any], connection: asyncpg.Connection | None, traceparent: str | None
+    ) -> list[EnqueueResult]:
         errors: list[InvalidRequest] = []
         tasks: list[NewTask] = []
         checks: list[tuple[str, TaskType, dict[str, Any]]] = []
@@ -233,7 +280,9 @@ class Client(Service):
         for index, item in enumerate(validation.batch_items({"tasks": list(items)})):
             prefix = f"tasks[{index}]"
             try:
-                task, body = validation.enqueue_task(item, self.settings, prefix=prefix)
+                task, body = validation.enqueue_task(
+                    item, self.settings, prefix=prefix, traceparent=traceparent
+                )
                 if body.type not in registry:
                     registry[body.type] = await self.types.get(body.type)
                 task_type = task_types.check_type(

@@ -176,9 +176,12 @@ COLUMNS: Final[Mapping[str, Sequence[str]]] = {
     "claim": (
         "id", "decision", "type", "queue", "payload", "attempts", "max_attempts",
         "timeout_seconds", "run_at", "created_at", "claim_token", "last_error", "generation",
-        "delay",
+        "delay", "traceparent",
     ),
-    "owed": ("id", "type", "queue", "status", "attempts", "last_error", "generation", "delay"),
+    "owed": (
+        "id", "type", "queue", "status", "attempts", "last_error", "generation", "delay",
+        "traceparent",
+    ),
 }  # fmt: skip
 # The queries whose rows are OwedPublish records.
 OWED_QUERIES: Final = (
@@ -203,6 +206,8 @@ class OwedPublish(NamedTuple):
     """A publish a task is owed after a commit: ENQUEUED rows to their work queue (after
     ``delay`` seconds), FAILED rows to the dead-letter queue with ``last_error`` as the
     reason. ``generation`` names the publish, so a confirm marks only this one paid.
+    ``traceparent`` is the enqueuer's trace context, carried in the envelope's header
+    (None: not traced).
 
     Every path that owes a publish hands one of these to the outbox or the relay.
     """
@@ -215,26 +220,37 @@ class OwedPublish(NamedTuple):
     last_error: str | None
     generation: int
     delay: float
+    traceparent: str | None = None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> OwedPublish:
         """From a row of the columns ``COLUMNS["owed"]``."""
-        return _new(cls, (row[0], row[1], row[2], _STATUS[row[3]], row[4], row[5], row[6], row[7]))
+        return _new(
+            cls, (row[0], row[1], row[2], _STATUS[row[3]], row[4], row[5], row[6], row[7], row[8])
+        )
 
     @classmethod
     def created(
-        cls, task_id: uuid.UUID, task_type: str, queue: str, generation: int, delay: float
+        cls,
+        task_id: uuid.UUID,
+        task_type: str,
+        queue: str,
+        generation: int,
+        delay: float,
+        traceparent: str | None = None,
     ) -> OwedPublish:
         """The first publish of a task just enqueued: to its queue after ``delay`` seconds."""
+        status = TaskStatus.ENQUEUED
         return _new(
-            cls, (task_id, task_type, queue, TaskStatus.ENQUEUED, 0, None, generation, delay)
+            cls, (task_id, task_type, queue, status, 0, None, generation, delay, traceparent)
         )
 
 
 class ClaimedTask(NamedTuple):
     """A task this worker claimed: RUNNING under its lease, ``attempts`` counting this one.
 
-    ``payload`` is JSON text; ``claim_token`` names the claim in heartbeats and outcomes.
+    ``payload`` is JSON text; ``claim_token`` names the claim in heartbeats and outcomes;
+    ``traceparent`` is the enqueuer's trace context (None: not traced).
     """
 
     id: uuid.UUID
@@ -247,6 +263,7 @@ class ClaimedTask(NamedTuple):
     run_at: datetime
     created_at: datetime
     claim_token: uuid.UUID
+    traceparent: str | None = None
 
 
 class Unclaimed(NamedTuple):
@@ -254,7 +271,8 @@ class Unclaimed(NamedTuple):
 
     ``type``, ``queue``, ``attempts`` and ``delay`` (seconds until due, for *early*)
     are None for a *missing* task; ``last_error`` and ``generation`` are set for
-    *exhausted* (now FAILED and owed to the dead-letter queue).
+    *exhausted* (now FAILED and owed to the dead-letter queue); ``traceparent`` is the
+    enqueuer's trace context, for the envelope published for an *early* or *exhausted* one.
     """
 
     id: uuid.UUID
@@ -265,6 +283,7 @@ class Unclaimed(NamedTuple):
     last_error: str | None = None
     generation: int | None = None
     delay: float = 0.0
+    traceparent: str | None = None
 
     def dead_letter(self) -> OwedPublish:
         """The dead-letter publish an *exhausted* task is owed."""
@@ -272,7 +291,7 @@ class Unclaimed(NamedTuple):
         assert self.generation is not None
         return OwedPublish(
             self.id, self.type, self.queue, TaskStatus.FAILED, self.attempts, self.last_error,
-            self.generation, 0.0,
+            self.generation, 0.0, self.traceparent,
         )  # fmt: skip
 
 
@@ -282,12 +301,18 @@ def claim_from_row(row: Sequence[Any]) -> ClaimedTask | Unclaimed:
     if decision == "claimed":
         return _new(
             ClaimedTask,
-            (row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10]),
-        )
+            (
+                row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10],
+                row[14],
+            ),
+        )  # fmt: skip
     return _new(
         Unclaimed,
-        (row[0], _DECISION[decision], row[2], row[3], row[5], row[11], row[12], row[13] or 0.0),
-    )
+        (
+            row[0], _DECISION[decision], row[2], row[3], row[5], row[11], row[12],
+            row[13] or 0.0, row[14],
+        ),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- records of the API

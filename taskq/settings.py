@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     allowed_hosts: Annotated[list[str], NoDecode] = []
     max_streams: int = Field(100, ge=1)
     max_task_types: int = Field(500, ge=1)
+    otel: Literal["auto", "off"] = "auto"
 
     backoff_strategy: Literal["list", "fixed", "exponential"] = "list"
     backoffs: Annotated[list[Duration], NoDecode] = [5.0, 30.0, 120.0, 600.0, 3600.0]

@@ -83,6 +83,7 @@ class NewTask:
     timeout: float | None = None
     run_at: datetime | None = None
     delay: float | None = None
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +106,15 @@ class Enqueued:
     ``answer`` is the enqueue's answer (:data:`ANSWER_FIELDS`, the body
     ``POST /enqueue`` returns) for created and replayed tasks, and the existing
     task's for a conflict; ``delay`` is the time left until the task is due and
-    ``generation`` the row's publish generation, both for the publish.
+    ``generation`` the row's publish generation, and ``traceparent`` the enqueuer's
+    trace context, all for the publish.
     """
 
     outcome: EnqueueOutcome
     answer: dict[str, Any] | None = None
     delay: float = 0.0
     generation: int = 0
+    traceparent: str | None = None
 
     @property
     def task_id(self) -> uuid.UUID:
@@ -125,8 +128,9 @@ class Enqueued:
         answer = self.answer
         assert answer is not None
         return OwedPublish.created(
-            answer["id"], answer["type"], answer["queue"], self.generation, self.delay
-        )
+            answer["id"], answer["type"], answer["queue"], self.generation, self.delay,
+            self.traceparent,
+        )  # fmt: skip
 
 
 class _Rollback(Exception):
@@ -352,6 +356,7 @@ class Store:
             [t.timeout for t in tasks],
             [t.run_at for t in tasks],
             [t.delay for t in tasks],
+            [t.traceparent for t in tasks],
         )
         inserted = {row["id"]: row for row in rows}
         keys = [t.idempotency_key for t in tasks if t.id not in inserted and t.idempotency_key]
@@ -363,7 +368,11 @@ class Store:
         for task in tasks:
             row = inserted.get(task.id)
             if row is not None:
-                results.append(Enqueued(_CREATED, _answer(row), row["delay"], row["generation"]))
+                results.append(
+                    Enqueued(
+                        _CREATED, _answer(row), row["delay"], row["generation"], task.traceparent
+                    )
+                )
                 continue
             found = existing.get(task.idempotency_key) if task.idempotency_key else None
             if found is None:

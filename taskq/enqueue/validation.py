@@ -161,10 +161,13 @@ def _has_nul(text: str) -> bool:
     return "\x00" in text
 
 
-def enqueue_task(data: Any, settings: Settings, *, prefix: str = "") -> tuple[NewTask, EnqueueBody]:
+def enqueue_task(
+    data: Any, settings: Settings, *, prefix: str = "", traceparent: str | None = None
+) -> tuple[NewTask, EnqueueBody]:
     """Validate one enqueue request into a :class:`NewTask` (with a fresh id).
 
-    The task type itself is checked by the caller, which knows the registry.
+    The task type itself is checked by the caller, which knows the registry;
+    ``traceparent`` (checked by :mod:`taskq.tracing`) is stored with the task.
 
     Raises:
         InvalidRequest: naming every field at fault.
@@ -225,6 +228,7 @@ def enqueue_task(data: Any, settings: Settings, *, prefix: str = "") -> tuple[Ne
         timeout=body.timeout,
         run_at=run_at,
         delay=body.delay,
+        traceparent=traceparent,
     )
     return task, body
 

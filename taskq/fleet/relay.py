@@ -44,6 +44,7 @@ from taskq.fleet.marker import Marker
 from taskq.model import OwedPublish, TaskStatus
 from taskq.service import Service
 from taskq.store import Store
+from taskq.tracing import TRACEPARENT, header
 
 log = logging.getLogger("taskq.relay")
 
@@ -81,13 +82,17 @@ def dead_letter_headers(reason: str, attempts: int, queue: str) -> dict[str, Any
 
 def _publish(owed: OwedPublish, delay: float | None) -> Publish:
     """What ``owed`` says: ENQUEUED to its queue (after ``delay``, default its own), FAILED
-    to the DLQ."""
+    to the DLQ; with the enqueuer's ``traceparent`` header if it was traced."""
     envelope = Envelope(owed.id, owed.type, owed.attempts)
     if owed.status == TaskStatus.FAILED:
         reason = owed.last_error or "failed"
         headers = dead_letter_headers(reason, owed.attempts, owed.queue)
+        if owed.traceparent is not None:
+            headers[TRACEPARENT] = owed.traceparent
         return Publish(envelope, owed.queue, headers=headers, dead_letter=True)
-    return Publish(envelope, owed.queue, owed.delay if delay is None else delay)
+    return Publish(
+        envelope, owed.queue, owed.delay if delay is None else delay, header(owed.traceparent)
+    )
 
 
 async def publish_rows(

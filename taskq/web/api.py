@@ -32,6 +32,7 @@ from taskq.fleet.relay import Relay
 from taskq.metrics import ApiMetrics
 from taskq.model import TaskTypeRecord
 from taskq.settings import Settings
+from taskq.tracing import TRACEPARENT
 from taskq.web import admin, monitor, stream, ui
 from taskq.web.cursors import Cursors
 from taskq.web.hosts import HostCheck
@@ -54,10 +55,16 @@ def _client(request: Request) -> Client:
     return client
 
 
+def _traceparent(request: Request) -> str | None:
+    """The request's ``traceparent`` header; "" (refused) if it has two."""
+    found = request.headers.getlist(TRACEPARENT)
+    return None if not found else found[0] if len(found) == 1 else ""
+
+
 @endpoint("enqueue")
 async def enqueue(request: Request) -> Response:
     data = await read_json(request, request.app.state.settings.max_payload_bytes)
-    result = await _client(request).submit(data)
+    result = await _client(request).submit(data, traceparent=_traceparent(request))
     if result.created:
         return json_response(result.task, 201)
     return json_response(result.task, 200, {"Idempotent-Replayed": "true"})
@@ -68,7 +75,7 @@ async def enqueue_batch(request: Request) -> Response:
     settings = request.app.state.settings
     data = await read_json(request, settings.max_payload_bytes * BATCH_BODY_FACTOR)
     items = validation.batch_items(data)  # raises, naming the field
-    results = await _client(request).enqueue_many(items)
+    results = await _client(request).enqueue_many(items, traceparent=_traceparent(request))
     tasks = [{**r.task, "replayed": not r.created} for r in results]
     return json_response({"tasks": tasks}, 201 if any(r.created for r in results) else 200)
 

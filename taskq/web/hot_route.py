@@ -41,6 +41,7 @@ async def serve_enqueue(state: Any, scope: Scope, receive: Receive, send: Send) 
             the server to log.
     """
     authorization = content_type = content_length = ""
+    traceparent: str | None = None
     for name, value in scope["headers"]:
         if name == b"content-type":
             content_type = value.decode("latin-1")
@@ -48,6 +49,9 @@ async def serve_enqueue(state: Any, scope: Scope, receive: Receive, send: Send) 
             content_length = value.decode("latin-1")
         elif name == b"authorization":
             authorization = value.decode("latin-1")
+        elif name == b"traceparent":
+            # Two of them are invalid (W3C Trace Context): "" fails the check.
+            traceparent = value.decode("latin-1") if traceparent is None else ""
     settings = state.settings
     try:
         if settings.api_keys:
@@ -56,7 +60,7 @@ async def serve_enqueue(state: Any, scope: Scope, receive: Receive, send: Send) 
         limit = settings.max_payload_bytes
         check_length(content_length, limit)
         data = parse_json(await _body(receive, limit))
-        result = await state.client.submit(data)
+        result = await state.client.submit(data, traceparent=traceparent)
     except Exception as exc:
         problem = problem_for(exc, ROUTE)
         if problem is None:  # a bug: the same 500 as from Starlette's error middleware

@@ -28,6 +28,7 @@ seconds later, the attempt is stopped and the task recorded CANCELLED.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -35,12 +36,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import Histogram
 
-from taskq import backoff
+from taskq import backoff, tracing
 from taskq.errors import Fail, Retry, StoreError
 
 # Defined in taskq.errors; importing them from here keeps working.
@@ -62,6 +63,9 @@ from taskq.worker.sandbox import (
     error_text,
 )
 from taskq.worker.threads import HandlerThreads
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("taskq.worker")
 
@@ -87,7 +91,8 @@ class Attempt:
     """A claimed attempt, from its claim until its outcome is recorded."""
 
     __slots__ = (
-        "cancel_told", "ctx", "id", "number", "queue", "stopped", "task", "token", "type", "window",
+        "cancel_told", "ctx", "id", "number", "queue", "span", "stopped", "task", "token", "type",
+        "window",
     )  # fmt: skip
 
     def __init__(self, task: ClaimedTask, worker_id: str, window: Window | None = None) -> None:
@@ -103,6 +108,8 @@ class Attempt:
         self.stopped: asyncio.Future[StopReason] = asyncio.get_running_loop().create_future()
         # Whether the handler was told of an operator's cancel request.
         self.cancel_told = False
+        # The attempt's span, if its task was enqueued in a trace (taskq.tracing).
+        self.span: Span | None = None
         # The open claim it began in (taskq.worker.inline), if it began inline.
         self.window = window
 
@@ -165,6 +172,7 @@ class Runner:
         self._default_backoff = backoff.from_settings(settings)
         self._backoffs: dict[str, backoff.Backoff | None] = {}
         self._children: dict[tuple[Histogram, str], Histogram] = {}
+        self.tracing = tracing.Tracing.load(settings)
 
     def load_backoffs(self, types: list[TaskTypeRecord]) -> None:
         """Take each task type's backoff from the registry (admins may edit them)."""
@@ -186,7 +194,13 @@ class Runner:
         due = max(task.run_at, task.created_at)
         wait = (datetime.now(UTC) - due).total_seconds()
         self._child(self.metrics.queue_wait, attempt.queue).observe(max(0.0, wait))
-        attempt.task = asyncio.create_task(self._execute(attempt, task))
+        if task.traceparent is not None and self.tracing is not None:
+            attempt.span = self.tracing.attempt(task)
+        if attempt.span is None:
+            attempt.task = asyncio.create_task(self._execute(attempt, task))
+        else:  # the handler runs with the attempt's span as its current span
+            context = tracing.running(attempt.span)
+            attempt.task = asyncio.create_task(self._execute(attempt, task), context=context)
         return attempt.task
 
     def abort(self, window: Window) -> None:
@@ -236,6 +250,8 @@ class Runner:
             self._child(self.metrics.duration, attempt.type).observe(time.perf_counter() - started)
             self.metrics.in_flight.dec()
             self._release()
+        if attempt.span is not None:
+            _end_span(attempt.span, outcome, ending)
         if outcome is None:  # the lease was lost: counted as a stale outcome
             self.closed(attempt.token)
             self.metrics.processed.labels(attempt.type, attempt.queue, "stale").inc()
@@ -285,6 +301,8 @@ class Runner:
         call = functools.partial(
             call_sync, handler.function, payload, attempt.ctx, self.max_result_bytes
         )
+        if attempt.span is not None:  # a thread starts with an empty context
+            call = functools.partial(contextvars.copy_context().run, call)
         job = self.threads.start(call)
         if (stop := await self._wait(attempt, job.future, timeout)) is None:
             return job.future.result()
@@ -426,3 +444,14 @@ class Runner:
         if attempt.task is not None and not attempt.task.done() and not attempt.stopped.done():
             log.info("task %s: the handler did not stop within the grace; stopping it", attempt.id)
             attempt.stop(StopReason.CANCEL)
+
+
+def _end_span(span: Span, outcome: Finished | None, ending: Ending | Stopped) -> None:
+    """End an attempt's span with its outcome (None: the lease was lost) and the
+    exception its handler raised, unless that asked for a retry or a failure."""
+    error = ending.error if isinstance(ending, Raised) else None
+    raised = None if isinstance(error, Retry | Fail) else error
+    if outcome is None:
+        tracing.ended(span, None, raised=raised)
+    else:
+        tracing.ended(span, outcome.kind, outcome.error, outcome.delay, raised)

@@ -28,6 +28,8 @@ from tests.support.worker_fixtures import harness, running_worker
 # What an install holds in its schema besides indexes, row types and sequences.
 TABLES = ["queue_purges", "task_events", "task_type", "taskq_migrations", "tasks", "workers"]
 FUNCTIONS = ["taskq_events_on_insert", "taskq_events_on_update"]
+# Every migration, as `taskq migrate` reports it applied.
+LABELS = [f"{m.version:04d}_{m.name}" for m in sql.migrations()]
 
 
 # ---------------------------------------------------------------- installs
@@ -62,7 +64,7 @@ async def function_settings(connection: asyncpg.Connection, schema: str) -> list
 
 async def test_a_fresh_install_creates_nothing_in_public(empty_database_url: str) -> None:
     report = await migrate(empty_database_url)
-    assert report.applied[-1] == "0007_own_schema"
+    assert report.applied == LABELS
     connection = await asyncpg.connect(empty_database_url)
     try:
         assert await objects(connection, "public") == {}
@@ -139,13 +141,17 @@ async def test_an_install_made_before_the_schema_moves_into_it_with_its_tasks(
         checksums = await old.fetch("SELECT version, checksum FROM taskq_migrations ORDER BY 1")
 
         report = await migrate(empty_database_url)
-        assert report.applied == ["0007_own_schema"]
+        assert report.applied == LABELS[LABELS.index("0007_own_schema") :]
 
         assert await objects(old, "public") == {}
-        assert await old.fetch("SELECT * FROM taskq.tasks ORDER BY id") == before
+        after = await old.fetch("SELECT * FROM taskq.tasks ORDER BY id")
+        # Columns that later migrations add are not compared.
+        columns = list(dict(before[0]))  # (iterating a Record yields its values)
+        assert [{k: row[k] for k in columns} for row in after] == [dict(r) for r in before]
         assert await old.fetch("SELECT * FROM taskq.task_events ORDER BY id") == events_before
         moved = await old.fetch("SELECT version, checksum FROM taskq.taskq_migrations ORDER BY 1")
-        assert moved[:6] == checksums and [row["version"] for row in moved] == [1, 2, 3, 4, 5, 6, 7]
+        assert moved[:6] == checksums
+        assert [row["version"] for row in moved] == [m.version for m in sql.migrations()]
         assert (await migrate(empty_database_url)).applied == []
 
         # It works: a worker runs the moved tasks (the relay publishes what they

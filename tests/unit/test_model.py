@@ -27,6 +27,7 @@ from taskq.model import (
 NOW = datetime(2026, 12, 7, 4, 0, tzinfo=UTC)
 TASK = uuid.UUID("01890000-0000-7000-8000-000000000001")
 TOKEN = uuid.UUID("01890000-0000-7000-8000-0000000000ff")
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def claim_row(decision: str | None, **values: object) -> tuple[object, ...]:
@@ -51,9 +52,10 @@ def test_a_claimed_row_becomes_the_attempt_to_run() -> None:
     row = claim_row(
         "claimed", type="email.send.v1", queue="high", payload='{"to": "a"}', attempts=2,
         max_attempts=5, timeout_seconds=30.0, run_at=NOW, created_at=NOW, claim_token=TOKEN,
+        traceparent=TRACEPARENT,
     )  # fmt: skip
     assert claim_from_row(row) == ClaimedTask(
-        TASK, "email.send.v1", "high", '{"to": "a"}', 2, 5, 30.0, NOW, NOW, TOKEN
+        TASK, "email.send.v1", "high", '{"to": "a"}', 2, 5, 30.0, NOW, NOW, TOKEN, TRACEPARENT
     )
 
 
@@ -73,21 +75,24 @@ def test_an_unknown_decision_is_an_error_not_a_silent_drop() -> None:
 
 def test_an_exhausted_claim_owes_a_dead_letter_with_its_reason() -> None:
     row = claim_row(
-        "exhausted", type="t", queue="default", attempts=3, last_error="boom", generation=4
-    )
+        "exhausted", type="t", queue="default", attempts=3, last_error="boom", generation=4,
+        traceparent=TRACEPARENT,
+    )  # fmt: skip
     exhausted = claim_from_row(row)
     assert isinstance(exhausted, Unclaimed)
     assert exhausted.dead_letter() == OwedPublish(
-        TASK, "t", "default", TaskStatus.FAILED, 3, "boom", 4, 0.0
+        TASK, "t", "default", TaskStatus.FAILED, 3, "boom", 4, 0.0, TRACEPARENT
     )
 
 
 def test_an_owed_publish_reads_its_columns_in_order_and_types_its_status() -> None:
-    owed = OwedPublish.from_row((TASK, "t", "default", "ENQUEUED", 1, None, 7, 2.5))
+    owed = OwedPublish.from_row((TASK, "t", "default", "ENQUEUED", 1, None, 7, 2.5, None))
     assert owed == OwedPublish(TASK, "t", "default", TaskStatus.ENQUEUED, 1, None, 7, 2.5)
     assert owed.status is TaskStatus.ENQUEUED
+    traced = OwedPublish.from_row((TASK, "t", "q", "FAILED", 1, "boom", 7, 0.0, TRACEPARENT))
+    assert traced.traceparent == TRACEPARENT
     with pytest.raises(KeyError):
-        OwedPublish.from_row((TASK, "t", "default", "LOST", 1, None, 7, 2.5))
+        OwedPublish.from_row((TASK, "t", "default", "LOST", 1, None, 7, 2.5, None))
 
 
 def test_hot_path_records_are_immutable_and_carry_no_dict() -> None:
