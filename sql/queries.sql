@@ -574,7 +574,9 @@ DELETE FROM taskq.workers WHERE id = :worker_id;
 -- task ends CANCELLED, nothing is owed.
 
 -- name: complete
--- Records successes.
+-- Records successes. finished_at is the statement's time, not the transaction's:
+-- an inline attempt's success is written in its claim's transaction, which
+-- began before the handler ran (taskq.worker.inline).
 -- :ids uuid[], :claim_tokens uuid[], :results text[] (json)
 WITH held AS (
     -- The claims still held (by their token), each found through the primary
@@ -592,8 +594,8 @@ UPDATE taskq.tasks t SET
     status = CASE WHEN t.cancel_requested_at IS NULL THEN 'SUCCEEDED' ELSE 'CANCELLED' END,
     last_error = CASE WHEN t.cancel_requested_at IS NULL THEN t.last_error
                       ELSE 'Cancelled: the handler returned after a cancel was requested' END,
-    result = r.result::jsonb, finished_at = now(), updated_at = now(), lease_expires_at = NULL,
-    claim_token = NULL
+    result = r.result::jsonb, finished_at = statement_timestamp(),
+    updated_at = statement_timestamp(), lease_expires_at = NULL, claim_token = NULL
 FROM held r
 WHERE t.id = r.id AND t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.status;

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from taskq import migrate
-from taskq._utils import redact
+from taskq._utils import parse_duration, redact
 from taskq.amqp import broker
 from taskq.amqp.topology import Topology
 from taskq.errors import ConfigError, HandlerError, TaskqError
@@ -254,6 +254,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             threads=args.threads,
             prefetch=args.prefetch,
+            inline_window=args.inline_window,
         )
     except HandlerError as exc:
         print(f"taskq: {exc}", file=sys.stderr)
@@ -376,6 +377,12 @@ def _parser() -> argparse.ArgumentParser:
         help="envelopes buffered per queue (TASKQ_WORKER_PREFETCH; default: the concurrency)",
     )
     worker.add_argument(
+        "--inline-window",
+        type=_duration,
+        help="how long a claim's transaction waits for its handlers, so that quick successes"
+        " commit with it, e.g. 5ms; 0: off (TASKQ_WORKER_INLINE_WINDOW; at most 1s)",
+    )
+    worker.add_argument(
         "--processes",
         type=_positive,
         help="worker processes under one supervisor (TASKQ_WORKER_PROCESSES)",
@@ -395,6 +402,13 @@ def _parser() -> argparse.ArgumentParser:
         "--setup-only", action="store_true", help="migrate and declare the topology, then exit"
     )
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _positive(text: str) -> int:

@@ -37,6 +37,7 @@ _DURATIONS = (
     "backoff_max",
     "lease_seconds",
     "worker_shutdown_grace",
+    "worker_inline_window",
     "sweeper_overdue_after",
     "sweeper_check_every",
     "retention",
@@ -105,6 +106,8 @@ class Settings(BaseSettings):
     progress_interval: Duration = 1.0
     lease_seconds: Duration = 30.0
     worker_shutdown_grace: Duration = 30.0
+    # 0: off. At most a second: the claim's transaction stays open that long.
+    worker_inline_window: Annotated[float, Field(ge=0, le=1.0)] = 0.005
     sweeper_overdue_after: Duration = 60.0
     sweeper_check_every: Duration = 5.0
     retention: Duration = 7 * 86400.0

@@ -518,6 +518,17 @@ class Store:
         rows = await self._fetch("claim", sorted(ids), worker_id, lease)
         return [claim_from_row(row) for row in rows]
 
+    @asynccontextmanager
+    async def claim_open(
+        self, ids: Sequence[uuid.UUID], worker_id: str, lease: float
+    ) -> AsyncIterator[OpenClaim]:
+        """Claim deliveries as :meth:`claim` does, in a transaction that stays open
+        until the ``async with`` block ends: it commits then, or rolls back (the
+        claim never happened) if the block raises. See :class:`OpenClaim`."""
+        async with self._connection() as connection, connection.transaction():
+            rows = await connection.fetch(self.q["claim"], sorted(ids), worker_id, lease)
+            yield OpenClaim(self, connection, [claim_from_row(row) for row in rows])
+
     async def heartbeat(
         self, claims: Sequence[tuple[uuid.UUID, uuid.UUID]], worker: WorkerInfo, lease: float
     ) -> dict[uuid.UUID, bool]:
@@ -562,7 +573,13 @@ class Store:
         self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
     ) -> dict[uuid.UUID, TaskStatus]:
         """Record successes ``(id, token, result_json)``."""
-        rows = await self._fetch("complete", *_columns(sorted(items), 3))
+        async with self._connection() as connection:
+            return await self._complete(connection, items)
+
+    async def _complete(
+        self, connection: asyncpg.Connection, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
+    ) -> dict[uuid.UUID, TaskStatus]:
+        rows = await connection.fetch(self.q["complete"], *_columns(sorted(items), 3))
         return {row[0]: STATUS_BY_TEXT[row[1]] for row in rows}
 
     async def cancel_running(
@@ -852,6 +869,34 @@ ANSWER_FIELDS = (
     "run_at",
     "created_at",
 )
+
+
+class OpenClaim:
+    """A claim whose transaction is still open (:meth:`Store.claim_open`): its rows are
+    locked, RUNNING only for this transaction until it commits.
+
+    Attributes:
+        rows: the claim's records, as :meth:`Store.claim` returns them.
+    """
+
+    __slots__ = ("_connection", "_store", "rows")
+
+    def __init__(
+        self,
+        store: Store,
+        connection: asyncpg.Connection,
+        rows: list[ClaimedTask | Unclaimed],
+    ) -> None:
+        self._store = store
+        self._connection = connection
+        self.rows = rows
+
+    async def complete(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
+    ) -> dict[uuid.UUID, TaskStatus]:
+        """Record successes ``(id, token, result_json)`` in the claim's transaction, as
+        :meth:`Store.complete` does; they commit with the claim."""
+        return await self._store._complete(self._connection, items)
 
 
 def _answer(row: Mapping[str, Any]) -> dict[str, Any]:

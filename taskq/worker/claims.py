@@ -9,6 +9,11 @@ Postgres, not the broker, owns each task. Per decision: *claimed* → run;
 *terminal*, *duplicate* → drop; *early* → back through the delay levels for the
 remaining time; *exhausted* (now FAILED) and *missing* (no such task) → the DLQ
 with reason headers. Those three are acked once their publish is confirmed.
+
+With an inline window (:mod:`taskq.worker.inline`) the claim's transaction stays
+open while its claimed handlers start, for the successes within the window to
+commit with it; deliveries marked redelivered are begun only after the commit.
+A claim that fails after handlers began marks its deliveries redelivered too.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimDecision, ClaimedTask, DeadLetterReason, Unclaimed
 from taskq.service import Service
 from taskq.store import Store
+from taskq.tracing import header
 from taskq.worker.consumer import Acker, Buffers, Delivery
+from taskq.worker.inline import Inline, Window
 
 log = logging.getLogger("taskq.worker")
 
@@ -59,6 +66,8 @@ class Claimer(Service):
         worker_id: recorded on the claims.
         lease: seconds a claim holds before the heartbeat extends it.
         concurrency: slots, i.e. attempts running at once.
+        inline: claims batches with an inline window (:mod:`taskq.worker.inline`);
+            ``None``: each claim commits before its handlers start.
     """
 
     def __init__(
@@ -68,11 +77,12 @@ class Claimer(Service):
         buffers: Buffers,
         acker: Acker,
         *,
-        begin: Callable[[ClaimedTask], None],
+        begin: Callable[[ClaimedTask], object],
         metrics: WorkerMetrics,
         worker_id: str,
         lease: float,
         concurrency: int,
+        inline: Inline | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -83,6 +93,7 @@ class Claimer(Service):
         self._buffers = buffers
         self._acker = acker
         self._begin = begin
+        self._inline = inline
         self._reserved = 0  # slots taken by claims in flight and running handlers
         self._claims = 0
         self._wake = asyncio.Event()
@@ -154,12 +165,26 @@ class Claimer(Service):
 
     async def _claim(self, batch: list[Delivery]) -> None:
         self.metrics.batch_size.labels("claim").observe(len(batch))
+        window = None
         try:
-            rows = await self.store.claim(
-                [d.envelope.id for d in batch], self.worker_id, self.lease
-            )
+            if self._inline is not None and not all(d.redelivered for d in batch):
+                window = Window()
+                rows = await self._inline.claim(
+                    self.store, batch, self.worker_id, self.lease, window
+                )
+            else:
+                rows = await self.store.claim(
+                    [d.envelope.id for d in batch], self.worker_id, self.lease
+                )
         except Exception as exc:
             # Whatever went wrong, the deliveries are still unacked: claim them again later.
+            begun = 0
+            if window is not None:
+                # The claim rolled back, but handlers may have run: never inline again.
+                # (Those begun free their slots as their attempts stop.)
+                begun = len(window.begun)
+                for d in batch:
+                    d.redelivered = True
             if isinstance(exc, StoreError):
                 log.warning("claiming %d tasks failed, retrying: %s", len(batch), exc)
             else:
@@ -168,7 +193,7 @@ class Claimer(Service):
             if not self._stopping:
                 self._buffers.put_back(d for d in batch if d.live)
             self._claims -= 1
-            self.release(len(batch))
+            self.release(len(batch) - begun)
             return
         by_id = {row.id: row for row in rows}
         acks = []
@@ -179,7 +204,8 @@ class Claimer(Service):
             if isinstance(row, ClaimedTask):
                 counts[delivery.queue, _CLAIMED] += 1
                 acks.append(delivery)
-                self._begin(row)
+                if window is None or row.id not in window.begun:
+                    self._begin(row)
                 continue
             # A second delivery of an id in the same batch is a duplicate.
             unclaimed = Unclaimed(delivery.envelope.id, _DUPLICATE) if row is None else row
@@ -233,7 +259,9 @@ class Claimer(Service):
     async def _send_back(self, delivery: Delivery, row: Unclaimed) -> None:
         assert row.queue is not None
         try:
-            await self.publisher.publish(delivery.envelope, row.queue, delay=row.delay)
+            await self.publisher.publish(
+                delivery.envelope, row.queue, delay=row.delay, headers=header(row.traceparent)
+            )
         except TaskqError as exc:
             # Owe it in Postgres instead: the relay publishes it with the right delay.
             log.warning("sending early task %s back failed, owed: %s", row.id, exc)

@@ -48,12 +48,19 @@ _SETTLE_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 @dataclass(slots=True)
 class Delivery:
-    """An envelope received from work queue ``queue`` (its short name), not yet settled."""
+    """An envelope received from work queue ``queue`` (its short name), not yet settled.
+
+    ``redelivered``: RabbitMQ delivered it before and it was not settled (the
+    worker that had it died or lost its channel), or an inline claim of it
+    failed: its handler may have run already, so it is never run inline again
+    (see :mod:`taskq.worker.inline`).
+    """
 
     envelope: Envelope
     queue: str
     channel: aiormq.abc.AbstractChannel
     tag: int
+    redelivered: bool = False
 
     @property
     def live(self) -> bool:
@@ -351,8 +358,10 @@ class Consumers(Service):
     def _callback(self, queue: str) -> OnMessage:
         async def on_message(message: DeliveredMessage) -> None:
             channel = message.channel
-            tag = message.delivery.delivery_tag  # type: ignore[union-attr]
+            deliver = message.delivery
+            tag = deliver.delivery_tag  # type: ignore[union-attr]
             assert tag is not None
+            redelivered = bool(deliver.redelivered)  # type: ignore[union-attr]
             self._acker.received(channel, tag)
             try:
                 envelope = Envelope.parse(message.body)
@@ -364,7 +373,7 @@ class Consumers(Service):
                 await self._acker.reject(channel, tag, requeue=False)
                 self._on_invalid(queue, exc)
                 return
-            self._on_delivery(Delivery(envelope, queue, channel, tag))
+            self._on_delivery(Delivery(envelope, queue, channel, tag, redelivered))
 
         return on_message
 

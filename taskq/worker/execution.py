@@ -1,12 +1,14 @@
 """Running claimed attempts: handlers under their timeout, leases kept alive, outcomes decided.
 
-Each attempt runs in its own asyncio task, outside any transaction, and that
-task only *watches* the handler: an ``async def`` handler runs in an asyncio
-task of its own, a plain ``def`` in a thread of :mod:`taskq.worker.threads`, and
-whatever the call ends with (:mod:`taskq.worker.sandbox`) becomes the attempt's
-outcome. The watching task stops waiting for the handler when its timeout passes,
-when the worker shuts down, when an operator's cancel has had its grace, or when
-the lease turns out lost; it records that outcome (a failed attempt, the task
+Each attempt runs in its own asyncio task, outside any transaction (but for
+the short inline window of :mod:`taskq.worker.inline`, until its claim
+commits), and that task only *watches* the handler: an ``async def`` handler
+runs in an asyncio task of its own, a plain ``def`` in a thread of
+:mod:`taskq.worker.threads`, and whatever the call ends with
+(:mod:`taskq.worker.sandbox`) becomes the attempt's outcome. The watching task
+stops waiting for the handler when its timeout passes, when the worker shuts
+down, when an operator's cancel has had its grace, or when the lease turns out
+lost; it records that outcome (a failed attempt, the task
 given back, CANCELLED, or nothing) whatever the handler does next. An async
 handler is cancelled and given :data:`ABANDON_AFTER_SECONDS` to unwind; one that
 swallows the cancellation, like a sync handler's thread, is abandoned: it runs
@@ -49,6 +51,7 @@ from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
 from taskq.settings import Settings
 from taskq.store import Store, WorkerInfo
+from taskq.worker.inline import Window
 from taskq.worker.outcomes import Finished
 from taskq.worker.sandbox import (
     Ending,
@@ -93,9 +96,16 @@ class Attempt:
 
     __slots__ = (
         "cancel_told", "ctx", "id", "number", "queue", "span", "stopped", "task", "token", "type",
+        "window",
     )  # fmt: skip
 
-    def __init__(self, task: ClaimedTask, worker_id: str, progress: Reporter | None) -> None:
+    def __init__(
+        self,
+        task: ClaimedTask,
+        worker_id: str,
+        progress: Reporter | None,
+        window: Window | None = None,
+    ) -> None:
         self.id = task.id
         self.token = task.claim_token
         self.number = task.attempts
@@ -112,6 +122,13 @@ class Attempt:
         self.cancel_told = False
         # The attempt's span, if its task was enqueued in a trace (taskq.tracing).
         self.span: Span | None = None
+        # The open claim it began in (taskq.worker.inline), if it began inline.
+        self.window = window
+
+    @property
+    def committed(self) -> bool:
+        """Whether its claim has committed (an inline attempt's may not have yet)."""
+        return self.window is None or self.window.committed
 
     def stop(self, reason: StopReason) -> None:
         """Stop waiting for the handler (the first reason given wins) and tell its context."""
@@ -183,9 +200,10 @@ class Runner:
                 log.warning("task type %s has an invalid backoff: %s", task_type.name, exc)
         self._backoffs = backoffs
 
-    def begin(self, task: ClaimedTask) -> None:
-        """Start running a claimed task (from the ``claim`` statement)."""
-        attempt = Attempt(task, self.worker_id, self._progress)
+    def begin(self, task: ClaimedTask, window: Window | None = None) -> asyncio.Task[None]:
+        """Start running a claimed task (from the ``claim`` statement), inside the
+        open claim ``window`` if given; returns the attempt's task."""
+        attempt = Attempt(task, self.worker_id, self._progress, window)
         self.attempts[attempt.token] = attempt
         self.metrics.in_flight.inc()
         due = max(task.run_at, task.created_at)
@@ -198,6 +216,17 @@ class Runner:
         else:  # the handler runs with the attempt's span as its current span
             context = tracing.running(attempt.span)
             attempt.task = asyncio.create_task(self._execute(attempt, task), context=context)
+        return attempt.task
+
+    def abort(self, window: Window) -> None:
+        """The claim of ``window`` rolled back: its attempts never were. Drop the
+        outcomes it holds and stop those still running (they record nothing)."""
+        for outcome in window.close(committed=False):
+            self.closed(outcome.token)
+            self.metrics.processed.labels(outcome.type, outcome.queue, "stale").inc()
+        for attempt in list(self.attempts.values()):
+            if attempt.window is window:
+                attempt.stop(StopReason.LOST)
 
     def _child(self, histogram: Histogram, label: str) -> Histogram:
         """``histogram.labels(label)``, looked up once per label (it takes a lock each call)."""
@@ -241,7 +270,7 @@ class Runner:
         if outcome is None:  # the lease was lost: counted as a stale outcome
             self.closed(attempt.token)
             self.metrics.processed.labels(attempt.type, attempt.queue, "stale").inc()
-        else:
+        elif attempt.window is None or not attempt.window.take(outcome):
             self._record(outcome)
 
     async def _call(self, attempt: Attempt, task: ClaimedTask) -> Ending | Stopped:
@@ -401,7 +430,8 @@ class Runner:
         cancel requests."""
         while True:
             await asyncio.sleep(worker.heartbeat_seconds)
-            attempts = list(self.attempts.values())
+            # Not those whose claim is still open: their rows are locked until it commits.
+            attempts = [a for a in self.attempts.values() if a.committed]
             try:
                 held = await store.heartbeat(
                     [(a.id, a.token) for a in attempts], worker, self.lease

@@ -155,6 +155,17 @@ class Recorder(Service):
             for item in items:
                 self._on_recorded(item.token)
             return
+        self.settled(kind, items, recorded)
+
+    def settled(
+        self,
+        kind: OutcomeKind,
+        items: Sequence[Finished],
+        recorded: Mapping[uuid.UUID, TaskStatus | OwedPublish],
+    ) -> None:
+        """Outcomes written (by this recorder, or inline in their claim's transaction,
+        :mod:`taskq.worker.inline`), ``recorded`` as the statement answered: close
+        their claims, count them, publish what they owe."""
         processed: Counter[tuple[str, str, str]] = Counter()
         for item in items:
             self._on_recorded(item.token)

@@ -9,7 +9,9 @@ Per delivery (docs/workers.md, "Per delivery: claim, run, record"):
    are claimed in batches, **one** statement each, and acked once the claim
    commits; each decision (claimed, terminal, duplicate, early, exhausted,
    missing) is acted on there.
-3. :mod:`taskq.worker.execution`: the handler runs outside any transaction, an
+3. :mod:`taskq.worker.execution`: the handler runs outside any transaction (but
+   for the short inline window, :mod:`taskq.worker.inline`, during which its
+   claim's transaction stays open and a quick success commits with it), an
    ``async def`` in its own asyncio task, a plain ``def`` in a thread
    (:mod:`taskq.worker.threads`), under the task's timeout, while one batched heartbeat
    per worker extends every lease it holds every ``lease/3`` seconds. Whatever
@@ -61,6 +63,7 @@ from taskq.worker.execution import (
     Runner,
     heartbeat_interval,
 )
+from taskq.worker.inline import MAX_WINDOW_SECONDS, Inline
 from taskq.worker.outcomes import Finished, Recorder
 from taskq.worker.progress import ProgressBuffer
 from taskq.worker.threads import HandlerThreads
@@ -103,6 +106,9 @@ class Worker(Service):
             operator cancelled its task, before its attempt is stopped.
         abandon_after: seconds a cancelled async handler may take to unwind
             before the worker abandons it.
+        inline_window: seconds a claim's transaction stays open while its handlers
+            start, so that their quick successes commit with it (default
+            ``TASKQ_WORKER_INLINE_WINDOW``; 0: off; see :mod:`taskq.worker.inline`).
 
     Raises:
         ConfigError: if ``queues`` names a queue not in ``TASKQ_QUEUES``.
@@ -125,6 +131,7 @@ class Worker(Service):
         relay_interval: float = 1.0,
         cancel_grace: float = CANCEL_GRACE_SECONDS,
         abandon_after: float = ABANDON_AFTER_SECONDS,
+        inline_window: float | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -141,6 +148,13 @@ class Worker(Service):
         self.worker_id = worker_id or default_worker_id()
         self.metrics = metrics or WorkerMetrics()
         self.lease = settings.lease_seconds
+        self.inline_window = (
+            settings.worker_inline_window if inline_window is None else inline_window
+        )
+        if not 0 <= self.inline_window <= MAX_WINDOW_SECONDS:
+            raise ConfigError(
+                "--inline-window", f"give a duration from 0 (off) to {MAX_WINDOW_SECONDS:g}s"
+            )
         self._run_relay = relay
         self._overdue_after = (
             settings.sweeper_overdue_after if overdue_after is None else overdue_after
@@ -269,6 +283,11 @@ class Worker(Service):
             worker_id=self.worker_id,
             lease=self.lease,
             concurrency=self.concurrency,
+            inline=(
+                Inline(self.inline_window, self._runner, self._recorder, self.metrics)
+                if self.inline_window
+                else None
+            ),
         )
         await parts.add(self._claimer)
         heartbeat = functools.partial(self._runner.heartbeat_loop, self.store, self.info)
@@ -301,12 +320,14 @@ class Worker(Service):
                 )
             )
         log.info(
-            "worker %s started: queues %s, concurrency %d, threads %d, prefetch %d, %d handlers",
+            "worker %s started: queues %s, concurrency %d, threads %d, prefetch %d,"
+            " inline window %gms, %d handlers",
             self.worker_id,
             ",".join(self.queues),
             self.concurrency,
             self.threads,
             self.prefetch,
+            self.inline_window * 1000,
             len(self.registry),
         )
 

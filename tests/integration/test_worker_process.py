@@ -106,7 +106,11 @@ async def test_sigterm_lets_the_running_task_finish_and_exits_0(
 
 
 async def test_bad_usage_exits_2(settings: Settings, tmp_path: Path) -> None:
-    for args in (["no_such_module"], ["taskq.demo", "--queues", "nope"]):
+    for args in (
+        ["no_such_module"],
+        ["taskq.demo", "--queues", "nope"],
+        ["taskq.demo", "--inline-window", "2s"],  # more than the 1 s allowed
+    ):
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

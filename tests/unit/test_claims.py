@@ -21,11 +21,11 @@ from taskq.amqp.broker import Publish
 from taskq.amqp.envelope import Envelope
 from taskq.errors import PublishError, StoreError
 from taskq.fleet.relay import HEADER_ORIGIN, HEADER_REASON
-from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimDecision, ClaimedTask, Unclaimed
 from taskq.worker import claims
 from taskq.worker.claims import Claimer
 from taskq.worker.consumer import Buffers, Delivery
+from tests.support.claiming import fake_claimer
 
 QUEUE = "default"
 
@@ -83,10 +83,17 @@ class Publisher:
     error: PublishError | None = None
     sent: list[tuple[str, uuid.UUID, str, dict[str, Any]]] = field(default_factory=list)
 
-    async def publish(self, envelope: Envelope, queue: str, *, delay: float = 0.0) -> None:
+    async def publish(
+        self,
+        envelope: Envelope,
+        queue: str,
+        *,
+        delay: float = 0.0,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
         if self.error is not None:
             raise self.error
-        self.sent.append(("publish", envelope.id, queue, {"delay": delay}))
+        self.sent.append(("publish", envelope.id, queue, {"delay": delay, **(headers or {})}))
 
     async def publish_many(self, items: list[Publish]) -> list[PublishError | None]:
         for item in items:
@@ -128,16 +135,8 @@ class Claiming:
     claimer: Claimer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.claimer = Claimer(
-            cast(Any, self.store),
-            cast(Any, self.publisher),
-            self.buffers,
-            cast(Any, self.acker),
-            begin=lambda r: self.begun.append(r.id),
-            metrics=WorkerMetrics(),
-            worker_id="w1",
-            lease=30.0,
-            concurrency=10,
+        self.claimer = fake_claimer(
+            self.store, self.publisher, self.buffers, self.acker, lambda r: self.begun.append(r.id)
         )
 
     async def claim(self, deliveries: list[Delivery]) -> None:

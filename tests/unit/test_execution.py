@@ -23,6 +23,7 @@ from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
 from taskq.store import WorkerInfo
 from taskq.worker.execution import Attempt, Runner
+from taskq.worker.inline import Window
 from taskq.worker.outcomes import Finished
 from taskq.worker.threads import HandlerThreads
 from tests.support.services import make_settings
@@ -52,9 +53,16 @@ class Running:
         self.released += 1
 
     def begin(
-        self, task_type: str, *, attempt: int = 1, max_attempts: int = 3, timeout: float = 10.0
+        self,
+        task_type: str,
+        *,
+        attempt: int = 1,
+        max_attempts: int = 3,
+        timeout: float = 10.0,
+        window: Window | None = None,
     ) -> Attempt:
-        """Run a claimed row of ``task_type`` (attempt ``attempt`` of ``max_attempts``)."""
+        """Run a claimed row of ``task_type`` (attempt ``attempt`` of ``max_attempts``),
+        inside the open claim ``window`` if given."""
         token = uuid.uuid4()
         now = datetime.now(UTC)
         self.runner.begin(
@@ -62,7 +70,8 @@ class Running:
                 id=uuid.uuid4(), type=task_type, queue="default", payload="{}",
                 attempts=attempt, max_attempts=max_attempts, timeout_seconds=timeout,
                 run_at=now, created_at=now, claim_token=token,
-            )
+            ),
+            window,
         )  # fmt: skip
         return self.runner.attempts[token]
 
@@ -221,9 +230,11 @@ class Heartbeats:
     def __init__(self, held: dict[uuid.UUID, bool]) -> None:
         self.held = held
         self.beats = 0
+        self.extended: list[set[uuid.UUID]] = []  # the tokens each heartbeat named
 
     async def heartbeat(self, claims: Any, worker: WorkerInfo, lease: float) -> Any:
         self.beats += 1
+        self.extended.append({token for _, token in claims})
         return self.held
 
 
@@ -300,3 +311,40 @@ async def test_without_a_backoff_of_its_own_a_type_takes_the_global_one() -> Non
     finally:
         running.threads.close()
     assert done is not None and done.delay == 13.0
+
+
+async def test_the_heartbeat_leaves_out_attempts_whose_claim_is_still_open(
+    running: Running,
+) -> None:
+    # Their rows are locked by the open claim: a heartbeat would wait for its commit,
+    # and find nothing held before it (ENQUEUED), so it must not stop them as lost.
+    window = Window()
+    inline = running.begin("slow", window=window)
+    ordinary = running.begin("slow")
+    store = Heartbeats({ordinary.token: False})
+    async with beating(running, store):
+        await poll(lambda: store.beats >= 2, "no heartbeat")
+        assert not inline.stopped.done()
+        assert all(tokens == {ordinary.token} for tokens in store.extended)
+        window.close(committed=True)
+        store.held[inline.token] = False
+        beats = store.beats
+        await poll(lambda: store.beats > beats + 1, "no heartbeat after the commit")
+    assert store.extended[-1] == {inline.token, ordinary.token}
+    running.runner.interrupt()
+
+
+async def test_an_inline_outcome_waits_in_its_window_and_a_rollback_records_nothing(
+    running: Running,
+) -> None:
+    window = Window()
+    quick = running.begin("ok", window=window)
+    slow = running.begin("slow", window=window)
+    assert quick.task is not None
+    await asyncio.wait_for(quick.task, 5)
+    assert [f.token for f in window.outcomes] == [quick.token] and running.recorded == []
+    running.runner.abort(window)  # the claim rolled back
+    assert await running.ended(slow) is None  # stopped, nothing recorded
+    assert running.recorded == [] and running.runner.attempts == {}
+    assert running.stale() == 1  # the slow one's; the quick one's is counted under "ok"
+    assert running.released == 2

@@ -96,6 +96,8 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ("TASKQ_LEASE_SECONDS", "0"),
         ("TASKQ_HTTP_PORT", "70000"),
         ("TASKQ_MAX_DELAY", "1 day"),
+        ("TASKQ_WORKER_INLINE_WINDOW", "2s"),
+        ("TASKQ_WORKER_INLINE_WINDOW", "-5ms"),
     ],
 )
 def test_invalid_values_name_the_variable(

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+from taskq import cli
+from taskq.errors import ConfigError
 from taskq.handlers import Registry
 from taskq.settings import load_settings
 from taskq.worker.worker import DEFAULT_THREADS, Worker
 
 
-def worker(monkeypatch: pytest.MonkeyPatch, **kwargs: int) -> Worker:
-    for key in ("TASKQ_WORKER_CONCURRENCY", "TASKQ_WORKER_PREFETCH", "TASKQ_WORKER_THREADS"):
+def worker(monkeypatch: pytest.MonkeyPatch, **kwargs: float | str) -> Worker:
+    for key in (
+        "TASKQ_WORKER_CONCURRENCY",
+        "TASKQ_WORKER_PREFETCH",
+        "TASKQ_WORKER_THREADS",
+        "TASKQ_WORKER_INLINE_WINDOW",
+    ):
         monkeypatch.delenv(key, raising=False)
     env = {k: v for k, v in kwargs.items() if k.startswith("TASKQ_")}
     for key, value in env.items():
@@ -40,3 +47,32 @@ def test_explicit_sizes_win(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (w.concurrency, w.prefetch, w.threads) == (100, 7, 64)
     w = worker(monkeypatch, concurrency=4, prefetch=2, threads=3, TASKQ_WORKER_PREFETCH=7)
     assert (w.concurrency, w.prefetch, w.threads) == (4, 2, 3)
+
+
+def test_the_inline_window_is_on_by_default_and_may_be_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert worker(monkeypatch).inline_window == 0.005
+    assert worker(monkeypatch, TASKQ_WORKER_INLINE_WINDOW="20ms").inline_window == 0.02
+    assert (
+        worker(monkeypatch, TASKQ_WORKER_INLINE_WINDOW="20ms", inline_window=0).inline_window == 0
+    )
+
+
+@pytest.mark.parametrize("seconds", [-0.001, 1.5])
+def test_an_inline_window_out_of_range_is_refused(
+    monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        worker(monkeypatch, inline_window=seconds)
+    assert caught.value.variable == "--inline-window"
+
+
+def test_the_inline_window_flag_takes_a_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli._parser()
+    assert parser.parse_args(["worker", "m", "--inline-window", "20ms"]).inline_window == 0.02
+    assert parser.parse_args(["worker", "m"]).inline_window is None  # the setting decides
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["worker", "m", "--inline-window", "soon"])
+    assert exited.value.code == 2
+    assert "not a duration" in capsys.readouterr().err
