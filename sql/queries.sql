@@ -1005,6 +1005,14 @@ SELECT (SELECT count(*) FROM taskq.schedules)
 -- :name
 DELETE FROM taskq.schedules WHERE name = :name;
 
+-- name: schedules_delete_code
+-- The schedules a worker's code no longer declares: declared in code for one of
+-- its types, and not among the names it declares now.
+-- :types text[], :keep text[]
+DELETE FROM taskq.schedules
+WHERE source = 'code' AND type = ANY(:types::text[]) AND NOT name = ANY(:keep::text[])
+RETURNING name;
+
 -- name: schedule_pause
 -- Pauses or resumes a schedule. Resuming takes a new next_fire_at (the first
 -- fire after now): the fires of the pause are not caught up.

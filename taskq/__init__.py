@@ -66,7 +66,7 @@ from taskq.errors import (
     UnsupportedConnection,
     WaitTimeout,
 )
-from taskq.handlers import Context, Handler, Registry
+from taskq.handlers import Context, Handler, Registry, Schedule
 from taskq.model import Progress, TaskRecord, TaskStatus
 from taskq.settings import Settings, load_settings
 
@@ -129,6 +129,7 @@ __all__ = [
     "Registry",
     "RejectedByDatabase",
     "Retry",
+    "Schedule",
     "SchemaProblem",
     "Settings",
     "StoreError",

@@ -49,12 +49,12 @@ from typing import Any, TypeAlias, TypeVar
 import orjson
 
 from taskq import backoff as backoff_
-from taskq import payloads
+from taskq import cron, payloads
 from taskq.definitions import TaskDefinition
+from taskq.errors import CronProblem, FieldError, InvalidRequest
 
 # Defined in taskq.errors; importing them from here keeps working.
 from taskq.errors import Fail as Fail
-from taskq.errors import FieldError, InvalidRequest
 from taskq.errors import HandlerError as HandlerError
 from taskq.errors import Retry as Retry
 
@@ -73,6 +73,42 @@ R = TypeVar("R")
 BackoffSpec: TypeAlias = (
     backoff_.Backoff | Mapping[str, Any] | Sequence[float | str] | float | str | None
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A schedule declared with a handler (``@handlers.task(..., schedule=...)``): the
+    worker puts it in ``schedules`` at its start, named ``name`` (default: the task
+    type's name), with ``source`` ``code``. The fields are those of
+    ``PUT /schedules/{name}`` (docs/http-api.md): exactly one of ``cron`` (in
+    ``timezone``) and ``every`` (seconds, or a duration such as ``"30s"``)."""
+
+    cron: str | None = None
+    every: float | str | None = None
+    timezone: str = "UTC"
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    queue: str | None = None
+    catch_up: str = "once"
+    catch_up_limit: int = 100
+    overlap: str = "allow"
+
+    def definition(self, task_type: str) -> tuple[str, dict[str, Any]]:
+        """The schedule's name and its body as ``PUT /schedules/{name}`` takes it."""
+        body: dict[str, Any] = {
+            "timezone": self.timezone,
+            "type": task_type,
+            "payload": dict(self.payload),
+            "queue": self.queue,
+            "catch_up": self.catch_up,
+            "catch_up_limit": self.catch_up_limit,
+            "overlap": self.overlap,
+        }
+        if self.cron is not None:
+            body["cron"] = self.cron
+        if self.every is not None:
+            body["every"] = self.every
+        return self.name or task_type, body
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +135,7 @@ class Handler:
     backoff: backoff_.Backoff | None = None
     sync: bool = False
     payload_schema_json: str | None = None
+    schedule: Schedule | None = None
 
 
 @dataclass(slots=True)
@@ -270,6 +307,8 @@ class Registry:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         timeout: float = DEFAULT_TIMEOUT,
         backoff: BackoffSpec = None,
+        schedule: str | Schedule | None = None,
+        tz: str = "UTC",
     ) -> Callable[[Callable[[P, Context], R]], TaskDefinition[P, R]]:
         """Register the decorated ``async def`` or ``def`` ``fn(payload, ctx)`` for ``name``.
 
@@ -288,6 +327,10 @@ class Registry:
             timeout: seconds an attempt may run before it is cancelled.
             backoff: a :mod:`taskq.backoff` strategy, its JSON shape, a list of
                 delays or one fixed delay; ``None``: the global default.
+            schedule: enqueue this type on a schedule: a cron expression (in the
+                zone ``tz``), or a :class:`Schedule` with every option. Workers
+                that run the handler declare it at their start.
+            tz: the IANA time zone of a cron expression given as ``schedule``.
 
         Raises:
             HandlerError: for invalid options, a name registered twice, a
@@ -307,6 +350,7 @@ class Registry:
             strategy = None if backoff is None else backoff_.coerce(backoff)
         except ValueError as exc:
             raise HandlerError(f"{name}: invalid backoff: {exc}") from None
+        declared = _schedule(name, schedule, tz)
 
         def register(function: Callable[[P, Context], R]) -> TaskDefinition[P, R]:
             if isinstance(function, TaskDefinition):
@@ -323,6 +367,7 @@ class Registry:
                 strategy,
                 sync,
                 None if model is None else model.schema_json,
+                declared,
             )
             self._handlers[name] = handler
             definition = TaskDefinition(handler, function, model)
@@ -361,6 +406,26 @@ def registration(function: object) -> Handler | None:
         return _REGISTERED.get(function)
     except TypeError:  # not a possible weak key: never registered here
         return None
+
+
+def _schedule(name: str, schedule: str | Schedule | None, tz: str) -> Schedule | None:
+    """A handler's ``schedule=``, its cron expression and zone checked now (at import),
+    the rest by the worker that declares it."""
+    if schedule is None:
+        return None
+    if isinstance(schedule, str):
+        schedule = Schedule(cron=schedule, timezone=tz)
+    elif not isinstance(schedule, Schedule):
+        raise HandlerError(f"{name}: schedule must be a cron expression or a taskq.Schedule")
+    if (schedule.cron is None) == (schedule.every is None):
+        raise HandlerError(f"{name}: a schedule needs either cron or every")
+    try:
+        if schedule.cron is not None:
+            cron.parse(schedule.cron)
+        cron.zone(schedule.timezone)
+    except CronProblem as exc:
+        raise HandlerError(f"{name}: invalid schedule: {exc}") from None
+    return schedule
 
 
 def _is_sync(name: str, function: object) -> bool:

@@ -684,6 +684,12 @@ class Store:
         count: int = await self._fetchval("schedules_count")
         return count
 
+    async def delete_code_schedules(self, types: Sequence[str], keep: Sequence[str]) -> list[str]:
+        """Delete the schedules declared in code (``source`` code) for ``types`` whose
+        names are not in ``keep``; returns their names."""
+        rows = await self._fetch("schedules_delete_code", list(types), list(keep))
+        return [row["name"] for row in rows]
+
     async def delete_schedule(self, name: str) -> bool:
         return await self._execute("schedule_delete", name) > 0
 

@@ -46,8 +46,9 @@ from collections.abc import Callable, Sequence
 import orjson
 
 from taskq.amqp.broker import Link, Publisher
-from taskq.errors import ConfigError, HandlerError, StoreError
+from taskq.errors import ConfigError, HandlerError, InvalidRequest, StoreError, TooManySchedules
 from taskq.fleet.relay import Outbox, Relay
+from taskq.fleet.schedules import first_fire, schedule_spec
 from taskq.fleet.sweeper import Sweeper
 from taskq.handlers import Registry
 from taskq.metrics import WorkerMetrics
@@ -353,6 +354,7 @@ class Worker(Service):
             await self.store.register_task_types(rows, self.settings.max_task_types)
         types = await self.store.task_types()
         self._runner.load_backoffs(types)
+        await self._declare_schedules()
         for record in types:
             mine = self.registry.get(record.name)
             if mine is None or mine.payload_schema_json is None or not record.payload_schema:
@@ -364,6 +366,36 @@ class Worker(Service):
                     " workers register it)",
                     record.name,
                 )
+
+    async def _declare_schedules(self) -> None:
+        """Put the schedules that the handlers declare (``schedule=``) into
+        ``schedules``, keeping the next fire of each whose timing is unchanged, and
+        delete the code's schedules of these types that the code no longer declares.
+
+        Raises:
+            HandlerError: a declared schedule is invalid, or there are too many.
+        """
+        declared: list[str] = []
+        now = await self.store.database_now()
+        for handler in self.registry:
+            if handler.schedule is None:
+                continue
+            name, body = handler.schedule.definition(handler.name)
+            try:
+                spec, table = schedule_spec(name, body, source="code")
+                await self.store.put_schedule(
+                    spec, first_fire(table, now), max_schedules=self.settings.max_schedules
+                )
+            except (InvalidRequest, TooManySchedules) as exc:
+                raise HandlerError(f"{handler.name}: its schedule {name!r}: {exc}") from None
+            declared.append(name)
+        gone = await self.store.delete_code_schedules([h.name for h in self.registry], declared)
+        if declared or gone:
+            log.info(
+                "schedules declared: %s%s",
+                ", ".join(declared) or "none",
+                f"; no longer declared, deleted: {', '.join(gone)}" if gone else "",
+            )
 
     async def _types_loop(self) -> None:
         # Admins may edit a type's backoff; take it up within a few seconds.

@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
+from taskq import Context, Registry, Schedule
+from taskq.errors import HandlerError
 from taskq.fleet.scheduler import Scheduler, idempotency_key
 from taskq.metrics import WorkerMetrics
 from taskq.model import CatchUp, Overlap, ScheduleFire, ScheduleRecord, ScheduleSpec
 from taskq.settings import Settings
-from tests.support.worker_fixtures import Harness, harness
+from tests.support.worker_fixtures import Harness, harness, poll, running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -223,3 +225,53 @@ async def test_paused_schedules_wait_and_trigger_fires_them_anyway(settings: Set
         assert resumed.next_fire_at == resumed_at  # the fires of the pause are not caught up
         assert await scheduler.fire_due() == 0
         assert await h.store.pause_schedule("missing", paused=True) is None
+
+
+async def test_a_handlers_schedule_is_declared_fired_and_kept_in_step(settings: Settings) -> None:
+    ran: list[dict[str, Any]] = []
+    registry = Registry()
+
+    @registry.task("pulse.v1", schedule=Schedule(every="1s", payload={"n": 1}, catch_up="skip"))
+    async def pulse(payload: dict[str, Any], ctx: Context) -> None:
+        ran.append(payload)
+
+    @registry.task("nightly.v1", schedule="30 2 * * *", tz="Europe/Paris")
+    async def nightly(payload: dict[str, Any], ctx: Context) -> None:
+        pass
+
+    async with harness(settings) as h, running_worker(settings, registry):
+        await poll(lambda: len(ran) >= 2, "the declared schedule did not fire twice")
+        assert ran[0] == {"n": 1}
+        declared = {s.name: s for s in await h.store.schedules("", 10)}
+        assert set(declared) == {"pulse.v1", "nightly.v1"}
+        assert declared["nightly.v1"].source == "code"
+        assert (declared["nightly.v1"].cron, declared["nightly.v1"].timezone) == (
+            "30 2 * * *",
+            "Europe/Paris",
+        )
+        assert declared["pulse.v1"].every_seconds == 1.0
+
+    # A restart of a worker whose code no longer declares pulse.v1's schedule.
+    before = declared["nightly.v1"].next_fire_at
+    smaller = Registry()
+    smaller.task("pulse.v1")(pulse.function)
+    smaller.task("nightly.v1", schedule="30 2 * * *", tz="Europe/Paris")(nightly.function)
+    async with harness(settings) as h, running_worker(settings, smaller):
+        names = [s.name for s in await h.store.schedules("", 10)]
+        assert names == ["nightly.v1"]
+        kept = await h.store.schedule("nightly.v1")
+        assert kept is not None and kept.next_fire_at == before
+
+
+def test_invalid_declared_schedules_are_refused_at_registration() -> None:
+    registry = Registry()
+    for bad, says in (
+        ("61 * * * *", "minute"),
+        (Schedule(cron="* * * * *", every=5), "either cron or every"),
+        (Schedule(), "either cron or every"),
+        (Schedule(cron="* * * * *", timezone="Nowhere/Town"), "unknown time zone"),
+        (5, "a cron expression or a taskq.Schedule"),
+    ):
+        with pytest.raises(HandlerError, match=says):
+            registry.task("bad.v1", schedule=bad)(lambda payload, ctx: None)  # type: ignore[arg-type]
+    assert "bad.v1" not in registry
