@@ -244,3 +244,35 @@ def test_purging_a_queue_asks_for_its_name_and_cancels_its_tasks(system: System,
     expect(page.locator("#notice")).to_contain_text("2 tasks cancelled")
     for task in waiting:
         assert system.task(task["id"])["status"] == "CANCELLED"
+
+
+def test_schedules_are_listed_paused_resumed_and_run_now(system: System, page: Any) -> None:
+    body = {"cron": "0 3 * * *", "timezone": "Europe/Paris", "type": "demo.echo",
+            "payload": {"from": "schedule"}}  # fmt: skip
+    response = system.http.put("/schedules/nightly-echo", json=body)
+    assert response.status_code in (200, 201), response.text
+    try:
+        page.goto(system.url + "/ui/#/schedules")
+        line = page.locator('#schedules-table tbody tr[data-name="nightly-echo"]')
+        expect(line).to_be_visible()
+        expect(line).to_contain_text("0 3 * * * (Europe/Paris)")
+        page.screenshot(path=str(artifacts_dir() / "schedules.png"), full_page=True)
+
+        line.get_by_role("button", name="Pause").click()
+        expect(page.locator("#notice")).to_have_text("nightly-echo paused.")
+        expect(line.locator("td.next")).to_have_text("paused")
+        assert system.http.get("/schedules/nightly-echo").json()["paused"] is True
+
+        line.get_by_role("button", name="Run now").click()
+        expect(page.locator("#notice")).to_contain_text("Enqueued task")
+        task_id = system.http.get("/schedules/nightly-echo").json()["last_task_id"]
+        assert system.wait_for(task_id, "SUCCEEDED")["payload"] == {"from": "schedule"}
+
+        line.get_by_role("button", name="Resume").click()
+        expect(page.locator("#notice")).to_have_text("nightly-echo resumed.")
+        expect(line.locator("td.next")).not_to_have_text("paused")
+        assert system.http.get("/schedules/nightly-echo").json()["paused"] is False
+    finally:
+        system.http.request(
+            "DELETE", "/schedules/nightly-echo", headers={"content-type": "application/json"}
+        )

@@ -7,14 +7,15 @@ import * as tasks from "./tasks.js";
 import * as task from "./task.js";
 import * as dlq from "./dlq.js";
 import * as workers from "./workers.js";
+import * as schedules from "./schedules.js";
 import { openStream } from "./stream.js";
 import { notice, reportError } from "./ui.js";
 
-const VIEWS = ["overview", "tasks", "task", "dlq", "workers"];
-const WORKERS_EVERY = 5000;
+const VIEWS = ["overview", "tasks", "task", "dlq", "schedules", "workers"];
+const REFRESH_EVERY = 5000;
 const STATS_FALLBACK_EVERY = 5000;
 let view = null;
-let workersTimer = null;
+let refreshTimer = null;
 let lastStats = 0;
 
 function show(name) {
@@ -32,7 +33,7 @@ async function route() {
   const hash = location.hash.replace(/^#/, "") || "/";
   const [path, queryString] = hash.split("?");
   const query = new URLSearchParams(queryString || "");
-  clearInterval(workersTimer);
+  clearInterval(refreshTimer);
   notice("");
   const taskMatch = path.match(/^\/task\/(.+)$/);
   if (taskMatch) {
@@ -44,10 +45,14 @@ async function route() {
   } else if (path === "/dlq") {
     show("dlq");
     await dlq.showDlq(query);
+  } else if (path === "/schedules") {
+    show("schedules");
+    await schedules.showSchedules();
+    refreshTimer = setInterval(schedules.showSchedules, REFRESH_EVERY);
   } else if (path === "/workers") {
     show("workers");
     await workers.showWorkers();
-    workersTimer = setInterval(workers.showWorkers, WORKERS_EVERY);
+    refreshTimer = setInterval(workers.showWorkers, REFRESH_EVERY);
   } else {
     show("overview");
   }
