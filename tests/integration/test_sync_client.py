@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import sys
 import threading
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,6 +31,7 @@ from taskq.fleet.relay import Relay
 from taskq.settings import Settings
 from taskq.store import Store
 from tests.support.api_fixtures import drain
+from tests.support.services import subprocess_env
 from tests.support.worker_fixtures import harness, running_worker
 
 pytestmark = pytest.mark.integration
@@ -157,40 +157,58 @@ async def test_errors_are_the_async_clients_raised_in_the_callers_thread(
     assert await count_tasks(settings) == 1
 
 
+# A process that uses a SyncClient, forks, and enqueues from both sides, as a
+# gunicorn worker forked after the app's import would. It runs as a fresh process:
+# forking the test process itself would copy whatever threads and connections
+# earlier tests left in it.
+FORKING = """
+import os, sys
+from taskq import SyncClient, load_settings
+
+client = SyncClient(load_settings())
+ids = [client.enqueue("demo.echo", {"who": "parent"}).id]
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        os.write(write, str(client.enqueue("demo.echo", {"who": "child"}).id).encode())
+        client.close()
+        code = 0
+    finally:
+        os._exit(code)
+os.close(write)
+with os.fdopen(read) as answer:
+    ids.append(answer.read())
+_, status = os.waitpid(pid, 0)
+if os.waitstatus_to_exitcode(status) != 0:
+    sys.exit("the child could not enqueue")
+ids.append(client.enqueue("demo.echo", {"who": "parent"}).id)
+client.close()
+print(" ".join(str(i) for i in ids))
+"""
+
+
 async def test_a_forked_child_connects_again_and_leaves_the_parents_connections(
     settings: Settings, sync_client: SyncClient
 ) -> None:
-    before = await in_thread(lambda: sync_client.enqueue("demo.echo", {"who": "parent"}))
-
-    def fork_and_enqueue() -> uuid.UUID:
-        read, write = os.pipe()
-        with warnings.catch_warnings():
-            # Python 3.12+ warns of forking a process with threads: that is the point here.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:  # the child: like a gunicorn worker forked after the client was used
-            code = 1
-            try:
-                result = sync_client.enqueue("demo.echo", {"who": "child"})
-                sync_client.close()
-                os.write(write, str(result.id).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        with os.fdopen(read) as answer:
-            text = answer.read()
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, "the child could not enqueue"
-        return uuid.UUID(text)
-
-    child = await in_thread(fork_and_enqueue)
-    after = await in_thread(lambda: sync_client.enqueue("demo.echo", {"who": "parent"}))
+    await in_thread(lambda: sync_client.enqueue("demo.echo", {"who": "registers the type"}))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        FORKING,
+        env=subprocess_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode == 0, err.decode()
+    ids = [uuid.UUID(text) for text in out.decode().split()]
+    assert len(set(ids)) == 3
     async with harness(settings) as h, running_worker(settings):
-        for task_id in (before.id, child, after.id):
+        for task_id in ids:
             row = await h.wait_for(task_id, "SUCCEEDED")
             assert row.result is not None
-    assert len({before.id, child, after.id}) == 3
 
 
 async def test_a_closed_client_refuses_calls(settings: Settings) -> None:
