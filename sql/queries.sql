@@ -485,7 +485,7 @@ WITH input AS (
     SELECT l.id,
            CASE
                WHEN l.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED') THEN 'terminal'
-               WHEN l.status = 'RUNNING' AND (l.lease_expires_at > now()
+               WHEN l.status = 'RUNNING' AND (l.lease_expires_at > statement_timestamp()
                                               OR l.cancel_requested_at IS NOT NULL)
                    THEN 'duplicate'
                WHEN l.attempts >= l.max_attempts THEN 'exhausted'
@@ -494,11 +494,14 @@ WITH input AS (
            END AS decision
     FROM locked l
 ), claimed AS (
+    -- The statement's clock, not the transaction's: an inline claim's transaction
+    -- (taskq.worker.inline) begins before this statement. started_at is read after
+    -- the decision, so a task due at run_at never shows a start before it.
     UPDATE taskq.tasks t SET
         status = 'RUNNING', attempts = t.attempts + 1, worker_id = :worker_id,
         claim_token = gen_random_uuid(),
-        lease_expires_at = now() + make_interval(secs => :lease_seconds),
-        started_at = now(), updated_at = now(),
+        lease_expires_at = statement_timestamp() + make_interval(secs => :lease_seconds),
+        started_at = clock_timestamp(), updated_at = statement_timestamp(),
         published_at = coalesce(t.published_at, now()),
         last_error = CASE WHEN t.status = 'RUNNING'
                           THEN 'lease expired: worker ' || t.worker_id || ' stopped heartbeating'

@@ -26,6 +26,15 @@ from taskq.errors import DelayTooLong, PublishError
 from taskq.settings import Settings
 from tests.support.services import delete_namespace, make_settings
 
+# RabbitMQ's TTL timers run on the Erlang VM's monotonic clock, which, while it
+# corrects itself to a system clock being adjusted (NTP), may run up to 1% fast
+# (time correction: measured here at about 0.5% late in a long session). So the
+# broker alone may deliver a 2 s delay 10 ms early by this process's clock. A
+# task still never starts early: the claim compares run_at with Postgres's clock
+# and sends an early delivery back for the rest of its delay
+# (test_worker_scheduling checks that through a worker).
+BROKER_CLOCK = 0.99
+
 pytestmark = pytest.mark.integration
 
 
@@ -145,7 +154,7 @@ async def check_delays(declared: Declared) -> None:
         started, task_id = sent[delay]
         at, message = arrived[task_id]
         waited = at - started
-        assert low <= waited <= high, (kind, delay, waited)
+        assert low * BROKER_CLOCK <= waited <= high, (kind, delay, waited)
         assert message.headers[HEADER_DELAY] == delay
     # The real broker sent each one through exactly the levels its bits name.
     assert death_queues(arrived[sent[2][1]][1]) == {f"{ns}.delay.01"}
@@ -179,7 +188,7 @@ async def test_fractional_delay_rounds_up_never_early(rmq: Declared) -> None:
     await rmq.publisher.publish(envelope(), "default", delay=0.2)
     await inbox.wait_for(1, timeout=5)
     ((at, message),) = inbox.arrivals
-    assert 1.0 <= at - started <= 2.5
+    assert 1.0 * BROKER_CLOCK <= at - started <= 2.5
     assert message.headers[HEADER_DELAY] == 1
 
 
