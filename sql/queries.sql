@@ -482,27 +482,28 @@ WITH input AS (
         FOR UPDATE
     ) t
 ), decided AS (
-    SELECT l.id,
+    -- `at`: the clock when the row is decided (after its lock): the claim's start.
+    SELECT l.id, c.at,
            CASE
                WHEN l.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED') THEN 'terminal'
-               WHEN l.status = 'RUNNING' AND (l.lease_expires_at > statement_timestamp()
+               WHEN l.status = 'RUNNING' AND (l.lease_expires_at > c.at
                                               OR l.cancel_requested_at IS NOT NULL)
                    THEN 'duplicate'
                WHEN l.attempts >= l.max_attempts THEN 'exhausted'
-               WHEN l.run_at > clock_timestamp() THEN 'early'
+               WHEN l.run_at > c.at THEN 'early'
                ELSE 'claimed'
            END AS decision
-    FROM locked l
+    FROM locked l CROSS JOIN LATERAL (SELECT clock_timestamp() AS at) c
 ), claimed AS (
-    -- The statement's clock, not the transaction's: an inline claim's transaction
-    -- (taskq.worker.inline) begins before this statement. started_at is read after
-    -- the decision, so a task due at run_at never shows a start before it.
+    -- The decision's clock, not the transaction's: an inline claim's transaction
+    -- (taskq.worker.inline) begins before this statement, so a task due at run_at
+    -- would otherwise show a start before it.
     UPDATE taskq.tasks t SET
         status = 'RUNNING', attempts = t.attempts + 1, worker_id = :worker_id,
         claim_token = gen_random_uuid(),
-        lease_expires_at = statement_timestamp() + make_interval(secs => :lease_seconds),
-        started_at = clock_timestamp(), updated_at = statement_timestamp(),
-        published_at = coalesce(t.published_at, now()),
+        lease_expires_at = d.at + make_interval(secs => :lease_seconds),
+        started_at = d.at, updated_at = d.at,
+        published_at = coalesce(t.published_at, d.at),
         last_error = CASE WHEN t.status = 'RUNNING'
                           THEN 'lease expired: worker ' || t.worker_id || ' stopped heartbeating'
                           ELSE t.last_error END
