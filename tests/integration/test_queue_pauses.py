@@ -11,7 +11,6 @@ NOTIFY, and from the periodic re-read when the notification is lost.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +25,7 @@ from taskq.handlers import Context, Registry
 from taskq.settings import Settings
 from tests.support.api_fixtures import JSON, assert_problem, declare_topology, running_api
 from tests.support.faults import queue_depth
-from tests.support.services import subprocess_env
+from tests.support.services import run_taskq
 from tests.support.worker_fixtures import Harness, harness, metric, poll, running_worker, until
 
 pytestmark = pytest.mark.integration
@@ -272,48 +271,32 @@ async def test_bad_names_and_unknown_queues(api: httpx.AsyncClient, db: asyncpg.
     assert_problem(await api.post("/queues/gone/resume", headers=JSON), 404)
 
 
-async def run_cli(settings: Settings, tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "taskq",
-        *args,
-        env=subprocess_env(settings),
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 async def test_the_queues_command_pauses_a_running_worker(
     settings: Settings, tmp_path: Path
 ) -> None:
     await declare_topology(settings)
     started: dict[str, float] = {}
     async with running_worker(settings, recording(started)) as worker:
-        code, out, err = await run_cli(
+        code, out, err = await run_taskq(
             settings, tmp_path, "queues", "pause", "low", "--reason", "x"
         )
         assert (code, out.strip()) == (0, "paused low"), err
         await poll(lambda: "low" in worker.paused_queues, "the worker did not take the pause in")
-        code, out, err = await run_cli(settings, tmp_path, "queues", "pause", "low")
+        code, out, err = await run_taskq(settings, tmp_path, "queues", "pause", "low")
         assert (code, out.strip()) == (0, "low was paused already"), err
-        code, out, err = await run_cli(settings, tmp_path, "queues")
+        code, out, err = await run_taskq(settings, tmp_path, "queues")
         lines = dict(line.split(maxsplit=1) for line in out.splitlines())
         assert code == 0 and list(lines) == settings.queues, err
         assert lines["low"].startswith("paused since ") and lines["low"].endswith("by cli: x")
         assert lines["default"] == "consumed"
-        code, out, err = await run_cli(settings, tmp_path, "queues", "resume", "low")
+        code, out, err = await run_taskq(settings, tmp_path, "queues", "resume", "low")
         assert (code, out.strip()) == (0, "resumed low"), err
         await poll(lambda: "low" not in worker.paused_queues, "the worker did not resume")
-    code, out, err = await run_cli(settings, tmp_path, "queues", "resume", "low")
+    code, out, err = await run_taskq(settings, tmp_path, "queues", "resume", "low")
     assert (code, out.strip()) == (0, "low was not paused"), err
-    code, out, err = await run_cli(settings, tmp_path, "queues", "pause", "nope")
+    code, out, err = await run_taskq(settings, tmp_path, "queues", "pause", "nope")
     assert code == 1 and "no work queue 'nope'" in err
-    code, out, err = await run_cli(settings, tmp_path, "queues", "pause", "No!")
+    code, out, err = await run_taskq(settings, tmp_path, "queues", "pause", "No!")
     assert code == 2 and "needs a queue's name" in err
-    code, out, err = await run_cli(settings, tmp_path, "queues", "resume")
+    code, out, err = await run_taskq(settings, tmp_path, "queues", "resume")
     assert code == 2 and "needs a queue's name" in err
