@@ -16,7 +16,7 @@ commit with it; deliveries marked redelivered are begun only after the commit.
 A claim that fails after handlers began marks its deliveries redelivered too.
 
 A paused queue's buffered deliveries are given back to the broker unclaimed
-(rejected with requeue), and so are those of a failed claim put back after the
+(nacked with requeue), and so are those of a failed claim put back after the
 pause; a claim already in flight when the pause comes goes on (see
 :mod:`taskq.worker.pauses`).
 """
@@ -125,7 +125,7 @@ class Claimer(Service):
 
     def _give_back(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
-            self._in_background(self._acker.reject(delivery.channel, delivery.tag, requeue=True))
+            self._in_background(self._acker.give_back(delivery.channel, delivery.tag))
 
     def release(self, slots: int = 1) -> None:
         """Free ``slots`` (a handler finished)."""

@@ -195,6 +195,17 @@ class Acker:
             except _SETTLE_ERRORS as exc:
                 log.debug("reject on a closed channel (the broker requeued): %s", exc)
 
+    async def give_back(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
+        """Return one delivery to its queue unprocessed (a paused queue's): ``basic.nack``
+        with requeue, which RabbitMQ 4.3+ does not count towards a quorum queue's
+        delivery limit (``basic.reject`` does; before 4.3 every return counts)."""
+        async with self._lock:
+            self._pending.get(channel, {}).pop(tag, None)
+            try:
+                await channel.basic_nack(tag, requeue=True, wait=False)
+            except _SETTLE_ERRORS as exc:
+                log.debug("nack on a closed channel (the broker requeued): %s", exc)
+
     def _forget_closed(self) -> None:
         for channel in [c for c in self._pending if c.is_closed]:
             del self._pending[channel]
@@ -412,7 +423,7 @@ class Consumers(Service):
             self._acker.received(channel, tag)
             if self._paused and queue in self._paused:
                 # Sent before the broker took the cancel in: back to the queue, unclaimed.
-                await self._acker.reject(channel, tag, requeue=True)
+                await self._acker.give_back(channel, tag)
                 self._by_queue[queue].cancel_stray()
                 return
             try:

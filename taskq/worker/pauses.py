@@ -16,7 +16,7 @@ A worker
   one is noticed too;
 - applies what changed for the queues it consumes (``Worker._apply_pauses``): on a
   pause it cancels its consumer of the queue and gives the deliveries it had
-  prefetched back to the broker unclaimed (rejected with requeue; they come back
+  prefetched back to the broker unclaimed (nacked with requeue; they come back
   marked redelivered, so they are never run inline, see :mod:`taskq.worker.inline`);
   a claim already in flight goes on and tasks already running finish normally.
   On a resume it consumes the queue again.
