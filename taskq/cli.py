@@ -254,7 +254,9 @@ async def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
             pauses = {pause.queue: pause for pause in await store.queue_pauses()}
             for queue in [*settings.queues, *sorted(set(pauses) - set(settings.queues))]:
                 pause = pauses.get(queue)
-                state = "consumed" if pause is None else f"paused since {pause.paused_at:%c}"
+                state = (
+                    "consumed" if pause is None else f"paused since {pause.paused_at.isoformat()}"
+                )
                 if pause is not None:
                     state += f" by {pause.paused_by}" + (
                         f": {pause.reason}" if pause.reason else ""
