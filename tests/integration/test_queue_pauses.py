@@ -140,8 +140,9 @@ async def test_prefetched_envelopes_go_back_unclaimed_and_a_running_task_finishe
         first = await h.enqueue("t.low")
         await h.wait_for(first, "RUNNING")
         waiting = await enqueue(h, "t.low", 5)
-        # The slot is taken: the five are prefetched, unacked, unclaimed.
+        # The slot is taken: the five are prefetched, unacked, unclaimed, in the buffer.
         await until(lambda: _depth_is(h, "low", (0, 1)), "the envelopes were not prefetched")
+        await poll(lambda: len(worker._claimer._buffers) == 5, "the five were not buffered")
 
         await pause(api, "low")
         await poll(lambda: "low" in worker.paused_queues, "the worker did not take the pause in")
@@ -240,7 +241,7 @@ async def test_a_lost_notification_is_caught_by_the_periodic_read(
         )
         killed = await db.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name LIKE 'taskq queue pauses%'"
+            " WHERE application_name LIKE 'taskq queue pauses%' AND datname = current_database()"
         )
         assert killed == 1
         await poll(lambda: worker.pause_follower.connects == 2, "no new listening connection")
