@@ -1093,3 +1093,38 @@ WITH s AS (
 )
 SELECT id, type, queue, status, attempts, last_error, generation, delay, traceparent
 FROM inserted;
+
+-- ---------------------------------------------------------------- queue pauses
+
+-- name: queue_pause
+-- Pauses a work queue unless it is paused already (then it returns nothing and
+-- the pause keeps its time, author and reason). A new pause notifies the
+-- workers on :channel (<schema>_queues) when it commits.
+-- :queue, :paused_by, :reason, :channel
+WITH paused AS (
+    INSERT INTO taskq.queue_pauses (queue, paused_by, reason)
+    VALUES (:queue, :paused_by, :reason)
+    ON CONFLICT (queue) DO NOTHING
+    RETURNING queue, paused_at, paused_by, reason
+)
+SELECT p.queue, p.paused_at, p.paused_by, p.reason, pg_notify(:channel, p.queue) AS notified
+FROM paused p;
+
+-- name: queue_resume
+-- Resumes a work queue; returns its pause if it was paused, and then notifies
+-- the workers on :channel when it commits.
+-- :queue, :channel
+WITH resumed AS (
+    DELETE FROM taskq.queue_pauses WHERE queue = :queue
+    RETURNING queue, paused_at, paused_by, reason
+)
+SELECT r.queue, r.paused_at, r.paused_by, r.reason, pg_notify(:channel, r.queue) AS notified
+FROM resumed r;
+
+-- name: queue_pause_get
+-- :queue
+SELECT queue, paused_at, paused_by, reason FROM taskq.queue_pauses WHERE queue = :queue;
+
+-- name: queue_pauses
+-- Every paused queue, by name (at most one row per queue).
+SELECT queue, paused_at, paused_by, reason FROM taskq.queue_pauses ORDER BY queue;

@@ -233,6 +233,55 @@ async def cmd_schedules(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
+    """List the work queues with their pauses, or pause or resume one (as
+    ``POST /queues/{name}/pause|resume`` does, the author recorded as ``cli``)."""
+    from taskq.settings import QUEUE_NAME
+    from taskq.store import Store
+
+    name = args.name
+    if args.action != "list" and (name is None or not QUEUE_NAME.fullmatch(name)):
+        print(f"taskq: queues {args.action} needs a queue's name", file=sys.stderr)
+        return 2
+    if args.reason is not None and len(args.reason) > 1000:
+        print("taskq: --reason takes at most 1000 characters", file=sys.stderr)
+        return 2
+    store = await Store.connect(
+        settings.database_url, min_size=1, max_size=1, schema=settings.db_schema
+    )
+    try:
+        if args.action == "list":
+            pauses = {pause.queue: pause for pause in await store.queue_pauses()}
+            for queue in [*settings.queues, *sorted(set(pauses) - set(settings.queues))]:
+                pause = pauses.get(queue)
+                state = (
+                    "consumed" if pause is None else f"paused since {pause.paused_at.isoformat()}"
+                )
+                if pause is not None:
+                    state += f" by {pause.paused_by}" + (
+                        f": {pause.reason}" if pause.reason else ""
+                    )
+                if queue not in settings.queues:
+                    state += " (not in TASKQ_QUEUES)"
+                _print(f"{queue:<16} {state}")
+            return 0
+        if args.action == "pause":
+            if name not in settings.queues:
+                print(f"taskq: no work queue {name!r} (see TASKQ_QUEUES)", file=sys.stderr)
+                return 1
+            _, changed = await store.pause_queue(name, paused_by="cli", reason=args.reason)
+            _print(f"paused {name}" if changed else f"{name} was paused already")
+            return 0
+        ended = await store.resume_queue(name)
+    finally:
+        await store.close()
+    if ended is None and name not in settings.queues:
+        print(f"taskq: no work queue {name!r} (see TASKQ_QUEUES)", file=sys.stderr)
+        return 1
+    _print(f"resumed {name}" if ended is not None else f"{name} was not paused")
+    return 0
+
+
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
@@ -355,6 +404,10 @@ def _parser() -> argparse.ArgumentParser:
         choices=["list", "pause", "resume", "trigger", "delete"],
     )
     schedules.add_argument("name", nargs="?", help="the schedule (all but list)")
+    queues = sub.add_parser("queues", help="list the work queues, or pause or resume one")
+    queues.add_argument("action", nargs="?", default="list", choices=["list", "pause", "resume"])
+    queues.add_argument("name", nargs="?", help="the queue (pause and resume)")
+    queues.add_argument("--reason", help="why (pause), shown by GET /queues and the dashboard")
     worker = sub.add_parser("worker", help="run tasks with the handlers of MODULE[:ATTR]")
     worker.add_argument(
         "module", help="module with a taskq.handlers.Registry (attribute 'handlers' by default)"
@@ -433,6 +486,7 @@ COMMANDS: dict[str, Command] = {
     "enqueue": cmd_enqueue,
     "types": cmd_types,
     "schedules": cmd_schedules,
+    "queues": cmd_queues,
     "worker": cmd_worker,
 }
 

@@ -63,6 +63,13 @@ class ApiMetrics:
         self._enqueue_children: dict[tuple[str, str, str], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
         self._http_children: dict[tuple[str, int], Any] = {}
+        self.queue_paused = Gauge(
+            "taskq_queue_paused",
+            "1 while the work queue is paused (POST /queues/{q}/pause), else 0: each of"
+            " TASKQ_QUEUES, and any other queue paused.",
+            ["queue"],
+            registry=self.registry,
+        )
         self.broker_up = Gauge(
             "taskq_broker_up",
             "1 when the queue depths could be read from the broker at the last scrape, else 0.",
@@ -89,6 +96,17 @@ class ApiMetrics:
                 route, str(status)
             )
         child.inc()
+
+    def observe_pauses(self, queues: Sequence[str], paused: Sequence[str] | None) -> None:
+        """Set ``taskq_queue_paused`` of each of ``queues`` and of each ``paused`` one;
+        without an answer (None) the series are dropped rather than left stale."""
+        self.queue_paused.clear()
+        if paused is None:
+            return
+        for queue in queues:
+            self.queue_paused.labels(queue).set(0)
+        for queue in paused:
+            self.queue_paused.labels(queue).set(1)
 
     def observe_queues(self, depths: Sequence[tuple[str, str, int, int]] | None) -> None:
         """Set the queue gauges from ``(queue, kind, messages, consumers)`` rows;
@@ -225,6 +243,19 @@ class WorkerMetrics:
         for kind in ("thread", "task"):
             self.abandoned.labels(kind)
             self.abandoned_total.labels(kind)
+        self.queue_paused = Gauge(
+            "taskq_queue_paused",
+            "1 while this worker does not consume the work queue because it is paused, else 0"
+            " (each queue it consumes).",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.paused_given_back = Counter(
+            "taskq_paused_given_back_total",
+            "Prefetched envelopes of a paused queue given back to the broker unclaimed.",
+            ["queue"],
+            registry=self.registry,
+        )
         self.republished = Counter(
             "taskq_republished_total",
             "Overdue ENQUEUED tasks published again because their work queue was empty.",

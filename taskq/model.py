@@ -547,6 +547,24 @@ class Purge:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuePause:
+    """A paused work queue (``queue_pauses``): no worker consumes it until it is resumed.
+
+    Moved there by ``POST /queues/{q}/pause`` or ``taskq queues pause``; out of it
+    (the row deleted) by ``/resume``.
+    """
+
+    queue: str
+    paused_at: datetime
+    paused_by: str
+    reason: str | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> QueuePause:
+        return cls(row["queue"], row["paused_at"], row["paused_by"], row["reason"])
+
+
+@dataclass(frozen=True, slots=True)
 class StatusCounts:
     """Tasks by status: in all, by queue and by type. Keyed by the statuses' text
     (:data:`STATUS_NAMES`, every one present), as the JSON body shows them."""

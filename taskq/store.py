@@ -32,6 +32,7 @@ from taskq.model import (
     OwedPublish,
     ProgressEvent,
     Purge,
+    QueuePause,
     ScheduleFire,
     ScheduleRecord,
     ScheduleSpec,
@@ -168,6 +169,7 @@ class Store:
         self.q = sql.queries(schema)
         self.notify_channel = notify_channel(schema)
         self.finished_channel = finished_channel(schema)
+        self.queues_channel = queues_channel(schema)
 
     @classmethod
     async def connect(
@@ -862,6 +864,38 @@ class Store:
         )
         return [row["id"] for row in rows]
 
+    # ---------------------------------------------------------------- queue pauses
+
+    async def pause_queue(
+        self, queue: str, *, paused_by: str, reason: str | None
+    ) -> tuple[QueuePause, bool]:
+        """Pause work queue ``queue``; returns its pause, and whether it is new (a queue
+        paused already keeps its pause). A new pause notifies the workers."""
+        for _ in range(5):
+            row = await self._fetchrow("queue_pause", queue, paused_by, reason, self.queues_channel)
+            if row is not None:
+                return QueuePause.from_row(row), True
+            # Paused already, unless a resume deleted the row since the insert met it.
+            row = await self._fetchrow("queue_pause_get", queue)
+            if row is not None:
+                return QueuePause.from_row(row), False
+        raise StoreError(f"queue {queue!r} kept being paused and resumed meanwhile; try again")
+
+    async def resume_queue(self, queue: str) -> QueuePause | None:
+        """Resume work queue ``queue``; returns the pause it ended (None: it was not
+        paused). Notifies the workers if it was."""
+        row = await self._fetchrow("queue_resume", queue, self.queues_channel)
+        return None if row is None else QueuePause.from_row(row)
+
+    async def queue_pauses(
+        self, connection: asyncpg.Connection | None = None, timeout: float | None = None
+    ) -> list[QueuePause]:
+        """Every paused queue, by name; on ``connection`` (a worker's listening
+        connection, which the read then also checks) if given, within ``timeout``."""
+        async with self._connection(connection) as conn:
+            rows = await conn.fetch(self.q["queue_pauses"], timeout=timeout)
+        return [QueuePause.from_row(row) for row in rows]
+
 
 _CREATED = EnqueueOutcome.CREATED
 
@@ -929,6 +963,12 @@ def finished_channel(schema: str) -> str:
     """The channel on which tasks somebody waits for announce their end (their id is
     the payload): ``taskq_finished`` for the default schema (migration 0008's trigger)."""
     return f"{schema}_finished"
+
+
+def queues_channel(schema: str) -> str:
+    """The channel on which pauses and resumes of work queues wake the workers (the
+    queue's name is the payload): ``taskq_queues`` for the default schema."""
+    return f"{schema}_queues"
 
 
 async def listen(

@@ -233,7 +233,7 @@ async def list_tasks(request: Request) -> Response:
     return json_response(_page(request, "tasks", found, limit, include))
 
 
-async def _reason(request: Request) -> str | None:
+async def operator_reason(request: Request) -> str | None:
     """The optional ``{"reason": "..."}`` body of an operator action."""
     if not await _has_body(request):
         return None
@@ -279,7 +279,7 @@ async def _task_or_404(request: Request, row_id: uuid.UUID) -> TaskRecord:
 @endpoint("task_cancel")
 async def cancel_task(request: Request) -> Response:
     row_id = task_id(request)
-    reason = await _reason(request)
+    reason = await operator_reason(request)
     store = app_client(request).store
     status = await store.cancel(row_id, actor=actor(request), reason=reason)
     task = await _task_or_404(request, row_id)
@@ -291,7 +291,7 @@ async def cancel_task(request: Request) -> Response:
 @endpoint("task_retry")
 async def retry_task(request: Request) -> Response:
     row_id = task_id(request)
-    reason = await _reason(request)
+    reason = await operator_reason(request)
     retryable = [TaskStatus.FAILED, TaskStatus.CANCELLED]
     rows = await _requeue(request, [row_id], retryable, "retry", reason)
     task = await _task_or_404(request, row_id)

@@ -44,7 +44,7 @@ from taskq.metrics import ApiMetrics
 from taskq.model import TaskRecord, TaskTypeRecord
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
-from taskq.web import admin, monitor, schedules, stream, ui
+from taskq.web import admin, monitor, queues, schedules, stream, ui
 from taskq.web.cursors import Cursors
 from taskq.web.hosts import HostCheck
 from taskq.web.hot_route import serve_enqueue
@@ -303,6 +303,10 @@ async def metrics(request: Request) -> Response:
     count = await watch.unpublished()
     if count is not None:
         state.metrics.unpublished.set(count)
+    pauses = await watch.pauses()
+    state.metrics.observe_pauses(
+        state.settings.queues, None if pauses is None else [p.queue for p in pauses]
+    )
     depths = await watch.broker_depths()
     state.metrics.observe_queues(
         None
@@ -415,6 +419,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         Route("/types/{name}", get_type, methods=["GET"]),
         Route("/types/{name}", put_type, methods=["PUT"]),
         *admin.routes(),
+        *queues.routes(),
         *schedules.routes(),
         *monitor.routes(),
         Route("/stream", stream.stream, methods=["GET"]),

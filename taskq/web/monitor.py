@@ -2,7 +2,7 @@
 
 Stats are computed at most once a second per API process, however many
 dashboards ask: counts by status, queue and type from one grouped scan of
-``tasks``; throughput and latency percentiles of the last minute from the tasks
+``tasks``; the paused queues; throughput and latency percentiles of the last minute from the tasks
 that finished in it (an index on ``finished_at``); broker depths from passive
 queue declares over the API's AMQP connection (no management API needed), read
 at most every :data:`DEPTHS_MAX_AGE` seconds for ``/stats``, ``/metrics`` and
@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from taskq.amqp.broker import DepthReader, Link
 from taskq.errors import BrokerError, StoreError
+from taskq.model import QueuePause
 from taskq.settings import Settings
 from taskq.store import Store
 from taskq.web.http import endpoint, json_response
@@ -52,6 +53,7 @@ class Monitor:
         self._depths_lock = asyncio.Lock()
         self._unpublished: tuple[float, int | None] = (-1e9, None)
         self._unpublished_lock = asyncio.Lock()
+        self._pauses: tuple[float, list[QueuePause] | None] = (-1e9, None)
 
     async def stats(self) -> dict[str, Any]:
         """The ``/stats`` body, at most :data:`STATS_MAX_AGE` seconds old."""
@@ -88,10 +90,27 @@ class Monitor:
                 self._unpublished = (time.monotonic(), count)
             return self._unpublished[1]
 
+    async def pauses(self) -> list[QueuePause] | None:
+        """The paused queues, at most :data:`DEPTHS_MAX_AGE` seconds old (a pause or a
+        resume through this process is seen at once); None if the database could not say."""
+        if time.monotonic() - self._pauses[0] >= DEPTHS_MAX_AGE:
+            try:
+                pauses = await asyncio.wait_for(self.store.queue_pauses(), BROKER_TIMEOUT)
+            except (StoreError, TimeoutError):
+                pauses = None
+            self._pauses = (time.monotonic(), pauses)
+        return self._pauses[1]
+
+    def forget_pauses(self) -> None:
+        """Read the pauses again next time (this process paused or resumed a queue)."""
+        self._pauses = (-1e9, None)
+        self._cached = None
+
     async def _compute(self) -> dict[str, Any]:
         stats = await self.store.stats(WINDOW_SECONDS)
         counts, window = stats.counts, stats.window
         depths = await self.broker_depths()
+        pauses = await self.pauses()
         queues = {
             name: {"kind": self.kinds[name], "messages": messages, "consumers": consumers}
             for name, (messages, consumers) in (depths or {}).items()
@@ -102,6 +121,12 @@ class Monitor:
             "by_queue": counts.by_queue,
             "by_type": counts.by_type,
             "broker": {"available": depths is not None, "queues": queues},
+            "paused_queues": None
+            if pauses is None
+            else {
+                p.queue: {"paused_at": p.paused_at, "paused_by": p.paused_by, "reason": p.reason}
+                for p in pauses
+            },
             "throughput": {
                 "window_seconds": WINDOW_SECONDS,
                 "succeeded_per_second": window.succeeded / WINDOW_SECONDS,

@@ -8,7 +8,7 @@ import taskq
 from taskq.enqueue.validation import TYPE_NAME
 from taskq.fleet.schedules import SCHEDULE_NAME
 from taskq.model import STATUS_NAMES
-from taskq.settings import Settings
+from taskq.settings import QUEUE_NAME, Settings
 from taskq.web.openapi_schemas import body_schemas
 from taskq.web.openapi_schemas import ref as _ref
 
@@ -160,6 +160,48 @@ def _schedule_paths() -> dict[str, Any]:
             "Enqueue the schedule's task now, paused or not; its fires do not move",
             _json(obj, "task_id and the schedule"),
             "201",
+        ),
+    }
+
+
+def _queue_paths() -> dict[str, Any]:
+    """Pausing work queues (taskq.web.queues)."""
+    name = _path_param("name", pattern=QUEUE_NAME.pattern)
+    reason = _state_change_body(_ref("ReasonRequest"))
+
+    def change(summary: str, answer: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": summary,
+                "parameters": [name],
+                "requestBody": reason,
+                "responses": {
+                    "200": _json({"type": "object"}, answer),
+                    **_errors(400, 401, 404, 413, 415, 503),
+                },
+            }
+        }
+
+    return {
+        "/queues": {
+            "get": {
+                "summary": "Work queues: paused or not (and since when, by whom, why),"
+                " broker messages and consumers",
+                "responses": {
+                    "200": _json({"type": "object"}, "queues, broker_available"),
+                    **_errors(401, 503),
+                },
+            }
+        },
+        "/queues/{name}/pause": change(
+            "Pause a queue of TASKQ_QUEUES: no worker takes its tasks until it is resumed"
+            " (enqueues go on)",
+            "queue, paused (true), paused_at, paused_by, reason; changed (false: it was"
+            " paused already, and keeps that pause)",
+        ),
+        "/queues/{name}/resume": change(
+            "Resume a paused queue: the workers consume it again",
+            "queue, paused (false); changed (false: it was not paused)",
         ),
     }
 
@@ -406,6 +448,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     }
     paths.update(_admin_paths(settings))
     paths.update(_schedule_paths())
+    paths.update(_queue_paths())
     for item in paths.values():  # the Host check (taskq.web.hosts) runs before every route
         for operation in item.values():
             operation["responses"].setdefault("400", _problem("a Host not in TASKQ_ALLOWED_HOSTS"))

@@ -14,6 +14,11 @@ With an inline window (:mod:`taskq.worker.inline`) the claim's transaction stays
 open while its claimed handlers start, for the successes within the window to
 commit with it; deliveries marked redelivered are begun only after the commit.
 A claim that fails after handlers began marks its deliveries redelivered too.
+
+A paused queue's buffered deliveries are given back to the broker unclaimed
+(nacked with requeue), and so are those of a failed claim put back after the
+pause; a claim already in flight when the pause comes goes on (see
+:mod:`taskq.worker.pauses`).
 """
 
 from __future__ import annotations
@@ -99,12 +104,28 @@ class Claimer(Service):
         self._wake = asyncio.Event()
         self._stopping = False
         self._background: set[asyncio.Task[Any]] = set()
+        self._paused: set[str] = set()
 
     def put(self, delivery: Delivery) -> None:
         """Buffer a delivery until a slot is free (ignored once stopping: it stays unacked)."""
         if not self._stopping:
             self._buffers.put(delivery)
             self._wake.set()
+
+    def pause(self, queue: str) -> int:
+        """Claim nothing more of ``queue``: give its buffered deliveries back to the
+        broker, unclaimed; returns how many."""
+        self._paused.add(queue)
+        given = self._buffers.remove(queue)
+        self._give_back(given)
+        return len(given)
+
+    def resume(self, queue: str) -> None:
+        self._paused.discard(queue)
+
+    def _give_back(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            self._in_background(self._acker.give_back(delivery.channel, delivery.tag))
 
     def release(self, slots: int = 1) -> None:
         """Free ``slots`` (a handler finished)."""
@@ -191,7 +212,9 @@ class Claimer(Service):
                 log.exception("claiming %d tasks failed, retrying", len(batch))
             await asyncio.sleep(STORE_RETRY_SECONDS)
             if not self._stopping:
-                self._buffers.put_back(d for d in batch if d.live)
+                live = [d for d in batch if d.live]
+                self._give_back([d for d in live if d.queue in self._paused])
+                self._buffers.put_back(d for d in live if d.queue not in self._paused)
             self._claims -= 1
             self.release(len(batch) - begun)
             return

@@ -15,6 +15,10 @@ Within a queue envelopes are taken in delivery order.
 Prefetch applies per queue, so a worker buffers at most ``prefetch * queues``
 envelopes besides the ``concurrency`` tasks it runs. A buffered envelope is
 unacked and unclaimed: if the worker stops or dies, RabbitMQ redelivers it.
+
+A paused queue (see :mod:`taskq.worker.pauses`) has no consumer: :meth:`QueueConsumer.pause`
+cancels it, and nothing consumes it again (not a reopened channel, not a broker's
+cancel) until :meth:`QueueConsumer.resume`.
 """
 
 from __future__ import annotations
@@ -94,6 +98,14 @@ class Buffers:
         for delivery in reversed(list(deliveries)):
             self._queues[delivery.queue].appendleft(delivery)
             self._size += 1
+
+    def remove(self, queue: str) -> list[Delivery]:
+        """Remove and return the deliveries buffered from ``queue``."""
+        items = self._queues[queue]
+        out = list(items)
+        items.clear()
+        self._size -= len(out)
+        return out
 
     def take(self, count: int) -> list[Delivery]:
         """Up to ``count`` live deliveries, chosen by weight among the non-empty queues."""
@@ -183,6 +195,17 @@ class Acker:
             except _SETTLE_ERRORS as exc:
                 log.debug("reject on a closed channel (the broker requeued): %s", exc)
 
+    async def give_back(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
+        """Return one delivery to its queue unprocessed (a paused queue's): ``basic.nack``
+        with requeue, which RabbitMQ 4.3+ does not count towards a quorum queue's
+        delivery limit (``basic.reject`` does; before 4.3 every return counts)."""
+        async with self._lock:
+            self._pending.get(channel, {}).pop(tag, None)
+            try:
+                await channel.basic_nack(tag, requeue=True, wait=False)
+            except _SETTLE_ERRORS as exc:
+                log.debug("nack on a closed channel (the broker requeued): %s", exc)
+
     def _forget_closed(self) -> None:
         for channel in [c for c in self._pending if c.is_closed]:
             del self._pending[channel]
@@ -220,6 +243,8 @@ class QueueConsumer:
         self._channel: AbstractRobustChannel | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._paused = False
+        self._cancelling: asyncio.Task[None] | None = None
 
     async def start(self, connection: AbstractRobustConnection, prefetch: int) -> None:
         channel = await connection.channel(publisher_confirms=False)
@@ -230,7 +255,10 @@ class QueueConsumer:
         raw = await channel.get_underlay_channel()
         if not await self._exists(raw):
             raise BrokerError(f"work queue {self.name!r} does not exist: run taskq rmq-init")
-        await self._consume(raw)
+        if self._paused:
+            log.info("not consuming %s: the queue is paused", self.name)
+        else:
+            await self._consume(raw)
 
     async def _exists(self, raw: aiormq.abc.AbstractChannel) -> bool:
         # A failed passive declare closes its channel: probe on a throwaway one.
@@ -260,11 +288,15 @@ class QueueConsumer:
             self._keep_consuming()
 
     def _keep_consuming(self) -> None:
-        if not self._stopped and (self._task is None or self._task.done()):
+        if self._consuming and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._resume(), name=f"taskq-consume-{self.queue}")
 
+    @property
+    def _consuming(self) -> bool:
+        return not self._stopped and not self._paused
+
     async def _resume(self) -> None:
-        while not self._stopped and self._channel is not None:
+        while self._consuming and self._channel is not None:
             try:
                 raw = await self._channel.get_underlay_channel()
                 if await self._exists(raw):
@@ -276,9 +308,33 @@ class QueueConsumer:
                 log.debug("consuming %s again failed: %s", self.name, exc)
             await asyncio.sleep(self.RETRY_SECONDS)
 
+    async def pause(self) -> None:
+        """Cancel the consumer, and consume again only after :meth:`resume`.
+        Deliveries received before are the caller's to settle."""
+        if not self._paused:
+            self._paused = True
+            await self._cancel()
+
+    def resume(self) -> None:
+        """Consume again (unless stopped), in the background."""
+        if self._paused:
+            self._paused = False
+            self._keep_consuming()
+
+    def cancel_stray(self) -> None:
+        """A delivery came while paused: make sure the consumer is cancelled (a consume
+        that was in flight as the pause cancelled its task may have gone through)."""
+        if self._paused and (self._cancelling is None or self._cancelling.done()):
+            self._cancelling = asyncio.create_task(
+                self._cancel(), name=f"taskq-cancel-{self.queue}"
+            )
+
     async def stop(self) -> None:
         """Stop receiving; unsettled deliveries stay unacked until :meth:`close`."""
         self._stopped = True
+        await self._cancel()
+
+    async def _cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -342,6 +398,8 @@ class Consumers(Service):
         self._consumers = [
             QueueConsumer(names.queue(queue), queue, self._callback(queue)) for queue in queues
         ]
+        self._by_queue = {consumer.queue: consumer for consumer in self._consumers}
+        self._paused: set[str] = set()
 
     async def _start(self) -> None:
         """Consume every queue.
@@ -363,6 +421,11 @@ class Consumers(Service):
             assert tag is not None
             redelivered = bool(deliver.redelivered)  # type: ignore[union-attr]
             self._acker.received(channel, tag)
+            if self._paused and queue in self._paused:
+                # Sent before the broker took the cancel in: back to the queue, unclaimed.
+                await self._acker.give_back(channel, tag)
+                self._by_queue[queue].cancel_stray()
+                return
             try:
                 envelope = Envelope.parse(message.body)
             except Exception as exc:
@@ -376,6 +439,19 @@ class Consumers(Service):
             self._on_delivery(Delivery(envelope, queue, channel, tag, redelivered))
 
         return on_message
+
+    async def pause(self, queue: str) -> None:
+        """Stop consuming work queue ``queue`` (its short name) until :meth:`resume`
+        (before :meth:`start`: it is not consumed at the start). From the call on, its
+        deliveries still arriving go back to the broker unclaimed; those received
+        before are the caller's (see :meth:`taskq.worker.claims.Claimer.pause`)."""
+        self._paused.add(queue)
+        await self._by_queue[queue].pause()
+
+    def resume(self, queue: str) -> None:
+        """Consume work queue ``queue`` again."""
+        self._paused.discard(queue)
+        self._by_queue[queue].resume()
 
     async def stop_receiving(self) -> None:
         """Stop receiving; unsettled deliveries stay unacked until :meth:`stop`."""

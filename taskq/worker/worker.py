@@ -20,6 +20,10 @@ Per delivery (docs/workers.md, "Per delivery: claim, run, record"):
    guarded by the claim's token, and publishes retries and dead letters after
    commit.
 
+A paused queue (``POST /queues/{q}/pause``) is not consumed: :mod:`taskq.worker.pauses`
+follows the pauses and :meth:`Worker._apply_pauses` cancels the queue's consumer and
+gives its prefetched envelopes back to the broker, or consumes it again on a resume.
+
 A task whose type has no handler in this worker is claimed and fails its
 attempt with a retryable error (``NoHandler``) after the type's backoff: during
 a rolling deploy a worker that has the handler picks it up on a later attempt;
@@ -66,6 +70,7 @@ from taskq.worker.execution import (
 )
 from taskq.worker.inline import MAX_WINDOW_SECONDS, Inline
 from taskq.worker.outcomes import Finished, Recorder
+from taskq.worker.pauses import PauseFollower
 from taskq.worker.progress import ProgressBuffer
 from taskq.worker.threads import HandlerThreads
 
@@ -213,6 +218,9 @@ class Worker(Service):
         )
         # Started in order, stopped in reverse (see taskq.service).
         self._parts = Services(name=f"taskq-worker {self.worker_id}")
+        self._paused: set[str] = set()
+        for queue in self.queues:
+            self.metrics.queue_paused.labels(queue).set(0)
 
     def _check_handlers(self) -> None:
         for handler in self.registry:
@@ -294,7 +302,16 @@ class Worker(Service):
         heartbeat = functools.partial(self._runner.heartbeat_loop, self.store, self.info)
         await parts.add(Loop(heartbeat, name="taskq-heartbeat"))
         await parts.add(Loop(self._types_loop, name="taskq-types"))
+        # A queue paused now is not consumed from the start.
+        await self._apply_pauses(frozenset(p.queue for p in await self.store.queue_pauses()))
         await parts.add(self._consumers)
+        self.pause_follower = PauseFollower(
+            self.store,
+            settings.database_url,
+            apply=self._apply_pauses,
+            check_every=self.info.heartbeat_seconds,
+        )
+        await parts.add(self.pause_follower)
         if self._run_relay:
             await parts.add(
                 Relay(
@@ -331,6 +348,34 @@ class Worker(Service):
             self.inline_window * 1000,
             len(self.registry),
         )
+
+    @property
+    def paused_queues(self) -> frozenset[str]:
+        """The queues of this worker that it does not consume because they are paused."""
+        return frozenset(self._paused)
+
+    async def _apply_pauses(self, paused: frozenset[str]) -> None:
+        """Stop consuming the queues newly in ``paused``, consume those no longer in it."""
+        for queue in self.queues:
+            if queue in paused and queue not in self._paused:
+                # The claimer first, without an await in between: from here on nothing of
+                # the queue is claimed that was not in a claim already.
+                given = self._claimer.pause(queue)
+                await self._consumers.pause(queue)
+                self.metrics.queue_paused.labels(queue).set(1)
+                self.metrics.paused_given_back.labels(queue).inc(given)
+                self._paused.add(queue)
+                log.info(
+                    "queue %s is paused: not consuming it; %d prefetched envelopes given back",
+                    queue,
+                    given,
+                )
+            elif queue not in paused and queue in self._paused:
+                self._paused.discard(queue)
+                self._claimer.resume(queue)
+                self._consumers.resume(queue)
+                self.metrics.queue_paused.labels(queue).set(0)
+                log.info("queue %s is resumed: consuming it again", queue)
 
     async def _leave_worker_list(self) -> None:
         with contextlib.suppress(StoreError):

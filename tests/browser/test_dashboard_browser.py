@@ -276,3 +276,33 @@ def test_schedules_are_listed_paused_resumed_and_run_now(system: System, page: A
         system.http.request(
             "DELETE", "/schedules/nightly-echo", headers={"content-type": "application/json"}
         )
+
+
+def test_a_queue_is_paused_and_resumed_from_the_queue_list(system: System, page: Any) -> None:
+    page.goto(system.url + "/ui/")
+    line = page.locator('#queues-table tbody tr[data-queue="low"]')
+    expect(line.locator(".paused")).to_be_hidden()
+    line.get_by_role("button", name="Pause queue low").click()
+    expect(page.locator("#notice")).to_contain_text("low paused")
+    expect(line.locator(".paused")).to_be_visible()
+    [paused] = [q for q in system.http.get("/queues").json()["queues"] if q["queue"] == "low"]
+    assert paused["paused"] is True
+    try:
+        # The worker takes the pause in within moments of the answer: its consumer goes.
+        expect(line.locator("td").nth(4)).to_have_text("0", timeout=20_000)
+        waiting = system.enqueue("demo.echo", {"n": 1}, queue="low")
+        done = system.enqueue("demo.echo", {"n": 2}, queue="default")
+        system.wait_for(done["id"], "SUCCEEDED")
+        # The stream refreshes the row: still paused (also after the page reloads).
+        page.reload()
+        expect(line.locator(".paused")).to_be_visible()
+        assert system.task(waiting["id"])["status"] == "ENQUEUED"
+        # The envelope waits, ready, in the broker.
+        expect(line.locator("td").nth(3)).to_have_text("1", timeout=20_000)
+        page.screenshot(path=str(artifacts_dir() / "queue-paused.png"), full_page=True)
+        line.get_by_role("button", name="Resume queue low").click()
+        expect(page.locator("#notice")).to_contain_text("low resumed")
+        expect(line.locator(".paused")).to_be_hidden()
+        system.wait_for(waiting["id"], "SUCCEEDED")
+    finally:
+        system.http.post("/queues/low/resume", headers={"content-type": "application/json"})

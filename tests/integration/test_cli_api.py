@@ -17,7 +17,7 @@ import pytest
 from taskq.fleet.schedules import schedule_spec
 from taskq.settings import Settings
 from tests.support.api_fixtures import declare_topology
-from tests.support.services import subprocess_env
+from tests.support.services import run_taskq, subprocess_env
 from tests.support.worker_fixtures import harness
 
 pytestmark = pytest.mark.integration
@@ -29,20 +29,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def run(settings: Settings, tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "taskq",
-        *args,
-        env=subprocess_env(settings),
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+run = run_taskq
 
 
 async def test_api_process_serves_and_stops_cleanly(settings: Settings, tmp_path: Path) -> None:

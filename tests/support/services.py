@@ -5,8 +5,11 @@ cleanup, the environment of a ``taskq`` subprocess, and skipping (or failing, un
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -79,6 +82,23 @@ def subprocess_env(settings: Settings | None = None, /, **extra: str) -> dict[st
         env["TASKQ_DELIVERY_LIMIT"] = str(settings.delivery_limit)
     env.update(extra)
     return env
+
+
+async def run_taskq(settings: Settings, cwd: Path, *args: str) -> tuple[int, str, str]:
+    """Run ``python -m taskq ARGS`` with ``settings`` to its end: (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskq",
+        *args,
+        env=subprocess_env(settings),
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 async def read_unqualified(connection: asyncpg.Connection, database: str) -> None:

@@ -115,12 +115,16 @@ class Acker:
 
     acked: list[uuid.UUID] = field(default_factory=list)
     rejected: list[tuple[int, bool]] = field(default_factory=list)
+    given_back: list[int] = field(default_factory=list)
 
     async def ack(self, deliveries: list[Delivery]) -> None:
         self.acked.extend(d.envelope.id for d in deliveries)
 
     async def reject(self, channel: Channel, tag: int, *, requeue: bool) -> None:
         self.rejected.append((tag, requeue))
+
+    async def give_back(self, channel: Channel, tag: int) -> None:
+        self.given_back.append(tag)
 
 
 @dataclass

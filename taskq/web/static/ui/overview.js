@@ -44,19 +44,51 @@ function updateCards(stats) {
 }
 
 function queueRow(name) {
+  const toggle = h("button", { type: "button", class: "secondary small", dataset: { action: "pause" } }, "Pause");
+  toggle.addEventListener("click", () => pauseOrResume(name, toggle));
   return h("tr", { dataset: { queue: name } },
-    h("th", { scope: "row" }, h("a", { href: `#/tasks?queue=${encodeURIComponent(name)}` }, name)),
+    h("th", { scope: "row" }, h("a", { href: `#/tasks?queue=${encodeURIComponent(name)}` }, name),
+      " ", h("span", { class: "badge dead paused", hidden: true }, "paused")),
     ...[0, 1, 2, 3, 4].map(() => h("td", { class: "num" })),
-    h("td", { class: "num" }, h("button", {
+    h("td", { class: "num actions" }, toggle, " ", h("button", {
       type: "button", class: "danger small", "aria-label": `Purge queue ${name}`,
       onclick: () => purge(name),
     }, "Purge")));
 }
 
+/** Show a queue's row as paused (with who paused it, when and why) or consumed. */
+function showPause(tr, name, pause) {
+  const paused = Boolean(pause);
+  const mark = tr.querySelector(".paused");
+  mark.hidden = !paused;
+  mark.title = paused ? `paused ${pause.paused_at || ""} by ${pause.paused_by || "?"}${pause.reason ? `: ${pause.reason}` : ""}` : "";
+  const toggle = tr.querySelector("button[data-action]");
+  if (toggle.dataset.action !== (paused ? "resume" : "pause")) {
+    toggle.dataset.action = paused ? "resume" : "pause";
+    toggle.textContent = paused ? "Resume" : "Pause";
+  }
+  toggle.setAttribute("aria-label", `${paused ? "Resume" : "Pause"} queue ${name}`);
+}
+
+async function pauseOrResume(name, button) {
+  const action = button.dataset.action;
+  button.disabled = true;
+  try {
+    const { data } = await api(`/queues/${encodeURIComponent(name)}/${action}`, { method: "POST", body: {} });
+    showPause(button.closest("tr"), name, data.paused ? data : null);
+    notice(`${name} ${data.paused ? "paused: no worker takes its tasks until it is resumed" : "resumed"}.`, "ok");
+  } catch (error) {
+    reportError(error, `Could not ${action} ${name}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
 /** Queue rows: one per known queue, updated in place. */
 function updateQueues(stats) {
   const body = document.querySelector("#queues-table tbody");
-  const names = [...new Set([...(info.queues || []), ...Object.keys(stats.by_queue || {})])];
+  const pauses = stats.paused_queues || {};
+  const names = [...new Set([...(info.queues || []), ...Object.keys(stats.by_queue || {}), ...Object.keys(pauses)])];
   const broker = stats.broker?.queues || {};
   for (const stale of body.querySelectorAll("tr")) {
     if (!names.includes(stale.dataset.queue)) stale.remove();
@@ -69,6 +101,7 @@ function updateQueues(stats) {
     const values = [counts.ENQUEUED, counts.RUNNING, counts.FAILED].map(count);
     values.push(depth ? count(depth.messages) : "–", depth ? count(depth.consumers) : "–");
     tr.querySelectorAll("td").forEach((td, i) => { if (i < values.length) td.textContent = values[i]; });
+    if (stats.paused_queues) showPause(tr, name, pauses[name]);
   }
 }
 

@@ -1,0 +1,75 @@
+"""A paused queue's deliveries at the claimer: buffered ones go back to the broker
+unclaimed (nacked with requeue), the other queues' stay; a failed claim's deliveries
+of a queue paused meanwhile go back too, not into the buffer; a resume lets the
+queue's new deliveries be claimed again."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, cast
+
+from taskq.amqp.envelope import Envelope
+from taskq.errors import StoreError
+from taskq.model import ClaimDecision
+from taskq.worker import claims
+from taskq.worker.consumer import Buffers, Delivery
+from tests.unit.test_claims import Channel, Claiming, Store
+
+
+def delivery(tag: int, queue: str) -> Delivery:
+    return Delivery(Envelope(uuid.uuid4(), "t", 1), queue, cast(Any, Channel()), tag)
+
+
+def claiming(store: Store | None = None) -> Claiming:
+    return Claiming(store or Store(), buffers=Buffers(["default", "low"]))
+
+
+async def settled(c: Claiming) -> None:
+    if c.claimer._background:
+        await asyncio.wait(list(c.claimer._background), timeout=5.0)
+
+
+def test_buffers_remove_one_queue() -> None:
+    buffers = Buffers(["default", "low"])
+    low = [delivery(1, "low"), delivery(3, "low")]
+    other = delivery(2, "default")
+    for d in (low[0], other, low[1]):
+        buffers.put(d)
+    assert buffers.remove("low") == low
+    assert len(buffers) == 1
+    assert buffers.take(10) == [other]
+    assert buffers.remove("low") == []
+
+
+async def test_a_pause_gives_the_buffered_deliveries_of_its_queue_back() -> None:
+    c = claiming()
+    low = [delivery(1, "low"), delivery(2, "low")]
+    other = delivery(3, "default")
+    for d in (*low, other):
+        c.buffers.put(d)
+    assert c.claimer.pause("low") == 2
+    await settled(c)
+    assert c.acker.given_back == [1, 2] and c.acker.rejected == []
+    assert c.buffers.take(10) == [other]
+    c.claimer.resume("low")
+    again = delivery(4, "low")
+    c.claimer.put(again)
+    assert c.buffers.take(10) == [again]
+
+
+async def test_a_failed_claim_gives_back_the_deliveries_of_a_queue_paused_meanwhile(
+    monkeypatch: Any,
+) -> None:
+    monkeypatch.setattr(claims, "STORE_RETRY_SECONDS", 0.0)
+    c = claiming(Store(error=StoreError("down")))
+    low, other = delivery(1, "low"), delivery(2, "default")
+    c.claimer._reserved += 2
+    c.claimer._claims += 1
+    claim = asyncio.create_task(c.claimer._claim([low, other]))
+    c.claimer.pause("low")  # while the claim runs
+    await claim
+    await settled(c)
+    assert c.acker.given_back == [1]
+    assert c.buffers.take(10) == [other]
+    assert c.claimer._reserved == 0 and c.count(ClaimDecision.CLAIMED) == 0
