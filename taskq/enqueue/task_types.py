@@ -26,6 +26,8 @@ from taskq.enqueue import schemas
 from taskq.errors import FieldError, InvalidRequest, SchemaProblem
 from taskq.model import TaskTypeRecord
 from taskq.store import Store
+from taskq.unique import Unique
+from taskq.unique import parse as parse_unique
 
 TYPES_TTL = 2.0
 # A snapshot younger than TYPES_TTL * STALE_FACTOR answers for the names it holds while
@@ -54,6 +56,8 @@ class TaskType:
     validator: Any | None
     # Why the stored schema cannot be used (it predates taskq's checks), or None.
     broken: str | None = None
+    # Its tasks' uniqueness when their enqueue gives none (taskq.unique).
+    unique: Unique | None = None
 
     @classmethod
     def from_record(cls, record: TaskTypeRecord) -> TaskType:
@@ -75,6 +79,7 @@ class TaskType:
             updated_at=record.updated_at,
             validator=schemas.PayloadValidator(schema) if schema and not broken else None,
             broken=broken,
+            unique=parse_unique(orjson.loads(record.unique_spec)) if record.unique_spec else None,
         )
 
 
