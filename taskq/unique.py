@@ -30,7 +30,6 @@ from taskq.errors import FieldError, InvalidRequest
 
 WHILE = ("queued", "active", "until_finished")
 MAX_KEY_CHARS = 255
-MAX_PATH_CHARS = 100
 # A payload value whose JSON text is longer is keyed by its SHA-256.
 MAX_VALUE_CHARS = 128
 MAX_FOR_SECONDS = 366 * 86400.0
@@ -112,9 +111,7 @@ def from_body(body: UniqueBody, field: str) -> Unique:
     errors = []
     if "\x00" in body.key:
         errors.append(FieldError(field + ".key", "may not contain NUL characters"))
-    elif body.key.startswith("$") and (
-        len(body.key) > MAX_PATH_CHARS or not _PATH.fullmatch(body.key)
-    ):
+    elif body.key.startswith("$") and not _PATH.fullmatch(body.key):
         message = "a payload path is '$' or '$.field.field' (letters, digits, '_', '-')"
         errors.append(FieldError(field + ".key", message))
     seconds = None

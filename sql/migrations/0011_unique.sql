@@ -43,7 +43,7 @@ COMMENT ON COLUMN taskq.tasks.unique_until IS
 
 ALTER TABLE taskq.tasks DROP CONSTRAINT IF EXISTS tasks_unique_valid;
 ALTER TABLE taskq.tasks ADD CONSTRAINT tasks_unique_valid CHECK (
-    (unique_key IS NULL OR length(unique_key) BETWEEN 3 AND 512)
+    (unique_key IS NULL OR octet_length(unique_key) BETWEEN 3 AND 2048)
     AND (unique_while IS NULL OR unique_while IN ('queued', 'active', 'until_finished'))
     AND (unique_key IS NULL OR unique_while IS NOT NULL)
 ) NOT VALID;
