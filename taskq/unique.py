@@ -25,7 +25,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from taskq._utils import parse_duration
+from taskq._utils import field_errors, parse_duration
 from taskq.errors import FieldError, InvalidRequest
 
 WHILE = ("queued", "active", "until_finished")
@@ -97,12 +97,7 @@ def parse(data: Any, field: str = "unique") -> Unique:
     try:
         body = UniqueBody.model_validate(data)
     except ValidationError as exc:
-        errors = []
-        for error in exc.errors():
-            part = ".".join(str(p) for p in error["loc"])
-            message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
-            errors.append(FieldError(f"{field}.{part}" if part else field, message))
-        raise InvalidRequest(errors) from None
+        raise InvalidRequest(field_errors(exc, field)) from None
     return from_body(body, field)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from taskq._utils import json_has_nul, parse_duration, task_id
+from taskq._utils import field_errors, json_has_nul, parse_duration, task_id
 from taskq.enqueue import schemas
 
 # Defined in taskq.errors; importing them from here keeps working.
@@ -110,24 +110,6 @@ class TaskTypeBody(BaseModel):
     _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
 
 
-def _pydantic_errors(exc: ValidationError, prefix: str) -> list[FieldError]:
-    out = []
-    for error in exc.errors():
-        path = prefix
-        for part in error["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            elif part not in ("list", "fixed", "exponential"):
-                path += f".{part}" if path else str(part)
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif error["type"] == "missing":
-            message = "required"
-        out.append(FieldError(path or "body", message))
-    return out
-
-
 def dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -184,7 +166,7 @@ def enqueue_task(
     try:
         body = EnqueueBody.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(_pydantic_errors(exc, prefix)) from None
+        raise InvalidRequest(field_errors(exc, prefix)) from None
     dot = prefix + "." if prefix else ""
     errors = []
     if not TYPE_NAME.fullmatch(body.type):
@@ -277,7 +259,7 @@ def batch_items(data: Any) -> list[Any]:
     try:
         return EnqueueBatchBody.model_validate(data).tasks
     except ValidationError as exc:
-        raise InvalidRequest(_pydantic_errors(exc, "")) from None
+        raise InvalidRequest(field_errors(exc, "")) from None
 
 
 def raise_all(errors: list[InvalidRequest]) -> None:
@@ -313,7 +295,7 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
     try:
         body = TaskTypeBody.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(errors + _pydantic_errors(exc, "")) from None
+        raise InvalidRequest(errors + field_errors(exc, "")) from None
     queue = body.queue or settings.default_queue
     if not QUEUE_NAME.fullmatch(queue) or queue not in settings.queues:
         errors.append(FieldError("queue", f"unknown queue; one of {settings.queues}"))
