@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from taskq import Client
+from taskq.handlers import Context, Registry
 from taskq.settings import Settings
 from tests.support.api_fixtures import (
     assert_problem,
@@ -24,6 +25,7 @@ from tests.support.api_fixtures import (
     put_type,
     running_api,
 )
+from tests.support.worker_fixtures import harness, running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -435,3 +437,37 @@ async def test_an_operators_retry_runs_the_task_outside_its_uniqueness(
     task = (await api.get(f"/tasks/{first['id']}")).json()
     assert task["status"] == "ENQUEUED" and task["unique"]["key"] is None
     assert (await api.post("/enqueue", json=enqueue_body(1))).json()["id"] == second.json()["id"]
+
+
+async def test_a_worker_registers_the_types_unique_and_runs_a_debounced_task_once(
+    settings: Settings,
+) -> None:
+    handlers = Registry()
+    seen: list[dict[str, Any]] = []
+
+    @handlers.task(
+        "doc.reindex.v1",
+        unique={"key": "$.doc", "while": "queued", "on_conflict": "replace"},
+    )
+    async def reindex(payload: dict[str, Any], ctx: Context) -> None:
+        seen.append(payload)
+
+    async with harness(settings) as h, running_worker(settings, handlers):
+        [record] = [t for t in await h.store.task_types() if t.name == "doc.reindex.v1"]
+        assert record.unique_spec is not None
+        assert json.loads(record.unique_spec)["on_conflict"] == "replace"
+        async with Client.connect(settings) as client:
+            # Five edits within the debounce window: one task, moved each time, that
+            # runs once with the last edit (its envelope comes early and goes back).
+            results = [
+                await reindex.enqueue(client, {"doc": 1, "version": n}, delay=3) for n in range(5)
+            ]
+            assert results[0].created and all(r.replaced for r in results[1:])
+            assert len({r.id for r in results}) == 1
+            await h.wait_for(results[0].id, "SUCCEEDED", timeout=60)
+            assert seen == [{"doc": 1, "version": 4}]
+            # Started (and finished): the key is free again.
+            after = await reindex.enqueue(client, {"doc": 1, "version": 5})
+            assert after.created
+            await h.wait_for(after.id, "SUCCEEDED", timeout=60)
+    assert seen[1:] == [{"doc": 1, "version": 5}]
