@@ -13,9 +13,10 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psycopg
 import pytest
 
-from taskq import Client
+from taskq import Client, EnqueueResult, SyncClient
 from taskq.handlers import Context, Registry
 from taskq.settings import Settings
 from tests.support.api_fixtures import (
@@ -471,3 +472,26 @@ async def test_a_worker_registers_the_types_unique_and_runs_a_debounced_task_onc
             assert after.created
             await h.wait_for(after.id, "SUCCEEDED", timeout=60)
     assert seen[1:] == [{"doc": 1, "version": 5}]
+
+
+async def test_a_sync_client_in_a_psycopg_transaction(
+    api: httpx.AsyncClient, db: asyncpg.Connection, settings: Settings
+) -> None:
+    def work() -> tuple[EnqueueResult, ...]:
+        with SyncClient(settings) as client, psycopg.connect(settings.database_url) as conn:
+            with conn.transaction():
+                first = client.enqueue(*USER_1, unique=BY_USER, connection=conn)
+                # A batch, under a savepoint in the caller's transaction.
+                inner = client.enqueue_many(
+                    "demo.echo", [{"user": 1}, {"user": 3}], unique=BY_USER, connection=conn
+                )
+            # Django's autocommit connection outside atomic(): a statement of its own.
+            conn.autocommit = True
+            outside = client.enqueue(*USER_1, unique=BY_USER, connection=conn)
+            return first, *inner, outside
+
+    first, duplicate, other, outside = await asyncio.to_thread(work)
+    assert first.created and other.created
+    assert duplicate.duplicate and duplicate.id == first.id
+    assert outside.duplicate and outside.id == first.id
+    assert await count(db) == 2
