@@ -188,23 +188,40 @@ RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, g
 -- migration 0011), with the enqueue's answer, whether their hold has expired
 -- (unique_until passed: enqueue_unique_release frees it) and whether a duplicate
 -- may replace their payload and run_at (ENQUEUED and never started).
+-- Each key is looked up through that index, one lookup per key (the LATERAL, kept
+-- apart by its LIMIT: a key has one holder): as a join the planner may read the
+-- whole index ANDed with the indexes of each status instead.
 -- :unique_keys text[]
 SELECT t.id, t.type, t.queue, t.status, t.attempts, t.max_attempts, t.run_at, t.created_at,
        t.unique_key, coalesce(t.unique_until <= now(), false) AS expired,
        t.status = 'ENQUEUED' AND t.started_at IS NULL AS replaceable
-FROM taskq.tasks t
-WHERE t.unique_key = ANY(:unique_keys::text[]) AND t.unique_key IS NOT NULL AND (
-    (t.status = 'ENQUEUED' AND (t.unique_while <> 'queued' OR t.started_at IS NULL))
-    OR (t.status = 'RUNNING' AND t.unique_while <> 'queued')
-    OR (t.status = 'SUCCEEDED' AND t.unique_while = 'until_finished'));
+FROM unnest(:unique_keys::text[]) AS k(key)
+CROSS JOIN LATERAL (
+    SELECT * FROM taskq.tasks t
+    WHERE t.unique_key = k.key AND t.unique_key IS NOT NULL AND (
+        (t.status = 'ENQUEUED' AND (t.unique_while <> 'queued' OR t.started_at IS NULL))
+        OR (t.status = 'RUNNING' AND t.unique_while <> 'queued')
+        OR (t.status = 'SUCCEEDED' AND t.unique_while = 'until_finished'))
+    LIMIT 1
+) t;
 
 -- name: enqueue_unique_release
 -- Frees the unique keys of holders whose time ("for") has passed, so that the
 -- enqueue that found them can insert: unique_key NULL takes a row out of
 -- tasks_unique_key for good. Only the key changes; the task goes on as it was.
+-- Rows are locked in id order through the primary key, as `claim` locks them.
 -- :ids uuid[]
+WITH expired AS (
+    SELECT t.id
+    FROM (SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.unique_until FROM taskq.tasks t WHERE t.id = i.id
+        OFFSET 0 FOR UPDATE
+    ) t
+    WHERE t.unique_until <= now()
+)
 UPDATE taskq.tasks SET unique_key = NULL
-WHERE id = ANY(:ids::uuid[]) AND unique_until <= now();
+WHERE id = ANY(ARRAY(SELECT id FROM expired));
 
 -- name: enqueue_replace
 -- Debounce (on_conflict "replace"): holders still ENQUEUED and never started take
@@ -234,7 +251,7 @@ UPDATE taskq.tasks t SET
     published_at = CASE WHEN h.run_at < h.old_run_at THEN NULL ELSE t.published_at END,
     generation = CASE WHEN h.run_at < h.old_run_at THEN t.generation + 1 ELSE t.generation END
 FROM held h
-WHERE t.id = h.id
+WHERE t.id = ANY(ARRAY(SELECT id FROM held)) AND t.id = h.id
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.max_attempts, t.run_at, t.created_at,
           t.generation, t.traceparent, h.run_at < h.old_run_at AS republish,
           greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay;
