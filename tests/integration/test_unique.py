@@ -79,6 +79,10 @@ async def test_a_duplicate_answers_with_the_holder_and_creates_nothing(
     }  # fmt: skip
     plain = (await api.post("/enqueue", json={"type": "demo.echo", "payload": {}})).json()
     assert (await api.get(f"/tasks/{plain['id']}")).json()["unique"] is None
+    metrics = (await api.get("/metrics")).text
+    assert (
+        'taskq_enqueue_total{outcome="duplicate",queue="default",type="demo.echo"} 1.0' in metrics
+    )
 
 
 async def test_keys_literal_whole_payload_and_per_type(
