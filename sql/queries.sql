@@ -146,11 +146,39 @@ WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff, t.unique_spec, t.p
 
 -- name: enqueue
 -- Inserts a batch of tasks; defaults come from the (enabled) task type. Rows whose
--- idempotency key exists already are skipped (see enqueue_existing), and so are
--- rows whose unique key a task holds already (see enqueue_unique_holders), also
--- one inserted earlier in the same batch; rows whose type is unknown or disabled
--- are skipped too. `delay` is the time until run_at measured on the database's
--- clock, which is what the publish into the delay levels needs.
+-- idempotency key exists already are skipped (see enqueue_existing); rows whose
+-- type is unknown or disabled are skipped too. `delay` is the time until run_at
+-- measured on the database's clock, which is what the publish into the delay
+-- levels needs.
+-- :ids uuid[], :types text[], :queues text[] (NULL: the type's),
+-- :payloads text[] (json), :max_attempts int[] (NULL: the type's),
+-- :idempotency_keys text[], :request_fingerprints text[],
+-- :timeouts float8[] (NULL: the type's), :run_at timestamptz[] (NULL: now + delay),
+-- :delays float8[] (NULL: 0), :traceparents text[] (NULL: not traced)
+INSERT INTO taskq.tasks (id, type, queue, payload, max_attempts, idempotency_key,
+                   request_fingerprint, timeout_seconds, run_at, traceparent)
+SELECT r.id, r.type, coalesce(r.queue, t.queue), r.payload::jsonb,
+       coalesce(r.max_attempts, t.max_attempts), r.idempotency_key, r.fingerprint,
+       coalesce(r.timeout_seconds, t.timeout_seconds),
+       coalesce(r.run_at, now() + make_interval(secs => coalesce(r.delay, 0))), r.traceparent
+FROM unnest(:ids::uuid[], :types::text[], :queues::text[], :payloads::text[],
+            :max_attempts::int[], :idempotency_keys::text[], :request_fingerprints::text[],
+            :timeouts::float8[], :run_at::timestamptz[], :delays::float8[],
+            :traceparents::text[])
+    WITH ORDINALITY AS r(id, type, queue, payload, max_attempts, idempotency_key,
+                         fingerprint, timeout_seconds, run_at, delay, traceparent, n)
+JOIN taskq.task_type t ON t.name = r.type AND t.enabled
+ORDER BY r.n
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, generation,
+          greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay;
+
+-- name: enqueue_unique
+-- `enqueue` for a batch that holds a unique task (taskq.unique): the same insert,
+-- with the unique key, the states that hold it and its bound in time. Rows whose
+-- unique key a task holds already are skipped too (see enqueue_unique_holders),
+-- also one inserted earlier in the same batch. Batches without a unique task run
+-- `enqueue`, which pays none of this.
 -- :ids uuid[], :types text[], :queues text[] (NULL: the type's),
 -- :payloads text[] (json), :max_attempts int[] (NULL: the type's),
 -- :idempotency_keys text[], :request_fingerprints text[],

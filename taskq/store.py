@@ -454,9 +454,10 @@ class Store:
     async def _insert(
         self, conn: _Statements, tasks: Sequence[NewTask]
     ) -> dict[uuid.UUID, Mapping[str, Any]]:
-        """Insert what may be inserted of ``tasks`` (``enqueue`` SQL): the rows by id."""
-        rows = await conn.fetch(
-            "enqueue",
+        """Insert what may be inserted of ``tasks``: the rows by id. A batch without a
+        unique task runs ``enqueue``, which knows nothing of unique keys (and costs what
+        it cost before them); one with a unique task, ``enqueue_unique``."""
+        columns = [
             [t.id for t in tasks],
             [t.type for t in tasks],
             [t.queue for t in tasks],
@@ -468,10 +469,14 @@ class Store:
             [t.run_at for t in tasks],
             [t.delay for t in tasks],
             [t.traceparent for t in tasks],
-            [t.unique_key for t in tasks],
-            [t.unique_while for t in tasks],
-            [t.unique_for for t in tasks],
-        )
+        ]
+        if any(t.unique_key is not None for t in tasks):
+            unique = [[t.unique_key for t in tasks], [t.unique_while for t in tasks]]
+            rows = await conn.fetch(
+                "enqueue_unique", *columns, *unique, [t.unique_for for t in tasks]
+            )
+        else:
+            rows = await conn.fetch("enqueue", *columns)
         return {row["id"]: row for row in rows}
 
     async def _contest(
