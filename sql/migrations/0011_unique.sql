@@ -59,7 +59,7 @@ ALTER TABLE taskq.task_type ADD CONSTRAINT task_type_unique_object
     CHECK (unique_spec IS NULL OR jsonb_typeof(unique_spec) = 'object');
 
 -- The arbiter: one holder per key. Its predicate is the "holds" of the table
--- above, written out in the enqueue's queries (enqueue, enqueue_unique_holders).
+-- above, written out again where a holder is read (enqueue_unique_holders, task_get).
 CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS tasks_unique_key ON taskq.tasks (unique_key)
     WHERE unique_key IS NOT NULL AND (
         (status = 'ENQUEUED' AND (unique_while <> 'queued' OR started_at IS NULL))
