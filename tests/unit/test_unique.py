@@ -4,13 +4,17 @@ winning over the type's, and the decorator's ``unique=`` checked at import."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from taskq.enqueue.task_types import TaskType, check_type
 from taskq.enqueue.validation import enqueue_task, task_type, with_unique
 from taskq.errors import InvalidRequest
 from taskq.handlers import Context, HandlerError, Registry
+from taskq.model import TaskTypeRecord
 from taskq.unique import MAX_VALUE_CHARS, Unique, parse, task_key
 from tests.support.services import make_settings
 
@@ -143,3 +147,16 @@ def test_the_decorator_checks_unique_at_import() -> None:
         handlers.task("b.v1", unique={"while": "sometimes"})
     with pytest.raises(HandlerError, match=r"unique\.key"):
         handlers.task("c.v1", unique={"key": "$.a..b"})
+
+
+def test_a_types_unique_written_by_hand_that_does_not_parse_refuses_its_enqueues() -> None:
+    now = datetime.now(UTC)
+    good = TaskTypeRecord("t.v1", "default", 5, 30.0, None, None, True, now, now, '{"key": "$.a"}')
+    assert TaskType.from_record(good).unique == Unique("$.a")
+    bad = replace(good, unique_spec='{"while": "sometimes"}')
+    task_type_ = TaskType.from_record(bad)
+    assert task_type_.unique is None and task_type_.unique_broken
+    with pytest.raises(InvalidRequest) as info:
+        check_type(task_type_, "t.v1", None, ["default"], "tasks[1].")
+    [error] = info.value.errors
+    assert error.field == "tasks[1].type" and "unique is unusable" in error.message
