@@ -331,7 +331,8 @@ class Client(Service):
         try:
             task, body = validation.enqueue_task(data, self.settings, traceparent=traceparent)
             task_type = await self._check_type(body.type, body.queue, "")
-            task = validation.with_unique(task, body, task_type.unique, "")
+            if body.unique is not None or task_type.unique is not None:
+                task = validation.with_unique(task, body, task_type.unique, "")
             if task_type.validator is not None:
                 validation.raise_all(await self._check_payloads([("", task_type, body.payload)]))
             result = await self._batcher.submit(task)

@@ -98,13 +98,20 @@ class NewTask:
     run_at: datetime | None = None
     delay: float | None = None
     traceparent: str | None = None
-    # Unique tasks (taskq.unique): the key held, the states that hold it,
-    # how long at most (seconds), and whether a duplicate replaces the holder's
-    # payload and run_at (debounce).
-    unique_key: str | None = None
-    unique_while: str | None = None
-    unique_for: float | None = None
-    unique_replace: bool = False
+    # None: not unique. One field, not four: every enqueue builds a NewTask.
+    unique: UniqueKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UniqueKey:
+    """What a unique task's row says of its key (taskq.unique): the key it holds
+    (``<type>/<key>``), the states that hold it (``while``), how long at most (seconds),
+    and whether a duplicate replaces the holder's payload and run_at (debounce)."""
+
+    key: str
+    while_: str
+    for_seconds: float | None
+    replace: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +448,7 @@ class Store:
             found = existing.get(task.idempotency_key) if task.idempotency_key else None
             if found is None:
                 results.append(Enqueued(EnqueueOutcome.UNKNOWN_TYPE))
-                if task.unique_key is not None:
+                if task.unique is not None:
                     contested.append(index)
             elif found["request_fingerprint"] == task.fingerprint:
                 results.append(Enqueued(EnqueueOutcome.REPLAYED, _answer(found)))
@@ -470,10 +477,14 @@ class Store:
             [t.delay for t in tasks],
             [t.traceparent for t in tasks],
         ]
-        if any(t.unique_key is not None for t in tasks):
-            unique = [[t.unique_key for t in tasks], [t.unique_while for t in tasks]]
+        if any(t.unique is not None for t in tasks):
+            held = [t.unique for t in tasks]
             rows = await conn.fetch(
-                "enqueue_unique", *columns, *unique, [t.unique_for for t in tasks]
+                "enqueue_unique",
+                *columns,
+                [u and u.key for u in held],
+                [u and u.while_ for u in held],
+                [u and u.for_seconds for u in held],
             )
         else:
             rows = await conn.fetch("enqueue", *columns)
@@ -496,7 +507,7 @@ class Store:
         any round was skipped for its type (unknown or disabled): it stays UNKNOWN_TYPE.
         """
         for _ in range(UNIQUE_ROUNDS):
-            keys = sorted({key for i in pending if (key := tasks[i].unique_key) is not None})
+            keys = sorted({u.key for i in pending if (u := tasks[i].unique) is not None})
             holders = {
                 row["unique_key"]: row for row in await conn.fetch("enqueue_unique_holders", keys)
             }
@@ -506,11 +517,11 @@ class Store:
             again: list[int] = []
             replacing: dict[uuid.UUID, list[int]] = {}
             for index in pending:
-                task = tasks[index]
-                holder = holders.get(task.unique_key)
+                unique = tasks[index].unique
+                holder = None if unique is None else holders.get(unique.key)
                 if holder is None or holder["expired"]:
                     again.append(index)
-                elif task.unique_replace and holder["replaceable"]:
+                elif unique is not None and unique.replace and holder["replaceable"]:
                     replacing.setdefault(holder["id"], []).append(index)
                 else:
                     results[index] = Enqueued(EnqueueOutcome.DUPLICATE, _duplicate(holder, False))

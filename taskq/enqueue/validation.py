@@ -25,7 +25,7 @@ from taskq.errors import InvalidRequest as InvalidRequest
 from taskq.errors import SchemaProblem
 from taskq.errors import TooLarge as TooLarge
 from taskq.settings import QUEUE_NAME, Settings
-from taskq.store import NewTask
+from taskq.store import NewTask, UniqueKey
 from taskq.unique import Unique, UniqueBody, from_body, task_key
 
 TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
@@ -245,13 +245,7 @@ def with_unique(
         assert type_unique is not None
         spec, field = type_unique, prefix + "payload"
     key = task_key(spec, task.type, body.payload, field)
-    return replace(
-        task,
-        unique_key=key,
-        unique_while=spec.while_,
-        unique_for=spec.for_seconds,
-        unique_replace=spec.replace,
-    )
+    return replace(task, unique=UniqueKey(key, spec.while_, spec.for_seconds, spec.replace))
 
 
 def batch_items(data: Any) -> list[Any]:

@@ -15,6 +15,7 @@ from taskq.enqueue.validation import enqueue_task, task_type, with_unique
 from taskq.errors import InvalidRequest
 from taskq.handlers import Context, HandlerError, Registry
 from taskq.model import TaskTypeRecord
+from taskq.store import UniqueKey
 from taskq.unique import MAX_VALUE_CHARS, Unique, parse, task_key
 from tests.support.services import make_settings
 
@@ -101,12 +102,10 @@ def test_the_enqueues_unique_wins_over_the_types() -> None:
     task, body = enqueue_task(request, SETTINGS)
     assert with_unique(task, body, None, "") is task  # neither: nothing to do
     typed = with_unique(task, body, Unique("$.a", "queued", 60.0, True), "")
-    assert (typed.unique_key, typed.unique_while, typed.unique_for, typed.unique_replace) == (
-        "t.v1/$.a=1", "queued", 60.0, True,
-    )  # fmt: skip
+    assert typed.unique == UniqueKey("t.v1/$.a=1", "queued", 60.0, True)
     task, body = enqueue_task({**request, "unique": {"key": "$.b"}}, SETTINGS)
     own = with_unique(task, body, Unique("$.a", "queued"), "")
-    assert (own.unique_key, own.unique_while, own.unique_replace) == ("t.v1/$.b=2", "active", False)
+    assert own.unique == UniqueKey("t.v1/$.b=2", "active", None, False)
     missing, missing_body = enqueue_task({**request, "unique": {"key": "$.c"}}, SETTINGS)
     with pytest.raises(InvalidRequest) as info:
         with_unique(missing, missing_body, None, "tasks[0].")
