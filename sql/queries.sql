@@ -80,22 +80,24 @@ INSERT INTO taskq.taskq_migrations (version, name, checksum) VALUES (:version, :
 
 -- name: types_all
 SELECT name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
-       enabled, created_at, updated_at
+       enabled, created_at, updated_at, unique_spec::text
 FROM taskq.task_type ORDER BY name;
 
 -- name: type_put
 -- Creates or replaces one task type (the admin API).
 -- :name, :queue, :max_attempts, :timeout_seconds, :backoff (json text or NULL),
--- :payload_schema (json text or NULL), :enabled
-INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff, payload_schema, enabled)
+-- :payload_schema (json text or NULL), :enabled, :unique_spec (json text or NULL)
+INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff, payload_schema,
+                                  enabled, unique_spec)
 VALUES (:name, :queue, :max_attempts, :timeout_seconds, :backoff::jsonb, :payload_schema::jsonb,
-        :enabled)
+        :enabled, :unique_spec::jsonb)
 ON CONFLICT (name) DO UPDATE SET
     queue = EXCLUDED.queue, max_attempts = EXCLUDED.max_attempts,
     timeout_seconds = EXCLUDED.timeout_seconds, backoff = EXCLUDED.backoff,
-    payload_schema = EXCLUDED.payload_schema, enabled = EXCLUDED.enabled, updated_at = now()
+    payload_schema = EXCLUDED.payload_schema, enabled = EXCLUDED.enabled,
+    unique_spec = EXCLUDED.unique_spec, updated_at = now()
 RETURNING name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
-          enabled, created_at, updated_at, (xmax = 0) AS created;
+          enabled, created_at, updated_at, unique_spec::text, (xmax = 0) AS created;
 
 -- name: types_lock
 -- Serialises the writers of the registry for the check against TASKQ_MAX_TASK_TYPES
@@ -118,23 +120,25 @@ SELECT (SELECT count(*) FROM taskq.task_type)
 -- it replaces a stored schema only when that one is NULL or a worker's too (it
 -- holds the key x-taskq-generated), so an operator's schema stays.
 -- :names text[], :queues text[], :max_attempts int[], :timeouts float8[],
--- :backoffs text[] (json or NULL), :payload_schemas text[] (json or NULL)
+-- :backoffs text[] (json or NULL), :payload_schemas text[] (json or NULL),
+-- :unique_specs text[] (json or NULL: the handler's unique=)
 INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff,
-                                  payload_schema)
+                                  payload_schema, unique_spec)
 SELECT r.name, r.queue, r.max_attempts, r.timeout_seconds, r.backoff::jsonb,
-       r.payload_schema::jsonb
+       r.payload_schema::jsonb, r.unique_spec::jsonb
 FROM unnest(:names::text[], :queues::text[], :max_attempts::int[], :timeouts::float8[],
-            :backoffs::text[], :payload_schemas::text[])
-    AS r(name, queue, max_attempts, timeout_seconds, backoff, payload_schema)
+            :backoffs::text[], :payload_schemas::text[], :unique_specs::text[])
+    AS r(name, queue, max_attempts, timeout_seconds, backoff, payload_schema, unique_spec)
 ON CONFLICT (name) DO UPDATE SET
     queue = EXCLUDED.queue, max_attempts = EXCLUDED.max_attempts,
     timeout_seconds = EXCLUDED.timeout_seconds, backoff = EXCLUDED.backoff,
     payload_schema = CASE WHEN t.payload_schema IS NULL OR t.payload_schema ? 'x-taskq-generated'
                           THEN EXCLUDED.payload_schema ELSE t.payload_schema END,
+    unique_spec = EXCLUDED.unique_spec,
     updated_at = now()
-WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff, t.payload_schema)
+WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff, t.unique_spec, t.payload_schema)
     IS DISTINCT FROM (EXCLUDED.queue, EXCLUDED.max_attempts, EXCLUDED.timeout_seconds,
-                      EXCLUDED.backoff,
+                      EXCLUDED.backoff, EXCLUDED.unique_spec,
                       CASE WHEN t.payload_schema IS NULL OR t.payload_schema ? 'x-taskq-generated'
                            THEN EXCLUDED.payload_schema ELSE t.payload_schema END);
 
@@ -168,6 +172,117 @@ ORDER BY r.n
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, generation,
           greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay;
+
+-- name: enqueue_unique
+-- `enqueue` for a batch that holds a unique task (taskq.unique): the same insert,
+-- with the unique key, the states that hold it and its bound in time. Rows whose
+-- unique key a task holds already are skipped too (see enqueue_unique_holders),
+-- also one inserted earlier in the same batch. Batches without a unique task run
+-- `enqueue`, which pays none of this.
+-- :ids uuid[], :types text[], :queues text[] (NULL: the type's),
+-- :payloads text[] (json), :max_attempts int[] (NULL: the type's),
+-- :idempotency_keys text[], :request_fingerprints text[],
+-- :timeouts float8[] (NULL: the type's), :run_at timestamptz[] (NULL: now + delay),
+-- :delays float8[] (NULL: 0), :traceparents text[] (NULL: not traced),
+-- :unique_keys text[] (NULL: not unique), :unique_whiles text[],
+-- :unique_fors float8[] (seconds the key is held at most; NULL: no bound)
+INSERT INTO taskq.tasks (id, type, queue, payload, max_attempts, idempotency_key,
+                   request_fingerprint, timeout_seconds, run_at, traceparent,
+                   unique_key, unique_while, unique_until)
+SELECT r.id, r.type, coalesce(r.queue, t.queue), r.payload::jsonb,
+       coalesce(r.max_attempts, t.max_attempts), r.idempotency_key, r.fingerprint,
+       coalesce(r.timeout_seconds, t.timeout_seconds),
+       coalesce(r.run_at, now() + make_interval(secs => coalesce(r.delay, 0))), r.traceparent,
+       r.unique_key, r.unique_while, now() + make_interval(secs => r.unique_for)
+FROM unnest(:ids::uuid[], :types::text[], :queues::text[], :payloads::text[],
+            :max_attempts::int[], :idempotency_keys::text[], :request_fingerprints::text[],
+            :timeouts::float8[], :run_at::timestamptz[], :delays::float8[],
+            :traceparents::text[], :unique_keys::text[], :unique_whiles::text[],
+            :unique_fors::float8[])
+    WITH ORDINALITY AS r(id, type, queue, payload, max_attempts, idempotency_key,
+                         fingerprint, timeout_seconds, run_at, delay, traceparent,
+                         unique_key, unique_while, unique_for, n)
+JOIN taskq.task_type t ON t.name = r.type AND t.enabled
+-- Unique keys in one order: two statements inserting the same keys in their
+-- transactions (batches) wait for each other in turn, never both ways (a deadlock).
+ORDER BY r.unique_key, r.n
+-- Every arbiter: the idempotency key's index and the unique key's (tasks_unique_key).
+ON CONFLICT DO NOTHING
+RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, generation,
+          greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay;
+
+-- name: enqueue_unique_holders
+-- The tasks that hold some unique keys (the predicate is tasks_unique_key's, see
+-- migration 0011), with the enqueue's answer, whether their hold has expired
+-- (unique_until passed: enqueue_unique_release frees it) and whether a duplicate
+-- may replace their payload and run_at (ENQUEUED and never started).
+-- Each key is looked up through that index, one lookup per key (the LATERAL, kept
+-- apart by its LIMIT: a key has one holder): as a join the planner may read the
+-- whole index ANDed with the indexes of each status instead.
+-- :unique_keys text[]
+SELECT t.id, t.type, t.queue, t.status, t.attempts, t.max_attempts, t.run_at, t.created_at,
+       t.unique_key, coalesce(t.unique_until <= now(), false) AS expired,
+       t.status = 'ENQUEUED' AND t.started_at IS NULL AS replaceable
+FROM unnest(:unique_keys::text[]) AS k(key)
+CROSS JOIN LATERAL (
+    SELECT * FROM taskq.tasks t
+    WHERE t.unique_key = k.key AND t.unique_key IS NOT NULL AND (
+        (t.status = 'ENQUEUED' AND (t.unique_while <> 'queued' OR t.started_at IS NULL))
+        OR (t.status = 'RUNNING' AND t.unique_while <> 'queued')
+        OR (t.status = 'SUCCEEDED' AND t.unique_while = 'until_finished'))
+    LIMIT 1
+) t;
+
+-- name: enqueue_unique_release
+-- Frees the unique keys of holders whose time ("for") has passed, so that the
+-- enqueue that found them can insert: unique_key NULL takes a row out of
+-- tasks_unique_key for good. Only the key changes; the task goes on as it was.
+-- Rows are locked in id order through the primary key, as `claim` locks them.
+-- :ids uuid[]
+WITH expired AS (
+    SELECT t.id
+    FROM (SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.unique_until FROM taskq.tasks t WHERE t.id = i.id
+        OFFSET 0 FOR UPDATE
+    ) t
+    WHERE t.unique_until <= now()
+)
+UPDATE taskq.tasks SET unique_key = NULL
+WHERE id = ANY(ARRAY(SELECT id FROM expired));
+
+-- name: enqueue_replace
+-- Debounce (on_conflict "replace"): holders still ENQUEUED and never started take
+-- a duplicate's payload and run_at. When run_at moves earlier, a publish is owed
+-- (a new generation: the envelope in the broker is due later and stays harmless,
+-- the claim drops it); when it moves later, the envelope in the broker comes
+-- early and the claim sends it back through the delay queues. Rows are locked in
+-- id order, as `claim` locks them; one claimed meanwhile is left alone (no row back).
+-- :ids uuid[] (distinct), :payloads text[] (json), :run_at timestamptz[] (NULL: now + delay),
+-- :delays float8[] (NULL: 0)
+WITH r AS (
+    SELECT r.id, r.payload,
+           coalesce(r.run_at, now() + make_interval(secs => coalesce(r.delay, 0))) AS run_at
+    FROM unnest(:ids::uuid[], :payloads::text[], :run_at::timestamptz[], :delays::float8[])
+        AS r(id, payload, run_at, delay)
+    ORDER BY r.id
+), held AS (
+    SELECT t.id, t.run_at AS old_run_at, r.payload, r.run_at
+    FROM r CROSS JOIN LATERAL (
+        SELECT t.id, t.run_at FROM taskq.tasks t
+        WHERE t.id = r.id AND t.status = 'ENQUEUED' AND t.started_at IS NULL
+        FOR UPDATE
+    ) t
+)
+UPDATE taskq.tasks t SET
+    payload = h.payload::jsonb, run_at = h.run_at, updated_at = now(),
+    published_at = CASE WHEN h.run_at < h.old_run_at THEN NULL ELSE t.published_at END,
+    generation = CASE WHEN h.run_at < h.old_run_at THEN t.generation + 1 ELSE t.generation END
+FROM held h
+WHERE t.id = ANY(ARRAY(SELECT id FROM held)) AND t.id = h.id
+RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.max_attempts, t.run_at, t.created_at,
+          t.generation, t.traceparent, h.run_at < h.old_run_at AS republish,
+          greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay;
 
 -- name: enqueue_existing
 -- The tasks that already hold some idempotency keys, with the answer their
@@ -252,7 +367,14 @@ SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempoten
        CASE WHEN published_at IS NULL AND set_aside_generation = generation
             THEN publish_retry_at END AS publish_retry_at,
        p.fraction AS progress, p.details::text AS progress_details,
-       p.attempt AS progress_attempt, p.updated_at AS progress_at
+       p.attempt AS progress_attempt, p.updated_at AS progress_at,
+       -- Its unique key, and whether it holds it now (tasks_unique_key's predicate,
+       -- and unique_until not passed).
+       unique_key, unique_while, unique_until,
+       unique_key IS NOT NULL AND coalesce(unique_until > now(), true) AND (
+           (status = 'ENQUEUED' AND (unique_while <> 'queued' OR started_at IS NULL))
+           OR (status = 'RUNNING' AND unique_while <> 'queued')
+           OR (status = 'SUCCEEDED' AND unique_while = 'until_finished')) AS unique_held
 FROM taskq.tasks t LEFT JOIN taskq.task_progress p ON p.task_id = t.id
 WHERE t.id = :id;
 
@@ -783,7 +905,9 @@ RETURNING t.id, t.status;
 
 -- name: requeue
 -- An operator's retry or DLQ replay: ENQUEUED again, due now, with fresh
--- attempts; replays counts it; a publish is owed (published after commit).
+-- attempts; replays counts it; a publish is owed (published after commit). A
+-- unique task runs again outside its uniqueness (unique_key NULL): another task
+-- may hold its key by now.
 -- Rows are locked in id order, through the primary key, as `claim` locks them:
 -- a replay of thousands of tasks and a worker claiming some of them (duplicate
 -- envelopes, a concurrent retry) cannot deadlock. The status is tested once the
@@ -804,7 +928,7 @@ UPDATE taskq.tasks t SET
     status = 'ENQUEUED', attempts = 0, run_at = now(), result = NULL, finished_at = NULL,
     lease_expires_at = NULL, worker_id = NULL, cancel_requested_at = NULL,
     published_at = NULL, generation = t.generation + 1, replays = t.replays + 1,
-    updated_at = now()
+    unique_key = NULL, updated_at = now()
 WHERE t.id = ANY(ARRAY(SELECT id FROM held))
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.last_error, t.generation,
           0::float8 AS delay, t.traceparent;

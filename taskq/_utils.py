@@ -7,7 +7,13 @@ import os
 import re
 import time
 import uuid
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
+
+from taskq.errors import FieldError
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 # What parse_duration accepts, for documents (the OpenAPI schema); parse_duration
 # itself reads durations without one. Its only ambiguity, whether spaces before
@@ -127,3 +133,29 @@ def task_id() -> uuid.UUID:
         | _UUID7_VARIANT
         | rand & _RAND_B
     )
+
+
+# Tags pydantic puts in an error's location for the member of a union (or of a
+# discriminated one) that was tried: not part of the field's path.
+_UNION_TAGS = frozenset({"list", "fixed", "exponential", "float", "str"})
+
+
+def field_errors(exc: ValidationError, prefix: str) -> list[FieldError]:
+    """A pydantic error as taskq's, one per field (``tasks[3].unique.for``) under
+    ``prefix``: the message of the first error of a field that failed every member of
+    a union."""
+    out: dict[str, FieldError] = {}
+    for error in exc.errors():
+        path = prefix
+        for part in error["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part not in _UNION_TAGS:
+                path += f".{part}" if path else str(part)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "required"
+        out.setdefault(path or "body", FieldError(path or "body", message))
+    return list(out.values())

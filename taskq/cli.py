@@ -154,8 +154,9 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         payload = json.loads(args.payload)
+        unique = None if args.unique is None else json.loads(args.unique)
     except ValueError as exc:
-        print(f"taskq: the payload is not JSON: {exc}", file=sys.stderr)
+        print(f"taskq: the payload or --unique is not JSON: {exc}", file=sys.stderr)
         return 2
     async with Client.connect(settings) as client:
         result = await client.enqueue(
@@ -165,8 +166,10 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
             idempotency_key=args.idempotency_key,
             delay=args.delay,
             max_attempts=args.max_attempts,
+            unique=unique,
         )
-    _print(json.dumps({**result.task, "replayed": not result.created}, default=str))
+    replayed = not result.created and not result.duplicate
+    _print(json.dumps({**result.task, "replayed": replayed}, default=str))
     return 0
 
 
@@ -188,6 +191,7 @@ async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
             f"{task_type.name:<32} queue={task_type.queue:<10}"
             f" max_attempts={task_type.max_attempts:<3}"
             f" timeout={task_type.timeout_seconds:g}s {state}"
+            + (f" unique={task_type.unique_spec}" if task_type.unique_spec else "")
         )
     return 0
 
@@ -395,6 +399,9 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--idempotency-key")
     enqueue.add_argument("--delay", type=float, help="seconds")
     enqueue.add_argument("--max-attempts", type=int)
+    enqueue.add_argument(
+        "--unique", help='JSON object, e.g. \'{"key": "$.to", "while": "queued"}\''
+    )
     sub.add_parser("types", help="list the registered task types")
     schedules = sub.add_parser("schedules", help="list, pause, resume, trigger or delete schedules")
     schedules.add_argument(

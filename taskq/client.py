@@ -49,14 +49,24 @@ class EnqueueResult:
     """The answer to one enqueue.
 
     Attributes:
-        created: False for an idempotent replay (the task existed already).
+        created: False for an idempotent replay or a duplicate (the task existed already).
         task: the answer as ``POST /enqueue`` returns it: ``id``, ``type``,
             ``queue``, ``status``, ``attempts``, ``max_attempts``, ``run_at``,
-            ``created_at``.
+            ``created_at``; for a duplicate also ``duplicate`` and ``replaced``.
     """
 
     created: bool
     task: dict[str, Any]
+
+    @property
+    def duplicate(self) -> bool:
+        """True when another task held the unique key: it answers, nothing was created."""
+        return bool(self.task.get("duplicate", False))
+
+    @property
+    def replaced(self) -> bool:
+        """True when that task (not yet started) took this enqueue's payload and run_at."""
+        return bool(self.task.get("replaced", False))
 
     @property
     def id(self) -> uuid.UUID:
@@ -209,6 +219,7 @@ class Client(Service):
         delay: float | None = None,
         run_at: datetime | str | None = None,
         timeout: float | None = None,
+        unique: dict[str, Any] | None = None,
         connection: asyncpg.Connection | None = None,
     ) -> EnqueueResult:
         """Enqueue one task.
@@ -223,6 +234,11 @@ class Client(Service):
                 through pydantic (``mode="json"``).
             queue, max_attempts, idempotency_key, delay, run_at, timeout: as
                 the fields of ``POST /enqueue``.
+            unique: at most one task per key: ``{"key": "$.user_id", "while":
+                "queued" | "active" | "until_finished", "for": "10m",
+                "on_conflict": "keep" | "replace"}`` (docs/producers.md); default: the
+                type's. A duplicate answers with the task holding the key
+                (``EnqueueResult.duplicate``).
             connection: an asyncpg connection in an open transaction: the task
                 is inserted in it, and exists and is published (by the relay,
                 woken at commit) only if that transaction commits.
@@ -232,7 +248,7 @@ class Client(Service):
             IdempotencyConflict: the key was used with another request.
             StoreError: the database is unreachable.
         """
-        options = (queue, max_attempts, idempotency_key, delay, run_at, timeout)
+        options = (queue, max_attempts, idempotency_key, delay, run_at, timeout, unique)
         data = requests.body(task, payload, *options)
         if connection is not None:
             return (await self._send_many([data], connection, None))[0]
@@ -315,6 +331,8 @@ class Client(Service):
         try:
             task, body = validation.enqueue_task(data, self.settings, traceparent=traceparent)
             task_type = await self._check_type(body.type, body.queue, "")
+            if body.unique is not None or task_type.unique is not None:
+                task = validation.with_unique(task, body, task_type.unique, "")
             if task_type.validator is not None:
                 validation.raise_all(await self._check_payloads([("", task_type, body.payload)]))
             result = await self._batcher.submit(task)
@@ -338,6 +356,7 @@ class Client(Service):
         delay: float | None = None,
         run_at: datetime | str | None = None,
         timeout: float | None = None,
+        unique: dict[str, Any] | None = None,
         connection: asyncpg.Connection | None = None,
         traceparent: str | None = None,
     ) -> list[EnqueueResult]:
@@ -348,7 +367,8 @@ class Client(Service):
         (``idempotency_keys``: one key or ``None`` per payload); or
         ``enqueue_many(items)``: request bodies as ``POST /enqueue/batch`` takes
         them, each naming its type. ``traceparent`` is as for :meth:`submit`: the
-        batch is one enqueue span.
+        batch is one enqueue span. Tasks of the batch that share a unique key are
+        duplicates of the first of them.
 
         Raises:
             InvalidRequest: naming the index and field of every error; nothing is
@@ -356,7 +376,7 @@ class Client(Service):
                 request bodies, or ``payloads`` missing with a type.
             IdempotencyConflict: a key was used with another request; nothing is created.
         """
-        options = (queue, max_attempts, idempotency_keys, delay, run_at, timeout)
+        options = (queue, max_attempts, idempotency_keys, delay, run_at, timeout, unique)
         bodies = requests.bodies(items, payloads, *options)
         return await self._send_many(bodies, connection, traceparent)
 
@@ -390,6 +410,7 @@ class Client(Service):
                 task_type = task_types.check_type(
                     registry[body.type], body.type, body.queue, self.settings.queues, prefix + "."
                 )
+                task = validation.with_unique(task, body, task_type.unique, prefix + ".")
             except InvalidRequest as exc:
                 errors.append(exc)
             else:
@@ -410,7 +431,7 @@ class Client(Service):
             if result.outcome == EnqueueOutcome.UNKNOWN_TYPE:
                 raise InvalidRequest([FieldError(f"tasks[{index}].type", "unknown task type")])
         if connection is not None:  # published by the relay when the caller commits
-            return [EnqueueResult(r.outcome == _CREATED, r.answer or {}) for r in results]
+            return [EnqueueResult(r.outcome is _CREATED, r.answer or {}) for r in results]
         answers = [
             self._answer(t, r, f"tasks[{i}].")
             for i, (t, r) in enumerate(zip(tasks, results, strict=True))
@@ -445,7 +466,7 @@ class Client(Service):
     def _publish_created(self, results: Sequence[Enqueued]) -> None:
         """Hand the created rows of ``results`` to the outbox: they are durable now."""
         for result in results:
-            if result.outcome == _CREATED:
+            if result.owes_publish:
                 self.outbox.submit(result.owed())
 
     def _answer(
@@ -460,8 +481,8 @@ class Client(Service):
         if result.outcome == EnqueueOutcome.UNKNOWN_TYPE:
             raise InvalidRequest([FieldError(prefix + "type", f"unknown task type {task.type!r}")])
         assert result.answer is not None
-        created = result.outcome == _CREATED
-        if publish and created:
+        created = result.outcome is _CREATED
+        if publish and result.owes_publish:
             # The task is durable now; the outbox publishes it in the background.
             self.outbox.submit(result.owed())
         return EnqueueResult(created, result.answer)
@@ -492,4 +513,8 @@ def _index(field: str) -> int:
 
 
 def _outcome(answer: EnqueueResult) -> str:
-    return EnqueueOutcome.CREATED if answer.created else EnqueueOutcome.REPLAYED
+    if answer.created:
+        return EnqueueOutcome.CREATED
+    if answer.duplicate:
+        return EnqueueOutcome.REPLACED if answer.replaced else EnqueueOutcome.DUPLICATE
+    return EnqueueOutcome.REPLAYED

@@ -42,6 +42,7 @@ class EnqueueOptions(TypedDict, total=False):
     delay: float | None
     run_at: datetime | str | None
     timeout: float | None
+    unique: dict[str, Any] | None
     connection: Any
 
 
@@ -55,6 +56,7 @@ class EnqueueManyOptions(TypedDict, total=False):
     delay: float | None
     run_at: datetime | str | None
     timeout: float | None
+    unique: dict[str, Any] | None
     connection: Any
 
 

@@ -50,6 +50,7 @@ import orjson
 
 from taskq import backoff as backoff_
 from taskq import cron, payloads
+from taskq import unique as unique_
 from taskq.definitions import TaskDefinition
 from taskq.errors import CronProblem, FieldError, InvalidRequest
 
@@ -136,6 +137,7 @@ class Handler:
     sync: bool = False
     payload_schema_json: str | None = None
     schedule: Schedule | None = None
+    unique: unique_.Unique | None = None
 
 
 @dataclass(slots=True)
@@ -309,6 +311,7 @@ class Registry:
         backoff: BackoffSpec = None,
         schedule: str | Schedule | None = None,
         tz: str = "UTC",
+        unique: Mapping[str, Any] | None = None,
     ) -> Callable[[Callable[[P, Context], R]], TaskDefinition[P, R]]:
         """Register the decorated ``async def`` or ``def`` ``fn(payload, ctx)`` for ``name``.
 
@@ -331,6 +334,11 @@ class Registry:
                 zone ``tz``), or a :class:`Schedule` with every option. Workers
                 that run the handler declare it at their start.
             tz: the IANA time zone of a cron expression given as ``schedule``.
+            unique: at most one task of this type per key, for enqueues that give
+                no ``unique`` of their own: ``{"key": "$.user_id", "while":
+                "queued" | "active" | "until_finished", "for": "10m",
+                "on_conflict": "keep" | "replace"}`` (docs/producers.md). Workers
+                that run the handler register it with the type at their start.
 
         Raises:
             HandlerError: for invalid options, a name registered twice, a
@@ -351,6 +359,10 @@ class Registry:
         except ValueError as exc:
             raise HandlerError(f"{name}: invalid backoff: {exc}") from None
         declared = _schedule(name, schedule, tz)
+        try:
+            uniqueness = None if unique is None else unique_.parse(dict(unique))
+        except InvalidRequest as exc:
+            raise HandlerError(f"{name}: invalid unique: {exc}") from None
 
         def register(function: Callable[[P, Context], R]) -> TaskDefinition[P, R]:
             if isinstance(function, TaskDefinition):
@@ -368,6 +380,7 @@ class Registry:
                 sync,
                 None if model is None else model.schema_json,
                 declared,
+                uniqueness,
             )
             self._handlers[name] = handler
             definition = TaskDefinition(handler, function, model)

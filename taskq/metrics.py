@@ -17,7 +17,8 @@ class ApiMetrics:
         self.registry = registry or CollectorRegistry()
         self.enqueue_total = Counter(
             "taskq_enqueue_total",
-            "Enqueue requests by outcome: created, replayed, conflict, invalid.",
+            "Enqueue requests by outcome: created, replayed, duplicate, replaced, conflict,"
+            " invalid.",
             ["type", "queue", "outcome"],
             registry=self.registry,
         )

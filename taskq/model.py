@@ -95,6 +95,11 @@ class EnqueueOutcome(StrEnum):
     """Its idempotency key exists with another request (a 409)."""
     UNKNOWN_TYPE = "unknown_type"
     """Its task type is not registered, or is disabled."""
+    DUPLICATE = "duplicate"
+    """Its unique key is held by another task, which answers; nothing was created."""
+    REPLACED = "replaced"
+    """Its unique key is held by a task not yet started, which took its payload and
+    run_at (debounce); nothing was created."""
 
     @property
     def refused(self) -> bool:
@@ -355,6 +360,7 @@ class TaskRecord:
     publish_error: str | None = None
     publish_retry_at: datetime | None = None
     progress: Progress | None = None
+    unique: UniqueHold | None = None
 
     def result_value(self) -> Any:
         """The handler's result, parsed from its JSON (None if there is none)."""
@@ -381,7 +387,26 @@ class TaskRecord:
             publish_error=row["publish_error"],
             publish_retry_at=row["publish_retry_at"],
             progress=Progress.from_detail_row(row),
+            unique=UniqueHold.from_detail_row(row),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class UniqueHold:
+    """A unique task's key (``<type>/<key>``; None once released), the states that hold it
+    (``queued``, ``active`` or ``until_finished``), until when at most, and whether the
+    task holds it now."""
+
+    key: str | None
+    while_: str
+    until: datetime | None
+    held: bool
+
+    @classmethod
+    def from_detail_row(cls, row: Mapping[str, Any]) -> UniqueHold | None:
+        if row.get("unique_while") is None:  # not unique (or a row from before 0011)
+            return None
+        return cls(row["unique_key"], row["unique_while"], row["unique_until"], row["unique_held"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,13 +512,15 @@ class TaskTypeRecord:
     enabled: bool
     created_at: datetime
     updated_at: datetime
+    # The type's unique (JSON text; taskq.unique), or None.
+    unique_spec: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TaskTypeRecord:
         return cls(
             row["name"], row["queue"], row["max_attempts"], row["timeout_seconds"],
             row["backoff"], row["payload_schema"], row["enabled"], row["created_at"],
-            row["updated_at"],
+            row["updated_at"], row["unique_spec"],
         )  # fmt: skip
 
 

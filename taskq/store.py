@@ -57,6 +57,9 @@ log = logging.getLogger("taskq.store")
 TYPES_LOCK_KEY = 0x7479706573
 # Serialises the writers of schedules for the check against TASKQ_MAX_SCHEDULES: "sched".
 SCHEDULES_LOCK_KEY = 0x7363686564
+# Rounds of looking up the holders of unique keys, and inserting again those whose
+# holder let go meanwhile, before a task that finds none is taken as refused for its type.
+UNIQUE_ROUNDS = 5
 # Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
 NOTIFY_IDS = 200
 # What a database going away raises. InternalClientError too: a connection the
@@ -96,6 +99,20 @@ class NewTask:
     run_at: datetime | None = None
     delay: float | None = None
     traceparent: str | None = None
+    # None: not unique. One field, not four: every enqueue builds a NewTask.
+    unique: UniqueKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UniqueKey:
+    """What a unique task's row says of its key (taskq.unique): the key it holds
+    (``<type>/<key>``), the states that hold it (``while``), how long at most (seconds),
+    and whether a duplicate replaces the holder's payload and run_at (debounce)."""
+
+    key: str
+    while_: str
+    for_seconds: float | None
+    replace: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +144,13 @@ class Enqueued:
     delay: float = 0.0
     generation: int = 0
     traceparent: str | None = None
+    republish: bool = False
+
+    @property
+    def owes_publish(self) -> bool:
+        """Whether a publish is owed for it: a created task, or a replaced one whose run_at
+        moved earlier than its envelope's."""
+        return self.outcome is _CREATED or self.republish
 
     @property
     def task_id(self) -> uuid.UUID:
@@ -271,6 +295,7 @@ class Store:
         backoff_json: str | None,
         payload_schema_json: str | None,
         enabled: bool,
+        unique_json: str | None = None,
         max_types: int | None = None,
     ) -> tuple[TaskTypeRecord, bool]:
         """Create or replace one task type; returns it, and whether it is new.
@@ -289,6 +314,7 @@ class Store:
                 backoff_json,
                 payload_schema_json,
                 enabled,
+                unique_json,
             )
         assert row is not None
         return TaskTypeRecord.from_row(row), row["created"]
@@ -298,19 +324,21 @@ class Store:
         types: Sequence[
             tuple[str, str, int, float, str | None]
             | tuple[str, str, int, float, str | None, str | None]
+            | tuple[str, str, int, float, str | None, str | None, str | None]
         ],
         max_types: int | None = None,
     ) -> None:
-        """Upsert ``(name, queue, max_attempts, timeout, backoff_json[, payload_schema_json])``
-        for a worker's handlers (a schema replaces only a worker's or none: see
-        ``types_register``; without one, a worker's schema is removed).
+        """Upsert ``(name, queue, max_attempts, timeout, backoff_json[, payload_schema_json[,
+        unique_json]])`` for a worker's handlers (a schema replaces only a worker's or none:
+        see ``types_register``; without one, a worker's schema is removed; without a
+        unique, the type's is removed).
 
         Raises:
             TooManyTaskTypes: the new ones would take the registry past ``max_types``.
         """
         async with self._connection() as connection, connection.transaction():
             await self._check_room(connection, [t[0] for t in types], max_types)
-            rows = [(*t, None) if len(t) == 5 else t for t in types]
+            rows = [(*t, *(None,) * (7 - len(t))) for t in types]
             await connection.execute(
                 self.q["types_register"], *(list(column) for column in zip(*rows, strict=True))
             )
@@ -398,32 +426,19 @@ class Store:
             await conn.execute(done)
         # In the caller's transaction a NOTIFY is delivered when it commits; after a
         # transaction of our own, at once.
-        await self._notify([r.task_id for r in results if r.outcome == _CREATED], conn)
+        await self._notify([r.task_id for r in results if r.owes_publish], conn)
         return results
 
     async def _enqueue(self, conn: _Statements, tasks: Sequence[NewTask]) -> list[Enqueued]:
-        rows = await conn.fetch(
-            "enqueue",
-            [t.id for t in tasks],
-            [t.type for t in tasks],
-            [t.queue for t in tasks],
-            [t.payload_json for t in tasks],
-            [t.max_attempts for t in tasks],
-            [t.idempotency_key for t in tasks],
-            [t.fingerprint for t in tasks],
-            [t.timeout for t in tasks],
-            [t.run_at for t in tasks],
-            [t.delay for t in tasks],
-            [t.traceparent for t in tasks],
-        )
-        inserted = {row["id"]: row for row in rows}
+        inserted = await self._insert(conn, tasks)
         keys = [t.idempotency_key for t in tasks if t.id not in inserted and t.idempotency_key]
         existing = {}
         if keys:
             for row in await conn.fetch("enqueue_existing", keys):
                 existing[row["idempotency_key"]] = row
-        results = []
-        for task in tasks:
+        results: list[Enqueued] = []
+        contested = []  # tasks whose unique key another task holds
+        for index, task in enumerate(tasks):
             new = inserted.get(task.id)
             if new is not None:
                 results.append(
@@ -435,11 +450,135 @@ class Store:
             found = existing.get(task.idempotency_key) if task.idempotency_key else None
             if found is None:
                 results.append(Enqueued(EnqueueOutcome.UNKNOWN_TYPE))
+                if task.unique is not None:
+                    contested.append(index)
             elif found["request_fingerprint"] == task.fingerprint:
                 results.append(Enqueued(EnqueueOutcome.REPLAYED, _answer(found)))
             else:
                 results.append(Enqueued(EnqueueOutcome.CONFLICT, _answer(found)))
+        if contested:
+            await self._contest(conn, tasks, results, contested)
         return results
+
+    async def _insert(
+        self, conn: _Statements, tasks: Sequence[NewTask]
+    ) -> dict[uuid.UUID, Mapping[str, Any]]:
+        """Insert what may be inserted of ``tasks``: the rows by id. A batch without a
+        unique task runs ``enqueue``, which knows nothing of unique keys (and costs what
+        it cost before them); one with a unique task, ``enqueue_unique``."""
+        columns = [
+            [t.id for t in tasks],
+            [t.type for t in tasks],
+            [t.queue for t in tasks],
+            [t.payload_json for t in tasks],
+            [t.max_attempts for t in tasks],
+            [t.idempotency_key for t in tasks],
+            [t.fingerprint for t in tasks],
+            [t.timeout for t in tasks],
+            [t.run_at for t in tasks],
+            [t.delay for t in tasks],
+            [t.traceparent for t in tasks],
+        ]
+        if any(t.unique is not None for t in tasks):
+            held = [t.unique for t in tasks]
+            rows = await conn.fetch(
+                "enqueue_unique",
+                *columns,
+                [u and u.key for u in held],
+                [u and u.while_ for u in held],
+                [u and u.for_seconds for u in held],
+            )
+        else:
+            rows = await conn.fetch("enqueue", *columns)
+        return {row["id"]: row for row in rows}
+
+    async def _contest(
+        self,
+        conn: _Statements,
+        tasks: Sequence[NewTask],
+        results: list[Enqueued],
+        pending: list[int],
+    ) -> None:
+        """Answer the tasks at ``pending``, whose insert met a holder of their unique key:
+        the holder answers (a duplicate), or takes their payload and run_at (replace).
+
+        The unique index decided (see migration 0011); what is read here only says who
+        holds the key. A holder whose "for" has passed is released and the task inserted
+        again; so is one that let the key go meanwhile (it started, ended or was
+        replaced too late): the next round looks again. A task that finds no holder in
+        any round was skipped for its type (unknown or disabled): it stays UNKNOWN_TYPE.
+        """
+        for _ in range(UNIQUE_ROUNDS):
+            keys = sorted({u.key for i in pending if (u := tasks[i].unique) is not None})
+            holders = {
+                row["unique_key"]: row for row in await conn.fetch("enqueue_unique_holders", keys)
+            }
+            expired = [row["id"] for row in holders.values() if row["expired"]]
+            if expired:
+                await conn.execute("enqueue_unique_release", expired)
+            again: list[int] = []
+            replacing: dict[uuid.UUID, list[int]] = {}
+            for index in pending:
+                unique = tasks[index].unique
+                holder = None if unique is None else holders.get(unique.key)
+                if holder is None or holder["expired"]:
+                    again.append(index)
+                elif unique is not None and unique.replace and holder["replaceable"]:
+                    replacing.setdefault(holder["id"], []).append(index)
+                else:
+                    results[index] = Enqueued(EnqueueOutcome.DUPLICATE, _duplicate(holder, False))
+            if replacing:
+                again += await self._replace(conn, tasks, results, replacing)
+            if not again:
+                return
+            again.sort()
+            inserted = await self._insert(conn, [tasks[i] for i in again])
+            pending = []
+            for index in again:
+                new = inserted.get(tasks[index].id)
+                if new is None:
+                    pending.append(index)
+                    continue
+                results[index] = Enqueued(
+                    _CREATED, _answer(new), new["delay"], new["generation"],
+                    tasks[index].traceparent,
+                )  # fmt: skip
+            if not pending:
+                return
+
+    async def _replace(
+        self,
+        conn: _Statements,
+        tasks: Sequence[NewTask],
+        results: list[Enqueued],
+        replacing: dict[uuid.UUID, list[int]],
+    ) -> list[int]:
+        """Debounce: each holder takes the payload and run_at of the last of its
+        duplicates (in the batch's order). Returns the duplicates whose holder had
+        started meanwhile, to be looked at again."""
+        ids = list(replacing)
+        last = [tasks[replacing[holder][-1]] for holder in ids]
+        rows = await conn.fetch(
+            "enqueue_replace",
+            ids,
+            [t.payload_json for t in last],
+            [t.run_at for t in last],
+            [t.delay for t in last],
+        )
+        replaced = {row["id"]: row for row in rows}
+        again = []
+        for holder_id, group in replacing.items():
+            row = replaced.get(holder_id)
+            if row is None:
+                again += group
+                continue
+            for index in group:
+                results[index] = Enqueued(
+                    EnqueueOutcome.REPLACED, _duplicate(row, True), row["delay"],
+                    row["generation"], row["traceparent"],
+                    republish=row["republish"] and index == group[-1],
+                )  # fmt: skip
+        return again
 
     async def notify_owed(self, ids: Sequence[uuid.UUID]) -> None:
         """Wake the active relay to publish the owed rows ``ids`` now, not after its grace."""
@@ -941,6 +1080,11 @@ class OpenClaim:
 
 def _answer(row: Mapping[str, Any]) -> dict[str, Any]:
     return {name: row[name] for name in ANSWER_FIELDS}
+
+
+def _duplicate(row: Mapping[str, Any], replaced: bool) -> dict[str, Any]:
+    """The answer to an enqueue whose unique key ``row`` holds."""
+    return {**_answer(row), "duplicate": True, "replaced": replaced}
 
 
 def _after(cursor: Cursor | None) -> tuple[datetime | None, uuid.UUID | None]:

@@ -11,9 +11,10 @@ returns what the worker would record::
 
 The attempt goes through the worker's own code (:class:`taskq.worker.execution.Runner`
 and :mod:`taskq.worker.sandbox`): the payload is checked as an enqueue checks it (and
-against ``payload_schema`` if given) and reaches the handler as JSON does; an
-``async def`` runs in an asyncio task of its own, a plain ``def`` in a thread;
-the handler's timeout applies; whatever it raises ends the attempt; its result
+against ``payload_schema`` if given; one without the field of the handler's ``unique``
+key is refused, though uniqueness itself needs the database) and reaches the handler
+as JSON does; an ``async def`` runs in an asyncio task of its own, a plain ``def`` in
+a thread; the handler's timeout applies; whatever it raises ends the attempt; its result
 must be JSON within ``TASKQ_MAX_RESULT_BYTES``; a :class:`~taskq.errors.Retry`,
 a :class:`~taskq.errors.Fail`, an exhausted last attempt and the task type's
 backoff decide the next step as they do in a worker. ``ctx.log`` logs to
@@ -39,6 +40,7 @@ from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, StopReason
 from taskq.payloads import to_payload
 from taskq.settings import Settings, load_settings
+from taskq.unique import task_key
 from taskq.worker.execution import ABANDON_AFTER_SECONDS, CANCEL_GRACE_SECONDS, Runner
 from taskq.worker.outcomes import Finished
 from taskq.worker.threads import HandlerThreads
@@ -148,6 +150,8 @@ async def run_handler(
     max_attempts = found.max_attempts if max_attempts is None else max_attempts
     timeout = found.timeout if timeout is None else timeout
     payload_json = _check(found.name, payload, attempt, max_attempts, timeout, settings)
+    if found.unique is not None:  # an enqueue refuses a payload without the key's field
+        task_key(found.unique, found.name, payload, "payload")
     if payload_schema is not None:
         _check_schema(found.name, payload_schema, payload)
 

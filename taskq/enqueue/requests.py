@@ -21,6 +21,7 @@ _MANY_OPTIONS = (
     "delay",
     "run_at",
     "timeout",
+    "unique",
 )
 
 
@@ -33,6 +34,7 @@ def bodies(
     delay: float | None,
     run_at: datetime | str | None,
     timeout: float | None,
+    unique: dict[str, Any] | None = None,
 ) -> Sequence[Any]:
     """The request bodies of ``enqueue_many``: one per payload of a type, or ``items``
     themselves when they are bodies already (which take no payloads and no options).
@@ -44,7 +46,7 @@ def bodies(
             serialise).
     """
     if not isinstance(items, TaskDefinition | str):
-        options = (payloads, queue, max_attempts, idempotency_keys, delay, run_at, timeout)
+        options = (payloads, queue, max_attempts, idempotency_keys, delay, run_at, timeout, unique)
         given = dict(zip(_MANY_OPTIONS, options, strict=True))
         misplaced = [name for name, value in given.items() if value is not None]
         if misplaced:
@@ -61,7 +63,9 @@ def bodies(
     found, errors = [], []
     for index, (payload, key) in enumerate(zip(payloads, keys, strict=True)):
         try:
-            found.append(body(items, payload, queue, max_attempts, key, delay, run_at, timeout))
+            found.append(
+                body(items, payload, queue, max_attempts, key, delay, run_at, timeout, unique)
+            )
         except InvalidRequest as exc:
             fields = [FieldError(f"tasks[{index}].{e.field}", e.message) for e in exc.errors]
             errors.append(InvalidRequest(fields))
@@ -78,6 +82,7 @@ def body(
     delay: float | None,
     run_at: datetime | str | None,
     timeout: float | None,
+    unique: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The request body of one enqueue (what ``POST /enqueue`` takes).
 
@@ -94,6 +99,7 @@ def body(
         ("idempotency_key", idempotency_key),
         ("delay", delay),
         ("timeout", timeout),
+        ("unique", unique),
     ):
         if value is not None:
             data[name] = value

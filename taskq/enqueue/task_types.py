@@ -26,6 +26,8 @@ from taskq.enqueue import schemas
 from taskq.errors import FieldError, InvalidRequest, SchemaProblem
 from taskq.model import TaskTypeRecord
 from taskq.store import Store
+from taskq.unique import Unique
+from taskq.unique import parse as parse_unique
 
 TYPES_TTL = 2.0
 # A snapshot younger than TYPES_TTL * STALE_FACTOR answers for the names it holds while
@@ -54,6 +56,10 @@ class TaskType:
     validator: Any | None
     # Why the stored schema cannot be used (it predates taskq's checks), or None.
     broken: str | None = None
+    # Its tasks' uniqueness when their enqueue gives none (taskq.unique), and why the
+    # stored one cannot be used (written to the table by hand), or None.
+    unique: Unique | None = None
+    unique_broken: str | None = None
 
     @classmethod
     def from_record(cls, record: TaskTypeRecord) -> TaskType:
@@ -64,6 +70,12 @@ class TaskType:
                 schemas.check_runnable(schema)
             except SchemaProblem as exc:
                 broken = str(exc)
+        unique, unique_broken = None, None
+        if record.unique_spec:
+            try:
+                unique = parse_unique(orjson.loads(record.unique_spec))
+            except InvalidRequest as exc:
+                unique_broken = str(exc)
         return cls(
             name=record.name,
             queue=record.queue,
@@ -75,6 +87,8 @@ class TaskType:
             updated_at=record.updated_at,
             validator=schemas.PayloadValidator(schema) if schema and not broken else None,
             broken=broken,
+            unique=unique,
+            unique_broken=unique_broken,
         )
 
 
@@ -165,6 +179,9 @@ def check_type(
         raise InvalidRequest(
             [FieldError(prefix + "queue", f"the type's queue {task_type.queue!r} is unknown")]
         )
+    if task_type.unique_broken is not None:
+        message = f"the type's unique is unusable: {task_type.unique_broken}"
+        raise InvalidRequest([FieldError(prefix + "type", message)])
     if task_type.broken is not None:
         raise InvalidRequest(
             [

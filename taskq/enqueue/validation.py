@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from taskq._utils import json_has_nul, parse_duration, task_id
+from taskq._utils import field_errors, json_has_nul, parse_duration, task_id
 from taskq.enqueue import schemas
 
 # Defined in taskq.errors; importing them from here keeps working.
@@ -25,7 +25,8 @@ from taskq.errors import InvalidRequest as InvalidRequest
 from taskq.errors import SchemaProblem
 from taskq.errors import TooLarge as TooLarge
 from taskq.settings import QUEUE_NAME, Settings
-from taskq.store import NewTask
+from taskq.store import NewTask, UniqueKey
+from taskq.unique import Unique, UniqueBody, from_body, task_key
 
 TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 MAX_TIMEOUT = 7 * 86400.0
@@ -55,6 +56,9 @@ class EnqueueBody(BaseModel):
     delay: float | None = Field(None, ge=0, description="Seconds before the task may start.")
     run_at: str | None = Field(None, description="RFC 3339 time before which it may not start.")
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Handler timeout (s).")
+    unique: UniqueBody | None = Field(
+        None, description="At most one task per key (see docs/producers.md); default: the type's."
+    )
 
     _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
 
@@ -99,26 +103,11 @@ class TaskTypeBody(BaseModel):
     )
     payload_schema: dict[str, Any] | None = Field(None, description="JSON Schema of payloads.")
     enabled: bool = True
+    unique: UniqueBody | None = Field(
+        None, description="Its tasks' uniqueness, for enqueues that give none."
+    )
 
     _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
-
-
-def _pydantic_errors(exc: ValidationError, prefix: str) -> list[FieldError]:
-    out = []
-    for error in exc.errors():
-        path = prefix
-        for part in error["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            elif part not in ("list", "fixed", "exponential"):
-                path += f".{part}" if path else str(part)
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif error["type"] == "missing":
-            message = "required"
-        out.append(FieldError(path or "body", message))
-    return out
 
 
 def dumps(value: Any) -> str:
@@ -177,7 +166,7 @@ def enqueue_task(
     try:
         body = EnqueueBody.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(_pydantic_errors(exc, prefix)) from None
+        raise InvalidRequest(field_errors(exc, prefix)) from None
     dot = prefix + "." if prefix else ""
     errors = []
     if not TYPE_NAME.fullmatch(body.type):
@@ -188,6 +177,11 @@ def enqueue_task(
         errors.append(FieldError(dot + "idempotency_key", "may not contain NUL characters"))
     if body.delay is not None and body.run_at is not None:
         errors.append(FieldError(dot + "run_at", "give delay or run_at, not both"))
+    if body.unique is not None:
+        try:
+            from_body(body.unique, dot + "unique")
+        except InvalidRequest as exc:
+            errors += exc.errors
     run_at = None
     if body.delay is not None and (
         not math.isfinite(body.delay) or body.delay > settings.max_delay
@@ -233,12 +227,33 @@ def enqueue_task(
     return task, body
 
 
+def with_unique(
+    task: NewTask, body: EnqueueBody, type_unique: Unique | None, prefix: str
+) -> NewTask:
+    """``task`` with the key it holds, if its enqueue or its type asks for uniqueness
+    (the enqueue's ``unique`` wins). ``prefix`` is the item's (``tasks[3].``).
+
+    Raises:
+        InvalidRequest: naming ``unique.key``: the payload has no value at its path.
+    """
+    if body.unique is None and type_unique is None:
+        return task
+    if body.unique is not None:
+        spec = from_body(body.unique, prefix + "unique")
+        field = prefix + "unique.key"
+    else:
+        assert type_unique is not None
+        spec, field = type_unique, prefix + "payload"
+    key = task_key(spec, task.type, body.payload, field)
+    return replace(task, unique=UniqueKey(key, spec.while_, spec.for_seconds, spec.replace))
+
+
 def batch_items(data: Any) -> list[Any]:
     """The items of a batch request ``{"tasks": [...]}`` (1 to 1000 of them)."""
     try:
         return EnqueueBatchBody.model_validate(data).tasks
     except ValidationError as exc:
-        raise InvalidRequest(_pydantic_errors(exc, "")) from None
+        raise InvalidRequest(field_errors(exc, "")) from None
 
 
 def raise_all(errors: list[InvalidRequest]) -> None:
@@ -257,6 +272,7 @@ class TaskTypeDefinition:
     backoff_json: str | None
     payload_schema_json: str | None
     enabled: bool
+    unique_json: str | None = None
 
 
 def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
@@ -273,7 +289,7 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
     try:
         body = TaskTypeBody.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(errors + _pydantic_errors(exc, "")) from None
+        raise InvalidRequest(errors + field_errors(exc, "")) from None
     queue = body.queue or settings.default_queue
     if not QUEUE_NAME.fullmatch(queue) or queue not in settings.queues:
         errors.append(FieldError("queue", f"unknown queue; one of {settings.queues}"))
@@ -294,11 +310,18 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
             errors.append(FieldError("payload_schema", TOO_DEEP))
         if schema_json is not None and json_has_nul(schema_json):
             errors.append(FieldError("payload_schema", "strings may not contain NUL (\\u0000)"))
+    unique_json = None
+    if body.unique is not None:
+        try:
+            unique_json = dumps(from_body(body.unique, "unique").to_json())
+        except InvalidRequest as exc:
+            errors += exc.errors
     if errors:
         raise InvalidRequest(errors)
     return TaskTypeDefinition(
-        name, queue, body.max_attempts, body.timeout, backoff, schema_json, body.enabled
-    )
+        name, queue, body.max_attempts, body.timeout, backoff, schema_json, body.enabled,
+        unique_json,
+    )  # fmt: skip
 
 
 def _normalise_backoff(backoff: dict[str, Any]) -> str:

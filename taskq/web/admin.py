@@ -70,7 +70,9 @@ MAX_REASON = 1000
 _DETAIL_FIELDS = tuple(field.name for field in fields(TaskRecord))
 # A listing does not say why a publish was set aside.
 _LISTED_FIELDS = tuple(
-    n for n in _DETAIL_FIELDS if n not in ("publish_error", "publish_retry_at", "progress")
+    n
+    for n in _DETAIL_FIELDS
+    if n not in ("publish_error", "publish_retry_at", "progress", "unique")
 )
 
 
@@ -83,6 +85,10 @@ def task_body(task: TaskRecord, *, detail: bool = True) -> dict[str, Any]:
     body["timeout"] = body.pop("timeout_seconds")
     if detail:
         body["progress"] = progress_body(task.progress)
+        hold = task.unique
+        body["unique"] = None if hold is None else {
+            "key": hold.key, "while": hold.while_, "until": hold.until, "held": hold.held,
+        }  # fmt: skip
     return body
 
 

@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 import taskq
 from taskq._utils import preview
 from taskq.amqp import broker
-from taskq.client import Client
+from taskq.client import Client, EnqueueResult
 from taskq.enqueue import validation
 from taskq.errors import (
     FieldError,
@@ -78,7 +78,17 @@ async def enqueue(request: Request) -> Response:
     result = await _client(request).submit(data, traceparent=_traceparent(request))
     if result.created:
         return json_response(result.task, 201)
+    if result.duplicate:
+        return json_response(result.task, 200, {UNIQUE_HEADER: _kept_or_replaced(result)})
     return json_response(result.task, 200, {"Idempotent-Replayed": "true"})
+
+
+# Answers a duplicate of a unique task: "kept" (the holder as it was) or "replaced".
+UNIQUE_HEADER = "Unique-Duplicate"
+
+
+def _kept_or_replaced(result: EnqueueResult) -> str:
+    return "replaced" if result.replaced else "kept"
 
 
 @endpoint("enqueue_batch")
@@ -87,7 +97,7 @@ async def enqueue_batch(request: Request) -> Response:
     data = await read_json(request, settings.max_payload_bytes * BATCH_BODY_FACTOR)
     items = validation.batch_items(data)  # raises, naming the field
     results = await _client(request).enqueue_many(items, traceparent=_traceparent(request))
-    tasks = [{**r.task, "replayed": not r.created} for r in results]
+    tasks = [{**r.task, "replayed": not r.created and not r.duplicate} for r in results]
     return json_response({"tasks": tasks}, 201 if any(r.created for r in results) else 200)
 
 
@@ -166,6 +176,7 @@ def _type_body(task_type: TaskTypeRecord) -> dict[str, Any]:
         "backoff": orjson.loads(task_type.backoff) if task_type.backoff else None,
         "payload_schema": orjson.loads(schema) if schema else None,
         "enabled": task_type.enabled,
+        "unique": orjson.loads(task_type.unique_spec) if task_type.unique_spec else None,
         "created_at": task_type.created_at,
         "updated_at": task_type.updated_at,
     }
@@ -209,6 +220,7 @@ async def put_type(request: Request) -> Response:
             backoff_json=definition.backoff_json,
             payload_schema_json=definition.payload_schema_json,
             enabled=definition.enabled,
+            unique_json=definition.unique_json,
             max_types=settings.max_task_types,
         )
     except TooManyTaskTypes as exc:

@@ -31,6 +31,9 @@ from taskq.web.http import (
 ROUTE = "enqueue"
 _JSON = (b"content-type", b"application/json")
 _REPLAYED = (b"idempotent-replayed", b"true")
+# A duplicate of a unique task (taskq.web.api.UNIQUE_HEADER).
+_KEPT = (b"unique-duplicate", b"kept")
+_REPLACED = (b"unique-duplicate", b"replaced")
 
 
 async def serve_enqueue(state: Any, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,6 +77,8 @@ async def serve_enqueue(state: Any, scope: Scope, receive: Receive, send: Send) 
     length = (b"content-length", str(len(body)).encode())
     if result.created:
         status, headers = 201, [length, _JSON]
+    elif result.duplicate:
+        status, headers = 200, [_REPLACED if result.replaced else _KEPT, length, _JSON]
     else:
         status, headers = 200, [_REPLAYED, length, _JSON]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -388,7 +388,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "201": _json(_ref("EnqueueAnswer"), "created"),
                     "200": _json(
                         _ref("EnqueueAnswer"),
-                        "idempotent replay (header Idempotent-Replayed: true)",
+                        "idempotent replay (header Idempotent-Replayed: true), or a duplicate"
+                        " of a unique task, which answers (header Unique-Duplicate: kept or"
+                        " replaced; duplicate: true)",
                     ),
                     **_errors(400, 401, 409, 413, 415, 503),
                 },
@@ -399,8 +401,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "summary": "Enqueue up to 1000 tasks, all or nothing",
                 "requestBody": _body("EnqueueBatchRequest"),
                 "responses": {
-                    "201": _json(obj, "created (tasks: answers with `replayed`)"),
-                    "200": _json(obj, "every task was an idempotent replay"),
+                    "201": _json(
+                        obj, "created (tasks: answers with `replayed`, duplicates with `duplicate`)"
+                    ),
+                    "200": _json(obj, "nothing created: idempotent replays and duplicates"),
                     **_errors(400, 401, 409, 413, 415, 503),
                 },
             }

@@ -16,6 +16,7 @@ from taskq.fleet.schedules import ScheduleBody
 from taskq.model import STATUS_NAMES
 from taskq.settings import Settings
 from taskq.store import ANSWER_FIELDS
+from taskq.unique import MAX_FOR_SECONDS, UniqueBody
 
 # Postgres text and jsonb cannot hold NUL, so no string the API stores may contain one.
 NO_NUL = r"^[^\x00]*$"
@@ -65,6 +66,23 @@ _TASK_ANSWER = {
     "required": list(ANSWER_FIELDS),
 }
 
+# The answer to an enqueue: the task's, and for a duplicate of a unique task, two flags.
+_ENQUEUE_ANSWER = {
+    **_TASK_ANSWER,
+    "properties": {
+        **_TASK_ANSWER["properties"],  # type: ignore[dict-item]
+        "duplicate": {
+            "type": "boolean",
+            "description": "Only in a duplicate's answer (header Unique-Duplicate): another"
+            " task held the unique key; that task answers and nothing was created.",
+        },
+        "replaced": {
+            "type": "boolean",
+            "description": "With duplicate: the holder took this enqueue's payload and run_at.",
+        },
+    },
+}
+
 _TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
 _TEXT_OR_NULL = {"type": ["string", "null"]}
 _TASK = {
@@ -106,6 +124,22 @@ _TASK = {
             "description": "The latest progress its handler reported (ctx.progress); in"
             " GET /tasks/{id} only.",
         },
+        "unique": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "key": {**_TEXT_OR_NULL, "description": "type/key; null: released."},
+                        "while": {"type": "string", "enum": ["queued", "active", "until_finished"]},
+                        "until": _TIME_OR_NULL,
+                        "held": {"type": "boolean", "description": "Whether it holds the key now."},
+                    },
+                    "required": ["key", "while", "until", "held"],
+                },
+                {"type": "null"},
+            ],
+            "description": "A unique task's key and whether it holds it; in GET /tasks/{id} only.",
+        },
     },
     "required": [*ANSWER_FIELDS, "payload", "result", "last_error"],
 }
@@ -132,6 +166,7 @@ def _enqueue_schema(settings: Settings) -> dict[str, Any]:
         description="RFC 3339 time before which it may not start; at most "
         f"TASKQ_MAX_DELAY ({format_duration(settings.max_delay)}) ahead.",
     )
+    schema.pop("$defs", None)  # UniqueBody: a component of its own (_unique_schema)
     # delay and run_at exclude each other.
     schema["not"] = {
         "properties": {"delay": {"type": "number"}, "run_at": {"type": "string"}},
@@ -160,6 +195,7 @@ def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         "description": "Seconds, or a duration such as 500ms, 5s, 2m, 1h, 30d.",
     }
     backoffs = schema.pop("$defs", {})
+    backoffs.pop("UniqueBody", None)  # a component of its own (_unique_schema)
     for backoff in backoffs.values():
         props = backoff["properties"]
         for name in ("delay", "base", "max"):
@@ -201,6 +237,24 @@ def _schedule_schema(settings: Settings) -> dict[str, Any]:
     return schema
 
 
+def _unique_schema() -> dict[str, Any]:
+    """``unique`` of an enqueue or a task type, with the key's and ``for``'s rules."""
+    schema = UniqueBody.model_json_schema()
+    props = schema["properties"]
+    # Text not starting with '$' (a key), or a payload path.
+    props["key"]["pattern"] = r"^([^$\x00][^\x00]*|\$(\.[A-Za-z0-9_-]{1,64}){0,16})$"
+    props["for"] = nullable(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 1, "maximum": MAX_FOR_SECONDS},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ]
+        },
+        description=props["for"]["description"],
+    )
+    return schema
+
+
 def body_schemas(settings: Settings) -> dict[str, Any]:
     """The component schemas of request and answer bodies, with queue names and limits."""
     type_schema, backoffs = _type_schema(settings)
@@ -220,8 +274,9 @@ def body_schemas(settings: Settings) -> dict[str, Any]:
             "additionalProperties": False,
         },
         "TaskTypeRequest": type_schema,
+        "UniqueBody": _unique_schema(),
         "ScheduleRequest": _schedule_schema(settings),
-        "EnqueueAnswer": _TASK_ANSWER,
+        "EnqueueAnswer": _ENQUEUE_ANSWER,
         "Task": _TASK,
         "JsonValue": _JSON_VALUE,
         "JsonObject": _JSON_OBJECT,

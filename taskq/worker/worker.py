@@ -393,6 +393,9 @@ class Worker(Service):
                     handler.timeout,
                     None if strategy is None else orjson.dumps(strategy).decode(),
                     handler.payload_schema_json,
+                    None
+                    if handler.unique is None
+                    else orjson.dumps(handler.unique.to_json()).decode(),
                 )
             )
         if rows:

@@ -153,25 +153,32 @@ def test_a_failed_task_is_replayed_from_the_dlq_browser(system: System, page: An
 
 
 def test_a_scheduled_task_is_cancelled_and_retried(system: System, page: Any) -> None:
-    task = system.enqueue("demo.echo", {"scheduled": True}, delay=3600)
+    unique = {"key": "$.scheduled", "for": "2h"}
+    task = system.enqueue("demo.echo", {"scheduled": True}, delay=3600, unique=unique)
     page.goto(system.url + "/ui/#/tasks?scheduled=true")
     line = row(page, "#tasks-table", task["id"])
     expect(line.locator(".badge.scheduled")).to_be_visible()
     line.locator("a").click()
     expect(page.locator("#task-scheduled")).to_be_visible()
     expect(page.locator("#task-retry")).to_be_hidden()
+    # Its unique key, held while it waits.
+    key = page.locator("#task-unique")
+    expect(key).to_contain_text("demo.echo/$.scheduled=true · while active · until")
+    expect(key).to_contain_text("· held")
 
     page.get_by_role("button", name="Cancel task").click()
     confirm(page)
     expect(page.locator("#task-status")).to_have_text("cancelled")
     expect(page.locator("#task-cancel")).to_be_hidden()
     assert system.task(task["id"])["status"] == "CANCELLED"
+    expect(key).to_contain_text("· not held")  # cancelled: the key is free
     page.screenshot(path=str(artifacts_dir() / "task.png"), full_page=True)
 
     page.get_by_role("button", name="Retry task").click()
     confirm(page)
     expect(page.locator("#task-status")).not_to_have_text("cancelled")
     assert system.task(task["id"])["status"] in ("ENQUEUED", "RUNNING", "SUCCEEDED")
+    expect(key).to_contain_text("released")  # an operator's retry runs it outside its key
 
 
 def test_task_list_pages_with_more_and_filters(system: System, page: Any) -> None:

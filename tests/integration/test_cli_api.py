@@ -69,6 +69,19 @@ async def test_api_process_serves_and_stops_cleanly(settings: Settings, tmp_path
             code, out, err = await run(settings, tmp_path, "types")
             assert code == 0 and "demo.echo" in out and "queue=high" in out
 
+            unique = ["--unique", '{"key": "$.a"}']
+            code, out, err = await run(
+                settings, tmp_path, "enqueue", "demo.echo", '{"a": 1}', *unique
+            )
+            first = json.loads(out)
+            code, out, err = await run(
+                settings, tmp_path, "enqueue", "demo.echo", '{"a": 1}', *unique
+            )
+            assert code == 0, err
+            again = json.loads(out)
+            assert again["id"] == first["id"] and again["duplicate"] is True
+            assert again["replayed"] is False
+
             code, out, err = await run(settings, tmp_path, "enqueue", "demo.echo", "{nope")
             assert code == 2 and "not JSON" in err
             code, out, err = await run(settings, tmp_path, "enqueue", "demo.nope", "{}")

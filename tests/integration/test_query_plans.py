@@ -45,10 +45,13 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "fail": (TOKENS, ["boom"] * 200),
     "give_back": (TOKENS,),
     "cancel_running": (TOKENS,),
+    "enqueue_replace": (["{}"] * 200, [None] * 200, [0.0] * 200),
+    "enqueue_unique_release": (),
 }
 # Those that lock what they change: only ever through the primary key.
 THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "complete",
-                   "retry", "fail", "give_back", "cancel_running", "set_aside"}  # fmt: skip
+                   "retry", "fail", "give_back", "cancel_running", "set_aside",
+                   "enqueue_replace", "enqueue_unique_release"}  # fmt: skip
 
 
 def scans(plan: dict[str, Any]) -> list[str]:
@@ -165,3 +168,27 @@ async def test_rows_set_aside_are_not_in_the_relays_way(db: asyncpg.Connection) 
         assert "Rows Removed by Filter" not in json.dumps(plan), query
     rows = await db.fetch(sql.queries()["publish_owed"], 5.0, 500)
     assert len(rows) == 10
+
+
+async def test_the_holders_of_unique_keys_are_found_through_their_index(
+    db: asyncpg.Connection,
+) -> None:
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    await db.execute("ANALYZE tasks")
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds,"
+        " unique_key, unique_while)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60,"
+        " 'demo.noop/k' || n, (ARRAY['queued', 'active', 'until_finished'])[n % 3 + 1]"
+        " FROM generate_series(1, $1) AS n",
+        BACKLOG,
+    )
+    keys = [f"demo.noop/k{n}" for n in range(1, 201)]
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        async with db.transaction():
+            await db.execute(f"SET LOCAL plan_cache_mode = {mode}")
+            statement = await db.prepare(
+                "EXPLAIN (FORMAT JSON) " + sql.queries()["enqueue_unique_holders"]
+            )
+            (plan,) = json.loads(await statement.fetchval(keys))
+        assert scans(plan["Plan"]) == ["tasks_unique_key"], mode

@@ -71,6 +71,19 @@ async def not_json(payload: dict[str, Any], ctx: Context) -> object:
     return object()
 
 
+@handlers.task("test.unique.v1", unique={"key": "$.user"})
+async def per_user(payload: dict[str, Any], ctx: Context) -> str:
+    return "ok"
+
+
+async def test_a_payload_without_the_unique_keys_field_is_refused_as_an_enqueue_refuses_it() -> (
+    None
+):
+    assert (await run_handler(per_user, {"user": 1})).succeeded
+    with pytest.raises(InvalidRequest, match=r"payload: the payload has no value at \$\.user"):
+        await run_handler(per_user, {"name": "a"})
+
+
 async def test_a_success_returns_the_result_as_stored() -> None:
     task_id = uuid.uuid4()
     outcome = await run_handler(echo, {"n": 1.0}, attempt=2, task_id=task_id)

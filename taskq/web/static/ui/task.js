@@ -19,8 +19,19 @@ const FACTS = [
   ["Updated", (t) => when(t.updated_at)],
   ["Worker", (t) => t.worker_id || "–"],
   ["Idempotency key", (t) => t.idempotency_key || "–"],
+  ["Unique key", (t) => (t.unique ? uniqueFact(t.unique) : null)],
   ["Cancel requested", (t) => (t.cancel_requested_at ? when(t.cancel_requested_at) : null)],
 ];
+
+// A unique task's key (null once released), the states that hold it, its bound in time
+// and whether it holds the key now.
+function uniqueFact(unique) {
+  return h("span", { id: "task-unique" },
+    unique.key ?? "released",
+    ` · while ${unique.while.replaceAll("_", " ")}`,
+    unique.until ? [" · until ", when(unique.until)] : null,
+    unique.held ? " · held" : " · not held");
+}
 
 const KNOWN_EVENT_FIELDS = new Set(["id", "status", "previous_status", "attempt", "error", "worker_id", "run_at", "at", "task_id"]);
 
