@@ -24,6 +24,7 @@ from taskq.errors import FieldError as FieldError
 from taskq.errors import InvalidRequest as InvalidRequest
 from taskq.errors import SchemaProblem
 from taskq.errors import TooLarge as TooLarge
+from taskq.model import MAX_CONCURRENCY, Concurrency
 from taskq.settings import QUEUE_NAME, Settings
 from taskq.store import NewTask
 
@@ -86,6 +87,17 @@ class BackoffExponential(BaseModel):
     jitter: float = Field(0.1, ge=0.0, le=1.0)
 
 
+class ConcurrencyBody(BaseModel):
+    """A task type's concurrency limit."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    limit: int = Field(ge=1, le=MAX_CONCURRENCY, description="Tasks RUNNING at most per key.")
+    key: str | None = Field(
+        None, min_length=1, max_length=200, description="The payload field naming the key."
+    )
+
+
 class TaskTypeBody(BaseModel):
     """The body of ``PUT /types/{name}``: the whole definition (omitted fields take defaults)."""
 
@@ -99,6 +111,11 @@ class TaskTypeBody(BaseModel):
     )
     payload_schema: dict[str, Any] | None = Field(None, description="JSON Schema of payloads.")
     enabled: bool = True
+    concurrency: ConcurrencyBody | None = Field(
+        None,
+        description="At most `limit` tasks RUNNING per value of the payload field `key` "
+        "(no key: for the whole type); the others wait. Default: no limit.",
+    )
 
     _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
 
@@ -257,6 +274,7 @@ class TaskTypeDefinition:
     backoff_json: str | None
     payload_schema_json: str | None
     enabled: bool
+    concurrency: Concurrency | None = None
 
 
 def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
@@ -296,9 +314,13 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
             errors.append(FieldError("payload_schema", "strings may not contain NUL (\\u0000)"))
     if errors:
         raise InvalidRequest(errors)
+    limit = body.concurrency
+    if limit is not None and limit.key is not None and "\x00" in limit.key:
+        raise InvalidRequest([FieldError("concurrency.key", "may not contain NUL (\\u0000)")])
     return TaskTypeDefinition(
-        name, queue, body.max_attempts, body.timeout, backoff, schema_json, body.enabled
-    )
+        name, queue, body.max_attempts, body.timeout, backoff, schema_json, body.enabled,
+        None if limit is None else Concurrency(limit.limit, limit.key, "api"),
+    )  # fmt: skip
 
 
 def _normalise_backoff(backoff: dict[str, Any]) -> str:

@@ -13,9 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import Any
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,11 +39,12 @@ from taskq.errors import (
 )
 from taskq.fleet.relay import Relay
 from taskq.metrics import ApiMetrics
-from taskq.model import TaskRecord, TaskTypeRecord
+from taskq.model import TaskRecord
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
-from taskq.web import admin, monitor, schedules, stream, ui
+from taskq.web import admin, gates, monitor, schedules, stream, ui
 from taskq.web.cursors import Cursors
+from taskq.web.gates import type_body
 from taskq.web.hosts import HostCheck
 from taskq.web.hot_route import serve_enqueue
 from taskq.web.http import SERVER_ERROR, endpoint, json_response, problem_response, read_json
@@ -156,25 +155,10 @@ async def get_task_events(request: Request) -> Response:
     return json_response({"task_id": task_id, "events": [asdict(e) for e in events]})
 
 
-def _type_body(task_type: TaskTypeRecord) -> dict[str, Any]:
-    schema = task_type.payload_schema
-    return {
-        "name": task_type.name,
-        "queue": task_type.queue,
-        "max_attempts": task_type.max_attempts,
-        "timeout": task_type.timeout_seconds,
-        "backoff": orjson.loads(task_type.backoff) if task_type.backoff else None,
-        "payload_schema": orjson.loads(schema) if schema else None,
-        "enabled": task_type.enabled,
-        "created_at": task_type.created_at,
-        "updated_at": task_type.updated_at,
-    }
-
-
 @endpoint("types")
 async def list_types(request: Request) -> Response:
     types = await _client(request).store.task_types()
-    return json_response({"types": [_type_body(task_type) for task_type in types]})
+    return json_response({"types": [type_body(task_type) for task_type in types]})
 
 
 @endpoint("type")
@@ -182,7 +166,7 @@ async def get_type(request: Request) -> Response:
     name = request.path_params["name"]
     for task_type in await _client(request).store.task_types():
         if task_type.name == name:
-            return json_response(_type_body(task_type))
+            return json_response(type_body(task_type))
     raise Problem(404, "Not found", f"no task type {name!r}")
 
 
@@ -210,13 +194,14 @@ async def put_type(request: Request) -> Response:
             payload_schema_json=definition.payload_schema_json,
             enabled=definition.enabled,
             max_types=settings.max_task_types,
+            concurrency=definition.concurrency,
         )
     except TooManyTaskTypes as exc:
         raise Problem(
             409, "Conflict", str(exc), errors=[FieldError("name", "the registry is full")]
         ) from None
     client.types.invalidate()
-    return json_response(_type_body(task_type), 201 if created else 200)
+    return json_response(type_body(task_type), 201 if created else 200)
 
 
 @endpoint("info", auth=False)
@@ -303,6 +288,9 @@ async def metrics(request: Request) -> Response:
     count = await watch.unpublished()
     if count is not None:
         state.metrics.unpublished.set(count)
+    with contextlib.suppress(StoreError):
+        stats = await watch.stats()
+        state.metrics.observe_gates(stats["paused_types"], stats["waiting"])
     depths = await watch.broker_depths()
     state.metrics.observe_queues(
         None
@@ -416,6 +404,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         Route("/types/{name}", put_type, methods=["PUT"]),
         *admin.routes(),
         *schedules.routes(),
+        *gates.routes(),
         *monitor.routes(),
         Route("/stream", stream.stream, methods=["GET"]),
         Mount("/ui", ui.dashboard(), name="ui"),

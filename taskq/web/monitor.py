@@ -101,6 +101,8 @@ class Monitor:
             "scheduled": stats.scheduled,
             "by_queue": counts.by_queue,
             "by_type": counts.by_type,
+            "waiting": stats.waiting,
+            "paused_types": list(stats.paused_types),
             "broker": {"available": depths is not None, "queues": queues},
             "throughput": {
                 "window_seconds": WINDOW_SECONDS,

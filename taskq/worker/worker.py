@@ -348,6 +348,7 @@ class Worker(Service):
                     handler.timeout,
                     None if strategy is None else orjson.dumps(strategy).decode(),
                     handler.payload_schema_json,
+                    handler.concurrency,
                 )
             )
         if rows:
