@@ -761,7 +761,9 @@ SELECT i.id,
        CASE WHEN p.id IS NOT NULL THEN 'parked'
             WHEN d.decision IS NOT NULL THEN d.decision
             -- Not locked: WAITING (or parked by a concurrent claim), or no such task.
-            WHEN EXISTS (SELECT FROM taskq.tasks w WHERE w.id = i.id) THEN 'parked'
+            -- (A scalar subquery, looked up by its key: an EXISTS may be hashed over a
+            -- scan of the whole table.)
+            WHEN (SELECT true FROM taskq.tasks w WHERE w.id = i.id) THEN 'parked'
             ELSE 'missing' END AS decision,
        l.type, l.queue,
        c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,

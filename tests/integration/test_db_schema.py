@@ -27,6 +27,7 @@ from tests.support.worker_fixtures import harness, running_worker
 
 # What an install holds in its schema besides indexes, row types and sequences.
 TABLES = [
+    "concurrency_slots",
     "queue_purges",
     "schedules",
     "task_events",

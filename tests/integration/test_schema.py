@@ -81,9 +81,7 @@ RECORD_COLUMNS = {
     "events_since": _fields(model.StreamEvent),
     # A type's concurrency limit is read from three columns.
     "types_all": _fields(model.TaskTypeRecord, *_CONCURRENCY, without=("concurrency",)),
-    "type_put": _fields(
-        model.TaskTypeRecord, *_CONCURRENCY, "created", without=("concurrency",)
-    ),
+    "type_put": _fields(model.TaskTypeRecord, *_CONCURRENCY, "created", without=("concurrency",)),
     "type_pause": _fields(model.TaskTypeRecord, *_CONCURRENCY, without=("concurrency",)),
     "workers_list": _fields(model.WorkerRecord),
     "set_aside": _fields(model.SetAside),

@@ -122,9 +122,12 @@ async def test_a_paused_types_tasks_wait_and_run_once_resumed(settings: Settings
             assert row.attempts == 1
         history = [e.status for e in await h.events(ids[1])]
         assert history == ["ENQUEUED", "WAITING", "ENQUEUED", "RUNNING", "SUCCEEDED"]
-        assert worker.metrics.registry.get_sample_value(
-            "taskq_deliveries_total", {"queue": "default", "decision": "parked"}
-        ) == 5
+        assert (
+            worker.metrics.registry.get_sample_value(
+                "taskq_deliveries_total", {"queue": "default", "decision": "parked"}
+            )
+            == 5
+        )
         after = await h.store.stats(60)  # /stats is cached for a moment
         assert after.paused_types == [] and after.waiting == {}
 

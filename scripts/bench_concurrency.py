@@ -1,0 +1,121 @@
+"""Concurrency limits end to end: the rate with a limit of 2 on each of 100 keys,
+against the same tasks unlimited.
+
+Starts K worker processes against a fresh database and namespace, then runs the
+same workload twice on ``demo.noop``: first without a limit, then with
+``concurrency={"key": "customer", "limit": 2}`` (set through the store, as
+``PUT /types`` does). Each run enqueues N tasks (``{"customer": "c<n % 100>"}``,
+batches of 500 through the Python client) and waits for the last to succeed; the
+rate is N over the time from the first enqueue to the last success. After the
+limited run it checks that every slot was given back and nothing is left waiting.
+Prints a table and JSON lines.
+
+    .venv/bin/python scripts/bench_concurrency.py [--tasks 10000] [--keys 100] [--limit 2]
+        [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from benchlib import Sandbox
+
+from taskq.client import Client
+from taskq.model import Concurrency
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--keys", type=int, default=100)
+    parser.add_argument("--limit", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--port", type=int, default=18_700)
+    args = parser.parse_args()
+
+    sandbox = Sandbox(args.port)
+    try:
+        await sandbox.open()
+        sandbox.start_workers(args.workers)
+        await sandbox.wait_consumers(args.workers)
+        client = await Client.connect(sandbox.settings)
+        try:
+            unlimited = await run(sandbox, client, args.tasks, args.keys, "unlimited")
+            await limit(client, Concurrency(args.limit, "customer", "api"))
+            limited = await run(sandbox, client, args.tasks, args.keys, "limited")
+        finally:
+            await client.close()
+        running = await sandbox.db.fetchval(
+            "SELECT coalesce(sum(running), 0) FROM taskq.concurrency_slots"
+        )
+        waiting = await sandbox.db.fetchval(
+            "SELECT count(*) FROM taskq.tasks WHERE status = 'WAITING'"
+        )
+        parked = await sandbox.db.fetchval(
+            "SELECT count(*) FROM taskq.task_events WHERE status = 'WAITING'"
+        )
+    finally:
+        await sandbox.close()
+
+    figures = {
+        "unlimited rate": (unlimited, "tasks/s"),
+        f"limited rate ({args.limit} per key, {args.keys} keys)": (limited, "tasks/s"),
+        "limited / unlimited": (100 * limited / unlimited, "%"),
+        "times a task was parked WAITING (limited run)": (parked, ""),
+        "slots still held at the end": (running, ""),
+        "tasks still WAITING at the end": (waiting, ""),
+    }
+    for figure, (value, unit) in figures.items():
+        print(f"{figure:<60} {value:>10.1f} {unit}")
+    for figure, (value, unit) in figures.items():
+        print(json.dumps({"bench": "concurrency", "figure": figure, "value": value, "unit": unit}))
+
+
+async def limit(client: Client, concurrency: Concurrency | None) -> None:
+    """Set (or remove) demo.noop's concurrency limit, keeping the rest of its definition."""
+    store = client.store
+    [found] = [t for t in await store.task_types() if t.name == "demo.noop"]
+    await store.put_task_type(
+        "demo.noop",
+        queue=found.queue,
+        max_attempts=found.max_attempts,
+        timeout_seconds=found.timeout_seconds,
+        backoff_json=found.backoff,
+        payload_schema_json=found.payload_schema,
+        enabled=found.enabled,
+        concurrency=concurrency,
+    )
+    client.types.invalidate()
+
+
+async def run(sandbox: Sandbox, client: Client, tasks: int, keys: int, label: str) -> float:
+    """Enqueue ``tasks`` demo.noop tasks over ``keys`` keys; return the end-to-end rate."""
+    before = await succeeded(sandbox)
+    start = time.monotonic()
+    for first in range(0, tasks, 500):
+        batch = [
+            {"type": "demo.noop", "payload": {"customer": f"c{n % keys}"}}
+            for n in range(first, min(tasks, first + 500))
+        ]
+        await client.enqueue_many(batch)
+    while await succeeded(sandbox) < before + tasks:
+        if time.monotonic() - start > 600:
+            raise SystemExit(f"{label}: not done after 600 s")
+        await asyncio.sleep(0.1)
+    seconds = time.monotonic() - start
+    print(f"{label}: {tasks} tasks in {seconds:.2f} s")
+    return tasks / seconds
+
+
+async def succeeded(sandbox: Sandbox) -> int:
+    count: int = await sandbox.db.fetchval(
+        "SELECT count(*) FROM taskq.tasks WHERE status = 'SUCCEEDED'"
+    )
+    return count
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
