@@ -1,6 +1,6 @@
 -- taskq:no-transaction
 --
--- One waiting state (DESIGN §8): a task that exists, is visible and cancellable,
+-- One waiting state: a task that exists, is visible and cancellable,
 -- but must not be claimed. Paused types and concurrency limits use it now;
 -- workflows ('parents') and other gates are meant to join them.
 --

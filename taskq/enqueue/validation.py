@@ -97,6 +97,8 @@ class ConcurrencyBody(BaseModel):
         None, min_length=1, max_length=200, description="The payload field naming the key."
     )
 
+    _integral_limit = field_validator("limit", mode="before")(_integral)
+
 
 class TaskTypeBody(BaseModel):
     """The body of ``PUT /types/{name}``: the whole definition (omitted fields take defaults)."""
