@@ -17,11 +17,13 @@ const FACTS = [
   ["Started", (t) => when(t.started_at)],
   ["Finished", (t) => when(t.finished_at)],
   ["Updated", (t) => when(t.updated_at)],
+  ["Waiting for", (t) => (t.wait_reason ? WAIT_REASONS[t.wait_reason] || t.wait_reason : null)],
   ["Worker", (t) => t.worker_id || "–"],
   ["Idempotency key", (t) => t.idempotency_key || "–"],
   ["Cancel requested", (t) => (t.cancel_requested_at ? when(t.cancel_requested_at) : null)],
 ];
 
+const WAIT_REASONS = { paused: "its type to be resumed", concurrency: "a free slot of its concurrency key" };
 const KNOWN_EVENT_FIELDS = new Set(["id", "status", "previous_status", "attempt", "error", "worker_id", "run_at", "at", "task_id"]);
 
 function eventItem(event) {
