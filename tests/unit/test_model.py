@@ -138,7 +138,8 @@ def test_a_task_reads_why_its_publish_was_set_aside_only_from_its_detail_row() -
         "last_error": "boom", "timeout_seconds": 30.0, "run_at": NOW, "lease_expires_at": None,
         "worker_id": None, "published_at": None, "created_at": NOW, "updated_at": NOW,
         "started_at": NOW, "finished_at": NOW, "cancel_requested_at": None, "replays": 0,
-        "scheduled": False, "wait_reason": None, "publish_error": "Unpublishable: gone", "publish_retry_at": NOW,
+        "scheduled": False, "wait_reason": None, "publish_error": "Unpublishable: gone",
+        "publish_retry_at": NOW,
         "progress": None, "progress_details": None, "progress_attempt": None, "progress_at": None,
     }  # fmt: skip
     listed = TaskRecord.from_row(row)
