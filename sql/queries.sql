@@ -248,8 +248,12 @@ FOR UPDATE;
 -- has free slots under its type's limit (all of them once the type has none).
 -- Runs after slots_release or slots_lock in the same transaction, as a statement
 -- of its own: its snapshot then shows every task a claim parked for these keys
--- before this transaction took their slots. Rows are locked in id order.
--- Returns the ids released.
+-- before this transaction took their slots. A waiting row another transaction
+-- holds is skipped, never waited for: a row this snapshot still shows WAITING may
+-- be ENQUEUED since and held by a claim that waits for these slots. Returns, per
+-- key, the slots free, the ids released and whether a waiting task remains (the
+-- store runs it again for a key that released fewer than it could while some
+-- remain: a skipped row, or one the snapshot showed that has moved on).
 -- :types text[], :keys text[]
 WITH free AS (
     SELECT s.type, s.key,
@@ -259,7 +263,7 @@ WITH free AS (
     JOIN taskq.concurrency_slots s ON s.type = f.type AND s.key = f.key
     LEFT JOIN taskq.task_type g ON g.name = s.type
 ), picked AS (
-    SELECT w.id
+    SELECT f.type, f.key, w.id
     FROM free f
     CROSS JOIN LATERAL (
         SELECT t.id FROM taskq.tasks t
@@ -267,20 +271,22 @@ WITH free AS (
           AND t.wait_reason = 'concurrency'
         ORDER BY t.created_at, t.id
         LIMIT f.n
+        FOR UPDATE SKIP LOCKED
     ) w
 ), released AS (
-    SELECT t.id
-    FROM (SELECT id FROM picked ORDER BY id) p
-    CROSS JOIN LATERAL (
-        SELECT t.id FROM taskq.tasks t WHERE t.id = p.id AND t.status = 'WAITING'
-        FOR UPDATE
-    ) t
+    UPDATE taskq.tasks t SET
+        status = 'ENQUEUED', wait_reason = NULL, published_at = NULL,
+        generation = t.generation + 1, updated_at = now()
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
+    RETURNING t.id
 )
-UPDATE taskq.tasks t SET
-    status = 'ENQUEUED', wait_reason = NULL, published_at = NULL,
-    generation = t.generation + 1, updated_at = now()
-WHERE t.id = ANY(ARRAY(SELECT id FROM released))
-RETURNING t.id;
+SELECT f.type, f.key, f.n AS free,
+       ARRAY(SELECT p.id FROM picked p WHERE p.type = f.type AND p.key = f.key) AS ids,
+       EXISTS (SELECT FROM taskq.tasks t
+               WHERE t.status = 'WAITING' AND t.type = f.type AND t.concurrency_key = f.key
+                 AND t.wait_reason = 'concurrency'
+                 AND NOT t.id = ANY(ARRAY(SELECT id FROM picked))) AS more
+FROM free f;
 
 -- name: slots_list
 -- The concurrency keys of a type with tasks running or waiting, busiest first.
@@ -425,10 +431,21 @@ WHERE t.id = :id;
 -- for and re-checked): an id missing from the answer has ended, or does not exist.
 -- A task marked here and ending later notifies, since its outcome's row version
 -- is built on this one.
+-- Rows are locked in id order, through the primary key, as `claim` locks them:
+-- a wait for several tasks and a claim of some of them cannot deadlock.
 -- :ids uuid[]
-UPDATE taskq.tasks SET wait_requested = true
-WHERE id = ANY(:ids::uuid[]) AND status IN ('ENQUEUED', 'WAITING', 'RUNNING')
-RETURNING id;
+WITH held AS (
+    SELECT t.id
+    FROM (SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM taskq.tasks t
+        WHERE t.id = i.id AND t.status IN ('ENQUEUED', 'WAITING', 'RUNNING')
+        FOR UPDATE
+    ) t
+)
+UPDATE taskq.tasks t SET wait_requested = true
+WHERE t.id = ANY(ARRAY(SELECT id FROM held))
+RETURNING t.id;
 
 -- name: progress_write
 -- Records the latest progress of running tasks, one row per task (the worker's

@@ -62,6 +62,9 @@ SCHEDULES_LOCK_KEY = 0x7363686564
 NOTIFY_IDS = 200
 # Tasks a resume releases per transaction.
 RELEASE_BATCH = 1000
+# Statements a release of free slots runs at most, and the pause before each retry (s).
+PROMOTE_TRIES = 5
+PROMOTE_PAUSE = 0.005
 # What a database going away raises. InternalClientError too: a connection the
 # server dropped mid-statement can fail the next one with "cannot switch to
 # state ...; another operation is in progress" (seen with Postgres restarting
@@ -393,15 +396,30 @@ class Store:
         self, connection: asyncpg.Connection, slots: Sequence[Mapping[str, Any]]
     ) -> int:
         """Release the oldest tasks waiting for the free slots of ``slots`` (locked by this
-        transaction already): a statement of its own, so it sees what claims parked
-        before the slots were locked."""
-        if not slots:
-            return 0
-        rows = await connection.fetch(
-            self.q["slots_promote"], [s["type"] for s in slots], [s["key"] for s in slots]
-        )
-        await self._notify([r["id"] for r in rows], _Asyncpg(connection, self.q))
-        return len(rows)
+        transaction already): statements of their own, so they see what claims parked
+        before the slots were locked. A key that released fewer than it had free while
+        tasks still wait is tried again (see ``slots_promote``), a few times."""
+        keys = [(s["type"], s["key"]) for s in slots]
+        released: list[uuid.UUID] = []
+        for attempt in range(PROMOTE_TRIES):
+            if not keys:
+                break
+            if attempt:
+                await asyncio.sleep(PROMOTE_PAUSE * attempt)
+            rows = await connection.fetch(
+                self.q["slots_promote"], [k[0] for k in keys], [k[1] for k in keys]
+            )
+            for row in rows:
+                released += row["ids"]
+            keys = [
+                (row["type"], row["key"])
+                for row in rows
+                if row["more"] and len(row["ids"]) < row["free"]
+            ]
+        if keys:
+            log.warning("tasks wait for free concurrency slots of %s: their rows were held", keys)
+        await self._notify(released, _Asyncpg(connection, self.q))
+        return len(released)
 
     async def _ending(
         self, query: str, columns: Sequence[Any], holds_slots: bool

@@ -82,6 +82,19 @@ async def test_api_process_serves_and_stops_cleanly(settings: Settings, tmp_path
             code, out, err = await run(settings, tmp_path, "types")
             assert code == 0 and "demo.echo" in out and "queue=high" in out
 
+            code, out, err = await run(settings, tmp_path, "types", "pause", "demo.echo")
+            assert code == 0 and "demo.echo paused" in out, err
+            assert (await http.get("/types/demo.echo")).json()["paused"] is True
+            code, out, err = await run(settings, tmp_path, "types")
+            assert code == 0 and "paused" in out
+            code, out, err = await run(settings, tmp_path, "types", "resume", "demo.echo")
+            assert code == 0 and "demo.echo resumed" in out, err
+            assert (await http.get("/types/demo.echo")).json()["paused"] is False
+            code, out, err = await run(settings, tmp_path, "types", "pause", "demo.nope")
+            assert code == 1 and "no task type" in err
+            code, out, err = await run(settings, tmp_path, "types", "pause")
+            assert code == 2 and "needs the type's name" in err
+
             code, out, err = await run(settings, tmp_path, "enqueue", "demo.echo", "{nope")
             assert code == 2 and "not JSON" in err
             code, out, err = await run(settings, tmp_path, "enqueue", "demo.nope", "{}")

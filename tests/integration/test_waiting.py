@@ -283,3 +283,106 @@ async def _publish(h: Harness, tasks: list[NewTask]) -> None:
     for task in tasks:
         await h.publisher.publish(Envelope(task.id, task.type, 0), "default", delay=0.0)
     await h.store.mark_published([(task.id, 0) for task in tasks])
+
+
+async def test_concurrent_claims_outcomes_and_stale_deliveries_never_deadlock(
+    settings: Settings,
+) -> None:
+    """Six claimers race over three keys limited to 1 each: every claim batch mixes
+    due tasks with stale deliveries (ids WAITING, RUNNING or done), the outcomes give
+    slots back and release waiting tasks, an operator cancels and a client waits on
+    some meanwhile. Nothing raises (a deadlock would), no key ever has two RUNNING,
+    and every slot is given back."""
+    async with harness(settings) as h:
+        await h.put_type("race.t", max_attempts=100)
+        await h.store.put_task_type(
+            "race.t", queue="default", max_attempts=100, timeout_seconds=30.0,
+            backoff_json=None, payload_schema_json=None, enabled=True,
+            concurrency=Concurrency(1, "k", "api"),
+        )  # fmt: skip
+        tasks = [NewTask(uuid.uuid4(), "race.t", f'{{"k": "{n % 3}"}}') for n in range(90)]
+        await h.store.enqueue(tasks)
+        ids = [task.id for task in tasks]
+        random = __import__("random").Random(7)
+        most = 0
+        done = asyncio.Event()
+
+        async def claimer(n: int) -> None:
+            while not done.is_set():
+                async with h.store.pool.acquire() as connection:
+                    due = await connection.fetch(
+                        "SELECT id FROM taskq.tasks WHERE type = 'race.t' AND status = 'ENQUEUED'"
+                    )
+                batch = [row["id"] for row in due][:8] + random.sample(ids, 4)
+                rows = await h.store.claim(batch, f"w{n}", 30.0)
+                claimed = [row for row in rows if hasattr(row, "claim_token")]
+                await asyncio.sleep(random.random() * 0.01)
+                if claimed and n % 2:
+                    await h.store.retry(
+                        [(row.id, row.claim_token, "again", 0.0) for row in claimed[:1]],
+                        holds_slots=True,
+                    )
+                    claimed = claimed[1:]
+                if claimed:
+                    await h.store.complete(
+                        [(row.id, row.claim_token, "null") for row in claimed], holds_slots=True
+                    )
+                await asyncio.sleep(0)
+
+        async def meddler() -> None:
+            while not done.is_set():
+                await h.store.request_wait(random.sample(ids, 5))
+                await asyncio.sleep(0.005)
+
+        async def watcher() -> None:
+            nonlocal most
+            while not done.is_set():
+                async with h.store.pool.acquire() as connection:
+                    running = await connection.fetchval(
+                        "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM taskq.tasks"
+                        " WHERE type = 'race.t' AND status = 'RUNNING'"
+                        " GROUP BY payload ->> 'k') c"
+                    )
+                most = max(most, running)
+                counts = await status_counts(h, "race.t")
+                if counts.get("SUCCEEDED", 0) + counts.get("CANCELLED", 0) == len(ids):
+                    done.set()
+                await asyncio.sleep(0.01)
+
+        victim = ids[-1]
+        await h.store.cancel(victim, actor="test", reason=None)
+        workers = [asyncio.create_task(claimer(n)) for n in range(6)]
+        others = [asyncio.create_task(meddler()), asyncio.create_task(watcher())]
+        try:
+            await asyncio.wait_for(done.wait(), 120)
+        finally:
+            done.set()
+            results = await asyncio.gather(*workers, *others, return_exceptions=True)
+        assert [r for r in results if isinstance(r, BaseException)] == []
+        assert most == 1
+        assert await slots(h, "race.t") == {"0": 0, "1": 0, "2": 0}
+        assert (await h.task(victim)).status == "CANCELLED"
+
+
+async def test_a_crashed_workers_slot_is_freed_when_its_lease_expires(settings: Settings) -> None:
+    async with harness(settings) as h:
+        await h.put_type("lease.t")
+        await h.store.put_task_type(
+            "lease.t", queue="default", max_attempts=3, timeout_seconds=30.0, backoff_json=None,
+            payload_schema_json=None, enabled=True, concurrency=Concurrency(1, None, "api"),
+        )  # fmt: skip
+        first, second = [await h.enqueue("lease.t", {}) for _ in range(2)]
+        [held] = [r for r in await h.store.claim([first], "dead", 0.2) if hasattr(r, "payload")]
+        assert held.concurrency_key == ""
+        [parked] = await h.store.claim([second], "alive", 30.0)
+        assert parked.decision == "parked"
+        # A claim of the expired lease does not take it over: the slot is the sweeper's.
+        await asyncio.sleep(0.3)
+        [again] = await h.store.claim([first], "alive", 30.0)
+        assert again.decision == "duplicate"
+        recovered = await h.store.recover_expired(10)
+        assert [r.id for r in recovered] == [first]
+        assert (await h.task(first)).status == "ENQUEUED"
+        # The slot was given back and the waiting task released, in that transaction.
+        assert (await h.task(second)).status == "ENQUEUED"
+        assert await slots(h, "lease.t") == {"": 0}
