@@ -2,7 +2,8 @@
 against the same tasks unlimited.
 
 Starts K worker processes against a fresh database and namespace, then runs the
-same workload twice on ``demo.noop``: first without a limit, then with
+same workload twice on ``demo.noop`` (or, with ``--seconds S``, ``demo.sleep`` for
+S seconds a task): first without a limit, then with
 ``concurrency={"key": "customer", "limit": 2}`` (set through the store, as
 ``PUT /types`` does). Each run enqueues N tasks (``{"customer": "c<n % 100>"}``,
 batches of 500 through the Python client) and waits for the last to succeed; the
@@ -11,7 +12,7 @@ limited run it checks that every slot was given back and nothing is left waiting
 Prints a table and JSON lines.
 
     .venv/bin/python scripts/bench_concurrency.py [--tasks 10000] [--keys 100] [--limit 2]
-        [--workers 2]
+        [--workers 2] [--seconds 0]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 
 from benchlib import Sandbox
 
@@ -33,8 +35,11 @@ async def main() -> None:
     parser.add_argument("--keys", type=int, default=100)
     parser.add_argument("--limit", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=0.0, help="demo.sleep this long")
     parser.add_argument("--port", type=int, default=18_700)
     args = parser.parse_args()
+    task_type = "demo.sleep" if args.seconds > 0 else "demo.noop"
+    payload: dict[str, object] = {"seconds": args.seconds} if args.seconds > 0 else {}
 
     sandbox = Sandbox(args.port)
     try:
@@ -43,9 +48,10 @@ async def main() -> None:
         await sandbox.wait_consumers(args.workers)
         client = await Client.connect(sandbox.settings)
         try:
-            unlimited = await run(sandbox, client, args.tasks, args.keys, "unlimited")
-            await limit(client, Concurrency(args.limit, "customer", "api"))
-            limited = await run(sandbox, client, args.tasks, args.keys, "limited")
+            work = Work(task_type, payload, args.tasks, args.keys)
+            unlimited = await run(sandbox, client, work, "unlimited")
+            await limit(client, task_type, Concurrency(args.limit, "customer", "api"))
+            limited = await run(sandbox, client, work, "limited")
         finally:
             await client.close()
         running = await sandbox.db.fetchval(
@@ -60,6 +66,7 @@ async def main() -> None:
     finally:
         await sandbox.close()
 
+    print(f"{task_type} {payload}, {args.tasks} tasks, {args.workers} workers")
     figures = {
         "unlimited rate": (unlimited, "tasks/s"),
         f"limited rate ({args.limit} per key, {args.keys} keys)": (limited, "tasks/s"),
@@ -74,12 +81,22 @@ async def main() -> None:
         print(json.dumps({"bench": "concurrency", "figure": figure, "value": value, "unit": unit}))
 
 
-async def limit(client: Client, concurrency: Concurrency | None) -> None:
-    """Set (or remove) demo.noop's concurrency limit, keeping the rest of its definition."""
+@dataclass(frozen=True)
+class Work:
+    """What a run enqueues: ``tasks`` of ``type`` over ``keys`` customers."""
+
+    type: str
+    payload: dict[str, object]
+    tasks: int
+    keys: int
+
+
+async def limit(client: Client, task_type: str, concurrency: Concurrency | None) -> None:
+    """Set (or remove) a type's concurrency limit, keeping the rest of its definition."""
     store = client.store
-    [found] = [t for t in await store.task_types() if t.name == "demo.noop"]
+    [found] = [t for t in await store.task_types() if t.name == task_type]
     await store.put_task_type(
-        "demo.noop",
+        task_type,
         queue=found.queue,
         max_attempts=found.max_attempts,
         timeout_seconds=found.timeout_seconds,
@@ -91,13 +108,14 @@ async def limit(client: Client, concurrency: Concurrency | None) -> None:
     client.types.invalidate()
 
 
-async def run(sandbox: Sandbox, client: Client, tasks: int, keys: int, label: str) -> float:
-    """Enqueue ``tasks`` demo.noop tasks over ``keys`` keys; return the end-to-end rate."""
+async def run(sandbox: Sandbox, client: Client, work: Work, label: str) -> float:
+    """Enqueue the work's tasks; return the end-to-end rate."""
+    tasks = work.tasks
     before = await succeeded(sandbox)
     start = time.monotonic()
     for first in range(0, tasks, 500):
         batch = [
-            {"type": "demo.noop", "payload": {"customer": f"c{n % keys}"}}
+            {"type": work.type, "payload": {**work.payload, "customer": f"c{n % work.keys}"}}
             for n in range(first, min(tasks, first + 500))
         ]
         await client.enqueue_many(batch)
