@@ -45,10 +45,12 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "fail": (TOKENS, ["boom"] * 200),
     "give_back": (TOKENS,),
     "cancel_running": (TOKENS,),
+    "wait_request": (),
 }
 # Those that lock what they change: only ever through the primary key.
 THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "complete",
-                   "retry", "fail", "give_back", "cancel_running", "set_aside"}  # fmt: skip
+                   "retry", "fail", "give_back", "cancel_running", "set_aside",
+                   "wait_request"}  # fmt: skip
 
 
 def scans(plan: dict[str, Any]) -> list[str]:

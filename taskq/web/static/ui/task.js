@@ -50,7 +50,7 @@ function render(task, events) {
   document.getElementById("task-status").replaceWith(Object.assign(badge(task.status), { id: "task-status" }));
   document.getElementById("task-scheduled").hidden = !task.scheduled;
   document.getElementById("task-cancel-requested").hidden = !task.cancel_requested_at;
-  const cancellable = task.status === "ENQUEUED" || (task.status === "RUNNING" && !task.cancel_requested_at);
+  const cancellable = task.status === "ENQUEUED" || task.status === "WAITING" || (task.status === "RUNNING" && !task.cancel_requested_at);
   document.getElementById("task-cancel").hidden = !cancellable;
   document.getElementById("task-retry").hidden = !(task.status === "FAILED" || task.status === "CANCELLED");
   const facts = clear(document.getElementById("task-facts"));
