@@ -386,3 +386,32 @@ async def test_a_crashed_workers_slot_is_freed_when_its_lease_expires(settings: 
         # The slot was given back and the waiting task released, in that transaction.
         assert (await h.task(second)).status == "ENQUEUED"
         assert await slots(h, "lease.t") == {"": 0}
+
+
+async def test_waiting_tasks_owe_nothing_and_only_cancels_and_purges_end_them(
+    settings: Settings,
+) -> None:
+    async with harness(settings) as h, running_api(settings, relay=False) as api:
+        await h.put_type("still.t")
+        assert await h.store.pause_type("still.t", True) is not None
+        ids = [await h.enqueue("still.t", {}) for _ in range(3)]
+        rows = await h.store.claim(ids, "w1", 30.0)
+        assert {row.decision for row in rows} == {"parked"}
+        # A stale delivery of a WAITING task is parked again, changing nothing.
+        [again] = await h.store.claim(ids[:1], "w2", 30.0)
+        assert again.decision == "parked"
+        # Neither the relay, nor lease recovery, nor retention, nor the overdue check
+        # looks at them.
+        assert await h.store.publish_owed(0.0, 100) == []
+        assert await h.store.recover_expired(100) == []
+        assert await h.store.delete_finished(0.0, 100) == 0
+        assert await h.store.overdue_enqueued("default", 0.0, 100) == []
+        assert await h.store.unpublished_count() == 0
+        assert await h.store.request_wait(ids) == set(ids)
+        response = await api.request(
+            "DELETE", "/queues/default", params={"confirm": "default"}, headers=JSON
+        )
+        assert response.status_code == 200 and response.json()["cancelled"] == 3
+        for task_id in ids:
+            row = await h.task(task_id)
+            assert row.status == "CANCELLED" and row.wait_reason is None
