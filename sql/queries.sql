@@ -681,7 +681,8 @@ WITH input AS (
                WHEN l.attempts >= l.max_attempts THEN 'exhausted'
                WHEN l.run_at > c.at THEN 'early'
                ELSE 'claimed'
-           END AS decision
+           END AS decision,
+           l.type, l.status, l.created_at
     FROM locked l CROSS JOIN LATERAL (SELECT clock_timestamp() AS at) c
 ), gated_types AS (
     -- Gates: the types paused or limited (task_type_gated; none, usually).
@@ -689,11 +690,11 @@ WITH input AS (
     FROM taskq.task_type g WHERE g.paused OR g.concurrency_limit IS NOT NULL
 ), gate_candidates AS (
     -- Rows that would be claimed, of a gated type (a takeover keeps what it holds).
-    SELECT d.id, l.type, l.created_at, g.paused, g.concurrency_limit, g.concurrency_key
+    -- With no gated type (the EXISTS, run once) nothing here runs at all.
+    SELECT d.id, d.type, d.created_at, g.paused, g.concurrency_limit, g.concurrency_key
     FROM decided d
-    JOIN locked l ON l.id = d.id AND l.status = 'ENQUEUED'
-    JOIN gated_types g ON g.name = l.type
-    WHERE d.decision = 'claimed'
+    JOIN gated_types g ON g.name = d.type
+    WHERE d.decision = 'claimed' AND d.status = 'ENQUEUED' AND EXISTS (SELECT FROM gated_types)
 ), paused_gate AS (
     -- The paused types among them, share-locked, so that a resume (which updates
     -- the type first) waits for this claim, and then releases what it parked. A
