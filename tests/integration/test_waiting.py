@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from taskq.handlers import Context, Registry
-from taskq.model import Concurrency
+from taskq.model import ClaimedTask, Concurrency
 from taskq.settings import Settings
 from taskq.store import NewTask
 from tests.support.api_fixtures import JSON, running_api
@@ -415,3 +415,30 @@ async def test_waiting_tasks_owe_nothing_and_only_cancels_and_purges_end_them(
         for task_id in ids:
             row = await h.task(task_id)
             assert row.status == "CANCELLED" and row.wait_reason is None
+
+
+async def test_a_freed_slot_releases_the_oldest_waiting_task_of_its_key(
+    settings: Settings,
+) -> None:
+    async with harness(settings) as h:
+        await h.put_type("fifo.t")
+        await h.store.put_task_type(
+            "fifo.t", queue="default", max_attempts=3, timeout_seconds=30.0, backoff_json=None,
+            payload_schema_json=None, enabled=True, concurrency=Concurrency(1, "k", "api"),
+        )  # fmt: skip
+        first, second, third = [await h.enqueue("fifo.t", {"k": "a"}) for _ in range(3)]
+        other = await h.enqueue("fifo.t", {"k": "b"})
+        rows = {row.id: row for row in await h.store.claim([third, second, first], "w", 30.0)}
+        held = rows[first]
+        assert isinstance(held, ClaimedTask) and held.concurrency_key == "a"
+        assert rows[second].decision == rows[third].decision == "parked"  # type: ignore[union-attr]
+        # Another key has slots of its own.
+        [b] = await h.store.claim([other], "w", 30.0)
+        assert isinstance(b, ClaimedTask)
+        await h.store.complete([(first, held.claim_token, "null")], holds_slots=True)
+        assert (await h.task(second)).status == "ENQUEUED"
+        assert (await h.task(third)).status == "WAITING"
+        assert await slots(h, "fifo.t") == {"a": 0, "b": 1}
+        # Released with its publish owed, named to the relay.
+        [owed] = await h.store.owed_among([second])
+        assert owed.id == second
