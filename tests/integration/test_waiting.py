@@ -431,7 +431,7 @@ async def test_a_freed_slot_releases_the_oldest_waiting_task_of_its_key(
         rows = {row.id: row for row in await h.store.claim([third, second, first], "w", 30.0)}
         held = rows[first]
         assert isinstance(held, ClaimedTask) and held.concurrency_key == "a"
-        assert rows[second].decision == rows[third].decision == "parked"  # type: ignore[union-attr]
+        assert rows[second].decision == rows[third].decision == "parked"
         # Another key has slots of its own.
         [b] = await h.store.claim([other], "w", 30.0)
         assert isinstance(b, ClaimedTask)

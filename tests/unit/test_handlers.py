@@ -237,7 +237,7 @@ def test_a_concurrency_limit_is_checked_at_import() -> None:
     handler = registry.get("limited.v1")
     assert handler is not None and handler.concurrency == Concurrency(2, "customer_id")
     registry.task("whole.v1", concurrency={"limit": 1})(_noop)
-    assert registry.get("whole.v1").concurrency == Concurrency(1)  # type: ignore[union-attr]
+    assert registry.get("whole.v1").concurrency == Concurrency(1)
     for bad in (
         {"limit": 0},
         {"limit": 10_001},
