@@ -105,6 +105,10 @@ COMMENT ON TABLE taskq.concurrency_slots IS
 CREATE INDEX CONCURRENTLY IF NOT EXISTS tasks_waiting
     ON taskq.tasks (type, concurrency_key, created_at, id) WHERE status = 'WAITING';
 
+-- GET /tasks?status=WAITING, newest first, without walking every newer task.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS tasks_waiting_created
+    ON taskq.tasks (created_at DESC, id DESC) WHERE status = 'WAITING';
+
 -- The types with a gate, which every claim reads: empty while none is paused or limited.
 CREATE INDEX CONCURRENTLY IF NOT EXISTS task_type_gated
     ON taskq.task_type (name) WHERE paused OR concurrency_limit IS NOT NULL;

@@ -167,3 +167,30 @@ async def test_rows_set_aside_are_not_in_the_relays_way(db: asyncpg.Connection) 
         assert "Rows Removed by Filter" not in json.dumps(plan), query
     rows = await db.fetch(sql.queries()["publish_owed"], 5.0, 500)
     assert len(rows) == 10
+
+
+async def test_waiting_tasks_are_listed_through_their_own_index(db: asyncpg.Connection) -> None:
+    # A few WAITING tasks among many successes (taskq.tasks_waiting_created).
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
+        " attempts, finished_at, created_at, wait_reason)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60,"
+        " CASE WHEN g % 1000 = 0 THEN 'WAITING' ELSE 'SUCCEEDED' END, 0,"
+        " CASE WHEN g % 1000 = 0 THEN NULL ELSE now() END,"
+        " now() - make_interval(secs => $1 - g),"
+        " CASE WHEN g % 1000 = 0 THEN 'paused' END"
+        " FROM generate_series(1, $1) g",
+        BACKLOG * 10,
+    )
+    await db.execute("ANALYZE tasks")
+    async with db.transaction():
+        await db.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        statement = await db.prepare("EXPLAIN (FORMAT JSON) " + sql.queries()["tasks_list"])
+        (plan,) = json.loads(
+            await statement.fetchval(
+                ["WAITING"], None, None, None, None, None, None, None, 50, False, False
+            )
+        )
+    reads = scans(plan["Plan"])
+    assert reads and not {"Seq Scan", "tasks_created_keyset"} & set(reads), reads
