@@ -80,24 +80,32 @@ INSERT INTO taskq.taskq_migrations (version, name, checksum) VALUES (:version, :
 
 -- name: types_all
 SELECT name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
-       enabled, created_at, updated_at, unique_spec::text
+       enabled, created_at, updated_at, unique_spec::text, paused, concurrency_limit,
+       concurrency_key, concurrency_source
 FROM taskq.task_type ORDER BY name;
 
 -- name: type_put
 -- Creates or replaces one task type (the admin API).
 -- :name, :queue, :max_attempts, :timeout_seconds, :backoff (json text or NULL),
--- :payload_schema (json text or NULL), :enabled, :unique_spec (json text or NULL)
+-- :payload_schema (json text or NULL), :enabled, :unique_spec (json text or NULL),
+-- :concurrency_limit (NULL: none), :concurrency_key (NULL: one limit for the type)
+-- The pause is kept (POST /types/{name}/pause and resume set it).
 INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff, payload_schema,
-                                  enabled, unique_spec)
+                                  enabled, unique_spec, concurrency_limit, concurrency_key,
+                                  concurrency_source)
 VALUES (:name, :queue, :max_attempts, :timeout_seconds, :backoff::jsonb, :payload_schema::jsonb,
-        :enabled, :unique_spec::jsonb)
+        :enabled, :unique_spec::jsonb, :concurrency_limit, :concurrency_key,
+        CASE WHEN :concurrency_limit::int IS NOT NULL THEN 'api' END)
 ON CONFLICT (name) DO UPDATE SET
     queue = EXCLUDED.queue, max_attempts = EXCLUDED.max_attempts,
     timeout_seconds = EXCLUDED.timeout_seconds, backoff = EXCLUDED.backoff,
     payload_schema = EXCLUDED.payload_schema, enabled = EXCLUDED.enabled,
-    unique_spec = EXCLUDED.unique_spec, updated_at = now()
+    unique_spec = EXCLUDED.unique_spec,
+    concurrency_limit = EXCLUDED.concurrency_limit, concurrency_key = EXCLUDED.concurrency_key,
+    concurrency_source = EXCLUDED.concurrency_source, updated_at = now()
 RETURNING name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
-          enabled, created_at, updated_at, unique_spec::text, (xmax = 0) AS created;
+          enabled, created_at, updated_at, unique_spec::text, paused, concurrency_limit,
+          concurrency_key, concurrency_source, (xmax = 0) AS created;
 
 -- name: types_lock
 -- Serialises the writers of the registry for the check against TASKQ_MAX_TASK_TYPES
@@ -118,29 +126,191 @@ SELECT (SELECT count(*) FROM taskq.task_type)
 -- what only admins set (enabled, and a payload_schema an operator wrote). The
 -- payload_schema a worker writes is its handler's payload model's (NULL: none);
 -- it replaces a stored schema only when that one is NULL or a worker's too (it
--- holds the key x-taskq-generated), so an operator's schema stays.
+-- holds the key x-taskq-generated), so an operator's schema stays. Likewise a
+-- handler's concurrency limit (NULL: none) replaces a stored one set by code or
+-- none; one set through the API stays.
+-- Returns the types whose concurrency limit changed (their waiting tasks may
+-- have free slots now).
 -- :names text[], :queues text[], :max_attempts int[], :timeouts float8[],
 -- :backoffs text[] (json or NULL), :payload_schemas text[] (json or NULL),
--- :unique_specs text[] (json or NULL: the handler's unique=)
-INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff,
-                                  payload_schema, unique_spec)
-SELECT r.name, r.queue, r.max_attempts, r.timeout_seconds, r.backoff::jsonb,
-       r.payload_schema::jsonb, r.unique_spec::jsonb
-FROM unnest(:names::text[], :queues::text[], :max_attempts::int[], :timeouts::float8[],
-            :backoffs::text[], :payload_schemas::text[], :unique_specs::text[])
-    AS r(name, queue, max_attempts, timeout_seconds, backoff, payload_schema, unique_spec)
-ON CONFLICT (name) DO UPDATE SET
-    queue = EXCLUDED.queue, max_attempts = EXCLUDED.max_attempts,
-    timeout_seconds = EXCLUDED.timeout_seconds, backoff = EXCLUDED.backoff,
-    payload_schema = CASE WHEN t.payload_schema IS NULL OR t.payload_schema ? 'x-taskq-generated'
-                          THEN EXCLUDED.payload_schema ELSE t.payload_schema END,
-    unique_spec = EXCLUDED.unique_spec,
-    updated_at = now()
-WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff, t.unique_spec, t.payload_schema)
-    IS DISTINCT FROM (EXCLUDED.queue, EXCLUDED.max_attempts, EXCLUDED.timeout_seconds,
-                      EXCLUDED.backoff, EXCLUDED.unique_spec,
-                      CASE WHEN t.payload_schema IS NULL OR t.payload_schema ? 'x-taskq-generated'
-                           THEN EXCLUDED.payload_schema ELSE t.payload_schema END);
+-- :unique_specs text[] (json or NULL: the handler's unique=),
+-- :concurrency_limits int[], :concurrency_keys text[]
+WITH before AS (
+    SELECT t.name, t.concurrency_limit, t.concurrency_key FROM taskq.task_type t
+    WHERE t.name = ANY(:names::text[])
+), registered AS (
+    INSERT INTO taskq.task_type AS t (name, queue, max_attempts, timeout_seconds, backoff,
+                                      payload_schema, unique_spec, concurrency_limit,
+                                      concurrency_key, concurrency_source)
+    SELECT r.name, r.queue, r.max_attempts, r.timeout_seconds, r.backoff::jsonb,
+           r.payload_schema::jsonb, r.unique_spec::jsonb, r.lim, r.key,
+           CASE WHEN r.lim IS NOT NULL THEN 'code' END
+    FROM unnest(:names::text[], :queues::text[], :max_attempts::int[], :timeouts::float8[],
+                :backoffs::text[], :payload_schemas::text[], :unique_specs::text[],
+                :concurrency_limits::int[], :concurrency_keys::text[])
+        AS r(name, queue, max_attempts, timeout_seconds, backoff, payload_schema, unique_spec,
+             lim, key)
+    ON CONFLICT (name) DO UPDATE SET
+        queue = EXCLUDED.queue, max_attempts = EXCLUDED.max_attempts,
+        timeout_seconds = EXCLUDED.timeout_seconds, backoff = EXCLUDED.backoff,
+        payload_schema = CASE WHEN t.payload_schema IS NULL OR t.payload_schema ? 'x-taskq-generated'
+                              THEN EXCLUDED.payload_schema ELSE t.payload_schema END,
+        unique_spec = EXCLUDED.unique_spec,
+        concurrency_limit = CASE WHEN t.concurrency_source = 'api' THEN t.concurrency_limit
+                                 ELSE EXCLUDED.concurrency_limit END,
+        concurrency_key = CASE WHEN t.concurrency_source = 'api' THEN t.concurrency_key
+                               ELSE EXCLUDED.concurrency_key END,
+        concurrency_source = CASE WHEN t.concurrency_source = 'api' THEN t.concurrency_source
+                                  ELSE EXCLUDED.concurrency_source END,
+        updated_at = now()
+    WHERE (t.queue, t.max_attempts, t.timeout_seconds, t.backoff, t.unique_spec, t.payload_schema,
+           t.concurrency_limit, t.concurrency_key)
+        IS DISTINCT FROM (EXCLUDED.queue, EXCLUDED.max_attempts, EXCLUDED.timeout_seconds,
+                          EXCLUDED.backoff, EXCLUDED.unique_spec,
+                          CASE WHEN t.payload_schema IS NULL OR t.payload_schema ? 'x-taskq-generated'
+                               THEN EXCLUDED.payload_schema ELSE t.payload_schema END,
+                          CASE WHEN t.concurrency_source = 'api' THEN t.concurrency_limit
+                               ELSE EXCLUDED.concurrency_limit END,
+                          CASE WHEN t.concurrency_source = 'api' THEN t.concurrency_key
+                               ELSE EXCLUDED.concurrency_key END)
+    RETURNING t.name, t.concurrency_limit, t.concurrency_key
+)
+SELECT r.name FROM registered r JOIN before b ON b.name = r.name
+WHERE (r.concurrency_limit, r.concurrency_key)
+    IS DISTINCT FROM (b.concurrency_limit, b.concurrency_key);
+
+-- ---------------------------------------------------------------- waiting (paused types, concurrency limits)
+-- A WAITING task is released (ENQUEUED, a publish owed, the relay woken) in the
+-- transaction that frees it: a resume, or an attempt of its key ending.
+
+-- name: type_pause
+-- Pauses or resumes a type (claims park its tasks WAITING while it is paused).
+-- A resume commits this first, then releases the parked tasks (type_release_paused)
+-- in transactions of their own: a claim parking tasks of the type holds a share
+-- lock on the type's row, which this update waits for.
+-- :name, :paused
+UPDATE taskq.task_type SET paused = :paused, updated_at = now()
+WHERE name = :name
+RETURNING name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
+          enabled, created_at, updated_at, unique_spec::text, paused, concurrency_limit,
+          concurrency_key, concurrency_source;
+
+-- name: type_concurrency
+-- :name
+SELECT concurrency_limit, concurrency_key FROM taskq.task_type WHERE name = :name;
+
+-- name: type_release_paused
+-- Releases up to :limit tasks parked by a pause of a type that is not paused (any
+-- more), locked in id order. Returns their ids; called again until fewer come back.
+-- :name, :limit
+WITH released AS (
+    SELECT t.id FROM taskq.tasks t
+    WHERE t.status = 'WAITING' AND t.type = :name AND t.wait_reason = 'paused'
+      AND NOT EXISTS (SELECT FROM taskq.task_type g WHERE g.name = :name AND g.paused)
+    ORDER BY t.id
+    LIMIT :limit
+    FOR UPDATE
+)
+UPDATE taskq.tasks t SET
+    status = 'ENQUEUED', wait_reason = NULL, published_at = NULL,
+    generation = t.generation + 1, updated_at = now()
+WHERE t.id = ANY(ARRAY(SELECT id FROM released))
+RETURNING t.id;
+
+-- name: slots_release
+-- Gives back the concurrency slots of attempts that just ended, in the transaction
+-- that recorded their end: those among :ids that hold a key and are not RUNNING
+-- now. The slots are locked in key order, as claims take them. Returns each key
+-- whose slots were given back.
+-- :ids uuid[]
+WITH ended AS (
+    SELECT t.type, t.concurrency_key AS key, count(*) AS n
+    FROM unnest(:ids::uuid[]) AS i(id)
+    JOIN taskq.tasks t ON t.id = i.id
+    WHERE t.concurrency_key IS NOT NULL AND t.status <> 'RUNNING'
+    GROUP BY t.type, t.concurrency_key
+), held AS (
+    SELECT s.type, s.key, e.n
+    FROM taskq.concurrency_slots s JOIN ended e ON e.type = s.type AND e.key = s.key
+    ORDER BY s.type, s.key
+    FOR UPDATE OF s
+)
+UPDATE taskq.concurrency_slots s SET running = greatest(0, s.running - h.n)
+FROM held h
+WHERE s.type = h.type AND s.key = h.key
+RETURNING s.type, s.key;
+
+-- name: slots_lock
+-- Locks the slots of some keys (all of a type's with :keys NULL), in key order,
+-- before their waiting tasks are released (slots_promote).
+-- :type, :keys text[]
+SELECT s.type, s.key FROM taskq.concurrency_slots s
+WHERE s.type = :type AND (:keys::text[] IS NULL OR s.key = ANY(:keys::text[]))
+ORDER BY s.type, s.key
+FOR UPDATE;
+
+-- name: slots_promote
+-- Releases the oldest tasks WAITING for a slot of some keys, as many as each key
+-- has free slots under its type's limit (all of them once the type has none).
+-- Runs after slots_release or slots_lock in the same transaction, as a statement
+-- of its own: its snapshot then shows every task a claim parked for these keys
+-- before this transaction took their slots. A waiting row another transaction
+-- holds is skipped, never waited for: a row this snapshot still shows WAITING may
+-- be ENQUEUED since and held by a claim that waits for these slots. Returns, per
+-- key, the slots free, the ids released and whether a waiting task remains (the
+-- store runs it again for a key that released fewer than it could while some
+-- remain: a skipped row, or one the snapshot showed that has moved on).
+-- :types text[], :keys text[]
+WITH free AS (
+    SELECT s.type, s.key,
+           CASE WHEN g.concurrency_limit IS NULL THEN 2147483647
+                ELSE greatest(0, g.concurrency_limit - s.running) END AS n
+    FROM unnest(:types::text[], :keys::text[]) AS f(type, key)
+    JOIN taskq.concurrency_slots s ON s.type = f.type AND s.key = f.key
+    LEFT JOIN taskq.task_type g ON g.name = s.type
+), picked AS (
+    SELECT f.type, f.key, w.id
+    FROM free f
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM taskq.tasks t
+        WHERE t.status = 'WAITING' AND t.type = f.type AND t.concurrency_key = f.key
+          AND t.wait_reason = 'concurrency'
+        ORDER BY t.created_at, t.id
+        LIMIT f.n
+        FOR UPDATE SKIP LOCKED
+    ) w
+), released AS (
+    UPDATE taskq.tasks t SET
+        status = 'ENQUEUED', wait_reason = NULL, published_at = NULL,
+        generation = t.generation + 1, updated_at = now()
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
+    RETURNING t.id
+)
+SELECT f.type, f.key, f.n AS free,
+       ARRAY(SELECT p.id FROM picked p WHERE p.type = f.type AND p.key = f.key) AS ids,
+       EXISTS (SELECT FROM taskq.tasks t
+               WHERE t.status = 'WAITING' AND t.type = f.type AND t.concurrency_key = f.key
+                 AND t.wait_reason = 'concurrency'
+                 AND NOT t.id = ANY(ARRAY(SELECT id FROM picked))) AS more
+FROM free f;
+
+-- name: slots_list
+-- The concurrency keys of a type with tasks running or waiting, busiest first.
+-- :type, :limit
+SELECT s.key, s.running,
+       (SELECT count(*) FROM taskq.tasks t
+        WHERE t.status = 'WAITING' AND t.type = s.type AND t.concurrency_key = s.key) AS waiting
+FROM taskq.concurrency_slots s
+WHERE s.type = :type AND (s.running > 0 OR EXISTS (
+    SELECT FROM taskq.tasks t
+    WHERE t.status = 'WAITING' AND t.type = s.type AND t.concurrency_key = s.key))
+ORDER BY s.running DESC, s.key
+LIMIT :limit;
+
+-- name: stats_waiting
+-- WAITING tasks by type and reason.
+SELECT type, wait_reason, count(*) AS n FROM taskq.tasks WHERE status = 'WAITING'
+GROUP BY type, wait_reason;
 
 -- ---------------------------------------------------------------- enqueue
 
@@ -360,7 +530,7 @@ WHERE id = ANY(ARRAY(SELECT id FROM owed));
 SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempotency_key,
        result::text, last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, t.updated_at, started_at, finished_at, cancel_requested_at,
-       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled,
+       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled, wait_reason,
        -- Why the relay set the owed publish aside, and when it tries again.
        CASE WHEN published_at IS NULL AND set_aside_generation = generation
             THEN publish_error END AS publish_error,
@@ -381,14 +551,25 @@ WHERE t.id = :id;
 -- name: wait_request
 -- A waiter marks the tasks it waits for, so that their terminal transition sends
 -- a NOTIFY (the trigger tasks_notify_finished). Returns the ids it marked, those
--- ENQUEUED or RUNNING in their latest version (a concurrent outcome is waited
+-- ENQUEUED, WAITING or RUNNING in their latest version (a concurrent outcome is waited
 -- for and re-checked): an id missing from the answer has ended, or does not exist.
 -- A task marked here and ending later notifies, since its outcome's row version
 -- is built on this one.
+-- Rows are locked in id order, through the primary key, as `claim` locks them:
+-- a wait for several tasks and a claim of some of them cannot deadlock.
 -- :ids uuid[]
-UPDATE taskq.tasks SET wait_requested = true
-WHERE id = ANY(:ids::uuid[]) AND status IN ('ENQUEUED', 'RUNNING')
-RETURNING id;
+WITH held AS (
+    SELECT t.id
+    FROM (SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM taskq.tasks t
+        WHERE t.id = i.id AND t.status IN ('ENQUEUED', 'WAITING', 'RUNNING')
+        FOR UPDATE
+    ) t
+)
+UPDATE taskq.tasks t SET wait_requested = true
+WHERE t.id = ANY(ARRAY(SELECT id FROM held))
+RETURNING t.id;
 
 -- name: progress_write
 -- Records the latest progress of running tasks, one row per task (the worker's
@@ -579,17 +760,25 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 --   claimed   - now RUNNING under this worker's lease, attempts + 1: run it;
 --   terminal  - SUCCEEDED, FAILED or CANCELLED already: drop the delivery;
 --   duplicate - RUNNING under a live lease: the lease holder (or the sweeper) owns it,
---               or RUNNING with a cancel requested (the sweeper cancels it);
+--               or RUNNING with a cancel requested (the sweeper cancels it), or
+--               RUNNING under an expired lease while holding a concurrency slot
+--               (the sweeper's recovery gives the slot back);
 --   early     - run_at is in the future: send it back through the delay levels;
 --   exhausted - no attempt left: now FAILED, owed to the DLQ;
+--   parked    - WAITING: its type is paused, or its concurrency key has no free slot
+--               (parked now, or already): drop the delivery; it is released later;
 --   missing   - no such task.
 -- A claim of a RUNNING task whose lease expired takes it over.
 -- Returns one row per distinct id: id, decision, and for rows that exist type,
 -- queue, attempts (after the claim), max_attempts, run_at and delay (seconds
 -- until run_at, for `early`); payload (json text), timeout_seconds, created_at
 -- and claim_token for `claimed`; last_error for `exhausted` (the DLQ reason);
--- traceparent (the enqueuer's trace context, NULL when not traced).
+-- traceparent (the enqueuer's trace context, NULL when not traced);
+-- concurrency_key for `claimed` (NULL: it holds no concurrency slot).
 -- Every claim sets a fresh claim_token: heartbeats and outcomes must name it.
+-- WAITING rows are not locked (only resumes, freed slots and operators change
+-- them, and a freed slot's release waits for their locks while it holds the
+-- slot: a claim holding one and waiting for that slot would deadlock with it).
 -- :ids uuid[], :worker_id, :lease_seconds
 WITH input AS (
     SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id
@@ -599,8 +788,9 @@ WITH input AS (
     FROM (SELECT id FROM input ORDER BY id) i
     CROSS JOIN LATERAL (
         SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts,
-               t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at, t.traceparent
-        FROM taskq.tasks t WHERE t.id = i.id
+               t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at, t.traceparent,
+               t.created_at, t.concurrency_key
+        FROM taskq.tasks t WHERE t.id = i.id AND t.status <> 'WAITING'
         FOR UPDATE
     ) t
 ), decided AS (
@@ -609,13 +799,68 @@ WITH input AS (
            CASE
                WHEN l.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED') THEN 'terminal'
                WHEN l.status = 'RUNNING' AND (l.lease_expires_at > c.at
-                                              OR l.cancel_requested_at IS NOT NULL)
+                                              OR l.cancel_requested_at IS NOT NULL
+                                              OR l.concurrency_key IS NOT NULL)
                    THEN 'duplicate'
                WHEN l.attempts >= l.max_attempts THEN 'exhausted'
                WHEN l.run_at > c.at THEN 'early'
                ELSE 'claimed'
-           END AS decision
+           END AS decision,
+           l.type, l.status, l.created_at
     FROM locked l CROSS JOIN LATERAL (SELECT clock_timestamp() AS at) c
+), gated_types AS (
+    -- Gates: the types paused or limited (task_type_gated; none, usually).
+    SELECT g.name, g.paused, g.concurrency_limit, g.concurrency_key
+    FROM taskq.task_type g WHERE g.paused OR g.concurrency_limit IS NOT NULL
+), gate_candidates AS (
+    -- Rows that would be claimed, of a gated type (a takeover keeps what it holds).
+    -- With no gated type (the EXISTS, run once) nothing here runs at all.
+    SELECT d.id, d.type, d.created_at, g.paused, g.concurrency_limit, g.concurrency_key
+    FROM decided d
+    JOIN gated_types g ON g.name = d.type
+    WHERE d.decision = 'claimed' AND d.status = 'ENQUEUED' AND EXISTS (SELECT FROM gated_types)
+), paused_gate AS (
+    -- The paused types among them, share-locked, so that a resume (which updates
+    -- the type first) waits for this claim, and then releases what it parked. A
+    -- type resumed meanwhile is not paused any more when its row is locked.
+    SELECT g.name FROM taskq.task_type g
+    WHERE g.name IN (SELECT type FROM gate_candidates WHERE paused) AND g.paused
+    FOR SHARE
+), concurrency_wanted AS (
+    -- The others of a limited type, with their key (from the payload) and their
+    -- rank among the batch's rows of that key, oldest first.
+    SELECT c.id, c.type, k.key, c.concurrency_limit AS lim,
+           row_number() OVER (PARTITION BY c.type, k.key ORDER BY c.created_at, c.id) AS rank
+    FROM gate_candidates c
+    CROSS JOIN LATERAL (
+        SELECT coalesce(CASE WHEN c.concurrency_key IS NULL THEN ''
+                             ELSE t.payload ->> c.concurrency_key END, '') AS key
+        FROM taskq.tasks t WHERE t.id = c.id
+    ) k
+    WHERE c.concurrency_limit IS NOT NULL AND c.type NOT IN (SELECT name FROM paused_gate)
+), concurrency_taken AS (
+    -- Takes the free slots of each key, in key order (claims lock slots in one order).
+    -- The upsert reads each slot's latest version: of two claims, the second waits
+    -- for the first and sees the slots it took.
+    INSERT INTO taskq.concurrency_slots AS s (type, key, running, lim, granted)
+    SELECT w.type, w.key, least(count(*), max(w.lim)), max(w.lim), least(count(*), max(w.lim))
+    FROM concurrency_wanted w
+    GROUP BY w.type, w.key
+    ORDER BY w.type, w.key
+    ON CONFLICT (type, key) DO UPDATE SET
+        running = s.running + greatest(0, least(EXCLUDED.running, EXCLUDED.lim - s.running)),
+        granted = greatest(0, least(EXCLUDED.running, EXCLUDED.lim - s.running)),
+        lim = EXCLUDED.lim
+    RETURNING s.type, s.key, s.granted
+), gated AS (
+    -- The gated rows' decisions: parked (and why), or claimed with a slot's key.
+    SELECT c.id,
+           CASE WHEN c.type IN (SELECT name FROM paused_gate) THEN 'paused'
+                WHEN w.rank > k.granted THEN 'concurrency' END AS wait_reason,
+           w.key
+    FROM gate_candidates c
+    LEFT JOIN concurrency_wanted w ON w.id = c.id
+    LEFT JOIN concurrency_taken k ON k.type = w.type AND k.key = w.key
 ), claimed AS (
     -- The decision's clock, not the transaction's: an inline claim's transaction
     -- (taskq.worker.inline) begins before this statement, so a task due at run_at
@@ -628,12 +873,22 @@ WITH input AS (
         published_at = coalesce(t.published_at, d.at),
         last_error = CASE WHEN t.status = 'RUNNING'
                           THEN 'lease expired: worker ' || t.worker_id || ' stopped heartbeating'
-                          ELSE t.last_error END
-    FROM decided d
-    WHERE d.id = t.id AND d.decision = 'claimed'
+                          ELSE t.last_error END,
+        concurrency_key = CASE WHEN t.status = 'RUNNING' THEN t.concurrency_key ELSE g.key END
+    FROM decided d LEFT JOIN gated g ON g.id = d.id
+    WHERE d.id = t.id AND d.decision = 'claimed' AND g.wait_reason IS NULL
       AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'claimed'))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
-              t.timeout_seconds, t.run_at, t.created_at, t.claim_token
+              t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.concurrency_key
+), parked AS (
+    -- WAITING, its delivery acked: nothing owed until it is released.
+    UPDATE taskq.tasks t SET
+        status = 'WAITING', wait_reason = g.wait_reason, concurrency_key = g.key,
+        published_at = coalesce(t.published_at, now()), updated_at = now()
+    FROM gated g
+    WHERE g.id = t.id AND g.wait_reason IS NOT NULL
+      AND t.id = ANY(ARRAY(SELECT id FROM gated WHERE wait_reason IS NOT NULL))
+    RETURNING t.id
 ), exhausted AS (
     UPDATE taskq.tasks t SET
         status = 'FAILED', finished_at = now(), updated_at = now(), lease_expires_at = NULL,
@@ -644,16 +899,25 @@ WITH input AS (
       AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'exhausted'))
     RETURNING t.id, t.last_error, t.generation
 )
-SELECT i.id, coalesce(d.decision, 'missing') AS decision, l.type, l.queue,
+SELECT i.id,
+       CASE WHEN p.id IS NOT NULL THEN 'parked'
+            WHEN d.decision IS NOT NULL THEN d.decision
+            -- Not locked: WAITING (or parked by a concurrent claim), or no such task.
+            -- (A scalar subquery, looked up by its key: an EXISTS may be hashed over a
+            -- scan of the whole table.)
+            WHEN (SELECT true FROM taskq.tasks w WHERE w.id = i.id) THEN 'parked'
+            ELSE 'missing' END AS decision,
+       l.type, l.queue,
        c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
        c.timeout_seconds, l.run_at, c.created_at, c.claim_token, x.last_error, x.generation,
        greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay,
-       l.traceparent
+       l.traceparent, c.concurrency_key
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
 LEFT JOIN locked l ON l.id = i.id
 LEFT JOIN claimed c ON c.id = i.id
-LEFT JOIN exhausted x ON x.id = i.id;
+LEFT JOIN exhausted x ON x.id = i.id
+LEFT JOIN parked p ON p.id = i.id;
 
 -- name: heartbeat
 -- One per worker every few seconds: records the worker as alive (with its
@@ -857,7 +1121,7 @@ SELECT id, type, queue, CASE WHEN :with_payloads::boolean THEN payload::text END
        CASE WHEN :with_results::boolean THEN result::text END AS result,
        last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
-       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled
+       replays, status = 'ENQUEUED' AND run_at > now() AS scheduled, wait_reason
 FROM taskq.tasks
 WHERE (:statuses::text[] IS NULL OR status = ANY(:statuses::text[]))
   AND (:type::text IS NULL OR type = :type)
@@ -879,7 +1143,7 @@ SELECT id, type, queue, CASE WHEN :with_payloads::boolean THEN payload::text END
        CASE WHEN :with_results::boolean THEN result::text END AS result,
        last_error, timeout_seconds, run_at, lease_expires_at, worker_id,
        published_at, created_at, updated_at, started_at, finished_at, cancel_requested_at,
-       replays, false AS scheduled
+       replays, false AS scheduled, NULL::text AS wait_reason
 FROM taskq.tasks
 WHERE status = 'FAILED'
   AND (:type::text IS NULL OR type = :type)
@@ -890,17 +1154,18 @@ ORDER BY finished_at DESC, id DESC
 LIMIT :limit;
 
 -- name: cancel
--- ENQUEUED (scheduled or not) becomes CANCELLED at once: its envelope, wherever
--- it is, is dropped by the claim. RUNNING gets a cancel request, which the
--- worker learns from its heartbeat. Anything else is left alone (no row back).
+-- ENQUEUED (scheduled or not) and WAITING become CANCELLED at once: an envelope,
+-- wherever it is, is dropped by the claim. RUNNING gets a cancel request, which
+-- the worker learns from its heartbeat (a concurrency slot it holds is given back
+-- when its attempt stops). Anything else is left alone (no row back).
 -- :id
 UPDATE taskq.tasks t SET
-    status = CASE WHEN t.status = 'ENQUEUED' THEN 'CANCELLED' ELSE t.status END,
-    finished_at = CASE WHEN t.status = 'ENQUEUED' THEN now() ELSE t.finished_at END,
+    status = CASE WHEN t.status = 'RUNNING' THEN t.status ELSE 'CANCELLED' END,
+    finished_at = CASE WHEN t.status = 'RUNNING' THEN t.finished_at ELSE now() END,
     cancel_requested_at = CASE WHEN t.status = 'RUNNING'
                                THEN coalesce(t.cancel_requested_at, now()) END,
-    updated_at = now()
-WHERE t.id = :id AND t.status IN ('ENQUEUED', 'RUNNING')
+    wait_reason = NULL, updated_at = now()
+WHERE t.id = :id AND t.status IN ('ENQUEUED', 'WAITING', 'RUNNING')
 RETURNING t.id, t.status;
 
 -- name: requeue
@@ -945,20 +1210,21 @@ ORDER BY finished_at, id
 LIMIT :limit;
 
 -- name: queue_cancel_enqueued
--- A queue purge's first step: cancels up to :limit ENQUEUED tasks (scheduled
--- ones too) of one queue whose id is above :after_id, locked in id order as claims lock
+-- A queue purge's first step: cancels up to :limit ENQUEUED and WAITING tasks
+-- (scheduled ones too) of one queue whose id is above :after_id, locked in id order as claims lock
 -- them, so the two cannot deadlock. Called again with the last id returned
 -- until none is left. Returns the ids cancelled.
 -- :queue, :limit, :after_id ids above this one only (NULL: from the start)
 WITH doomed AS (
     SELECT id FROM taskq.tasks
-    WHERE queue = :queue AND status = 'ENQUEUED'
+    WHERE queue = :queue AND status IN ('ENQUEUED', 'WAITING')
       AND (:after_id::uuid IS NULL OR id > :after_id::uuid)
     ORDER BY id
     LIMIT :limit
     FOR UPDATE
 )
-UPDATE taskq.tasks t SET status = 'CANCELLED', finished_at = now(), updated_at = now()
+UPDATE taskq.tasks t SET status = 'CANCELLED', finished_at = now(), updated_at = now(),
+                         wait_reason = NULL
 FROM doomed d
 WHERE t.id = d.id AND t.id = ANY(ARRAY(SELECT id FROM doomed))
 RETURNING t.id;

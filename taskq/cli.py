@@ -176,10 +176,20 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
     from taskq.store import Store
 
+    if args.action != "list" and args.name is None:
+        print(f"taskq: types {args.action} needs the type's name", file=sys.stderr)
+        return 2
     store = await Store.connect(
         settings.database_url, min_size=1, max_size=1, schema=settings.db_schema
     )
     try:
+        if args.action != "list":
+            changed = await store.pause_type(args.name, args.action == "pause")
+            if changed is None:
+                print(f"taskq: no task type {args.name!r}", file=sys.stderr)
+                return 1
+            _print(f"{args.name} {'paused' if changed.paused else 'resumed'}")
+            return 0
         types = await store.task_types()
     finally:
         await store.close()
@@ -187,10 +197,14 @@ async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
         _print("no task types registered (workers register theirs at start)")
     for task_type in types:
         state = "enabled" if task_type.enabled else "disabled"
+        limit = task_type.concurrency
+        gates = " paused" if task_type.paused else ""
+        if limit is not None:
+            gates += f" concurrency={limit.limit}" + (f" per {limit.key}" if limit.key else "")
         _print(
             f"{task_type.name:<32} queue={task_type.queue:<10}"
             f" max_attempts={task_type.max_attempts:<3}"
-            f" timeout={task_type.timeout_seconds:g}s {state}"
+            f" timeout={task_type.timeout_seconds:g}s {state}{gates}"
             + (f" unique={task_type.unique_spec}" if task_type.unique_spec else "")
         )
     return 0
@@ -402,7 +416,9 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument(
         "--unique", help='JSON object, e.g. \'{"key": "$.to", "while": "queued"}\''
     )
-    sub.add_parser("types", help="list the registered task types")
+    types = sub.add_parser("types", help="list the registered task types, pause or resume one")
+    types.add_argument("action", nargs="?", default="list", choices=["list", "pause", "resume"])
+    types.add_argument("name", nargs="?", help="the task type (pause, resume)")
     schedules = sub.add_parser("schedules", help="list, pause, resume, trigger or delete schedules")
     schedules.add_argument(
         "action",

@@ -58,6 +58,7 @@ from taskq.errors import CronProblem, FieldError, InvalidRequest
 from taskq.errors import Fail as Fail
 from taskq.errors import HandlerError as HandlerError
 from taskq.errors import Retry as Retry
+from taskq.model import MAX_CONCURRENCY, Concurrency
 
 TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 DEFAULT_MAX_ATTEMPTS = 5
@@ -126,6 +127,7 @@ class Handler:
     payload model, the function with its payload parsed and its result
     serialised (:mod:`taskq.payloads`). ``payload_schema_json`` is the payload
     model's JSON Schema, which the worker registers as the type's.
+    ``concurrency`` is the type's concurrency limit, registered likewise.
     """
 
     name: str
@@ -138,6 +140,7 @@ class Handler:
     payload_schema_json: str | None = None
     schedule: Schedule | None = None
     unique: unique_.Unique | None = None
+    concurrency: Concurrency | None = None
 
 
 @dataclass(slots=True)
@@ -312,6 +315,7 @@ class Registry:
         schedule: str | Schedule | None = None,
         tz: str = "UTC",
         unique: Mapping[str, Any] | None = None,
+        concurrency: Mapping[str, Any] | Concurrency | None = None,
     ) -> Callable[[Callable[[P, Context], R]], TaskDefinition[P, R]]:
         """Register the decorated ``async def`` or ``def`` ``fn(payload, ctx)`` for ``name``.
 
@@ -339,6 +343,10 @@ class Registry:
                 "queued" | "active" | "until_finished", "for": "10m",
                 "on_conflict": "keep" | "replace"}`` (docs/producers.md). Workers
                 that run the handler register it with the type at their start.
+            concurrency: at most ``limit`` tasks of this type RUNNING at once across
+                the fleet per value of the payload field ``key`` (no key: for the
+                whole type), e.g. ``{"key": "customer_id", "limit": 2}``; the others
+                wait (WAITING) and start, oldest first, as slots free.
 
         Raises:
             HandlerError: for invalid options, a name registered twice, a
@@ -363,6 +371,7 @@ class Registry:
             uniqueness = None if unique is None else unique_.parse(dict(unique))
         except InvalidRequest as exc:
             raise HandlerError(f"{name}: invalid unique: {exc}") from None
+        limit = _concurrency(name, concurrency)
 
         def register(function: Callable[[P, Context], R]) -> TaskDefinition[P, R]:
             if isinstance(function, TaskDefinition):
@@ -381,6 +390,7 @@ class Registry:
                 None if model is None else model.schema_json,
                 declared,
                 uniqueness,
+                limit,
             )
             self._handlers[name] = handler
             definition = TaskDefinition(handler, function, model)
@@ -419,6 +429,20 @@ def registration(function: object) -> Handler | None:
         return _REGISTERED.get(function)
     except TypeError:  # not a possible weak key: never registered here
         return None
+
+
+def _concurrency(name: str, spec: Mapping[str, Any] | Concurrency | None) -> Concurrency | None:
+    """A handler's ``concurrency=``, checked now (at import)."""
+    if spec is None or isinstance(spec, Concurrency):
+        return spec
+    if not isinstance(spec, Mapping) or set(spec) - {"key", "limit"}:
+        raise HandlerError(f'{name}: concurrency must be {{"key": <payload field>, "limit": n}}')
+    limit, key = spec.get("limit"), spec.get("key")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_CONCURRENCY:
+        raise HandlerError(f"{name}: concurrency limit must be an integer 1-{MAX_CONCURRENCY}")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
+        raise HandlerError(f"{name}: concurrency key must be a payload field name (1-200 chars)")
+    return Concurrency(limit, key)
 
 
 def _schedule(name: str, schedule: str | Schedule | None, tz: str) -> Schedule | None:

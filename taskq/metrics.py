@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -71,6 +71,19 @@ class ApiMetrics:
             ["queue"],
             registry=self.registry,
         )
+        # The gates, read from the database's stats when /metrics is scraped.
+        self.type_paused = Gauge(
+            "taskq_type_paused",
+            "1 for each paused task type (POST /types/{name}/pause).",
+            ["type"],
+            registry=self.registry,
+        )
+        self.waiting = Gauge(
+            "taskq_waiting_tasks",
+            "WAITING tasks by type and reason: paused (their type), concurrency (no free slot).",
+            ["type", "reason"],
+            registry=self.registry,
+        )
         self.broker_up = Gauge(
             "taskq_broker_up",
             "1 when the queue depths could be read from the broker at the last scrape, else 0.",
@@ -121,6 +134,19 @@ class ApiMetrics:
         for name, kind, messages, consumers in depths or ():
             self.queue_messages.labels(name, kind).set(messages)
             self.queue_consumers.labels(name, kind).set(consumers)
+
+    def observe_gates(
+        self, paused_types: Sequence[str], waiting: Mapping[str, Mapping[str, int]]
+    ) -> None:
+        """Set the gauges of paused types and waiting tasks (the series of types no
+        longer paused or waiting are dropped)."""
+        self.type_paused.clear()
+        self.waiting.clear()
+        for name in paused_types:
+            self.type_paused.labels(name).set(1)
+        for name, reasons in waiting.items():
+            for reason, count in reasons.items():
+                self.waiting.labels(name, reason).set(count)
 
 
 def set_aside_counter(registry: CollectorRegistry) -> Counter:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final, NamedTuple
@@ -30,12 +30,18 @@ class TaskStatus(StrEnum):
     """Where a task is in its life; the ``tasks.status`` column.
 
     ENQUEUED → RUNNING → SUCCEEDED | FAILED | CANCELLED, and RUNNING → ENQUEUED
-    for a retry or a task given back.
+    for a retry or a task given back; ENQUEUED → WAITING → ENQUEUED while a gate
+    (a paused type, a concurrency limit) holds it.
     """
 
     ENQUEUED = "ENQUEUED"
     """Waiting for a worker: set by an enqueue, a retry, a worker giving the task back
-    at shutdown, the sweeper recovering an expired lease, an operator's retry or replay."""
+    at shutdown, the sweeper recovering an expired lease, an operator's retry or replay,
+    and the release of a WAITING task."""
+    WAITING = "WAITING"
+    """Held back by a gate (:class:`WaitReason`): visible and cancellable, never claimed,
+    no envelope in the broker. Set by the claim (which parks it); released to ENQUEUED
+    by a resume of its type or a concurrency slot of its key freed."""
     RUNNING = "RUNNING"
     """Claimed by a worker, under its lease: set by the claim."""
     SUCCEEDED = "SUCCEEDED"
@@ -55,12 +61,28 @@ class TaskStatus(StrEnum):
 
 
 TERMINAL: Final = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+class WaitReason(StrEnum):
+    """Why a WAITING task may not be claimed; the ``tasks.wait_reason`` column."""
+
+    PAUSED = "paused"
+    """Its type is paused (``POST /types/{name}/pause``): released by the resume."""
+    CONCURRENCY = "concurrency"
+    """Its concurrency key had no free slot: released, oldest first, when one frees."""
+    PARENTS = "parents"
+    """Reserved for workflows: a node whose parents have not finished."""
+
+
 STATUSES: Final = tuple(TaskStatus)
 # The statuses as plain text, for JSON object keys (orjson takes str keys only).
 STATUS_NAMES: Final = tuple(s.value for s in TaskStatus)
 # A column's text to its member: a dict lookup, cheaper than calling the enum.
 STATUS_BY_TEXT: Final[Mapping[str, TaskStatus]] = {s.value: s for s in TaskStatus}
 _STATUS = STATUS_BY_TEXT
+
+
+_WAIT_REASON: Final[Mapping[str | None, WaitReason]] = {r.value: r for r in WaitReason}
 
 
 class ClaimDecision(StrEnum):
@@ -77,6 +99,9 @@ class ClaimDecision(StrEnum):
     """Not due yet: send it back through the delay levels for the remaining time."""
     EXHAUSTED = "exhausted"
     """No attempt left: now FAILED, its envelope owed to the dead-letter queue."""
+    PARKED = "parked"
+    """WAITING (parked now, or already): its type is paused or its concurrency key has
+    no free slot. Drop the delivery: the task is published again when released."""
     MISSING = "missing"
     """No such task: the envelope goes to the dead-letter queue."""
 
@@ -182,7 +207,7 @@ COLUMNS: Final[Mapping[str, Sequence[str]]] = {
     "claim": (
         "id", "decision", "type", "queue", "payload", "attempts", "max_attempts",
         "timeout_seconds", "run_at", "created_at", "claim_token", "last_error", "generation",
-        "delay", "traceparent",
+        "delay", "traceparent", "concurrency_key",
     ),
     "owed": (
         "id", "type", "queue", "status", "attempts", "last_error", "generation", "delay",
@@ -271,6 +296,8 @@ class ClaimedTask(NamedTuple):
     created_at: datetime
     claim_token: uuid.UUID
     traceparent: str | None = None
+    concurrency_key: str | None = None
+    """The key whose concurrency slot the attempt holds (None: none)."""
 
 
 class Unclaimed(NamedTuple):
@@ -310,7 +337,7 @@ def claim_from_row(row: Sequence[Any]) -> ClaimedTask | Unclaimed:
             ClaimedTask,
             (
                 row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10],
-                row[14],
+                row[14], row[15],
             ),
         )  # fmt: skip
     return _new(
@@ -357,6 +384,7 @@ class TaskRecord:
     cancel_requested_at: datetime | None
     replays: int
     scheduled: bool
+    wait_reason: WaitReason | None = None
     publish_error: str | None = None
     publish_retry_at: datetime | None = None
     progress: Progress | None = None
@@ -375,7 +403,7 @@ class TaskRecord:
             row["last_error"], row["timeout_seconds"], row["run_at"], row["lease_expires_at"],
             row["worker_id"], row["published_at"], row["created_at"], row["updated_at"],
             row["started_at"], row["finished_at"], row["cancel_requested_at"], row["replays"],
-            row["scheduled"],
+            row["scheduled"], _WAIT_REASON.get(row["wait_reason"]),
         )  # fmt: skip
 
     @classmethod
@@ -501,7 +529,10 @@ class StreamEvent:
 
 @dataclass(frozen=True, slots=True)
 class TaskTypeRecord:
-    """A row of the task type registry. ``backoff`` and ``payload_schema`` are JSON text."""
+    """A row of the task type registry. ``backoff`` and ``payload_schema`` are JSON text.
+
+    ``paused``: claims park its tasks WAITING. ``concurrency``: its limit, if any.
+    """
 
     name: str
     queue: str
@@ -514,14 +545,50 @@ class TaskTypeRecord:
     updated_at: datetime
     # The type's unique (JSON text; taskq.unique), or None.
     unique_spec: str | None = None
+    paused: bool = False
+    concurrency: Concurrency | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TaskTypeRecord:
+        limit = row["concurrency_limit"]
+        concurrency = (
+            None
+            if limit is None
+            else Concurrency(limit, row["concurrency_key"], row["concurrency_source"])
+        )
         return cls(
             row["name"], row["queue"], row["max_attempts"], row["timeout_seconds"],
             row["backoff"], row["payload_schema"], row["enabled"], row["created_at"],
-            row["updated_at"], row["unique_spec"],
+            row["updated_at"], row["unique_spec"], row["paused"], concurrency,
         )  # fmt: skip
+
+
+# The largest concurrency limit (the task_type_concurrency constraint).
+MAX_CONCURRENCY: Final = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class Concurrency:
+    """A type's concurrency limit: at most ``limit`` of its tasks RUNNING per value of the
+    payload field ``key`` (None: one limit for the type), across the fleet. ``source``
+    says who set it: ``code`` (a handler's ``concurrency=``) or ``api``."""
+
+    limit: int
+    key: str | None = None
+    source: str = "code"
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyKey:
+    """A concurrency key of a type: its tasks running and waiting for a slot."""
+
+    key: str
+    running: int
+    waiting: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ConcurrencyKey:
+        return cls(row["key"], row["running"], row["waiting"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,6 +713,9 @@ class Stats:
     counts: StatusCounts
     scheduled: int
     window: Throughput
+    waiting: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """WAITING tasks by type, then by wait reason."""
+    paused_types: Sequence[str] = ()
 
 
 # ---------------------------------------------------------------- query parameters

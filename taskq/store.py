@@ -27,6 +27,8 @@ from taskq.errors import RejectedByDatabase, StoreError, TooManySchedules, TooMa
 from taskq.model import (
     STATUS_BY_TEXT,
     ClaimedTask,
+    Concurrency,
+    ConcurrencyKey,
     Cursor,
     EnqueueOutcome,
     OwedPublish,
@@ -62,6 +64,11 @@ SCHEDULES_LOCK_KEY = 0x7363686564
 UNIQUE_ROUNDS = 5
 # Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
 NOTIFY_IDS = 200
+# Tasks a resume releases per transaction.
+RELEASE_BATCH = 1000
+# Statements a release of free slots runs at most, and the pause before each retry (s).
+PROMOTE_TRIES = 5
+PROMOTE_PAUSE = 0.005
 # What a database going away raises. InternalClientError too: a connection the
 # server dropped mid-statement can fail the next one with "cannot switch to
 # state ...; another operation is in progress" (seen with Postgres restarting
@@ -297,14 +304,18 @@ class Store:
         enabled: bool,
         unique_json: str | None = None,
         max_types: int | None = None,
+        concurrency: Concurrency | None = None,
     ) -> tuple[TaskTypeRecord, bool]:
-        """Create or replace one task type; returns it, and whether it is new.
+        """Create or replace one task type; returns it, and whether it is new. Its
+        pause is kept. A changed concurrency limit releases the tasks waiting for
+        slots it frees.
 
         Raises:
             TooManyTaskTypes: it is new and the registry holds ``max_types`` already.
         """
         async with self._connection() as connection, connection.transaction():
             await self._check_room(connection, [name], max_types)
+            before = await connection.fetchrow(self.q["type_concurrency"], name)
             row = await connection.fetchrow(
                 self.q["type_put"],
                 name,
@@ -315,9 +326,17 @@ class Store:
                 payload_schema_json,
                 enabled,
                 unique_json,
+                None if concurrency is None else concurrency.limit,
+                None if concurrency is None else concurrency.key,
             )
         assert row is not None
-        return TaskTypeRecord.from_row(row), row["created"]
+        record = TaskTypeRecord.from_row(row)
+        if before is not None and (before["concurrency_limit"], before["concurrency_key"]) != (
+            row["concurrency_limit"],
+            row["concurrency_key"],
+        ):
+            await self.promote_type(name)
+        return record, row["created"]
 
     async def register_task_types(
         self,
@@ -325,23 +344,28 @@ class Store:
             tuple[str, str, int, float, str | None]
             | tuple[str, str, int, float, str | None, str | None]
             | tuple[str, str, int, float, str | None, str | None, str | None]
+            | tuple[str, str, int, float, str | None, str | None, str | None, Concurrency | None]
         ],
         max_types: int | None = None,
     ) -> None:
         """Upsert ``(name, queue, max_attempts, timeout, backoff_json[, payload_schema_json[,
-        unique_json]])`` for a worker's handlers (a schema replaces only a worker's or none:
-        see ``types_register``; without one, a worker's schema is removed; without a
-        unique, the type's is removed).
+        unique_json[, concurrency]]])`` for a worker's handlers (a schema replaces only a
+        worker's or none: see ``types_register``; without one, a worker's schema is removed;
+        without a unique, the type's is removed; a concurrency limit replaces one set by
+        code, not one set through the API).
 
         Raises:
             TooManyTaskTypes: the new ones would take the registry past ``max_types``.
         """
+        rows = [(*t, None, None, None)[:8] for t in types]
+        limits = [None if r[7] is None else r[7].limit for r in rows]
+        keys = [None if r[7] is None else r[7].key for r in rows]
         async with self._connection() as connection, connection.transaction():
             await self._check_room(connection, [t[0] for t in types], max_types)
-            rows = [(*t, *(None,) * (7 - len(t))) for t in types]
-            await connection.execute(
-                self.q["types_register"], *(list(column) for column in zip(*rows, strict=True))
-            )
+            columns = [list(column) for column in zip(*(r[:7] for r in rows), strict=True)]
+            changed = await connection.fetch(self.q["types_register"], *columns, limits, keys)
+        for row in changed:
+            await self.promote_type(row["name"])
 
     async def _check_room(
         self, connection: asyncpg.Connection, names: list[str], max_types: int | None
@@ -354,6 +378,90 @@ class Store:
             rows = await connection.fetch(self.q["types_all"])
             known = {row["name"] for row in rows}
             raise TooManyTaskTypes(max_types, [n for n in names if n not in known])
+
+    # ---------------------------------------------------------------- waiting
+    # WAITING tasks are released in the transaction that frees them, with the relay
+    # woken for them at its commit (as an enqueue in a caller's transaction wakes it).
+
+    async def pause_type(self, name: str, paused: bool) -> TaskTypeRecord | None:
+        """Pause or resume a type (None: no such type). Resuming releases its parked
+        tasks, in batches of :data:`RELEASE_BATCH`, once the resume has committed."""
+        row = await self._fetchrow("type_pause", name, paused)
+        if row is None:
+            return None
+        if not paused:
+            while True:
+                async with self._connection() as connection, connection.transaction():
+                    rows = await connection.fetch(
+                        self.q["type_release_paused"], name, RELEASE_BATCH
+                    )
+                    await self._notify([r["id"] for r in rows], _Asyncpg(connection, self.q))
+                if len(rows) < RELEASE_BATCH:
+                    break
+        return TaskTypeRecord.from_row(row)
+
+    async def promote_type(self, name: str) -> int:
+        """Release the tasks of ``name`` waiting for concurrency slots that are free
+        (after its limit changed); returns how many."""
+        async with self._connection() as connection, connection.transaction():
+            slots = await connection.fetch(self.q["slots_lock"], name, None)
+            return await self._promote(connection, slots)
+
+    async def concurrency_keys(self, name: str, limit: int) -> list[ConcurrencyKey]:
+        """The busiest concurrency keys of a type, with their running and waiting tasks."""
+        return [
+            ConcurrencyKey.from_row(row) for row in await self._fetch("slots_list", name, limit)
+        ]
+
+    async def _release_slots(
+        self, connection: asyncpg.Connection, ids: Sequence[uuid.UUID]
+    ) -> None:
+        """Give back the concurrency slots of the attempts ``ids`` that just ended, and
+        release the tasks waiting for them, in the caller's transaction."""
+        freed = await connection.fetch(self.q["slots_release"], list(ids))
+        if freed:
+            await self._promote(connection, freed)
+
+    async def _promote(
+        self, connection: asyncpg.Connection, slots: Sequence[Mapping[str, Any]]
+    ) -> int:
+        """Release the oldest tasks waiting for the free slots of ``slots`` (locked by this
+        transaction already): statements of their own, so they see what claims parked
+        before the slots were locked. A key that released fewer than it had free while
+        tasks still wait is tried again (see ``slots_promote``), a few times."""
+        keys = [(s["type"], s["key"]) for s in slots]
+        released: list[uuid.UUID] = []
+        for attempt in range(PROMOTE_TRIES):
+            if not keys:
+                break
+            if attempt:
+                await asyncio.sleep(PROMOTE_PAUSE * attempt)
+            rows = await connection.fetch(
+                self.q["slots_promote"], [k[0] for k in keys], [k[1] for k in keys]
+            )
+            for row in rows:
+                released += row["ids"]
+            keys = [
+                (row["type"], row["key"])
+                for row in rows
+                if row["more"] and len(row["ids"]) < row["free"]
+            ]
+        if keys:
+            log.warning("tasks wait for free concurrency slots of %s: their rows were held", keys)
+        await self._notify(released, _Asyncpg(connection, self.q))
+        return len(released)
+
+    async def _ending(
+        self, query: str, columns: Sequence[Any], holds_slots: bool
+    ) -> list[asyncpg.Record]:
+        """Run an outcome statement; when some of its attempts hold concurrency slots,
+        in a transaction that gives them back (see :meth:`_release_slots`)."""
+        if not holds_slots:
+            return await self._fetch(query, *columns)
+        async with self._connection() as connection, connection.transaction():
+            rows = list(await connection.fetch(self.q[query], *columns))
+            await self._release_slots(connection, [row[0] for row in rows])
+            return rows
 
     # ---------------------------------------------------------------- enqueue
 
@@ -710,43 +818,60 @@ class Store:
     # that claim any more (stale). Those but complete return the publish each owes
     # (none for a CANCELLED one).
 
+    # ``holds_slots``: some of the attempts hold a concurrency slot (their claim said
+    # so); the statement then runs in a transaction that gives the slots back.
+
     async def complete(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
     ) -> dict[uuid.UUID, TaskStatus]:
         """Record successes ``(id, token, result_json)``."""
         async with self._connection() as connection:
-            return await self._complete(connection, items)
+            if not holds_slots:
+                return await self._complete(connection, items)
+            async with connection.transaction():
+                return await self._complete(connection, items, holds_slots=True)
 
     async def _complete(
-        self, connection: asyncpg.Connection, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
+        self,
+        connection: asyncpg.Connection,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str]],
+        *,
+        holds_slots: bool = False,
     ) -> dict[uuid.UUID, TaskStatus]:
         rows = await connection.fetch(self.q["complete"], *_columns(sorted(items), 3))
+        if holds_slots:
+            await self._release_slots(connection, [row[0] for row in rows])
         return {row[0]: STATUS_BY_TEXT[row[1]] for row in rows}
 
     async def cancel_running(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID]]
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID]], *, holds_slots: bool = False
     ) -> list[OwedPublish]:
         """Record claims ``(id, token)`` stopped on an operator's cancel request."""
-        return _owed(await self._fetch("cancel_running", *_columns(sorted(items), 2)))
+        return _owed(await self._ending("cancel_running", _columns(sorted(items), 2), holds_slots))
 
     async def retry(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]]
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]], *, holds_slots: bool = False
     ) -> list[OwedPublish]:
         """Record retryable failures ``(id, token, error, delay)``."""
-        return _owed(await self._fetch("retry", *_columns(sorted(items), 4)))
+        return _owed(await self._ending("retry", _columns(sorted(items), 4), holds_slots))
 
-    async def fail(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]) -> list[OwedPublish]:
+    async def fail(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
+    ) -> list[OwedPublish]:
         """Record terminal failures ``(id, token, error)``."""
-        return _owed(await self._fetch("fail", *_columns(sorted(items), 3)))
+        return _owed(await self._ending("fail", _columns(sorted(items), 3), holds_slots))
 
-    async def give_back(self, items: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> list[OwedPublish]:
+    async def give_back(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID]], *, holds_slots: bool = False
+    ) -> list[OwedPublish]:
         """Give back unfinished claims ``(id, token)`` at shutdown; the attempt does not count."""
-        return _owed(await self._fetch("give_back", *_columns(sorted(items), 2)))
+        return _owed(await self._ending("give_back", _columns(sorted(items), 2), holds_slots))
 
     async def recover_expired(self, limit: int) -> list[OwedPublish]:
         """Take back up to ``limit`` claims whose lease expired; returns them with the
-        publish each owes (ENQUEUED, FAILED, or CANCELLED: nothing owed)."""
-        return _owed(await self._fetch("recover_expired", limit))
+        publish each owes (ENQUEUED, FAILED, or CANCELLED: nothing owed). Their
+        concurrency slots are given back in the same transaction."""
+        return _owed(await self._ending("recover_expired", [limit], True))
 
     async def overdue_enqueued(self, queue: str, seconds: float, limit: int) -> list[uuid.UUID]:
         """ENQUEUED tasks of ``queue`` published and due more than ``seconds`` ago."""
@@ -872,12 +997,19 @@ class Store:
     # ---------------------------------------------------------------- monitoring
 
     async def stats(self, window_seconds: float) -> Stats:
-        """Counts by status, queue and type; scheduled tasks; the recent window's throughput."""
+        """Counts by status, queue and type; scheduled tasks; the recent window's
+        throughput; waiting tasks by type and reason; the paused types."""
         counts = await self._fetch("stats_counts")
         window = await self._fetchrow("stats_window", window_seconds)
         scheduled: int = await self._fetchval("stats_scheduled")
+        waiting: dict[str, dict[str, int]] = {}
+        for row in await self._fetch("stats_waiting"):
+            waiting.setdefault(row["type"], {})[row["wait_reason"]] = row["n"]
+        paused = [t.name for t in await self.task_types() if t.paused]
         assert window is not None
-        return Stats(StatusCounts.from_rows(counts), scheduled, Throughput.from_row(window))
+        return Stats(
+            StatusCounts.from_rows(counts), scheduled, Throughput.from_row(window), waiting, paused
+        )
 
     async def workers(self, missed_heartbeats: int) -> list[WorkerRecord]:
         """The workers registry; alive: missed fewer than ``missed_heartbeats`` heartbeats."""
@@ -1071,11 +1203,11 @@ class OpenClaim:
         self.rows = rows
 
     async def complete(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
     ) -> dict[uuid.UUID, TaskStatus]:
         """Record successes ``(id, token, result_json)`` in the claim's transaction, as
         :meth:`Store.complete` does; they commit with the claim."""
-        return await self._store._complete(self._connection, items)
+        return await self._store._complete(self._connection, items, holds_slots=holds_slots)
 
 
 def _answer(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from taskq.errors import FieldError as FieldError
 from taskq.errors import InvalidRequest as InvalidRequest
 from taskq.errors import SchemaProblem
 from taskq.errors import TooLarge as TooLarge
+from taskq.model import MAX_CONCURRENCY, Concurrency
 from taskq.settings import QUEUE_NAME, Settings
 from taskq.store import NewTask, UniqueKey
 from taskq.unique import Unique, UniqueBody, from_body, task_key
@@ -90,6 +91,19 @@ class BackoffExponential(BaseModel):
     jitter: float = Field(0.1, ge=0.0, le=1.0)
 
 
+class ConcurrencyBody(BaseModel):
+    """A task type's concurrency limit."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    limit: int = Field(ge=1, le=MAX_CONCURRENCY, description="Tasks RUNNING at most per key.")
+    key: str | None = Field(
+        None, min_length=1, max_length=200, description="The payload field naming the key."
+    )
+
+    _integral_limit = field_validator("limit", mode="before")(_integral)
+
+
 class TaskTypeBody(BaseModel):
     """The body of ``PUT /types/{name}``: the whole definition (omitted fields take defaults)."""
 
@@ -105,6 +119,11 @@ class TaskTypeBody(BaseModel):
     enabled: bool = True
     unique: UniqueBody | None = Field(
         None, description="Its tasks' uniqueness, for enqueues that give none."
+    )
+    concurrency: ConcurrencyBody | None = Field(
+        None,
+        description="At most `limit` tasks RUNNING per value of the payload field `key` "
+        "(no key: for the whole type); the others wait. Default: no limit.",
     )
 
     _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
@@ -273,6 +292,7 @@ class TaskTypeDefinition:
     payload_schema_json: str | None
     enabled: bool
     unique_json: str | None = None
+    concurrency: Concurrency | None = None
 
 
 def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
@@ -318,9 +338,13 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
             errors += exc.errors
     if errors:
         raise InvalidRequest(errors)
+    limit = body.concurrency
+    if limit is not None and limit.key is not None and "\x00" in limit.key:
+        raise InvalidRequest([FieldError("concurrency.key", "may not contain NUL (\\u0000)")])
     return TaskTypeDefinition(
         name, queue, body.max_attempts, body.timeout, backoff, schema_json, body.enabled,
         unique_json,
+        None if limit is None else Concurrency(limit.limit, limit.key, "api"),
     )  # fmt: skip
 
 

@@ -13,9 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import Any
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,11 +39,12 @@ from taskq.errors import (
 )
 from taskq.fleet.relay import Relay
 from taskq.metrics import ApiMetrics
-from taskq.model import TaskRecord, TaskTypeRecord
+from taskq.model import TaskRecord
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
-from taskq.web import admin, monitor, queues, schedules, stream, ui
+from taskq.web import admin, gates, monitor, queues, schedules, stream, ui
 from taskq.web.cursors import Cursors
+from taskq.web.gates import type_body
 from taskq.web.hosts import HostCheck
 from taskq.web.hot_route import serve_enqueue
 from taskq.web.http import SERVER_ERROR, endpoint, json_response, problem_response, read_json
@@ -166,26 +165,10 @@ async def get_task_events(request: Request) -> Response:
     return json_response({"task_id": task_id, "events": [asdict(e) for e in events]})
 
 
-def _type_body(task_type: TaskTypeRecord) -> dict[str, Any]:
-    schema = task_type.payload_schema
-    return {
-        "name": task_type.name,
-        "queue": task_type.queue,
-        "max_attempts": task_type.max_attempts,
-        "timeout": task_type.timeout_seconds,
-        "backoff": orjson.loads(task_type.backoff) if task_type.backoff else None,
-        "payload_schema": orjson.loads(schema) if schema else None,
-        "enabled": task_type.enabled,
-        "unique": orjson.loads(task_type.unique_spec) if task_type.unique_spec else None,
-        "created_at": task_type.created_at,
-        "updated_at": task_type.updated_at,
-    }
-
-
 @endpoint("types")
 async def list_types(request: Request) -> Response:
     types = await _client(request).store.task_types()
-    return json_response({"types": [_type_body(task_type) for task_type in types]})
+    return json_response({"types": [type_body(task_type) for task_type in types]})
 
 
 @endpoint("type")
@@ -193,7 +176,7 @@ async def get_type(request: Request) -> Response:
     name = request.path_params["name"]
     for task_type in await _client(request).store.task_types():
         if task_type.name == name:
-            return json_response(_type_body(task_type))
+            return json_response(type_body(task_type))
     raise Problem(404, "Not found", f"no task type {name!r}")
 
 
@@ -222,13 +205,14 @@ async def put_type(request: Request) -> Response:
             enabled=definition.enabled,
             unique_json=definition.unique_json,
             max_types=settings.max_task_types,
+            concurrency=definition.concurrency,
         )
     except TooManyTaskTypes as exc:
         raise Problem(
             409, "Conflict", str(exc), errors=[FieldError("name", "the registry is full")]
         ) from None
     client.types.invalidate()
-    return json_response(_type_body(task_type), 201 if created else 200)
+    return json_response(type_body(task_type), 201 if created else 200)
 
 
 @endpoint("info", auth=False)
@@ -319,6 +303,9 @@ async def metrics(request: Request) -> Response:
     state.metrics.observe_pauses(
         state.settings.queues, None if pauses is None else [p.queue for p in pauses]
     )
+    with contextlib.suppress(StoreError):
+        stats = await watch.stats()
+        state.metrics.observe_gates(stats["paused_types"], stats["waiting"])
     depths = await watch.broker_depths()
     state.metrics.observe_queues(
         None
@@ -433,6 +420,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         *admin.routes(),
         *queues.routes(),
         *schedules.routes(),
+        *gates.routes(),
         *monitor.routes(),
         Route("/stream", stream.stream, methods=["GET"]),
         Mount("/ui", ui.dashboard(), name="ui"),

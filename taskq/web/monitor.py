@@ -120,6 +120,8 @@ class Monitor:
             "scheduled": stats.scheduled,
             "by_queue": counts.by_queue,
             "by_type": counts.by_type,
+            "waiting": stats.waiting,
+            "paused_types": list(stats.paused_types),
             "broker": {"available": depths is not None, "queues": queues},
             "paused_queues": None
             if pauses is None

@@ -253,11 +253,11 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
         },
         "/tasks/{id}/cancel": {
             "post": {
-                "summary": "Cancel a task: ENQUEUED at once, RUNNING cooperatively",
+                "summary": "Cancel a task: ENQUEUED or WAITING at once, RUNNING cooperatively",
                 "parameters": [task_id],
                 "requestBody": reason,
                 "responses": {
-                    "200": _json(obj, "cancelled (it was ENQUEUED)"),
+                    "200": _json(obj, "cancelled (it was ENQUEUED or WAITING)"),
                     "202": _json(obj, "cancel requested (it is RUNNING)"),
                     **_errors(400, 401, 404, 409, 413, 415, 503),
                 },
@@ -444,10 +444,43 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "requestBody": _body("TaskTypeRequest"),
                 "responses": {
                     "201": _json(obj, "created"),
-                    "200": _json(obj, "replaced"),
+                    "200": _json(obj, "replaced (its pause kept)"),
                     **_errors(400, 401, 409, 413, 415, 503),
                 },
             },
+        },
+        "/types/{name}/pause": {
+            "post": {
+                "summary": "Pause a task type: claims park its tasks WAITING; enqueue goes on",
+                "parameters": [type_name],
+                "requestBody": _state_change_body({"description": "ignored"}),
+                "responses": {"200": _json(obj, "the type"), **_errors(401, 404, 415, 503)},
+            }
+        },
+        "/types/{name}/resume": {
+            "post": {
+                "summary": "Resume a task type and release every task its pause parked",
+                "parameters": [type_name],
+                "requestBody": _state_change_body({"description": "ignored"}),
+                "responses": {"200": _json(obj, "the type"), **_errors(401, 404, 415, 503)},
+            }
+        },
+        "/types/{name}/concurrency": {
+            "get": {
+                "summary": "The busiest keys of a type's concurrency limit: running, waiting",
+                "parameters": [
+                    type_name,
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        "keys at most",
+                    ),
+                ],
+                "responses": {
+                    "200": _json(obj, "type, limit, key and keys"),
+                    **_errors(400, 401, 404, 503),
+                },
+            }
         },
     }
     paths.update(_admin_paths(settings))

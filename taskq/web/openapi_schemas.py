@@ -13,7 +13,7 @@ from typing import Any
 from taskq._utils import DURATION_PATTERN, format_duration
 from taskq.enqueue.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
 from taskq.fleet.schedules import ScheduleBody
-from taskq.model import STATUS_NAMES
+from taskq.model import STATUS_NAMES, WaitReason
 from taskq.settings import Settings
 from taskq.store import ANSWER_FIELDS
 from taskq.unique import MAX_FOR_SECONDS, UniqueBody
@@ -107,6 +107,14 @@ _TASK = {
         "cancel_requested_at": _TIME_OR_NULL,
         "replays": {"type": "integer", "description": "Times an operator enqueued it again."},
         "scheduled": {"type": "boolean", "description": "ENQUEUED with run_at in the future."},
+        "wait_reason": {
+            "anyOf": [
+                {"type": "string", "enum": [r.value for r in WaitReason]},
+                {"type": "null"},
+            ],
+            "description": "Why a WAITING task may not be claimed: its type is paused,"
+            " or its concurrency key has no free slot. Null otherwise.",
+        },
         "progress": {
             "anyOf": [
                 {
@@ -205,6 +213,7 @@ def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
                     del props[name]["default"]
         if "delays" in props:
             props["delays"]["items"] = duration
+    backoffs["ConcurrencyBody"]["properties"]["key"]["anyOf"][0]["pattern"] = NO_NUL
     return schema, backoffs
 
 

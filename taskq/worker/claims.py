@@ -54,7 +54,8 @@ STORE_RETRY_SECONDS = 1.0
 _CLAIMED = ClaimDecision.CLAIMED
 _DUPLICATE = ClaimDecision.DUPLICATE
 # Deliveries acked and dropped: their task is done, or another claim owns it.
-_DROPPED = (ClaimDecision.TERMINAL, ClaimDecision.DUPLICATE)
+# A parked one is WAITING: published again when it is released.
+_DROPPED = (ClaimDecision.TERMINAL, ClaimDecision.DUPLICATE, ClaimDecision.PARKED)
 
 
 class Claimer(Service):

@@ -141,7 +141,8 @@ class Inline:
                 if written:
                     self._metrics.batch_size.labels(_COMPLETE).observe(len(written))
                     recorded = await claim.complete(
-                        [(f.id, f.token, f.result or "null") for f in written]
+                        [(f.id, f.token, f.result or "null") for f in written],
+                        holds_slots=any(f.holds_slot for f in written),
                     )
         except BaseException:
             self._runner.abort(window)

@@ -49,7 +49,8 @@ class Finished:
 
     ``token`` names the claim; ``result`` is the JSON text of a success;
     ``error`` the reason of a retry or failure; ``delay`` the seconds until a
-    retry is due; ``failing_since`` when recording it first failed.
+    retry is due; ``failing_since`` when recording it first failed;
+    ``holds_slot`` whether the attempt holds a concurrency slot (given back with it).
     """
 
     kind: OutcomeKind
@@ -62,6 +63,7 @@ class Finished:
     error: str | None = None
     delay: float = 0.0
     failing_since: float | None = None
+    holds_slot: bool = False
 
 
 class Recorder(Service):
@@ -202,7 +204,7 @@ class Recorder(Service):
             error = f"RejectedByDatabase: the result was refused: {exc}"[:2000]
             log.error("task %s: %s", item.id, error, extra=_fields(item))
             self.add(Finished(OutcomeKind.FAIL, item.id, item.token, item.attempt, item.type,
-                              item.queue, error=error))  # fmt: skip
+                              item.queue, error=error, holds_slot=item.holds_slot))  # fmt: skip
             return
         # The worker cleans errors before they get here, so this is a bug; the
         # lease expires and the sweeper puts the task back.
@@ -217,16 +219,24 @@ class Recorder(Service):
 
         An id missing from the answer was stale: its claim had been taken over.
         """
+        slots = any(i.holds_slot for i in items)
+        store = self._store
         if kind is OutcomeKind.COMPLETE:
-            return await self._store.complete([(i.id, i.token, i.result or "null") for i in items])
+            return await store.complete(
+                [(i.id, i.token, i.result or "null") for i in items], holds_slots=slots
+            )
         if kind is OutcomeKind.CANCEL:
-            rows = await self._store.cancel_running([(i.id, i.token) for i in items])
+            rows = await store.cancel_running([(i.id, i.token) for i in items], holds_slots=slots)
         elif kind is OutcomeKind.RETRY:
-            rows = await self._store.retry([(i.id, i.token, i.error or "", i.delay) for i in items])
+            rows = await store.retry(
+                [(i.id, i.token, i.error or "", i.delay) for i in items], holds_slots=slots
+            )
         elif kind is OutcomeKind.FAIL:
-            rows = await self._store.fail([(i.id, i.token, i.error or "") for i in items])
+            rows = await store.fail(
+                [(i.id, i.token, i.error or "") for i in items], holds_slots=slots
+            )
         else:
-            rows = await self._store.give_back([(i.id, i.token) for i in items])
+            rows = await store.give_back([(i.id, i.token) for i in items], holds_slots=slots)
         return {row.id: row for row in rows}
 
     def _publish(self, owed: OwedPublish) -> None:

@@ -396,6 +396,7 @@ class Worker(Service):
                     None
                     if handler.unique is None
                     else orjson.dumps(handler.unique.to_json()).decode(),
+                    handler.concurrency,
                 )
             )
         if rows:

@@ -313,3 +313,29 @@ def test_a_queue_is_paused_and_resumed_from_the_queue_list(system: System, page:
         system.wait_for(waiting["id"], "SUCCEEDED")
     finally:
         system.http.post("/queues/low/resume", headers={"content-type": "application/json"})
+
+
+def test_a_task_type_is_paused_and_resumed_and_its_tasks_wait_meanwhile(
+    system: System, page: Any
+) -> None:
+    try:
+        page.goto(system.url + "/ui/#/types")
+        line = page.locator('#types-table tbody tr[data-name="demo.echo"]')
+        expect(line).to_be_visible()
+        expect(line.locator("td.state")).to_have_text("active")
+        line.get_by_role("button", name="Pause").click()
+        expect(page.locator("#notice")).to_have_text("demo.echo paused: its tasks wait.")
+        expect(line.locator("td.state")).to_have_text("paused")
+        assert system.http.get("/types/demo.echo").json()["paused"] is True
+
+        task = system.enqueue("demo.echo", {"while": "paused"})
+        assert system.wait_for(task["id"], "WAITING")["wait_reason"] == "paused"
+        expect(line.locator("td.waiting")).to_contain_text("1 paused", timeout=15_000)
+        page.screenshot(path=str(artifacts_dir() / "types.png"), full_page=True)
+
+        line.get_by_role("button", name="Resume").click()
+        expect(page.locator("#notice")).to_have_text("demo.echo resumed.")
+        expect(line.locator("td.state")).to_have_text("active")
+        assert system.wait_for(task["id"], "SUCCEEDED")["result"] == {"while": "paused"}
+    finally:
+        system.http.post("/types/demo.echo/resume", headers={"content-type": "application/json"})

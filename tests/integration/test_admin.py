@@ -315,7 +315,7 @@ async def test_stats(api: httpx.AsyncClient, db: asyncpg.Connection, settings: S
     await set_status(db, tasks[1], "FAILED")
     body = (await api.get("/stats")).json()
     assert body["by_status"] == {
-        "ENQUEUED": 3, "RUNNING": 0, "SUCCEEDED": 1, "FAILED": 1, "CANCELLED": 0
+        "ENQUEUED": 3, "WAITING": 0, "RUNNING": 0, "SUCCEEDED": 1, "FAILED": 1, "CANCELLED": 0
     }  # fmt: skip
     assert body["scheduled"] == 1
     assert (

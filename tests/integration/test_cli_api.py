@@ -81,6 +81,18 @@ async def test_api_process_serves_and_stops_cleanly(settings: Settings, tmp_path
             again = json.loads(out)
             assert again["id"] == first["id"] and again["duplicate"] is True
             assert again["replayed"] is False
+            code, out, err = await run(settings, tmp_path, "types", "pause", "demo.echo")
+            assert code == 0 and "demo.echo paused" in out, err
+            assert (await http.get("/types/demo.echo")).json()["paused"] is True
+            code, out, err = await run(settings, tmp_path, "types")
+            assert code == 0 and "paused" in out
+            code, out, err = await run(settings, tmp_path, "types", "resume", "demo.echo")
+            assert code == 0 and "demo.echo resumed" in out, err
+            assert (await http.get("/types/demo.echo")).json()["paused"] is False
+            code, out, err = await run(settings, tmp_path, "types", "pause", "demo.nope")
+            assert code == 1 and "no task type" in err
+            code, out, err = await run(settings, tmp_path, "types", "pause")
+            assert code == 2 and "needs the type's name" in err
 
             code, out, err = await run(settings, tmp_path, "enqueue", "demo.echo", "{nope")
             assert code == 2 and "not JSON" in err

@@ -28,6 +28,7 @@ from tests.support.worker_fixtures import harness, running_worker
 # What an install holds in its schema besides indexes, row types and sequences.
 TABLES = [
     "queue_pauses",
+    "concurrency_slots",
     "queue_purges",
     "schedules",
     "task_events",

@@ -47,11 +47,12 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "cancel_running": (TOKENS,),
     "enqueue_replace": (["{}"] * 200, [None] * 200, [0.0] * 200),
     "enqueue_unique_release": (),
+    "wait_request": (),
 }
 # Those that lock what they change: only ever through the primary key.
 THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "complete",
                    "retry", "fail", "give_back", "cancel_running", "set_aside",
-                   "enqueue_replace", "enqueue_unique_release"}  # fmt: skip
+                   "enqueue_replace", "enqueue_unique_release", "wait_request"}  # fmt: skip
 
 
 def scans(plan: dict[str, Any]) -> list[str]:
@@ -192,3 +193,30 @@ async def test_the_holders_of_unique_keys_are_found_through_their_index(
             )
             (plan,) = json.loads(await statement.fetchval(keys))
         assert scans(plan["Plan"]) == ["tasks_unique_key"], mode
+
+
+async def test_waiting_tasks_are_listed_through_their_own_index(db: asyncpg.Connection) -> None:
+    # A few WAITING tasks among many successes (taskq.tasks_waiting_created).
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
+        " attempts, finished_at, created_at, wait_reason)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60,"
+        " CASE WHEN g % 1000 = 0 THEN 'WAITING' ELSE 'SUCCEEDED' END, 0,"
+        " CASE WHEN g % 1000 = 0 THEN NULL ELSE now() END,"
+        " now() - make_interval(secs => $1 - g),"
+        " CASE WHEN g % 1000 = 0 THEN 'paused' END"
+        " FROM generate_series(1, $1) g",
+        BACKLOG * 10,
+    )
+    await db.execute("ANALYZE tasks")
+    async with db.transaction():
+        await db.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        statement = await db.prepare("EXPLAIN (FORMAT JSON) " + sql.queries()["tasks_list"])
+        (plan,) = json.loads(
+            await statement.fetchval(
+                ["WAITING"], None, None, None, None, None, None, None, 50, False, False
+            )
+        )
+    reads = scans(plan["Plan"])
+    assert reads and not {"Seq Scan", "tasks_created_keyset"} & set(reads), reads

@@ -53,6 +53,7 @@ def _fields(record: type, *also: str, without: tuple[str, ...] = ()) -> list[str
 
 
 _SET_ASIDE_INFO = ("publish_error", "publish_retry_at")
+_CONCURRENCY = ("concurrency_limit", "concurrency_key", "concurrency_source")
 # The columns each query returns, in order, as the record built from its rows reads them.
 RECORD_COLUMNS = {
     "claim": list(model.COLUMNS["claim"]),
@@ -79,8 +80,10 @@ RECORD_COLUMNS = {
     ],
     "task_events": _fields(model.TaskEvent),
     "events_since": _fields(model.StreamEvent),
-    "types_all": _fields(model.TaskTypeRecord),
-    "type_put": _fields(model.TaskTypeRecord, "created"),
+    # A type's concurrency limit is read from three columns.
+    "types_all": _fields(model.TaskTypeRecord, *_CONCURRENCY, without=("concurrency",)),
+    "type_put": _fields(model.TaskTypeRecord, *_CONCURRENCY, "created", without=("concurrency",)),
+    "type_pause": _fields(model.TaskTypeRecord, *_CONCURRENCY, without=("concurrency",)),
     "workers_list": _fields(model.WorkerRecord),
     "set_aside": _fields(model.SetAside),
     "purges_unfinished": _fields(model.Purge),

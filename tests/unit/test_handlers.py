@@ -18,6 +18,7 @@ from taskq import demo, handlers, logs
 from taskq.backoff import FixedBackoff, ListBackoff
 from taskq.definitions import TaskDefinition
 from taskq.handlers import Context, Fail, HandlerError, Registry, Retry
+from taskq.model import Concurrency
 
 
 async def _noop(payload: dict[str, Any], ctx: Context) -> None:
@@ -228,3 +229,25 @@ def test_json_log_lines() -> None:
     assert (first["task_id"], first["attempt"]) == ("abc", 2)
     assert first["ts"].endswith("+00:00")
     assert "ValueError: boom" in second["exc"]
+
+
+def test_a_concurrency_limit_is_checked_at_import() -> None:
+    registry = Registry()
+    registry.task("limited.v1", concurrency={"key": "customer_id", "limit": 2})(_noop)
+    handler = registry.get("limited.v1")
+    assert handler is not None and handler.concurrency == Concurrency(2, "customer_id")
+    registry.task("whole.v1", concurrency={"limit": 1})(_noop)
+    assert registry.get("whole.v1").concurrency == Concurrency(1)
+    for bad in (
+        {"limit": 0},
+        {"limit": 10_001},
+        {"limit": True},
+        {"limit": "2"},
+        {"key": "k"},
+        {"limit": 1, "key": ""},
+        {"limit": 1, "key": 5},
+        {"limit": 1, "other": 1},
+        [("limit", 1)],
+    ):
+        with pytest.raises(HandlerError, match="concurrency"):
+            Registry().task("bad.v1", concurrency=bad)(_noop)  # type: ignore[arg-type]

@@ -51,7 +51,7 @@ class OpenClaim:
     store: Store
 
     async def complete(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
     ) -> dict[uuid.UUID, TaskStatus]:
         self.store.completed.extend(i for i, _, _ in items)
         if self.store.complete_error is not None:

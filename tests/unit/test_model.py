@@ -39,7 +39,7 @@ def claim_row(decision: str | None, **values: object) -> tuple[object, ...]:
 
 
 def test_statuses_are_their_column_text_and_know_which_are_terminal() -> None:
-    assert STATUS_NAMES == ("ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+    assert STATUS_NAMES == ("ENQUEUED", "WAITING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
     assert [s for s in TaskStatus if s.terminal] == [
         TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED,
     ]  # fmt: skip
@@ -138,7 +138,8 @@ def test_a_task_reads_why_its_publish_was_set_aside_only_from_its_detail_row() -
         "last_error": "boom", "timeout_seconds": 30.0, "run_at": NOW, "lease_expires_at": None,
         "worker_id": None, "published_at": None, "created_at": NOW, "updated_at": NOW,
         "started_at": NOW, "finished_at": NOW, "cancel_requested_at": None, "replays": 0,
-        "scheduled": False, "publish_error": "Unpublishable: gone", "publish_retry_at": NOW,
+        "scheduled": False, "wait_reason": None, "publish_error": "Unpublishable: gone",
+        "publish_retry_at": NOW,
         "progress": None, "progress_details": None, "progress_attempt": None, "progress_at": None,
     }  # fmt: skip
     listed = TaskRecord.from_row(row)
@@ -155,7 +156,7 @@ def test_a_task_reads_its_progress_from_its_detail_row_only() -> None:
         "last_error": None, "timeout_seconds": 30.0, "run_at": NOW, "lease_expires_at": None,
         "worker_id": None, "published_at": None, "created_at": NOW, "updated_at": NOW,
         "started_at": NOW, "finished_at": NOW, "cancel_requested_at": None, "replays": 0,
-        "scheduled": False, "publish_error": None, "publish_retry_at": None,
+        "scheduled": False, "wait_reason": None, "publish_error": None, "publish_retry_at": None,
         "progress": 0.5, "progress_details": '{"rows": 4}', "progress_attempt": 1,
         "progress_at": NOW,
     }  # fmt: skip

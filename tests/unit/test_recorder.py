@@ -21,7 +21,7 @@ class Failing:
     def __init__(self) -> None:
         self.tries = 0
 
-    async def complete(self, items: Any) -> Any:
+    async def complete(self, items: Any, *, holds_slots: bool = False) -> Any:
         self.tries += 1
         raise StoreError("database error: connection refused")
 
@@ -57,7 +57,7 @@ class Recording:
     def __init__(self, retried: uuid.UUID, cancelled: uuid.UUID) -> None:
         self.retried, self.cancelled = retried, cancelled
 
-    async def retry(self, items: Any) -> list[OwedPublish]:
+    async def retry(self, items: Any, *, holds_slots: bool = False) -> list[OwedPublish]:
         return [
             OwedPublish(self.retried, "t", "default", TaskStatus.ENQUEUED, 1, None, 2, 5.0),
             OwedPublish(self.cancelled, "t", "default", TaskStatus.CANCELLED, 1, None, 2, 0.0),

@@ -54,17 +54,19 @@ class Store:
         ]  # fmt: skip
 
     async def complete(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
     ) -> dict[uuid.UUID, TaskStatus]:
         recorded = self._statement(OutcomeKind.COMPLETE, TaskStatus.SUCCEEDED, items)
         return {owed.id: owed.status for owed in recorded}
 
     async def retry(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]]
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]], *, holds_slots: bool = False
     ) -> list[OwedPublish]:
         return self._statement(OutcomeKind.RETRY, TaskStatus.ENQUEUED, items)
 
-    async def fail(self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]]) -> list[OwedPublish]:
+    async def fail(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
+    ) -> list[OwedPublish]:
         return self._statement(OutcomeKind.FAIL, TaskStatus.FAILED, items)
 
 

@@ -8,10 +8,11 @@ import * as task from "./task.js";
 import * as dlq from "./dlq.js";
 import * as workers from "./workers.js";
 import * as schedules from "./schedules.js";
+import * as types from "./types.js";
 import { openStream } from "./stream.js";
 import { notice, reportError } from "./ui.js";
 
-const VIEWS = ["overview", "tasks", "task", "dlq", "schedules", "workers"];
+const VIEWS = ["overview", "tasks", "task", "dlq", "types", "schedules", "workers"];
 const REFRESH_EVERY = 5000;
 const STATS_FALLBACK_EVERY = 5000;
 let view = null;
@@ -45,6 +46,10 @@ async function route() {
   } else if (path === "/dlq") {
     show("dlq");
     await dlq.showDlq(query);
+  } else if (path === "/types") {
+    show("types");
+    await types.showTypes();
+    refreshTimer = setInterval(types.showTypes, REFRESH_EVERY);
   } else if (path === "/schedules") {
     show("schedules");
     await schedules.showSchedules();

@@ -16,7 +16,7 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
-export const STATUSES = ["ENQUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"];
+export const STATUSES = ["ENQUEUED", "WAITING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"];
 
 export function badge(status) {
   return h("span", { class: `badge s-${status}` }, status.toLowerCase());

@@ -12,7 +12,7 @@ const history = [];
 let info = { namespace: "taskq", queues: [] };
 
 const COLORS = {
-  ENQUEUED: "var(--enqueued)", RUNNING: "var(--running)", SUCCEEDED: "var(--succeeded)",
+  ENQUEUED: "var(--enqueued)", WAITING: "var(--waiting)", RUNNING: "var(--running)", SUCCEEDED: "var(--succeeded)",
   FAILED: "var(--failed)", CANCELLED: "var(--cancelled)",
 };
 

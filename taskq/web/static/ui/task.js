@@ -17,6 +17,7 @@ const FACTS = [
   ["Started", (t) => when(t.started_at)],
   ["Finished", (t) => when(t.finished_at)],
   ["Updated", (t) => when(t.updated_at)],
+  ["Waiting for", (t) => (t.wait_reason ? WAIT_REASONS[t.wait_reason] || t.wait_reason : null)],
   ["Worker", (t) => t.worker_id || "–"],
   ["Idempotency key", (t) => t.idempotency_key || "–"],
   ["Unique key", (t) => (t.unique ? uniqueFact(t.unique) : null)],
@@ -33,6 +34,7 @@ function uniqueFact(unique) {
     unique.held ? " · held" : " · not held");
 }
 
+const WAIT_REASONS = { paused: "its type to be resumed", concurrency: "a free slot of its concurrency key" };
 const KNOWN_EVENT_FIELDS = new Set(["id", "status", "previous_status", "attempt", "error", "worker_id", "run_at", "at", "task_id"]);
 
 function eventItem(event) {
@@ -59,7 +61,7 @@ function render(task, events) {
   document.getElementById("task-status").replaceWith(Object.assign(badge(task.status), { id: "task-status" }));
   document.getElementById("task-scheduled").hidden = !task.scheduled;
   document.getElementById("task-cancel-requested").hidden = !task.cancel_requested_at;
-  const cancellable = task.status === "ENQUEUED" || (task.status === "RUNNING" && !task.cancel_requested_at);
+  const cancellable = task.status === "ENQUEUED" || task.status === "WAITING" || (task.status === "RUNNING" && !task.cancel_requested_at);
   document.getElementById("task-cancel").hidden = !cancellable;
   document.getElementById("task-retry").hidden = !(task.status === "FAILED" || task.status === "CANCELLED");
   const facts = clear(document.getElementById("task-facts"));
