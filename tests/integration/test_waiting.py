@@ -180,7 +180,7 @@ async def test_a_handlers_limit_is_registered_and_an_operators_one_kept(
     settings: Settings,
 ) -> None:
     async with harness(settings) as h:
-        rows: list[Any] = [("reg.t", "default", 3, 30.0, None, None, Concurrency(2, "c"))]
+        rows: list[Any] = [("reg.t", "default", 3, 30.0, None, None, None, Concurrency(2, "c"))]
         await h.store.register_task_types(rows)
         [found] = [t for t in await h.store.task_types() if t.name == "reg.t"]
         assert found.concurrency == Concurrency(2, "c", "code")
