@@ -79,9 +79,15 @@ INSERT INTO taskq.taskq_migrations (version, name, checksum) VALUES (:version, :
 -- ---------------------------------------------------------------- task types
 
 -- name: types_all
-SELECT name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
-       enabled, created_at, updated_at
-FROM taskq.task_type ORDER BY name;
+-- With the limiter each names, and the limit of a type's own (rate_limit, JSON text).
+SELECT t.name, t.queue, t.max_attempts, t.timeout_seconds, t.backoff::text,
+       t.payload_schema::text, t.enabled, t.created_at, t.updated_at, t.limiter, t.limiter_source,
+       CASE WHEN r.type_name = t.name
+            THEN json_build_object('limit', r.rate, 'per', r.per_seconds, 'burst', r.burst,
+                                   'key', r.key)::text
+       END AS rate_limit
+FROM taskq.task_type t LEFT JOIN taskq.rate_limiters r ON r.name = t.limiter
+ORDER BY t.name;
 
 -- name: type_put
 -- Creates or replaces one task type (the admin API).
@@ -252,7 +258,10 @@ SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempoten
        CASE WHEN published_at IS NULL AND set_aside_generation = generation
             THEN publish_retry_at END AS publish_retry_at,
        p.fraction AS progress, p.details::text AS progress_details,
-       p.attempt AS progress_attempt, p.updated_at AS progress_at
+       p.attempt AS progress_attempt, p.updated_at AS progress_at,
+       -- The rate limiter it waits for, and the slot it holds (taskq.ratelimits).
+       CASE WHEN status = 'ENQUEUED' THEN limited_by END AS limited_by,
+       CASE WHEN status = 'ENQUEUED' THEN limited_until END AS limited_until
 FROM taskq.tasks t LEFT JOIN taskq.task_progress p ON p.task_id = t.id
 WHERE t.id = :id;
 
@@ -459,6 +468,9 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 --   duplicate - RUNNING under a live lease: the lease holder (or the sweeper) owns it,
 --               or RUNNING with a cancel requested (the sweeper cancels it);
 --   early     - run_at is in the future: send it back through the delay levels;
+--   limited   - its type's rate limiter has no slot now: run_at moved to the slot
+--               reserved for it (limited_until); send it back through the delay
+--               levels (see the rate_* CTEs);
 --   exhausted - no attempt left: now FAILED, owed to the DLQ;
 --   missing   - no such task.
 -- A claim of a RUNNING task whose lease expired takes it over.
@@ -477,7 +489,8 @@ WITH input AS (
     FROM (SELECT id FROM input ORDER BY id) i
     CROSS JOIN LATERAL (
         SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts,
-               t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at, t.traceparent
+               t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at, t.traceparent,
+               t.limited_until
         FROM taskq.tasks t WHERE t.id = i.id
         FOR UPDATE
     ) t
@@ -494,6 +507,60 @@ WITH input AS (
                ELSE 'claimed'
            END AS decision
     FROM locked l CROSS JOIN LATERAL (SELECT clock_timestamp() AS at) c
+), rate_wanted AS (
+    -- Rate limits (GCRA, sql/migrations/0012_rate_limits.sql). The tasks about to
+    -- be claimed whose type names a limiter and that hold no reservation yet each
+    -- take the next slot of their bucket. Types without a limiter join nothing
+    -- here (the join starts from the few types that have one).
+    SELECT d.id, r.name AS limiter, r.per_seconds / r.rate AS spacing,
+           (r.burst - 1) * r.per_seconds / r.rate AS tolerance,
+           CASE WHEN r.key IS NULL THEN ''
+                ELSE (SELECT CASE WHEN length(v) > 200 THEN 'md5:' || md5(v) ELSE v END
+                      FROM (SELECT coalesce(p.payload -> r.key, 'null')::text AS v
+                            FROM taskq.tasks p WHERE p.id = d.id) k)
+           END AS key,
+           row_number() OVER (PARTITION BY r.name ORDER BY l.run_at, d.id) AS nth
+    FROM decided d
+    JOIN locked l ON l.id = d.id
+    JOIN taskq.task_type ty ON ty.name = l.type
+    JOIN taskq.rate_limiters r ON r.name = ty.limiter
+    WHERE d.decision = 'claimed' AND l.limited_until IS NULL AND ty.limiter IS NOT NULL
+), rate_numbered AS (
+    -- The order of the tasks within each bucket: the earliest due first.
+    SELECT w.*, row_number() OVER (PARTITION BY w.limiter, w.key ORDER BY w.nth) AS i,
+           count(*) OVER (PARTITION BY w.limiter, w.key) AS n
+    FROM rate_wanted w
+), rate_buckets AS (
+    SELECT DISTINCT limiter, key, n, spacing FROM rate_numbered
+), rate_taken AS (
+    -- One upsert per bucket, in (limiter, key) order, so that concurrent claims lock
+    -- buckets in one order (and after all their tasks: the sort reads every row
+    -- first). Each moves tat on by one spacing per task from max(tat, now), with
+    -- now read once the bucket is locked; `at` is the clock after that.
+    INSERT INTO taskq.rate_limit_buckets AS b (limiter, key, tat)
+    SELECT limiter, key, clock_timestamp() + make_interval(secs => n * spacing)
+    FROM rate_buckets ORDER BY limiter, key
+    ON CONFLICT (limiter, key) DO UPDATE SET
+        tat = greatest(b.tat, clock_timestamp())
+              + (SELECT make_interval(secs => x.n * x.spacing) FROM rate_buckets x
+                 WHERE x.limiter = b.limiter AND x.key = b.key)
+    RETURNING b.limiter, b.key, b.tat, clock_timestamp() AS at
+), rate_slots AS (
+    -- Task i of n in a bucket gets slot A + (i - 1) spacing - tolerance (not before
+    -- now), where A = tat - n spacing is where the bucket stood.
+    SELECT w.id, w.limiter, t.at,
+           greatest(t.at, t.tat - make_interval(secs => (w.n - w.i + 1) * w.spacing
+                                                         + w.tolerance)) AS slot
+    FROM rate_numbered w JOIN rate_taken t ON t.limiter = w.limiter AND t.key = w.key
+), rate_limited AS (
+    -- A slot later than now is the task's reservation: run_at moves there (attempts
+    -- unchanged); at its slot it is claimed without taking another.
+    UPDATE taskq.tasks t SET
+        run_at = s.slot, limited_until = s.slot, limited_by = s.limiter, updated_at = s.at
+    FROM rate_slots s
+    WHERE s.id = t.id AND s.slot > s.at
+      AND t.id = ANY(ARRAY(SELECT id FROM rate_slots WHERE slot > at))
+    RETURNING t.id, t.run_at
 ), claimed AS (
     -- The decision's clock, not the transaction's: an inline claim's transaction
     -- (taskq.worker.inline) begins before this statement, so a task due at run_at
@@ -506,10 +573,12 @@ WITH input AS (
         published_at = coalesce(t.published_at, d.at),
         last_error = CASE WHEN t.status = 'RUNNING'
                           THEN 'lease expired: worker ' || t.worker_id || ' stopped heartbeating'
-                          ELSE t.last_error END
+                          ELSE t.last_error END,
+        limited_until = NULL, limited_by = NULL
     FROM decided d
     WHERE d.id = t.id AND d.decision = 'claimed'
-      AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'claimed'))
+      AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'claimed'
+                           EXCEPT SELECT id FROM rate_slots WHERE slot > at))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
               t.timeout_seconds, t.run_at, t.created_at, t.claim_token
 ), exhausted AS (
@@ -522,16 +591,20 @@ WITH input AS (
       AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'exhausted'))
     RETURNING t.id, t.last_error, t.generation
 )
-SELECT i.id, coalesce(d.decision, 'missing') AS decision, l.type, l.queue,
+SELECT i.id, CASE WHEN rl.id IS NULL THEN coalesce(d.decision, 'missing') ELSE 'limited' END
+           AS decision, l.type, l.queue,
        c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
-       c.timeout_seconds, l.run_at, c.created_at, c.claim_token, x.last_error, x.generation,
-       greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay,
+       c.timeout_seconds, coalesce(rl.run_at, l.run_at) AS run_at, c.created_at, c.claim_token,
+       x.last_error, x.generation,
+       greatest(0, extract(epoch FROM coalesce(rl.run_at, l.run_at) - clock_timestamp()))::float8
+           AS delay,
        l.traceparent
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
 LEFT JOIN locked l ON l.id = i.id
 LEFT JOIN claimed c ON c.id = i.id
-LEFT JOIN exhausted x ON x.id = i.id;
+LEFT JOIN exhausted x ON x.id = i.id
+LEFT JOIN rate_limited rl ON rl.id = i.id;
 
 -- name: heartbeat
 -- One per worker every few seconds: records the worker as alive (with its
@@ -1093,3 +1166,77 @@ WITH s AS (
 )
 SELECT id, type, queue, status, attempts, last_error, generation, delay, traceparent
 FROM inserted;
+
+-- ---------------------------------------------------------------- rate limits
+
+-- name: limiter_put
+-- Creates or replaces a rate limiter (an operator's, or a type's own when
+-- type_name is set); its buckets keep their place.
+-- :name, :rate, :per_seconds, :burst, :key (NULL: one bucket), :type_name
+INSERT INTO taskq.rate_limiters AS r (name, rate, per_seconds, burst, key, type_name)
+VALUES (:name, :rate, :per_seconds, :burst, :key, :type_name)
+ON CONFLICT (name) DO UPDATE SET
+    rate = EXCLUDED.rate, per_seconds = EXCLUDED.per_seconds, burst = EXCLUDED.burst,
+    key = EXCLUDED.key, updated_at = now()
+WHERE (r.rate, r.per_seconds, r.burst, r.key)
+    IS DISTINCT FROM (EXCLUDED.rate, EXCLUDED.per_seconds, EXCLUDED.burst, EXCLUDED.key)
+RETURNING (xmax = 0) AS created;
+
+-- name: limiters_list
+-- Rate limiters in name order (one, when :name is set), with the types that use
+-- each and, for one without key, when its bucket's slots are taken until.
+-- :name (NULL: all)
+SELECT r.name, r.rate, r.per_seconds, r.burst, r.key, r.type_name, r.created_at, r.updated_at,
+       ARRAY(SELECT t.name FROM taskq.task_type t WHERE t.limiter = r.name ORDER BY t.name)
+           AS types,
+       CASE WHEN r.key IS NULL THEN
+           (SELECT b.tat FROM taskq.rate_limit_buckets b WHERE b.limiter = r.name AND b.key = '')
+       END AS busy_until
+FROM taskq.rate_limiters r
+WHERE :name::text IS NULL OR r.name = :name
+ORDER BY r.name;
+
+-- name: limiters_count
+-- How many limiters operators made (a type's own are not counted).
+SELECT count(*) FROM taskq.rate_limiters WHERE type_name IS NULL;
+
+-- name: limiter_lock
+-- Locks an operator's limiter for its delete (a type naming it meanwhile waits).
+-- :name
+SELECT r.name, r.type_name,
+       ARRAY(SELECT t.name FROM taskq.task_type t WHERE t.limiter = r.name ORDER BY t.name)
+           AS types
+FROM taskq.rate_limiters r WHERE r.name = :name
+FOR UPDATE;
+
+-- name: limiter_delete
+-- :name
+DELETE FROM taskq.rate_limiters WHERE name = :name AND type_name IS NULL;
+
+-- name: type_limiters
+-- The limiter each of these types names, and who set it.
+-- :names text[]
+SELECT name, limiter, limiter_source FROM taskq.task_type WHERE name = ANY(:names::text[]);
+
+-- name: type_limiter_set
+-- Names the limiter of a type (NULL: none) and who set it (code or api).
+-- :name, :limiter, :source
+UPDATE taskq.task_type SET limiter = :limiter, limiter_source = :source, updated_at = now()
+WHERE name = :name
+  AND (limiter, limiter_source) IS DISTINCT FROM (:limiter::text, :source::text);
+
+-- name: type_limiters_prune
+-- Deletes the own limiters of these types that their type no longer names.
+-- :names text[]
+DELETE FROM taskq.rate_limiters r
+WHERE r.type_name = ANY(:names::text[])
+  AND NOT EXISTS (SELECT FROM taskq.task_type t WHERE t.limiter = r.name);
+
+-- name: rate_buckets_prune
+-- Deletes buckets idle since before :before (a passed tat is as good as none);
+-- the sweeper runs it. Buckets a claim holds are skipped.
+-- :before timestamptz, :batch
+DELETE FROM taskq.rate_limit_buckets b
+USING (SELECT limiter, key FROM taskq.rate_limit_buckets WHERE tat < :before
+       ORDER BY tat LIMIT :batch FOR UPDATE SKIP LOCKED) old
+WHERE b.limiter = old.limiter AND b.key = old.key;

@@ -99,6 +99,34 @@ class TooManySchedules(TaskqError):
         )
 
 
+class TooManyLimiters(TaskqError):
+    """There are as many rate limiters as taskq.ratelimits.MAX_LIMITERS allows."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"there are {limit} rate limiters, the maximum: delete unused ones")
+
+
+class UnknownLimiter(TaskqError):
+    """A task type names a rate limiter that does not exist."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no rate limiter {name!r}: create it first (PUT /limits/{name})")
+
+
+class LimiterInUse(TaskqError):
+    """A rate limiter cannot be deleted while task types use it."""
+
+    def __init__(self, name: str, types: list[str]) -> None:
+        self.name = name
+        self.types = types
+        super().__init__(
+            f"rate limiter {name!r} is used by task types {', '.join(types)}:"
+            " change their rate_limit first"
+        )
+
+
 class TooManyTaskTypes(TaskqError):
     """The task type registry is full (TASKQ_MAX_TASK_TYPES)."""
 

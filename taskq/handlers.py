@@ -49,7 +49,7 @@ from typing import Any, TypeAlias, TypeVar
 import orjson
 
 from taskq import backoff as backoff_
-from taskq import cron, payloads
+from taskq import cron, payloads, ratelimits
 from taskq.definitions import TaskDefinition
 from taskq.errors import CronProblem, FieldError, InvalidRequest
 
@@ -136,6 +136,7 @@ class Handler:
     sync: bool = False
     payload_schema_json: str | None = None
     schedule: Schedule | None = None
+    rate_limit: ratelimits.RateLimit | str | None = None
 
 
 @dataclass(slots=True)
@@ -309,6 +310,7 @@ class Registry:
         backoff: BackoffSpec = None,
         schedule: str | Schedule | None = None,
         tz: str = "UTC",
+        rate_limit: Mapping[str, Any] | ratelimits.RateLimit | str | None = None,
     ) -> Callable[[Callable[[P, Context], R]], TaskDefinition[P, R]]:
         """Register the decorated ``async def`` or ``def`` ``fn(payload, ctx)`` for ``name``.
 
@@ -331,6 +333,11 @@ class Registry:
                 zone ``tz``), or a :class:`Schedule` with every option. Workers
                 that run the handler declare it at their start.
             tz: the IANA time zone of a cron expression given as ``schedule``.
+            rate_limit: at most so many starts of this type per interval, across
+                the fleet: ``{"limit": 100, "per": "1m"}`` (optionally ``"burst"``,
+                and ``"key"``: a payload field, one limit per value of it), or the
+                name of a limiter shared with other types (``PUT /limits/{name}``).
+                Tasks over it wait for their slot (:mod:`taskq.ratelimits`).
 
         Raises:
             HandlerError: for invalid options, a name registered twice, a
@@ -351,6 +358,7 @@ class Registry:
         except ValueError as exc:
             raise HandlerError(f"{name}: invalid backoff: {exc}") from None
         declared = _schedule(name, schedule, tz)
+        limit = _rate_limit(name, rate_limit)
 
         def register(function: Callable[[P, Context], R]) -> TaskDefinition[P, R]:
             if isinstance(function, TaskDefinition):
@@ -368,6 +376,7 @@ class Registry:
                 sync,
                 None if model is None else model.schema_json,
                 declared,
+                limit,
             )
             self._handlers[name] = handler
             definition = TaskDefinition(handler, function, model)
@@ -475,3 +484,19 @@ def load(spec: str) -> Registry:
     if not registry:
         raise HandlerError(f"{module_name}.{attr} has no handlers")
     return registry
+
+
+def _rate_limit(
+    name: str, value: Mapping[str, Any] | ratelimits.RateLimit | str | None
+) -> ratelimits.RateLimit | str | None:
+    """A handler's ``rate_limit=`` checked: its own limit, or a limiter's name."""
+    if value is None or isinstance(value, ratelimits.RateLimit):
+        return value
+    if isinstance(value, str):
+        if not ratelimits.LIMITER_NAME.match(value):
+            raise HandlerError(f"{name}: rate_limit {value!r} is not a limiter name")
+        return value
+    try:
+        return ratelimits.parse(value)
+    except ValueError as exc:
+        raise HandlerError(f"{name}: invalid rate_limit: {exc}") from None

@@ -23,12 +23,22 @@ from typing import Any, Protocol
 import asyncpg
 
 import taskq.sql as sql
-from taskq.errors import RejectedByDatabase, StoreError, TooManySchedules, TooManyTaskTypes
+from taskq.errors import (
+    LimiterInUse,
+    RejectedByDatabase,
+    StoreError,
+    TooManyLimiters,
+    TooManySchedules,
+    TooManyTaskTypes,
+    UnknownLimiter,
+)
+from taskq.ratelimits import MAX_LIMITERS, RateLimit, own_limiter
 from taskq.model import (
     STATUS_BY_TEXT,
     ClaimedTask,
     Cursor,
     EnqueueOutcome,
+    LimiterRecord,
     OwedPublish,
     ProgressEvent,
     Purge,
@@ -56,6 +66,8 @@ log = logging.getLogger("taskq.store")
 TYPES_LOCK_KEY = 0x7479706573
 # Serialises the writers of schedules for the check against TASKQ_MAX_SCHEDULES: "sched".
 SCHEDULES_LOCK_KEY = 0x7363686564
+# ... and of rate limiters, for the check against MAX_LIMITERS: "limit".
+LIMITERS_LOCK_KEY = 0x6c696d6974
 # Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
 NOTIFY_IDS = 200
 # What a database going away raises. InternalClientError too: a connection the
@@ -312,6 +324,81 @@ class Store:
             await connection.execute(
                 self.q["types_register"], *(list(column) for column in zip(*rows, strict=True))
             )
+
+    async def set_type_rate_limits(
+        self, items: Sequence[tuple[str, RateLimit | str | None]], source: str
+    ) -> None:
+        """Give types ``(name, limit)`` their rate limit: one of their own, the limiter
+        named, or none; ``source`` says who sets it (``code`` or ``api``). With source
+        ``code``, ``None`` removes only a limit the code set (an operator's stays).
+        The own limiters no longer used are deleted.
+
+        Raises:
+            UnknownLimiter: a named limiter does not exist.
+        """
+        names = sorted({name for name, _ in items})
+        async with self._connection() as connection, connection.transaction():
+            current = {
+                row["name"]: row["limiter_source"]
+                for row in await connection.fetch(self.q["type_limiters"], names)
+            }
+            for name, spec in sorted(items, key=lambda item: item[0]):
+                if spec is None and source == "code" and current.get(name) != "code":
+                    continue
+                limiter = spec if isinstance(spec, str) else None
+                if isinstance(spec, RateLimit):
+                    limiter = own_limiter(name)
+                    await connection.execute(
+                        self.q["limiter_put"], limiter, spec.limit, spec.per, spec.burst,
+                        spec.key, name,
+                    )  # fmt: skip
+                try:
+                    await connection.execute(
+                        self.q["type_limiter_set"], name, limiter,
+                        None if limiter is None else source,
+                    )  # fmt: skip
+                except asyncpg.ForeignKeyViolationError:
+                    raise UnknownLimiter(str(spec)) from None
+            await connection.execute(self.q["type_limiters_prune"], names)
+
+    async def put_limiter(self, name: str, limit: RateLimit) -> bool:
+        """Create or replace an operator's rate limiter; returns whether it is new.
+
+        Raises:
+            TooManyLimiters: it is new and there are MAX_LIMITERS already.
+        """
+        async with self._connection() as connection, connection.transaction():
+            await connection.execute(self.q["types_lock"], LIMITERS_LOCK_KEY)
+            known = await connection.fetch(self.q["limiters_list"], name)
+            if not known and await connection.fetchval(self.q["limiters_count"]) >= MAX_LIMITERS:
+                raise TooManyLimiters(MAX_LIMITERS)
+            await connection.execute(
+                self.q["limiter_put"], name, limit.limit, limit.per, limit.burst, limit.key, None
+            )
+        return not known
+
+    async def limiters(self, name: str | None = None) -> list[LimiterRecord]:
+        """Every rate limiter in name order, or the one named."""
+        return [LimiterRecord.from_row(row) for row in await self._fetch("limiters_list", name)]
+
+    async def delete_limiter(self, name: str) -> bool:
+        """Delete an operator's rate limiter (and its buckets); False if there is none.
+
+        Raises:
+            LimiterInUse: task types name it (or it is a type's own).
+        """
+        async with self._connection() as connection, connection.transaction():
+            row = await connection.fetchrow(self.q["limiter_lock"], name)
+            if row is None:
+                return False
+            if row["type_name"] is not None or row["types"]:
+                raise LimiterInUse(name, list(row["types"]) or [row["type_name"]])
+            await connection.execute(self.q["limiter_delete"], name)
+        return True
+
+    async def prune_rate_buckets(self, before: datetime, batch: int = 1000) -> int:
+        """Delete up to ``batch`` buckets idle since before ``before``; returns how many."""
+        return await self._execute("rate_buckets_prune", before, batch)
 
     async def _check_room(
         self, connection: asyncpg.Connection, names: list[str], max_types: int | None

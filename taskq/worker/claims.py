@@ -6,9 +6,19 @@ in one statement; while it runs, further envelopes collect for the next one, so
 batches grow with the load and nothing waits for a timer. Once the claim
 commits the deliveries are acked (``multiple`` where the tags allow): from here
 Postgres, not the broker, owns each task. Per decision: *claimed* → run;
-*terminal*, *duplicate* → drop; *early* → back through the delay levels for the
-remaining time; *exhausted* (now FAILED) and *missing* (no such task) → the DLQ
-with reason headers. Those three are acked once their publish is confirmed.
+*terminal*, *duplicate* → drop; *early* and *limited* (over its type's rate
+limit, its run_at moved to its reserved slot) → back through the delay levels
+for the whole seconds of the remaining time; *exhausted* (now FAILED) and
+*missing* (no such task) → the DLQ with reason headers. Those are acked once
+their publish is confirmed.
+
+The delay levels count whole seconds. So that a task starts at its run_at to
+the millisecond (a rate limit's slots are 20 ms apart at 50 per second), an
+early or limited delivery due within :data:`HOLD_SECONDS` is held here, unacked,
+and claimed again when it is due; one due later goes through the delay levels
+for the whole seconds of its wait, rounded down, and is held for the rest when
+it comes back. A held delivery takes a prefetch slot (never a concurrency
+slot); if the worker stops or dies, RabbitMQ redelivers it.
 
 With an inline window (:mod:`taskq.worker.inline`) the claim's transaction stays
 open while its claimed handlers start, for the successes within the window to
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -46,10 +57,14 @@ CLAIM_BATCH = 200
 CLAIMS_IN_FLIGHT = 2
 SECOND_CLAIM_MIN = CLAIM_BATCH // 4
 STORE_RETRY_SECONDS = 1.0
+# An early or limited delivery due within this many seconds waits here, unacked.
+HOLD_SECONDS = 1.0
 _CLAIMED = ClaimDecision.CLAIMED
 _DUPLICATE = ClaimDecision.DUPLICATE
 # Deliveries acked and dropped: their task is done, or another claim owns it.
 _DROPPED = (ClaimDecision.TERMINAL, ClaimDecision.DUPLICATE)
+# Deliveries of tasks not due yet: held, or sent back through the delay levels.
+_WAITING = (ClaimDecision.EARLY, ClaimDecision.LIMITED)
 
 
 class Claimer(Service):
@@ -99,6 +114,12 @@ class Claimer(Service):
         self._wake = asyncio.Event()
         self._stopping = False
         self._background: set[asyncio.Task[Any]] = set()
+        self._held: dict[int, asyncio.TimerHandle] = {}  # by id() of the delivery
+
+    @property
+    def held(self) -> int:
+        """Early and limited deliveries held until they are due."""
+        return len(self._held)
 
     def put(self, delivery: Delivery) -> None:
         """Buffer a delivery until a slot is free (ignored once stopping: it stays unacked)."""
@@ -123,6 +144,9 @@ class Claimer(Service):
         missing deliveries being settled."""
         self._stopping = True
         self._buffers.clear()  # unacked: requeued when the channels close
+        for handle in self._held.values():
+            handle.cancel()
+        self._held.clear()
         self._wake.set()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
@@ -214,6 +238,8 @@ class Claimer(Service):
             unused += 1
             if decision in _DROPPED:
                 acks.append(delivery)
+            elif decision in _WAITING and unclaimed.delay <= HOLD_SECONDS:
+                self._hold(delivery, unclaimed.delay)
             else:
                 self._in_background(self._settle_unclaimed(delivery, unclaimed))
         for (queue, decision), count in counts.items():
@@ -227,7 +253,7 @@ class Claimer(Service):
         envelope = delivery.envelope
         decision = row.decision
         try:
-            if decision is ClaimDecision.EARLY:
+            if decision in _WAITING:
                 await self._send_back(delivery, row)
             elif decision is ClaimDecision.EXHAUSTED:
                 owed = row.dead_letter()
@@ -256,11 +282,28 @@ class Claimer(Service):
             return
         await self._acker.ack([delivery])
 
+    def _hold(self, delivery: Delivery, delay: float) -> None:
+        """Keep ``delivery`` (unacked) and buffer it again in ``delay`` seconds."""
+        if self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        self._held[id(delivery)] = loop.call_at(loop.time() + delay, self._due, delivery)
+
+    def _due(self, delivery: Delivery) -> None:
+        self._held.pop(id(delivery), None)
+        if delivery.live:  # else the broker has it back already
+            self.put(delivery)
+
     async def _send_back(self, delivery: Delivery, row: Unclaimed) -> None:
+        """Publish an early or limited task into the delay levels for the whole seconds
+        of its wait (the rest it is held for when it comes back)."""
         assert row.queue is not None
         try:
             await self.publisher.publish(
-                delivery.envelope, row.queue, delay=row.delay, headers=header(row.traceparent)
+                delivery.envelope,
+                row.queue,
+                delay=float(max(1, math.floor(row.delay))),
+                headers=header(row.traceparent),
             )
         except TaskqError as exc:
             # Owe it in Postgres instead: the relay publishes it with the right delay.

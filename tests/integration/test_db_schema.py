@@ -28,6 +28,8 @@ from tests.support.worker_fixtures import harness, running_worker
 # What an install holds in its schema besides indexes, row types and sequences.
 TABLES = [
     "queue_purges",
+    "rate_limit_buckets",
+    "rate_limiters",
     "schedules",
     "task_events",
     "task_progress",
