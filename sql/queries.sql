@@ -101,7 +101,12 @@ ON CONFLICT (name) DO UPDATE SET
     timeout_seconds = EXCLUDED.timeout_seconds, backoff = EXCLUDED.backoff,
     payload_schema = EXCLUDED.payload_schema, enabled = EXCLUDED.enabled, updated_at = now()
 RETURNING name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
-          enabled, created_at, updated_at, (xmax = 0) AS created;
+          enabled, created_at, updated_at, limiter, limiter_source,
+          (SELECT json_build_object('limit', r.rate, 'per', r.per_seconds, 'burst', r.burst,
+                                    'key', r.key)::text
+           FROM taskq.rate_limiters r WHERE r.name = t.limiter AND r.type_name = t.name)
+              AS rate_limit,
+          (xmax = 0) AS created;
 
 -- name: types_lock
 -- Serialises the writers of the registry for the check against TASKQ_MAX_TASK_TYPES
@@ -257,11 +262,12 @@ SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempoten
             THEN publish_error END AS publish_error,
        CASE WHEN published_at IS NULL AND set_aside_generation = generation
             THEN publish_retry_at END AS publish_retry_at,
-       p.fraction AS progress, p.details::text AS progress_details,
-       p.attempt AS progress_attempt, p.updated_at AS progress_at,
+       p.fraction AS progress,
        -- The rate limiter it waits for, and the slot it holds (taskq.ratelimits).
        CASE WHEN status = 'ENQUEUED' THEN limited_by END AS limited_by,
-       CASE WHEN status = 'ENQUEUED' THEN limited_until END AS limited_until
+       CASE WHEN status = 'ENQUEUED' THEN limited_until END AS limited_until,
+       p.details::text AS progress_details,
+       p.attempt AS progress_attempt, p.updated_at AS progress_at
 FROM taskq.tasks t LEFT JOIN taskq.task_progress p ON p.task_id = t.id
 WHERE t.id = :id;
 
@@ -509,9 +515,12 @@ WITH input AS (
     FROM locked l CROSS JOIN LATERAL (SELECT clock_timestamp() AS at) c
 ), rate_wanted AS (
     -- Rate limits (GCRA, sql/migrations/0012_rate_limits.sql). The tasks about to
-    -- be claimed whose type names a limiter and that hold no reservation yet each
-    -- take the next slot of their bucket. Types without a limiter join nothing
-    -- here (the join starts from the few types that have one).
+    -- be claimed whose type names a limiter each take the next slot of their
+    -- bucket, unless they hold a reservation: one that came due is claimed now,
+    -- unless it is late by more than the grace (max(spacing, 50 ms): a worker
+    -- that stalled); then it takes a new slot, so late tasks never start in a
+    -- burst. Types without a limiter join nothing here (the join starts from
+    -- the few types that have one).
     SELECT d.id, r.name AS limiter, r.per_seconds / r.rate AS spacing,
            (r.burst - 1) * r.per_seconds / r.rate AS tolerance,
            CASE WHEN r.key IS NULL THEN ''
@@ -524,7 +533,10 @@ WITH input AS (
     JOIN locked l ON l.id = d.id
     JOIN taskq.task_type ty ON ty.name = l.type
     JOIN taskq.rate_limiters r ON r.name = ty.limiter
-    WHERE d.decision = 'claimed' AND l.limited_until IS NULL AND ty.limiter IS NOT NULL
+    WHERE d.decision = 'claimed' AND ty.limiter IS NOT NULL
+      AND (l.limited_until IS NULL
+           OR l.limited_until < d.at - make_interval(secs => greatest(r.per_seconds / r.rate,
+                                                                       0.05)))
 ), rate_numbered AS (
     -- The order of the tasks within each bucket: the earliest due first.
     SELECT w.*, row_number() OVER (PARTITION BY w.limiter, w.key ORDER BY w.nth) AS i,

@@ -23,6 +23,7 @@ b start at once after an idle spell, and a window then holds at most
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -87,31 +88,36 @@ def parse(value: object, field: str = "rate_limit") -> RateLimit:
 
 
 def problems(value: object, field: str) -> list[FieldError]:
-    """What is wrong with a rate limit's JSON shape, each naming its field."""
+    """What is wrong with a rate limit's JSON shape, each naming its field (``field``
+    "": the request body is the rate limit)."""
     if not isinstance(value, Mapping):
-        return [FieldError(field, 'an object {"limit": N, "per": "1m"} or a limiter name')]
+        return [FieldError(field or "body", 'an object {"limit": N, "per": "1m"}')]
+
+    def at(name: str) -> str:
+        return f"{field}.{name}" if field else name
+
     errors = []
     unknown = sorted(set(value) - {"limit", "per", "burst", "key"})
     if unknown:
-        errors.append(FieldError(f"{field}.{unknown[0]}", "unknown field"))
-    limit = value.get("limit")
-    if not _integer(limit) or not 1 <= limit <= MAX_LIMIT:
-        errors.append(FieldError(f"{field}.limit", f"an integer from 1 to {MAX_LIMIT}"))
+        errors.append(FieldError(at(unknown[0]), "unknown field"))
+    given = value.get("limit")
+    limit = given if isinstance(given, int) and _integer(given) else None
+    if limit is None or not 1 <= limit <= MAX_LIMIT:
+        limit = None
+        errors.append(FieldError(at("limit"), f"an integer from 1 to {MAX_LIMIT}"))
     per = None
-    try:
+    with contextlib.suppress(ValueError, TypeError):
         per = parse_duration(value.get("per"))  # type: ignore[arg-type]
-    except (ValueError, TypeError):
-        pass
     if per is None or not 0 < per <= MAX_PER:
         errors.append(
-            FieldError(f"{field}.per", "a duration up to 30 days: seconds, or e.g. 500ms, 1s, 1m")
+            FieldError(at("per"), "a duration up to 30 days: seconds, or e.g. 500ms, 1s, 1m")
         )
     burst = value.get("burst", 1)
-    if not _integer(burst) or not 1 <= burst <= (limit if _integer(limit) else MAX_LIMIT):
-        errors.append(FieldError(f"{field}.burst", "an integer from 1 to limit"))
+    if not _integer(burst) or not 1 <= burst <= (limit or MAX_LIMIT):
+        errors.append(FieldError(at("burst"), "an integer from 1 to limit"))
     key = value.get("key")
     if key is not None and not (isinstance(key, str) and KEY_FIELD.match(key)):
-        errors.append(FieldError(f"{field}.key", "a payload field name (letters, digits, ._-)"))
+        errors.append(FieldError(at("key"), "a payload field name (letters, digits, ._-)"))
     return errors
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import uuid
@@ -21,6 +22,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import asyncpg
+import orjson
 
 import taskq.sql as sql
 from taskq.errors import (
@@ -32,7 +34,6 @@ from taskq.errors import (
     TooManyTaskTypes,
     UnknownLimiter,
 )
-from taskq.ratelimits import MAX_LIMITERS, RateLimit, own_limiter
 from taskq.model import (
     STATUS_BY_TEXT,
     ClaimedTask,
@@ -59,6 +60,7 @@ from taskq.model import (
     WorkerRecord,
     claim_from_row,
 )
+from taskq.ratelimits import MAX_LIMITERS, RateLimit, own_limiter
 
 log = logging.getLogger("taskq.store")
 
@@ -67,7 +69,7 @@ TYPES_LOCK_KEY = 0x7479706573
 # Serialises the writers of schedules for the check against TASKQ_MAX_SCHEDULES: "sched".
 SCHEDULES_LOCK_KEY = 0x7363686564
 # ... and of rate limiters, for the check against MAX_LIMITERS: "limit".
-LIMITERS_LOCK_KEY = 0x6c696d6974
+LIMITERS_LOCK_KEY = 0x6C696D6974
 # Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
 NOTIFY_IDS = 200
 # What a database going away raises. InternalClientError too: a connection the
@@ -282,11 +284,15 @@ class Store:
         payload_schema_json: str | None,
         enabled: bool,
         max_types: int | None = None,
+        rate_limit: tuple[RateLimit | str | None] | None = None,
     ) -> tuple[TaskTypeRecord, bool]:
-        """Create or replace one task type; returns it, and whether it is new.
+        """Create or replace one task type; returns it, and whether it is new. Its rate
+        limit changes when ``rate_limit`` is given (a 1-tuple: see
+        :meth:`set_type_rate_limits`), in the same transaction.
 
         Raises:
             TooManyTaskTypes: it is new and the registry holds ``max_types`` already.
+            UnknownLimiter: ``rate_limit`` names a limiter that does not exist.
         """
         async with self._connection() as connection, connection.transaction():
             await self._check_room(connection, [name], max_types)
@@ -300,8 +306,22 @@ class Store:
                 payload_schema_json,
                 enabled,
             )
-        assert row is not None
-        return TaskTypeRecord.from_row(row), row["created"]
+            assert row is not None
+            record = TaskTypeRecord.from_row(row)
+            if rate_limit is not None:
+                (limit,) = rate_limit
+                await self._set_rate_limits(connection, [(name, limit)], "api")
+                record = dataclasses.replace(
+                    record,
+                    limiter=own_limiter(name) if isinstance(limit, RateLimit) else limit,
+                    limiter_source=None if limit is None else "api",
+                    rate_limit=(
+                        orjson.dumps(limit.to_json()).decode()
+                        if isinstance(limit, RateLimit)
+                        else None
+                    ),
+                )
+        return record, row["created"]
 
     async def register_task_types(
         self,
@@ -336,30 +356,38 @@ class Store:
         Raises:
             UnknownLimiter: a named limiter does not exist.
         """
-        names = sorted({name for name, _ in items})
         async with self._connection() as connection, connection.transaction():
-            current = {
-                row["name"]: row["limiter_source"]
-                for row in await connection.fetch(self.q["type_limiters"], names)
-            }
-            for name, spec in sorted(items, key=lambda item: item[0]):
-                if spec is None and source == "code" and current.get(name) != "code":
-                    continue
-                limiter = spec if isinstance(spec, str) else None
-                if isinstance(spec, RateLimit):
-                    limiter = own_limiter(name)
-                    await connection.execute(
-                        self.q["limiter_put"], limiter, spec.limit, spec.per, spec.burst,
-                        spec.key, name,
-                    )  # fmt: skip
-                try:
-                    await connection.execute(
-                        self.q["type_limiter_set"], name, limiter,
-                        None if limiter is None else source,
-                    )  # fmt: skip
-                except asyncpg.ForeignKeyViolationError:
-                    raise UnknownLimiter(str(spec)) from None
-            await connection.execute(self.q["type_limiters_prune"], names)
+            await self._set_rate_limits(connection, items, source)
+
+    async def _set_rate_limits(
+        self,
+        connection: asyncpg.Connection,
+        items: Sequence[tuple[str, RateLimit | str | None]],
+        source: str,
+    ) -> None:
+        names = sorted({name for name, _ in items})
+        current = {
+            row["name"]: row["limiter_source"]
+            for row in await connection.fetch(self.q["type_limiters"], names)
+        }
+        for name, spec in sorted(items, key=lambda item: item[0]):
+            if spec is None and source == "code" and current.get(name) != "code":
+                continue
+            limiter = spec if isinstance(spec, str) else None
+            if isinstance(spec, RateLimit):
+                limiter = own_limiter(name)
+                await connection.execute(
+                    self.q["limiter_put"], limiter, spec.limit, spec.per, spec.burst,
+                    spec.key, name,
+                )  # fmt: skip
+            try:
+                await connection.execute(
+                    self.q["type_limiter_set"], name, limiter,
+                    None if limiter is None else source,
+                )  # fmt: skip
+            except asyncpg.ForeignKeyViolationError:
+                raise UnknownLimiter(str(spec)) from None
+        await connection.execute(self.q["type_limiters_prune"], names)
 
     async def put_limiter(self, name: str, limit: RateLimit) -> bool:
         """Create or replace an operator's rate limiter; returns whether it is new.

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from taskq import ratelimits
 from taskq._utils import json_has_nul, parse_duration, task_id
 from taskq.enqueue import schemas
 
@@ -24,6 +25,7 @@ from taskq.errors import FieldError as FieldError
 from taskq.errors import InvalidRequest as InvalidRequest
 from taskq.errors import SchemaProblem
 from taskq.errors import TooLarge as TooLarge
+from taskq.ratelimits import RateLimit
 from taskq.settings import QUEUE_NAME, Settings
 from taskq.store import NewTask
 
@@ -99,6 +101,12 @@ class TaskTypeBody(BaseModel):
     )
     payload_schema: dict[str, Any] | None = Field(None, description="JSON Schema of payloads.")
     enabled: bool = True
+    rate_limit: dict[str, Any] | str | None = Field(
+        None,
+        description='At most so many starts per interval: {"limit": 100, "per": "1m"}'
+        ' (optional "burst", and "key": a payload field, one limit per value), or the name'
+        " of a limiter (PUT /limits/{name}); null: none. Omitted: unchanged.",
+    )
 
     _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
 
@@ -257,6 +265,8 @@ class TaskTypeDefinition:
     backoff_json: str | None
     payload_schema_json: str | None
     enabled: bool
+    # Given: a 1-tuple of the type's own limit, a limiter's name or None; else None.
+    rate_limit: tuple[RateLimit | str | None] | None = None
 
 
 def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
@@ -294,11 +304,26 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
             errors.append(FieldError("payload_schema", TOO_DEEP))
         if schema_json is not None and json_has_nul(schema_json):
             errors.append(FieldError("payload_schema", "strings may not contain NUL (\\u0000)"))
+    rate_limit: tuple[RateLimit | str | None] | None = None
+    if "rate_limit" in body.model_fields_set:
+        value = body.rate_limit
+        if isinstance(value, str):
+            if not ratelimits.LIMITER_NAME.match(value):
+                errors.append(FieldError("rate_limit", "a limiter name: letters, digits, ._-"))
+            rate_limit = (value,)
+        elif value is None:
+            rate_limit = (None,)
+        else:
+            found = ratelimits.problems(value, "rate_limit")
+            errors += found
+            if not found:
+                rate_limit = (ratelimits.parse(value),)
     if errors:
         raise InvalidRequest(errors)
     return TaskTypeDefinition(
-        name, queue, body.max_attempts, body.timeout, backoff, schema_json, body.enabled
-    )
+        name, queue, body.max_attempts, body.timeout, backoff, schema_json, body.enabled,
+        rate_limit,
+    )  # fmt: skip
 
 
 def _normalise_backoff(backoff: dict[str, Any]) -> str:

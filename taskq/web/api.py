@@ -38,18 +38,20 @@ from taskq.errors import (
     TaskNotFound,
     TooManyTaskTypes,
     TooManyWaiters,
+    UnknownLimiter,
 )
 from taskq.fleet.relay import Relay
 from taskq.metrics import ApiMetrics
 from taskq.model import TaskRecord, TaskTypeRecord
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
-from taskq.web import admin, monitor, schedules, stream, ui
+from taskq.web import admin, limits, monitor, schedules, stream, ui
 from taskq.web.cursors import Cursors
 from taskq.web.hosts import HostCheck
 from taskq.web.hot_route import serve_enqueue
 from taskq.web.http import SERVER_ERROR, endpoint, json_response, problem_response, read_json
 from taskq.web.http import task_id as _task_id
+from taskq.web.limits import rate_limit_body
 from taskq.web.openapi import openapi_document
 
 log = logging.getLogger("taskq.api")
@@ -166,6 +168,8 @@ def _type_body(task_type: TaskTypeRecord) -> dict[str, Any]:
         "backoff": orjson.loads(task_type.backoff) if task_type.backoff else None,
         "payload_schema": orjson.loads(schema) if schema else None,
         "enabled": task_type.enabled,
+        "rate_limit": rate_limit_body(task_type),
+        "rate_limit_source": task_type.limiter_source,
         "created_at": task_type.created_at,
         "updated_at": task_type.updated_at,
     }
@@ -210,11 +214,14 @@ async def put_type(request: Request) -> Response:
             payload_schema_json=definition.payload_schema_json,
             enabled=definition.enabled,
             max_types=settings.max_task_types,
+            rate_limit=definition.rate_limit,
         )
     except TooManyTaskTypes as exc:
         raise Problem(
             409, "Conflict", str(exc), errors=[FieldError("name", "the registry is full")]
         ) from None
+    except UnknownLimiter as exc:
+        raise InvalidRequest([FieldError("rate_limit", str(exc))]) from None
     client.types.invalidate()
     return json_response(_type_body(task_type), 201 if created else 200)
 
@@ -416,6 +423,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         Route("/types/{name}", put_type, methods=["PUT"]),
         *admin.routes(),
         *schedules.routes(),
+        *limits.routes(),
         *monitor.routes(),
         Route("/stream", stream.stream, methods=["GET"]),
         Mount("/ui", ui.dashboard(), name="ui"),

@@ -15,9 +15,10 @@ their publish is confirmed.
 The delay levels count whole seconds. So that a task starts at its run_at to
 the millisecond (a rate limit's slots are 20 ms apart at 50 per second), an
 early or limited delivery due within :data:`HOLD_SECONDS` is held here, unacked,
-and claimed again when it is due; one due later goes through the delay levels
-for the whole seconds of its wait, rounded down, and is held for the rest when
-it comes back. A held delivery takes a prefetch slot (never a concurrency
+and claimed again when it is due (before the other deliveries); one due later goes
+through the delay levels for the whole seconds of its wait less a margin (so that
+it comes back early even when RabbitMQ expires it a little late), and is held for
+the rest when it comes back. A held delivery takes a prefetch slot (never a concurrency
 slot); if the worker stops or dies, RabbitMQ redelivers it.
 
 With an inline window (:mod:`taskq.worker.inline`) the claim's transaction stays
@@ -58,7 +59,10 @@ CLAIMS_IN_FLIGHT = 2
 SECOND_CLAIM_MIN = CLAIM_BATCH // 4
 STORE_RETRY_SECONDS = 1.0
 # An early or limited delivery due within this many seconds waits here, unacked.
-HOLD_SECONDS = 1.0
+HOLD_SECONDS = 1.25
+# One due later goes through the delay levels for the whole seconds of its wait less
+# this, so that it comes back before it is due even when RabbitMQ expires it late.
+SEND_BACK_MARGIN = 0.25
 _CLAIMED = ClaimDecision.CLAIMED
 _DUPLICATE = ClaimDecision.DUPLICATE
 # Deliveries acked and dropped: their task is done, or another claim owns it.
@@ -115,6 +119,7 @@ class Claimer(Service):
         self._stopping = False
         self._background: set[asyncio.Task[Any]] = set()
         self._held: dict[int, asyncio.TimerHandle] = {}  # by id() of the delivery
+        self._due = 0  # held deliveries that came due since the last batch was taken
 
     @property
     def held(self) -> int:
@@ -163,6 +168,7 @@ class Claimer(Service):
             await asyncio.sleep(0)
             while not self._stopping and self._may_claim():
                 batch = self._buffers.take(min(self.concurrency - self._reserved, CLAIM_BATCH))
+                self._due = 0
                 if not batch:
                     break
                 self._reserved += len(batch)
@@ -175,9 +181,14 @@ class Claimer(Service):
 
     def _may_claim(self) -> bool:
         """Whether to start a claim now: deliveries and slots are there, and it is
-        the only claim in flight or a sizeable batch is waiting."""
+        the only claim in flight or a sizeable batch is waiting, or a held delivery
+        came due (its start is timed: it takes one more claim in flight)."""
         free = self.concurrency - self._reserved
-        if not self._buffers or free <= 0 or self._claims >= CLAIMS_IN_FLIGHT:
+        if not self._buffers or free <= 0:
+            return False
+        if self._due:
+            return self._claims <= CLAIMS_IN_FLIGHT
+        if self._claims >= CLAIMS_IN_FLIGHT:
             return False
         enough = max(1, min(SECOND_CLAIM_MIN, self.concurrency // 4))
         return self._claims == 0 or min(len(self._buffers), free) >= enough
@@ -287,12 +298,15 @@ class Claimer(Service):
         if self._stopping:
             return
         loop = asyncio.get_running_loop()
-        self._held[id(delivery)] = loop.call_at(loop.time() + delay, self._due, delivery)
+        self._held[id(delivery)] = loop.call_at(loop.time() + delay, self._come_due, delivery)
 
-    def _due(self, delivery: Delivery) -> None:
+    def _come_due(self, delivery: Delivery) -> None:
+        """A held delivery is due: claim it first."""
         self._held.pop(id(delivery), None)
-        if delivery.live:  # else the broker has it back already
-            self.put(delivery)
+        if delivery.live and not self._stopping:  # else the broker has it back already
+            self._buffers.put_back([delivery])
+            self._due += 1
+            self._wake.set()
 
     async def _send_back(self, delivery: Delivery, row: Unclaimed) -> None:
         """Publish an early or limited task into the delay levels for the whole seconds
@@ -302,7 +316,7 @@ class Claimer(Service):
             await self.publisher.publish(
                 delivery.envelope,
                 row.queue,
-                delay=float(max(1, math.floor(row.delay))),
+                delay=float(max(1, math.floor(row.delay - SEND_BACK_MARGIN))),
                 headers=header(row.traceparent),
             )
         except TaskqError as exc:

@@ -158,6 +158,10 @@ OPERATIONS = {
     "POST /schedules/{name}/pause",
     "POST /schedules/{name}/resume",
     "POST /schedules/{name}/trigger",
+    "GET /limits",
+    "GET /limits/{name}",
+    "PUT /limits/{name}",
+    "DELETE /limits/{name}",
 }
 # An endless event stream: the in-process transport would wait for its end.
 # tests/test_stream.py drives it on a real server.
@@ -179,13 +183,16 @@ def _unknowable(response: httpx.Response) -> bool:
     depends on the clock), a cursor the API never issued, a confirm that does not
     repeat the queue's name, a schedule's cron expression, time zone or interval
     (the schema gives their form, not their sense), or cron and every both or
-    neither given."""
+    neither given; a rate limit's burst above its limit, a duration beyond its
+    maximum, or a limiter's name that no limiter has."""
     if response.status_code != 400:
         return False
     errors = response.json().get("errors", [])
     return bool(errors) and all(
         (e["field"].endswith("run_at") and "ahead" in e["message"])
         or e["field"] in ("cursor", "confirm", "cron", "timezone", "every")
+        or e["field"] in ("burst", "per", "rate_limit.burst", "rate_limit.per")
+        or (e["field"] == "rate_limit" and "no rate limiter" in e["message"])
         for e in errors
     )
 

@@ -5,6 +5,7 @@ no attempt counted for the wait."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from datetime import datetime, timedelta
 
@@ -104,7 +105,7 @@ async def test_a_keyed_limiter_gives_each_key_its_own_pace(settings: Settings) -
                 rows = await all_done(h, tasks, timeout=60)
                 starts[customer] = sorted(r.started_at for r in rows if r.started_at)
         for customer_starts in starts.values():
-            gaps = [(b - a).total_seconds() for a, b in zip(customer_starts, customer_starts[1:])]
+            gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(customer_starts)]
             # 2 per second: half a second apart, each key on its own.
             assert min(gaps) >= 0.45, gaps
         # The keys ran side by side, not one after the other (4 x 0.5 s each).
@@ -165,7 +166,7 @@ async def test_the_claim_takes_the_slots_gcra_gives(settings: Settings) -> None:
             [(await h.task(r.id)).run_at for r in rows if decision(r) == ClaimDecision.LIMITED]
         )
         expected, _ = ratelimits.slots(None, slots[0] - timedelta(seconds=0.3), 6, limit)
-        gaps = [(b - a).total_seconds() for a, b in zip(slots, slots[1:])]
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(slots)]
         assert gaps == pytest.approx([0.1, 0.1], abs=1e-6)
         assert [(e - expected[3]).total_seconds() for e in expected[3:]] == pytest.approx(
             [(s - slots[0]).total_seconds() for s in slots], abs=1e-6

@@ -52,7 +52,7 @@ def _fields(record: type, *also: str, without: tuple[str, ...] = ()) -> list[str
     return [f.name for f in dataclasses.fields(record) if f.name not in without] + list(also)
 
 
-_SET_ASIDE_INFO = ("publish_error", "publish_retry_at")
+_SET_ASIDE_INFO = ("publish_error", "publish_retry_at", "limited_by", "limited_until")
 # The columns each query returns, in order, as the record built from its rows reads them.
 RECORD_COLUMNS = {
     "claim": list(model.COLUMNS["claim"]),
@@ -79,6 +79,7 @@ RECORD_COLUMNS = {
     "task_events": _fields(model.TaskEvent),
     "events_since": _fields(model.StreamEvent),
     "types_all": _fields(model.TaskTypeRecord),
+    "limiters_list": _fields(model.LimiterRecord),
     "type_put": _fields(model.TaskTypeRecord, "created"),
     "workers_list": _fields(model.WorkerRecord),
     "set_aside": _fields(model.SetAside),
