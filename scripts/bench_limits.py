@@ -3,14 +3,16 @@
 Starts K worker processes against a fresh database and namespace, gives
 ``demo.noop`` a rate limit of R per second (as an operator would, through the
 store: the workers keep an operator's limit), enqueues R x S tasks at once (S
-seconds' worth) plus a margin, and reads each task's ``started_at`` once all
-have run. Prints the starts in each whole second from the first start (the
-last, partial second left out), the most in any sliding one-second window
-(which the limit bounds at R + 1), the mean rate, the attempts (a wait counts
-none) and the workers' claim decisions (a limited task is sent back once and
-held until its slot, not cycled). Prints a table and JSON lines.
+seconds' worth; with --enqueue-first before the workers start), and reads each
+task's ``started_at`` once all have run. Prints the starts in each whole second
+from the first start (the last, partial second left out), the most in any
+sliding one-second window (which the limit bounds at R + 1), the mean rate, the
+attempts (a wait counts none), how late starts were after their slots, and the
+workers' claim decisions (a limited task is sent back once and held until its
+slot, not cycled). Prints a table and JSON lines.
 
     .venv/bin/python scripts/bench_limits.py [--rate 50] [--seconds 60] [--workers 2]
+        [--concurrency N] [--enqueue-first]
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--port", type=int, default=18_700)
+    parser.add_argument(
+        "--enqueue-first",
+        action="store_true",
+        help="enqueue the backlog before the workers start (else while they run)",
+    )
     args = parser.parse_args()
     count = args.rate * args.seconds
 
@@ -56,13 +63,16 @@ async def main() -> None:
             await store.set_type_rate_limits([("demo.noop", limit)], "api")
         finally:
             await store.close()
-        sandbox.start_workers(args.workers, args.concurrency)
-        await sandbox.wait_consumers(args.workers)
+        if not args.enqueue_first:
+            sandbox.start_workers(args.workers, args.concurrency)
+            await sandbox.wait_consumers(args.workers)
         client = await Client.connect(sandbox.settings)
         try:
             await enqueue_chunks(client, "demo.noop", count)
         finally:
             await client.close()
+        if args.enqueue_first:
+            sandbox.start_workers(args.workers, args.concurrency)
         deadline = asyncio.get_running_loop().time() + args.seconds * 3 + 60
         while True:
             done = await sandbox.db.fetchval(

@@ -101,7 +101,7 @@ class TaskTypeBody(BaseModel):
     )
     payload_schema: dict[str, Any] | None = Field(None, description="JSON Schema of payloads.")
     enabled: bool = True
-    rate_limit: dict[str, Any] | str | None = Field(
+    rate_limit: Any = Field(  # checked by taskq.ratelimits, which names the field at fault
         None,
         description='At most so many starts per interval: {"limit": 100, "per": "1m"}'
         ' (optional "burst", and "key": a payload field, one limit per value), or the name'

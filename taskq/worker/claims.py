@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from taskq.amqp.broker import Publisher
+from taskq.amqp.broker import Publish, Publisher
 from taskq.errors import StoreError, TaskqError
 from taskq.fleet.relay import dead_letter_headers, publish_row
 from taskq.metrics import WorkerMetrics
@@ -167,7 +167,10 @@ class Claimer(Service):
             # each: let them reach the buffer before taking a batch.
             await asyncio.sleep(0)
             while not self._stopping and self._may_claim():
-                batch = self._buffers.take(min(self.concurrency - self._reserved, CLAIM_BATCH))
+                count = min(self.concurrency - self._reserved, CLAIM_BATCH)
+                # Due deliveries (at the front) are claimed alone: a batch with new
+                # deliveries of a limited type would wait for their limiter's lock.
+                batch = self._buffers.take(min(count, self._due) if self._due else count)
                 self._due = 0
                 if not batch:
                     break
@@ -232,6 +235,7 @@ class Claimer(Service):
             return
         by_id = {row.id: row for row in rows}
         acks = []
+        sends: list[tuple[Delivery, Unclaimed]] = []
         unused = 0
         counts: Counter[tuple[str, ClaimDecision]] = Counter()
         for delivery in batch:
@@ -251,22 +255,24 @@ class Claimer(Service):
                 acks.append(delivery)
             elif decision in _WAITING and unclaimed.delay <= HOLD_SECONDS:
                 self._hold(delivery, unclaimed.delay)
+            elif decision in _WAITING:
+                sends.append((delivery, unclaimed))
             else:
                 self._in_background(self._settle_unclaimed(delivery, unclaimed))
         for (queue, decision), count in counts.items():
             self.metrics.deliveries.labels(queue, decision).inc(count)
+        if sends:
+            self._in_background(self._send_back(sends))
         self._claims -= 1
         self.release(unused)
         await self._acker.ack(acks)
 
     async def _settle_unclaimed(self, delivery: Delivery, row: Unclaimed) -> None:
-        """Early, exhausted and missing deliveries: publish where they belong, then ack."""
+        """Exhausted and missing deliveries: publish where they belong, then ack."""
         envelope = delivery.envelope
         decision = row.decision
         try:
-            if decision in _WAITING:
-                await self._send_back(delivery, row)
-            elif decision is ClaimDecision.EXHAUSTED:
+            if decision is ClaimDecision.EXHAUSTED:
                 owed = row.dead_letter()
                 if await publish_row(self.publisher, owed):
                     await self.store.mark_published([(owed.id, owed.generation)])
@@ -308,18 +314,31 @@ class Claimer(Service):
             self._due += 1
             self._wake.set()
 
-    async def _send_back(self, delivery: Delivery, row: Unclaimed) -> None:
-        """Publish an early or limited task into the delay levels for the whole seconds
-        of its wait (the rest it is held for when it comes back)."""
-        assert row.queue is not None
-        try:
-            await self.publisher.publish(
-                delivery.envelope,
-                row.queue,
-                delay=float(max(1, math.floor(row.delay - SEND_BACK_MARGIN))),
-                headers=header(row.traceparent),
+    async def _send_back(self, sends: list[tuple[Delivery, Unclaimed]]) -> None:
+        """Publish early and limited tasks into the delay levels for the whole seconds of
+        their wait less the margin (the rest they are held for when they come back), all
+        of a claim's in one write, then ack them. A task the broker refuses is owed in
+        Postgres instead: the relay publishes it with the right delay."""
+        items = []
+        for delivery, row in sends:
+            assert row.queue is not None
+            seconds = max(1, math.floor(row.delay - SEND_BACK_MARGIN))
+            items.append(
+                Publish(delivery.envelope, row.queue, float(seconds), header(row.traceparent))
             )
-        except TaskqError as exc:
-            # Owe it in Postgres instead: the relay publishes it with the right delay.
-            log.warning("sending early task %s back failed, owed: %s", row.id, exc)
-            await self.store.republish([row.id])
+        try:
+            errors = await self.publisher.publish_many(items)
+            refused = [row.id for (_, row), error in zip(sends, errors, strict=True) if error]
+            if refused:
+                log.warning("sending %d early tasks back failed, owed: %s", len(refused), errors[0])
+                await self.store.republish(refused)
+        except Exception as exc:
+            # Unacked, they go back to the broker and are decided again.
+            if isinstance(exc, TaskqError):
+                log.warning("sending %d early tasks back failed: %s", len(sends), exc)
+            else:
+                log.exception("sending %d early tasks back failed", len(sends))
+            for delivery, _ in sends:
+                await self._acker.reject(delivery.channel, delivery.tag, requeue=True)
+            return
+        await self._acker.ack([delivery for delivery, _ in sends])
