@@ -1245,10 +1245,11 @@ WHERE r.type_name = ANY(:names::text[])
   AND NOT EXISTS (SELECT FROM taskq.task_type t WHERE t.limiter = r.name);
 
 -- name: rate_buckets_prune
--- Deletes buckets idle since before :before (a passed tat is as good as none);
--- the sweeper runs it. Buckets a claim holds are skipped.
--- :before timestamptz, :batch
+-- Deletes up to :batch buckets whose tat passed over :idle_seconds ago (a passed
+-- tat is as good as none); the sweeper runs it. Buckets a claim holds are skipped.
+-- :idle_seconds, :batch
 DELETE FROM taskq.rate_limit_buckets b
-USING (SELECT limiter, key FROM taskq.rate_limit_buckets WHERE tat < :before
+USING (SELECT limiter, key FROM taskq.rate_limit_buckets
+       WHERE tat < now() - make_interval(secs => :idle_seconds)
        ORDER BY tat LIMIT :batch FOR UPDATE SKIP LOCKED) old
 WHERE b.limiter = old.limiter AND b.key = old.key;

@@ -424,9 +424,10 @@ class Store:
             await connection.execute(self.q["limiter_delete"], name)
         return True
 
-    async def prune_rate_buckets(self, before: datetime, batch: int = 1000) -> int:
-        """Delete up to ``batch`` buckets idle since before ``before``; returns how many."""
-        return await self._execute("rate_buckets_prune", before, batch)
+    async def prune_rate_buckets(self, idle: float, batch: int = 1000) -> int:
+        """Delete up to ``batch`` rate limit buckets idle for ``idle`` seconds; returns
+        how many."""
+        return await self._execute("rate_buckets_prune", idle, batch)
 
     async def _check_room(
         self, connection: asyncpg.Connection, names: list[str], max_types: int | None

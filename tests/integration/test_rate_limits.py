@@ -184,3 +184,24 @@ async def test_types_without_a_limit_are_claimed_as_before(settings: Settings) -
         rows = await h.store.claim(ids, "w1", 30.0)
         assert all(isinstance(r, ClaimedTask) for r in rows)
         assert await h.store.limiters() == []
+
+
+async def test_idle_buckets_are_pruned(settings: Settings) -> None:
+    async with harness(settings) as h:
+        await h.store.put_limiter("per-key", RateLimit(10, 1.0, key="k"))
+        await h.put_type("rl.keyed")
+        await h.store.set_type_rate_limits([("rl.keyed", "per-key")], "api")
+        ids = []
+        for key in ("a", "b", "c"):
+            task_id = uuid.uuid4()
+            await h.store.enqueue([NewTask(task_id, "rl.keyed", f'{{"k": "{key}"}}')])
+            ids.append(task_id)
+        await h.store.claim(ids, "w1", 30.0)
+        assert await h.store.prune_rate_buckets(60.0) == 0  # in use
+        await asyncio.sleep(0.2)
+        assert await h.store.prune_rate_buckets(0.05) == 3  # their slots passed
+        # A bucket that comes back starts afresh.
+        task_id = uuid.uuid4()
+        await h.store.enqueue([NewTask(task_id, "rl.keyed", '{"k": "a"}')])
+        (row,) = await h.store.claim([task_id], "w1", 30.0)
+        assert isinstance(row, ClaimedTask)
