@@ -251,6 +251,8 @@ class Claimer(Service):
             decision = unclaimed.decision
             counts[delivery.queue, decision] += 1
             unused += 1
+            if decision is ClaimDecision.LIMITED:
+                self.metrics.rate_limited.labels(unclaimed.type or "").inc()
             if decision in _DROPPED:
                 acks.append(delivery)
             elif decision in _WAITING and unclaimed.delay <= HOLD_SECONDS:
@@ -305,10 +307,12 @@ class Claimer(Service):
             return
         loop = asyncio.get_running_loop()
         self._held[id(delivery)] = loop.call_at(loop.time() + delay, self._come_due, delivery)
+        self.metrics.held.set(len(self._held))
 
     def _come_due(self, delivery: Delivery) -> None:
         """A held delivery is due: claim it first."""
         self._held.pop(id(delivery), None)
+        self.metrics.held.set(len(self._held))
         if delivery.live and not self._stopping:  # else the broker has it back already
             self._buffers.put_back([delivery])
             self._due += 1

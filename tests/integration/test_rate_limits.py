@@ -89,6 +89,8 @@ async def test_two_workers_share_a_limit_of_20_per_second(settings: Settings) ->
         # most twice (once from the delay levels, once held until its slot).
         assert limited >= count / 2
         assert early <= 2 * limited
+        by_type = sum(metric(w, "taskq_rate_limited_total", type="rl.tick") for w in (one, two))
+        assert by_type == limited
 
 
 async def test_a_keyed_limiter_gives_each_key_its_own_pace(settings: Settings) -> None:

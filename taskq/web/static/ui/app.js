@@ -8,10 +8,11 @@ import * as task from "./task.js";
 import * as dlq from "./dlq.js";
 import * as workers from "./workers.js";
 import * as schedules from "./schedules.js";
+import * as limits from "./limits.js";
 import { openStream } from "./stream.js";
 import { notice, reportError } from "./ui.js";
 
-const VIEWS = ["overview", "tasks", "task", "dlq", "schedules", "workers"];
+const VIEWS = ["overview", "tasks", "task", "dlq", "schedules", "limits", "workers"];
 const REFRESH_EVERY = 5000;
 const STATS_FALLBACK_EVERY = 5000;
 let view = null;
@@ -49,6 +50,10 @@ async function route() {
     show("schedules");
     await schedules.showSchedules();
     refreshTimer = setInterval(schedules.showSchedules, REFRESH_EVERY);
+  } else if (path === "/limits") {
+    show("limits");
+    await limits.showLimits();
+    refreshTimer = setInterval(limits.showLimits, REFRESH_EVERY);
   } else if (path === "/workers") {
     show("workers");
     await workers.showWorkers();
