@@ -513,30 +513,33 @@ WITH input AS (
                ELSE 'claimed'
            END AS decision
     FROM locked l CROSS JOIN LATERAL (SELECT clock_timestamp() AS at) c
+), rate_limited_types AS MATERIALIZED (
+    -- Rate limits (GCRA, sql/migrations/0012_rate_limits.sql): the types that name a
+    -- limiter, usually none or few. Tasks of other types join nothing below (a hash
+    -- join on this, skipped when it is empty).
+    SELECT ty.name AS type, r.name AS limiter, r.per_seconds / r.rate AS spacing,
+           (r.burst - 1) * r.per_seconds / r.rate AS tolerance, r.key AS key_field
+    FROM taskq.task_type ty JOIN taskq.rate_limiters r ON r.name = ty.limiter
+    WHERE ty.limiter IS NOT NULL
 ), rate_wanted AS (
-    -- Rate limits (GCRA, sql/migrations/0012_rate_limits.sql). The tasks about to
-    -- be claimed whose type names a limiter each take the next slot of their
-    -- bucket, unless they hold a reservation: one that came due is claimed now,
-    -- unless it is late by more than the grace (max(spacing, 50 ms): a worker
-    -- that stalled); then it takes a new slot, so late tasks never start in a
-    -- burst. Types without a limiter join nothing here (the join starts from
-    -- the few types that have one).
-    SELECT d.id, r.name AS limiter, r.per_seconds / r.rate AS spacing,
-           (r.burst - 1) * r.per_seconds / r.rate AS tolerance,
-           CASE WHEN r.key IS NULL THEN ''
+    -- The tasks about to be claimed whose type names a limiter each take the next
+    -- slot of their bucket, unless they hold a reservation: one that came due is
+    -- claimed now, unless it is late by more than the grace (max(spacing, 50 ms):
+    -- a worker that stalled); then it takes a new slot, so late tasks never start
+    -- in a burst.
+    SELECT d.id, lt.limiter, lt.spacing, lt.tolerance,
+           CASE WHEN lt.key_field IS NULL THEN ''
                 ELSE (SELECT CASE WHEN length(v) > 200 THEN 'md5:' || md5(v) ELSE v END
-                      FROM (SELECT coalesce(p.payload -> r.key, 'null')::text AS v
+                      FROM (SELECT coalesce(p.payload -> lt.key_field, 'null')::text AS v
                             FROM taskq.tasks p WHERE p.id = d.id) k)
            END AS key,
-           row_number() OVER (PARTITION BY r.name ORDER BY l.run_at, d.id) AS nth
-    FROM decided d
-    JOIN locked l ON l.id = d.id
-    JOIN taskq.task_type ty ON ty.name = l.type
-    JOIN taskq.rate_limiters r ON r.name = ty.limiter
-    WHERE d.decision = 'claimed' AND ty.limiter IS NOT NULL
+           row_number() OVER (PARTITION BY lt.limiter ORDER BY l.run_at, d.id) AS nth
+    FROM locked l
+    JOIN rate_limited_types lt ON lt.type = l.type
+    JOIN decided d ON d.id = l.id
+    WHERE d.decision = 'claimed'
       AND (l.limited_until IS NULL
-           OR l.limited_until < d.at - make_interval(secs => greatest(r.per_seconds / r.rate,
-                                                                       0.05)))
+           OR l.limited_until < d.at - make_interval(secs => greatest(lt.spacing, 0.05)))
 ), rate_numbered AS (
     -- The order of the tasks within each bucket: the earliest due first.
     SELECT w.*, row_number() OVER (PARTITION BY w.limiter, w.key ORDER BY w.nth) AS i,
@@ -589,8 +592,10 @@ WITH input AS (
         limited_until = NULL, limited_by = NULL
     FROM decided d
     WHERE d.id = t.id AND d.decision = 'claimed'
-      AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'claimed'
-                           EXCEPT SELECT id FROM rate_slots WHERE slot > at))
+      AND t.id = ANY(ARRAY(SELECT d.id FROM decided d
+                           WHERE d.decision = 'claimed'
+                             AND NOT EXISTS (SELECT FROM rate_slots s
+                                             WHERE s.id = d.id AND s.slot > s.at)))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
               t.timeout_seconds, t.run_at, t.created_at, t.claim_token
 ), exhausted AS (

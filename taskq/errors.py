@@ -17,6 +17,9 @@ The hierarchy::
     │   └── TopologyConflict       an exchange or queue exists with other properties
     ├── TooManyTaskTypes           the task type registry is full
     ├── TooManySchedules           there are TASKQ_MAX_SCHEDULES schedules already
+    ├── TooManyLimiters            there are as many rate limiters as allowed
+    ├── UnknownLimiter             a task type names a rate limiter that does not exist
+    ├── LimiterInUse               a rate limiter task types use cannot be deleted
     ├── DelayTooLong               a delay beyond what the delay levels carry
     ├── IdempotencyConflict        an idempotency key reused with another request
     ├── InvalidRequest             an enqueue or admin request is invalid (names the fields)
