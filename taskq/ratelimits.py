@@ -82,9 +82,9 @@ def parse(value: object, field: str = "rate_limit") -> RateLimit:
     if errors:
         raise ValueError("; ".join(f"{e.field}: {e.message}" for e in errors))
     assert isinstance(value, Mapping)
-    return RateLimit(
-        value["limit"], parse_duration(value["per"]), value.get("burst", 1), value.get("key")
-    )
+    limit, burst = _whole(value["limit"]), _whole(value.get("burst", 1))
+    assert limit is not None and burst is not None
+    return RateLimit(limit, parse_duration(value["per"]), burst, value.get("key"))
 
 
 def problems(value: object, field: str) -> list[FieldError]:
@@ -100,8 +100,7 @@ def problems(value: object, field: str) -> list[FieldError]:
     unknown = sorted(set(value) - {"limit", "per", "burst", "key"})
     if unknown:
         errors.append(FieldError(at(unknown[0]), "unknown field"))
-    given = value.get("limit")
-    limit = given if isinstance(given, int) and _integer(given) else None
+    limit = _whole(value.get("limit"))
     if limit is None or not 1 <= limit <= MAX_LIMIT:
         limit = None
         errors.append(FieldError(at("limit"), f"an integer from 1 to {MAX_LIMIT}"))
@@ -112,8 +111,8 @@ def problems(value: object, field: str) -> list[FieldError]:
         errors.append(
             FieldError(at("per"), "a duration up to 30 days: seconds, or e.g. 500ms, 1s, 1m")
         )
-    burst = value.get("burst", 1)
-    if not _integer(burst) or not 1 <= burst <= (limit or MAX_LIMIT):
+    burst = _whole(value.get("burst", 1))
+    if burst is None or not 1 <= burst <= (limit or MAX_LIMIT):
         errors.append(FieldError(at("burst"), "an integer from 1 to limit"))
     key = value.get("key")
     if key is not None and not (isinstance(key, str) and KEY_FIELD.match(key)):
@@ -121,8 +120,15 @@ def problems(value: object, field: str) -> list[FieldError]:
     return errors
 
 
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _whole(value: object) -> int | None:
+    """An integer given as JSON gives it (``3`` or ``3.0``); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def slots(

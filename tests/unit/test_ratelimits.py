@@ -79,6 +79,9 @@ def test_the_json_shape_is_checked_field_by_field() -> None:
     ]
     assert [e.field for e in ratelimits.problems({"limit": 2, "per": 0}, "")] == ["per"]
     assert [e.field for e in ratelimits.problems({"limit": True, "per": 1}, "")] == ["limit"]
+    assert [e.field for e in ratelimits.problems({"limit": 2.5, "per": 1}, "")] == ["limit"]
+    # JSON has one number type: 3.0 is the integer 3, as JSON Schema says.
+    assert ratelimits.parse({"limit": 3.0, "per": 1, "burst": 2.0}) == RateLimit(3, 1.0, 2)
     assert [e.field for e in ratelimits.problems([], "")] == ["body"]
     assert [e.field for e in ratelimits.problems({"limit": 2, "per": "31d"}, "")] == ["per"]
     with pytest.raises(ValueError, match="burst"):
