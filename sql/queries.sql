@@ -79,10 +79,17 @@ INSERT INTO taskq.taskq_migrations (version, name, checksum) VALUES (:version, :
 -- ---------------------------------------------------------------- task types
 
 -- name: types_all
-SELECT name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
-       enabled, created_at, updated_at, unique_spec::text, paused, concurrency_limit,
-       concurrency_key, concurrency_source
-FROM taskq.task_type ORDER BY name;
+-- With the limiter each names, and the limit of a type's own (rate_limit, JSON text).
+SELECT t.name, t.queue, t.max_attempts, t.timeout_seconds, t.backoff::text,
+       t.payload_schema::text, t.enabled, t.created_at, t.updated_at, t.unique_spec::text,
+       t.paused, t.concurrency_limit, t.concurrency_key, t.concurrency_source,
+       t.limiter, t.limiter_source,
+       CASE WHEN r.type_name = t.name
+            THEN json_build_object('limit', r.rate, 'per', r.per_seconds, 'burst', r.burst,
+                                   'key', r.key)::text
+       END AS rate_limit
+FROM taskq.task_type t LEFT JOIN taskq.rate_limiters r ON r.name = t.limiter
+ORDER BY t.name;
 
 -- name: type_put
 -- Creates or replaces one task type (the admin API).
@@ -105,7 +112,12 @@ ON CONFLICT (name) DO UPDATE SET
     concurrency_source = EXCLUDED.concurrency_source, updated_at = now()
 RETURNING name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
           enabled, created_at, updated_at, unique_spec::text, paused, concurrency_limit,
-          concurrency_key, concurrency_source, (xmax = 0) AS created;
+          concurrency_key, concurrency_source, limiter, limiter_source,
+          (SELECT json_build_object('limit', r.rate, 'per', r.per_seconds, 'burst', r.burst,
+                                    'key', r.key)::text
+           FROM taskq.rate_limiters r WHERE r.name = t.limiter AND r.type_name = t.name)
+              AS rate_limit,
+          (xmax = 0) AS created;
 
 -- name: types_lock
 -- Serialises the writers of the registry for the check against TASKQ_MAX_TASK_TYPES
@@ -189,11 +201,16 @@ WHERE (r.concurrency_limit, r.concurrency_key)
 -- in transactions of their own: a claim parking tasks of the type holds a share
 -- lock on the type's row, which this update waits for.
 -- :name, :paused
-UPDATE taskq.task_type SET paused = :paused, updated_at = now()
-WHERE name = :name
-RETURNING name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
-          enabled, created_at, updated_at, unique_spec::text, paused, concurrency_limit,
-          concurrency_key, concurrency_source;
+UPDATE taskq.task_type t SET paused = :paused, updated_at = now()
+WHERE t.name = :name
+RETURNING t.name, t.queue, t.max_attempts, t.timeout_seconds, t.backoff::text,
+          t.payload_schema::text, t.enabled, t.created_at, t.updated_at, t.unique_spec::text,
+          t.paused, t.concurrency_limit, t.concurrency_key, t.concurrency_source, t.limiter,
+          t.limiter_source,
+          (SELECT json_build_object('limit', r.rate, 'per', r.per_seconds, 'burst', r.burst,
+                                    'key', r.key)::text
+           FROM taskq.rate_limiters r WHERE r.name = t.limiter AND r.type_name = t.name)
+              AS rate_limit;
 
 -- name: type_concurrency
 -- :name
@@ -538,6 +555,9 @@ SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempoten
             THEN publish_retry_at END AS publish_retry_at,
        p.fraction AS progress, p.details::text AS progress_details,
        p.attempt AS progress_attempt, p.updated_at AS progress_at,
+       -- The rate limiter it waits for, and the slot it holds (taskq.ratelimits).
+       CASE WHEN status = 'ENQUEUED' THEN limited_by END AS limited_by,
+       CASE WHEN status = 'ENQUEUED' THEN limited_until END AS limited_until,
        -- Its unique key, and whether it holds it now (tasks_unique_key's predicate,
        -- and unique_until not passed).
        unique_key, unique_while, unique_until,
@@ -764,6 +784,9 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 --               RUNNING under an expired lease while holding a concurrency slot
 --               (the sweeper's recovery gives the slot back);
 --   early     - run_at is in the future: send it back through the delay levels;
+--   limited   - its type's rate limiter has no slot now: run_at moved to the slot
+--               reserved for it (limited_until); send it back through the delay
+--               levels (see the rate_* CTEs);
 --   exhausted - no attempt left: now FAILED, owed to the DLQ;
 --   parked    - WAITING: its type is paused, or its concurrency key has no free slot
 --               (parked now, or already): drop the delivery; it is released later;
@@ -789,7 +812,7 @@ WITH input AS (
     CROSS JOIN LATERAL (
         SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts,
                t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at, t.traceparent,
-               t.created_at, t.concurrency_key
+               t.created_at, t.concurrency_key, t.limited_until
         FROM taskq.tasks t WHERE t.id = i.id AND t.status <> 'WAITING'
         FOR UPDATE
     ) t
@@ -826,6 +849,69 @@ WITH input AS (
     SELECT g.name FROM taskq.task_type g
     WHERE g.name IN (SELECT type FROM gate_candidates WHERE paused) AND g.paused
     FOR SHARE
+), rate_limited_types AS MATERIALIZED (
+    -- Rate limits (GCRA, sql/migrations/0012_rate_limits.sql): the types that name a
+    -- limiter, usually none or few. Tasks of other types join nothing below (a hash
+    -- join on this, skipped when it is empty).
+    SELECT ty.name AS type, r.name AS limiter, r.per_seconds / r.rate AS spacing,
+           (r.burst - 1) * r.per_seconds / r.rate AS tolerance, r.key AS key_field
+    FROM taskq.task_type ty JOIN taskq.rate_limiters r ON r.name = ty.limiter
+    WHERE ty.limiter IS NOT NULL
+), rate_wanted AS (
+    -- The tasks about to be claimed whose type names a limiter each take the next
+    -- slot of their bucket, unless they hold a reservation: one that came due is
+    -- claimed now, unless it is late by more than the grace (max(spacing, 50 ms):
+    -- a worker that stalled); then it takes a new slot, so late tasks never start
+    -- in a burst.
+    SELECT d.id, lt.limiter, lt.spacing, lt.tolerance,
+           CASE WHEN lt.key_field IS NULL THEN ''
+                ELSE (SELECT CASE WHEN length(v) > 200 THEN 'md5:' || md5(v) ELSE v END
+                      FROM (SELECT coalesce(p.payload -> lt.key_field, 'null')::text AS v
+                            FROM taskq.tasks p WHERE p.id = d.id) k)
+           END AS key,
+           row_number() OVER (PARTITION BY lt.limiter ORDER BY l.run_at, d.id) AS nth
+    FROM locked l
+    JOIN rate_limited_types lt ON lt.type = l.type
+    JOIN decided d ON d.id = l.id
+    WHERE d.decision = 'claimed' AND l.type NOT IN (SELECT name FROM paused_gate)
+      AND (l.limited_until IS NULL
+           OR l.limited_until < d.at - make_interval(secs => greatest(lt.spacing, 0.05)))
+), rate_numbered AS (
+    -- The order of the tasks within each bucket: the earliest due first.
+    SELECT w.*, row_number() OVER (PARTITION BY w.limiter, w.key ORDER BY w.nth) AS i,
+           count(*) OVER (PARTITION BY w.limiter, w.key) AS n
+    FROM rate_wanted w
+), rate_buckets AS (
+    SELECT DISTINCT limiter, key, n, spacing FROM rate_numbered
+), rate_taken AS (
+    -- One upsert per bucket, in (limiter, key) order, so that concurrent claims lock
+    -- buckets in one order (and after all their tasks: the sort reads every row
+    -- first). Each moves tat on by one spacing per task from max(tat, now), with
+    -- now read once the bucket is locked; `at` is the clock after that.
+    INSERT INTO taskq.rate_limit_buckets AS b (limiter, key, tat)
+    SELECT limiter, key, clock_timestamp() + make_interval(secs => n * spacing)
+    FROM rate_buckets ORDER BY limiter, key
+    ON CONFLICT (limiter, key) DO UPDATE SET
+        tat = greatest(b.tat, clock_timestamp())
+              + (SELECT make_interval(secs => x.n * x.spacing) FROM rate_buckets x
+                 WHERE x.limiter = b.limiter AND x.key = b.key)
+    RETURNING b.limiter, b.key, b.tat, clock_timestamp() AS at
+), rate_slots AS (
+    -- Task i of n in a bucket gets slot A + (i - 1) spacing - tolerance (not before
+    -- now), where A = tat - n spacing is where the bucket stood.
+    SELECT w.id, w.limiter, t.at,
+           greatest(t.at, t.tat - make_interval(secs => (w.n - w.i + 1) * w.spacing
+                                                         + w.tolerance)) AS slot
+    FROM rate_numbered w JOIN rate_taken t ON t.limiter = w.limiter AND t.key = w.key
+), rate_limited AS (
+    -- A slot later than now is the task's reservation: run_at moves there (attempts
+    -- unchanged); at its slot it is claimed without taking another.
+    UPDATE taskq.tasks t SET
+        run_at = s.slot, limited_until = s.slot, limited_by = s.limiter, updated_at = s.at
+    FROM rate_slots s
+    WHERE s.id = t.id AND s.slot > s.at
+      AND t.id = ANY(ARRAY(SELECT id FROM rate_slots WHERE slot > at))
+    RETURNING t.id, t.run_at
 ), concurrency_wanted AS (
     -- The others of a limited type, with their key (from the payload) and their
     -- rank among the batch's rows of that key, oldest first.
@@ -838,6 +924,8 @@ WITH input AS (
         FROM taskq.tasks t WHERE t.id = c.id
     ) k
     WHERE c.concurrency_limit IS NOT NULL AND c.type NOT IN (SELECT name FROM paused_gate)
+      -- A task the rate limiter delays takes no slot (it is not claimed now).
+      AND c.id NOT IN (SELECT id FROM rate_limited)
 ), concurrency_taken AS (
     -- Takes the free slots of each key, in key order (claims lock slots in one order).
     -- The upsert reads each slot's latest version: of two claims, the second waits
@@ -874,10 +962,14 @@ WITH input AS (
         last_error = CASE WHEN t.status = 'RUNNING'
                           THEN 'lease expired: worker ' || t.worker_id || ' stopped heartbeating'
                           ELSE t.last_error END,
-        concurrency_key = CASE WHEN t.status = 'RUNNING' THEN t.concurrency_key ELSE g.key END
+        concurrency_key = CASE WHEN t.status = 'RUNNING' THEN t.concurrency_key ELSE g.key END,
+        limited_until = NULL, limited_by = NULL
     FROM decided d LEFT JOIN gated g ON g.id = d.id
     WHERE d.id = t.id AND d.decision = 'claimed' AND g.wait_reason IS NULL
-      AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'claimed'))
+      AND t.id = ANY(ARRAY(SELECT d.id FROM decided d
+                           WHERE d.decision = 'claimed'
+                             AND NOT EXISTS (SELECT FROM rate_slots s
+                                             WHERE s.id = d.id AND s.slot > s.at)))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
               t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.concurrency_key
 ), parked AS (
@@ -901,6 +993,7 @@ WITH input AS (
 )
 SELECT i.id,
        CASE WHEN p.id IS NOT NULL THEN 'parked'
+            WHEN rl.id IS NOT NULL THEN 'limited'
             WHEN d.decision IS NOT NULL THEN d.decision
             -- Not locked: WAITING (or parked by a concurrent claim), or no such task.
             -- (A scalar subquery, looked up by its key: an EXISTS may be hashed over a
@@ -909,15 +1002,18 @@ SELECT i.id,
             ELSE 'missing' END AS decision,
        l.type, l.queue,
        c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
-       c.timeout_seconds, l.run_at, c.created_at, c.claim_token, x.last_error, x.generation,
-       greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay,
+       c.timeout_seconds, coalesce(rl.run_at, l.run_at) AS run_at, c.created_at, c.claim_token,
+       x.last_error, x.generation,
+       greatest(0, extract(epoch FROM coalesce(rl.run_at, l.run_at) - clock_timestamp()))::float8
+           AS delay,
        l.traceparent, c.concurrency_key
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
 LEFT JOIN locked l ON l.id = i.id
 LEFT JOIN claimed c ON c.id = i.id
 LEFT JOIN exhausted x ON x.id = i.id
-LEFT JOIN parked p ON p.id = i.id;
+LEFT JOIN parked p ON p.id = i.id
+LEFT JOIN rate_limited rl ON rl.id = i.id;
 
 -- name: heartbeat
 -- One per worker every few seconds: records the worker as alive (with its
@@ -1518,3 +1614,78 @@ SELECT queue, paused_at, paused_by, reason FROM taskq.queue_pauses WHERE queue =
 -- name: queue_pauses
 -- Every paused queue, by name (at most one row per queue).
 SELECT queue, paused_at, paused_by, reason FROM taskq.queue_pauses ORDER BY queue;
+
+-- ---------------------------------------------------------------- rate limits
+
+-- name: limiter_put
+-- Creates or replaces a rate limiter (an operator's, or a type's own when
+-- type_name is set); its buckets keep their place.
+-- :name, :rate, :per_seconds, :burst, :key (NULL: one bucket), :type_name
+INSERT INTO taskq.rate_limiters AS r (name, rate, per_seconds, burst, key, type_name)
+VALUES (:name, :rate, :per_seconds, :burst, :key, :type_name)
+ON CONFLICT (name) DO UPDATE SET
+    rate = EXCLUDED.rate, per_seconds = EXCLUDED.per_seconds, burst = EXCLUDED.burst,
+    key = EXCLUDED.key, updated_at = now()
+WHERE (r.rate, r.per_seconds, r.burst, r.key)
+    IS DISTINCT FROM (EXCLUDED.rate, EXCLUDED.per_seconds, EXCLUDED.burst, EXCLUDED.key)
+RETURNING (xmax = 0) AS created;
+
+-- name: limiters_list
+-- Rate limiters in name order (one, when :name is set), with the types that use
+-- each and, for one without key, when its bucket's slots are taken until.
+-- :name (NULL: all)
+SELECT r.name, r.rate, r.per_seconds, r.burst, r.key, r.type_name, r.created_at, r.updated_at,
+       ARRAY(SELECT t.name FROM taskq.task_type t WHERE t.limiter = r.name ORDER BY t.name)
+           AS types,
+       CASE WHEN r.key IS NULL THEN
+           (SELECT b.tat FROM taskq.rate_limit_buckets b WHERE b.limiter = r.name AND b.key = '')
+       END AS busy_until
+FROM taskq.rate_limiters r
+WHERE :name::text IS NULL OR r.name = :name
+ORDER BY r.name;
+
+-- name: limiters_count
+-- How many limiters operators made (a type's own are not counted).
+SELECT count(*) FROM taskq.rate_limiters WHERE type_name IS NULL;
+
+-- name: limiter_lock
+-- Locks an operator's limiter for its delete (a type naming it meanwhile waits).
+-- :name
+SELECT r.name, r.type_name,
+       ARRAY(SELECT t.name FROM taskq.task_type t WHERE t.limiter = r.name ORDER BY t.name)
+           AS types
+FROM taskq.rate_limiters r WHERE r.name = :name
+FOR UPDATE;
+
+-- name: limiter_delete
+-- :name
+DELETE FROM taskq.rate_limiters WHERE name = :name AND type_name IS NULL;
+
+-- name: type_limiters
+-- The limiter each of these types names, and who set it.
+-- :names text[]
+SELECT name, limiter, limiter_source FROM taskq.task_type WHERE name = ANY(:names::text[]);
+
+-- name: type_limiter_set
+-- Names the limiter of a type (NULL: none) and who set it (code or api).
+-- :name, :limiter, :source
+UPDATE taskq.task_type SET limiter = :limiter, limiter_source = :source, updated_at = now()
+WHERE name = :name
+  AND (limiter, limiter_source) IS DISTINCT FROM (:limiter::text, :source::text);
+
+-- name: type_limiters_prune
+-- Deletes the own limiters of these types that their type no longer names.
+-- :names text[]
+DELETE FROM taskq.rate_limiters r
+WHERE r.type_name = ANY(:names::text[])
+  AND NOT EXISTS (SELECT FROM taskq.task_type t WHERE t.limiter = r.name);
+
+-- name: rate_buckets_prune
+-- Deletes up to :batch buckets whose tat passed over :idle_seconds ago (a passed
+-- tat is as good as none); the sweeper runs it. Buckets a claim holds are skipped.
+-- :idle_seconds, :batch
+DELETE FROM taskq.rate_limit_buckets b
+USING (SELECT limiter, key FROM taskq.rate_limit_buckets
+       WHERE tat < now() - make_interval(secs => :idle_seconds)
+       ORDER BY tat LIMIT :batch FOR UPDATE SKIP LOCKED) old
+WHERE b.limiter = old.limiter AND b.key = old.key;

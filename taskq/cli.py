@@ -206,7 +206,60 @@ async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
             f" max_attempts={task_type.max_attempts:<3}"
             f" timeout={task_type.timeout_seconds:g}s {state}{gates}"
             + (f" unique={task_type.unique_spec}" if task_type.unique_spec else "")
+            + (f" rate_limit={task_type.limiter}" if task_type.limiter else "")
         )
+    return 0
+
+
+async def cmd_limits(settings: Settings, args: argparse.Namespace) -> int:
+    from taskq import ratelimits
+    from taskq.errors import LimiterInUse
+    from taskq.store import Store
+
+    if args.action != "list" and args.name is None:
+        print(f"taskq: limits {args.action} needs the limiter's name", file=sys.stderr)
+        return 2
+    limit = None
+    if args.action == "set":
+        body = {"limit": args.limit, "per": args.per, "burst": args.burst, "key": args.key}
+        problems = ratelimits.problems(body, "")
+        if not ratelimits.LIMITER_NAME.match(args.name):
+            print("taskq: a limiter name is letters, digits, '.', '_' or '-'", file=sys.stderr)
+            return 2
+        if problems:
+            print(f"taskq: --{problems[0].field}: {problems[0].message}", file=sys.stderr)
+            return 2
+        limit = ratelimits.parse(body)
+    store = await Store.connect(
+        settings.database_url, min_size=1, max_size=1, schema=settings.db_schema
+    )
+    try:
+        if args.action == "list":
+            found = await store.limiters()
+            if not found:
+                _print("no rate limiters (PUT /limits/{name}, or rate_limit= on a handler)")
+            for r in found:
+                _print(
+                    f"{r.name:<32} {r.rate}/{r.per_seconds:g}s burst={r.burst}"
+                    + (f" key={r.key}" if r.key else "")
+                    + f" types={','.join(r.types) or '-'}"
+                )
+            return 0
+        if limit is not None:
+            created = await store.put_limiter(args.name, limit)
+            _print(f"{'created' if created else 'replaced'} rate limiter {args.name}")
+            return 0
+        try:
+            deleted = await store.delete_limiter(args.name)
+        except LimiterInUse as exc:
+            print(f"taskq: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        await store.close()
+    if not deleted:
+        print(f"taskq: no rate limiter {args.name!r}", file=sys.stderr)
+        return 1
+    _print(f"deleted rate limiter {args.name}")
     return 0
 
 
@@ -431,6 +484,13 @@ def _parser() -> argparse.ArgumentParser:
     queues.add_argument("action", nargs="?", default="list", choices=["list", "pause", "resume"])
     queues.add_argument("name", nargs="?", help="the queue (pause and resume)")
     queues.add_argument("--reason", help="why (pause), shown by GET /queues and the dashboard")
+    limits = sub.add_parser("limits", help="list, set or delete rate limiters")
+    limits.add_argument("action", nargs="?", default="list", choices=["list", "set", "delete"])
+    limits.add_argument("name", nargs="?", help="the limiter (set and delete)")
+    limits.add_argument("--limit", type=int, help="starts allowed per --per (set)")
+    limits.add_argument("--per", default="1s", help="the interval, e.g. 1s, 1m (default 1s)")
+    limits.add_argument("--burst", type=int, default=1, help="starts at once (default 1)")
+    limits.add_argument("--key", help="a payload field: one bucket per value of it")
     worker = sub.add_parser("worker", help="run tasks with the handlers of MODULE[:ATTR]")
     worker.add_argument(
         "module", help="module with a taskq.handlers.Registry (attribute 'handlers' by default)"
@@ -510,6 +570,7 @@ COMMANDS: dict[str, Command] = {
     "types": cmd_types,
     "schedules": cmd_schedules,
     "queues": cmd_queues,
+    "limits": cmd_limits,
     "worker": cmd_worker,
 }
 

@@ -17,6 +17,9 @@ The hierarchy::
     │   └── TopologyConflict       an exchange or queue exists with other properties
     ├── TooManyTaskTypes           the task type registry is full
     ├── TooManySchedules           there are TASKQ_MAX_SCHEDULES schedules already
+    ├── TooManyLimiters            there are as many rate limiters as allowed
+    ├── UnknownLimiter             a task type names a rate limiter that does not exist
+    ├── LimiterInUse               a rate limiter task types use cannot be deleted
     ├── DelayTooLong               a delay beyond what the delay levels carry
     ├── IdempotencyConflict        an idempotency key reused with another request
     ├── InvalidRequest             an enqueue or admin request is invalid (names the fields)
@@ -96,6 +99,34 @@ class TooManySchedules(TaskqError):
         super().__init__(
             f"there are {limit} schedules, the maximum (TASKQ_MAX_SCHEDULES): raise the limit"
             " or delete unused ones"
+        )
+
+
+class TooManyLimiters(TaskqError):
+    """There are as many rate limiters as taskq.ratelimits.MAX_LIMITERS allows."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"there are {limit} rate limiters, the maximum: delete unused ones")
+
+
+class UnknownLimiter(TaskqError):
+    """A task type names a rate limiter that does not exist."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no rate limiter {name!r}: create it first (PUT /limits/{name})")
+
+
+class LimiterInUse(TaskqError):
+    """A rate limiter cannot be deleted while task types use it."""
+
+    def __init__(self, name: str, types: list[str]) -> None:
+        self.name = name
+        self.types = types
+        super().__init__(
+            f"rate limiter {name!r} is used by task types {', '.join(types)}:"
+            " change their rate_limit first"
         )
 
 

@@ -49,7 +49,7 @@ from typing import Any, TypeAlias, TypeVar
 import orjson
 
 from taskq import backoff as backoff_
-from taskq import cron, payloads
+from taskq import cron, payloads, ratelimits
 from taskq import unique as unique_
 from taskq.definitions import TaskDefinition
 from taskq.errors import CronProblem, FieldError, InvalidRequest
@@ -141,6 +141,7 @@ class Handler:
     schedule: Schedule | None = None
     unique: unique_.Unique | None = None
     concurrency: Concurrency | None = None
+    rate_limit: ratelimits.RateLimit | str | None = None
 
 
 @dataclass(slots=True)
@@ -316,6 +317,7 @@ class Registry:
         tz: str = "UTC",
         unique: Mapping[str, Any] | None = None,
         concurrency: Mapping[str, Any] | Concurrency | None = None,
+        rate_limit: Mapping[str, Any] | ratelimits.RateLimit | str | None = None,
     ) -> Callable[[Callable[[P, Context], R]], TaskDefinition[P, R]]:
         """Register the decorated ``async def`` or ``def`` ``fn(payload, ctx)`` for ``name``.
 
@@ -347,6 +349,11 @@ class Registry:
                 the fleet per value of the payload field ``key`` (no key: for the
                 whole type), e.g. ``{"key": "customer_id", "limit": 2}``; the others
                 wait (WAITING) and start, oldest first, as slots free.
+            rate_limit: at most so many starts of this type per interval, across
+                the fleet: ``{"limit": 100, "per": "1m"}`` (optionally ``"burst"``,
+                and ``"key"``: a payload field, one limit per value of it), or the
+                name of a limiter shared with other types (``PUT /limits/{name}``).
+                Tasks over it wait for their slot (:mod:`taskq.ratelimits`).
 
         Raises:
             HandlerError: for invalid options, a name registered twice, a
@@ -372,6 +379,7 @@ class Registry:
         except InvalidRequest as exc:
             raise HandlerError(f"{name}: invalid unique: {exc}") from None
         limit = _concurrency(name, concurrency)
+        rate = _rate_limit(name, rate_limit)
 
         def register(function: Callable[[P, Context], R]) -> TaskDefinition[P, R]:
             if isinstance(function, TaskDefinition):
@@ -391,6 +399,7 @@ class Registry:
                 declared,
                 uniqueness,
                 limit,
+                rate,
             )
             self._handlers[name] = handler
             definition = TaskDefinition(handler, function, model)
@@ -512,3 +521,19 @@ def load(spec: str) -> Registry:
     if not registry:
         raise HandlerError(f"{module_name}.{attr} has no handlers")
     return registry
+
+
+def _rate_limit(
+    name: str, value: Mapping[str, Any] | ratelimits.RateLimit | str | None
+) -> ratelimits.RateLimit | str | None:
+    """A handler's ``rate_limit=`` checked: its own limit, or a limiter's name."""
+    if value is None or isinstance(value, ratelimits.RateLimit):
+        return value
+    if isinstance(value, str):
+        if not ratelimits.LIMITER_NAME.match(value):
+            raise HandlerError(f"{name}: rate_limit {value!r} is not a limiter name")
+        return value
+    try:
+        return ratelimits.parse(value)
+    except ValueError as exc:
+        raise HandlerError(f"{name}: invalid rate_limit: {exc}") from None

@@ -211,8 +211,20 @@ class WorkerMetrics:
         self.deliveries = Counter(
             "taskq_deliveries_total",
             "Envelopes received, by claim decision: claimed, terminal, duplicate, early,"
-            " exhausted, missing, invalid.",
+            " limited, exhausted, missing, invalid.",
             ["queue", "decision"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "taskq_rate_limited_total",
+            "Tasks a rate limit made wait: given a later start slot instead of a claim.",
+            ["type"],
+            registry=self.registry,
+        )
+        self.held = Gauge(
+            "taskq_deliveries_held",
+            "Early and limited deliveries this worker holds (unacked) until they are due,"
+            " within a second or so.",
             registry=self.registry,
         )
         self.batch_size = Histogram(

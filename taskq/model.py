@@ -97,6 +97,10 @@ class ClaimDecision(StrEnum):
     an id in the same batch: the lease holder or the sweeper owns it; drop it."""
     EARLY = "early"
     """Not due yet: send it back through the delay levels for the remaining time."""
+    LIMITED = "limited"
+    """Over its type's rate limit: its run_at moved to the start slot its limiter
+    reserved for it (attempts unchanged); send it back through the delay levels,
+    as *early*. At its slot it is claimed without taking a second slot."""
     EXHAUSTED = "exhausted"
     """No attempt left: now FAILED, its envelope owed to the dead-letter queue."""
     PARKED = "parked"
@@ -303,7 +307,8 @@ class ClaimedTask(NamedTuple):
 class Unclaimed(NamedTuple):
     """A delivery the claim did not turn into an attempt, and why (``decision``).
 
-    ``type``, ``queue``, ``attempts`` and ``delay`` (seconds until due, for *early*)
+    ``type``, ``queue``, ``attempts`` and ``delay`` (seconds until due, for *early* and
+    *limited*)
     are None for a *missing* task; ``last_error`` and ``generation`` are set for
     *exhausted* (now FAILED and owed to the dead-letter queue); ``traceparent`` is the
     enqueuer's trace context, for the envelope published for an *early* or *exhausted* one.
@@ -389,6 +394,10 @@ class TaskRecord:
     publish_retry_at: datetime | None = None
     progress: Progress | None = None
     unique: UniqueHold | None = None
+    limited_by: str | None = None
+    """The rate limiter it waits for (an ENQUEUED task holding a reserved slot)."""
+    limited_until: datetime | None = None
+    """The slot reserved for it: it starts then (its run_at)."""
 
     def result_value(self) -> Any:
         """The handler's result, parsed from its JSON (None if there is none)."""
@@ -408,7 +417,8 @@ class TaskRecord:
 
     @classmethod
     def from_detail_row(cls, row: Mapping[str, Any]) -> TaskRecord:
-        """From a ``task_get`` row, which adds why a publish was set aside."""
+        """From a ``task_get`` row, which adds why a publish was set aside and the rate
+        limiter the task waits for."""
         listed = cls.from_row(row)
         return replace(
             listed,
@@ -416,6 +426,8 @@ class TaskRecord:
             publish_retry_at=row["publish_retry_at"],
             progress=Progress.from_detail_row(row),
             unique=UniqueHold.from_detail_row(row),
+            limited_by=row["limited_by"],
+            limited_until=row["limited_until"],
         )
 
 
@@ -547,6 +559,12 @@ class TaskTypeRecord:
     unique_spec: str | None = None
     paused: bool = False
     concurrency: Concurrency | None = None
+    limiter: str | None = None
+    """The rate limiter its tasks take slots from (None: not limited)."""
+    limiter_source: str | None = None
+    """Who set ``limiter``: ``code`` (a handler's rate_limit=) or ``api``."""
+    rate_limit: str | None = None
+    """JSON text of its own limit, when ``limiter`` is the type's own."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TaskTypeRecord:
@@ -560,6 +578,34 @@ class TaskTypeRecord:
             row["name"], row["queue"], row["max_attempts"], row["timeout_seconds"],
             row["backoff"], row["payload_schema"], row["enabled"], row["created_at"],
             row["updated_at"], row["unique_spec"], row["paused"], concurrency,
+            row.get("limiter"), row.get("limiter_source"), row.get("rate_limit"),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterRecord:
+    """A rate limiter (``GET /limits``): ``rate`` starts per ``per_seconds``, ``burst``
+    at once, one bucket per value of payload field ``key``; ``type_name`` is set for a
+    type's own; ``types`` use it; ``busy_until`` is how far its single bucket's slots
+    are taken (None when keyed or unused)."""
+
+    name: str
+    rate: int
+    per_seconds: float
+    burst: int
+    key: str | None
+    type_name: str | None
+    created_at: datetime
+    updated_at: datetime
+    types: list[str]
+    busy_until: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> LimiterRecord:
+        return cls(
+            row["name"], row["rate"], row["per_seconds"], row["burst"], row["key"],
+            row["type_name"], row["created_at"], row["updated_at"], list(row["types"]),
+            row["busy_until"],
         )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from taskq import ratelimits
 from taskq._utils import field_errors, json_has_nul, parse_duration, task_id
 from taskq.enqueue import schemas
 
@@ -25,6 +26,7 @@ from taskq.errors import InvalidRequest as InvalidRequest
 from taskq.errors import SchemaProblem
 from taskq.errors import TooLarge as TooLarge
 from taskq.model import MAX_CONCURRENCY, Concurrency
+from taskq.ratelimits import RateLimit
 from taskq.settings import QUEUE_NAME, Settings
 from taskq.store import NewTask, UniqueKey
 from taskq.unique import Unique, UniqueBody, from_body, task_key
@@ -124,6 +126,12 @@ class TaskTypeBody(BaseModel):
         None,
         description="At most `limit` tasks RUNNING per value of the payload field `key` "
         "(no key: for the whole type); the others wait. Default: no limit.",
+    )
+    rate_limit: Any = Field(  # checked by taskq.ratelimits, which names the field at fault
+        None,
+        description='At most so many starts per interval: {"limit": 100, "per": "1m"}'
+        ' (optional "burst", and "key": a payload field, one limit per value), or the name'
+        " of a limiter (PUT /limits/{name}); null: none. Omitted: unchanged.",
     )
 
     _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
@@ -293,6 +301,8 @@ class TaskTypeDefinition:
     enabled: bool
     unique_json: str | None = None
     concurrency: Concurrency | None = None
+    # Given: a 1-tuple of the type's own limit, a limiter's name or None; else None.
+    rate_limit: tuple[RateLimit | str | None] | None = None
 
 
 def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
@@ -336,6 +346,20 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
             unique_json = dumps(from_body(body.unique, "unique").to_json())
         except InvalidRequest as exc:
             errors += exc.errors
+    rate_limit: tuple[RateLimit | str | None] | None = None
+    if "rate_limit" in body.model_fields_set:
+        value = body.rate_limit
+        if isinstance(value, str):
+            if not ratelimits.LIMITER_NAME.match(value):
+                errors.append(FieldError("rate_limit", "a limiter name: letters, digits, ._-"))
+            rate_limit = (value,)
+        elif value is None:
+            rate_limit = (None,)
+        else:
+            found = ratelimits.problems(value, "rate_limit")
+            errors += found
+            if not found:
+                rate_limit = (ratelimits.parse(value),)
     if errors:
         raise InvalidRequest(errors)
     limit = body.concurrency
@@ -345,6 +369,7 @@ def task_type(name: str, data: Any, settings: Settings) -> TaskTypeDefinition:
         name, queue, body.max_attempts, body.timeout, backoff, schema_json, body.enabled,
         unique_json,
         None if limit is None else Concurrency(limit.limit, limit.key, "api"),
+        rate_limit,
     )  # fmt: skip
 
 

@@ -18,7 +18,9 @@
   the fires of the schedules that are due (:mod:`taskq.fleet.scheduler`).
 - :meth:`Sweeper.apply_retention` deletes terminal tasks (their events go with
   them) that finished more than ``retention`` seconds ago, in bounded batches,
-  and forgets workers silent for an hour.
+  and forgets workers silent for an hour and rate limit buckets idle for a
+  minute (one per key can add up: a bucket whose slots are past is as good as
+  none).
 
 Workers run it with :meth:`Sweeper.start` (built with a ``database_url``):
 under a Postgres advisory lock of its own, so one sweeper is active across the
@@ -67,6 +69,8 @@ RETENTION_STATEMENTS = 3
 RETENTION_EVERY = 30.0
 # Workers silent this long are deleted from the worker list (they died uncleanly).
 WORKERS_FORGOTTEN_AFTER = 3600.0
+# Rate limit buckets whose slots are all this long past are deleted.
+BUCKETS_FORGOTTEN_AFTER = 60.0
 # A queue purge not ended this many seconds after it began is ended by the sweeper.
 PURGE_ENDED_AFTER = 60.0
 
@@ -230,6 +234,7 @@ class Sweeper(Service):
             return 0
         self._retention_at = time.monotonic()
         await self.store.prune_workers(WORKERS_FORGOTTEN_AFTER)
+        await self.store.prune_rate_buckets(BUCKETS_FORGOTTEN_AFTER, RETENTION_BATCH)
         if self.retention <= 0:
             return 0
         total = 0

@@ -68,11 +68,19 @@ MAX_REASON = 1000
 
 
 _DETAIL_FIELDS = tuple(field.name for field in fields(TaskRecord))
-# A listing does not say why a publish was set aside.
+# A listing does not say why a publish was set aside, nor what limit a task waits for.
 _LISTED_FIELDS = tuple(
     n
     for n in _DETAIL_FIELDS
-    if n not in ("publish_error", "publish_retry_at", "progress", "unique")
+    if n
+    not in (
+        "publish_error",
+        "publish_retry_at",
+        "progress",
+        "unique",
+        "limited_by",
+        "limited_until",
+    )
 )
 
 

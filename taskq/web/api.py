@@ -36,13 +36,14 @@ from taskq.errors import (
     TaskNotFound,
     TooManyTaskTypes,
     TooManyWaiters,
+    UnknownLimiter,
 )
 from taskq.fleet.relay import Relay
 from taskq.metrics import ApiMetrics
 from taskq.model import TaskRecord
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
-from taskq.web import admin, gates, monitor, queues, schedules, stream, ui
+from taskq.web import admin, gates, limits, monitor, queues, schedules, stream, ui
 from taskq.web.cursors import Cursors
 from taskq.web.gates import type_body
 from taskq.web.hosts import HostCheck
@@ -206,11 +207,14 @@ async def put_type(request: Request) -> Response:
             unique_json=definition.unique_json,
             max_types=settings.max_task_types,
             concurrency=definition.concurrency,
+            rate_limit=definition.rate_limit,
         )
     except TooManyTaskTypes as exc:
         raise Problem(
             409, "Conflict", str(exc), errors=[FieldError("name", "the registry is full")]
         ) from None
+    except UnknownLimiter as exc:
+        raise InvalidRequest([FieldError("rate_limit", str(exc))]) from None
     client.types.invalidate()
     return json_response(type_body(task_type), 201 if created else 200)
 
@@ -421,6 +425,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         *queues.routes(),
         *schedules.routes(),
         *gates.routes(),
+        *limits.routes(),
         *monitor.routes(),
         Route("/stream", stream.stream, methods=["GET"]),
         Mount("/ui", ui.dashboard(), name="ui"),

@@ -25,6 +25,7 @@ from taskq.enqueue.validation import TYPE_NAME
 from taskq.errors import FieldError, InvalidRequest, Problem
 from taskq.model import TaskTypeRecord
 from taskq.web.http import app_client, endpoint, json_response
+from taskq.web.limits import rate_limit_body
 
 KEYS_LIMIT = 100
 MAX_KEYS_LIMIT = 1000
@@ -42,6 +43,8 @@ def type_body(task_type: TaskTypeRecord) -> dict[str, Any]:
         "payload_schema": orjson.loads(schema) if schema else None,
         "enabled": task_type.enabled,
         "unique": orjson.loads(task_type.unique_spec) if task_type.unique_spec else None,
+        "rate_limit": rate_limit_body(task_type),
+        "rate_limit_source": task_type.limiter_source,
         "paused": task_type.paused,
         "concurrency": None
         if limit is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import taskq
+from taskq import ratelimits
 from taskq.enqueue.validation import TYPE_NAME
 from taskq.fleet.schedules import SCHEDULE_NAME
 from taskq.model import STATUS_NAMES
@@ -203,6 +204,45 @@ def _queue_paths() -> dict[str, Any]:
             "Resume a paused queue: the workers consume it again",
             "queue, paused (false); changed (false: it was not paused)",
         ),
+    }
+
+
+def _limit_paths() -> dict[str, Any]:
+    """The rate limiters (taskq.web.limits)."""
+    obj = {"type": "object"}
+    name = _path_param("name")
+    limiter = _json(obj, "the limiter, with the types that use it")
+    return {
+        "/limits": {
+            "get": {
+                "summary": "Rate limiters in name order (operators' and the types' own)",
+                "responses": {"200": _json(obj, "limits"), **_errors(401, 503)},
+            }
+        },
+        "/limits/{name}": {
+            "get": {
+                "summary": "One rate limiter",
+                "parameters": [name],
+                "responses": {"200": limiter, **_errors(401, 404, 503)},
+            },
+            "put": {
+                "summary": "Create or replace a rate limiter: limit starts per interval,"
+                " optionally one bucket per value of a payload field",
+                "parameters": [_path_param("name", pattern=ratelimits.LIMITER_NAME.pattern)],
+                "requestBody": _body("LimitRequest"),
+                "responses": {
+                    "201": _json(obj, "created"),
+                    "200": _json(obj, "replaced (its buckets keep their place)"),
+                    **_errors(400, 401, 409, 413, 415, 503),
+                },
+            },
+            "delete": {
+                "summary": "Delete a rate limiter no type uses (409 while one does)",
+                "parameters": [name],
+                "requestBody": _state_change_body({"description": "ignored"}),
+                "responses": {"200": _json(obj, "deleted"), **_errors(401, 404, 409, 415, 503)},
+            },
+        },
     }
 
 
@@ -486,6 +526,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     paths.update(_admin_paths(settings))
     paths.update(_schedule_paths())
     paths.update(_queue_paths())
+    paths.update(_limit_paths())
     for item in paths.values():  # the Host check (taskq.web.hosts) runs before every route
         for operation in item.values():
             operation["responses"].setdefault("400", _problem("a Host not in TASKQ_ALLOWED_HOSTS"))

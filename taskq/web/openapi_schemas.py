@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from taskq import ratelimits
 from taskq._utils import DURATION_PATTERN, format_duration
 from taskq.enqueue.validation import TYPE_NAME, EnqueueBody, TaskTypeBody
 from taskq.fleet.schedules import ScheduleBody
@@ -202,6 +203,14 @@ def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         ],
         "description": "Seconds, or a duration such as 500ms, 5s, 2m, 1h, 30d.",
     }
+    schema["properties"]["rate_limit"] = {
+        "anyOf": [
+            ref("LimitRequest"),
+            {"type": "string", "pattern": ratelimits.LIMITER_NAME.pattern},
+            {"type": "null"},
+        ],
+        "description": schema["properties"]["rate_limit"].get("description", ""),
+    }
     backoffs = schema.pop("$defs", {})
     backoffs.pop("UniqueBody", None)  # a component of its own (_unique_schema)
     for backoff in backoffs.values():
@@ -220,6 +229,27 @@ def _type_schema(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
 _REASON = {
     "type": "object",
     "properties": {"reason": {"type": "string", "maxLength": 1000, "pattern": NO_NUL}},
+    "additionalProperties": False,
+}
+
+
+_LIMIT = {
+    "type": "object",
+    "description": "A rate limit: `limit` starts per `per`, `burst` at once after an idle"
+    " spell (default 1: evenly spaced), one bucket per value of payload field `key`.",
+    "properties": {
+        "limit": {"type": "integer", "minimum": 1, "maximum": ratelimits.MAX_LIMIT},
+        "per": {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, "maximum": ratelimits.MAX_PER},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+            "description": "Seconds, or a duration such as 500ms, 1s, 1m, 1h (at most 30 days).",
+        },
+        "burst": {"type": "integer", "minimum": 1, "default": 1},
+        "key": {"type": ["string", "null"], "pattern": ratelimits.KEY_FIELD.pattern},
+    },
+    "required": ["limit", "per"],
     "additionalProperties": False,
 }
 
@@ -285,6 +315,7 @@ def body_schemas(settings: Settings) -> dict[str, Any]:
         "TaskTypeRequest": type_schema,
         "UniqueBody": _unique_schema(),
         "ScheduleRequest": _schedule_schema(settings),
+        "LimitRequest": _LIMIT,
         "EnqueueAnswer": _ENQUEUE_ANSWER,
         "Task": _TASK,
         "JsonValue": _JSON_VALUE,

@@ -6,9 +6,20 @@ in one statement; while it runs, further envelopes collect for the next one, so
 batches grow with the load and nothing waits for a timer. Once the claim
 commits the deliveries are acked (``multiple`` where the tags allow): from here
 Postgres, not the broker, owns each task. Per decision: *claimed* → run;
-*terminal*, *duplicate* → drop; *early* → back through the delay levels for the
-remaining time; *exhausted* (now FAILED) and *missing* (no such task) → the DLQ
-with reason headers. Those three are acked once their publish is confirmed.
+*terminal*, *duplicate* → drop; *early* and *limited* (over its type's rate
+limit, its run_at moved to its reserved slot) → back through the delay levels
+for the whole seconds of the remaining time; *exhausted* (now FAILED) and
+*missing* (no such task) → the DLQ with reason headers. Those are acked once
+their publish is confirmed.
+
+The delay levels count whole seconds. So that a task starts at its run_at to
+the millisecond (a rate limit's slots are 20 ms apart at 50 per second), an
+early or limited delivery due within :data:`HOLD_SECONDS` is held here, unacked,
+and claimed again when it is due (before the other deliveries); one due later goes
+through the delay levels for the whole seconds of its wait less a margin (so that
+it comes back early even when RabbitMQ expires it a little late), and is held for
+the rest when it comes back. A held delivery takes a prefetch slot (never a concurrency
+slot); if the worker stops or dies, RabbitMQ redelivers it.
 
 With an inline window (:mod:`taskq.worker.inline`) the claim's transaction stays
 open while its claimed handlers start, for the successes within the window to
@@ -25,11 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from taskq.amqp.broker import Publisher
+from taskq.amqp.broker import Publish, Publisher
 from taskq.errors import StoreError, TaskqError
 from taskq.fleet.relay import dead_letter_headers, publish_row
 from taskq.metrics import WorkerMetrics
@@ -51,11 +63,18 @@ CLAIM_BATCH = 200
 CLAIMS_IN_FLIGHT = 2
 SECOND_CLAIM_MIN = CLAIM_BATCH // 4
 STORE_RETRY_SECONDS = 1.0
+# An early or limited delivery due within this many seconds waits here, unacked.
+HOLD_SECONDS = 1.25
+# One due later goes through the delay levels for the whole seconds of its wait less
+# this, so that it comes back before it is due even when RabbitMQ expires it late.
+SEND_BACK_MARGIN = 0.25
 _CLAIMED = ClaimDecision.CLAIMED
 _DUPLICATE = ClaimDecision.DUPLICATE
 # Deliveries acked and dropped: their task is done, or another claim owns it.
 # A parked one is WAITING: published again when it is released.
 _DROPPED = (ClaimDecision.TERMINAL, ClaimDecision.DUPLICATE, ClaimDecision.PARKED)
+# Deliveries of tasks not due yet: held, or sent back through the delay levels.
+_WAITING = (ClaimDecision.EARLY, ClaimDecision.LIMITED)
 
 
 class Claimer(Service):
@@ -106,6 +125,13 @@ class Claimer(Service):
         self._stopping = False
         self._background: set[asyncio.Task[Any]] = set()
         self._paused: set[str] = set()
+        self._held: dict[int, asyncio.TimerHandle] = {}  # by id() of the delivery
+        self._due = 0  # held deliveries that came due since the last batch was taken
+
+    @property
+    def held(self) -> int:
+        """Early and limited deliveries held until they are due."""
+        return len(self._held)
 
     def put(self, delivery: Delivery) -> None:
         """Buffer a delivery until a slot is free (ignored once stopping: it stays unacked)."""
@@ -145,6 +171,9 @@ class Claimer(Service):
         missing deliveries being settled."""
         self._stopping = True
         self._buffers.clear()  # unacked: requeued when the channels close
+        for handle in self._held.values():
+            handle.cancel()
+        self._held.clear()
         self._wake.set()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
@@ -160,7 +189,11 @@ class Claimer(Service):
             # each: let them reach the buffer before taking a batch.
             await asyncio.sleep(0)
             while not self._stopping and self._may_claim():
-                batch = self._buffers.take(min(self.concurrency - self._reserved, CLAIM_BATCH))
+                count = min(self.concurrency - self._reserved, CLAIM_BATCH)
+                # Due deliveries (at the front) are claimed alone: a batch with new
+                # deliveries of a limited type would wait for their limiter's lock.
+                batch = self._buffers.take(min(count, self._due) if self._due else count)
+                self._due = 0
                 if not batch:
                     break
                 self._reserved += len(batch)
@@ -173,9 +206,14 @@ class Claimer(Service):
 
     def _may_claim(self) -> bool:
         """Whether to start a claim now: deliveries and slots are there, and it is
-        the only claim in flight or a sizeable batch is waiting."""
+        the only claim in flight or a sizeable batch is waiting, or a held delivery
+        came due (its start is timed: it takes one more claim in flight)."""
         free = self.concurrency - self._reserved
-        if not self._buffers or free <= 0 or self._claims >= CLAIMS_IN_FLIGHT:
+        if not self._buffers or free <= 0:
+            return False
+        if self._due:
+            return self._claims <= CLAIMS_IN_FLIGHT
+        if self._claims >= CLAIMS_IN_FLIGHT:
             return False
         enough = max(1, min(SECOND_CLAIM_MIN, self.concurrency // 4))
         return self._claims == 0 or min(len(self._buffers), free) >= enough
@@ -221,6 +259,7 @@ class Claimer(Service):
             return
         by_id = {row.id: row for row in rows}
         acks = []
+        sends: list[tuple[Delivery, Unclaimed]] = []
         unused = 0
         counts: Counter[tuple[str, ClaimDecision]] = Counter()
         for delivery in batch:
@@ -236,24 +275,30 @@ class Claimer(Service):
             decision = unclaimed.decision
             counts[delivery.queue, decision] += 1
             unused += 1
+            if decision is ClaimDecision.LIMITED:
+                self.metrics.rate_limited.labels(unclaimed.type or "").inc()
             if decision in _DROPPED:
                 acks.append(delivery)
+            elif decision in _WAITING and unclaimed.delay <= HOLD_SECONDS:
+                self._hold(delivery, unclaimed.delay)
+            elif decision in _WAITING:
+                sends.append((delivery, unclaimed))
             else:
                 self._in_background(self._settle_unclaimed(delivery, unclaimed))
         for (queue, decision), count in counts.items():
             self.metrics.deliveries.labels(queue, decision).inc(count)
+        if sends:
+            self._in_background(self._send_back(sends))
         self._claims -= 1
         self.release(unused)
         await self._acker.ack(acks)
 
     async def _settle_unclaimed(self, delivery: Delivery, row: Unclaimed) -> None:
-        """Early, exhausted and missing deliveries: publish where they belong, then ack."""
+        """Exhausted and missing deliveries: publish where they belong, then ack."""
         envelope = delivery.envelope
         decision = row.decision
         try:
-            if decision is ClaimDecision.EARLY:
-                await self._send_back(delivery, row)
-            elif decision is ClaimDecision.EXHAUSTED:
+            if decision is ClaimDecision.EXHAUSTED:
                 owed = row.dead_letter()
                 if await publish_row(self.publisher, owed):
                     await self.store.mark_published([(owed.id, owed.generation)])
@@ -280,13 +325,48 @@ class Claimer(Service):
             return
         await self._acker.ack([delivery])
 
-    async def _send_back(self, delivery: Delivery, row: Unclaimed) -> None:
-        assert row.queue is not None
-        try:
-            await self.publisher.publish(
-                delivery.envelope, row.queue, delay=row.delay, headers=header(row.traceparent)
+    def _hold(self, delivery: Delivery, delay: float) -> None:
+        """Keep ``delivery`` (unacked) and buffer it again in ``delay`` seconds."""
+        if self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        self._held[id(delivery)] = loop.call_at(loop.time() + delay, self._come_due, delivery)
+        self.metrics.held.set(len(self._held))
+
+    def _come_due(self, delivery: Delivery) -> None:
+        """A held delivery is due: claim it first."""
+        self._held.pop(id(delivery), None)
+        self.metrics.held.set(len(self._held))
+        if delivery.live and not self._stopping:  # else the broker has it back already
+            self._buffers.put_back([delivery])
+            self._due += 1
+            self._wake.set()
+
+    async def _send_back(self, sends: list[tuple[Delivery, Unclaimed]]) -> None:
+        """Publish early and limited tasks into the delay levels for the whole seconds of
+        their wait less the margin (the rest they are held for when they come back), all
+        of a claim's in one write, then ack them. A task the broker refuses is owed in
+        Postgres instead: the relay publishes it with the right delay."""
+        items = []
+        for delivery, row in sends:
+            assert row.queue is not None
+            seconds = max(1, math.floor(row.delay - SEND_BACK_MARGIN))
+            items.append(
+                Publish(delivery.envelope, row.queue, float(seconds), header(row.traceparent))
             )
-        except TaskqError as exc:
-            # Owe it in Postgres instead: the relay publishes it with the right delay.
-            log.warning("sending early task %s back failed, owed: %s", row.id, exc)
-            await self.store.republish([row.id])
+        try:
+            errors = await self.publisher.publish_many(items)
+            refused = [row.id for (_, row), error in zip(sends, errors, strict=True) if error]
+            if refused:
+                log.warning("sending %d early tasks back failed, owed: %s", len(refused), errors[0])
+                await self.store.republish(refused)
+        except Exception as exc:
+            # Unacked, they go back to the broker and are decided again.
+            if isinstance(exc, TaskqError):
+                log.warning("sending %d early tasks back failed: %s", len(sends), exc)
+            else:
+                log.exception("sending %d early tasks back failed", len(sends))
+            for delivery, _ in sends:
+                await self._acker.reject(delivery.channel, delivery.tag, requeue=True)
+            return
+        await self._acker.ack([delivery for delivery, _ in sends])

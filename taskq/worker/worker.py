@@ -50,7 +50,14 @@ from collections.abc import Callable, Sequence
 import orjson
 
 from taskq.amqp.broker import Link, Publisher
-from taskq.errors import ConfigError, HandlerError, InvalidRequest, StoreError, TooManySchedules
+from taskq.errors import (
+    ConfigError,
+    HandlerError,
+    InvalidRequest,
+    StoreError,
+    TooManySchedules,
+    UnknownLimiter,
+)
 from taskq.fleet.relay import Outbox, Relay
 from taskq.fleet.schedules import first_fire, schedule_spec
 from taskq.fleet.sweeper import Sweeper
@@ -401,6 +408,11 @@ class Worker(Service):
             )
         if rows:
             await self.store.register_task_types(rows, self.settings.max_task_types)
+            limits = [(handler.name, handler.rate_limit) for handler in self.registry]
+            try:
+                await self.store.set_type_rate_limits(limits, "code")
+            except UnknownLimiter as exc:
+                raise HandlerError(str(exc)) from None
         types = await self.store.task_types()
         self._runner.load_backoffs(types)
         await self._declare_schedules()

@@ -339,3 +339,39 @@ def test_a_task_type_is_paused_and_resumed_and_its_tasks_wait_meanwhile(
         assert system.wait_for(task["id"], "SUCCEEDED")["result"] == {"while": "paused"}
     finally:
         system.http.post("/types/demo.echo/resume", headers={"content-type": "application/json"})
+
+
+def test_rate_limits_are_listed_and_a_waiting_task_says_why(system: System, page: Any) -> None:
+    response = system.http.put(
+        "/types/demo.noop_sync", json={"rate_limit": {"limit": 1, "per": "1h"}}
+    )
+    assert response.status_code in (200, 201), response.text
+    try:
+        tasks = [system.enqueue("demo.noop_sync", {}) for _ in range(2)]
+        first = system.wait_for(tasks[0]["id"], "SUCCEEDED")
+        assert first["attempts"] == 1
+        deadline = 30.0
+        waiting = system.task(tasks[1]["id"])
+        while waiting["limited_by"] is None and deadline > 0:  # its claim is on its way
+            page.wait_for_timeout(100)
+            deadline -= 0.1
+            waiting = system.task(tasks[1]["id"])
+        assert waiting["status"] == "ENQUEUED" and waiting["limited_by"] == "type:demo.noop_sync"
+
+        page.goto(system.url + "/ui/#/limits")
+        line = page.locator('#limits-table tbody tr[data-name="type:demo.noop_sync"]')
+        expect(line).to_be_visible()
+        expect(line.locator("td.rate")).to_have_text("1 per 3600s")
+        expect(line.locator("td.types")).to_have_text("demo.noop_sync")
+        page.screenshot(path=str(artifacts_dir() / "limits.png"), full_page=True)
+
+        page.goto(system.url + f"/ui/#/task/{tasks[1]['id']}")
+        badge = page.locator("#task-limited")
+        expect(badge).to_be_visible()
+        expect(badge).to_contain_text("rate limited by type:demo.noop_sync until")
+        expect(page.locator("#task-status")).to_have_text("enqueued")
+    finally:
+        system.http.put("/types/demo.noop_sync", json={"rate_limit": None})
+        system.http.post(
+            f"/tasks/{tasks[1]['id']}/cancel", json={}, headers={"content-type": "application/json"}
+        )

@@ -164,6 +164,10 @@ OPERATIONS = {
     "POST /schedules/{name}/pause",
     "POST /schedules/{name}/resume",
     "POST /schedules/{name}/trigger",
+    "GET /limits",
+    "GET /limits/{name}",
+    "PUT /limits/{name}",
+    "DELETE /limits/{name}",
 }
 # An endless event stream: the in-process transport would wait for its end.
 # tests/test_stream.py drives it on a real server.
@@ -186,7 +190,8 @@ def _unknowable(response: httpx.Response) -> bool:
     repeat the queue's name, a schedule's cron expression, time zone or interval
     (the schema gives their form, not their sense), or cron and every both or
     neither given; a unique key's payload path that the payload lacks, or a unique
-    "for" duration out of range (as every)."""
+    "for" duration out of range (as every); a rate limit's burst above its limit, a
+    duration beyond its maximum, or a limiter's name that no limiter has."""
     if response.status_code != 400:
         return False
     errors = response.json().get("errors", [])
@@ -195,6 +200,8 @@ def _unknowable(response: httpx.Response) -> bool:
         or e["field"] in ("cursor", "confirm", "cron", "timezone", "every")
         or (e["field"].endswith("unique.key") and "payload has no value" in e["message"])
         or e["field"].endswith("unique.for")
+        or e["field"] in ("burst", "per", "rate_limit.burst", "rate_limit.per")
+        or (e["field"] == "rate_limit" and "no rate limiter" in e["message"])
         for e in errors
     )
 

@@ -1,5 +1,5 @@
-"""The `taskq api`, `taskq enqueue`, `taskq types` and `taskq schedules` commands as real
-processes."""
+"""The `taskq api`, `taskq enqueue`, `taskq types`, `taskq schedules` and `taskq limits`
+commands as real processes."""
 
 from __future__ import annotations
 
@@ -169,3 +169,30 @@ async def test_schedules_command(settings: Settings, tmp_path: Path) -> None:
         code, out, err = await run(settings, tmp_path, "schedules", "pause")
         assert code == 2 and "needs the schedule's name" in err
         assert (await run(settings, tmp_path, "schedules"))[1].startswith("no schedules")
+
+
+async def test_limits_command(settings: Settings, tmp_path: Path) -> None:
+    async with harness(settings) as h:
+        await h.put_type("demo.echo")
+        assert (await run(settings, tmp_path, "limits"))[1].startswith("no rate limiters")
+        code, out, err = await run(
+            settings, tmp_path, "limits", "set", "stripe", "--limit", "100", "--per", "1m",
+            "--key", "customer",
+        )  # fmt: skip
+        assert code == 0 and "created rate limiter stripe" in out, err
+        await h.store.set_type_rate_limits([("demo.echo", "stripe")], "api")
+        code, out, err = await run(settings, tmp_path, "limits")
+        assert code == 0 and "stripe" in out and "100/60s" in out and "key=customer" in out, err
+        assert "types=demo.echo" in out
+        assert "rate_limit=stripe" in (await run(settings, tmp_path, "types"))[1]
+        code, out, err = await run(settings, tmp_path, "limits", "delete", "stripe")
+        assert code == 1 and "used by task types demo.echo" in err
+        await h.store.set_type_rate_limits([("demo.echo", None)], "api")
+        code, out, err = await run(settings, tmp_path, "limits", "delete", "stripe")
+        assert code == 0, err
+        code, out, err = await run(settings, tmp_path, "limits", "delete", "stripe")
+        assert code == 1 and "no rate limiter 'stripe'" in err
+        code, out, err = await run(settings, tmp_path, "limits", "set", "x", "--limit", "0")
+        assert code == 2 and "--limit" in err
+        code, out, err = await run(settings, tmp_path, "limits", "delete")
+        assert code == 2 and "needs the limiter's name" in err

@@ -30,6 +30,8 @@ TABLES = [
     "queue_pauses",
     "concurrency_slots",
     "queue_purges",
+    "rate_limit_buckets",
+    "rate_limiters",
     "schedules",
     "task_events",
     "task_progress",

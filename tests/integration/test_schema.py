@@ -52,7 +52,7 @@ def _fields(record: type, *also: str, without: tuple[str, ...] = ()) -> list[str
     return [f.name for f in dataclasses.fields(record) if f.name not in without] + list(also)
 
 
-_SET_ASIDE_INFO = ("publish_error", "publish_retry_at")
+_SET_ASIDE_INFO = ("publish_error", "publish_retry_at", "limited_by", "limited_until")
 _CONCURRENCY = ("concurrency_limit", "concurrency_key", "concurrency_source")
 # The columns each query returns, in order, as the record built from its rows reads them.
 RECORD_COLUMNS = {
@@ -82,6 +82,7 @@ RECORD_COLUMNS = {
     "events_since": _fields(model.StreamEvent),
     # A type's concurrency limit is read from three columns.
     "types_all": _fields(model.TaskTypeRecord, *_CONCURRENCY, without=("concurrency",)),
+    "limiters_list": _fields(model.LimiterRecord),
     "type_put": _fields(model.TaskTypeRecord, *_CONCURRENCY, "created", without=("concurrency",)),
     "type_pause": _fields(model.TaskTypeRecord, *_CONCURRENCY, without=("concurrency",)),
     "workers_list": _fields(model.WorkerRecord),

@@ -226,7 +226,10 @@ async def test_an_early_delivery_goes_back_through_the_delay_levels(settings: Se
         row = await h.wait_for(task_id, "SUCCEEDED", timeout=15)
         assert row.started_at is not None
         assert row.started_at >= row.run_at
-        assert metric(worker, "taskq_deliveries_total", queue="default", decision="early") == 1
+        # Back through the delay levels for the whole seconds (less a margin), then
+        # held for the rest: decided early twice at most.
+        early = metric(worker, "taskq_deliveries_total", queue="default", decision="early")
+        assert 1 <= early <= 2
         assert statuses(await h.events(task_id)) == ["ENQUEUED", "RUNNING", "SUCCEEDED"]
         assert result.delay > 1
 

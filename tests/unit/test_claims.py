@@ -37,6 +37,10 @@ class Channel:
     is_closed: bool = False
 
 
+# The delay of an early or limited row, by task id (default 42.5 s).
+DELAYS: dict[uuid.UUID, float] = {}
+
+
 @dataclass
 class Store:
     """Answers the claim with one row per id, each with the decision asked for."""
@@ -69,8 +73,8 @@ def row(task_id: uuid.UUID, decision: ClaimDecision) -> ClaimedTask | Unclaimed:
         return ClaimedTask(task_id, "t", QUEUE, "{}", 3, 3, 10.0, now, now, uuid.uuid4())
     if decision is ClaimDecision.MISSING:
         return Unclaimed(task_id, decision)
-    if decision is ClaimDecision.EARLY:
-        return Unclaimed(task_id, decision, "t", QUEUE, 3, delay=42.5)
+    if decision in (ClaimDecision.EARLY, ClaimDecision.LIMITED):
+        return Unclaimed(task_id, decision, "t", QUEUE, 3, delay=DELAYS.get(task_id, 42.5))
     if decision is ClaimDecision.EXHAUSTED:
         return Unclaimed(task_id, decision, "t", QUEUE, 3, "ValueError: boom", 2)
     return Unclaimed(task_id, decision, "t", QUEUE, 3)
@@ -97,8 +101,11 @@ class Publisher:
 
     async def publish_many(self, items: list[Publish]) -> list[PublishError | None]:
         for item in items:
-            kind = "dead_letter" if item.dead_letter else "publish"
-            self.sent.append((kind, item.envelope.id, item.queue, item.headers or {}))
+            if item.dead_letter:
+                self.sent.append(("dead_letter", item.envelope.id, item.queue, item.headers or {}))
+            else:
+                sent = {"delay": item.delay, **(item.headers or {})}
+                self.sent.append(("publish", item.envelope.id, item.queue, sent))
         return [self.error] * len(items)
 
     async def publish_dead_letter(
@@ -201,11 +208,45 @@ async def test_a_second_delivery_of_an_id_in_the_same_batch_is_a_duplicate() -> 
     assert (c.count(ClaimDecision.CLAIMED), c.count(ClaimDecision.DUPLICATE)) == (1, 1)
 
 
-async def test_an_early_delivery_goes_back_for_the_time_left_then_is_acked() -> None:
-    c, d = await claim_one(ClaimDecision.EARLY)
-    assert c.publisher.sent == [("publish", d.envelope.id, QUEUE, {"delay": 42.5})]
+@pytest.mark.parametrize("decision", [ClaimDecision.EARLY, ClaimDecision.LIMITED])
+async def test_an_early_delivery_goes_back_for_the_whole_seconds_left_then_is_acked(
+    decision: ClaimDecision,
+) -> None:
+    c, d = await claim_one(decision)
+    # 42.5 s left: 42 s in the delay levels (42.5 less the margin, rounded down); the
+    # rest it is held for when it comes back.
+    assert c.publisher.sent == [("publish", d.envelope.id, QUEUE, {"delay": 42.0})]
     assert c.acker.acked == [d.envelope.id]
     assert c.begun == [] and c.store.republished == []
+    assert c.count(decision) == 1
+
+
+@pytest.mark.parametrize("decision", [ClaimDecision.EARLY, ClaimDecision.LIMITED])
+async def test_a_delivery_due_within_the_hold_waits_unacked_then_goes_first(
+    decision: ClaimDecision,
+) -> None:
+    d = delivery(1)
+    DELAYS[d.envelope.id] = 0.05
+    c = Claiming(Store({d.envelope.id: decision}))
+    c.buffers.put(delivery(2))
+    await c.claim([d])
+    assert c.publisher.sent == [] and c.acker.acked == []
+    assert c.claimer.held == 1 and c.claimer._reserved == 0  # no concurrency slot taken
+    await asyncio.sleep(0.2)
+    assert c.claimer.held == 0
+    # Back in the buffer, ahead of what waited there, and a claim may start for it.
+    assert [x.tag for x in c.buffers.take(2)] == [1, 2]
+
+
+async def test_held_deliveries_stay_unacked_when_the_claimer_stops() -> None:
+    d = delivery(1)
+    DELAYS[d.envelope.id] = 0.05
+    c = Claiming(Store({d.envelope.id: ClaimDecision.LIMITED}))
+    await c.claim([d])
+    await c.claimer._stop(1.0)  # what stop() runs once started
+    await asyncio.sleep(0.1)
+    assert c.claimer.held == 0 and not c.buffers  # the broker redelivers it
+    assert c.acker.acked == [] and c.publisher.sent == []
 
 
 async def test_an_early_delivery_the_broker_refuses_is_owed_in_postgres() -> None:

@@ -141,11 +141,14 @@ def test_a_task_reads_why_its_publish_was_set_aside_only_from_its_detail_row() -
         "scheduled": False, "wait_reason": None, "publish_error": "Unpublishable: gone",
         "publish_retry_at": NOW,
         "progress": None, "progress_details": None, "progress_attempt": None, "progress_at": None,
+        "limited_by": "stripe", "limited_until": NOW,
     }  # fmt: skip
     listed = TaskRecord.from_row(row)
     assert (listed.status, listed.publish_error) == (TaskStatus.FAILED, None)
+    assert (listed.limited_by, listed.limited_until) == (None, None)
     detail = TaskRecord.from_detail_row(row)
     assert (detail.publish_error, detail.publish_retry_at) == ("Unpublishable: gone", NOW)
+    assert (detail.limited_by, detail.limited_until) == ("stripe", NOW)
     assert detail.progress is None
 
 
@@ -157,6 +160,7 @@ def test_a_task_reads_its_progress_from_its_detail_row_only() -> None:
         "worker_id": None, "published_at": None, "created_at": NOW, "updated_at": NOW,
         "started_at": NOW, "finished_at": NOW, "cancel_requested_at": None, "replays": 0,
         "scheduled": False, "wait_reason": None, "publish_error": None, "publish_retry_at": None,
+        "limited_by": None, "limited_until": None,
         "progress": 0.5, "progress_details": '{"rows": 4}', "progress_attempt": 1,
         "progress_at": NOW,
     }  # fmt: skip

@@ -9,10 +9,11 @@ import * as dlq from "./dlq.js";
 import * as workers from "./workers.js";
 import * as schedules from "./schedules.js";
 import * as types from "./types.js";
+import * as limits from "./limits.js";
 import { openStream } from "./stream.js";
 import { notice, reportError } from "./ui.js";
 
-const VIEWS = ["overview", "tasks", "task", "dlq", "types", "schedules", "workers"];
+const VIEWS = ["overview", "tasks", "task", "dlq", "types", "schedules", "limits", "workers"];
 const REFRESH_EVERY = 5000;
 const STATS_FALLBACK_EVERY = 5000;
 let view = null;
@@ -54,6 +55,10 @@ async function route() {
     show("schedules");
     await schedules.showSchedules();
     refreshTimer = setInterval(schedules.showSchedules, REFRESH_EVERY);
+  } else if (path === "/limits") {
+    show("limits");
+    await limits.showLimits();
+    refreshTimer = setInterval(limits.showLimits, REFRESH_EVERY);
   } else if (path === "/workers") {
     show("workers");
     await workers.showWorkers();

@@ -61,6 +61,9 @@ function render(task, events) {
   document.getElementById("task-status").replaceWith(Object.assign(badge(task.status), { id: "task-status" }));
   document.getElementById("task-scheduled").hidden = !task.scheduled;
   document.getElementById("task-cancel-requested").hidden = !task.cancel_requested_at;
+  const limited = document.getElementById("task-limited");
+  limited.hidden = !task.limited_by;
+  limited.textContent = task.limited_by ? `rate limited by ${task.limited_by} until ${localTime(task.limited_until)}` : "";
   const cancellable = task.status === "ENQUEUED" || task.status === "WAITING" || (task.status === "RUNNING" && !task.cancel_requested_at);
   document.getElementById("task-cancel").hidden = !cancellable;
   document.getElementById("task-retry").hidden = !(task.status === "FAILED" || task.status === "CANCELLED");
