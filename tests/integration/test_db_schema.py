@@ -27,8 +27,8 @@ from tests.support.worker_fixtures import harness, running_worker
 
 # What an install holds in its schema besides indexes, row types and sequences.
 TABLES = [
-    "queue_pauses",
     "concurrency_slots",
+    "queue_pauses",
     "queue_purges",
     "rate_limit_buckets",
     "rate_limiters",
