@@ -9,7 +9,8 @@ medians, with each process's CPU. Workloads:
 - ``enqueue``: single ``POST /enqueue`` from 32 connections (1 s of warm-up, then
   ``--seconds``), with the bare-ASGI reference first in every round;
 - ``e2e``: end to end with one worker at concurrency 200, ``--tasks`` of
-  ``demo.noop`` then as many of the sync ``demo.noop_sync``.
+  ``demo.noop`` then as many of a sync handler (``--sync``, default the no-op
+  ``demo.noop_sync``; ``bench.sleep_sync`` blocks its thread for 2 ms).
 
 REF's ``taskq`` package is exported with ``git archive`` and put first on the
 ``PYTHONPATH`` of the API and the worker; everything else (the load generator,
@@ -82,7 +83,7 @@ async def end_to_end(args: argparse.Namespace) -> Figures:
         client = await Client.connect(sandbox.settings)
         try:
             rate = await bench.end_to_end(client, "async", "demo.noop", "")
-            sync = await bench.end_to_end(client, "sync", "demo.noop_sync", "")
+            sync = await bench.end_to_end(client, "sync", args.sync, "")
         finally:
             await client.close()
     finally:
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0, help="enqueue: measured seconds")
     parser.add_argument("--tasks", type=int, default=4000, help="e2e: tasks of each handler")
+    parser.add_argument("--sync", default="demo.noop_sync", help="e2e: the sync task type")
     parser.add_argument("--port", type=int, default=18990)
     args = parser.parse_args()
     if subprocess.run(["git", "diff", "--quiet", args.ref, "--", "sql"]).returncode:
