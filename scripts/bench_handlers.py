@@ -21,10 +21,11 @@ from pydantic import BaseModel
 from taskq.demo import handlers
 from taskq.handlers import Context
 
-__all__ = ["NOOP_MODEL", "STAMP", "handlers"]
+__all__ = ["NOOP_MODEL", "SLEEP_SYNC", "STAMP", "handlers"]
 
 STAMP = "bench.stamp"
 NOOP_MODEL = "bench.noop_model"
+SLEEP_SYNC = "bench.sleep_sync"
 
 
 @handlers.task(STAMP)
@@ -43,3 +44,10 @@ class Numbered(BaseModel):
 async def noop_model(payload: Numbered, ctx: Context) -> None:
     """``demo.noop`` with a payload model: the payload parsed, its schema checked at enqueue."""
     return None
+
+
+@handlers.task(SLEEP_SYNC)
+def sleep_sync(payload: dict[str, Any], ctx: Context) -> None:
+    """A sync handler that blocks its thread for 2 ms (a short call to a service, say):
+    with 32 threads, a claimed batch of more than 32 cannot all end in a 5 ms window."""
+    time.sleep(0.002)

@@ -95,8 +95,8 @@ class Attempt:
     """A claimed attempt, from its claim until its outcome is recorded."""
 
     __slots__ = (
-        "cancel_told", "ctx", "holds_slot", "id", "number", "queue", "span", "stopped", "task",
-        "token", "type", "window",
+        "cancel_told", "ctx", "holds_slot", "id", "number", "place", "queue", "span", "stopped",
+        "task", "token", "type", "window",
     )  # fmt: skip
 
     def __init__(
@@ -125,6 +125,9 @@ class Attempt:
         self.span: Span | None = None
         # The open claim it began in (taskq.worker.inline), if it began inline.
         self.window = window
+        # Whether it holds a thread place taken when it began, not yet used (a sync
+        # handler begun inline: see Runner.begin_inline).
+        self.place = False
 
     @property
     def committed(self) -> bool:
@@ -204,7 +207,27 @@ class Runner:
     def begin(self, task: ClaimedTask, window: Window | None = None) -> asyncio.Task[None]:
         """Start running a claimed task (from the ``claim`` statement), inside the
         open claim ``window`` if given; returns the attempt's task."""
+        return self._begin(Attempt(task, self.worker_id, self._progress, window), task)
+
+    def begin_inline(self, task: ClaimedTask, window: Window) -> asyncio.Task[None] | None:
+        """Start running ``task`` inside the open claim ``window`` if it can start
+        at once: ``None`` (nothing begun) for a sync handler when no thread is free.
+
+        Such a handler would only wait for a thread while the claim's transaction
+        stays open for it, and end after the window all the same: it is begun once
+        the claim has committed, as an ordinary attempt. A sync handler begun here
+        takes its thread's place now, so that the window's other attempts (and
+        another open claim's) cannot take it before its asyncio task runs.
+        """
+        handler = self.registry.get(task.type)
+        place = handler is not None and handler.sync
+        if place and not self.threads.take():
+            return None
         attempt = Attempt(task, self.worker_id, self._progress, window)
+        attempt.place = place
+        return self._begin(attempt, task)
+
+    def _begin(self, attempt: Attempt, task: ClaimedTask) -> asyncio.Task[None]:
         self.attempts[attempt.token] = attempt
         self.metrics.in_flight.inc()
         due = max(task.run_at, task.created_at)
@@ -263,6 +286,9 @@ class Runner:
                 ending = Raised(exc)
             outcome = self._outcome(attempt, ending, task.timeout_seconds)
         finally:
+            if attempt.place:  # taken when it began, and not used (e.g. its payload failed)
+                attempt.place = False
+                self.threads.give_back()
             self._child(self.metrics.duration, attempt.type).observe(time.perf_counter() - started)
             self.metrics.in_flight.dec()
             self._release()
@@ -306,14 +332,18 @@ class Runner:
     async def _call_sync(
         self, attempt: Attempt, handler: Handler, payload: Any, timeout: float
     ) -> Ending | Stopped:
-        place = self.threads.reserve()
-        if place is not None:
+        if attempt.place:  # taken when it began inline: ours to use now
+            attempt.place = False
+        elif (place := self.threads.reserve()) is not None:
             # Every thread is busy: wait for one (the timeout starts when it runs).
             either: list[asyncio.Future[Any]] = [place, attempt.stopped]
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if attempt.stopped.done():
                 self.threads.unreserve(place)
                 return Stopped(attempt.stopped.result())
+        if attempt.stopped.done():  # stopped before its thread started: it never starts
+            self.threads.give_back()
+            return Stopped(attempt.stopped.result())
         call = functools.partial(
             call_sync, handler.function, payload, attempt.ctx, self.max_result_bytes
         )

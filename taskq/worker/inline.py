@@ -14,6 +14,14 @@ outcomes (a retry, a failure, a cancel, a task given back) and successes that
 end after the ``complete`` statement are recorded by the recorder once the
 claim has committed.
 
+Only handlers that can start at once run inline: a sync handler is begun in the
+window only if a thread of the pool is free for it (its place taken then), else
+once the claim has committed, as an ordinary attempt. A batch with more sync
+handlers than free threads would otherwise keep its transaction open the whole
+window for handlers that wait for a thread and end after it all the same; this
+way every attempt in a window can end in it, and the window's wait ends as soon
+as they all have.
+
 What this bends, for at most the window (docs/workers.md, "Inline attempts"):
 
 - The claim is not committed while its handlers start. If the worker dies, or
@@ -119,7 +127,8 @@ class Inline:
         lease: float,
         window: Window,
     ) -> list[ClaimedTask | Unclaimed]:
-        """Claim ``batch`` and run its claimed tasks inline, except the redelivered.
+        """Claim ``batch`` and run its claimed tasks inline, except the redelivered
+        and the sync ones that would wait for a thread (see :meth:`Runner.begin_inline`).
 
         Returns the claim's records once it has committed; the ids whose attempt
         began are in ``window.begun``. Raises whatever failed (a
@@ -133,8 +142,11 @@ class Inline:
             async with store.claim_open([d.envelope.id for d in batch], worker_id, lease) as claim:
                 for row in claim.rows:
                     if isinstance(row, ClaimedTask) and row.id not in again:
-                        window.begun.add(row.id)
-                        window.tasks.append(self._runner.begin(row, window))
+                        # None: a sync handler finds no free thread (begun after the commit).
+                        task = self._runner.begin_inline(row, window)
+                        if task is not None:
+                            window.begun.add(row.id)
+                            window.tasks.append(task)
                 if window.tasks:
                     await asyncio.wait(window.tasks, timeout=self.seconds)
                     written = window.successes()

@@ -68,10 +68,21 @@ class HandlerThreads:
         self._closed = False
         self._started = 0
 
-    def reserve(self) -> asyncio.Future[None] | None:
-        """Take a place: ``None`` if one was free, else a future done once one is ours."""
+    def take(self) -> bool:
+        """Take a place if one is free now and nobody waits for one; False: none is.
+        A place taken and not used by :meth:`start` goes back with :meth:`give_back`."""
         if self._free > 0 and not self._waiters:
             self._free -= 1
+            return True
+        return False
+
+    def give_back(self) -> None:
+        """Give back a place taken and not used (the next in line gets it)."""
+        self._release()
+
+    def reserve(self) -> asyncio.Future[None] | None:
+        """Take a place: ``None`` if one was free, else a future done once one is ours."""
+        if self.take():
             return None
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -80,7 +91,7 @@ class HandlerThreads:
     def unreserve(self, waiter: asyncio.Future[None]) -> None:
         """Stop waiting for a place; one given meanwhile goes to the next in line."""
         if waiter.done():
-            self._release()
+            self.give_back()
         else:
             waiter.cancel()
 

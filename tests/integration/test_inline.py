@@ -192,3 +192,28 @@ async def test_a_crash_inside_the_window_rolls_the_claim_back_and_the_redelivery
     assert seen == [1] and row.attempts == 1
     assert [status for status, _ in events] == ["ENQUEUED", "RUNNING", "SUCCEEDED"]
     assert events[1][1] != events[2][1]
+
+
+async def test_a_window_runs_no_more_sync_handlers_than_threads_are_free(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    # 20 quick sync tasks queued before the worker starts, so that its claims take
+    # many at once; 2 threads. A window of 1 s would fit them all one after the
+    # other, but only those with a thread free run in it: the rest start once
+    # their claim has committed, as ordinary attempts.
+    async with harness(settings) as h:
+        await h.put_type("quick.sync")
+        ids = [await h.enqueue("quick.sync", {"n": n}) for n in range(20)]
+        async with running_worker(
+            settings, quick_handlers(), concurrency=20, threads=2, inline_window=1.0
+        ):
+            for task_id in ids:
+                await h.wait_for(task_id, "SUCCEEDED", timeout=60)
+        claims: dict[str, list[str]] = {}  # claim transaction: its tasks' outcome transactions
+        for task_id in ids:
+            events = await transactions(db, settings, task_id)
+            assert [status for status, _ in events] == ["ENQUEUED", "RUNNING", "SUCCEEDED"]
+            claims.setdefault(events[1][1], []).append(events[2][1])
+    assert max(len(outcomes) for outcomes in claims.values()) > 2  # a claim took many
+    inline = [sum(tx == claim for tx in outcomes) for claim, outcomes in claims.items()]
+    assert max(inline) <= 2 and sum(inline) >= 1

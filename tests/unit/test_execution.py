@@ -30,6 +30,18 @@ from tests.support.services import make_settings
 from tests.support.worker_fixtures import poll
 
 
+def claimed(
+    task_type: str, attempt: int = 1, max_attempts: int = 3, timeout: float = 10.0
+) -> ClaimedTask:
+    """A row of ``task_type`` as the ``claim`` statement returns it."""
+    now = datetime.now(UTC)
+    return ClaimedTask(
+        id=uuid.uuid4(), type=task_type, queue="default", payload="{}", attempts=attempt,
+        max_attempts=max_attempts, timeout_seconds=timeout, run_at=now, created_at=now,
+        claim_token=uuid.uuid4(),
+    )  # fmt: skip
+
+
 class Running:
     """A runner whose outcomes are collected, and the attempts it began."""
 
@@ -63,17 +75,9 @@ class Running:
     ) -> Attempt:
         """Run a claimed row of ``task_type`` (attempt ``attempt`` of ``max_attempts``),
         inside the open claim ``window`` if given."""
-        token = uuid.uuid4()
-        now = datetime.now(UTC)
-        self.runner.begin(
-            ClaimedTask(
-                id=uuid.uuid4(), type=task_type, queue="default", payload="{}",
-                attempts=attempt, max_attempts=max_attempts, timeout_seconds=timeout,
-                run_at=now, created_at=now, claim_token=token,
-            ),
-            window,
-        )  # fmt: skip
-        return self.runner.attempts[token]
+        task = claimed(task_type, attempt, max_attempts, timeout)
+        self.runner.begin(task, window)
+        return self.runner.attempts[task.claim_token]
 
     async def ended(self, attempt: Attempt) -> Finished | None:
         """Wait for the attempt's end; its outcome, or None if nothing was recorded."""
@@ -90,6 +94,7 @@ class Running:
 
 
 RELEASE = threading.Event()
+SYNC_CALLS: list[int] = []  # the attempts "ok.sync" ran
 
 
 def handlers(backoff: Any = 7) -> Registry:
@@ -124,6 +129,10 @@ def handlers(backoff: Any = 7) -> Registry:
     async def slow(payload: dict[str, Any], ctx: Context) -> None:
         await asyncio.sleep(30)  # cancelled when the worker stops waiting
 
+    @registry.task("ok.sync", backoff=backoff)
+    def ok_sync(payload: dict[str, Any], ctx: Context) -> None:
+        SYNC_CALLS.append(ctx.attempt)
+
     @registry.task("slow.sync", backoff=backoff)
     def slow_sync(payload: dict[str, Any], ctx: Context) -> None:
         # Goes on after the worker stops waiting (it is abandoned) until the test ends:
@@ -136,6 +145,7 @@ def handlers(backoff: Any = 7) -> Registry:
 @pytest.fixture
 def running() -> Iterator[Running]:
     RELEASE.clear()
+    SYNC_CALLS.clear()
     value = Running(handlers())
     yield value
     RELEASE.set()  # the abandoned sync handlers end
@@ -348,3 +358,31 @@ async def test_an_inline_outcome_waits_in_its_window_and_a_rollback_records_noth
     assert running.recorded == [] and running.runner.attempts == {}
     assert running.stale() == 1  # the slow one's; the quick one's is counted under "ok"
     assert running.released == 2
+
+
+async def test_a_sync_handler_begins_inline_only_with_a_thread_free_for_it(
+    running: Running,
+) -> None:
+    # Two threads. A third sync handler would wait for one while the claim stays
+    # open: it is not begun in the window (the claimer begins it after the commit).
+    window, runner = Window(), running.runner
+    tasks = [claimed("slow.sync") for _ in range(3)]
+    begun = [runner.begin_inline(task, window) for task in tasks]
+    assert [task is not None for task in begun] == [True, True, False]
+    assert tasks[2].claim_token not in runner.attempts
+    assert runner.begin_inline(claimed("slow"), window) is not None  # async: needs no thread
+    # The places were taken as they began, before their asyncio tasks ran.
+    assert not running.threads.take()
+    runner.interrupt()
+
+
+async def test_an_inline_sync_attempt_stopped_before_its_thread_starts_never_runs(
+    running: Running,
+) -> None:
+    window, task = Window(), claimed("ok.sync")
+    assert running.runner.begin_inline(task, window) is not None
+    attempt = running.runner.attempts[task.claim_token]
+    running.runner.abort(window)  # the claim rolled back before the attempt's task ran
+    assert await running.ended(attempt) is None
+    assert SYNC_CALLS == []  # the handler never ran
+    assert running.threads.take() and running.threads.take()  # both places are back

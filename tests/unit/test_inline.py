@@ -89,16 +89,19 @@ class Store:
 @dataclass
 class Runner:
     """Begins attempts that end at once with a success, or (for ids in ``slow``) only
-    when let go; counts those stopped because their claim rolled back."""
+    when let go; begins none for ids in ``no_thread`` (a sync handler with no free
+    thread); counts those stopped because their claim rolled back."""
 
     slow: set[uuid.UUID] = field(default_factory=set)
+    no_thread: set[uuid.UUID] = field(default_factory=set)
     begun_inline: list[uuid.UUID] = field(default_factory=list)
     aborted: list[uuid.UUID] = field(default_factory=list)
     gates: dict[uuid.UUID, asyncio.Event] = field(default_factory=dict)
     recorded: list[uuid.UUID] = field(default_factory=list)  # outcomes a window did not take
 
-    def begin(self, row: ClaimedTask, window: Window | None = None) -> asyncio.Task[None]:
-        assert window is not None
+    def begin_inline(self, row: ClaimedTask, window: Window) -> asyncio.Task[None] | None:
+        if row.id in self.no_thread:
+            return None
         self.begun_inline.append(row.id)
         gate = self.gates[row.id] = asyncio.Event()
         return asyncio.create_task(self._run(row, window, gate))
@@ -227,6 +230,17 @@ async def test_a_redelivered_delivery_is_claimed_and_committed_before_it_runs() 
     assert c.runner.begun_inline == [fresh.envelope.id]
     assert c.begun_after == [again.envelope.id]  # begun by the claimer after the commit
     assert c.store.committed == [True]
+
+
+async def test_handlers_that_cannot_start_at_once_are_begun_after_the_commit() -> None:
+    waiting, quick = delivery(1), delivery(2)
+    c = Claiming()
+    c.runner.no_thread.add(waiting.envelope.id)
+    await c.claim([waiting, quick])
+    assert c.runner.begun_inline == [quick.envelope.id]
+    assert c.store.completed == [quick.envelope.id] and c.store.committed == [True]
+    assert c.begun_after == [waiting.envelope.id]  # an ordinary attempt, after the commit
+    assert c.acker.acked == [waiting.envelope.id, quick.envelope.id]
 
 
 async def test_a_batch_of_redeliveries_takes_the_plain_claim() -> None:
