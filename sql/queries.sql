@@ -82,12 +82,12 @@ INSERT INTO taskq.taskq_migrations (version, name, checksum) VALUES (:version, :
 -- With the limiter each names, and the limit of a type's own (rate_limit, JSON text).
 SELECT t.name, t.queue, t.max_attempts, t.timeout_seconds, t.backoff::text,
        t.payload_schema::text, t.enabled, t.created_at, t.updated_at, t.unique_spec::text,
-       t.paused, t.concurrency_limit, t.concurrency_key, t.concurrency_source,
-       t.limiter, t.limiter_source,
+       t.paused, t.limiter, t.limiter_source,
        CASE WHEN r.type_name = t.name
             THEN json_build_object('limit', r.rate, 'per', r.per_seconds, 'burst', r.burst,
                                    'key', r.key)::text
-       END AS rate_limit
+       END AS rate_limit,
+       t.concurrency_limit, t.concurrency_key, t.concurrency_source
 FROM taskq.task_type t LEFT JOIN taskq.rate_limiters r ON r.name = t.limiter
 ORDER BY t.name;
 
@@ -111,13 +111,12 @@ ON CONFLICT (name) DO UPDATE SET
     concurrency_limit = EXCLUDED.concurrency_limit, concurrency_key = EXCLUDED.concurrency_key,
     concurrency_source = EXCLUDED.concurrency_source, updated_at = now()
 RETURNING name, queue, max_attempts, timeout_seconds, backoff::text, payload_schema::text,
-          enabled, created_at, updated_at, unique_spec::text, paused, concurrency_limit,
-          concurrency_key, concurrency_source, limiter, limiter_source,
+          enabled, created_at, updated_at, unique_spec::text, paused, limiter, limiter_source,
           (SELECT json_build_object('limit', r.rate, 'per', r.per_seconds, 'burst', r.burst,
                                     'key', r.key)::text
            FROM taskq.rate_limiters r WHERE r.name = t.limiter AND r.type_name = t.name)
               AS rate_limit,
-          (xmax = 0) AS created;
+          concurrency_limit, concurrency_key, concurrency_source, (xmax = 0) AS created;
 
 -- name: types_lock
 -- Serialises the writers of the registry for the check against TASKQ_MAX_TASK_TYPES
@@ -205,12 +204,12 @@ UPDATE taskq.task_type t SET paused = :paused, updated_at = now()
 WHERE t.name = :name
 RETURNING t.name, t.queue, t.max_attempts, t.timeout_seconds, t.backoff::text,
           t.payload_schema::text, t.enabled, t.created_at, t.updated_at, t.unique_spec::text,
-          t.paused, t.concurrency_limit, t.concurrency_key, t.concurrency_source, t.limiter,
-          t.limiter_source,
+          t.paused, t.limiter, t.limiter_source,
           (SELECT json_build_object('limit', r.rate, 'per', r.per_seconds, 'burst', r.burst,
                                     'key', r.key)::text
            FROM taskq.rate_limiters r WHERE r.name = t.limiter AND r.type_name = t.name)
-              AS rate_limit;
+              AS rate_limit,
+          t.concurrency_limit, t.concurrency_key, t.concurrency_source;
 
 -- name: type_concurrency
 -- :name
@@ -553,11 +552,12 @@ SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempoten
             THEN publish_error END AS publish_error,
        CASE WHEN published_at IS NULL AND set_aside_generation = generation
             THEN publish_retry_at END AS publish_retry_at,
-       p.fraction AS progress, p.details::text AS progress_details,
-       p.attempt AS progress_attempt, p.updated_at AS progress_at,
+       p.fraction AS progress,
        -- The rate limiter it waits for, and the slot it holds (taskq.ratelimits).
        CASE WHEN status = 'ENQUEUED' THEN limited_by END AS limited_by,
        CASE WHEN status = 'ENQUEUED' THEN limited_until END AS limited_until,
+       p.details::text AS progress_details,
+       p.attempt AS progress_attempt, p.updated_at AS progress_at,
        -- Its unique key, and whether it holds it now (tasks_unique_key's predicate,
        -- and unique_until not passed).
        unique_key, unique_while, unique_until,
