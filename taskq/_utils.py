@@ -7,7 +7,7 @@ import os
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from taskq.errors import FieldError
@@ -133,6 +133,14 @@ def task_id() -> uuid.UUID:
         | _UUID7_VARIANT
         | rand & _RAND_B
     )
+
+
+def integral(value: Any) -> Any:
+    """A pydantic ``mode="before"`` validator: JSON has one number type, so 3.0 is the
+    integer 3, as JSON Schema's "integer" says."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 # Tags pydantic puts in an error's location for the member of a union (or of a

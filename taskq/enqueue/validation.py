@@ -17,7 +17,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from taskq import ratelimits
-from taskq._utils import field_errors, json_has_nul, parse_duration, task_id
+from taskq._utils import field_errors, integral, json_has_nul, parse_duration, task_id
 from taskq.enqueue import schemas
 
 # Defined in taskq.errors; importing them from here keeps working.
@@ -35,13 +35,6 @@ TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 MAX_TIMEOUT = 7 * 86400.0
 MAX_BATCH = 1000
 TOO_DEEP = "nested too deeply: keep it within 250 levels"
-
-
-def _integral(value: Any) -> Any:
-    # JSON has one number type: 3.0 is the integer 3, as JSON Schema's "integer" says.
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
 
 
 class EnqueueBody(BaseModel):
@@ -63,7 +56,7 @@ class EnqueueBody(BaseModel):
         None, description="At most one task per key (see docs/producers.md); default: the type's."
     )
 
-    _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
+    _integral_attempts = field_validator("max_attempts", mode="before")(integral)
 
 
 class EnqueueBatchBody(BaseModel):
@@ -103,7 +96,7 @@ class ConcurrencyBody(BaseModel):
         None, min_length=1, max_length=200, description="The payload field naming the key."
     )
 
-    _integral_limit = field_validator("limit", mode="before")(_integral)
+    _integral_limit = field_validator("limit", mode="before")(integral)
 
 
 class TaskTypeBody(BaseModel):
@@ -134,7 +127,7 @@ class TaskTypeBody(BaseModel):
         " of a limiter (PUT /limits/{name}); null: none. Omitted: unchanged.",
     )
 
-    _integral_attempts = field_validator("max_attempts", mode="before")(_integral)
+    _integral_attempts = field_validator("max_attempts", mode="before")(integral)
 
 
 def dumps(value: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from taskq._utils import parse_duration
+from taskq._utils import field_errors, integral, parse_duration
 from taskq.amqp.broker import Publisher
 from taskq.errors import CronProblem, FieldError, InvalidRequest, TaskqError
 from taskq.fleet.scheduler import Scheduler, Timetable, next_fire, timetable, timetable_of
@@ -59,11 +59,7 @@ class ScheduleBody(BaseModel):
         "allow", description="skip: no fire while the previous fire's task is not finished."
     )
 
-    @field_validator("catch_up_limit", mode="before")
-    @classmethod
-    def _integral(cls, value: Any) -> Any:
-        # JSON has one number type: 3.0 is the integer 3, as JSON Schema's "integer" says.
-        return int(value) if isinstance(value, float) and value.is_integer() else value
+    _integral_limit = field_validator("catch_up_limit", mode="before")(integral)
 
 
 def schedule_spec(name: str, data: Any, *, source: str = "api") -> tuple[ScheduleSpec, Timetable]:
@@ -80,7 +76,7 @@ def schedule_spec(name: str, data: Any, *, source: str = "api") -> tuple[Schedul
     try:
         body = ScheduleBody.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(errors + _pydantic_errors(exc)) from None
+        raise InvalidRequest(errors + field_errors(exc, "")) from None
     every: float | None = None
     if (body.cron is None) == (body.every is None):
         errors.append(FieldError("cron", "give either cron or every"))
@@ -197,14 +193,3 @@ async def fire_now(
 def first_fire(table: Timetable, now: datetime) -> datetime:
     """The next fire of a new (or resumed) schedule: the first after ``now``."""
     return next_fire(table, now)
-
-
-def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
-    out = []
-    for error in exc.errors():
-        path = ".".join(str(part) for part in error["loc"] if not isinstance(part, int)) or "body"
-        message = {"extra_forbidden": "unknown field", "missing": "required"}.get(
-            error["type"], error["msg"]
-        )
-        out.append(FieldError(path, message))
-    return out
