@@ -333,8 +333,10 @@ SELECT EXISTS (SELECT FROM taskq.tasks t WHERE t.status = 'WAITING') AS waiting;
 -- The sweeper's repair walk: the next :limit distinct (type, key) pairs with tasks
 -- WAITING for a concurrency slot after (:after_type, :after_key), in order (one
 -- probe of tasks_waiting per pair, whatever the tasks behind each), with whether
--- the key's slots have room under its type's limit (or its type has none now). A
--- pair with room and tasks waiting missed its release (slots_promote skips rows
+-- the key has room under its type's limit (or its type has none now): fewer
+-- tasks running than the limit, counting those released and due (ENQUEUED with
+-- the key, through tasks_released: each takes a slot when it is claimed). A pair
+-- with room and tasks waiting missed its release (slots_promote skips rows
 -- another transaction holds); the store releases them as a freed slot does. Read
 -- without locks: the release locks the slots and decides again.
 -- :after_type, :after_key, :limit
@@ -360,7 +362,14 @@ SELECT w.type, w.key,
        EXISTS (SELECT FROM taskq.concurrency_slots s
                LEFT JOIN taskq.task_type g ON g.name = s.type
                WHERE s.type = w.type AND s.key = w.key
-                 AND (g.concurrency_limit IS NULL OR s.running < g.concurrency_limit)) AS room
+                 AND (g.concurrency_limit IS NULL
+                      OR s.running + (SELECT count(*) FROM (
+                                          SELECT FROM taskq.tasks e
+                                          WHERE e.status = 'ENQUEUED' AND e.type = w.type
+                                            AND e.concurrency_key = w.key
+                                            AND e.run_at <= now()
+                                          LIMIT g.concurrency_limit) due)
+                         < g.concurrency_limit)) AS room
 FROM walk w
 ORDER BY w.type, w.key;
 

@@ -539,7 +539,8 @@ class Store:
 
     async def waiting_keys(self, after: tuple[str, str], limit: int) -> list[tuple[str, str, bool]]:
         """The next ``limit`` (type, key) pairs after ``after`` with tasks WAITING for a
-        concurrency slot, in order, each with whether its slots have room now."""
+        concurrency slot, in order, each with whether it has room now (fewer running
+        than its limit, counting the tasks released and due)."""
         rows = await self._fetch("waiting_keys", after[0], after[1], limit)
         return [(row["type"], row["key"], row["room"]) for row in rows]
 

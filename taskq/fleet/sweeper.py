@@ -17,9 +17,11 @@
 - :meth:`Scheduler.fire_due <taskq.fleet.scheduler.Scheduler.fire_due>` enqueues
   the fires of the schedules that are due (:mod:`taskq.fleet.scheduler`).
 - :meth:`Sweeper.repair_waiting` releases the WAITING tasks whose release was
-  missed: those waiting for a concurrency slot of a key whose slots have room (a
-  release skips rows other transactions hold, and gives up after a few tries; a
-  claim reading an old limit may park tasks as the limit is raised), and those a
+  missed: those waiting for a concurrency slot of a key with room (fewer running
+  than its limit, counting the tasks released and on their way to a slot),
+  which a release can miss (it skips rows other transactions hold, and gives up
+  after a few tries; a claim reading an old limit may park tasks as the limit
+  is raised), and those a
   pause parked whose type is not paused (a resume's process died before its
   releases). They are released as a freed slot or a resume releases them. One
   index-only probe when nothing waits; at most ``repair_keys`` keys per pass.

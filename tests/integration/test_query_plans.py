@@ -245,8 +245,16 @@ async def test_the_sweepers_look_for_missed_releases_reads_only_waiting_tasks(
 ) -> None:
     # Thousands of tasks, none WAITING: the probe is an index-only scan of an index
     # of WAITING rows; then thousands WAITING behind two keys: the walk reads one
-    # probe of tasks_waiting per key, never the other tasks.
-    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    # probe of tasks_waiting per key, and the tasks released for each key (none
+    # here) through tasks_released, never the other tasks.
+    await db.execute(
+        "INSERT INTO task_type (name, queue, concurrency_limit, concurrency_key,"
+        " concurrency_source) VALUES ('demo.noop', 'default', 2, 'k', 'api')"
+    )
+    await db.execute(
+        "INSERT INTO concurrency_slots (type, key, running, lim)"
+        " VALUES ('demo.noop', 'k0', 0, 2), ('demo.noop', 'k1', 2, 2)"
+    )
     await db.execute(
         "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
         " attempts, finished_at)"
@@ -277,10 +285,16 @@ async def test_the_sweepers_look_for_missed_releases_reads_only_waiting_tasks(
                 "EXPLAIN (ANALYZE, FORMAT JSON) " + sql.queries()["waiting_keys"]
             )
             (plan,) = json.loads(await statement.fetchval("", "", 1000))
-        assert {index for _, index in nodes(plan["Plan"])} == {"tasks_waiting"}, mode
+        assert {index for _, index in nodes(plan["Plan"])} == {
+            "tasks_waiting",
+            "tasks_released",
+        }, mode
         # A row or two per probe: the keys, never the tasks behind them.
         read = sum(n["Actual Rows"] * n["Actual Loops"] for n in walk(plan["Plan"])
                    if n.get("Relation Name") == "tasks")  # fmt: skip
         assert read <= 3, (mode, read)
     rows = await db.fetch(sql.queries()["waiting_keys"], "", "", 1000)
-    assert [(r["type"], r["key"]) for r in rows] == [("demo.noop", "k0"), ("demo.noop", "k1")]
+    assert [(r["type"], r["key"], r["room"]) for r in rows] == [
+        ("demo.noop", "k0", True),
+        ("demo.noop", "k1", False),
+    ]

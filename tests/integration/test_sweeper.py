@@ -227,12 +227,21 @@ async def test_missed_releases_of_waiting_tasks_are_repaired(settings: Settings)
             rows = {r.id: r for r in await h.store.claim(full, "w", 30.0)}
             assert rows[full[2]].decision == "parked"
             stuck = await park_by_hand(h, "limited.t", "concurrency", "b", '{"k": "b"}')
+            # Key c has room for one, taken by a task released and on its way: it waits.
+            on_its_way = await park_by_hand(h, "limited.t", "concurrency", "c", '{"k": "c"}')
+            await h.store.pool.execute(
+                "UPDATE tasks SET status = 'ENQUEUED', wait_reason = NULL WHERE id = $1",
+                on_its_way,
+            )
+            await h.store.pool.execute("UPDATE concurrency_slots SET running = 1 WHERE key = 'c'")
+            behind = await park_by_hand(h, "limited.t", "concurrency", "c", '{"k": "c"}')
             resumed = await park_by_hand(h, "resumed.t", "paused", None)
             paused = await park_by_hand(h, "limited.t", "paused", None)
             await h.store.pause_type("limited.t", True)
             assert await h.store.waiting_keys(("", ""), 10) == [
                 ("limited.t", "a", False),
                 ("limited.t", "b", True),
+                ("limited.t", "c", False),
             ]
             # Not before its interval is over.
             assert await sweeper.repair_waiting() == 0
@@ -243,13 +252,14 @@ async def test_missed_releases_of_waiting_tasks_are_repaired(settings: Settings)
             assert await sweeper.repair_waiting(force=True) == 1
             row = await h.task(stuck)
             assert (row.status, row.wait_reason) == ("ENQUEUED", None)
-            # Around again: a is still full, the paused type's task still parked.
-            for _ in range(3):
+            # c, then around again: a and c have no room, the paused type's task waits.
+            for _ in range(4):
                 assert await sweeper.repair_waiting(force=True) == 0
             assert (await h.task(full[2])).status == "WAITING"
+            assert (await h.task(behind)).status == "WAITING"
             assert (await h.task(paused)).status == "WAITING"
             # Released with their publishes owed.
-            owed = await h.store.owed_among([stuck, resumed, full[2], paused])
+            owed = await h.store.owed_among([stuck, resumed, full[2], paused, behind])
             assert sorted(o.id for o in owed) == sorted([stuck, resumed])
         finally:
             await sweeper.stop()
