@@ -323,6 +323,65 @@ WHERE s.type = :type AND (s.running > 0 OR EXISTS (
 ORDER BY s.running DESC, s.key
 LIMIT :limit;
 
+-- name: waiting_any
+-- Whether any task waits: the sweeper's repair probe, an index-only scan of an
+-- index that holds WAITING rows alone (nothing to read when none waits).
+SELECT EXISTS (SELECT FROM taskq.tasks t WHERE t.status = 'WAITING') AS waiting;
+
+-- name: waiting_keys
+-- The sweeper's repair walk: the next :limit distinct (type, key) pairs with tasks
+-- WAITING for a concurrency slot after (:after_type, :after_key), in order (one
+-- probe of tasks_waiting per pair, whatever the tasks behind each), with whether
+-- the key has room under its type's limit (or its type has none now): fewer
+-- tasks running than the limit, counting those released and due (ENQUEUED with
+-- the key, through tasks_released: each takes a slot when it is claimed). A pair
+-- with room and tasks waiting missed its release (slots_promote skips rows
+-- another transaction holds); the store releases them as a freed slot does. Read
+-- without locks: the release locks the slots and decides again.
+-- :after_type, :after_key, :limit
+WITH RECURSIVE walk AS (
+    (SELECT t.type, t.concurrency_key AS key, 1 AS n FROM taskq.tasks t
+     WHERE t.status = 'WAITING' AND t.concurrency_key IS NOT NULL
+       AND (t.type, t.concurrency_key) > (:after_type::text, :after_key::text)
+     ORDER BY t.type, t.concurrency_key
+     LIMIT 1)
+    UNION ALL
+    SELECT x.type, x.key, w.n + 1
+    FROM walk w
+    CROSS JOIN LATERAL (
+        SELECT t.type, t.concurrency_key AS key FROM taskq.tasks t
+        WHERE t.status = 'WAITING' AND t.concurrency_key IS NOT NULL
+          AND (t.type, t.concurrency_key) > (w.type, w.key)
+        ORDER BY t.type, t.concurrency_key
+        LIMIT 1
+    ) x
+    WHERE w.n < :limit
+)
+SELECT w.type, w.key,
+       EXISTS (SELECT FROM taskq.concurrency_slots s
+               LEFT JOIN taskq.task_type g ON g.name = s.type
+               WHERE s.type = w.type AND s.key = w.key
+                 AND (g.concurrency_limit IS NULL
+                      OR s.running + (SELECT count(*) FROM (
+                                          SELECT FROM taskq.tasks e
+                                          WHERE e.status = 'ENQUEUED' AND e.type = w.type
+                                            AND e.concurrency_key = w.key
+                                            AND e.run_at <= now()
+                                          LIMIT g.concurrency_limit) due)
+                         < g.concurrency_limit)) AS room
+FROM walk w
+ORDER BY w.type, w.key;
+
+-- name: waiting_resumed_types
+-- The types not paused that still have tasks parked by a pause (a resume whose
+-- releases never ran: its process died after the resume committed).
+SELECT g.name FROM taskq.task_type g
+WHERE NOT g.paused
+  AND EXISTS (SELECT FROM taskq.tasks t
+              WHERE t.status = 'WAITING' AND t.type = g.name AND t.concurrency_key IS NULL
+                AND t.wait_reason = 'paused')
+ORDER BY g.name;
+
 -- name: stats_waiting
 -- WAITING tasks by type and reason.
 SELECT type, wait_reason, count(*) AS n FROM taskq.tasks WHERE status = 'WAITING'

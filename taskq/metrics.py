@@ -239,6 +239,13 @@ class WorkerMetrics:
             "Claims whose lease expired, taken back by the sweeper (workers that died or hung).",
             registry=self.registry,
         )
+        self.waiting_repaired = Counter(
+            "taskq_waiting_repaired_total",
+            "WAITING tasks the sweeper released because their release was missed"
+            " (a concurrency slot free, or their type resumed).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.retention_deleted = Counter(
             "taskq_retention_deleted_total",
             "Terminal tasks (with their events) deleted because they finished longer ago"

@@ -505,22 +505,48 @@ class Store:
         if row is None:
             return None
         if not paused:
-            while True:
-                async with self._connection() as connection, connection.transaction():
-                    rows = await connection.fetch(
-                        self.q["type_release_paused"], name, RELEASE_BATCH
-                    )
-                    await self._notify([r["id"] for r in rows], _Asyncpg(connection, self.q))
-                if len(rows) < RELEASE_BATCH:
-                    break
+            await self.release_paused(name)
         return TaskTypeRecord.from_row(row)
 
-    async def promote_type(self, name: str) -> int:
+    async def release_paused(self, name: str, batches: int | None = None) -> int:
+        """Release the tasks a pause of ``name`` parked, if it is not paused (any more),
+        in transactions of :data:`RELEASE_BATCH` each, at most ``batches`` of them
+        (None: until none is left); returns how many."""
+        released = 0
+        while batches is None or batches > 0:
+            async with self._connection() as connection, connection.transaction():
+                rows = await connection.fetch(self.q["type_release_paused"], name, RELEASE_BATCH)
+                await self._notify([r["id"] for r in rows], _Asyncpg(connection, self.q))
+            released += len(rows)
+            if len(rows) < RELEASE_BATCH:
+                break
+            batches = None if batches is None else batches - 1
+        return released
+
+    async def promote_type(self, name: str, keys: Sequence[str] | None = None) -> int:
         """Release the tasks of ``name`` waiting for concurrency slots that are free
-        (after its limit changed); returns how many."""
+        (after its limit changed, or a release missed them), of ``keys`` or of all
+        its keys; returns how many."""
         async with self._connection() as connection, connection.transaction():
-            slots = await connection.fetch(self.q["slots_lock"], name, None)
+            slots = await connection.fetch(
+                self.q["slots_lock"], name, None if keys is None else list(keys)
+            )
             return await self._promote(connection, slots)
+
+    async def waiting_any(self) -> bool:
+        """Whether any task is WAITING (an index-only probe)."""
+        return bool(await self._fetchval("waiting_any"))
+
+    async def waiting_keys(self, after: tuple[str, str], limit: int) -> list[tuple[str, str, bool]]:
+        """The next ``limit`` (type, key) pairs after ``after`` with tasks WAITING for a
+        concurrency slot, in order, each with whether it has room now (fewer running
+        than its limit, counting the tasks released and due)."""
+        rows = await self._fetch("waiting_keys", after[0], after[1], limit)
+        return [(row["type"], row["key"], row["room"]) for row in rows]
+
+    async def waiting_resumed_types(self) -> list[str]:
+        """The types not paused that still have tasks a pause parked."""
+        return [row["name"] for row in await self._fetch("waiting_resumed_types")]
 
     async def concurrency_keys(self, name: str, limit: int) -> list[ConcurrencyKey]:
         """The busiest concurrency keys of a type, with their running and waiting tasks."""

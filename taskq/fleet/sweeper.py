@@ -16,6 +16,15 @@
   due may have lost their envelope, so their publishes are owed again.
 - :meth:`Scheduler.fire_due <taskq.fleet.scheduler.Scheduler.fire_due>` enqueues
   the fires of the schedules that are due (:mod:`taskq.fleet.scheduler`).
+- :meth:`Sweeper.repair_waiting` releases the WAITING tasks whose release was
+  missed: those waiting for a concurrency slot of a key with room (fewer running
+  than its limit, counting the tasks released and on their way to a slot),
+  which a release can miss (it skips rows other transactions hold, and gives up
+  after a few tries; a claim reading an old limit may park tasks as the limit
+  is raised), and those a
+  pause parked whose type is not paused (a resume's process died before its
+  releases). They are released as a freed slot or a resume releases them. One
+  index-only probe when nothing waits; at most ``repair_keys`` keys per pass.
 - :meth:`Sweeper.apply_retention` deletes terminal tasks (their events go with
   them) that finished more than ``retention`` seconds ago, in bounded batches,
   and forgets workers silent for an hour and rate limit buckets idle for a
@@ -73,6 +82,10 @@ WORKERS_FORGOTTEN_AFTER = 3600.0
 BUCKETS_FORGOTTEN_AFTER = 60.0
 # A queue purge not ended this many seconds after it began is ended by the sweeper.
 PURGE_ENDED_AFTER = 60.0
+# Seconds between the passes that look for missed releases of WAITING tasks, and the
+# most concurrency keys one such pass reads (the next pass goes on from there).
+REPAIR_EVERY = 5.0
+REPAIR_KEYS = 1000
 
 
 class Sweeper(Service):
@@ -91,6 +104,8 @@ class Sweeper(Service):
         batch: the most rows one duty takes per pass.
         retention: seconds after which finished tasks are deleted; 0 keeps them.
         purge_ended_after: seconds after which a queue purge not ended is ended here.
+        repair_every: seconds between the looks for WAITING tasks whose release was missed.
+        repair_keys: the most concurrency keys with waiting tasks one such look reads.
         metrics: counts lease recoveries, republishes and deletions, if given.
         database_url: for the dedicated connection that holds the sweeper lock;
             needed by :meth:`start` only (``Relay(duties=sweeper.duties)`` runs
@@ -111,6 +126,8 @@ class Sweeper(Service):
         batch: int = 500,
         retention: float = 7 * 86400.0,
         purge_ended_after: float = PURGE_ENDED_AFTER,
+        repair_every: float = REPAIR_EVERY,
+        repair_keys: int = REPAIR_KEYS,
         metrics: WorkerMetrics | None = None,
         database_url: str | None = None,
         interval: float = 1.0,
@@ -118,6 +135,11 @@ class Sweeper(Service):
         self.retention = retention
         self.purge_ended_after = purge_ended_after
         self._retention_at = -1e9
+        self.repair_every = repair_every
+        self.repair_keys = repair_keys
+        self._repaired_at = -1e9
+        # Where the next look for missed releases goes on: after this (type, key).
+        self._repair_after = ("", "")
         self.store = store
         self.publisher = publisher
         self.link = link
@@ -181,8 +203,45 @@ class Sweeper(Service):
             self.recover_expired,
             self.republish_lost,
             self.end_purges,
+            self.repair_waiting,
             self.apply_retention,
         ]
+
+    async def repair_waiting(self, *, force: bool = False) -> int:
+        """Release WAITING tasks whose release was missed; returns how many.
+
+        Every ``repair_every`` seconds (or when ``force``): nothing but an
+        index-only probe while no task waits. Otherwise it reads the next
+        ``repair_keys`` keys with tasks waiting for a slot (from where the last
+        look stopped, around again at the end) and releases the tasks of those
+        with room through the store's release of free slots, which locks the
+        slots and decides again; then the types resumed with tasks still parked.
+        """
+        if not force and time.monotonic() - self._repaired_at < self.repair_every:
+            return 0
+        self._repaired_at = time.monotonic()
+        if not await self.store.waiting_any():
+            self._repair_after = ("", "")
+            return 0
+        keys = await self.store.waiting_keys(self._repair_after, self.repair_keys)
+        full = len(keys) >= self.repair_keys
+        self._repair_after = (keys[-1][0], keys[-1][1]) if full else ("", "")
+        by_type: dict[str, list[str]] = {}
+        for task_type, key, room in keys:
+            if room:
+                by_type.setdefault(task_type, []).append(key)
+        promoted = 0
+        for task_type, names in by_type.items():
+            promoted += await self.store.promote_type(task_type, names)
+        resumed = 0
+        for task_type in await self.store.waiting_resumed_types():
+            resumed += await self.store.release_paused(task_type, batches=1)
+        for reason, count in (("concurrency", promoted), ("paused", resumed)):
+            if count:
+                log.warning("%d WAITING tasks (%s) missed their release: released", count, reason)
+                if self.metrics is not None:
+                    self.metrics.waiting_repaired.labels(reason).inc(count)
+        return promoted + resumed
 
     async def recover_expired(self) -> int:
         """Take back claims whose lease expired and publish them; returns how many."""

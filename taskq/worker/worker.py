@@ -338,6 +338,7 @@ class Worker(Service):
                     settings.queues,
                     overdue_after=self._overdue_after,
                     check_every=settings.sweeper_check_every,
+                    repair_every=settings.sweeper_check_every,
                     retention=settings.retention,
                     metrics=self.metrics,
                     database_url=settings.database_url,

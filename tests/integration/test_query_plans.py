@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -220,3 +221,80 @@ async def test_waiting_tasks_are_listed_through_their_own_index(db: asyncpg.Conn
         )
     reads = scans(plan["Plan"])
     assert reads and not {"Seq Scan", "tasks_created_keyset"} & set(reads), reads
+
+
+def walk(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of a JSON plan tree."""
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from walk(child)
+
+
+def nodes(plan: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """Each node of a JSON plan tree that reads the tasks table: its type and index."""
+    found = []
+    if plan.get("Relation Name") == "tasks" and plan["Node Type"] != "ModifyTable":
+        found.append((plan["Node Type"], plan.get("Index Name")))
+    for child in plan.get("Plans", []):
+        found += nodes(child)
+    return found
+
+
+async def test_the_sweepers_look_for_missed_releases_reads_only_waiting_tasks(
+    db: asyncpg.Connection,
+) -> None:
+    # Thousands of tasks, none WAITING: the probe is an index-only scan of an index
+    # of WAITING rows; then thousands WAITING behind two keys: the walk reads one
+    # probe of tasks_waiting per key, and the tasks released for each key (none
+    # here) through tasks_released, never the other tasks.
+    await db.execute(
+        "INSERT INTO task_type (name, queue, concurrency_limit, concurrency_key,"
+        " concurrency_source) VALUES ('demo.noop', 'default', 2, 'k', 'api')"
+    )
+    await db.execute(
+        "INSERT INTO concurrency_slots (type, key, running, lim)"
+        " VALUES ('demo.noop', 'k0', 0, 2), ('demo.noop', 'k1', 2, 2)"
+    )
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
+        " attempts, finished_at)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60,"
+        " CASE WHEN g % 2 = 0 THEN 'SUCCEEDED' ELSE 'ENQUEUED' END, 0,"
+        " CASE WHEN g % 2 = 0 THEN now() END FROM generate_series(1, $1) g",
+        BACKLOG * 10,
+    )
+    await db.execute("VACUUM ANALYZE tasks")
+    statement = await db.prepare("EXPLAIN (ANALYZE, FORMAT JSON) " + sql.queries()["waiting_any"])
+    (plan,) = json.loads(await statement.fetchval())
+    reads = nodes(plan["Plan"])
+    assert len(reads) == 1 and reads[0][0] == "Index Only Scan", reads
+    assert reads[0][1] in {"tasks_waiting", "tasks_waiting_created"}, reads
+    assert await db.fetchval(sql.queries()["waiting_any"]) is False
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
+        " wait_reason, concurrency_key, published_at)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60, 'WAITING',"
+        " 'concurrency', 'k' || (g % 2), now() FROM generate_series(1, $1) g",
+        BACKLOG,
+    )
+    await db.execute("ANALYZE tasks")
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        async with db.transaction():
+            await db.execute(f"SET LOCAL plan_cache_mode = {mode}")
+            statement = await db.prepare(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + sql.queries()["waiting_keys"]
+            )
+            (plan,) = json.loads(await statement.fetchval("", "", 1000))
+        assert {index for _, index in nodes(plan["Plan"])} == {
+            "tasks_waiting",
+            "tasks_released",
+        }, mode
+        # A row or two per probe: the keys, never the tasks behind them.
+        read = sum(n["Actual Rows"] * n["Actual Loops"] for n in walk(plan["Plan"])
+                   if n.get("Relation Name") == "tasks")  # fmt: skip
+        assert read <= 3, (mode, read)
+    rows = await db.fetch(sql.queries()["waiting_keys"], "", "", 1000)
+    assert [(r["type"], r["key"], r["room"]) for r in rows] == [
+        ("demo.noop", "k0", True),
+        ("demo.noop", "k1", False),
+    ]

@@ -1,4 +1,5 @@
-"""The sweeper's duties: expired leases are taken back, lost envelopes are published again."""
+"""The sweeper's duties: expired leases are taken back, lost envelopes are published again,
+WAITING tasks whose release was missed are released."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from taskq.errors import StoreError
 from taskq.fleet.leader import SessionLock
 from taskq.fleet.relay import HEADER_REASON, Relay
 from taskq.fleet.sweeper import Sweeper
+from taskq.handlers import Context, Registry
 from taskq.metrics import WorkerMetrics
-from taskq.model import ClaimedTask
+from taskq.model import ClaimedTask, Concurrency
 from taskq.settings import Settings
-from tests.support.worker_fixtures import Harness, harness
+from tests.support.worker_fixtures import Harness, harness, running_worker, until
 
 pytestmark = pytest.mark.integration
 
@@ -175,3 +177,120 @@ async def test_a_silent_leader_loses_its_lock_to_another_and_finds_out(
     finally:
         await silent.release()
         await standby.release()
+
+
+repaired = Registry()
+
+
+@repaired.task("stuck.run", timeout=30, concurrency={"key": "customer", "limit": 2})
+async def stuck_run(payload: dict[str, Any], ctx: Context) -> None:
+    return None
+
+
+async def park_by_hand(
+    h: Harness, task_type: str, reason: str, key: str | None, payload: str = "{}"
+) -> uuid.UUID:
+    """A task WAITING with nothing to release it: no envelope, and for a concurrency
+    key, its slot row free (a release that was missed)."""
+    task_id = uuid.uuid4()
+    await h.store.pool.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
+        " wait_reason, concurrency_key, published_at)"
+        " VALUES ($1, $2, 'default', $3, 3, 30, 'WAITING', $4, $5, now())",
+        task_id, task_type, payload, reason, key,
+    )  # fmt: skip
+    if key is not None:
+        await h.store.pool.execute(
+            "INSERT INTO concurrency_slots (type, key, running, lim) VALUES ($1, $2, 0, 2)"
+            " ON CONFLICT DO NOTHING",
+            task_type,
+            key,
+        )
+    return task_id
+
+
+async def test_missed_releases_of_waiting_tasks_are_repaired(settings: Settings) -> None:
+    async with harness(settings) as h:
+        await h.put_type("resumed.t")
+        await h.put_type("limited.t")
+        await h.store.put_task_type(
+            "limited.t", queue="default", max_attempts=3, timeout_seconds=30.0,
+            backoff_json=None, payload_schema_json=None, enabled=True,
+            concurrency=Concurrency(2, "k", "api"),
+        )  # fmt: skip
+        sweeper, link = await make_sweeper(h, repair_keys=1)
+        try:
+            # Nothing waits: nothing to do.
+            assert await sweeper.repair_waiting(force=True) == 0
+            # Key a is full (two running, a third parked by the claim): it stays WAITING.
+            full = [await h.enqueue("limited.t", {"k": "a"}) for _ in range(3)]
+            rows = {r.id: r for r in await h.store.claim(full, "w", 30.0)}
+            assert rows[full[2]].decision == "parked"
+            stuck = await park_by_hand(h, "limited.t", "concurrency", "b", '{"k": "b"}')
+            # Key c has room for one, taken by a task released and on its way: it waits.
+            on_its_way = await park_by_hand(h, "limited.t", "concurrency", "c", '{"k": "c"}')
+            await h.store.pool.execute(
+                "UPDATE tasks SET status = 'ENQUEUED', wait_reason = NULL WHERE id = $1",
+                on_its_way,
+            )
+            await h.store.pool.execute("UPDATE concurrency_slots SET running = 1 WHERE key = 'c'")
+            behind = await park_by_hand(h, "limited.t", "concurrency", "c", '{"k": "c"}')
+            resumed = await park_by_hand(h, "resumed.t", "paused", None)
+            paused = await park_by_hand(h, "limited.t", "paused", None)
+            await h.store.pause_type("limited.t", True)
+            assert await h.store.waiting_keys(("", ""), 10) == [
+                ("limited.t", "a", False),
+                ("limited.t", "b", True),
+                ("limited.t", "c", False),
+            ]
+            # Not before its interval is over.
+            assert await sweeper.repair_waiting() == 0
+            # One key per pass (repair_keys=1): a, then b; the resumed type's at once.
+            assert await sweeper.repair_waiting(force=True) == 1
+            assert (await h.task(resumed)).status == "ENQUEUED"
+            assert (await h.task(stuck)).status == "WAITING"
+            assert await sweeper.repair_waiting(force=True) == 1
+            row = await h.task(stuck)
+            assert (row.status, row.wait_reason) == ("ENQUEUED", None)
+            # c, then around again: a and c have no room, the paused type's task waits.
+            for _ in range(4):
+                assert await sweeper.repair_waiting(force=True) == 0
+            assert (await h.task(full[2])).status == "WAITING"
+            assert (await h.task(behind)).status == "WAITING"
+            assert (await h.task(paused)).status == "WAITING"
+            # Released with their publishes owed.
+            owed = await h.store.owed_among([stuck, resumed, full[2], paused, behind])
+            assert sorted(o.id for o in owed) == sorted([stuck, resumed])
+        finally:
+            await sweeper.stop()
+            await link.stop()
+        assert sweeper.metrics is not None
+        for reason in ("concurrency", "paused"):
+            assert (
+                sweeper.metrics.registry.get_sample_value(
+                    "taskq_waiting_repaired_total", {"reason": reason}
+                )
+                == 1
+            )
+
+
+async def test_a_workers_sweeper_releases_a_stuck_waiting_task_and_it_runs(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={"sweeper_check_every": 0.5})
+    async with harness(settings) as h, running_worker(settings, repaired):
+
+        async def registered() -> bool:
+            return any(t.name == "stuck.run" for t in await h.store.task_types())
+
+        await until(registered, "the worker did not register its type")
+        task_id = await park_by_hand(h, "stuck.run", "concurrency", "c1", '{"customer": "c1"}')
+        row = await h.wait_for(task_id, "SUCCEEDED", timeout=30)
+        assert row.attempts == 1
+        history = [e.status for e in await h.events(task_id)]
+        assert history[-3:] == ["ENQUEUED", "RUNNING", "SUCCEEDED"]
+        async with h.store.pool.acquire() as connection:
+            running = await connection.fetchval(
+                "SELECT running FROM concurrency_slots WHERE type = 'stuck.run' AND key = 'c1'"
+            )
+        assert running == 0
