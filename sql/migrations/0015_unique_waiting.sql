@@ -20,9 +20,10 @@
 --    it under the old one, or when an older WAITING row holds it too. Both
 --    tasks stay as they are otherwise; only the index would refuse them.
 -- 2. The new index is built CONCURRENTLY (writes go on meanwhile). Should a
---    process that does not know it yet insert a duplicate during the build, the
---    build fails and leaves the index invalid; the next run drops it
---    (taskq.migrate), gives the duplicate's key up (1.) and builds it again.
+--    process of the older version insert a duplicate of a waiting task's key
+--    during the build, either its insert fails or the build does, leaving the
+--    index invalid; the next run drops it (taskq.migrate), gives the
+--    duplicate's key up (1.) and builds it again.
 -- 3. The old index is dropped, CONCURRENTLY. While both exist, an insert must
 --    pass both (ON CONFLICT DO NOTHING names no arbiter: it checks every one).
 -- Each statement may run again after a failed run.
