@@ -53,7 +53,7 @@ class UniqueBody(BaseModel):
     while_: Literal["queued", "active", "until_finished"] = Field(
         "active",
         alias="while",
-        description="queued: ENQUEUED, not yet started; active: ENQUEUED or RUNNING;"
+        description="queued: ENQUEUED or WAITING, not yet started; active: also RUNNING;"
         " until_finished: also SUCCEEDED (FAILED and CANCELLED free the key).",
     )
     for_: float | str | None = Field(
