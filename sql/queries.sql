@@ -451,28 +451,28 @@ JOIN taskq.task_type t ON t.name = r.type AND t.enabled
 -- Unique keys in one order: two statements inserting the same keys in their
 -- transactions (batches) wait for each other in turn, never both ways (a deadlock).
 ORDER BY r.unique_key, r.n
--- Every arbiter: the idempotency key's index and the unique key's (tasks_unique_key).
+-- Every arbiter: the idempotency key's index and the unique key's (tasks_unique_holder).
 ON CONFLICT DO NOTHING
 RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, generation,
           greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay;
 
 -- name: enqueue_unique_holders
--- The tasks that hold some unique keys (the predicate is tasks_unique_key's, see
--- migration 0011), with the enqueue's answer, whether their hold has expired
+-- The tasks that hold some unique keys (the predicate is tasks_unique_holder's, see
+-- migration 0015), with the enqueue's answer, whether their hold has expired
 -- (unique_until passed: enqueue_unique_release frees it) and whether a duplicate
--- may replace their payload and run_at (ENQUEUED and never started).
+-- may replace their payload and run_at (ENQUEUED or WAITING, and never started).
 -- Each key is looked up through that index, one lookup per key (the LATERAL, kept
 -- apart by its LIMIT: a key has one holder): as a join the planner may read the
 -- whole index ANDed with the indexes of each status instead.
 -- :unique_keys text[]
 SELECT t.id, t.type, t.queue, t.status, t.attempts, t.max_attempts, t.run_at, t.created_at,
        t.unique_key, coalesce(t.unique_until <= now(), false) AS expired,
-       t.status = 'ENQUEUED' AND t.started_at IS NULL AS replaceable
+       t.status IN ('ENQUEUED', 'WAITING') AND t.started_at IS NULL AS replaceable
 FROM unnest(:unique_keys::text[]) AS k(key)
 CROSS JOIN LATERAL (
     SELECT * FROM taskq.tasks t
     WHERE t.unique_key = k.key AND t.unique_key IS NOT NULL AND (
-        (t.status = 'ENQUEUED' AND (t.unique_while <> 'queued' OR t.started_at IS NULL))
+        (t.status IN ('ENQUEUED', 'WAITING') AND (t.unique_while <> 'queued' OR t.started_at IS NULL))
         OR (t.status = 'RUNNING' AND t.unique_while <> 'queued')
         OR (t.status = 'SUCCEEDED' AND t.unique_while = 'until_finished'))
     LIMIT 1
@@ -481,7 +481,7 @@ CROSS JOIN LATERAL (
 -- name: enqueue_unique_release
 -- Frees the unique keys of holders whose time ("for") has passed, so that the
 -- enqueue that found them can insert: unique_key NULL takes a row out of
--- tasks_unique_key for good. Only the key changes; the task goes on as it was.
+-- tasks_unique_holder for good. Only the key changes; the task goes on as it was.
 -- Rows are locked in id order through the primary key, as `claim` locks them.
 -- :ids uuid[]
 WITH expired AS (
@@ -497,11 +497,13 @@ UPDATE taskq.tasks SET unique_key = NULL
 WHERE id = ANY(ARRAY(SELECT id FROM expired));
 
 -- name: enqueue_replace
--- Debounce (on_conflict "replace"): holders still ENQUEUED and never started take
--- a duplicate's payload and run_at. When run_at moves earlier, a publish is owed
--- (a new generation: the envelope in the broker is due later and stays harmless,
--- the claim drops it); when it moves later, the envelope in the broker comes
--- early and the claim sends it back through the delay queues. Rows are locked in
+-- Debounce (on_conflict "replace"): holders still ENQUEUED or WAITING and never
+-- started take a duplicate's payload and run_at. When the run_at of an ENQUEUED
+-- one moves earlier, a publish is owed (a new generation: the envelope in the
+-- broker is due later and stays harmless, the claim drops it); when it moves
+-- later, the envelope in the broker comes early and the claim sends it back
+-- through the delay queues. A WAITING one has no envelope and owes nothing: its
+-- release owes the publish, delayed until its run_at then. Rows are locked in
 -- id order, as `claim` locks them; one claimed meanwhile is left alone (no row back).
 -- :ids uuid[] (distinct), :payloads text[] (json), :run_at timestamptz[] (NULL: now + delay),
 -- :delays float8[] (NULL: 0)
@@ -512,21 +514,22 @@ WITH r AS (
         AS r(id, payload, run_at, delay)
     ORDER BY r.id
 ), held AS (
-    SELECT t.id, t.run_at AS old_run_at, r.payload, r.run_at
+    SELECT t.id, t.status = 'ENQUEUED' AND r.run_at < t.run_at AS republish, r.payload,
+           r.run_at
     FROM r CROSS JOIN LATERAL (
-        SELECT t.id, t.run_at FROM taskq.tasks t
-        WHERE t.id = r.id AND t.status = 'ENQUEUED' AND t.started_at IS NULL
+        SELECT t.id, t.status, t.run_at FROM taskq.tasks t
+        WHERE t.id = r.id AND t.status IN ('ENQUEUED', 'WAITING') AND t.started_at IS NULL
         FOR UPDATE
     ) t
 )
 UPDATE taskq.tasks t SET
     payload = h.payload::jsonb, run_at = h.run_at, updated_at = now(),
-    published_at = CASE WHEN h.run_at < h.old_run_at THEN NULL ELSE t.published_at END,
-    generation = CASE WHEN h.run_at < h.old_run_at THEN t.generation + 1 ELSE t.generation END
+    published_at = CASE WHEN h.republish THEN NULL ELSE t.published_at END,
+    generation = CASE WHEN h.republish THEN t.generation + 1 ELSE t.generation END
 FROM held h
 WHERE t.id = ANY(ARRAY(SELECT id FROM held)) AND t.id = h.id
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.max_attempts, t.run_at, t.created_at,
-          t.generation, t.traceparent, h.run_at < h.old_run_at AS republish,
+          t.generation, t.traceparent, h.republish,
           greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay;
 
 -- name: enqueue_existing
@@ -617,11 +620,11 @@ SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempoten
        CASE WHEN status = 'ENQUEUED' THEN limited_until END AS limited_until,
        p.details::text AS progress_details,
        p.attempt AS progress_attempt, p.updated_at AS progress_at,
-       -- Its unique key, and whether it holds it now (tasks_unique_key's predicate,
+       -- Its unique key, and whether it holds it now (tasks_unique_holder's predicate,
        -- and unique_until not passed).
        unique_key, unique_while, unique_until,
        unique_key IS NOT NULL AND coalesce(unique_until > now(), true) AND (
-           (status = 'ENQUEUED' AND (unique_while <> 'queued' OR started_at IS NULL))
+           (status IN ('ENQUEUED', 'WAITING') AND (unique_while <> 'queued' OR started_at IS NULL))
            OR (status = 'RUNNING' AND unique_while <> 'queued')
            OR (status = 'SUCCEEDED' AND unique_while = 'until_finished')) AS unique_held
 FROM taskq.tasks t LEFT JOIN taskq.task_progress p ON p.task_id = t.id

@@ -7,12 +7,13 @@ it gives a task. Pure: the database arbitrates (see sql/migrations/0011_unique.s
   of that field), or any other text: the key itself. Keys are per task type.
 - ``while``: the states in which a task holds its key: ``queued`` (ENQUEUED and not
   yet started), ``active`` (ENQUEUED or RUNNING, the default) or ``until_finished``
-  (also SUCCEEDED: only FAILED and CANCELLED free it).
+  (also SUCCEEDED: only FAILED and CANCELLED free it). WAITING (a paused type, a
+  concurrency limit) holds it as ENQUEUED does (migration 0015).
 - ``for``: a bound in time (seconds, or ``10m``): a task holds its key at most that
   long after its enqueue. None: as long as its state holds it.
 - ``on_conflict``: ``keep`` (the default: the duplicate enqueue creates nothing and
-  answers with the holder) or ``replace`` (debounce: the holder, while queued and not
-  yet started, takes the duplicate's payload and run_at).
+  answers with the holder) or ``replace`` (debounce: the holder, while ENQUEUED or
+  WAITING and not yet started, takes the duplicate's payload and run_at).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class UniqueBody(BaseModel):
     while_: Literal["queued", "active", "until_finished"] = Field(
         "active",
         alias="while",
-        description="queued: ENQUEUED, not yet started; active: ENQUEUED or RUNNING;"
+        description="queued: ENQUEUED or WAITING, not yet started; active: also RUNNING;"
         " until_finished: also SUCCEEDED (FAILED and CANCELLED free the key).",
     )
     for_: float | str | None = Field(

@@ -27,9 +27,10 @@ commit with it; deliveries marked redelivered are begun only after the commit.
 A claim that fails after handlers began marks its deliveries redelivered too.
 
 A paused queue's buffered deliveries are given back to the broker unclaimed
-(nacked with requeue), and so are those of a failed claim put back after the
-pause; a claim already in flight when the pause comes goes on (see
-:mod:`taskq.worker.pauses`).
+(nacked with requeue), and so are its held ones (never claimed when they come
+due), those a claim in flight decides to hold after the pause, and those of a
+failed claim put back after the pause; a claim already in flight when the pause
+comes goes on (see :mod:`taskq.worker.pauses`).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class Claimer(Service):
         self._stopping = False
         self._background: set[asyncio.Task[Any]] = set()
         self._paused: set[str] = set()
-        self._held: dict[int, asyncio.TimerHandle] = {}  # by id() of the delivery
+        # Early and limited deliveries held until they are due, by id() of the delivery.
+        self._held: dict[int, tuple[Delivery, asyncio.TimerHandle]] = {}
         self._due = 0  # held deliveries that came due since the last batch was taken
 
     @property
@@ -140,10 +142,16 @@ class Claimer(Service):
             self._wake.set()
 
     def pause(self, queue: str) -> int:
-        """Claim nothing more of ``queue``: give its buffered deliveries back to the
-        broker, unclaimed; returns how many."""
+        """Claim nothing more of ``queue``: give its buffered and held deliveries back
+        to the broker, unclaimed; returns how many."""
         self._paused.add(queue)
-        given = self._buffers.remove(queue)
+        held = [delivery for delivery, _ in self._held.values() if delivery.queue == queue]
+        for delivery in held:
+            _, handle = self._held.pop(id(delivery))
+            handle.cancel()
+        if held:
+            self.metrics.held.set(len(self._held))
+        given = self._buffers.remove(queue) + held
         self._give_back(given)
         return len(given)
 
@@ -171,7 +179,7 @@ class Claimer(Service):
         missing deliveries being settled."""
         self._stopping = True
         self._buffers.clear()  # unacked: requeued when the channels close
-        for handle in self._held.values():
+        for _, handle in self._held.values():
             handle.cancel()
         self._held.clear()
         self._wake.set()
@@ -326,11 +334,16 @@ class Claimer(Service):
         await self._acker.ack([delivery])
 
     def _hold(self, delivery: Delivery, delay: float) -> None:
-        """Keep ``delivery`` (unacked) and buffer it again in ``delay`` seconds."""
+        """Keep ``delivery`` (unacked) and buffer it again in ``delay`` seconds; give it
+        back at once if its queue was paused while its claim ran."""
         if self._stopping:
             return
+        if delivery.queue in self._paused:
+            self._give_back([delivery])
+            return
         loop = asyncio.get_running_loop()
-        self._held[id(delivery)] = loop.call_at(loop.time() + delay, self._come_due, delivery)
+        handle = loop.call_at(loop.time() + delay, self._come_due, delivery)
+        self._held[id(delivery)] = (delivery, handle)
         self.metrics.held.set(len(self._held))
 
     def _come_due(self, delivery: Delivery) -> None:

@@ -193,3 +193,61 @@ def test_a_no_transaction_migration_is_split_into_its_statements() -> None:
     assert migration.concurrent_indexes() == ["t_a"]
     with pytest.raises(ValueError, match="dollar-quoted"):
         sql.Migration(9004, "body", "-- taskq:no-transaction\nDO $$ BEGIN END $$;\n").statements()
+
+
+async def test_0015_gives_up_the_keys_of_duplicates_a_waiting_holder_let_in(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    # As before 0015: tasks_unique_key ignored WAITING rows, so a duplicate of a
+    # waiting task's key could be inserted. 0015 runs again over such rows.
+    await db.execute("DROP INDEX tasks_unique_holder")
+    await db.execute(
+        "CREATE UNIQUE INDEX tasks_unique_key ON tasks (unique_key)"
+        " WHERE unique_key IS NOT NULL AND ("
+        " (status = 'ENQUEUED' AND (unique_while <> 'queued' OR started_at IS NULL))"
+        " OR (status = 'RUNNING' AND unique_while <> 'queued')"
+        " OR (status = 'SUCCEEDED' AND unique_while = 'until_finished'))"
+    )
+    await db.execute("DELETE FROM taskq_migrations WHERE version = 15")
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    rows = [
+        # (name, status, unique_key, unique_while, started, created seconds ago)
+        ("a_waiting", "WAITING", "demo.noop/a", "active", False, 30),
+        ("a_enqueued", "ENQUEUED", "demo.noop/a", "active", False, 20),
+        ("b_older", "WAITING", "demo.noop/b", "queued", False, 30),
+        ("b_younger", "WAITING", "demo.noop/b", "until_finished", False, 20),
+        ("c_started", "WAITING", "demo.noop/c", "queued", True, 30),  # holds nothing
+        ("c_enqueued", "ENQUEUED", "demo.noop/c", "queued", False, 20),
+        ("d_alone", "WAITING", "demo.noop/d", "active", False, 30),
+    ]
+    for name, status, key, while_, started, age in rows:
+        await db.execute(
+            "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
+            " wait_reason, unique_key, unique_while, started_at, created_at)"
+            " VALUES (gen_random_uuid(), 'demo.noop', 'default', $1::jsonb, 3, 30, $2,"
+            " CASE WHEN $2 = 'WAITING' THEN 'paused' END, $3, $4,"
+            " CASE WHEN $5 THEN now() END, now() - make_interval(secs => $6))",
+            f'{{"name": "{name}"}}', status, key, while_, started, age,
+        )  # fmt: skip
+
+    report = await migrate(database_url)
+    assert report.applied == ["0015_unique_waiting"]
+    keys = {
+        row["name"]: row["unique_key"]
+        for row in await db.fetch("SELECT payload->>'name' AS name, unique_key FROM tasks")
+    }
+    assert keys == {
+        "a_waiting": None, "a_enqueued": "demo.noop/a",
+        "b_older": "demo.noop/b", "b_younger": None,
+        "c_started": "demo.noop/c", "c_enqueued": "demo.noop/c",
+        "d_alone": "demo.noop/d",
+    }  # fmt: skip
+    indexes = await db.fetch(
+        "SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relname IN ('tasks_unique_key', 'tasks_unique_holder')"
+    )
+    assert [(row["name"], row["valid"]) for row in indexes] == [("tasks_unique_holder", True)]
+    # Every statement runs again harmlessly.
+    await db.execute("DELETE FROM taskq_migrations WHERE version = 15")
+    assert (await migrate(database_url)).applied == ["0015_unique_waiting"]

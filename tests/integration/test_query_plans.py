@@ -193,7 +193,7 @@ async def test_the_holders_of_unique_keys_are_found_through_their_index(
                 "EXPLAIN (FORMAT JSON) " + sql.queries()["enqueue_unique_holders"]
             )
             (plan,) = json.loads(await statement.fetchval(keys))
-        assert scans(plan["Plan"]) == ["tasks_unique_key"], mode
+        assert scans(plan["Plan"]) == ["tasks_unique_holder"], mode
 
 
 async def test_waiting_tasks_are_listed_through_their_own_index(db: asyncpg.Connection) -> None:

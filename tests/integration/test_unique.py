@@ -18,6 +18,7 @@ import pytest
 
 from taskq import Client, EnqueueResult, SyncClient
 from taskq.handlers import Context, Registry
+from taskq.model import ClaimedTask
 from taskq.settings import Settings
 from tests.support.api_fixtures import (
     assert_problem,
@@ -201,6 +202,12 @@ async def set_state(db: asyncpg.Connection, task_id: str, status: str) -> None:
             " worker_id = NULL WHERE id = $1",
             ident,
         )
+    elif status == "WAITING":  # a retry parked by the claim (its type paused)
+        await db.execute(
+            "UPDATE taskq.tasks SET status = 'WAITING', wait_reason = 'paused',"
+            " lease_expires_at = NULL, worker_id = NULL WHERE id = $1",
+            ident,
+        )
     elif status != "RUNNING":
         await db.execute(
             "UPDATE taskq.tasks SET status = $2, finished_at = now(), lease_expires_at = NULL"
@@ -212,10 +219,17 @@ async def set_state(db: asyncpg.Connection, task_id: str, status: str) -> None:
 
 # Whether a task in each state (after it started) still holds its key.
 HOLDS = {
-    "queued": {"RUNNING": False, "ENQUEUED": False, "SUCCEEDED": False, "FAILED": False},
-    "active": {"RUNNING": True, "ENQUEUED": True, "SUCCEEDED": False, "FAILED": False},
-    "until_finished": {"RUNNING": True, "ENQUEUED": True, "SUCCEEDED": True, "FAILED": False},
-}
+    "queued": {
+        "RUNNING": False, "ENQUEUED": False, "WAITING": False, "SUCCEEDED": False,
+        "FAILED": False,
+    },
+    "active": {
+        "RUNNING": True, "ENQUEUED": True, "WAITING": True, "SUCCEEDED": False, "FAILED": False,
+    },
+    "until_finished": {
+        "RUNNING": True, "ENQUEUED": True, "WAITING": True, "SUCCEEDED": True, "FAILED": False,
+    },
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", sorted(HOLDS))
@@ -317,6 +331,85 @@ async def test_replace_from_many_concurrent_enqueues_leaves_one_row(
     responses = await asyncio.gather(*(api.post("/enqueue", json=b) for b in bodies))
     assert sorted(r.status_code for r in responses) == [200] * 49 + [201]
     assert await count(db) == 1
+
+
+@pytest.mark.parametrize("mode", sorted(HOLDS))
+async def test_a_task_parked_by_a_paused_type_holds_its_key(
+    api: httpx.AsyncClient, db: asyncpg.Connection, settings: Settings, mode: str
+) -> None:
+    # WAITING has not run: for its key it is still queued, in every mode.
+    unique = {"key": "$.user", "while": mode}
+    async with harness(settings) as h:
+        assert await h.store.pause_type("demo.echo", True) is not None
+        first = await api.post("/enqueue", json=enqueue_body(1, unique))
+        assert first.status_code == 201, first.text
+        task_id = uuid.UUID(first.json()["id"])
+        [parked] = await h.store.claim([task_id], "w", 30.0)
+        assert parked.decision == "parked"
+        task = (await api.get(f"/tasks/{task_id}")).json()
+        assert (task["status"], task["wait_reason"]) == ("WAITING", "paused")
+        assert task["unique"]["held"] is True
+        again = await api.post("/enqueue", json=enqueue_body(1, unique))
+        assert again.status_code == 200 and again.headers["unique-duplicate"] == "kept"
+        assert again.json()["id"] == str(task_id) and again.json()["status"] == "WAITING"
+        assert await count(db) == 1
+        # Released by the resume: ENQUEUED, never started, the holder still.
+        assert await h.store.pause_type("demo.echo", False) is not None
+        assert (await h.task(task_id)).status == "ENQUEUED"
+        assert (await api.post("/enqueue", json=enqueue_body(1, unique))).status_code == 200
+        assert await count(db) == 1
+
+
+async def test_a_task_parked_by_a_concurrency_limit_holds_its_key_and_debounces(
+    api: httpx.AsyncClient, db: asyncpg.Connection, settings: Settings
+) -> None:
+    await put_type(api, "demo.limited", concurrency={"key": "user", "limit": 1})
+    unique = {"key": "$.n"}
+    debounce = {**unique, "on_conflict": "replace"}
+    async with harness(settings) as h:
+        busy = await api.post("/enqueue", json={"type": "demo.limited", "payload": {"user": 1}})
+        busy_id = uuid.UUID(busy.json()["id"])
+        [running] = await h.store.claim([busy_id], "w", 30.0)
+        assert isinstance(running, ClaimedTask)
+        body = {"type": "demo.limited", "payload": {"user": 1, "n": 1}, "unique": unique}
+        first = await api.post("/enqueue", json=body)
+        assert first.status_code == 201, first.text
+        task_id = uuid.UUID(first.json()["id"])
+        [parked] = await h.store.claim([task_id], "w", 30.0)
+        assert parked.decision == "parked"
+        assert (await h.task(task_id)).wait_reason == "concurrency"
+
+        again = await api.post("/enqueue", json=body)
+        assert again.status_code == 200 and again.headers["unique-duplicate"] == "kept"
+        assert again.json()["id"] == str(task_id) and again.json()["status"] == "WAITING"
+        # Debounce: the WAITING holder takes the payload and run_at, and waits on,
+        # owing no publish (it has no envelope; its release owes one).
+        generation = await db.fetchval("SELECT generation FROM taskq.tasks WHERE id = $1", task_id)
+        moved = {**body, "payload": {"user": 1, "n": 1, "v": 2}, "unique": debounce, "delay": 600}
+        replaced = await api.post("/enqueue", json=moved)
+        assert replaced.status_code == 200 and replaced.headers["unique-duplicate"] == "replaced"
+        assert replaced.json()["id"] == str(task_id) and replaced.json()["status"] == "WAITING"
+        row = await db.fetchrow(
+            "SELECT status, payload::text, generation, published_at IS NOT NULL AS published,"
+            " run_at > now() + interval '5 minutes' AS later FROM taskq.tasks WHERE id = $1",
+            task_id,
+        )
+        assert row["status"] == "WAITING" and row["published"] and row["later"]
+        assert json.loads(row["payload"]) == {"user": 1, "n": 1, "v": 2}
+        assert row["generation"] == generation
+        assert await h.store.owed_among([task_id]) == []
+        earlier = await api.post("/enqueue", json={**moved, "delay": 0})
+        assert earlier.headers["unique-duplicate"] == "replaced"
+        assert await h.store.owed_among([task_id]) == []
+        assert await count(db) == 2
+
+        # The slot frees: released ENQUEUED with its publish owed, the holder still.
+        await h.store.complete([(busy_id, running.claim_token, "null")], holds_slots=True)
+        assert (await h.task(task_id)).status == "ENQUEUED"
+        [owed] = await h.store.owed_among([task_id])
+        assert owed.id == task_id
+        assert (await api.post("/enqueue", json=body)).json()["id"] == str(task_id)
+        assert await count(db) == 2
 
 
 async def test_idempotency_keys_compose_with_unique(

@@ -14,7 +14,7 @@ from taskq.errors import StoreError
 from taskq.model import ClaimDecision
 from taskq.worker import claims
 from taskq.worker.consumer import Buffers, Delivery
-from tests.unit.test_claims import Channel, Claiming, Store
+from tests.unit.test_claims import DELAYS, Channel, Claiming, Store
 
 
 def delivery(tag: int, queue: str) -> Delivery:
@@ -58,18 +58,66 @@ async def test_a_pause_gives_the_buffered_deliveries_of_its_queue_back() -> None
     assert c.buffers.take(10) == [again]
 
 
+async def claim_while_pausing(c: Claiming, batch: list[Delivery], queue: str) -> None:
+    """Claim ``batch`` as run() does, pausing ``queue`` while the claim runs."""
+    c.claimer._reserved += len(batch)
+    c.claimer._claims += 1
+    claim = asyncio.create_task(c.claimer._claim(batch))
+    c.claimer.pause(queue)
+    await claim
+    await settled(c)
+
+
 async def test_a_failed_claim_gives_back_the_deliveries_of_a_queue_paused_meanwhile(
     monkeypatch: Any,
 ) -> None:
     monkeypatch.setattr(claims, "STORE_RETRY_SECONDS", 0.0)
     c = claiming(Store(error=StoreError("down")))
     low, other = delivery(1, "low"), delivery(2, "default")
-    c.claimer._reserved += 2
-    c.claimer._claims += 1
-    claim = asyncio.create_task(c.claimer._claim([low, other]))
-    c.claimer.pause("low")  # while the claim runs
-    await claim
-    await settled(c)
+    await claim_while_pausing(c, [low, other], "low")
     assert c.acker.given_back == [1]
     assert c.buffers.take(10) == [other]
     assert c.claimer._reserved == 0 and c.count(ClaimDecision.CLAIMED) == 0
+
+
+async def until_none_held(c: Claiming) -> None:
+    """Wait (5 s at most) for the held deliveries to come due."""
+    for _ in range(500):
+        if not c.claimer.held:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("held deliveries did not come due")
+
+
+async def test_a_pause_gives_back_the_held_deliveries_of_its_queue() -> None:
+    # Early or limited deliveries due within the hold wait unacked in the claimer; a
+    # pause gives its queue's back at once, so none is claimed when it comes due.
+    low, other = delivery(1, "low"), delivery(2, "default")
+    for d in (low, other):
+        DELAYS[d.envelope.id] = 1.0
+    c = claiming(Store({low.envelope.id: ClaimDecision.LIMITED,
+                        other.envelope.id: ClaimDecision.EARLY}))  # fmt: skip
+    await c.claim([low, other])
+    assert c.claimer.held == 2 and c.acker.given_back == []
+    assert c.claimer.pause("low") == 1
+    assert c.claimer.held == 1
+    assert c.claimer.metrics.registry.get_sample_value("taskq_deliveries_held") == 1
+    await settled(c)
+    assert c.acker.given_back == [1]
+    await until_none_held(c)
+    # Only the other queue's came due: back in the buffer to be claimed.
+    assert c.buffers.take(10) == [other]
+    assert c.acker.acked == [] and c.acker.rejected == [] and c.publisher.sent == []
+
+
+async def test_a_claim_in_flight_gives_back_what_it_would_hold_of_a_paused_queue() -> None:
+    low, other = delivery(1, "low"), delivery(2, "default")
+    for d in (low, other):
+        DELAYS[d.envelope.id] = 1.0
+    store = Store({low.envelope.id: ClaimDecision.LIMITED,
+                   other.envelope.id: ClaimDecision.LIMITED})  # fmt: skip
+    c = claiming(store)
+    await claim_while_pausing(c, [low, other], "low")
+    assert c.acker.given_back == [1]
+    await until_none_held(c)
+    assert c.buffers.take(10) == [other] and c.claimer._reserved == 0
