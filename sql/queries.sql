@@ -838,7 +838,97 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 -- ---------------------------------------------------------------- worker
 
 -- name: claim
--- Claims a batch of deliveries in one statement. Each id gets a decision:
+-- Claims a batch of deliveries in one statement, for types without a gate: the
+-- statement a worker runs for every batch. Each id gets a decision as in
+-- `claim_gated`, or
+--   gated     - it would be claimed but its type is gated (paused, or with a
+--               concurrency limit or a rate limiter): nothing changed; claim it
+--               with `claim_gated` (the store does, at once).
+-- The gates are read in the same snapshot as the rows, so a row of a type gated
+-- before this statement began is never claimed here. Keeping the gates out of
+-- this statement keeps its plan small: Postgres settles on a generic plan for
+-- it, where the whole `claim_gated` statement is planned anew at each call.
+-- Returns what `claim_gated` returns.
+-- :ids uuid[], :worker_id, :lease_seconds
+WITH input AS (
+    SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id
+), gated_types AS MATERIALIZED (
+    -- Usually none: a few rows of a small table, read once.
+    SELECT g.name FROM taskq.task_type g
+    WHERE g.paused OR g.concurrency_limit IS NOT NULL OR g.limiter IS NOT NULL
+), locked AS (
+    -- One primary-key lookup per id, locked in id order (see mark_published).
+    SELECT t.*
+    FROM (SELECT id FROM input ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts,
+               t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at, t.traceparent,
+               t.concurrency_key
+        FROM taskq.tasks t WHERE t.id = i.id AND t.status <> 'WAITING'
+        FOR UPDATE
+    ) t
+), decided AS (
+    -- `at`: the clock when the row is decided (after its lock): the claim's start.
+    SELECT l.id, c.at,
+           CASE
+               WHEN l.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED') THEN 'terminal'
+               WHEN l.status = 'RUNNING' AND (l.lease_expires_at > c.at
+                                              OR l.cancel_requested_at IS NOT NULL
+                                              OR l.concurrency_key IS NOT NULL)
+                   THEN 'duplicate'
+               WHEN l.attempts >= l.max_attempts THEN 'exhausted'
+               WHEN l.run_at > c.at THEN 'early'
+               WHEN l.type IN (SELECT name FROM gated_types) THEN 'gated'
+               ELSE 'claimed'
+           END AS decision
+    FROM locked l CROSS JOIN LATERAL (SELECT clock_timestamp() AS at) c
+), claimed AS (
+    -- The decision's clock, not the transaction's (see claim_gated).
+    UPDATE taskq.tasks t SET
+        status = 'RUNNING', attempts = t.attempts + 1, worker_id = :worker_id,
+        claim_token = gen_random_uuid(),
+        lease_expires_at = d.at + make_interval(secs => :lease_seconds),
+        started_at = d.at, updated_at = d.at,
+        published_at = coalesce(t.published_at, d.at),
+        last_error = CASE WHEN t.status = 'RUNNING'
+                          THEN 'lease expired: worker ' || t.worker_id || ' stopped heartbeating'
+                          ELSE t.last_error END,
+        -- No slot: a takeover holding one is a duplicate (above).
+        concurrency_key = NULL, limited_until = NULL, limited_by = NULL
+    FROM decided d
+    WHERE d.id = t.id AND d.decision = 'claimed'
+      AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'claimed'))
+    RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
+              t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.concurrency_key
+), exhausted AS (
+    UPDATE taskq.tasks t SET
+        status = 'FAILED', finished_at = now(), updated_at = now(), lease_expires_at = NULL,
+        claim_token = NULL, last_error = coalesce(t.last_error, 'no attempt left'),
+        published_at = NULL, generation = t.generation + 1
+    FROM decided d
+    WHERE d.id = t.id AND d.decision = 'exhausted'
+      AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'exhausted'))
+    RETURNING t.id, t.last_error, t.generation
+)
+SELECT i.id,
+       CASE WHEN d.decision IS NOT NULL THEN d.decision
+            -- Not locked: WAITING, or no such task (see claim_gated).
+            WHEN (SELECT true FROM taskq.tasks w WHERE w.id = i.id) THEN 'parked'
+            ELSE 'missing' END AS decision,
+       l.type, l.queue,
+       c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
+       c.timeout_seconds, l.run_at, c.created_at, c.claim_token, x.last_error, x.generation,
+       greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay,
+       l.traceparent, c.concurrency_key
+FROM input i
+LEFT JOIN decided d ON d.id = i.id
+LEFT JOIN locked l ON l.id = i.id
+LEFT JOIN claimed c ON c.id = i.id
+LEFT JOIN exhausted x ON x.id = i.id;
+
+-- name: claim_gated
+-- Claims a batch of deliveries in one statement, gates and all (the worker runs
+-- `claim` first, and this for the ids it finds gated). Each id gets a decision:
 --   claimed   - now RUNNING under this worker's lease, attempts + 1: run it;
 --   terminal  - SUCCEEDED, FAILED or CANCELLED already: drop the delivery;
 --   duplicate - RUNNING under a live lease: the lease holder (or the sweeper) owns it,

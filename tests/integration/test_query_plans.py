@@ -41,6 +41,7 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "mark_published": ([0] * 200,),
     "set_aside": ([0] * 200, ["unroutable"] * 200, 30.0, 600.0),
     "claim": ("w1", 30.0),
+    "claim_gated": ("w1", 30.0),
     "complete": (TOKENS, ["null"] * 200),
     "retry": (TOKENS, ["boom"] * 200, [1.0] * 200),
     "fail": (TOKENS, ["boom"] * 200),
@@ -51,8 +52,8 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "wait_request": (),
 }
 # Those that lock what they change: only ever through the primary key.
-THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "complete",
-                   "retry", "fail", "give_back", "cancel_running", "set_aside",
+THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "claim_gated",
+                   "complete", "retry", "fail", "give_back", "cancel_running", "set_aside",
                    "enqueue_replace", "enqueue_unique_release", "wait_request"}  # fmt: skip
 
 

@@ -57,6 +57,7 @@ _CONCURRENCY = ("concurrency_limit", "concurrency_key", "concurrency_source")
 # The columns each query returns, in order, as the record built from its rows reads them.
 RECORD_COLUMNS = {
     "claim": list(model.COLUMNS["claim"]),
+    "claim_gated": list(model.COLUMNS["claim"]),
     **{name: list(model.COLUMNS["owed"]) for name in model.OWED_QUERIES},
     "task_get": _fields(
         model.TaskRecord,

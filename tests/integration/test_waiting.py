@@ -442,3 +442,45 @@ async def test_a_freed_slot_releases_the_oldest_waiting_task_of_its_key(
         # Released with its publish owed, named to the relay.
         [owed] = await h.store.owed_among([second])
         assert owed.id == second
+
+
+@pytest.mark.parametrize("open_claim", [False, True])
+async def test_a_batch_mixing_gated_and_plain_types_gets_each_its_decision(
+    settings: Settings, open_claim: bool
+) -> None:
+    # The worker's claim statement leaves rows of gated types to `claim_gated`:
+    # one batch, three kinds of rows, each decided as if claimed alone.
+    async with harness(settings) as h:
+        await h.put_type("mix.plain")
+        await h.put_type("mix.paused")
+        await h.put_type("mix.limited")
+        await h.store.put_task_type(
+            "mix.limited", queue="default", max_attempts=3, timeout_seconds=30.0,
+            backoff_json=None, payload_schema_json=None, enabled=True,
+            concurrency=Concurrency(1, "k", "api"),
+        )  # fmt: skip
+        await h.store.pause_type("mix.paused", True)
+        plain = await h.enqueue("mix.plain", {})
+        paused = await h.enqueue("mix.paused", {})
+        first, second = [await h.enqueue("mix.limited", {"k": "a"}) for _ in range(2)]
+        missing = uuid.uuid4()
+        batch = [plain, paused, second, first, missing, plain]
+        if open_claim:
+            async with h.store.claim_open(batch, "w", 30.0) as claim:
+                rows = {row.id: row for row in claim.rows}
+        else:
+            rows = {row.id: row for row in await h.store.claim(batch, "w", 30.0)}
+        decisions = {
+            row_id: "claimed" if isinstance(row, ClaimedTask) else row.decision
+            for row_id, row in rows.items()
+        }
+        assert decisions == {
+            plain: "claimed", paused: "parked", first: "claimed", second: "parked",
+            missing: "missing",
+        }  # fmt: skip
+        limited_row, plain_row = rows[first], rows[plain]
+        assert isinstance(limited_row, ClaimedTask) and limited_row.concurrency_key == "a"
+        assert isinstance(plain_row, ClaimedTask) and plain_row.concurrency_key is None
+        assert (await h.task(paused)).wait_reason == "paused"
+        assert (await h.task(second)).wait_reason == "concurrency"
+        assert await slots(h, "mix.limited") == {"a": 1}
