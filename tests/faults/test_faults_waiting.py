@@ -1,5 +1,6 @@
-"""Concurrency limits under worker crashes: SIGKILLed workers never leak a slot for
-longer than a lease, and never let more than the limit of a key run at once.
+"""Concurrency and rate limits under worker crashes: SIGKILLed workers never leak a
+slot for longer than a lease, never let more than the limit of a key run at once, and
+never let a rate-limited type start more than its limit (+1) in any second.
 
 Two worker processes run ``demo.record`` tasks limited to 2 per customer; one of
 them is SIGKILLed every ~2 s and restarted. A killed attempt holds its slot until
@@ -20,6 +21,7 @@ import pytest
 
 from taskq.client import Client
 from taskq.model import Concurrency
+from taskq.ratelimits import RateLimit
 from taskq.settings import Settings
 from tests.support.faults import all_terminal, audit, processes, statuses, worker_ready
 from tests.support.worker_fixtures import harness
@@ -108,3 +110,59 @@ async def test_killed_workers_leak_no_slot_and_never_pass_the_limit(
     most = max(most_at_once(s) for s in spans.values())
     print(f"[fault] limit {LIMIT}: kills = {kills}, recovered = {recovered}, most at once = {most}")
     assert most <= LIMIT
+
+
+RATE = 20
+
+
+async def test_killed_workers_never_break_a_rate_limit(
+    settings: Settings, tmp_path: Path, db: asyncpg.Connection
+) -> None:
+    # 8 seconds' worth at 20 a second; a worker killed every 2 s takes its held
+    # deliveries (unacked, back to the broker) and its running tasks (recovered when
+    # their lease expires) with it. A reservation claimed too late takes a new slot.
+    async with harness(settings) as h, processes(settings, tmp_path) as procs:
+        await h.put_type("demo.record", timeout=60)
+        await h.store.set_type_rate_limits([("demo.record", RateLimit(RATE, 1.0))], "api")
+        workers = [await procs.worker("--concurrency", "16") for _ in range(2)]
+        await worker_ready(h, 2)
+        client = await Client.connect(settings)
+        try:
+            items = [
+                {"type": "demo.record", "payload": {"seconds": 0.2}, "max_attempts": 20}
+                for _ in range(RATE * 8)
+            ]
+            ids = [uuid.UUID(str(r.id)) for r in await client.enqueue_many(items)]
+        finally:
+            await client.close()
+        kills = 0
+        while kills < 3:
+            await asyncio.sleep(2.0)
+            index = kills % 2
+            await procs.kill(workers[index])
+            kills += 1
+            workers[index] = await procs.worker("--concurrency", "16")
+        await all_terminal(db, ids, timeout=120)
+        figures = await audit(db, ids, "rate limits under worker kills", faults=kills)
+        for worker in workers:
+            await procs.stop(worker)
+    assert figures.statuses == {"SUCCEEDED": len(ids)}
+    killed = await db.fetchval(
+        "SELECT count(DISTINCT task_id) FROM task_events"
+        " WHERE error LIKE 'lease expired: worker %' AND task_id = ANY($1::uuid[])",
+        ids,
+    )
+    assert killed > 0, "no kill hit a running task: the scenario proved nothing"
+    # Every start (a retried one too) from the history, on the database's clock.
+    starts = sorted(
+        row["at"].timestamp()
+        for row in await db.fetch(
+            "SELECT at FROM task_events WHERE task_id = ANY($1::uuid[]) AND status = 'RUNNING'",
+            ids,
+        )
+    )
+    most = max(
+        sum(1 for later in starts[i:] if later < start + 1.0) for i, start in enumerate(starts)
+    )
+    print(f"[fault] rate {RATE}/s: kills = {kills}, recovered = {killed}, most in 1 s = {most}")
+    assert most <= RATE + 1
