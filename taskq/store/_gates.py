@@ -1,0 +1,139 @@
+"""Gates: paused types and concurrency limits, and the release of the tasks that
+wait WAITING behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from taskq.model import ConcurrencyKey, TaskTypeRecord
+from taskq.store._base import StoreBase
+from taskq.store._callers import _Asyncpg
+
+log = logging.getLogger("taskq.store")
+
+# Tasks a resume releases per transaction.
+RELEASE_BATCH = 1000
+# Statements a release of free slots runs at most, and the pause before each retry (s).
+PROMOTE_TRIES = 5
+PROMOTE_PAUSE = 0.005
+
+
+class GatesStore(StoreBase):
+    """Pausing and resuming types; releasing the tasks that wait for a resume or a
+    concurrency slot."""
+
+    # WAITING tasks are released in the transaction that frees them, with the relay
+    # woken for them at its commit (as an enqueue in a caller's transaction wakes it).
+
+    async def pause_type(self, name: str, paused: bool) -> TaskTypeRecord | None:
+        """Pause or resume a type (None: no such type). Resuming releases its parked
+        tasks, in batches of :data:`RELEASE_BATCH`, once the resume has committed."""
+        row = await self._fetchrow("type_pause", name, paused)
+        if row is None:
+            return None
+        if not paused:
+            await self.release_paused(name)
+        return TaskTypeRecord.from_row(row)
+
+    async def release_paused(self, name: str, batches: int | None = None) -> int:
+        """Release the tasks a pause of ``name`` parked, if it is not paused (any more),
+        in transactions of :data:`RELEASE_BATCH` each, at most ``batches`` of them
+        (None: until none is left); returns how many."""
+        released = 0
+        while batches is None or batches > 0:
+            async with self._connection() as connection, connection.transaction():
+                rows = await connection.fetch(self.q["type_release_paused"], name, RELEASE_BATCH)
+                await self._notify([r["id"] for r in rows], _Asyncpg(connection, self.q))
+            released += len(rows)
+            if len(rows) < RELEASE_BATCH:
+                break
+            batches = None if batches is None else batches - 1
+        return released
+
+    async def promote_type(self, name: str, keys: Sequence[str] | None = None) -> int:
+        """Release the tasks of ``name`` waiting for concurrency slots that are free
+        (after its limit changed, or a release missed them), of ``keys`` or of all
+        its keys; returns how many."""
+        async with self._connection() as connection, connection.transaction():
+            slots = await connection.fetch(
+                self.q["slots_lock"], name, None if keys is None else list(keys)
+            )
+            return await self._promote(connection, slots)
+
+    async def waiting_any(self) -> bool:
+        """Whether any task is WAITING (an index-only probe)."""
+        return bool(await self._fetchval("waiting_any"))
+
+    async def waiting_keys(self, after: tuple[str, str], limit: int) -> list[tuple[str, str, bool]]:
+        """The next ``limit`` (type, key) pairs after ``after`` with tasks WAITING for a
+        concurrency slot, in order, each with whether it has room now (fewer running
+        than its limit, counting the tasks released and due)."""
+        rows = await self._fetch("waiting_keys", after[0], after[1], limit)
+        return [(row["type"], row["key"], row["room"]) for row in rows]
+
+    async def waiting_resumed_types(self) -> list[str]:
+        """The types not paused that still have tasks a pause parked."""
+        return [row["name"] for row in await self._fetch("waiting_resumed_types")]
+
+    async def concurrency_keys(self, name: str, limit: int) -> list[ConcurrencyKey]:
+        """The busiest concurrency keys of a type, with their running and waiting tasks."""
+        return [
+            ConcurrencyKey.from_row(row) for row in await self._fetch("slots_list", name, limit)
+        ]
+
+    async def _release_slots(
+        self, connection: asyncpg.Connection, ids: Sequence[uuid.UUID]
+    ) -> None:
+        """Give back the concurrency slots of the attempts ``ids`` that just ended, and
+        release the tasks waiting for them, in the caller's transaction."""
+        freed = await connection.fetch(self.q["slots_release"], list(ids))
+        if freed:
+            await self._promote(connection, freed)
+
+    async def _promote(
+        self, connection: asyncpg.Connection, slots: Sequence[Mapping[str, Any]]
+    ) -> int:
+        """Release the oldest tasks waiting for the free slots of ``slots`` (locked by this
+        transaction already): statements of their own, so they see what claims parked
+        before the slots were locked. A key that released fewer than it had free while
+        tasks still wait is tried again (see ``slots_promote``), a few times."""
+        keys = [(s["type"], s["key"]) for s in slots]
+        released: list[uuid.UUID] = []
+        for attempt in range(PROMOTE_TRIES):
+            if not keys:
+                break
+            if attempt:
+                await asyncio.sleep(PROMOTE_PAUSE * attempt)
+            rows = await connection.fetch(
+                self.q["slots_promote"], [k[0] for k in keys], [k[1] for k in keys]
+            )
+            for row in rows:
+                released += row["ids"]
+            keys = [
+                (row["type"], row["key"])
+                for row in rows
+                if row["more"] and len(row["ids"]) < row["free"]
+            ]
+        if keys:
+            log.warning("tasks wait for free concurrency slots of %s: their rows were held", keys)
+        await self._notify(released, _Asyncpg(connection, self.q))
+        return len(released)
+
+    async def _ending(
+        self, query: str, columns: Sequence[Any], holds_slots: bool
+    ) -> list[asyncpg.Record]:
+        """Run an outcome statement; when some of its attempts hold concurrency slots,
+        in a transaction that gives them back (see :meth:`_release_slots`)."""
+        if not holds_slots:
+            return await self._fetch(query, *columns)
+        async with self._connection() as connection, connection.transaction():
+            rows = list(await connection.fetch(self.q[query], *columns))
+            await self._release_slots(connection, [row[0] for row in rows])
+            return rows
