@@ -275,7 +275,8 @@ FOR UPDATE;
 -- be ENQUEUED since and held by a claim that waits for these slots. Returns, per
 -- key, the slots free, the ids released and whether a waiting task remains (the
 -- store runs it again for a key that released fewer than it could while some
--- remain: a skipped row, or one the snapshot showed that has moved on).
+-- remain: a skipped row, or one the snapshot showed that has moved on), and the
+-- work queue of each id released (`queues`, in the order of `ids`).
 -- :types text[], :keys text[]
 WITH free AS (
     SELECT s.type, s.key,
@@ -285,10 +286,10 @@ WITH free AS (
     JOIN taskq.concurrency_slots s ON s.type = f.type AND s.key = f.key
     LEFT JOIN taskq.task_type g ON g.name = s.type
 ), picked AS (
-    SELECT f.type, f.key, w.id
+    SELECT f.type, f.key, w.id, w.queue
     FROM free f
     CROSS JOIN LATERAL (
-        SELECT t.id FROM taskq.tasks t
+        SELECT t.id, t.queue FROM taskq.tasks t
         WHERE t.status = 'WAITING' AND t.type = f.type AND t.concurrency_key = f.key
           AND t.wait_reason = 'concurrency'
         ORDER BY t.created_at, t.id
@@ -303,7 +304,10 @@ WITH free AS (
     RETURNING t.id
 )
 SELECT f.type, f.key, f.n AS free,
-       ARRAY(SELECT p.id FROM picked p WHERE p.type = f.type AND p.key = f.key) AS ids,
+       ARRAY(SELECT p.id FROM picked p WHERE p.type = f.type AND p.key = f.key
+             ORDER BY p.id) AS ids,
+       ARRAY(SELECT p.queue FROM picked p WHERE p.type = f.type AND p.key = f.key
+             ORDER BY p.id) AS queues,
        EXISTS (SELECT FROM taskq.tasks t
                WHERE t.status = 'WAITING' AND t.type = f.type AND t.concurrency_key = f.key
                  AND t.wait_reason = 'concurrency'

@@ -215,6 +215,13 @@ class WorkerMetrics:
             ["queue", "decision"],
             registry=self.registry,
         )
+        self.handoffs = Counter(
+            "taskq_concurrency_handoffs_total",
+            "Tasks a concurrency slot freed by this worker's outcome released and this worker"
+            " claimed in the same transaction, to run at once (no publish, no delivery).",
+            ["queue"],
+            registry=self.registry,
+        )
         self.rate_limited = Counter(
             "taskq_rate_limited_total",
             "Tasks a rate limit made wait: given a later start slot instead of a claim.",

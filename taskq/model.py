@@ -354,6 +354,21 @@ def claim_from_row(row: Sequence[Any]) -> ClaimedTask | Unclaimed:
     )  # fmt: skip
 
 
+@dataclass(slots=True)
+class Handoff:
+    """A worker's room to run, at once, the tasks that the concurrency slots its
+    outcomes give back release (see ``Store.complete``): up to ``room`` of them, of
+    its ``queues``, claimed for ``worker_id`` in the outcome's transaction. The store
+    sets ``claimed`` once that transaction has committed; the worker runs them (their
+    delivery skipped: they are published to nobody)."""
+
+    worker_id: str
+    lease: float
+    queues: frozenset[str]
+    room: int
+    claimed: list[ClaimedTask] = field(default_factory=list)
+
+
 # ---------------------------------------------------------------- records of the API
 
 

@@ -11,6 +11,7 @@ import asyncpg
 from taskq.model import (
     STATUS_BY_TEXT,
     ClaimedTask,
+    Handoff,
     OwedPublish,
     TaskStatus,
     Unclaimed,
@@ -103,17 +104,27 @@ class ClaimsStore(GatesStore):
     # (none for a CANCELLED one).
 
     # ``holds_slots``: some of the attempts hold a concurrency slot (their claim said
-    # so); the statement then runs in a transaction that gives the slots back.
+    # so); the statement then runs in a transaction that gives the slots back. With a
+    # ``handoff`` (a worker's room for more, see :class:`Handoff`), the tasks those
+    # slots release are claimed for that worker in the same transaction, up to its
+    # room: it runs them at once, with no publish, delivery or claim of their own.
 
     async def complete(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str]],
+        *,
+        holds_slots: bool = False,
+        handoff: Handoff | None = None,
     ) -> dict[uuid.UUID, TaskStatus]:
         """Record successes ``(id, token, result_json)``."""
         async with self._connection() as connection:
             if not holds_slots:
                 return await self._complete(connection, items)
             async with connection.transaction():
-                return await self._complete(connection, items, holds_slots=True)
+                recorded, claimed = await self._complete_releasing(connection, items, handoff)
+            if handoff is not None:
+                handoff.claimed = claimed
+            return recorded
 
     async def _complete(
         self,
@@ -122,28 +133,52 @@ class ClaimsStore(GatesStore):
         *,
         holds_slots: bool = False,
     ) -> dict[uuid.UUID, TaskStatus]:
-        rows = await connection.fetch(self.q["complete"], *_columns(sorted(items), 3))
         if holds_slots:
-            await self._release_slots(connection, [row[0] for row in rows])
+            return (await self._complete_releasing(connection, items, None))[0]
+        rows = await connection.fetch(self.q["complete"], *_columns(sorted(items), 3))
         return {row[0]: STATUS_BY_TEXT[row[1]] for row in rows}
 
+    async def _complete_releasing(
+        self,
+        connection: asyncpg.Connection,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str]],
+        handoff: Handoff | None,
+    ) -> tuple[dict[uuid.UUID, TaskStatus], list[ClaimedTask]]:
+        """``complete`` and the release of the slots, in the caller's transaction."""
+        rows = await connection.fetch(self.q["complete"], *_columns(sorted(items), 3))
+        claimed = await self._release_slots(connection, [row[0] for row in rows], handoff)
+        return {row[0]: STATUS_BY_TEXT[row[1]] for row in rows}, claimed
+
     async def cancel_running(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID]], *, holds_slots: bool = False
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID]],
+        *,
+        holds_slots: bool = False,
+        handoff: Handoff | None = None,
     ) -> list[OwedPublish]:
         """Record claims ``(id, token)`` stopped on an operator's cancel request."""
-        return _owed(await self._ending("cancel_running", _columns(sorted(items), 2), holds_slots))
+        columns = _columns(sorted(items), 2)
+        return _owed(await self._ending("cancel_running", columns, holds_slots, handoff))
 
     async def retry(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]], *, holds_slots: bool = False
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]],
+        *,
+        holds_slots: bool = False,
+        handoff: Handoff | None = None,
     ) -> list[OwedPublish]:
         """Record retryable failures ``(id, token, error, delay)``."""
-        return _owed(await self._ending("retry", _columns(sorted(items), 4), holds_slots))
+        return _owed(await self._ending("retry", _columns(sorted(items), 4), holds_slots, handoff))
 
     async def fail(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str]],
+        *,
+        holds_slots: bool = False,
+        handoff: Handoff | None = None,
     ) -> list[OwedPublish]:
         """Record terminal failures ``(id, token, error)``."""
-        return _owed(await self._ending("fail", _columns(sorted(items), 3), holds_slots))
+        return _owed(await self._ending("fail", _columns(sorted(items), 3), holds_slots, handoff))
 
     async def give_back(
         self, items: Sequence[tuple[uuid.UUID, uuid.UUID]], *, holds_slots: bool = False

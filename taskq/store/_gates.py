@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from taskq.model import ConcurrencyKey, TaskTypeRecord
+from taskq.model import ClaimedTask, ConcurrencyKey, Handoff, TaskTypeRecord, claim_from_row
 from taskq.store._base import StoreBase
 from taskq.store._callers import _Asyncpg
 
@@ -65,7 +65,7 @@ class GatesStore(StoreBase):
             slots = await connection.fetch(
                 self.q["slots_lock"], name, None if keys is None else list(keys)
             )
-            return await self._promote(connection, slots)
+            return (await self._promote(connection, slots))[0]
 
     async def waiting_any(self) -> bool:
         """Whether any task is WAITING (an index-only probe)."""
@@ -89,23 +89,37 @@ class GatesStore(StoreBase):
         ]
 
     async def _release_slots(
-        self, connection: asyncpg.Connection, ids: Sequence[uuid.UUID]
-    ) -> None:
+        self,
+        connection: asyncpg.Connection,
+        ids: Sequence[uuid.UUID],
+        handoff: Handoff | None = None,
+    ) -> list[ClaimedTask]:
         """Give back the concurrency slots of the attempts ``ids`` that just ended, and
-        release the tasks waiting for them, in the caller's transaction."""
+        release the tasks waiting for them, in the caller's transaction; with a
+        ``handoff``, claim those it can take for its worker (returned: they are its
+        once the transaction commits)."""
         freed = await connection.fetch(self.q["slots_release"], list(ids))
-        if freed:
-            await self._promote(connection, freed)
+        if not freed:
+            return []
+        return (await self._promote(connection, freed, handoff))[1]
 
     async def _promote(
-        self, connection: asyncpg.Connection, slots: Sequence[Mapping[str, Any]]
-    ) -> int:
+        self,
+        connection: asyncpg.Connection,
+        slots: Sequence[Mapping[str, Any]],
+        handoff: Handoff | None = None,
+    ) -> tuple[int, list[ClaimedTask]]:
         """Release the oldest tasks waiting for the free slots of ``slots`` (locked by this
         transaction already): statements of their own, so they see what claims parked
         before the slots were locked. A key that released fewer than it had free while
-        tasks still wait is tried again (see ``slots_promote``), a few times."""
+        tasks still wait is tried again (see ``slots_promote``), a few times.
+
+        Returns how many were released, and those claimed for ``handoff``'s worker:
+        up to its room, of its queues, in the same transaction (``claim_gated``: each
+        takes its slot again as any claim does, and owes no publish). The others are
+        owed a publish, and the relay is woken for them."""
         keys = [(s["type"], s["key"]) for s in slots]
-        released: list[uuid.UUID] = []
+        released: list[tuple[uuid.UUID, str]] = []
         for attempt in range(PROMOTE_TRIES):
             if not keys:
                 break
@@ -115,7 +129,7 @@ class GatesStore(StoreBase):
                 self.q["slots_promote"], [k[0] for k in keys], [k[1] for k in keys]
             )
             for row in rows:
-                released += row["ids"]
+                released += zip(row["ids"], row["queues"], strict=True)
             keys = [
                 (row["type"], row["key"])
                 for row in rows
@@ -123,17 +137,34 @@ class GatesStore(StoreBase):
             ]
         if keys:
             log.warning("tasks wait for free concurrency slots of %s: their rows were held", keys)
-        await self._notify(released, _Asyncpg(connection, self.q))
-        return len(released)
+        claimed: list[ClaimedTask] = []
+        if handoff is not None and handoff.room > 0:
+            taken = [i for i, queue in released if queue in handoff.queues][: handoff.room]
+            if taken:
+                rows = await connection.fetch(
+                    self.q["claim_gated"], sorted(taken), handoff.worker_id, handoff.lease
+                )
+                claimed = [c for c in map(claim_from_row, rows) if isinstance(c, ClaimedTask)]
+        mine = {c.id for c in claimed}
+        await self._notify([i for i, _ in released if i not in mine], _Asyncpg(connection, self.q))
+        return len(released), claimed
 
     async def _ending(
-        self, query: str, columns: Sequence[Any], holds_slots: bool
+        self,
+        query: str,
+        columns: Sequence[Any],
+        holds_slots: bool,
+        handoff: Handoff | None = None,
     ) -> list[asyncpg.Record]:
         """Run an outcome statement; when some of its attempts hold concurrency slots,
-        in a transaction that gives them back (see :meth:`_release_slots`)."""
+        in a transaction that gives them back (see :meth:`_release_slots`), and fills
+        ``handoff.claimed`` once it has committed."""
         if not holds_slots:
             return await self._fetch(query, *columns)
-        async with self._connection() as connection, connection.transaction():
-            rows = list(await connection.fetch(self.q[query], *columns))
-            await self._release_slots(connection, [row[0] for row in rows])
+        async with self._connection() as connection:
+            async with connection.transaction():
+                rows = list(await connection.fetch(self.q[query], *columns))
+                claimed = await self._release_slots(connection, [row[0] for row in rows], handoff)
+            if handoff is not None:
+                handoff.claimed = claimed
             return rows

@@ -46,7 +46,7 @@ from taskq.amqp.broker import Publish, Publisher
 from taskq.errors import StoreError, TaskqError
 from taskq.fleet.relay import dead_letter_headers, publish_row
 from taskq.metrics import WorkerMetrics
-from taskq.model import ClaimDecision, ClaimedTask, DeadLetterReason, Unclaimed
+from taskq.model import ClaimDecision, ClaimedTask, DeadLetterReason, Handoff, Unclaimed
 from taskq.service import Service
 from taskq.store import Store
 from taskq.tracing import header
@@ -166,6 +166,30 @@ class Claimer(Service):
         """Free ``slots`` (a handler finished)."""
         self._reserved -= slots
         self._wake.set()
+
+    def lend(self, wanted: int, places: int = 0) -> Handoff | None:
+        """Room for up to ``wanted`` tasks that outcomes being recorded may release (their
+        concurrency slots freed), for :meth:`took` to start what the store claimed and
+        free the rest: the ``places`` those attempts kept (see
+        :attr:`~taskq.worker.execution.Runner.keep_places`), and free places if there
+        are fewer. None while stopping, or with no room or queue (the kept places
+        freed then)."""
+        room = min(wanted, places + max(0, self.concurrency - self._reserved))
+        queues = self._buffers.queues - self._paused
+        if self._stopping or room <= 0 or not queues:
+            self.release(places)
+            return None
+        self._reserved += room - places
+        return Handoff(self.worker_id, self.lease, queues, room)
+
+    def took(self, handoff: Handoff) -> None:
+        """Start the tasks ``handoff`` claimed (RUNNING under this worker already: a
+        stop that began meanwhile gives them back with the other running attempts),
+        and free the rest of its room."""
+        for task in handoff.claimed:
+            self.metrics.handoffs.labels(task.queue).inc()
+            self._begin(task)
+        self.release(handoff.room - len(handoff.claimed))
 
     name = "taskq-claim"
     stop_timeout = 15.0

@@ -89,6 +89,11 @@ class Buffers:
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def queues(self) -> frozenset[str]:
+        """The work queues buffered."""
+        return frozenset(self._queues)
+
     def put(self, delivery: Delivery) -> None:
         self._queues[delivery.queue].append(delivery)
         self._size += 1

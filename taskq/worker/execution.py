@@ -151,7 +151,8 @@ class Runner:
         metrics: the worker's metrics.
         threads: where sync handlers run.
         record: takes each outcome for recording.
-        release: called once per attempt whose handler is done (a free slot).
+        release: called once per attempt whose handler is done (a free slot), unless
+            its place goes to the recorder with its outcome (``keep_places``).
         progress: takes the handlers' progress reports ``(id, attempt, fraction, details)``.
         cancel_grace: seconds a handler may go on after it was told of a cancel.
         abandon_after: seconds a cancelled async handler may take to unwind.
@@ -187,6 +188,10 @@ class Runner:
         self.runaways: set[asyncio.Task[Ending]] = set()
         self._record = record
         self._release = release
+        # Keep the place of an attempt that holds a concurrency slot until its outcome
+        # is recorded, for the task the slot releases (the recorder's handoff, see
+        # taskq.worker.outcomes): without it a buffered delivery takes the place first.
+        self.keep_places = False
         self._progress = progress
         self._default_backoff = backoff.from_settings(settings)
         self._backoffs: dict[str, backoff.Backoff | None] = {}
@@ -278,6 +283,9 @@ class Runner:
 
     async def _execute(self, attempt: Attempt, task: ClaimedTask) -> None:
         started = time.perf_counter()
+        # Whether the attempt's place goes to the recorder with its outcome (see
+        # keep_places) instead of being freed when the handler is done.
+        kept = False
         try:
             try:
                 ending = await self._call(attempt, task)
@@ -285,20 +293,30 @@ class Runner:
                 log.exception("task %s: running the attempt failed", attempt.id)
                 ending = Raised(exc)
             outcome = self._outcome(attempt, ending, task.timeout_seconds)
+            kept = (
+                self.keep_places and attempt.holds_slot and attempt.window is None
+                and outcome is not None
+            )  # fmt: skip
         finally:
             if attempt.place:  # taken when it began, and not used (e.g. its payload failed)
                 attempt.place = False
                 self.threads.give_back()
             self._child(self.metrics.duration, attempt.type).observe(time.perf_counter() - started)
             self.metrics.in_flight.dec()
-            self._release()
-        if attempt.span is not None:
-            _end_span(attempt.span, outcome, ending)
-        if outcome is None:  # the lease was lost: counted as a stale outcome
-            self.closed(attempt.token)
-            self.metrics.processed.labels(attempt.type, attempt.queue, "stale").inc()
-        elif attempt.window is None or not attempt.window.take(outcome):
-            self._record(outcome)
+            if not kept:
+                self._release()
+        try:
+            if attempt.span is not None:
+                _end_span(attempt.span, outcome, ending)
+            if outcome is None:  # the lease was lost: counted as a stale outcome
+                self.closed(attempt.token)
+                self.metrics.processed.labels(attempt.type, attempt.queue, "stale").inc()
+            elif attempt.window is None or not attempt.window.take(outcome):
+                outcome.keeps_place, kept = kept, False
+                self._record(outcome)
+        finally:
+            if kept:  # not handed over after all
+                self._release()
 
     async def _call(self, attempt: Attempt, task: ClaimedTask) -> Ending | Stopped:
         handler = self.registry.get(attempt.type)

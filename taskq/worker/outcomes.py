@@ -29,11 +29,12 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from taskq.errors import RejectedByDatabase, StoreError
 from taskq.fleet.relay import Outbox
 from taskq.metrics import WorkerMetrics
-from taskq.model import DeadLetterReason, OutcomeKind, OwedPublish, TaskStatus
+from taskq.model import DeadLetterReason, Handoff, OutcomeKind, OwedPublish, TaskStatus
 from taskq.service import Service
 from taskq.store import Store
 
@@ -50,7 +51,9 @@ class Finished:
     ``token`` names the claim; ``result`` is the JSON text of a success;
     ``error`` the reason of a retry or failure; ``delay`` the seconds until a
     retry is due; ``failing_since`` when recording it first failed;
-    ``holds_slot`` whether the attempt holds a concurrency slot (given back with it).
+    ``holds_slot`` whether the attempt holds a concurrency slot (given back with it);
+    ``keeps_place`` whether its worker place is still taken, for the task that slot
+    releases (the recorder hands it over or frees it, once).
     """
 
     kind: OutcomeKind
@@ -64,6 +67,7 @@ class Finished:
     delay: float = 0.0
     failing_since: float | None = None
     holds_slot: bool = False
+    keeps_place: bool = False
 
 
 class Recorder(Service):
@@ -78,6 +82,10 @@ class Recorder(Service):
         metrics: the worker's metrics.
         on_recorded: called with the claim token of each attempt closed (its outcome
             recorded, found stale or given up), so its lease is no longer extended.
+        handoffs: the claimer, which lends room for the tasks that the concurrency
+            slots of outcomes release (claimed for this worker in the outcome's
+            transaction, see :class:`~taskq.model.Handoff`) and starts them; None:
+            released tasks are published for any worker.
     """
 
     def __init__(
@@ -86,11 +94,13 @@ class Recorder(Service):
         outbox: Outbox,
         metrics: WorkerMetrics,
         on_recorded: Callable[[uuid.UUID], None],
+        handoffs: Handoffs | None = None,
     ) -> None:
         self._store = store
         self._outbox = outbox
         self._metrics = metrics
         self._on_recorded = on_recorded
+        self.handoffs = handoffs
         self._pending: list[Finished] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -219,21 +229,45 @@ class Recorder(Service):
 
         An id missing from the answer was stale: its claim had been taken over.
         """
-        slots = any(i.holds_slot for i in items)
+        freeing = sum(i.holds_slot for i in items)
+        places = sum(i.keeps_place for i in items)
+        for item in items:
+            item.keeps_place = False  # from here on the places are the claimer's again
+        handoffs = self.handoffs
+        if handoffs is None or not freeing or kind is OutcomeKind.GIVE_BACK:
+            if places and handoffs is not None:
+                handoffs.release(places)
+            return await self._statement(kind, items, freeing > 0, None)
+        handoff = handoffs.lend(freeing, places)
+        try:
+            return await self._statement(kind, items, True, handoff)
+        finally:
+            if handoff is not None:
+                handoffs.took(handoff)
+
+    async def _statement(
+        self, kind: OutcomeKind, items: Sequence[Finished], slots: bool, handoff: Handoff | None
+    ) -> Mapping[uuid.UUID, TaskStatus | OwedPublish]:
         store = self._store
         if kind is OutcomeKind.COMPLETE:
             return await store.complete(
-                [(i.id, i.token, i.result or "null") for i in items], holds_slots=slots
+                [(i.id, i.token, i.result or "null") for i in items],
+                holds_slots=slots,
+                handoff=handoff,
             )
         if kind is OutcomeKind.CANCEL:
-            rows = await store.cancel_running([(i.id, i.token) for i in items], holds_slots=slots)
+            rows = await store.cancel_running(
+                [(i.id, i.token) for i in items], holds_slots=slots, handoff=handoff
+            )
         elif kind is OutcomeKind.RETRY:
             rows = await store.retry(
-                [(i.id, i.token, i.error or "", i.delay) for i in items], holds_slots=slots
+                [(i.id, i.token, i.error or "", i.delay) for i in items],
+                holds_slots=slots,
+                handoff=handoff,
             )
         elif kind is OutcomeKind.FAIL:
             rows = await store.fail(
-                [(i.id, i.token, i.error or "") for i in items], holds_slots=slots
+                [(i.id, i.token, i.error or "") for i in items], holds_slots=slots, handoff=handoff
             )
         else:
             rows = await store.give_back([(i.id, i.token) for i in items], holds_slots=slots)
@@ -250,6 +284,16 @@ class Recorder(Service):
         await self._cancel_tasks()
         if self._pending:
             log.warning("%d outcomes not recorded at shutdown", len(self._pending))
+
+
+class Handoffs(Protocol):
+    """Lends a worker's room to the outcomes that free concurrency slots (the claimer)."""
+
+    def lend(self, wanted: int, places: int) -> Handoff | None: ...
+
+    def took(self, handoff: Handoff) -> None: ...
+
+    def release(self, slots: int = 1) -> None: ...
 
 
 def _fields(item: Finished) -> dict[str, object]:

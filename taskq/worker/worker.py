@@ -305,6 +305,8 @@ class Worker(Service):
                 else None
             ),
         )
+        self._recorder.handoffs = self._claimer
+        self._runner.keep_places = True
         await parts.add(self._claimer)
         heartbeat = functools.partial(self._runner.heartbeat_loop, self.store, self.info)
         await parts.add(Loop(heartbeat, name="taskq-heartbeat"))

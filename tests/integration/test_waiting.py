@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from taskq.handlers import Context, Registry
-from taskq.model import ClaimedTask, Concurrency
+from taskq.model import ClaimedTask, Concurrency, Handoff
 from taskq.settings import Settings
 from taskq.store import NewTask
 from tests.support.api_fixtures import JSON, running_api
@@ -484,3 +484,44 @@ async def test_a_batch_mixing_gated_and_plain_types_gets_each_its_decision(
         assert (await h.task(paused)).wait_reason == "paused"
         assert (await h.task(second)).wait_reason == "concurrency"
         assert await slots(h, "mix.limited") == {"a": 1}
+
+
+async def test_a_freed_slot_hands_its_released_task_to_the_worker_that_freed_it(
+    settings: Settings,
+) -> None:
+    async with harness(settings) as h:
+        await h.put_type("hand.t")
+        await h.put_type("hand.other", queue="other")
+        for name, queue in (("hand.t", "default"), ("hand.other", "other")):
+            await h.store.put_task_type(
+                name, queue=queue, max_attempts=3, timeout_seconds=30.0, backoff_json=None,
+                payload_schema_json=None, enabled=True, concurrency=Concurrency(1, "k", "api"),
+            )  # fmt: skip
+        first, second, third = [await h.enqueue("hand.t", {"k": "a"}) for _ in range(3)]
+        rows = {row.id: row for row in await h.store.claim([first, second, third], "w1", 30.0)}
+        held = rows[first]
+        assert isinstance(held, ClaimedTask)
+        handoff = Handoff("w2", 30.0, frozenset({"default"}), room=5)
+        await h.store.complete(
+            [(first, held.claim_token, "null")], holds_slots=True, handoff=handoff
+        )
+        # The oldest waiting task, claimed for w2 in the same transaction: RUNNING with
+        # the key's one slot, nothing owed to the broker; the next one still waits.
+        [taken] = handoff.claimed
+        assert (taken.id, taken.concurrency_key) == (second, "a")
+        row = await h.task(second)
+        assert (row.status, row.worker_id, row.attempts) == ("RUNNING", "w2", 1)
+        assert await h.store.owed_among([second]) == []
+        assert (await h.task(third)).status == "WAITING"
+        assert await slots(h, "hand.t") == {"a": 1}
+        # A released task of a queue the worker does not consume is published instead.
+        ids = [uuid.uuid4() for _ in range(2)]
+        await h.store.enqueue([NewTask(i, "hand.other", '{"k": "b"}') for i in ids])
+        [held] = [r for r in await h.store.claim(ids, "w1", 30.0) if isinstance(r, ClaimedTask)]
+        one, [two] = held.id, [i for i in ids if i != held.id]
+        handoff = Handoff("w2", 30.0, frozenset({"default"}), room=5)
+        await h.store.complete([(one, held.claim_token, "null")], holds_slots=True, handoff=handoff)
+        assert handoff.claimed == []
+        assert (await h.task(two)).status == "ENQUEUED"
+        [owed] = await h.store.owed_among([two])
+        assert owed.id == two

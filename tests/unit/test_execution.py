@@ -31,14 +31,18 @@ from tests.support.worker_fixtures import poll
 
 
 def claimed(
-    task_type: str, attempt: int = 1, max_attempts: int = 3, timeout: float = 10.0
+    task_type: str,
+    attempt: int = 1,
+    max_attempts: int = 3,
+    timeout: float = 10.0,
+    concurrency_key: str | None = None,
 ) -> ClaimedTask:
     """A row of ``task_type`` as the ``claim`` statement returns it."""
     now = datetime.now(UTC)
     return ClaimedTask(
         id=uuid.uuid4(), type=task_type, queue="default", payload="{}", attempts=attempt,
         max_attempts=max_attempts, timeout_seconds=timeout, run_at=now, created_at=now,
-        claim_token=uuid.uuid4(),
+        claim_token=uuid.uuid4(), concurrency_key=concurrency_key,
     )  # fmt: skip
 
 
@@ -72,10 +76,11 @@ class Running:
         max_attempts: int = 3,
         timeout: float = 10.0,
         window: Window | None = None,
+        concurrency_key: str | None = None,
     ) -> Attempt:
         """Run a claimed row of ``task_type`` (attempt ``attempt`` of ``max_attempts``),
         inside the open claim ``window`` if given."""
-        task = claimed(task_type, attempt, max_attempts, timeout)
+        task = claimed(task_type, attempt, max_attempts, timeout, concurrency_key)
         self.runner.begin(task, window)
         return self.runner.attempts[task.claim_token]
 
@@ -165,6 +170,21 @@ async def test_a_return_completes_with_the_json_result(running: Running) -> None
         2,
     )
     assert running.released == 1
+
+
+@pytest.mark.parametrize("keep_places", [False, True])
+async def test_an_attempt_holding_a_slot_hands_its_place_to_the_recorder(
+    running: Running, keep_places: bool
+) -> None:
+    # With keep_places (a worker that hands tasks over), the place of an attempt that
+    # holds a concurrency slot goes with its outcome; any other attempt frees its own.
+    running.runner.keep_places = keep_places
+    held = await running.ended(running.begin("ok", concurrency_key="a"))
+    plain = await running.ended(running.begin("ok"))
+    assert held is not None and plain is not None
+    assert (held.holds_slot, held.keeps_place) == (True, keep_places)
+    assert (plain.holds_slot, plain.keeps_place) == (False, False)
+    assert running.released == (1 if keep_places else 2)
 
 
 async def test_retry_asks_for_its_delay_and_fail_ends_the_task(running: Running) -> None:

@@ -54,18 +54,30 @@ class Store:
         ]  # fmt: skip
 
     async def complete(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str]],
+        *,
+        holds_slots: bool = False,
+        handoff: Any = None,
     ) -> dict[uuid.UUID, TaskStatus]:
         recorded = self._statement(OutcomeKind.COMPLETE, TaskStatus.SUCCEEDED, items)
         return {owed.id: owed.status for owed in recorded}
 
     async def retry(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]], *, holds_slots: bool = False
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str, float]],
+        *,
+        holds_slots: bool = False,
+        handoff: Any = None,
     ) -> list[OwedPublish]:
         return self._statement(OutcomeKind.RETRY, TaskStatus.ENQUEUED, items)
 
     async def fail(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str]],
+        *,
+        holds_slots: bool = False,
+        handoff: Any = None,
     ) -> list[OwedPublish]:
         return self._statement(OutcomeKind.FAIL, TaskStatus.FAILED, items)
 
