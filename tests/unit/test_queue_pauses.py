@@ -14,7 +14,7 @@ from taskq.errors import StoreError
 from taskq.model import ClaimDecision
 from taskq.worker import claims
 from taskq.worker.consumer import Buffers, Delivery
-from tests.unit.test_claims import DELAYS, Channel, Claiming, Store
+from tests.support.claiming import DELAYS, Channel, Claiming, Store
 
 
 def delivery(tag: int, queue: str) -> Delivery:
