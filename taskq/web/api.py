@@ -308,8 +308,8 @@ async def metrics(request: Request) -> Response:
         state.settings.queues, None if pauses is None else [p.queue for p in pauses]
     )
     with contextlib.suppress(StoreError):
-        stats = await watch.stats()
-        state.metrics.observe_gates(stats["paused_types"], stats["waiting"])
+        stats = (await watch.stats()).stats
+        state.metrics.observe_gates(stats.paused_types, stats.waiting)
     depths = await watch.broker_depths()
     state.metrics.observe_queues(
         None

@@ -13,6 +13,7 @@ import pytest
 
 from taskq import Context, Fail, Registry, Retry
 from taskq.errors import HandlerError, InvalidRequest, SchemaProblem, TooLarge
+from taskq.model import TaskStatus
 from taskq.settings import load_settings
 from taskq.testing import Outcome, run_handler, run_handler_sync
 
@@ -94,9 +95,12 @@ async def test_a_success_returns_the_result_as_stored() -> None:
     task_id = uuid.uuid4()
     outcome = await run_handler(echo, {"n": 1.0}, attempt=2, task_id=task_id)
     assert outcome == Outcome(
-        "SUCCEEDED", result={"payload": {"n": 1.0}, "attempt": 2, "task_id": str(task_id)}
+        TaskStatus.SUCCEEDED,
+        result={"payload": {"n": 1.0}, "attempt": 2, "task_id": str(task_id)},
     )
     assert outcome.succeeded and not outcome.retried and not outcome.failed
+    # The status is the model's enum, equal to its name as before.
+    assert outcome.status is TaskStatus.SUCCEEDED and outcome.status == "SUCCEEDED"
 
 
 async def test_a_sync_handler_runs_in_a_thread() -> None:
