@@ -155,6 +155,12 @@ class Client(Service):
         # None with TASKQ_OTEL=off; see taskq.tracing.
         self.tracing = Tracing.load(settings)
 
+    @property
+    def link(self) -> Link | None:
+        """The broker link under :attr:`publisher`, which the client stops with itself;
+        None for a client built without one. The API reads the queue depths over it."""
+        return self._link
+
     @classmethod
     def connect(cls, settings: Settings, *, metrics: ApiMetrics | None = None) -> Connecting:
         """Open a database pool and a broker link (which may come up later), and start.
