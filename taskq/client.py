@@ -30,7 +30,7 @@ from taskq.enqueue.task_types import TaskType, TypeCache
 from taskq.errors import FieldError, IdempotencyConflict, InvalidRequest, Overrun
 from taskq.fleet.relay import Outbox
 from taskq.metrics import ApiMetrics
-from taskq.model import EnqueueOutcome, TaskRecord, TaskStatus
+from taskq.model import EnqueueOutcome, RequestOutcome, TaskRecord, TaskStatus
 from taskq.service import Service
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
@@ -154,6 +154,12 @@ class Client(Service):
         self.waiters = waiting.Waiters(store, settings.database_url, limit=settings.max_waiters)
         # None with TASKQ_OTEL=off; see taskq.tracing.
         self.tracing = Tracing.load(settings)
+
+    @property
+    def link(self) -> Link | None:
+        """The broker link under :attr:`publisher`, which the client stops with itself;
+        None for a client built without one. The API reads the queue depths over it."""
+        return self._link
 
     @classmethod
     def connect(cls, settings: Settings, *, metrics: ApiMetrics | None = None) -> Connecting:
@@ -323,7 +329,7 @@ class Client(Service):
         try:
             return self.tracing.sending(traceparent)
         except InvalidRequest:
-            self.metrics.enqueued("", "", "invalid", None)
+            self.metrics.enqueued("", "", RequestOutcome.INVALID, None)
             raise
 
     async def _submit(self, data: Any, traceparent: str | None) -> EnqueueResult:
@@ -338,7 +344,8 @@ class Client(Service):
             result = await self._batcher.submit(task)
             answer = self._answer(task, result, "", publish=False)  # the batcher handed it over
         except (InvalidRequest, IdempotencyConflict) as exc:
-            outcome = "conflict" if isinstance(exc, IdempotencyConflict) else "invalid"
+            conflict = isinstance(exc, IdempotencyConflict)
+            outcome = RequestOutcome.CONFLICT if conflict else RequestOutcome.INVALID
             self.metrics.enqueued("", "", outcome, None)
             raise
         queue = answer.task["queue"]
@@ -512,9 +519,10 @@ def _index(field: str) -> int:
     return int(field[6 : field.index("]")]) if field.startswith("tasks[") else -1
 
 
-def _outcome(answer: EnqueueResult) -> str:
+def _outcome(answer: EnqueueResult) -> RequestOutcome:
+    """The metric's outcome of an answered request."""
     if answer.created:
-        return EnqueueOutcome.CREATED
+        return RequestOutcome.CREATED
     if answer.duplicate:
-        return EnqueueOutcome.REPLACED if answer.replaced else EnqueueOutcome.DUPLICATE
-    return EnqueueOutcome.REPLAYED
+        return RequestOutcome.REPLACED if answer.replaced else RequestOutcome.DUPLICATE
+    return RequestOutcome.REPLAYED

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from taskq.model import RequestOutcome
+
+#: The ``kind`` label of the abandoned-handler series: a sync handler's thread, or an
+#: async handler's asyncio task that ignores its cancellation.
+AbandonedKind = Literal["thread", "task"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -17,8 +23,7 @@ class ApiMetrics:
         self.registry = registry or CollectorRegistry()
         self.enqueue_total = Counter(
             "taskq_enqueue_total",
-            "Enqueue requests by outcome: created, replayed, duplicate, replaced, conflict,"
-            " invalid.",
+            f"Enqueue requests by outcome: {', '.join(RequestOutcome)}.",
             ["type", "queue", "outcome"],
             registry=self.registry,
         )
@@ -90,7 +95,9 @@ class ApiMetrics:
             registry=self.registry,
         )
 
-    def enqueued(self, task_type: str, queue: str, outcome: str, seconds: float | None) -> None:
+    def enqueued(
+        self, task_type: str, queue: str, outcome: RequestOutcome, seconds: float | None
+    ) -> None:
         """Count one enqueue; with ``seconds``, observe how long it took."""
         key = (task_type, queue, outcome)
         counter = self._enqueue_children.get(key)
@@ -293,7 +300,7 @@ class WorkerMetrics:
             ["kind"],
             registry=self.registry,
         )
-        for kind in ("thread", "task"):
+        for kind in get_args(AbandonedKind):
             self.abandoned.labels(kind)
             self.abandoned_total.labels(kind)
         self.queue_paused = Gauge(

@@ -136,6 +136,28 @@ class EnqueueOutcome(StrEnum):
         return self in (EnqueueOutcome.CONFLICT, EnqueueOutcome.UNKNOWN_TYPE)
 
 
+class RequestOutcome(StrEnum):
+    """How one enqueue request ended: the ``outcome`` label of ``taskq_enqueue_total``.
+
+    The store's :class:`EnqueueOutcome` where the request reached it, named alike;
+    a request refused before (a field at fault, an unknown or disabled type)
+    is ``invalid``.
+    """
+
+    CREATED = "created"
+    """A new task (201)."""
+    REPLAYED = "replayed"
+    """Its idempotency key answered with the existing task (200)."""
+    DUPLICATE = "duplicate"
+    """Its unique key is held by another task, which answers."""
+    REPLACED = "replaced"
+    """Its unique key is held by a task not yet started, which took its payload."""
+    CONFLICT = "conflict"
+    """Its idempotency key was used with another request (409)."""
+    INVALID = "invalid"
+    """Refused before the store wrote anything (400)."""
+
+
 class OutcomeKind(StrEnum):
     """How an attempt ended, as the worker records it (one statement per kind)."""
 

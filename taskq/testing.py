@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
@@ -37,7 +37,7 @@ from taskq.enqueue import schemas, task_types, validation
 from taskq.errors import FieldError, HandlerError, InvalidRequest
 from taskq.handlers import TYPE_NAME, Handler, Registry, registration
 from taskq.metrics import WorkerMetrics
-from taskq.model import ClaimedTask, StopReason
+from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskStatus
 from taskq.payloads import to_payload
 from taskq.settings import Settings, load_settings
 from taskq.unique import task_key
@@ -47,7 +47,6 @@ from taskq.worker.threads import HandlerThreads
 
 __all__ = ["Outcome", "run_handler", "run_handler_sync"]
 
-Status = Literal["SUCCEEDED", "ENQUEUED", "FAILED", "CANCELLED"]
 WORKER_ID = "taskq.testing"
 
 
@@ -57,7 +56,8 @@ class Outcome:
 
     Attributes:
         status: the task's status after the attempt: ``SUCCEEDED``, ``ENQUEUED``
-            (another attempt follows after :attr:`delay`), ``FAILED`` or ``CANCELLED``.
+            (another attempt follows after :attr:`delay`), ``FAILED`` or ``CANCELLED``
+            (a :class:`~taskq.model.TaskStatus`, equal to its name as a string).
         result: the handler's result as stored (its JSON, parsed again), if it succeeded.
         error: the error recorded as the task's ``last_error``, if any.
         delay: seconds until the next attempt, when one follows.
@@ -66,7 +66,7 @@ class Outcome:
         timed_out: whether the handler ran past its timeout (the attempt then failed).
     """
 
-    status: Status
+    status: TaskStatus
     result: Any = None
     error: str | None = None
     delay: float | None = None
@@ -75,20 +75,20 @@ class Outcome:
 
     @property
     def succeeded(self) -> bool:
-        return self.status == "SUCCEEDED"
+        return self.status == TaskStatus.SUCCEEDED
 
     @property
     def retried(self) -> bool:
         """Whether another attempt follows (after :attr:`delay` seconds)."""
-        return self.status == "ENQUEUED"
+        return self.status == TaskStatus.ENQUEUED
 
     @property
     def failed(self) -> bool:
-        return self.status == "FAILED"
+        return self.status == TaskStatus.FAILED
 
     @property
     def cancelled(self) -> bool:
-        return self.status == "CANCELLED"
+        return self.status == TaskStatus.CANCELLED
 
 
 async def run_handler(
@@ -322,23 +322,25 @@ def _watched(handler: Handler, raised: list[BaseException]) -> Registry:
 
 
 def _outcome(
-    finished: Finished, raised: list[BaseException], stop: str | None, cancelled: bool
+    finished: Finished, raised: list[BaseException], stop: StopReason | None, cancelled: bool
 ) -> Outcome:
     # A handler stopped by taskq (its timeout, a cancel) raised nothing of its own.
     exception = raised[-1] if raised and stop is None else None
-    timed_out = stop == "timeout"
-    if cancelled or finished.kind == "cancel":
+    timed_out = stop is StopReason.TIMEOUT
+    if cancelled or finished.kind is OutcomeKind.CANCEL:
         # The outcome's statement turns a cancelled task CANCELLED, whatever the handler did.
-        return Outcome("CANCELLED", exception=exception, timed_out=timed_out)
-    if finished.kind == "complete":
+        return Outcome(TaskStatus.CANCELLED, exception=exception, timed_out=timed_out)
+    if finished.kind is OutcomeKind.COMPLETE:
         assert finished.result is not None
-        return Outcome("SUCCEEDED", result=orjson.loads(finished.result))
-    if finished.kind == "retry":
+        return Outcome(TaskStatus.SUCCEEDED, result=orjson.loads(finished.result))
+    if finished.kind is OutcomeKind.RETRY:
         return Outcome(
-            "ENQUEUED",
+            TaskStatus.ENQUEUED,
             error=finished.error,
             delay=finished.delay,
             exception=exception,
             timed_out=timed_out,
         )
-    return Outcome("FAILED", error=finished.error, exception=exception, timed_out=timed_out)
+    return Outcome(
+        TaskStatus.FAILED, error=finished.error, exception=exception, timed_out=timed_out
+    )

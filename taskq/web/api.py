@@ -41,6 +41,7 @@ from taskq.errors import (
 from taskq.fleet.relay import Relay
 from taskq.metrics import ApiMetrics
 from taskq.model import TaskRecord
+from taskq.service import OnStop, Services, Startable
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
 from taskq.web import admin, gates, limits, monitor, queues, schedules, stream, ui
@@ -308,8 +309,8 @@ async def metrics(request: Request) -> Response:
         state.settings.queues, None if pauses is None else [p.queue for p in pauses]
     )
     with contextlib.suppress(StoreError):
-        stats = await watch.stats()
-        state.metrics.observe_gates(stats["paused_types"], stats["waiting"])
+        stats = (await watch.stats()).stats
+        state.metrics.observe_gates(stats.paused_types, stats.waiting)
     depths = await watch.broker_depths()
     state.metrics.observe_queues(
         None
@@ -385,29 +386,35 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = app.state
         state.metrics = ApiMetrics()
-        state.client = await Client.connect(settings, metrics=state.metrics)
-        assert state.client._link is not None
-        state.link = state.client._link
+        state.client = client = await Client.connect(settings, metrics=state.metrics)
+        assert client.link is not None  # connect() gives it one
+        state.link = client.link
         state.topology_checked_at, state.topology_status = -1e9, "unknown"
-        state.monitor = monitor.Monitor(settings, state.client.store, state.link)
-        state.hub = stream.Hub(state.monitor, app.state.stopping, settings.max_streams)
-        await state.hub.start()
-        relay_ = Relay(
-            state.client.store,
-            settings.database_url,
-            state.client.publisher,
-            set_aside=state.metrics.set_aside,
-        )
+        state.monitor = monitor.Monitor(settings, client.store, client.link)
+        state.hub = stream.Hub(state.monitor, state.stopping, settings.max_streams)
+
+        async def end_streams() -> None:
+            state.stopping.set()
+
+        # Started in order (the client runs already), stopped in reverse: the open event
+        # streams end first, then the hub, the monitor's channel, the relay, the client.
+        parts: list[Startable] = [client]
         if relay:
-            await relay_.start()
+            set_aside = state.metrics.set_aside
+            parts.append(
+                Relay(client.store, settings.database_url, client.publisher, set_aside=set_aside)
+            )
+        parts += [
+            OnStop(state.monitor.close, name="taskq-monitor"),
+            state.hub,
+            OnStop(end_streams, name="taskq-streams"),
+        ]
+        services = Services(parts, name="taskq-api")
+        await services.start()
         try:
             yield
         finally:
-            state.stopping.set()  # ends the open event streams
-            await state.hub.stop()
-            await state.monitor.close()
-            await relay_.stop()
-            await state.client.close()
+            await services.stop()
 
     routes = [
         Route("/", info, methods=["GET"]),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +24,7 @@ from starlette.routing import Route
 
 from taskq.amqp.broker import DepthReader, Link
 from taskq.errors import BrokerError, StoreError
-from taskq.model import QueuePause
+from taskq.model import QueuePause, Stats
 from taskq.settings import Settings
 from taskq.store import Store
 from taskq.web.http import endpoint, json_response
@@ -33,6 +35,69 @@ BROKER_TIMEOUT = 2.0
 # Broker depths (on /stats, /metrics and /dlq) and the count of unpublished tasks
 # (on /metrics) are read at most this often, however often they are asked for.
 DEPTHS_MAX_AGE = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """One queue as the broker reports it."""
+
+    kind: str
+    """``work``, ``delay`` or ``dlq``."""
+    messages: int
+    consumers: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """What ``GET /stats`` answers, as a record; :meth:`to_json` is the body."""
+
+    stats: Stats
+    """What the database says: counts, the recent window, waiting and paused types."""
+    depths: Mapping[str, QueueDepth] | None
+    """Every queue by name; None if the broker did not answer."""
+    pauses: Sequence[QueuePause] | None
+    """The paused queues; None if the database did not say."""
+    at: datetime
+    window_seconds: int = WINDOW_SECONDS
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``/stats`` body (and the stream's ``stats`` event)."""
+        counts, window, seconds = self.stats.counts, self.stats.window, self.window_seconds
+        return {
+            "by_status": counts.by_status,
+            "scheduled": self.stats.scheduled,
+            "by_queue": counts.by_queue,
+            "by_type": counts.by_type,
+            "waiting": self.stats.waiting,
+            "paused_types": list(self.stats.paused_types),
+            "broker": {
+                "available": self.depths is not None,
+                "queues": {
+                    name: {"kind": d.kind, "messages": d.messages, "consumers": d.consumers}
+                    for name, d in (self.depths or {}).items()
+                },
+            },
+            "paused_queues": None
+            if self.pauses is None
+            else {
+                p.queue: {"paused_at": p.paused_at, "paused_by": p.paused_by, "reason": p.reason}
+                for p in self.pauses
+            },
+            "throughput": {
+                "window_seconds": seconds,
+                "succeeded_per_second": window.succeeded / seconds,
+                "failed_per_second": window.failed / seconds,
+                "enqueued_per_second": window.enqueued / seconds,
+            },
+            "latency": {
+                "window_seconds": seconds,
+                "queue_wait_p50": window.wait_p50,
+                "queue_wait_p95": window.wait_p95,
+                "duration_p50": window.duration_p50,
+                "duration_p95": window.duration_p95,
+            },
+            "at": self.at,
+        }
 
 
 class Monitor:
@@ -47,7 +112,7 @@ class Monitor:
         self.kinds = {names.queue(q): "work" for q in settings.queues}
         self.kinds.update({names.delay(level): "delay" for level in range(topology.levels)})
         self.kinds[names.dlq] = "dlq"
-        self._cached: tuple[float, dict[str, Any]] | None = None
+        self._cached: tuple[float, StatsSnapshot] | None = None
         self._lock = asyncio.Lock()
         self._depths: tuple[float, dict[str, tuple[int, int]] | None] = (-1e9, None)
         self._depths_lock = asyncio.Lock()
@@ -55,14 +120,14 @@ class Monitor:
         self._unpublished_lock = asyncio.Lock()
         self._pauses: tuple[float, list[QueuePause] | None] = (-1e9, None)
 
-    async def stats(self) -> dict[str, Any]:
-        """The ``/stats`` body, at most :data:`STATS_MAX_AGE` seconds old."""
+    async def stats(self) -> StatsSnapshot:
+        """The stats, at most :data:`STATS_MAX_AGE` seconds old."""
         async with self._lock:
             if self._cached is not None and time.monotonic() - self._cached[0] < STATS_MAX_AGE:
                 return self._cached[1]
-            body = await self._compute()
-            self._cached = (time.monotonic(), body)
-            return body
+            snapshot = await self._compute()
+            self._cached = (time.monotonic(), snapshot)
+            return snapshot
 
     async def broker_depths(self) -> dict[str, tuple[int, int]] | None:
         """``{queue: (messages, consumers)}`` of every queue of :attr:`kinds`, at most
@@ -106,44 +171,21 @@ class Monitor:
         self._pauses = (-1e9, None)
         self._cached = None
 
-    async def _compute(self) -> dict[str, Any]:
+    async def _compute(self) -> StatsSnapshot:
         stats = await self.store.stats(WINDOW_SECONDS)
-        counts, window = stats.counts, stats.window
         depths = await self.broker_depths()
         pauses = await self.pauses()
-        queues = {
-            name: {"kind": self.kinds[name], "messages": messages, "consumers": consumers}
-            for name, (messages, consumers) in (depths or {}).items()
-        }
-        return {
-            "by_status": counts.by_status,
-            "scheduled": stats.scheduled,
-            "by_queue": counts.by_queue,
-            "by_type": counts.by_type,
-            "waiting": stats.waiting,
-            "paused_types": list(stats.paused_types),
-            "broker": {"available": depths is not None, "queues": queues},
-            "paused_queues": None
-            if pauses is None
+        return StatsSnapshot(
+            stats,
+            None
+            if depths is None
             else {
-                p.queue: {"paused_at": p.paused_at, "paused_by": p.paused_by, "reason": p.reason}
-                for p in pauses
+                name: QueueDepth(self.kinds[name], messages, consumers)
+                for name, (messages, consumers) in depths.items()
             },
-            "throughput": {
-                "window_seconds": WINDOW_SECONDS,
-                "succeeded_per_second": window.succeeded / WINDOW_SECONDS,
-                "failed_per_second": window.failed / WINDOW_SECONDS,
-                "enqueued_per_second": window.enqueued / WINDOW_SECONDS,
-            },
-            "latency": {
-                "window_seconds": WINDOW_SECONDS,
-                "queue_wait_p50": window.wait_p50,
-                "queue_wait_p95": window.wait_p95,
-                "duration_p50": window.duration_p50,
-                "duration_p95": window.duration_p95,
-            },
-            "at": datetime.now(UTC),
-        }
+            pauses,
+            datetime.now(UTC),
+        )
 
     async def close(self) -> None:
         await self.reader.close()
@@ -156,7 +198,7 @@ def _monitor(request: Request) -> Monitor:
 
 @endpoint("stats")
 async def get_stats(request: Request) -> Response:
-    return json_response(await _monitor(request).stats())
+    return json_response((await _monitor(request).stats()).to_json())
 
 
 def routes() -> list[Route]:

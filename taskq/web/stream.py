@@ -121,7 +121,7 @@ class Hub(Service):
                     self._last_id = events.last
                 if time.monotonic() >= stats_due:
                     stats_due = time.monotonic() + STATS_EVERY
-                    self._stats = sse("stats", await self.monitor.stats())
+                    self._stats = sse("stats", (await self.monitor.stats()).to_json())
                     self._send(self._stats)
                 rows = await store.events_since(events.after(), BATCH)
                 reports = await store.progress_since(progress.after(), BATCH)

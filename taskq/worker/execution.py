@@ -47,7 +47,7 @@ from taskq.errors import Fail, Retry, StoreError
 # Defined in taskq.errors; importing them from here keeps working.
 from taskq.errors import NoHandler as NoHandler
 from taskq.handlers import Context, Handler, Registry
-from taskq.metrics import WorkerMetrics
+from taskq.metrics import AbandonedKind, WorkerMetrics
 from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
 from taskq.settings import Settings
 from taskq.store import Store, WorkerInfo
@@ -388,7 +388,7 @@ class Runner:
         # A handler that finished as it was stopped keeps its outcome.
         return None if call.done() else attempt.stopped.result()
 
-    def _abandoned(self, attempt: Attempt, kind: str, stop: StopReason) -> None:
+    def _abandoned(self, attempt: Attempt, kind: AbandonedKind, stop: StopReason) -> None:
         self.metrics.abandoned_total.labels(kind).inc()
         if kind == "task":  # the threads count theirs
             self.metrics.abandoned.labels("task").set(len(self.runaways))

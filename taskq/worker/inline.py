@@ -163,7 +163,7 @@ class Inline:
         later = window.close(committed=True)
         try:
             if written:
-                self._recorder.settled(_COMPLETE, written, recorded)
+                self._recorder.close_attempts(_COMPLETE, written, recorded)
         except Exception:  # a bug of taskq's; the tasks are SUCCEEDED all the same
             log.exception("counting %d inline successes failed", len(written))
         for outcome in later:

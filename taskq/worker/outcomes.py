@@ -167,9 +167,9 @@ class Recorder(Service):
             for item in items:
                 self._on_recorded(item.token)
             return
-        self.settled(kind, items, recorded)
+        self.close_attempts(kind, items, recorded)
 
-    def settled(
+    def close_attempts(
         self,
         kind: OutcomeKind,
         items: Sequence[Finished],

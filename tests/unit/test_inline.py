@@ -129,7 +129,7 @@ class Recorder:
     )
     added: list[uuid.UUID] = field(default_factory=list)
 
-    def settled(self, kind: OutcomeKind, items: Sequence[Finished], recorded: Any) -> None:
+    def close_attempts(self, kind: OutcomeKind, items: Sequence[Finished], recorded: Any) -> None:
         self.written.append((kind, [i.id for i in items], dict(recorded)))
 
     def add(self, outcome: Finished) -> None:

@@ -17,6 +17,7 @@ from taskq.model import (
     OutcomeKind,
     OwedPublish,
     Progress,
+    RequestOutcome,
     StatusCounts,
     StopReason,
     TaskRecord,
@@ -107,6 +108,12 @@ def test_refused_enqueue_outcomes() -> None:
     assert {o for o in EnqueueOutcome if o.refused} == {
         EnqueueOutcome.CONFLICT, EnqueueOutcome.UNKNOWN_TYPE,
     }  # fmt: skip
+
+
+def test_a_request_outcome_names_each_store_outcome_a_request_can_end_with() -> None:
+    # What the store did keeps its name; an unknown type is refused before, as invalid.
+    named = {o.value for o in EnqueueOutcome} - {EnqueueOutcome.UNKNOWN_TYPE}
+    assert {o.value for o in RequestOutcome} == named | {"invalid"}
 
 
 def test_every_outcome_has_its_metric_label_and_every_stop_its_words() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import yaml
 from prometheus_client import generate_latest
 
 from taskq.metrics import ApiMetrics, WorkerMetrics
+from taskq.model import QueuePause, RequestOutcome, Stats, StatusCounts, Throughput
+from taskq.web.monitor import QueueDepth, StatsSnapshot
 from tests.support import ROOT
 from tests.support.metrics import samples
 
@@ -193,3 +196,69 @@ def test_observe_queues_sets_and_drops_the_series() -> None:
     text = generate_latest(metrics.registry).decode()
     assert samples(text, "taskq_queue_messages") == {}
     assert samples(text, "taskq_broker_up") == {(): 0.0}
+
+
+def test_the_enqueue_counter_names_every_request_outcome() -> None:
+    metrics = ApiMetrics()
+    for outcome in RequestOutcome:
+        metrics.enqueued("t", "default", outcome, None)
+    text = generate_latest(metrics.registry).decode()
+    (help_line,) = [
+        line for line in text.splitlines() if line.startswith("# HELP taskq_enqueue_total ")
+    ]
+    assert all(outcome in help_line for outcome in RequestOutcome), help_line
+    assert 'taskq_enqueue_total{outcome="invalid",queue="default",type="t"} 1.0' in text
+
+
+# ------------------------------------------------------------------------- the /stats body
+
+AT = datetime(2026, 12, 7, 4, 0, tzinfo=UTC)
+STATS = Stats(
+    StatusCounts({"ENQUEUED": 3}, {"default": {"ENQUEUED": 3}}, {"t": {"ENQUEUED": 3}}),
+    2,
+    Throughput(60, 30, 6, 0.5, 1.5, 2.0, 4.0),
+    {"t": {"paused": 1}},
+    ["t"],
+)
+
+
+def test_the_stats_body_is_the_snapshot_as_the_dashboard_reads_it() -> None:
+    pause = QueuePause("low", AT, "ops", None)
+    snapshot = StatsSnapshot(STATS, {"ns.default": QueueDepth("work", 4, 1)}, [pause], AT)
+    assert snapshot.to_json() == {
+        "by_status": {"ENQUEUED": 3},
+        "scheduled": 2,
+        "by_queue": {"default": {"ENQUEUED": 3}},
+        "by_type": {"t": {"ENQUEUED": 3}},
+        "waiting": {"t": {"paused": 1}},
+        "paused_types": ["t"],
+        "broker": {
+            "available": True,
+            "queues": {"ns.default": {"kind": "work", "messages": 4, "consumers": 1}},
+        },
+        "paused_queues": {"low": {"paused_at": AT, "paused_by": "ops", "reason": None}},
+        "throughput": {
+            "window_seconds": 60,
+            "succeeded_per_second": 0.5,
+            "failed_per_second": 0.1,
+            "enqueued_per_second": 1.0,
+        },
+        "latency": {
+            "window_seconds": 60,
+            "queue_wait_p50": 0.5,
+            "queue_wait_p95": 1.5,
+            "duration_p50": 2.0,
+            "duration_p95": 4.0,
+        },
+        "at": AT,
+    }
+    assert list(snapshot.to_json()) == [  # the keys in the order the body has had them
+        "by_status", "scheduled", "by_queue", "by_type", "waiting", "paused_types", "broker",
+        "paused_queues", "throughput", "latency", "at",
+    ]  # fmt: skip
+
+
+def test_the_stats_body_says_what_the_broker_and_the_database_did_not() -> None:
+    body = StatsSnapshot(STATS, None, None, AT).to_json()
+    assert body["broker"] == {"available": False, "queues": {}}
+    assert body["paused_queues"] is None

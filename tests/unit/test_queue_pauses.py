@@ -14,7 +14,7 @@ from taskq.errors import StoreError
 from taskq.model import ClaimDecision
 from taskq.worker import claims
 from taskq.worker.consumer import Buffers, Delivery
-from tests.unit.test_claims import DELAYS, Channel, Claiming, Store
+from tests.support.claiming import DELAYS, Channel, Claiming, Store
 
 
 def delivery(tag: int, queue: str) -> Delivery:
@@ -80,13 +80,12 @@ async def test_a_failed_claim_gives_back_the_deliveries_of_a_queue_paused_meanwh
     assert c.claimer._reserved == 0 and c.count(ClaimDecision.CLAIMED) == 0
 
 
-async def until_none_held(c: Claiming) -> None:
-    """Wait (5 s at most) for the held deliveries to come due."""
-    for _ in range(500):
-        if not c.claimer.held:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("held deliveries did not come due")
+def come_due(c: Claiming) -> None:
+    """Bring every delivery the claimer holds due now, as its timer would."""
+    for delivery, handle in list(c.claimer._held.values()):
+        handle.cancel()
+        c.claimer._come_due(delivery)
+    assert c.claimer.held == 0
 
 
 async def test_a_pause_gives_back_the_held_deliveries_of_its_queue() -> None:
@@ -99,12 +98,14 @@ async def test_a_pause_gives_back_the_held_deliveries_of_its_queue() -> None:
                         other.envelope.id: ClaimDecision.EARLY}))  # fmt: skip
     await c.claim([low, other])
     assert c.claimer.held == 2 and c.acker.given_back == []
+    timers = {d.queue: handle for d, handle in c.claimer._held.values()}
     assert c.claimer.pause("low") == 1
+    assert timers["low"].cancelled() and not timers["default"].cancelled()
     assert c.claimer.held == 1
     assert c.claimer.metrics.registry.get_sample_value("taskq_deliveries_held") == 1
     await settled(c)
     assert c.acker.given_back == [1]
-    await until_none_held(c)
+    come_due(c)
     # Only the other queue's came due: back in the buffer to be claimed.
     assert c.buffers.take(10) == [other]
     assert c.acker.acked == [] and c.acker.rejected == [] and c.publisher.sent == []
@@ -119,5 +120,6 @@ async def test_a_claim_in_flight_gives_back_what_it_would_hold_of_a_paused_queue
     c = claiming(store)
     await claim_while_pausing(c, [low, other], "low")
     assert c.acker.given_back == [1]
-    await until_none_held(c)
+    assert c.claimer.held == 1  # the other queue's: held until it is due
+    come_due(c)
     assert c.buffers.take(10) == [other] and c.claimer._reserved == 0

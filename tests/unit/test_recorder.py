@@ -33,8 +33,8 @@ async def test_an_outcome_that_cannot_be_written_is_given_up(
 ) -> None:
     monkeypatch.setattr(outcomes, "GIVE_UP_SECONDS", 0.5)
     monkeypatch.setattr(outcomes, "RETRY_SECONDS", 0.05)
-    store, settled = Failing(), list[uuid.UUID]()
-    recorder = Recorder(cast(Any, store), cast(Any, None), WorkerMetrics(), settled.append)
+    store, closed = Failing(), list[uuid.UUID]()
+    recorder = Recorder(cast(Any, store), cast(Any, None), WorkerMetrics(), closed.append)
     await recorder.start()
     try:
         token = uuid.uuid4()
@@ -43,7 +43,7 @@ async def test_an_outcome_that_cannot_be_written_is_given_up(
         )
         # Retried while the heartbeat keeps the lease; then closed, so the heartbeat
         # lets the lease run out and the sweeper takes the task back.
-        await poll(lambda: settled == [token], "the outcome was never given up")
+        await poll(lambda: closed == [token], "the outcome was never given up")
         assert store.tries > 1
         tries = store.tries
         await poll(lambda: recorder._idle.is_set(), "the recorder kept the outcome")
@@ -79,9 +79,9 @@ class Outbox:
 
 async def test_a_recorded_retry_goes_to_the_outbox_and_a_cancelled_one_does_not() -> None:
     retried, cancelled, stale = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    store, outbox, settled = Recording(retried, cancelled), Outbox(), list[uuid.UUID]()
+    store, outbox, closed = Recording(retried, cancelled), Outbox(), list[uuid.UUID]()
     metrics = WorkerMetrics()
-    recorder = Recorder(cast(Any, store), cast(Any, outbox), metrics, settled.append)
+    recorder = Recorder(cast(Any, store), cast(Any, outbox), metrics, closed.append)
     await recorder.start()
     try:
         tokens = [uuid.uuid4() for _ in range(3)]
@@ -89,11 +89,11 @@ async def test_a_recorded_retry_goes_to_the_outbox_and_a_cancelled_one_does_not(
             recorder.add(
                 Finished(OutcomeKind.RETRY, task_id, token, 1, "t", "default", error="e", delay=5)
             )
-        await poll(lambda: len(settled) == 3, "the outcomes were not settled")
+        await poll(lambda: len(closed) == 3, "the attempts were not closed")
     finally:
         await recorder.stop(1.0)
     assert [owed.id for owed in outbox.submitted] == [retried]
-    assert sorted(settled) == sorted(tokens)
+    assert sorted(closed) == sorted(tokens)
     processed = "taskq_tasks_processed_total"
     sample = metrics.registry.get_sample_value
     labels = {"type": "t", "queue": "default"}

@@ -102,8 +102,8 @@ def processed(metrics: WorkerMetrics, outcome: str) -> float:
 
 async def record(store: Store, items: list[Finished]) -> tuple[Outbox, WorkerMetrics, list[Any]]:
     """Add ``items`` at once (one batch) and wait until the recorder is idle."""
-    outbox, metrics, settled = Outbox(), WorkerMetrics(), list[uuid.UUID]()
-    recorder = Recorder(cast(Any, store), cast(Any, outbox), metrics, settled.append)
+    outbox, metrics, closed = Outbox(), WorkerMetrics(), list[uuid.UUID]()
+    recorder = Recorder(cast(Any, store), cast(Any, outbox), metrics, closed.append)
     for item in items:
         recorder.add(item)
     await recorder.start()
@@ -111,7 +111,7 @@ async def record(store: Store, items: list[Finished]) -> tuple[Outbox, WorkerMet
         await poll(lambda: recorder._idle.is_set(), "the recorder kept outcomes")
     finally:
         await recorder.stop(1.0)
-    return outbox, metrics, settled
+    return outbox, metrics, closed
 
 
 async def test_a_refused_result_is_isolated_and_fails_its_task_alone() -> None:
@@ -120,7 +120,7 @@ async def test_a_refused_result_is_isolated_and_fails_its_task_alone() -> None:
     store = Store(
         bad={(OutcomeKind.COMPLETE, bad.id): RejectedByDatabase("invalid input syntax for json")}
     )
-    outbox, metrics, settled = await record(store, items)
+    outbox, metrics, closed = await record(store, items)
     # The batch failed, so each outcome was written alone; the refused one became a failure.
     assert store.calls[0] == (OutcomeKind.COMPLETE, [i.id for i in items])
     assert sorted(store.calls[1:5]) == sorted((OutcomeKind.COMPLETE, [i.id]) for i in items)
@@ -130,8 +130,8 @@ async def test_a_refused_result_is_isolated_and_fails_its_task_alone() -> None:
     assert (owed.id, owed.status) == (bad.id, TaskStatus.FAILED)
     assert owed.last_error is not None
     assert owed.last_error.startswith("RejectedByDatabase: the result was refused:")
-    # Every claim is settled once (the refused one after its failure was recorded).
-    assert sorted(settled) == sorted(i.token for i in items)
+    # Every claim is closed once (the refused one after its failure was recorded).
+    assert sorted(closed) == sorted(i.token for i in items)
 
 
 async def test_an_outcome_failing_alone_is_retried_then_given_up_the_others_recorded(
@@ -142,7 +142,7 @@ async def test_an_outcome_failing_alone_is_retried_then_given_up_the_others_reco
     items = [finished(OutcomeKind.RETRY, error="ValueError: x", delay=9.0) for _ in range(3)]
     bad = items[0]
     store = Store(bad={(OutcomeKind.RETRY, bad.id): StoreError("database error: value too long")})
-    outbox, metrics, settled = await record(store, items)
+    outbox, metrics, closed = await record(store, items)
     alone = [ids for kind, ids in store.calls if ids == [bad.id]]
     assert len(alone) > 2, store.calls  # retried alone, never again with the others
     assert all(bad.id not in ids or len(ids) == 1 for _, ids in store.calls[1:])
@@ -152,17 +152,17 @@ async def test_an_outcome_failing_alone_is_retried_then_given_up_the_others_reco
     assert {o.id for o in outbox.owed} == good
     assert {(o.status, o.delay) for o in outbox.owed} == {(TaskStatus.ENQUEUED, 9.0)}
     assert processed(metrics, "retried") == 2
-    # Given up: its claim is settled (the lease runs out), nothing is counted for it.
-    assert sorted(settled) == sorted(i.token for i in items)
+    # Given up: its claim is closed (the lease runs out), nothing is counted for it.
+    assert sorted(closed) == sorted(i.token for i in items)
 
 
 async def test_stale_and_cancelled_outcomes_publish_nothing() -> None:
     items = [finished(OutcomeKind.FAIL, error="ValueError: x") for _ in range(3)]
     stale, cancelled, failed = items
     store = Store(stale={stale.id}, cancelled={cancelled.id})
-    outbox, metrics, settled = await record(store, items)
+    outbox, metrics, closed = await record(store, items)
     assert store.calls == [(OutcomeKind.FAIL, [i.id for i in items])]  # one statement
     assert [o.id for o in outbox.owed] == [failed.id]
     assert outbox.owed[0].last_error == "ValueError: x"
     assert [processed(metrics, o) for o in ("stale", "cancelled", "failed")] == [1, 1, 1]
-    assert sorted(settled) == sorted(i.token for i in items)
+    assert sorted(closed) == sorted(i.token for i in items)

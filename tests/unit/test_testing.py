@@ -13,6 +13,7 @@ import pytest
 
 from taskq import Context, Fail, Registry, Retry
 from taskq.errors import HandlerError, InvalidRequest, SchemaProblem, TooLarge
+from taskq.model import TaskStatus
 from taskq.settings import load_settings
 from taskq.testing import Outcome, run_handler, run_handler_sync
 
@@ -50,9 +51,15 @@ async def slow(payload: dict[str, Any], ctx: Context) -> None:
     await asyncio.sleep(30)
 
 
+# slow_sync blocks until the test lets it go, and says when it returned.
+RELEASE_SLOW_SYNC = threading.Event()
+SLOW_SYNC_RETURNED = threading.Event()
+
+
 @handlers.task("test.slow_sync.v1", timeout=0.1)
 def slow_sync(payload: dict[str, Any], ctx: Context) -> None:
-    time.sleep(1.0)  # a thread cannot be stopped: it is abandoned, as in a worker
+    RELEASE_SLOW_SYNC.wait(30)  # a thread cannot be stopped: it is abandoned, as in a worker
+    SLOW_SYNC_RETURNED.set()
 
 
 @handlers.task("test.stops_when_cancelled.v1")
@@ -88,9 +95,12 @@ async def test_a_success_returns_the_result_as_stored() -> None:
     task_id = uuid.uuid4()
     outcome = await run_handler(echo, {"n": 1.0}, attempt=2, task_id=task_id)
     assert outcome == Outcome(
-        "SUCCEEDED", result={"payload": {"n": 1.0}, "attempt": 2, "task_id": str(task_id)}
+        TaskStatus.SUCCEEDED,
+        result={"payload": {"n": 1.0}, "attempt": 2, "task_id": str(task_id)},
     )
     assert outcome.succeeded and not outcome.retried and not outcome.failed
+    # The status is the model's enum, equal to its name as before.
+    assert outcome.status is TaskStatus.SUCCEEDED and outcome.status == "SUCCEEDED"
 
 
 async def test_a_sync_handler_runs_in_a_thread() -> None:
@@ -143,10 +153,12 @@ async def test_a_handler_past_its_timeout_fails_its_attempt() -> None:
 
 
 async def test_a_sync_handler_past_its_timeout_is_abandoned() -> None:
-    started = time.monotonic()
-    outcome = await run_handler(slow_sync, {})
-    assert outcome.timed_out and outcome.retried
-    assert time.monotonic() - started < 0.9  # the thread runs on; the attempt is over
+    try:
+        outcome = await run_handler(slow_sync, {})
+        assert outcome.timed_out and outcome.retried
+        assert not SLOW_SYNC_RETURNED.is_set()  # the thread runs on; the attempt is over
+    finally:
+        RELEASE_SLOW_SYNC.set()
 
 
 async def test_a_result_that_is_not_json_fails_the_task() -> None:
