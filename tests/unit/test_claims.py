@@ -18,10 +18,10 @@ import pytest
 from taskq.amqp.envelope import Envelope
 from taskq.errors import PublishError, StoreError
 from taskq.fleet.relay import HEADER_ORIGIN, HEADER_REASON
-from taskq.model import ClaimDecision
+from taskq.model import ClaimDecision, ClaimedTask
 from taskq.worker import claims
 from taskq.worker.consumer import Delivery
-from tests.support.claiming import DELAYS, QUEUE, Channel, Claiming, Publisher, Store
+from tests.support.claiming import DELAYS, QUEUE, Channel, Claiming, Publisher, Store, row
 
 
 def delivery(tag: int, task_id: uuid.UUID | None = None) -> Delivery:
@@ -201,3 +201,31 @@ async def test_a_claim_failing_for_any_reason_puts_the_batch_back(
     await c.claim([d])
     assert c.buffers.take(10) == [d]
     assert c.acker.acked == []
+
+
+async def test_room_lent_to_a_handoff_is_the_kept_places_then_free_ones_and_comes_back() -> None:
+    # 10 places: 7 taken by running attempts, 2 kept by attempts whose outcomes are
+    # being recorded, 1 free.
+    c = Claiming(Store({}))
+    claimer = c.claimer
+    claimer._reserved = 9
+    handoff = claimer.lend(4, places=2)
+    assert handoff is not None
+    assert (handoff.room, handoff.queues, handoff.worker_id) == (3, frozenset({QUEUE}), "w1")
+    assert claimer._reserved == 10
+    handoff.claimed = [cast(ClaimedTask, row(uuid.uuid4(), ClaimDecision.CLAIMED))]
+    claimer.took(handoff)
+    # The task claimed runs in one place; the two others are free again.
+    assert c.begun == [handoff.claimed[0].id] and claimer._reserved == 8
+    sample = claimer.metrics.registry.get_sample_value
+    assert sample("taskq_concurrency_handoffs_total", {"queue": QUEUE}) == 1
+    # With no room, the kept places are freed at once.
+    claimer._reserved = 10
+    assert claimer.lend(3, places=0) is None and claimer._reserved == 10
+    # A paused queue takes no handoff, nor a stopping worker: their places are freed.
+    claimer.pause(QUEUE)
+    assert claimer.lend(2, places=1) is None and claimer._reserved == 9
+    claimer.resume(QUEUE)
+    await claimer.start()
+    await claimer.stop()
+    assert claimer.lend(2, places=1) is None and claimer._reserved == 8
