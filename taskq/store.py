@@ -84,6 +84,8 @@ RELEASE_BATCH = 1000
 # Statements a release of free slots runs at most, and the pause before each retry (s).
 PROMOTE_TRIES = 5
 PROMOTE_PAUSE = 0.005
+# Named prepared statements each pooled connection keeps (asyncpg's default).
+STATEMENT_CACHE = 100
 # What a database going away raises. InternalClientError too: a connection the
 # server dropped mid-statement can fail the next one with "cannot switch to
 # state ...; another operation is in progress" (seen with Postgres restarting
@@ -225,6 +227,7 @@ class Store:
         min_size: int = 2,
         max_size: int = 10,
         session_reset: bool = True,
+        statement_cache: bool = True,
         schema: str = sql.DEFAULT_SCHEMA,
     ) -> Store:
         """Open a pool. Raises :class:`StoreError` if the database cannot be reached.
@@ -233,6 +236,9 @@ class Store:
         rolled back if a transaction is open, instead of also running asyncpg's
         reset query (unlock all, close all, unlisten, reset all): one round trip
         less per statement, for callers that never leave session state behind.
+        With ``statement_cache=False`` (``url`` is PgBouncer in transaction mode)
+        statements run unprepared: asyncpg's unnamed statements, each parsed and
+        run within one server connection.
         """
         sql.check_schema(schema)
         try:
@@ -242,6 +248,7 @@ class Store:
                 max_size=max_size,
                 command_timeout=10,
                 timeout=5,
+                statement_cache_size=STATEMENT_CACHE if statement_cache else 0,
                 **({} if session_reset else {"reset": _keep_session}),
             )
         except _DOWN as exc:

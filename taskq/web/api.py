@@ -394,7 +394,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         await state.hub.start()
         relay_ = Relay(
             state.client.store,
-            settings.database_url,
+            settings.session_database_url,
             state.client.publisher,
             set_aside=state.metrics.set_aside,
         )
