@@ -9,7 +9,7 @@ the local Postgres and RabbitMQ, stops everything and cleans up, then prints a
 table and one JSON line per figure.
 
     scripts/bench [--quick] [--runs N] [--workers K] [--concurrency N] [--peer celery]
-                  [--peer dramatiq] [--profile DIR]
+                  [--peer dramatiq] [--profile DIR] [--pgbouncer]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ MODEL_NOOP = "bench.noop_model"
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.sandbox = Sandbox(args.port)
+        self.sandbox = Sandbox(args.port, pgbouncer=args.pgbouncer)
         self.figures: list[Figure] = []
         # Figures other figures are compared with: tuned, drain, defaults (tasks/s);
         # p50, p99 (ms, POST sent -> handler start).
@@ -141,6 +141,8 @@ class Bench:
         self.add_cpu(w, used, a.tasks, "  enqueuer CPU per 1000 tasks (Python client)", ("bench",))
         self.add_cpu(w, used, a.tasks, "  Postgres CPU per 1000 tasks", ("postgres",))
         self.add_cpu(w, used, a.tasks, "  RabbitMQ CPU per 1000 tasks", ("rabbitmq",))
+        if a.pgbouncer:
+            self.add_cpu(w, used, a.tasks, "  PgBouncer CPU per 1000 tasks", ("pgbouncer",))
         for profiler in profilers:  # py-spy writes its profile on SIGINT
             profiler.send_signal(signal.SIGINT)
         for profiler in profilers:
@@ -320,7 +322,8 @@ class Bench:
         peers = a.peer_concurrency or os.cpu_count()
         return (
             f"taskq bench: {a.workers} worker(s) x concurrency {a.concurrency}, prefetch "
-            f"{a.prefetch} (3c: {a.workers} at taskq's defaults); {os.cpu_count()} CPUs; peers: "
+            f"{a.prefetch} (3c: {a.workers} at taskq's defaults); {os.cpu_count()} CPUs; "
+            f"{'through PgBouncer (transaction pooling); ' if a.pgbouncer else ''}peers: "
             f"{', '.join(a.peer) or 'none'} (tuned: Celery prefork x {peers} per worker without"
             f" gossip, mingle, heartbeat, Dramatiq {a.workers} process(es) x"
             f" {a.peer_concurrency or 8} threads; defaults: {a.workers} `celery worker`, one"
@@ -353,6 +356,12 @@ def main() -> None:
         type=int,
         help="at most this many tasks for Celery with Postgres results (default: --tasks,"
         " like every other workload; 20,000 take it 1-2 minutes)",
+    )
+    parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help="the API, workers and clients reach Postgres through a private PgBouncer in"
+        " transaction pooling mode (the peers do not)",
     )
     parser.add_argument("--port", type=int, default=18932)
     args = parser.parse_args()

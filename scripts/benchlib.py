@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -35,6 +36,9 @@ SERVER_URL = os.environ.get(
     "TASKQ_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 AMQP_URL = os.environ.get("TASKQ_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# Server connections of --pgbouncer's bouncer per database: the API's, the workers' and
+# the enqueuer's pools (10 client connections each) share them.
+BOUNCER_POOL_SIZE = 20
 
 
 class HttpConnection:
@@ -122,6 +126,7 @@ def cpu_now(pids: dict[str, int]) -> dict[str, float]:
     used["bench"] = time.process_time()
     used["postgres"] = service_cpu_seconds(("postgres",))
     used["rabbitmq"] = service_cpu_seconds(("beam.smp",))
+    used["pgbouncer"] = service_cpu_seconds(("pgbouncer",))
     return used
 
 
@@ -142,10 +147,19 @@ def scrape_counter(port: int, name: str, label: str) -> dict[str, float]:
 
 class Sandbox:
     """A fresh database and namespace on the local services, with the API and
-    workers started as subprocesses; :meth:`close` stops them and removes both."""
+    workers started as subprocesses; :meth:`close` stops them and removes both.
 
-    def __init__(self, port: int) -> None:
+    With ``pgbouncer``, :meth:`open` starts a private PgBouncer (transaction pooling,
+    the tests' launcher in ``tests/support/pgbouncer.py``) in front of the database:
+    the API, the workers and :attr:`settings` (the benchmark's clients) reach it
+    through the bouncer, their sessions (LISTEN, leader locks) and the benchmark's own
+    reads (:attr:`db`) directly.
+    """
+
+    def __init__(self, port: int, *, pgbouncer: bool = False) -> None:
         self.port = port
+        self.pgbouncer = pgbouncer
+        self.bouncer: Any = None
         self.name = f"taskq_bench_{uuid.uuid4().hex[:8]}"
         self.database_url = database_url(self.name)
         self.namespace = f"bench{uuid.uuid4().hex[:6]}"
@@ -172,6 +186,8 @@ class Sandbox:
     async def open(self) -> None:
         """Migrate, declare the topology and register ``demo.noop`` (so a backlog
         can be enqueued before any worker registers its types)."""
+        if self.pgbouncer:
+            self._start_bouncer()
         await migrate(self.database_url)
         connection = await broker.connect(AMQP_URL, name="bench", robust=False)
         await broker.declare(connection, self.settings.topology())
@@ -179,6 +195,30 @@ class Sandbox:
         self.db = await asyncpg.connect(self.database_url)
         await self.db.execute(
             "INSERT INTO taskq.task_type (name, queue) VALUES ('demo.noop', 'default')"
+        )
+
+    def _start_bouncer(self) -> None:
+        sys.path.insert(0, str(SCRIPTS.parent))  # the repository's root, for tests.support
+        from tests.support.pgbouncer import PrivateBouncer, pgbouncer_binary
+
+        binary = pgbouncer_binary()
+        if binary is None:
+            raise RuntimeError("--pgbouncer: no pgbouncer binary (apt-get install pgbouncer)")
+        base = Path(tempfile.mkdtemp(prefix="taskq-bench-pgbouncer-"))
+        self.bouncer = PrivateBouncer(binary, base, SERVER_URL, pool_size=BOUNCER_POOL_SIZE)
+        self.bouncer.start()
+        pooled = self.bouncer.via(self.database_url)
+        self.settings = self.settings.model_copy(
+            update={
+                "database_url": pooled,
+                "database_session_url": self.database_url,
+                "database_pooler": "pgbouncer",
+            }
+        )
+        self.env.update(
+            TASKQ_DATABASE_URL=pooled,
+            TASKQ_DATABASE_SESSION_URL=self.database_url,
+            TASKQ_DATABASE_POOLER="pgbouncer",
         )
 
     async def start_api(self) -> None:
@@ -273,6 +313,8 @@ class Sandbox:
         self.stop_api()
         if hasattr(self, "db"):
             await self.db.close()
+        if self.bouncer is not None:
+            self.bouncer.stop()
         server = await asyncpg.connect(SERVER_URL)
         await server.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         await server.close()

@@ -43,7 +43,7 @@ async def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    report = await migrate.migrate(settings.database_url, schema=settings.db_schema)
+    report = await migrate.migrate(settings.session_database_url, schema=settings.db_schema)
     if report.created_database:
         _print("created the database")
     if report.applied:
@@ -180,7 +180,11 @@ async def cmd_types(settings: Settings, args: argparse.Namespace) -> int:
         print(f"taskq: types {args.action} needs the type's name", file=sys.stderr)
         return 2
     store = await Store.connect(
-        settings.database_url, min_size=1, max_size=1, schema=settings.db_schema
+        settings.database_url,
+        min_size=1,
+        max_size=1,
+        statement_cache=settings.statement_cache,
+        schema=settings.db_schema,
     )
     try:
         if args.action != "list":
@@ -231,7 +235,11 @@ async def cmd_limits(settings: Settings, args: argparse.Namespace) -> int:
             return 2
         limit = ratelimits.parse(body)
     store = await Store.connect(
-        settings.database_url, min_size=1, max_size=1, schema=settings.db_schema
+        settings.database_url,
+        min_size=1,
+        max_size=1,
+        statement_cache=settings.statement_cache,
+        schema=settings.db_schema,
     )
     try:
         if args.action == "list":
@@ -318,7 +326,11 @@ async def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
         print("taskq: --reason takes at most 1000 characters", file=sys.stderr)
         return 2
     store = await Store.connect(
-        settings.database_url, min_size=1, max_size=1, schema=settings.db_schema
+        settings.database_url,
+        min_size=1,
+        max_size=1,
+        statement_cache=settings.statement_cache,
+        schema=settings.db_schema,
     )
     try:
         if args.action == "list":
@@ -602,7 +614,7 @@ def _execute(command: Command, args: argparse.Namespace) -> int:
         for noisy in ("aio_pika", "aiormq"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
         settings = load_settings()
-        urls = [settings.database_url, settings.amqp_url]
+        urls = [settings.database_url, settings.session_database_url, settings.amqp_url]
         _tune_gc()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(command(settings, args))

@@ -151,7 +151,9 @@ class Client(Service):
         )
         self._batcher = InsertBatcher(store, on_inserted=self._publish_created)
         # Opens its LISTEN connection at the first wait only.
-        self.waiters = waiting.Waiters(store, settings.database_url, limit=settings.max_waiters)
+        self.waiters = waiting.Waiters(
+            store, settings.session_database_url, limit=settings.max_waiters
+        )
         # None with TASKQ_OTEL=off; see taskq.tracing.
         self.tracing = Tracing.load(settings)
 
@@ -178,7 +180,10 @@ class Client(Service):
         # The client leaves no session state on its connections (no LISTEN, no session
         # settings or locks): the pool's reset query would be a round trip per batch.
         store = await Store.connect(
-            settings.database_url, session_reset=False, schema=settings.db_schema
+            settings.database_url,
+            session_reset=False,
+            statement_cache=settings.statement_cache,
+            schema=settings.db_schema,
         )
         link = Link(settings.amqp_url, name="taskq-client", heartbeat=settings.amqp_heartbeat)
         client = cls(

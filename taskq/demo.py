@@ -82,7 +82,13 @@ async def _record_pool() -> asyncpg.Pool:
     global _pool
     async with _pool_lock:
         if _pool is None:
-            pool = await asyncpg.create_pool(load_settings().database_url, min_size=1, max_size=4)
+            settings = load_settings()
+            pool = await asyncpg.create_pool(
+                settings.database_url,
+                min_size=1,
+                max_size=4,
+                statement_cache_size=100 if settings.statement_cache else 0,
+            )
             # Two workers may race to create it; either way it exists afterwards.
             with contextlib.suppress(asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
                 await pool.execute(

@@ -9,7 +9,7 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import taskq.sql as sql
@@ -65,6 +65,12 @@ class Settings(BaseSettings):
 
     # Secrets, here and in api_keys, stay out of repr() (describe() masks them).
     database_url: str = Field("postgresql://postgres@127.0.0.1:5432/taskq", repr=False)
+    # Empty: database_url. For the connections that keep session state (see
+    # session_database_url); a direct one when database_url is a transaction pooler.
+    database_session_url: str = Field("", repr=False)
+    # What database_url reaches: Postgres itself ("none") or PgBouncer in transaction
+    # pooling mode ("pgbouncer": pools keep no named prepared statements).
+    database_pooler: Literal["none", "pgbouncer"] = "none"
     db_schema: str = sql.DEFAULT_SCHEMA
     amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", repr=False)
     amqp_heartbeat: Duration = 10.0
@@ -117,9 +123,32 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        parts = check_url(value, ("postgres", "postgresql"), "postgresql://user@host:port/database")
-        if not parts.path.strip("/"):
-            raise ValueError("the URL names no database")
+        return _check_postgres_url(value)
+
+    @field_validator("database_session_url")
+    @classmethod
+    def _check_database_session_url(cls, value: str) -> str:
+        return _check_postgres_url(value) if value else value
+
+    @field_validator("database_pooler")
+    @classmethod
+    def _check_database_pooler(cls, value: str, info: ValidationInfo) -> str:
+        # A LISTEN or a session lock through a transaction pooler lands on whichever
+        # server connection the pooler lends: notifications get lost and two leaders
+        # may run at once. So pgbouncer needs a session URL that is not the pooled one.
+        if value == "pgbouncer":
+            session, pooled = info.data.get("database_session_url"), info.data.get("database_url")
+            if not session:
+                raise ValueError(
+                    "pgbouncer needs TASKQ_DATABASE_SESSION_URL too: a URL of a session"
+                    " connection (Postgres itself, or a pool_mode=session pool) for LISTEN"
+                    " and the leader locks"
+                )
+            if session == pooled:
+                raise ValueError(
+                    "pgbouncer needs a TASKQ_DATABASE_SESSION_URL other than"
+                    " TASKQ_DATABASE_URL (the transaction-pooled one)"
+                )
         return value
 
     @field_validator("db_schema")
@@ -202,6 +231,19 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def session_database_url(self) -> str:
+        """The URL of the dedicated connections that keep session state: LISTEN, the
+        relay, sweeper and schedule leader locks, ``taskq migrate``."""
+        return self.database_session_url or self.database_url
+
+    @property
+    def statement_cache(self) -> bool:
+        """Whether pools on ``database_url`` may keep named prepared statements: not
+        through PgBouncer 1.18 in transaction mode, whose next transaction may run on
+        another server connection, where the statement does not exist."""
+        return self.database_pooler == "none"
+
+    @property
     def default_queue(self) -> str:
         """The queue a task type lands in unless it names one: ``default`` if listed."""
         return "default" if "default" in self.queues else self.queues[len(self.queues) // 2]
@@ -221,7 +263,7 @@ class Settings(BaseSettings):
         out: dict[str, str] = {}
         for name, value in self.model_dump().items():
             key = ENV_PREFIX + name.upper()
-            if name in ("database_url", "amqp_url"):
+            if name in ("database_url", "database_session_url", "amqp_url"):
                 out[key] = mask_url(value)
             elif name == "api_keys":
                 out[key] = ",".join("***" for _ in value)
@@ -245,7 +287,15 @@ _UNSET = {
     "api_keys": "(none: every route answers without a key)",
     "cursor_secret": "(derived from TASKQ_DATABASE_URL and TASKQ_NAMESPACE)",
     "allowed_hosts": "(default: localhost, 127.0.0.1, ::1 and TASKQ_HTTP_HOST)",
+    "database_session_url": "(TASKQ_DATABASE_URL)",
 }
+
+
+def _check_postgres_url(value: str) -> str:
+    parts = check_url(value, ("postgres", "postgresql"), "postgresql://user@host:port/database")
+    if not parts.path.strip("/"):
+        raise ValueError("the URL names no database")
+    return value
 
 
 def check_url(value: str, schemes: tuple[str, ...], example: str) -> SplitResult:

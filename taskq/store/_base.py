@@ -20,6 +20,8 @@ from taskq.store._errors import _DOWN, refused
 
 # Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
 NOTIFY_IDS = 200
+# Named prepared statements each pooled connection keeps (asyncpg's default).
+STATEMENT_CACHE = 100
 
 
 class StoreBase:
@@ -43,6 +45,7 @@ class StoreBase:
         min_size: int = 2,
         max_size: int = 10,
         session_reset: bool = True,
+        statement_cache: bool = True,
         schema: str = sql.DEFAULT_SCHEMA,
     ) -> Self:
         """Open a pool. Raises :class:`StoreError` if the database cannot be reached.
@@ -51,6 +54,9 @@ class StoreBase:
         rolled back if a transaction is open, instead of also running asyncpg's
         reset query (unlock all, close all, unlisten, reset all): one round trip
         less per statement, for callers that never leave session state behind.
+        With ``statement_cache=False`` (``url`` is PgBouncer in transaction mode)
+        statements run unprepared: asyncpg's unnamed statements, each parsed and
+        run within one server connection.
         """
         sql.check_schema(schema)
         try:
@@ -60,6 +66,7 @@ class StoreBase:
                 max_size=max_size,
                 command_timeout=10,
                 timeout=5,
+                statement_cache_size=STATEMENT_CACHE if statement_cache else 0,
                 **({} if session_reset else {"reset": _keep_session}),
             )
         except _DOWN as exc:

@@ -402,7 +402,12 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         if relay:
             set_aside = state.metrics.set_aside
             parts.append(
-                Relay(client.store, settings.database_url, client.publisher, set_aside=set_aside)
+                Relay(
+                    client.store,
+                    settings.session_database_url,
+                    client.publisher,
+                    set_aside=set_aside,
+                )
             )
         parts += [
             OnStop(state.monitor.close, name="taskq-monitor"),

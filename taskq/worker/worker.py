@@ -262,6 +262,7 @@ class Worker(Service):
             min_size=2,
             max_size=10,
             session_reset=False,
+            statement_cache=settings.statement_cache,
             schema=settings.db_schema,
         )
         await parts.add(OnStop(self.store.close, name="taskq-worker-store"))
@@ -316,7 +317,7 @@ class Worker(Service):
         await parts.add(self._consumers)
         self.pause_follower = PauseFollower(
             self.store,
-            settings.database_url,
+            settings.session_database_url,
             apply=self._apply_pauses,
             check_every=self.info.heartbeat_seconds,
         )
@@ -325,7 +326,7 @@ class Worker(Service):
             await parts.add(
                 Relay(
                     self.store,
-                    settings.database_url,
+                    settings.session_database_url,
                     self.publisher,
                     interval=self._relay_interval,
                     set_aside=self.metrics.set_aside,
@@ -343,7 +344,7 @@ class Worker(Service):
                     repair_every=settings.sweeper_check_every,
                     retention=settings.retention,
                     metrics=self.metrics,
-                    database_url=settings.database_url,
+                    database_url=settings.session_database_url,
                     interval=self._relay_interval,
                 )
             )

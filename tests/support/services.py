@@ -80,6 +80,9 @@ def subprocess_env(settings: Settings | None = None, /, **extra: str) -> dict[st
         env["TASKQ_QUEUE_TYPE"] = settings.queue_type
         env["TASKQ_MAX_DELAY"] = format_duration(settings.max_delay)
         env["TASKQ_DELIVERY_LIMIT"] = str(settings.delivery_limit)
+        env["TASKQ_DATABASE_POOLER"] = settings.database_pooler
+        if settings.database_session_url:
+            env["TASKQ_DATABASE_SESSION_URL"] = settings.database_session_url
     env.update(extra)
     return env
 

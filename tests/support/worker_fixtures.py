@@ -40,7 +40,11 @@ class Harness:
         connection = await broker.connect(self.settings.amqp_url, name="test-harness", robust=False)
         await broker.declare(connection, self.settings.topology())
         self.connection = connection
-        self.store = await Store.connect(self.settings.database_url, schema=self.settings.db_schema)
+        self.store = await Store.connect(
+            self.settings.database_url,
+            statement_cache=self.settings.statement_cache,
+            schema=self.settings.db_schema,
+        )
         self.publisher = Publisher(connection, self.settings.topology(), self.settings.max_delay)
         return self
 

@@ -89,6 +89,10 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ("TASKQ_BACKOFF_STRATEGY", "random"),
         ("TASKQ_DATABASE_URL", "mysql://x/y"),
         ("TASKQ_DATABASE_URL", "postgresql://host:5432/"),
+        ("TASKQ_DATABASE_SESSION_URL", "mysql://x/y"),
+        ("TASKQ_DATABASE_SESSION_URL", "postgresql://host:5432/"),
+        ("TASKQ_DATABASE_POOLER", "odyssey"),
+        ("TASKQ_DATABASE_POOLER", "pgbouncer"),
         ("TASKQ_AMQP_URL", "not a url"),
         ("TASKQ_AMQP_URL", "amqp://host:port/"),
         ("TASKQ_NAMESPACE", "bad name"),
@@ -131,6 +135,32 @@ def test_describe_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     }
 
 
+def test_the_session_url_defaults_to_the_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "postgresql://app:hunter2@db:5432/taskq"
+    plain = settings_from(monkeypatch, TASKQ_DATABASE_URL=url)
+    assert plain.session_database_url == url and plain.statement_cache
+    assert plain.describe()["TASKQ_DATABASE_SESSION_URL"] == "(TASKQ_DATABASE_URL)"
+
+
+def test_pgbouncer_takes_a_session_url_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    pooled = "postgresql://app:hunter2@pgbouncer:6432/taskq"
+    direct = "postgresql://app:hunter2@db:5432/taskq"
+    with pytest.raises(ConfigError, match="TASKQ_DATABASE_SESSION_URL too"):
+        settings_from(monkeypatch, TASKQ_DATABASE_POOLER="pgbouncer", TASKQ_DATABASE_URL=pooled)
+    with pytest.raises(ConfigError, match="other than TASKQ_DATABASE_URL") as caught:
+        settings_from(monkeypatch, TASKQ_DATABASE_SESSION_URL=pooled)
+    assert caught.value.variable == "TASKQ_DATABASE_POOLER"
+    settings = settings_from(monkeypatch, TASKQ_DATABASE_SESSION_URL=direct)
+    assert settings.database_url == pooled and settings.session_database_url == direct
+    assert not settings.statement_cache
+    described = settings.describe()
+    assert described["TASKQ_DATABASE_SESSION_URL"] == "postgresql://app:***@db:5432/taskq"
+    assert "hunter2" not in repr(described) + repr(settings)
+    # A session-mode pooler (or none) keeps the cache; the session URL still applies.
+    monkeypatch.setenv("TASKQ_DATABASE_POOLER", "none")
+    assert settings_from(monkeypatch).statement_cache
+
+
 def test_mask_url_without_password() -> None:
     assert (
         mask_url("postgresql://postgres@127.0.0.1/taskq") == "postgresql://postgres@127.0.0.1/taskq"
@@ -169,6 +199,7 @@ PASSWORD_PIECES = ("Zq9", "Xw7")
         ("TASKQ_DATABASE_URL", "postgresql://app:Zq9Xw7@db:0/taskq"),
         ("TASKQ_DATABASE_URL", "postgresql://app:Zq9Xw7@db1:5432,db2:x/taskq"),
         ("TASKQ_DATABASE_URL", "postgresql://app:Zq9Xw7@[::1/taskq"),
+        ("TASKQ_DATABASE_SESSION_URL", "postgresql://app:Zq9/Xw7@db:5432/taskq"),
         ("TASKQ_AMQP_URL", "amqp://app:Zq9/Xw7@rabbit:5672/"),
         ("TASKQ_AMQP_URL", "amqp://app:Zq9#Xw7@rabbit/"),
         ("TASKQ_AMQP_URL", "amqp://app:Zq9Xw7@rabbit:port/"),
