@@ -302,6 +302,8 @@ class ClaimedTask(NamedTuple):
     traceparent: str | None = None
     concurrency_key: str | None = None
     """The key whose concurrency slot the attempt holds (None: none)."""
+    start_in: float = 0.0
+    """Seconds until it may start: a rate-limited task is claimed just before its slot."""
 
 
 class Unclaimed(NamedTuple):
@@ -342,7 +344,7 @@ def claim_from_row(row: Sequence[Any]) -> ClaimedTask | Unclaimed:
             ClaimedTask,
             (
                 row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10],
-                row[14], row[15],
+                row[14], row[15], row[13] or 0.0,
             ),
         )  # fmt: skip
     return _new(

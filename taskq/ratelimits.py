@@ -40,6 +40,13 @@ MAX_PER = 30 * 86400.0
 # How many limiters an operator may create (a type's own are bounded by the types).
 MAX_LIMITERS = 1000
 OWN_PREFIX = "type:"
+# A worker holds (unacked) an early or limited delivery due within this many seconds,
+# and sends a later one back through the delay levels. The claim gives a new task a
+# slot only within it (see the module's docstring).
+HOLD_SECONDS = 1.25
+# A task holding a slot is claimed this long before it, and its worker starts it at
+# the slot: a claim at the slot would start it late by the claim's own time.
+CLAIM_AHEAD_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)

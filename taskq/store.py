@@ -63,7 +63,7 @@ from taskq.model import (
     WorkerRecord,
     claim_from_row,
 )
-from taskq.ratelimits import MAX_LIMITERS, RateLimit, own_limiter
+from taskq.ratelimits import CLAIM_AHEAD_SECONDS, HOLD_SECONDS, MAX_LIMITERS, RateLimit, own_limiter
 
 log = logging.getLogger("taskq.store")
 
@@ -929,7 +929,9 @@ class Store:
         gated = sorted(row["id"] for row in rows if row["decision"] == "gated")
         if gated:
             rows = [row for row in rows if row["decision"] != "gated"]
-            rows += await connection.fetch(self.q["claim_gated"], gated, worker_id, lease)
+            rows += await connection.fetch(
+                self.q["claim_gated"], gated, worker_id, lease, HOLD_SECONDS, CLAIM_AHEAD_SECONDS
+            )
         return [claim_from_row(row) for row in rows]
 
     async def heartbeat(

@@ -47,6 +47,7 @@ from taskq.errors import StoreError, TaskqError
 from taskq.fleet.relay import dead_letter_headers, publish_row
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimDecision, ClaimedTask, DeadLetterReason, Unclaimed
+from taskq.ratelimits import HOLD_SECONDS
 from taskq.service import Service
 from taskq.store import Store
 from taskq.tracing import header
@@ -63,9 +64,10 @@ CLAIM_BATCH = 200
 # starting a claim (and an ack) of its own.
 CLAIMS_IN_FLIGHT = 2
 SECOND_CLAIM_MIN = CLAIM_BATCH // 4
+# Held deliveries that came due are claimed at once, in up to this many claims more:
+# their start is timed (a rate limit's slot), and they are few.
+DUE_CLAIMS = 3
 STORE_RETRY_SECONDS = 1.0
-# An early or limited delivery due within this many seconds waits here, unacked.
-HOLD_SECONDS = 1.25
 # One due later goes through the delay levels for the whole seconds of its wait less
 # this, so that it comes back before it is due even when RabbitMQ expires it late.
 SEND_BACK_MARGIN = 0.25
@@ -215,12 +217,12 @@ class Claimer(Service):
     def _may_claim(self) -> bool:
         """Whether to start a claim now: deliveries and slots are there, and it is
         the only claim in flight or a sizeable batch is waiting, or a held delivery
-        came due (its start is timed: it takes one more claim in flight)."""
+        came due (its start is timed: it takes up to DUE_CLAIMS more claims in flight)."""
         free = self.concurrency - self._reserved
         if not self._buffers or free <= 0:
             return False
         if self._due:
-            return self._claims <= CLAIMS_IN_FLIGHT
+            return self._claims < CLAIMS_IN_FLIGHT + DUE_CLAIMS
         if self._claims >= CLAIMS_IN_FLIGHT:
             return False
         enough = max(1, min(SECOND_CLAIM_MIN, self.concurrency // 4))
