@@ -1858,13 +1858,15 @@ RETURNING (xmax = 0) AS created;
 
 -- name: limiters_list
 -- Rate limiters in name order (one, when :name is set), with the types that use
--- each and, for one without key, when its bucket's slots are taken until.
+-- each and, for one without key, when its bucket's slots (and the waits for
+-- one handed out) are taken until.
 -- :name (NULL: all)
 SELECT r.name, r.rate, r.per_seconds, r.burst, r.key, r.type_name, r.created_at, r.updated_at,
        ARRAY(SELECT t.name FROM taskq.task_type t WHERE t.limiter = r.name ORDER BY t.name)
            AS types,
        CASE WHEN r.key IS NULL THEN
-           (SELECT b.tat FROM taskq.rate_limit_buckets b WHERE b.limiter = r.name AND b.key = '')
+           (SELECT greatest(b.tat, b.promised) FROM taskq.rate_limit_buckets b
+            WHERE b.limiter = r.name AND b.key = '')
        END AS busy_until
 FROM taskq.rate_limiters r
 WHERE :name::text IS NULL OR r.name = :name

@@ -588,8 +588,8 @@ class TaskTypeRecord:
 class LimiterRecord:
     """A rate limiter (``GET /limits``): ``rate`` starts per ``per_seconds``, ``burst``
     at once, one bucket per value of payload field ``key``; ``type_name`` is set for a
-    type's own; ``types`` use it; ``busy_until`` is how far its single bucket's slots
-    are taken (None when keyed or unused)."""
+    type's own; ``types`` use it; ``busy_until`` is how far its single bucket's slots,
+    and the waits for one handed out, are taken (None when keyed or unused)."""
 
     name: str
     rate: int

@@ -15,11 +15,14 @@ their publish is confirmed.
 The delay levels count whole seconds. So that a task starts at its run_at to
 the millisecond (a rate limit's slots are 20 ms apart at 50 per second), an
 early or limited delivery due within :data:`HOLD_SECONDS` is held here, unacked,
-and claimed again when it is due (before the other deliveries); one due later goes
-through the delay levels for the whole seconds of its wait less a margin (so that
-it comes back early even when RabbitMQ expires it a little late), and is held for
-the rest when it comes back. A held delivery takes a prefetch slot (never a concurrency
-slot); if the worker stops or dies, RabbitMQ redelivers it.
+and claimed again when it is due (before the other deliveries, and past the limit
+of claims in flight); one due later goes through the delay levels for the whole
+seconds of its wait less a margin (so that it comes back early even when RabbitMQ
+expires it a little late), and is held for the rest when it comes back. A held
+delivery takes a prefetch slot (never a concurrency slot); if the worker stops or
+dies, RabbitMQ redelivers it. A rate-limited task is due a little before its slot
+(:data:`taskq.ratelimits.CLAIM_AHEAD_SECONDS`): claimed then, its attempt waits for
+the slot (``ClaimedTask.start_in``) before its handler runs.
 
 With an inline window (:mod:`taskq.worker.inline`) the claim's transaction stays
 open while its claimed handlers start, for the successes within the window to
