@@ -941,8 +941,10 @@ LEFT JOIN exhausted x ON x.id = i.id;
 --               (the sweeper's recovery gives the slot back);
 --   early     - run_at is in the future: send it back through the delay levels;
 --   limited   - its type's rate limiter has no slot now: run_at moved to the slot
---               reserved for it (limited_until); send it back through the delay
---               levels (see the rate_* CTEs);
+--               reserved for it (limited_until), or, when that slot would be past
+--               the hold window, to the end of a wait without a slot (limited_until
+--               NULL); hold it, or send it back through the delay levels (see the
+--               rate_* CTEs);
 --   exhausted - no attempt left: now FAILED, owed to the DLQ;
 --   parked    - WAITING: its type is paused, or its concurrency key has no free slot
 --               (parked now, or already): drop the delivery; it is released later;
@@ -950,15 +952,18 @@ LEFT JOIN exhausted x ON x.id = i.id;
 -- A claim of a RUNNING task whose lease expired takes it over.
 -- Returns one row per distinct id: id, decision, and for rows that exist type,
 -- queue, attempts (after the claim), max_attempts, run_at and delay (seconds
--- until run_at, for `early`); payload (json text), timeout_seconds, created_at
--- and claim_token for `claimed`; last_error for `exhausted` (the DLQ reason);
+-- until run_at, for `early` and `limited`; for `claimed`, seconds until its start:
+-- a rate-limited task is claimed up to `ahead` before its slot); payload (json
+-- text), timeout_seconds, created_at and claim_token for `claimed`; last_error for `exhausted` (the DLQ reason);
 -- traceparent (the enqueuer's trace context, NULL when not traced);
 -- concurrency_key for `claimed` (NULL: it holds no concurrency slot).
 -- Every claim sets a fresh claim_token: heartbeats and outcomes must name it.
 -- WAITING rows are not locked (only resumes, freed slots and operators change
 -- them, and a freed slot's release waits for their locks while it holds the
 -- slot: a claim holding one and waiting for that slot would deadlock with it).
--- :ids uuid[], :worker_id, :lease_seconds
+-- :ids uuid[], :worker_id, :lease_seconds,
+-- :hold_seconds how far ahead a worker holds a delivery (the others it sends back),
+-- :ahead_seconds how long before its slot a rate-limited task is claimed
 WITH input AS (
     SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id
 ), locked AS (
@@ -968,7 +973,7 @@ WITH input AS (
     CROSS JOIN LATERAL (
         SELECT t.id, t.type, t.queue, t.status, t.lease_expires_at, t.attempts,
                t.max_attempts, t.run_at, t.worker_id, t.cancel_requested_at, t.traceparent,
-               t.created_at, t.concurrency_key, t.limited_until
+               t.created_at, t.concurrency_key, t.limited_until, t.limited_by
         FROM taskq.tasks t WHERE t.id = i.id AND t.status <> 'WAITING'
         FOR UPDATE
     ) t
@@ -1014,59 +1019,117 @@ WITH input AS (
     FROM taskq.task_type ty JOIN taskq.rate_limiters r ON r.name = ty.limiter
     WHERE ty.limiter IS NOT NULL
 ), rate_wanted AS (
-    -- The tasks about to be claimed whose type names a limiter each take the next
-    -- slot of their bucket, unless they hold a reservation: one that came due is
-    -- claimed now, unless it is late by more than the grace (max(spacing, 50 ms):
-    -- a worker that stalled); then it takes a new slot, so late tasks never start
-    -- in a burst.
-    SELECT d.id, lt.limiter, lt.spacing, lt.tolerance,
+    -- The tasks about to be claimed whose type names a limiter, but for those holding
+    -- a reservation that came due on time (late by at most one spacing, so that a
+    -- window of `per` never holds more than limit + 1 starts): those are claimed now
+    -- without a slot. `back`: a late one (it lost its slot), or one back from a wait
+    -- without a slot (limited_by set, limited_until NULL) at most the hold window
+    -- late: it takes the next slot, however far (those that waited go before new
+    -- ones). The others take a slot only within the hold window (rate_plan), for the
+    -- deliveries a worker holds: a later slot would go to a delivery sent back through
+    -- the broker, and one sent back while its work queue has a backlog comes back only
+    -- behind that backlog, past its slot. (Back from a wait later than that, a task
+    -- came back behind a backlog too: it asks as a new one does.)
+    SELECT d.id, lt.limiter, lt.spacing, lt.tolerance, l.run_at,
            CASE WHEN lt.key_field IS NULL THEN ''
                 ELSE (SELECT CASE WHEN length(v) > 200 THEN 'md5:' || md5(v) ELSE v END
                       FROM (SELECT coalesce(p.payload -> lt.key_field, 'null')::text AS v
                             FROM taskq.tasks p WHERE p.id = d.id) k)
            END AS key,
-           row_number() OVER (PARTITION BY lt.limiter ORDER BY l.run_at, d.id) AS nth
+           (l.limited_until IS NOT NULL
+            OR (l.limited_by IS NOT NULL
+                AND l.run_at >= d.at - make_interval(secs => :hold_seconds))) AS back
     FROM locked l
     JOIN rate_limited_types lt ON lt.type = l.type
     JOIN decided d ON d.id = l.id
     WHERE d.decision = 'claimed' AND l.type NOT IN (SELECT name FROM paused_gate)
       AND (l.limited_until IS NULL
-           OR l.limited_until < d.at - make_interval(secs => greatest(lt.spacing, 0.05)))
+           OR l.limited_until < d.at - make_interval(secs => lt.spacing))
 ), rate_numbered AS (
-    -- The order of the tasks within each bucket: the earliest due first.
-    SELECT w.*, row_number() OVER (PARTITION BY w.limiter, w.key ORDER BY w.nth) AS i,
+    -- The order of the tasks within each bucket (k from 0): those back from a wait
+    -- first, then the earliest due.
+    SELECT w.*,
+           row_number() OVER (PARTITION BY w.limiter, w.key
+                              ORDER BY w.back DESC, w.run_at, w.id) - 1 AS k,
+           count(*) FILTER (WHERE w.back) OVER (PARTITION BY w.limiter, w.key) AS n_back,
            count(*) OVER (PARTITION BY w.limiter, w.key) AS n
     FROM rate_wanted w
 ), rate_buckets AS (
-    SELECT DISTINCT limiter, key, n, spacing FROM rate_numbered
+    SELECT DISTINCT limiter, key, n, n_back, spacing, tolerance FROM rate_numbered
+), rate_old AS MATERIALIZED (
+    -- The buckets in use, locked in (limiter, key) order (concurrent claims lock them
+    -- in one order, and after all their tasks): once locked, their latest version.
+    SELECT b.limiter, b.key, b.tat, b.promised
+    FROM taskq.rate_limit_buckets b
+    WHERE (b.limiter, b.key) IN (SELECT limiter, key FROM rate_buckets)
+    ORDER BY b.limiter, b.key
+    FOR UPDATE
+), rate_at AS MATERIALIZED (
+    -- The clock once every bucket is locked (the count reads them all first).
+    SELECT clock_timestamp() AS at FROM (SELECT count(*) FROM rate_old) locked_all
+), rate_plan AS MATERIALIZED (
+    -- Per bucket: a = max(tat, now) is where its slots go on; the first `taken` tasks
+    -- (those back from a wait, then new ones while their slot is within the hold
+    -- window) take slots a, a + spacing, ... less the tolerance; the rest wait without
+    -- a slot until p, p + spacing, ... where p = max(promised, new tat): promised is
+    -- where the waits handed out so far end.
+    SELECT y.*, y.a + make_interval(secs => y.taken * y.spacing) AS new_tat,
+           greatest(y.promised, y.a + make_interval(secs => y.taken * y.spacing)) AS p
+    FROM (
+        SELECT x.*,
+               x.n_back + least(x.n - x.n_back, greatest(0,
+                   floor((extract(epoch FROM x.at - x.a) + :hold_seconds + x.tolerance)
+                         / x.spacing)::bigint - x.n_back + 1)) AS taken
+        FROM (
+            SELECT r.limiter, r.key, r.n, r.n_back, r.spacing, r.tolerance, o.promised,
+                   o.limiter IS NOT NULL AS existed, c.at, greatest(o.tat, c.at) AS a
+            FROM rate_buckets r
+            CROSS JOIN rate_at c
+            LEFT JOIN rate_old o ON o.limiter = r.limiter AND o.key = r.key
+        ) x
+    ) y
 ), rate_taken AS (
-    -- One upsert per bucket, in (limiter, key) order, so that concurrent claims lock
-    -- buckets in one order (and after all their tasks: the sort reads every row
-    -- first). Each moves tat on by one spacing per task from max(tat, now), with
-    -- now read once the bucket is locked; `at` is the clock after that.
-    INSERT INTO taskq.rate_limit_buckets AS b (limiter, key, tat)
-    SELECT limiter, key, clock_timestamp() + make_interval(secs => n * spacing)
-    FROM rate_buckets ORDER BY limiter, key
-    ON CONFLICT (limiter, key) DO UPDATE SET
-        tat = greatest(b.tat, clock_timestamp())
-              + (SELECT make_interval(secs => x.n * x.spacing) FROM rate_buckets x
-                 WHERE x.limiter = b.limiter AND x.key = b.key)
-    RETURNING b.limiter, b.key, b.tat, clock_timestamp() AS at
+    -- Writes each bucket's new tat and promised. A bucket that another claim created
+    -- after this one looked (its first use, by two claims at once) is left alone:
+    -- its tasks are decided `early` and claimed again at once.
+    INSERT INTO taskq.rate_limit_buckets AS b (limiter, key, tat, promised)
+    SELECT limiter, key, new_tat,
+           CASE WHEN taken < n THEN p + make_interval(secs => (n - taken) * spacing)
+                ELSE promised END
+    FROM rate_plan ORDER BY limiter, key
+    ON CONFLICT (limiter, key) DO UPDATE SET tat = EXCLUDED.tat, promised = EXCLUDED.promised
+    WHERE EXISTS (SELECT FROM rate_old o WHERE o.limiter = b.limiter AND o.key = b.key)
+    RETURNING b.limiter, b.key
 ), rate_slots AS (
-    -- Task i of n in a bucket gets slot A + (i - 1) spacing - tolerance (not before
-    -- now), where A = tat - n spacing is where the bucket stood.
-    SELECT w.id, w.limiter, t.at,
-           greatest(t.at, t.tat - make_interval(secs => (w.n - w.i + 1) * w.spacing
-                                                         + w.tolerance)) AS slot
-    FROM rate_numbered w JOIN rate_taken t ON t.limiter = w.limiter AND t.key = w.key
+    -- Task k's slot (k < taken; not before now) or the end of its wait (k >= taken).
+    SELECT w.id, w.limiter, p.at,
+           CASE WHEN w.k < p.taken
+                THEN greatest(p.at, p.a + make_interval(secs => w.k * w.spacing - w.tolerance))
+           END AS slot,
+           CASE WHEN w.k >= p.taken
+                THEN p.p + make_interval(secs => (w.k - p.taken) * w.spacing)
+           END AS wait_until
+    FROM rate_numbered w
+    JOIN rate_plan p ON p.limiter = w.limiter AND p.key = w.key
+    JOIN rate_taken t ON t.limiter = w.limiter AND t.key = w.key
+), rate_raced AS (
+    SELECT w.id FROM rate_numbered w
+    WHERE NOT EXISTS (SELECT FROM rate_taken t WHERE t.limiter = w.limiter AND t.key = w.key)
 ), rate_limited AS (
-    -- A slot later than now is the task's reservation: run_at moves there (attempts
-    -- unchanged); at its slot it is claimed without taking another.
+    -- A slot later than now (and than the claim's lead, `ahead`) is the task's
+    -- reservation, limited_until (attempts unchanged): run_at moves `ahead` before it,
+    -- when it is claimed without taking another slot, to start at its slot (a claim
+    -- takes a few milliseconds, more on a loaded machine: claimed at its slot, it
+    -- would start late). A wait without a slot moves run_at only: back then, the task
+    -- takes the next slot.
     UPDATE taskq.tasks t SET
-        run_at = s.slot, limited_until = s.slot, limited_by = s.limiter, updated_at = s.at
+        run_at = coalesce(s.slot - make_interval(secs => :ahead_seconds), s.wait_until),
+        limited_until = s.slot,
+        limited_by = s.limiter, updated_at = s.at
     FROM rate_slots s
-    WHERE s.id = t.id AND s.slot > s.at
-      AND t.id = ANY(ARRAY(SELECT id FROM rate_slots WHERE slot > at))
+    WHERE s.id = t.id AND (s.slot IS NULL OR s.slot > s.at + make_interval(secs => :ahead_seconds))
+      AND t.id = ANY(ARRAY(SELECT id FROM rate_slots
+                           WHERE slot IS NULL OR slot > at + make_interval(secs => :ahead_seconds)))
     RETURNING t.id, t.run_at
 ), concurrency_wanted AS (
     -- The others of a limited type, with their key (from the payload) and their
@@ -1081,7 +1144,7 @@ WITH input AS (
     ) k
     WHERE c.concurrency_limit IS NOT NULL AND c.type NOT IN (SELECT name FROM paused_gate)
       -- A task the rate limiter delays takes no slot (it is not claimed now).
-      AND c.id NOT IN (SELECT id FROM rate_limited)
+      AND c.id NOT IN (SELECT id FROM rate_limited) AND c.id NOT IN (SELECT id FROM rate_raced)
 ), concurrency_taken AS (
     -- Takes the free slots of each key, in key order (claims lock slots in one order).
     -- The upsert reads each slot's latest version: of two claims, the second waits
@@ -1112,22 +1175,31 @@ WITH input AS (
     UPDATE taskq.tasks t SET
         status = 'RUNNING', attempts = t.attempts + 1, worker_id = :worker_id,
         claim_token = gen_random_uuid(),
-        lease_expires_at = d.at + make_interval(secs => :lease_seconds),
-        started_at = d.at, updated_at = d.at,
+        -- A task that took a slot, or holds one, starts at it: the worker waits until
+        -- then (`delay`).
+        lease_expires_at = greatest(d.at, s.slot, t.limited_until)
+                           + make_interval(secs => :lease_seconds),
+        started_at = greatest(d.at, s.slot, t.limited_until),
+        updated_at = greatest(d.at, s.slot, t.limited_until),
         published_at = coalesce(t.published_at, d.at),
         last_error = CASE WHEN t.status = 'RUNNING'
                           THEN 'lease expired: worker ' || t.worker_id || ' stopped heartbeating'
                           ELSE t.last_error END,
         concurrency_key = CASE WHEN t.status = 'RUNNING' THEN t.concurrency_key ELSE g.key END,
         limited_until = NULL, limited_by = NULL
-    FROM decided d LEFT JOIN gated g ON g.id = d.id
+    FROM decided d LEFT JOIN gated g ON g.id = d.id LEFT JOIN rate_slots s ON s.id = d.id
     WHERE d.id = t.id AND d.decision = 'claimed' AND g.wait_reason IS NULL
       AND t.id = ANY(ARRAY(SELECT d.id FROM decided d
                            WHERE d.decision = 'claimed'
                              AND NOT EXISTS (SELECT FROM rate_slots s
-                                             WHERE s.id = d.id AND s.slot > s.at)))
+                                             WHERE s.id = d.id
+                                               AND (s.slot IS NULL
+                                                    OR s.slot > s.at + make_interval(
+                                                        secs => :ahead_seconds)))
+                             AND d.id NOT IN (SELECT id FROM rate_raced)))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
-              t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.concurrency_key
+              t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.concurrency_key,
+              t.started_at
 ), parked AS (
     -- WAITING, its delivery acked: nothing owed until it is released.
     UPDATE taskq.tasks t SET
@@ -1150,6 +1222,8 @@ WITH input AS (
 SELECT i.id,
        CASE WHEN p.id IS NOT NULL THEN 'parked'
             WHEN rl.id IS NOT NULL THEN 'limited'
+            -- Its bucket was created meanwhile by another claim: claim it again.
+            WHEN d.decision = 'claimed' AND i.id IN (SELECT id FROM rate_raced) THEN 'early'
             WHEN d.decision IS NOT NULL THEN d.decision
             -- Not locked: WAITING (or parked by a concurrent claim), or no such task.
             -- (A scalar subquery, looked up by its key: an EXISTS may be hashed over a
@@ -1160,8 +1234,8 @@ SELECT i.id,
        c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
        c.timeout_seconds, coalesce(rl.run_at, l.run_at) AS run_at, c.created_at, c.claim_token,
        x.last_error, x.generation,
-       greatest(0, extract(epoch FROM coalesce(rl.run_at, l.run_at) - clock_timestamp()))::float8
-           AS delay,
+       greatest(0, extract(epoch FROM coalesce(c.started_at, rl.run_at, l.run_at)
+                                      - clock_timestamp()))::float8 AS delay,
        l.traceparent, c.concurrency_key
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
@@ -1788,13 +1862,15 @@ RETURNING (xmax = 0) AS created;
 
 -- name: limiters_list
 -- Rate limiters in name order (one, when :name is set), with the types that use
--- each and, for one without key, when its bucket's slots are taken until.
+-- each and, for one without key, when its bucket's slots (and the waits for
+-- one handed out) are taken until.
 -- :name (NULL: all)
 SELECT r.name, r.rate, r.per_seconds, r.burst, r.key, r.type_name, r.created_at, r.updated_at,
        ARRAY(SELECT t.name FROM taskq.task_type t WHERE t.limiter = r.name ORDER BY t.name)
            AS types,
        CASE WHEN r.key IS NULL THEN
-           (SELECT b.tat FROM taskq.rate_limit_buckets b WHERE b.limiter = r.name AND b.key = '')
+           (SELECT greatest(b.tat, b.promised) FROM taskq.rate_limit_buckets b
+            WHERE b.limiter = r.name AND b.key = '')
        END AS busy_until
 FROM taskq.rate_limiters r
 WHERE :name::text IS NULL OR r.name = :name
@@ -1837,11 +1913,12 @@ WHERE r.type_name = ANY(:names::text[])
   AND NOT EXISTS (SELECT FROM taskq.task_type t WHERE t.limiter = r.name);
 
 -- name: rate_buckets_prune
--- Deletes up to :batch buckets whose tat passed over :idle_seconds ago (a passed
--- tat is as good as none); the sweeper runs it. Buckets a claim holds are skipped.
+-- Deletes up to :batch buckets whose tat (and promised) passed over :idle_seconds
+-- ago (a passed tat is as good as none); the sweeper runs it. Buckets a claim holds are skipped.
 -- :idle_seconds, :batch
 DELETE FROM taskq.rate_limit_buckets b
 USING (SELECT limiter, key FROM taskq.rate_limit_buckets
        WHERE tat < now() - make_interval(secs => :idle_seconds)
+         AND (promised IS NULL OR promised < now() - make_interval(secs => :idle_seconds))
        ORDER BY tat LIMIT :batch FOR UPDATE SKIP LOCKED) old
 WHERE b.limiter = old.limiter AND b.key = old.key;

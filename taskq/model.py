@@ -324,6 +324,8 @@ class ClaimedTask(NamedTuple):
     traceparent: str | None = None
     concurrency_key: str | None = None
     """The key whose concurrency slot the attempt holds (None: none)."""
+    start_in: float = 0.0
+    """Seconds until it may start: a rate-limited task is claimed just before its slot."""
 
 
 class Unclaimed(NamedTuple):
@@ -364,7 +366,7 @@ def claim_from_row(row: Sequence[Any]) -> ClaimedTask | Unclaimed:
             ClaimedTask,
             (
                 row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10],
-                row[14], row[15],
+                row[14], row[15], row[13] or 0.0,
             ),
         )  # fmt: skip
     return _new(
@@ -623,8 +625,8 @@ class TaskTypeRecord:
 class LimiterRecord:
     """A rate limiter (``GET /limits``): ``rate`` starts per ``per_seconds``, ``burst``
     at once, one bucket per value of payload field ``key``; ``type_name`` is set for a
-    type's own; ``types`` use it; ``busy_until`` is how far its single bucket's slots
-    are taken (None when keyed or unused)."""
+    type's own; ``types`` use it; ``busy_until`` is how far its single bucket's slots,
+    and the waits for one handed out, are taken (None when keyed or unused)."""
 
     name: str
     rate: int

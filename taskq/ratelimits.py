@@ -6,19 +6,26 @@ that several types share (``PUT /limits/{name}``, ``rate_limit="stripe"``). With
 ``key`` (a top-level payload field) each value of the field has a bucket of its own,
 e.g. one per customer.
 
-The worker's ``claim`` statement enforces them by GCRA (the generic cell rate
-algorithm; sql/migrations/0012_rate_limits.sql): a bucket keeps a theoretical
+The worker's ``claim_gated`` statement enforces them by GCRA (the generic cell
+rate algorithm; sql/migrations/0012_rate_limits.sql): a bucket keeps a theoretical
 arrival time ``tat``; the next start is ``max(now, tat - tolerance)`` and each
 start moves ``tat`` on by ``spacing = per / limit``. A task whose slot is later
-than now keeps it as a reservation: its ``run_at`` moves there, it goes back
-through the delay levels once, and it is claimed at its slot without taking a
-second. :func:`slots` is the same arithmetic in Python (the statement's reference,
-tested against it).
+than now keeps it as a reservation (``limited_until``): its ``run_at`` moves
+:data:`CLAIM_AHEAD_SECONDS` before it, when it is claimed without taking a second
+slot, and its worker starts it at the slot. A new task takes a slot only within
+:data:`HOLD_SECONDS` (the deliveries a worker holds); one whose slot would be
+later waits without one (sql/migrations/0018_rate_limit_waits.sql): its
+``run_at`` moves to about when its slot would be (the bucket's ``promised``), its
+delivery goes through the delay levels, and back then it takes the next slot,
+however far. So a delivery never holds a slot it cannot be back for: sent back
+while its work queue has a backlog, it would come back behind it. :func:`slots`
+is the GCRA arithmetic in Python (the statement's reference, tested against it).
 
 With ``burst`` 1 (the default) starts are evenly spaced, so any window of ``per``
 seconds holds at most ``limit`` + 1 starts (the one at each end); ``burst`` b lets
 b start at once after an idle spell, and a window then holds at most
-``limit`` + b starts.
+``limit`` + b starts. A reservation claimed more than one spacing late (a stalled
+worker) takes the next slot rather than start late, which keeps those bounds.
 """
 
 from __future__ import annotations
@@ -40,6 +47,13 @@ MAX_PER = 30 * 86400.0
 # How many limiters an operator may create (a type's own are bounded by the types).
 MAX_LIMITERS = 1000
 OWN_PREFIX = "type:"
+# A worker holds (unacked) an early or limited delivery due within this many seconds,
+# and sends a later one back through the delay levels. The claim gives a new task a
+# slot only within it (see the module's docstring).
+HOLD_SECONDS = 1.25
+# A task holding a slot is claimed this long before it, and its worker starts it at
+# the slot: a claim at the slot would start it late by the claim's own time.
+CLAIM_AHEAD_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)

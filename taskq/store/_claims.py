@@ -17,6 +17,7 @@ from taskq.model import (
     Unclaimed,
     claim_from_row,
 )
+from taskq.ratelimits import CLAIM_AHEAD_SECONDS, HOLD_SECONDS
 from taskq.store._base import _columns, _owed
 from taskq.store._gates import GatesStore
 from taskq.store._records import WorkerInfo
@@ -60,7 +61,9 @@ class ClaimsStore(GatesStore):
         gated = sorted(row["id"] for row in rows if row["decision"] == "gated")
         if gated:
             rows = [row for row in rows if row["decision"] != "gated"]
-            rows += await connection.fetch(self.q["claim_gated"], gated, worker_id, lease)
+            rows += await connection.fetch(
+                self.q["claim_gated"], gated, worker_id, lease, HOLD_SECONDS, CLAIM_AHEAD_SECONDS
+            )
         return [claim_from_row(row) for row in rows]
 
     async def heartbeat(

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from taskq.model import ClaimedTask, ConcurrencyKey, Handoff, TaskTypeRecord, claim_from_row
+from taskq.ratelimits import CLAIM_AHEAD_SECONDS, HOLD_SECONDS
 from taskq.store._base import StoreBase
 from taskq.store._callers import _Asyncpg
 
@@ -142,7 +143,12 @@ class GatesStore(StoreBase):
             taken = [i for i, queue in released if queue in handoff.queues][: handoff.room]
             if taken:
                 rows = await connection.fetch(
-                    self.q["claim_gated"], sorted(taken), handoff.worker_id, handoff.lease
+                    self.q["claim_gated"],
+                    sorted(taken),
+                    handoff.worker_id,
+                    handoff.lease,
+                    HOLD_SECONDS,
+                    CLAIM_AHEAD_SECONDS,
                 )
                 claimed = [c for c in map(claim_from_row, rows) if isinstance(c, ClaimedTask)]
         mine = {c.id for c in claimed}

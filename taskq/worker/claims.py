@@ -15,11 +15,14 @@ their publish is confirmed.
 The delay levels count whole seconds. So that a task starts at its run_at to
 the millisecond (a rate limit's slots are 20 ms apart at 50 per second), an
 early or limited delivery due within :data:`HOLD_SECONDS` is held here, unacked,
-and claimed again when it is due (before the other deliveries); one due later goes
-through the delay levels for the whole seconds of its wait less a margin (so that
-it comes back early even when RabbitMQ expires it a little late), and is held for
-the rest when it comes back. A held delivery takes a prefetch slot (never a concurrency
-slot); if the worker stops or dies, RabbitMQ redelivers it.
+and claimed again when it is due (before the other deliveries, and past the limit
+of claims in flight); one due later goes through the delay levels for the whole
+seconds of its wait less a margin (so that it comes back early even when RabbitMQ
+expires it a little late), and is held for the rest when it comes back. A held
+delivery takes a prefetch slot (never a concurrency slot); if the worker stops or
+dies, RabbitMQ redelivers it. A rate-limited task is due a little before its slot
+(:data:`taskq.ratelimits.CLAIM_AHEAD_SECONDS`): claimed then, its attempt waits for
+the slot (``ClaimedTask.start_in``) before its handler runs.
 
 With an inline window (:mod:`taskq.worker.inline`) the claim's transaction stays
 open while its claimed handlers start, for the successes within the window to
@@ -47,6 +50,7 @@ from taskq.errors import StoreError, TaskqError
 from taskq.fleet.relay import dead_letter_headers, publish_row
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimDecision, ClaimedTask, DeadLetterReason, Handoff, Unclaimed
+from taskq.ratelimits import HOLD_SECONDS
 from taskq.service import Service
 from taskq.store import Store
 from taskq.tracing import header
@@ -63,9 +67,10 @@ CLAIM_BATCH = 200
 # starting a claim (and an ack) of its own.
 CLAIMS_IN_FLIGHT = 2
 SECOND_CLAIM_MIN = CLAIM_BATCH // 4
+# Held deliveries that came due are claimed at once, in up to this many claims more:
+# their start is timed (a rate limit's slot), and they are few.
+DUE_CLAIMS = 3
 STORE_RETRY_SECONDS = 1.0
-# An early or limited delivery due within this many seconds waits here, unacked.
-HOLD_SECONDS = 1.25
 # One due later goes through the delay levels for the whole seconds of its wait less
 # this, so that it comes back before it is due even when RabbitMQ expires it late.
 SEND_BACK_MARGIN = 0.25
@@ -239,12 +244,12 @@ class Claimer(Service):
     def _may_claim(self) -> bool:
         """Whether to start a claim now: deliveries and slots are there, and it is
         the only claim in flight or a sizeable batch is waiting, or a held delivery
-        came due (its start is timed: it takes one more claim in flight)."""
+        came due (its start is timed: it takes up to DUE_CLAIMS more claims in flight)."""
         free = self.concurrency - self._reserved
         if not self._buffers or free <= 0:
             return False
         if self._due:
-            return self._claims <= CLAIMS_IN_FLIGHT
+            return self._claims < CLAIMS_IN_FLIGHT + DUE_CLAIMS
         if self._claims >= CLAIMS_IN_FLIGHT:
             return False
         enough = max(1, min(SECOND_CLAIM_MIN, self.concurrency // 4))

@@ -319,6 +319,11 @@ class Runner:
                 self._release()
 
     async def _call(self, attempt: Attempt, task: ClaimedTask) -> Ending | Stopped:
+        if task.start_in > 0:
+            # Claimed just before its rate limit's slot: it starts at the slot.
+            await asyncio.wait([attempt.stopped], timeout=task.start_in)
+            if attempt.stopped.done():
+                return Stopped(attempt.stopped.result())
         handler = self.registry.get(attempt.type)
         if handler is None:
             return Raised(

@@ -41,7 +41,7 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "mark_published": ([0] * 200,),
     "set_aside": ([0] * 200, ["unroutable"] * 200, 30.0, 600.0),
     "claim": ("w1", 30.0),
-    "claim_gated": ("w1", 30.0),
+    "claim_gated": ("w1", 30.0, 1.25, 0.5),
     "complete": (TOKENS, ["null"] * 200),
     "retry": (TOKENS, ["boom"] * 200, [1.0] * 200),
     "fail": (TOKENS, ["boom"] * 200),

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from taskq import ratelimits
@@ -116,63 +117,232 @@ async def test_a_keyed_limiter_gives_each_key_its_own_pace(settings: Settings) -
         assert limiter.types == ["rl.tick"] and limiter.key == "customer"
 
 
-async def test_a_reservation_is_claimed_without_a_second_slot(settings: Settings) -> None:
-    async with harness(settings) as h:
-        await h.put_type("rl.slow")
-        await h.store.set_type_rate_limits([("rl.slow", RateLimit(1, 2.0))], "api")
-        ids = []
-        for _ in range(3):
-            task_id = uuid.uuid4()
-            await h.store.enqueue([NewTask(task_id, "rl.slow", "{}")])
-            ids.append(task_id)
-        rows = {r.id: r for r in await h.store.claim(ids, "w1", 30.0)}
-        decisions = sorted(decision(r) for r in rows.values())
-        assert decisions == ["claimed", "limited", "limited"]
-        waits = sorted(
-            r.delay for r in rows.values() if isinstance(r, Unclaimed) and r.decision == "limited"
+async def limited_tasks(h: Harness, name: str, limit: RateLimit, count: int) -> list[uuid.UUID]:
+    """``count`` tasks of a new type ``name`` limited by ``limit``, enqueued (not published)."""
+    await h.put_type(name)
+    await h.store.set_type_rate_limits([(name, limit)], "api")
+    ids = []
+    for _ in range(count):
+        task_id = uuid.uuid4()
+        await h.store.enqueue([NewTask(task_id, name, "{}")])
+        ids.append(task_id)
+    return ids
+
+
+async def bucket(settings: Settings, limiter: str) -> asyncpg.Record:
+    """The ``tat`` and ``promised`` of a limiter's bucket (without key)."""
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        row = await connection.fetchrow(
+            f"SELECT tat, promised FROM {settings.db_schema}.rate_limit_buckets"
+            " WHERE limiter = $1 AND key = ''",
+            limiter,
         )
-        # Slots 2 s apart: about 2 s and 4 s from now.
-        assert 1.0 < waits[0] <= 2.0 and 3.0 < waits[1] <= 4.0 and waits[1] - waits[0] > 1.9
-        waiting = [i for i in ids if decision(rows[i]) == ClaimDecision.LIMITED]
-        record = await h.task(waiting[0])
+    finally:
+        await connection.close()
+    assert row is not None
+    return row
+
+
+async def test_a_reservation_is_claimed_before_its_slot_to_start_at_it(
+    settings: Settings,
+) -> None:
+    limit = RateLimit(1, 1.2)  # the second slot is within the hold window
+    async with harness(settings) as h:
+        ids = await limited_tasks(h, "rl.slow", limit, 2)
+        rows = {r.id: r for r in await h.store.claim(ids, "w1", 30.0)}
+        assert sorted(decision(r) for r in rows.values()) == ["claimed", "limited"]
+        (waiting,) = [i for i in ids if decision(rows[i]) == ClaimDecision.LIMITED]
+        record = await h.task(waiting)
         assert record.status == "ENQUEUED" and record.attempts == 0
         assert record.limited_by == ratelimits.own_limiter("rl.slow")
-        assert record.limited_until is not None and record.limited_until == record.run_at
-        # Before its slot it is early (not limited again); at its slot it is claimed
-        # although the bucket's next slot is 4 s away.
-        (again,) = await h.store.claim([waiting[0]], "w1", 30.0)
-        assert isinstance(again, Unclaimed) and again.decision == ClaimDecision.EARLY
-        await asyncio.sleep(max(0.0, again.delay) + 0.05)
-        (claimed,) = await h.store.claim([waiting[0]], "w1", 30.0)
+        # Its slot is reserved; it is due (claimed) a little before it.
+        assert record.limited_until is not None
+        slot = record.limited_until
+        ahead = timedelta(seconds=ratelimits.CLAIM_AHEAD_SECONDS)
+        assert record.run_at == slot - ahead
+        tat = (await bucket(settings, ratelimits.own_limiter("rl.slow")))["tat"]
+        assert tat == slot + timedelta(seconds=1.2)
+        limited = rows[waiting]
+        assert isinstance(limited, Unclaimed)
+        await asyncio.sleep(max(0.0, limited.delay) + 0.02)
+        (claimed,) = await h.store.claim([waiting], "w1", 30.0)
+        # Claimed without taking a second slot; it starts at its slot, which the
+        # worker waits for.
         assert isinstance(claimed, ClaimedTask)
-        record = await h.task(waiting[0])
+        assert 0 < claimed.start_in <= ratelimits.CLAIM_AHEAD_SECONDS
+        record = await h.task(waiting)
         assert record.limited_until is None and record.attempts == 1
-        assert record.started_at is not None and record.started_at >= record.run_at
+        assert record.started_at == slot
+        assert (await bucket(settings, ratelimits.own_limiter("rl.slow")))["tat"] == tat
+
+
+async def test_a_late_reservation_takes_the_next_slot(settings: Settings) -> None:
+    limit = RateLimit(1, 1.2)
+    async with harness(settings) as h:
+        ids = await limited_tasks(h, "rl.late", limit, 2)
+        rows = {r.id: r for r in await h.store.claim(ids, "w1", 30.0)}
+        (waiting,) = [i for i in ids if decision(rows[i]) == ClaimDecision.LIMITED]
+        slot = (await h.task(waiting)).limited_until
+        assert slot is not None
+        # A worker that stalled: it claims the task over one spacing past its slot.
+        delay = (slot - datetime.now(UTC)).total_seconds() + 1.2 + 0.1
+        await asyncio.sleep(max(0.0, delay))
+        (again,) = await h.store.claim([waiting], "w1", 30.0)
+        record = await h.task(waiting)
+        tat = (await bucket(settings, ratelimits.own_limiter("rl.late")))["tat"]
+        # The missed slot is not claimed late: the task took the next one (due now,
+        # the bucket idle since), a spacing before the bucket's new tat.
+        assert isinstance(again, ClaimedTask)
+        assert record.started_at is not None and record.started_at > slot + timedelta(seconds=1.2)
+        assert tat == record.started_at + timedelta(seconds=1.2)
+
+
+async def test_a_backlog_takes_slots_only_within_the_hold_window(settings: Settings) -> None:
+    """The startup dip: workers read a backlog much faster than its rate; a slot given
+    to a delivery they send back would come back behind the backlog, past it."""
+    limit = RateLimit(10, 1.0)  # a slot each 100 ms
+    name = ratelimits.own_limiter("rl.backlog")
+    async with harness(settings) as h:
+        ids = await limited_tasks(h, "rl.backlog", limit, 40)
+        rows = await h.store.claim(ids, "w1", 30.0)
+        records = {r.id: await h.task(r.id) for r in rows}
+        claimed = [r for r in rows if isinstance(r, ClaimedTask)]
+        reserved = [i for i, r in records.items() if r.limited_until is not None]
+        waits = sorted(
+            (r.run_at for r in records.values() if r.status == "ENQUEUED" and not r.limited_until),
+        )
+        # Slots within the hold window (1.25 s: 13 of them) for 13 tasks: those due
+        # within the claim's lead claimed now (to start at their slots), the others
+        # reserved; the 27 others wait without a slot, one spacing apart after the
+        # last slot taken, none counting an attempt.
+        hold, ahead = ratelimits.HOLD_SECONDS, ratelimits.CLAIM_AHEAD_SECONDS
+        taken = int(hold / limit.spacing) + 1
+        assert len(claimed) + len(reserved) == taken
+        assert len(claimed) == int(ahead / limit.spacing + 1e-9) + 1
+        assert len(waits) == 40 - taken
+        assert all(r.attempts == 0 for r in records.values() if r.status == "ENQUEUED")
+        assert all(r.limited_by == name for r in records.values() if r.status == "ENQUEUED")
+        state = await bucket(settings, name)
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(waits)]
+        assert gaps == pytest.approx([0.1] * (len(waits) - 1), abs=1e-6)
+        assert waits[0] == state["tat"] and state["promised"] == waits[-1] + timedelta(seconds=0.1)
+
+        # A task read later from the backlog takes the next slot once it is within the
+        # hold window: before those that wait, whose slots are not taken yet.
+        late_id = uuid.uuid4()
+        await h.store.enqueue([NewTask(late_id, "rl.backlog", "{}")])
+        await asyncio.sleep(
+            max(0.0, (state["tat"] - datetime.now(UTC)).total_seconds() - hold + 0.05)
+        )
+        (late,) = await h.store.claim([late_id], "w1", 30.0)
+        late_record = await h.task(late_id)
+        late_slot = late_record.limited_until or late_record.started_at
+        assert decision(late) in (ClaimDecision.CLAIMED, ClaimDecision.LIMITED)
+        assert late_slot is not None and late_slot >= state["tat"]
+        assert late_slot < waits[0] + timedelta(seconds=hold)
+
+        # Back from its wait, a task takes the next slot, however far: it never waits
+        # without a slot twice.
+        first = next(i for i, r in records.items() if r.run_at == waits[0])
+        await asyncio.sleep(max(0.0, (waits[0] - datetime.now(UTC)).total_seconds() + 0.01))
+        (back,) = await h.store.claim([first], "w1", 30.0)
+        back_record = await h.task(first)
+        assert decision(back) in (ClaimDecision.CLAIMED, ClaimDecision.LIMITED)
+        back_slot = back_record.limited_until or back_record.started_at
+        # Its slot is after the task read later (a spacing, or more if claimed later).
+        assert back_slot is not None and back_slot >= late_slot + timedelta(seconds=0.1)
+
+
+async def test_a_task_back_from_its_wait_goes_before_one_late_from_it(
+    settings: Settings,
+) -> None:
+    """A task back from its wait later than the hold window came back behind a backlog:
+    it asks as a new one does, after those back on time."""
+    limit = RateLimit(10, 1.0)
+    async with harness(settings) as h:
+        ids = await limited_tasks(h, "rl.behind", limit, 20)
+        await h.store.claim(ids, "w1", 30.0)
+        records = [await h.task(i) for i in ids]
+        waiting = sorted(
+            (r for r in records if r.status == "ENQUEUED" and r.limited_until is None),
+            key=lambda r: r.run_at,
+        )
+        first, last = waiting[0], waiting[-1]
+        assert (last.run_at - first.run_at).total_seconds() < ratelimits.HOLD_SECONDS
+        # The first wait ended over the hold window ago, the last one less long ago.
+        await asyncio.sleep(
+            max(0.0, (first.run_at - datetime.now(UTC)).total_seconds())
+            + ratelimits.HOLD_SECONDS
+            + 0.05
+        )
+        rows = await h.store.claim([first.id, last.id], "w1", 30.0)
+        assert all(isinstance(r, ClaimedTask) for r in rows)  # the bucket is idle again
+        late, back = await h.task(first.id), await h.task(last.id)
+        assert late.started_at is not None and back.started_at is not None
+        assert late.started_at == back.started_at + timedelta(seconds=0.1)
+
+
+async def test_two_claims_creating_one_bucket_decide_the_second_early(
+    settings: Settings,
+) -> None:
+    limit = RateLimit(10, 1.0)
+    async with harness(settings) as h:
+        ids = await limited_tasks(h, "rl.race", limit, 2)
+        async with h.store.claim_open([ids[0]], "w1", 30.0) as first:
+            assert [decision(r) for r in first.rows] == [ClaimDecision.CLAIMED]
+            second = asyncio.create_task(h.store.claim([ids[1]], "w2", 30.0))
+            # The second claim waits for the first's new bucket (a lock, not a timer).
+            await until_lock_wait(settings)
+        (row,) = await second
+        # It did not overwrite the bucket: its task is claimed again at once.
+        assert isinstance(row, Unclaimed) and row.decision == ClaimDecision.EARLY
+        assert row.delay == 0.0
+        (again,) = await h.store.claim([ids[1]], "w2", 30.0)
+        assert decision(again) in (ClaimDecision.CLAIMED, ClaimDecision.LIMITED)
+        tat = (await bucket(settings, ratelimits.own_limiter("rl.race")))["tat"]
+        first_start = (await h.task(ids[0])).started_at
+        assert first_start is not None and tat >= first_start + timedelta(seconds=0.2 - 1e-6)
+
+
+async def until_lock_wait(settings: Settings) -> None:
+    """Wait until a backend of the test's database waits for a lock."""
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+
+        async def waiting() -> bool:
+            return bool(
+                await connection.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+
+        await until(waiting, "the second claim never waited for the first's lock", 10)
+    finally:
+        await connection.close()
 
 
 async def test_the_claim_takes_the_slots_gcra_gives(settings: Settings) -> None:
     """The statement's arithmetic against taskq.ratelimits.slots, with a burst."""
     limit = RateLimit(10, 1.0, burst=3)
     async with harness(settings) as h:
-        await h.put_type("rl.burst")
-        await h.store.set_type_rate_limits([("rl.burst", limit)], "api")
-        ids = []
-        for _ in range(6):
-            task_id = uuid.uuid4()
-            await h.store.enqueue([NewTask(task_id, "rl.burst", "{}")])
-            ids.append(task_id)
+        ids = await limited_tasks(h, "rl.burst", limit, 6)
         rows = await h.store.claim(ids, "w1", 30.0)
-        # Three start at once (the burst), then one each 100 ms.
-        assert [decision(r) for r in rows].count(ClaimDecision.CLAIMED) == 3
-        slots = sorted(
-            [(await h.task(r.id)).run_at for r in rows if decision(r) == ClaimDecision.LIMITED]
+        # Three start at once (the burst), then one each 100 ms: all within the
+        # claim's lead, so all claimed now, each to start at its slot.
+        assert [decision(r) for r in rows].count(ClaimDecision.CLAIMED) == 6
+        records = [await h.task(r.id) for r in rows]
+        starts = sorted(r.started_at for r in records if r.started_at is not None)
+        assert len(starts) == 6
+        expected, tat = ratelimits.slots(None, starts[0], 6, limit)
+        assert [(s - starts[0]).total_seconds() for s in starts] == pytest.approx(
+            [(e - expected[0]).total_seconds() for e in expected], abs=1e-6
         )
-        expected, _ = ratelimits.slots(None, slots[0] - timedelta(seconds=0.3), 6, limit)
-        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(slots)]
-        assert gaps == pytest.approx([0.1, 0.1], abs=1e-6)
-        assert [(e - expected[3]).total_seconds() for e in expected[3:]] == pytest.approx(
-            [(s - slots[0]).total_seconds() for s in slots], abs=1e-6
-        )
+        waits = sorted(r.start_in for r in rows if isinstance(r, ClaimedTask))
+        assert waits[:3] == [0.0, 0.0, 0.0] and 0 < waits[5] <= 0.3
+        state = await bucket(settings, ratelimits.own_limiter("rl.burst"))
+        assert state["tat"] == tat
 
 
 async def test_types_without_a_limit_are_claimed_as_before(settings: Settings) -> None:

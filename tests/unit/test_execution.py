@@ -406,3 +406,39 @@ async def test_an_inline_sync_attempt_stopped_before_its_thread_starts_never_run
     assert await running.ended(attempt) is None
     assert SYNC_CALLS == []  # the handler never ran
     assert running.threads.take() and running.threads.take()  # both places are back
+
+
+# ------------------------------------------------------------ a start at a rate limit's slot
+
+
+async def test_a_task_claimed_before_its_slot_runs_its_handler_at_the_slot() -> None:
+    started: list[float] = []
+    registry = Registry()
+
+    @registry.task("stamp")
+    async def stamp(payload: dict[str, Any], ctx: Context) -> None:
+        started.append(asyncio.get_running_loop().time())
+
+    running = Running(registry)
+    try:
+        task = claimed("stamp")._replace(start_in=0.2)
+        begun = asyncio.get_running_loop().time()
+        running.runner.begin(task)
+        attempt = running.runner.attempts[task.claim_token]
+        done = await running.ended(attempt)
+        assert done is not None and done.kind is OutcomeKind.COMPLETE
+        # Not before its start (the loop's timers may fire a millisecond early).
+        assert started[0] - begun >= 0.2 - 0.002
+    finally:
+        running.threads.close()
+
+
+async def test_a_shutdown_before_the_slot_gives_the_task_back_unrun(running: Running) -> None:
+    task = claimed("ok")._replace(start_in=30.0)
+    running.runner.begin(task)
+    attempt = running.runner.attempts[task.claim_token]
+    assert running.runner.interrupt() == [attempt.task]
+    done = await running.ended(attempt)
+    assert done is not None
+    assert (done.kind, done.error) == (OutcomeKind.GIVE_BACK, None)
+    assert running.released == 1
