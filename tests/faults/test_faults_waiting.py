@@ -130,8 +130,7 @@ async def test_killed_workers_never_break_a_rate_limit(
         client = await Client.connect(settings)
         try:
             items = [
-                {"type": "demo.record", "payload": {}, "max_attempts": 20}
-                for _ in range(RATE * 8)
+                {"type": "demo.record", "payload": {}, "max_attempts": 20} for _ in range(RATE * 8)
             ]
             ids = [uuid.UUID(str(r.id)) for r in await client.enqueue_many(items)]
         finally:
@@ -154,6 +153,7 @@ async def test_killed_workers_never_break_a_rate_limit(
         ids,
     )
     assert killed > 0, "no kill hit a running task: the scenario proved nothing"
+
     # The slots granted: each task's started_at is the slot its last attempt was
     # given (a killed attempt's slot went unused). The handlers start at their slots
     # as late as the worker's event loop lags (printed, not bounded here: a loaded
