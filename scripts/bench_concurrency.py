@@ -8,7 +8,8 @@ S seconds a task): first without a limit, then with
 ``PUT /types`` does). Each run enqueues N tasks (``{"customer": "c<n % 100>"}``,
 batches of 500 through the Python client) and waits for the last to succeed; the
 rate is N over the time from the first enqueue to the last success. After the
-limited run it checks that every slot was given back and nothing is left waiting.
+limited run it checks that every slot was given back and nothing is left waiting,
+and counts the released tasks the worker that freed their slot took at once.
 Prints a table and JSON lines.
 
     .venv/bin/python scripts/bench_concurrency.py [--tasks 10000] [--keys 100] [--limit 2]
@@ -23,10 +24,12 @@ import json
 import time
 from dataclasses import dataclass
 
-from benchlib import Sandbox
+from benchlib import Sandbox, scrape_counter
 
 from taskq.client import Client
 from taskq.model import Concurrency
+
+HANDOFFS = "taskq_concurrency_handoffs_total"
 
 
 async def main() -> None:
@@ -63,6 +66,10 @@ async def main() -> None:
         parked = await sandbox.db.fetchval(
             "SELECT count(*) FROM taskq.task_events WHERE status = 'WAITING'"
         )
+        handed = sum(
+            sum(scrape_counter(sandbox.metrics_port(n), HANDOFFS, "queue").values())
+            for n in range(args.workers)
+        )
     finally:
         await sandbox.close()
 
@@ -72,6 +79,7 @@ async def main() -> None:
         f"limited rate ({args.limit} per key, {args.keys} keys)": (limited, "tasks/s"),
         "limited / unlimited": (100 * limited / unlimited, "%"),
         "times a task was parked WAITING (limited run)": (parked, ""),
+        "released tasks the freeing worker took at once (handoffs)": (handed, ""),
         "slots still held at the end": (running, ""),
         "tasks still WAITING at the end": (waiting, ""),
     }
