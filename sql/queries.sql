@@ -507,8 +507,11 @@ WHERE id = ANY(ARRAY(SELECT id FROM expired));
 -- broker is due later and stays harmless, the claim drops it); when it moves
 -- later, the envelope in the broker comes early and the claim sends it back
 -- through the delay queues. A WAITING one has no envelope and owes nothing: its
--- release owes the publish, delayed until its run_at then. Rows are locked in
--- id order, as `claim` locks them; one claimed meanwhile is left alone (no row back).
+-- release owes the publish, delayed until its run_at then. But one WAITING for a
+-- concurrency slot whose new payload names another key (`rekeyed`) would wait for
+-- the old key's slot: it goes back to ENQUEUED, owing a publish, and its claim
+-- decides again under the new key. Rows are locked in id order, as `claim` locks
+-- them; one claimed meanwhile is left alone (no row back).
 -- :ids uuid[] (distinct), :payloads text[] (json), :run_at timestamptz[] (NULL: now + delay),
 -- :delays float8[] (NULL: 0)
 WITH r AS (
@@ -518,22 +521,32 @@ WITH r AS (
         AS r(id, payload, run_at, delay)
     ORDER BY r.id
 ), held AS (
-    SELECT t.id, t.status = 'ENQUEUED' AND r.run_at < t.run_at AS republish, r.payload,
-           r.run_at
+    SELECT t.id, r.payload, r.run_at,
+           t.status = 'ENQUEUED' AND r.run_at < t.run_at AS republish,
+           -- The key as the claim computes it (claim_gated's concurrency_wanted).
+           t.wait_reason = 'concurrency'
+               AND t.concurrency_key IS DISTINCT FROM coalesce(
+                   (SELECT CASE WHEN g.concurrency_key IS NULL THEN ''
+                                ELSE r.payload::jsonb ->> g.concurrency_key END
+                    FROM taskq.task_type g WHERE g.name = t.type), '') AS rekeyed
     FROM r CROSS JOIN LATERAL (
-        SELECT t.id, t.status, t.run_at FROM taskq.tasks t
+        SELECT t.id, t.type, t.status, t.run_at, t.wait_reason, t.concurrency_key
+        FROM taskq.tasks t
         WHERE t.id = r.id AND t.status IN ('ENQUEUED', 'WAITING') AND t.started_at IS NULL
         FOR UPDATE
     ) t
 )
 UPDATE taskq.tasks t SET
     payload = h.payload::jsonb, run_at = h.run_at, updated_at = now(),
-    published_at = CASE WHEN h.republish THEN NULL ELSE t.published_at END,
-    generation = CASE WHEN h.republish THEN t.generation + 1 ELSE t.generation END
+    status = CASE WHEN h.rekeyed THEN 'ENQUEUED' ELSE t.status END,
+    wait_reason = CASE WHEN h.rekeyed THEN NULL ELSE t.wait_reason END,
+    concurrency_key = CASE WHEN h.rekeyed THEN NULL ELSE t.concurrency_key END,
+    published_at = CASE WHEN h.republish OR h.rekeyed THEN NULL ELSE t.published_at END,
+    generation = CASE WHEN h.republish OR h.rekeyed THEN t.generation + 1 ELSE t.generation END
 FROM held h
 WHERE t.id = ANY(ARRAY(SELECT id FROM held)) AND t.id = h.id
 RETURNING t.id, t.type, t.queue, t.status, t.attempts, t.max_attempts, t.run_at, t.created_at,
-          t.generation, t.traceparent, h.republish,
+          t.generation, t.traceparent, h.republish OR h.rekeyed AS republish,
           greatest(0, extract(epoch FROM t.run_at - clock_timestamp()))::float8 AS delay;
 
 -- name: enqueue_existing

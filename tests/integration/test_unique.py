@@ -412,6 +412,53 @@ async def test_a_task_parked_by_a_concurrency_limit_holds_its_key_and_debounces(
         assert await count(db) == 2
 
 
+async def test_a_debounce_that_moves_a_parked_task_to_another_key_lets_it_claim_again(
+    api: httpx.AsyncClient, db: asyncpg.Connection, settings: Settings
+) -> None:
+    # Parked for user 1's slot, then debounced with user 2's payload: it must not
+    # wait for user 1's slot, which has nothing to do with it now.
+    await put_type(api, "demo.limited", concurrency={"key": "user", "limit": 1})
+    debounce = {"key": "$.n", "on_conflict": "replace"}
+    async with harness(settings) as h:
+        busy = await api.post("/enqueue", json={"type": "demo.limited", "payload": {"user": 1}})
+        busy_id = uuid.UUID(busy.json()["id"])
+        [running] = await h.store.claim([busy_id], "w", 30.0)
+        assert isinstance(running, ClaimedTask)
+        body = {"type": "demo.limited", "payload": {"user": 1, "n": 1}, "unique": debounce}
+        task_id = uuid.UUID((await api.post("/enqueue", json=body)).json()["id"])
+        [parked] = await h.store.claim([task_id], "w", 30.0)
+        assert parked.decision == "parked"
+        generation = await db.fetchval("SELECT generation FROM taskq.tasks WHERE id = $1", task_id)
+
+        # The same key: it waits on, owing nothing.
+        same = await api.post("/enqueue", json={**body, "payload": {"user": 1, "n": 1, "v": 2}})
+        assert same.headers["unique-duplicate"] == "replaced"
+        assert same.json()["status"] == "WAITING"
+        assert await h.store.owed_among([task_id]) == []
+
+        moved = await api.post("/enqueue", json={**body, "payload": {"user": 2, "n": 1}})
+        assert moved.status_code == 200 and moved.headers["unique-duplicate"] == "replaced"
+        assert moved.json()["id"] == str(task_id) and moved.json()["status"] == "ENQUEUED"
+        row = await db.fetchrow(
+            "SELECT status, wait_reason, concurrency_key, generation FROM taskq.tasks"
+            " WHERE id = $1",
+            task_id,
+        )
+        assert tuple(row.values())[:3] == ("ENQUEUED", None, None)
+        assert row["generation"] == generation + 1
+        [owed] = await h.store.owed_among([task_id])
+        assert owed.id == task_id and owed.generation == generation + 1
+        # Its claim decides under the new key, whose slot is free; user 1's stays taken.
+        [claimed] = await h.store.claim([task_id], "w", 30.0)
+        assert isinstance(claimed, ClaimedTask) and claimed.concurrency_key == "2"
+        slots = dict(
+            await db.fetch(
+                "SELECT key, running FROM taskq.concurrency_slots WHERE type = 'demo.limited'"
+            )
+        )
+        assert slots == {"1": 1, "2": 1}
+
+
 async def test_idempotency_keys_compose_with_unique(
     api: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
