@@ -18,6 +18,7 @@ elsewhere are frozen slotted dataclasses.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -324,8 +325,12 @@ class ClaimedTask(NamedTuple):
     traceparent: str | None = None
     concurrency_key: str | None = None
     """The key whose concurrency slot the attempt holds (None: none)."""
-    start_in: float = 0.0
-    """Seconds until it may start: a rate-limited task is claimed just before its slot."""
+    start_at: float = 0.0
+    """When it may start, on the clock of :func:`time.monotonic` (0.0: at once): a
+    rate-limited task is claimed just before its slot. Taken as the claim's rows
+    arrive, from the wait the statement computed, so that the attempt's wait does
+    not count the commit and the worker's time since (which vary, and would start
+    it late by as much)."""
 
 
 class Unclaimed(NamedTuple):
@@ -362,11 +367,12 @@ def claim_from_row(row: Sequence[Any]) -> ClaimedTask | Unclaimed:
     """One row of the ``claim`` statement (columns ``COLUMNS["claim"]``)."""
     decision = row[1]
     if decision == "claimed":
+        start_at = time.monotonic() + row[13] if row[13] else 0.0
         return _new(
             ClaimedTask,
             (
                 row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10],
-                row[14], row[15], row[13] or 0.0,
+                row[14], row[15], start_at,
             ),
         )  # fmt: skip
     return _new(

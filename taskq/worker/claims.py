@@ -22,7 +22,7 @@ expires it a little late), and is held for the rest when it comes back. A held
 delivery takes a prefetch slot (never a concurrency slot); if the worker stops or
 dies, RabbitMQ redelivers it. A rate-limited task is due a little before its slot
 (:data:`taskq.ratelimits.CLAIM_AHEAD_SECONDS`): claimed then, its attempt waits for
-the slot (``ClaimedTask.start_in``) before its handler runs.
+the slot (``ClaimedTask.start_at``) before its handler runs.
 
 With an inline window (:mod:`taskq.worker.inline`) the claim's transaction stays
 open while its claimed handlers start, for the successes within the window to

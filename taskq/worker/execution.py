@@ -319,9 +319,9 @@ class Runner:
                 self._release()
 
     async def _call(self, attempt: Attempt, task: ClaimedTask) -> Ending | Stopped:
-        if task.start_in > 0:
+        if task.start_at and (wait := task.start_at - time.monotonic()) > 0:
             # Claimed just before its rate limit's slot: it starts at the slot.
-            await asyncio.wait([attempt.stopped], timeout=task.start_in)
+            await asyncio.wait([attempt.stopped], timeout=wait)
             if attempt.stopped.done():
                 return Stopped(attempt.stopped.result())
         handler = self.registry.get(attempt.type)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -421,8 +422,8 @@ async def test_a_task_claimed_before_its_slot_runs_its_handler_at_the_slot() -> 
 
     running = Running(registry)
     try:
-        task = claimed("stamp")._replace(start_in=0.2)
         begun = asyncio.get_running_loop().time()
+        task = claimed("stamp")._replace(start_at=time.monotonic() + 0.2)
         running.runner.begin(task)
         attempt = running.runner.attempts[task.claim_token]
         done = await running.ended(attempt)
@@ -434,7 +435,7 @@ async def test_a_task_claimed_before_its_slot_runs_its_handler_at_the_slot() -> 
 
 
 async def test_a_shutdown_before_the_slot_gives_the_task_back_unrun(running: Running) -> None:
-    task = claimed("ok")._replace(start_in=30.0)
+    task = claimed("ok")._replace(start_at=time.monotonic() + 30.0)
     running.runner.begin(task)
     attempt = running.runner.attempts[task.claim_token]
     assert running.runner.interrupt() == [attempt.task]
