@@ -79,7 +79,7 @@ async def cmd_rmq_init(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _rmq_init(settings: Settings, topology: Topology) -> None:
     connection = await broker.connect(
-        settings.amqp_url, name="taskq-rmq-init", robust=False, heartbeat=settings.amqp_heartbeat
+        settings.amqp_urls, name="taskq-rmq-init", robust=False, heartbeat=settings.amqp_heartbeat
     )
     try:
         report = await broker.declare(connection, topology)
@@ -614,7 +614,7 @@ def _execute(command: Command, args: argparse.Namespace) -> int:
         for noisy in ("aio_pika", "aiormq"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
         settings = load_settings()
-        urls = [settings.database_url, settings.session_database_url, settings.amqp_url]
+        urls = [settings.database_url, settings.session_database_url, *settings.amqp_urls]
         _tune_gc()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(command(settings, args))

@@ -185,7 +185,7 @@ class Client(Service):
             statement_cache=settings.statement_cache,
             schema=settings.db_schema,
         )
-        link = Link(settings.amqp_url, name="taskq-client", heartbeat=settings.amqp_heartbeat)
+        link = Link(settings.amqp_urls, name="taskq-client", heartbeat=settings.amqp_heartbeat)
         client = cls(
             settings,
             store,

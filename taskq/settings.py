@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     # pooling mode ("pgbouncer": pools keep no named prepared statements).
     database_pooler: Literal["none", "pgbouncer"] = "none"
     db_schema: str = sql.DEFAULT_SCHEMA
+    # One URL, or one per node of a cluster, comma-separated (see amqp_urls).
     amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", repr=False)
     amqp_heartbeat: Duration = 10.0
     namespace: str = "taskq"
@@ -160,7 +161,7 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: str) -> str:
-        check_url(value, ("amqp", "amqps"), "amqp://user:password@host:port/vhost")
+        split_amqp_urls(value)
         return value
 
     @field_validator("namespace")
@@ -231,6 +232,12 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def amqp_urls(self) -> list[str]:
+        """The broker's URLs: one, or one per node of a cluster. Every AMQP connection
+        starts at one of them and moves to the next when it fails or is lost."""
+        return split_amqp_urls(self.amqp_url)
+
+    @property
     def session_database_url(self) -> str:
         """The URL of the dedicated connections that keep session state: LISTEN, the
         relay, sweeper and schedule leader locks, ``taskq migrate``."""
@@ -263,8 +270,10 @@ class Settings(BaseSettings):
         out: dict[str, str] = {}
         for name, value in self.model_dump().items():
             key = ENV_PREFIX + name.upper()
-            if name in ("database_url", "database_session_url", "amqp_url"):
+            if name in ("database_url", "database_session_url"):
                 out[key] = mask_url(value)
+            elif name == "amqp_url":
+                out[key] = ",".join(mask_url(url) for url in self.amqp_urls)
             elif name == "api_keys":
                 out[key] = ",".join("***" for _ in value)
             elif name == "cursor_secret":
@@ -289,6 +298,47 @@ _UNSET = {
     "allowed_hosts": "(default: localhost, 127.0.0.1, ::1 and TASKQ_HTTP_HOST)",
     "database_session_url": "(TASKQ_DATABASE_URL)",
 }
+
+
+_AMQP_EXAMPLE = "amqp://user:password@host:port/vhost"
+# Where one URL of a list ends: a comma (or a semicolon, as Celery and Kombu write
+# their failover lists) before the next URL's scheme. A comma within a password
+# (RFC 3986 allows one unencoded) stays where it is.
+_URL_SEPARATOR = re.compile(r"\s*[,;]\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_amqp_urls(value: str) -> list[str]:
+    """The URLs of ``TASKQ_AMQP_URL``: one, or several separated by commas.
+
+    Each must be a whole URL (``amqp://u:p@node1:5672/,amqp://u:p@node2:5672/``);
+    a list of hosts within one URL, as Postgres URLs allow, is refused, and so is a
+    comma after a URL's host (write one in a vhost as ``%2C``).
+
+    Raises:
+        ValueError: saying which URL is wrong and how, never repeating any part of it.
+    """
+    urls = _URL_SEPARATOR.split(value.strip())
+    for n, url in enumerate(urls, 1):
+        which = f"URL {n} of {len(urls)}: " if len(urls) > 1 else ""
+        one_host = ValueError(
+            which + "one host per URL: list a whole URL for each node of a cluster,"
+            " comma-separated (amqp://user:password@node1/,amqp://user:password@node2/)"
+        )
+        try:
+            parts = check_url(url, ("amqp", "amqps"), _AMQP_EXAMPLE)
+        except ValueError as exc:
+            hosts = url.partition("://")[2].rpartition("@")[2].partition("/")[0]
+            raise (one_host if "," in hosts else ValueError(which + str(exc))) from None
+        if "," in parts.netloc.rpartition("@")[2]:
+            raise one_host
+        if "," in url[len(parts.scheme) + 3 + len(parts.netloc) :]:
+            raise ValueError(
+                which + "a comma after the host: separate whole URLs with commas"
+                " (amqp://node1/,amqp://node2/); write a comma in a vhost as %2C"
+            )
+    if len(set(urls)) != len(urls):
+        raise ValueError("a URL is listed twice")
+    return urls
 
 
 def _check_postgres_url(value: str) -> str:

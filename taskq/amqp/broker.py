@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.common import FieldTable
+from yarl import URL
 
 from taskq.amqp import frames
 from taskq.amqp.envelope import Envelope
@@ -75,13 +77,62 @@ class _ClosedOnFailure(aio_pika.Connection):
 
 class _RobustClosedOnFailure(_ClosedOnFailure, aio_pika.RobustConnection):
     """:class:`_ClosedOnFailure`, for a connection that reconnects once it was up
-    (its ``connect`` wraps :class:`aio_pika.RobustConnection`'s, next in the MRO)."""
+    (its ``connect`` wraps :class:`aio_pika.RobustConnection`'s, next in the MRO).
+
+    Given the URLs of a cluster's nodes (:attr:`nodes`), each reconnection goes to
+    the next node: the one it lost (a node killed, stopped or cut off) may stay away
+    long, and any node of the cluster serves every queue.
+    """
+
+    nodes: tuple[URL, ...] = ()
+    _first_attempt = True
+
+    def _next_node(self) -> None:
+        if len(self.nodes) > 1:
+            at = self.nodes.index(self.url) if self.url in self.nodes else -1
+            self.url = self.nodes[(at + 1) % len(self.nodes)]
+
+    # aio-pika's reconnection loop calls this private method for every attempt,
+    # the first connect included (tests/unit/test_broker_failover.py checks it
+    # still exists): the one place to choose the node an attempt goes to.
+    async def _RobustConnection__connect_transport(self) -> None:
+        if self._first_attempt:
+            self._first_attempt = False
+        else:
+            self._next_node()
+        await _ROBUST_CONNECT_TRANSPORT(self)
+
+
+_ROBUST_CONNECT_TRANSPORT = aio_pika.RobustConnection._RobustConnection__connect_transport  # type: ignore[attr-defined]
+
+
+def _urls(urls: str | Sequence[str]) -> list[str]:
+    listed = [urls] if isinstance(urls, str) else list(urls)
+    if not listed:
+        raise BrokerError("no broker URL given")
+    return listed
+
+
+def failover_order(urls: Sequence[str], start: int | None = None) -> list[str]:
+    """``urls`` in the order a new connection tries them: from ``start`` (a random one
+    if None, so that a fleet's connections spread over a cluster's nodes), then on."""
+    if start is None:
+        start = random.randrange(len(urls)) if urls else 0
+    return [*urls[start:], *urls[:start]]
 
 
 async def connect(
-    url: str, *, name: str, robust: bool = True, heartbeat: float | None = None
+    urls: str | Sequence[str],
+    *,
+    name: str,
+    robust: bool = True,
+    heartbeat: float | None = None,
 ) -> AbstractConnection:
     """Open a connection named ``name`` (shown in the management UI); robust ones reconnect.
+
+    ``urls`` is the broker's URL, or one per node of a cluster: they are tried in
+    turn from a random one until one answers, and a robust connection that loses
+    its node reconnects to the next, round and round.
 
     ``heartbeat`` (seconds, rounded up; 0 turns heartbeats off) replaces the URL's
     ``heartbeat``: RabbitMQ closes a connection that sends nothing for about that
@@ -89,24 +140,39 @@ async def connect(
     (stopped, paused, its event loop blocked) does not keep them.
 
     Raises:
-        BrokerError: if the broker cannot be reached.
+        BrokerError: if no URL can be reached (the last failure's message).
     """
+    order = failover_order(_urls(urls))
+    failure: BaseException | None = None
+    for url in order:
+        try:
+            return await _connect_one(url, order, name=name, robust=robust, heartbeat=heartbeat)
+        except _BROKER_ERRORS as exc:
+            failure = exc
+            if len(order) > 1:
+                log.debug("%s: a broker node did not answer: %s", name, exc)
+    nodes = f" ({len(order)} nodes tried)" if len(order) > 1 else ""
+    raise BrokerError(f"cannot connect to the broker{nodes}: {failure}") from failure
+
+
+async def _connect_one(
+    url: str, order: list[str], *, name: str, robust: bool, heartbeat: float | None
+) -> AbstractConnection:
     properties: FieldTable = {"connection_name": name}
     beat = None if heartbeat is None else math.ceil(heartbeat)  # None: the URL's, or 60 s
-    try:
-        if robust:
-            return await aio_pika.connect_robust(
-                url,
-                client_properties=properties,
-                reconnect_interval=RECONNECT_SECONDS,
-                heartbeat=beat,
-                connection_class=_RobustClosedOnFailure,
-            )
+    if not robust:
         return await aio_pika.connect(
             url, client_properties=properties, heartbeat=beat, connection_class=_ClosedOnFailure
         )
-    except _BROKER_ERRORS as exc:
-        raise BrokerError(f"cannot connect to the broker: {exc}") from exc
+    options: dict[str, Any] = {"reconnect_interval": RECONNECT_SECONDS, "heartbeat": beat}
+    connection = _RobustClosedOnFailure(
+        aio_pika.connection.make_url(url, **options), client_properties=properties, **options
+    )
+    # Every node's URL carries the same options (aio-pika reads some from the URL).
+    nodes = [aio_pika.connection.make_url(u, **options) for u in order]
+    connection.nodes = tuple(nodes[order.index(url) :] + nodes[: order.index(url)])
+    await connection.connect()
+    return connection
 
 
 @dataclass
@@ -232,13 +298,16 @@ class Link(Service):
     Processes that must keep working while the broker is down (the API accepts
     tasks into Postgres; the relay publishes them later) hold a link rather than
     a connection: :attr:`available` says whether publishing can work now.
-    ``heartbeat`` is that of :func:`connect`.
+    ``urls`` and ``heartbeat`` are those of :func:`connect`: with several URLs
+    (a cluster's nodes) each attempt tries them all in turn before it waits.
     """
 
     RETRY_SECONDS = 1.0
 
-    def __init__(self, url: str, *, name: str, heartbeat: float | None = None) -> None:
-        self.url = url
+    def __init__(
+        self, urls: str | Sequence[str], *, name: str, heartbeat: float | None = None
+    ) -> None:
+        self.urls = _urls(urls)
         self.name = name
         self.heartbeat = heartbeat
         self._connection: AbstractConnection | None = None
@@ -253,7 +322,7 @@ class Link(Service):
         while self._connection is None:
             try:
                 self._connection = await connect(
-                    self.url, name=self.name, robust=True, heartbeat=self.heartbeat
+                    self.urls, name=self.name, robust=True, heartbeat=self.heartbeat
                 )
             except BrokerError as exc:
                 log.warning("broker unavailable, retrying: %s", exc)
@@ -267,14 +336,18 @@ class Link(Service):
     def _on_lost(self, sender: Any, exc: BaseException | None = None) -> None:
         if not self._closing:
             log.warning(
-                "%s: lost the broker connection, reconnecting every %gs: %s",
+                "%s: lost the broker connection, reconnecting every %gs%s: %s",
                 self.name,
                 RECONNECT_SECONDS,
+                f" (to each of {len(self.urls)} nodes in turn)" if len(self.urls) > 1 else "",
                 exc or "closed",
             )
 
     def _on_reconnected(self, sender: Any) -> None:
-        log.info("%s: reconnected to the broker", self.name)
+        node = ""
+        if len(self.urls) > 1 and isinstance(sender, aio_pika.Connection):
+            node = f" at {sender.url.host}:{sender.url.port}"
+        log.info("%s: reconnected to the broker%s", self.name, node)
 
     @property
     def available(self) -> bool:

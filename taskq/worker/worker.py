@@ -207,10 +207,10 @@ class Worker(Service):
         # requeue its buffered envelopes for other workers within seconds.
         heartbeat = settings.amqp_heartbeat
         self._consume_link = Link(
-            settings.amqp_url, name=f"taskq-worker-consume {self.worker_id}", heartbeat=heartbeat
+            settings.amqp_urls, name=f"taskq-worker-consume {self.worker_id}", heartbeat=heartbeat
         )
         self._publish_link = Link(
-            settings.amqp_url, name=f"taskq-worker-publish {self.worker_id}", heartbeat=heartbeat
+            settings.amqp_urls, name=f"taskq-worker-publish {self.worker_id}", heartbeat=heartbeat
         )
         self._topology = settings.topology()
         self.publisher = Publisher(self._publish_link, self._topology, settings.max_delay)
