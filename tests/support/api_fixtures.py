@@ -15,7 +15,7 @@ from taskq.web.api import create_app
 
 
 async def declare_topology(settings: Settings) -> None:
-    connection = await broker.connect(settings.amqp_url, name="test-declare", robust=False)
+    connection = await broker.connect(settings.amqp_urls, name="test-declare", robust=False)
     try:
         await broker.declare(connection, settings.topology())
     finally:

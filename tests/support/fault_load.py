@@ -11,10 +11,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import aio_pika
 import asyncpg
 import httpx
 
+from taskq.amqp import broker
 from taskq.migrate import migrate
 from taskq.settings import Settings
 from taskq.store import Store
@@ -157,7 +157,9 @@ async def api_process(procs: Processes) -> AsyncIterator[httpx.AsyncClient]:
 async def consumers(settings: Settings) -> int:
     """Consumers of the default work queue, on a connection of its own (0 if unreachable)."""
     try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=5)
+        connection = await asyncio.wait_for(
+            broker.connect(settings.amqp_urls, name="test-consumers", robust=False), 10
+        )
     except Exception:
         return 0
     try:

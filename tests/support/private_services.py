@@ -113,13 +113,19 @@ class PrivatePostgres:
 class PrivateRabbit:
     """A RabbitMQ node of its own: own node name, ports, Erlang cookie, data and logs."""
 
-    def __init__(self, sbin: Path, base: Path) -> None:
+    def __init__(
+        self, sbin: Path, base: Path, *, cookie: str | None = None, erl_args: str = ""
+    ) -> None:
         self.sbin = sbin
         self.base = base
         self.node = f"taskq-fault-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
         self.pid_file = base / "rabbit.pid"
+        if cookie is not None:  # nodes of one cluster (and their CLI) share one cookie
+            path = base / ".erlang.cookie"
+            path.write_text(cookie)
+            path.chmod(0o400)
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
@@ -141,6 +147,8 @@ class PrivateRabbit:
             "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
             "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
         }
+        if erl_args:
+            self.env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = erl_args
 
     @property
     def url(self) -> str:
@@ -198,7 +206,7 @@ def _postgres_bindir() -> Path | None:
     return bindir if (bindir / "pg_ctl").exists() else None
 
 
-def _rabbit_sbin() -> Path | None:
+def rabbit_sbin() -> Path | None:
     server = _find("rabbitmq-server", ["/usr/lib/rabbitmq/bin/rabbitmq-server"])
     if server is None:
         return None
@@ -225,7 +233,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
 @pytest.fixture(scope="session")
 def private_rabbit() -> Iterator[PrivateRabbit]:
     """A running RabbitMQ node that only this session uses, free to stop and restart."""
-    sbin = _rabbit_sbin()
+    sbin = rabbit_sbin()
     if sbin is None:
         unavailable("a private RabbitMQ", "rabbitmq-server and rabbitmqctl are not installed")
     assert sbin is not None

@@ -57,7 +57,7 @@ def make_settings(**overrides: Any) -> Settings:
 async def delete_namespace(settings: Settings) -> None:
     """Delete every exchange and queue the namespace's topology names."""
     topology = settings.topology()
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await aio_pika.connect(settings.amqp_urls[0])
     try:
         channel = await connection.channel()
         for queue in topology.queues:
