@@ -145,6 +145,11 @@ async def test_a_follower_then_the_work_queues_leader_killed_under_load_lose_not
     work_queue = settings.topology().names.queue("default")
     kills: list[Kill] = []
     held: list[dict[str, list[str]]] = []
+    began = time.monotonic()
+    phases: dict[str, float] = {}  # where the test's time went, for the figures
+
+    def phase(name: str) -> None:
+        phases[name] = round(time.monotonic() - began - sum(phases.values()), 1)
 
     async with processes(settings, tmp_path) as procs, api_process(procs) as http:
         api = procs.started[0]
@@ -157,16 +162,19 @@ async def test_a_follower_then_the_work_queues_leader_killed_under_load_lose_not
         load = Load(http.base_url.port or 0)
         load.start()
         await progress(database_url, load.marker, "tasks running before the faults")
+        phase("set-up")
 
         async def kill(node: PrivateRabbit, role: str, restart: bool) -> None:
             kills.append(Kill(role, node.node, time.time()))
             await asyncio.to_thread(cluster.kill, node)
             await progress(database_url, load.marker, f"tasks running after the {role} died", 90)
             await asyncio.sleep(2.0)  # load goes on with a node down
+            phase(f"{role} {len(kills)} killed")
             if restart:
                 await asyncio.to_thread(cluster.restart, node)
                 kills[-1].restarted_after = time.time() - kills[-1].at
                 await progress(database_url, load.marker, f"tasks running with the {role} back")
+                phase(f"{role} {len(kills)} restarted")
 
         for n in range(1, ROUNDS + 1):
             leader = await asyncio.to_thread(cluster.leader_of, work_queue)
@@ -187,10 +195,12 @@ async def test_a_follower_then_the_work_queues_leader_killed_under_load_lose_not
         ids = await committed(database_url, load.marker)
         db = await asyncpg.connect(database_url)
         try:
+            phase("faults")
             await all_terminal(db, ids, timeout=120)
+            phase("all terminal")
             done = await finishes(database_url, load.marker)
             stalls = [round(stall_around(done, k.at), 2) for k in kills]
-            gap, began = widest_gap(done)
+            gap, gap_began = widest_gap(done)
             extra = {
                 "answered 201": len(load.accepted),
                 "answers": load.statuses(),
@@ -198,10 +208,11 @@ async def test_a_follower_then_the_work_queues_leader_killed_under_load_lose_not
                 "kills": [f"{k.role} {k.node.split('@')[0]}" for k in kills],
                 "stall at each kill (s)": stalls,
                 "widest gap between successes (s)": round(gap, 2),
-                "widest gap began (s after the first kill)": round(began - kills[0].at, 1),
+                "widest gap began (s after the first kill)": round(gap_began - kills[0].at, 1),
                 "node back and running after (s)": [
                     round(k.restarted_after, 1) for k in kills if k.restarted_after
                 ],
+                "phases (s)": phases,
                 "taskq connections per node before each kill": [
                     {node.split("@")[0]: len(names) for node, names in h.items()} for h in held
                 ],
