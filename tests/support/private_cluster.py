@@ -36,6 +36,7 @@ SIZE = 3
 # other test runs three spinning VMs would take a core between them for nothing.
 ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none"
 CLUSTER_TIMEOUT = 180.0
+QUERY_ATTEMPTS = 4
 
 T = TypeVar("T")
 
@@ -129,12 +130,20 @@ class PrivateCluster:
 
     def queues(self, vhost: str = "/") -> dict[str, dict[str, object]]:
         """Each quorum queue's ``leader``, ``members`` and ``online`` members, by name."""
-        via = self._some_running()
-        out = via.ctl(
-            "list_queues", "-p", vhost, "name", "type", "leader", "members", "online",
-            "--formatter", "json", timeout=60,
-        )  # fmt: skip
-        return {row["name"]: row for row in json.loads(out)}
+        # Right after a node's restart (its replicas recovering, an election on) a
+        # listing may wait on a queue and time out: ask again, a few times.
+        failures = []
+        for _ in range(QUERY_ATTEMPTS):
+            try:
+                out = self._some_running().ctl(
+                    "list_queues", "-p", vhost, "name", "type", "leader", "members", "online",
+                    "--formatter", "json", "--timeout", "45", timeout=90,
+                )  # fmt: skip
+                return {row["name"]: row for row in json.loads(out)}
+            except (RuntimeError, ValueError) as exc:
+                failures.append(str(exc).strip().splitlines()[0])
+                time.sleep(2.0)
+        raise ClusterError(f"list_queues failed {QUERY_ATTEMPTS} times: {failures}")
 
     def leader_of(self, queue: str, vhost: str = "/") -> PrivateRabbit:
         row = self.queues(vhost).get(queue)
