@@ -10,7 +10,9 @@ batches of 500 through the Python client) and waits for the last to succeed; the
 rate is N over the time from the first enqueue to the last success. After the
 limited run it checks that every slot was given back and nothing is left waiting,
 and counts the released tasks the worker that freed their slot took at once.
-Prints a table and JSON lines.
+Prints a table and JSON lines, with the CPU seconds per 1,000 tasks of each run:
+the workers (summed), and every Postgres and RabbitMQ process on the machine
+(other work on a shared machine counts there too).
 
     .venv/bin/python scripts/bench_concurrency.py [--tasks 10000] [--keys 100] [--limit 2]
         [--workers 2] [--seconds 0]
@@ -24,7 +26,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from benchlib import Sandbox, scrape_counter
+from benchlib import Sandbox, cpu_now, scrape_counter
 
 from taskq.client import Client
 from taskq.model import Concurrency
@@ -52,9 +54,9 @@ async def main() -> None:
         client = await Client.connect(sandbox.settings)
         try:
             work = Work(task_type, payload, args.tasks, args.keys)
-            unlimited = await run(sandbox, client, work, "unlimited")
+            unlimited, unlimited_cpu = await run(sandbox, client, work, "unlimited")
             await limit(client, task_type, Concurrency(args.limit, "customer", "api"))
-            limited = await run(sandbox, client, work, "limited")
+            limited, limited_cpu = await run(sandbox, client, work, "limited")
         finally:
             await client.close()
         running = await sandbox.db.fetchval(
@@ -83,8 +85,11 @@ async def main() -> None:
         "slots still held at the end": (running, ""),
         "tasks still WAITING at the end": (waiting, ""),
     }
+    for part in CPU_PARTS:
+        figures[f"CPU s per 1,000 tasks, {part}, unlimited"] = (unlimited_cpu[part], "s")
+        figures[f"CPU s per 1,000 tasks, {part}, limited"] = (limited_cpu[part], "s")
     for figure, (value, unit) in figures.items():
-        print(f"{figure:<60} {value:>10.1f} {unit}")
+        print(f"{figure:<60} {value:>10.{3 if unit == 's' else 1}f} {unit}")
     for figure, (value, unit) in figures.items():
         print(json.dumps({"bench": "concurrency", "figure": figure, "value": value, "unit": unit}))
 
@@ -116,10 +121,14 @@ async def limit(client: Client, task_type: str, concurrency: Concurrency | None)
     client.types.invalidate()
 
 
-async def run(sandbox: Sandbox, client: Client, work: Work, label: str) -> float:
-    """Enqueue the work's tasks; return the end-to-end rate."""
+async def run(
+    sandbox: Sandbox, client: Client, work: Work, label: str
+) -> tuple[float, dict[str, float]]:
+    """Enqueue the work's tasks; return the end-to-end rate, and the CPU seconds per
+    1,000 tasks of each of :data:`CPU_PARTS`."""
     tasks = work.tasks
     before = await succeeded(sandbox)
+    cpu_before = cpu(sandbox)
     start = time.monotonic()
     for first in range(0, tasks, 500):
         batch = [
@@ -132,8 +141,19 @@ async def run(sandbox: Sandbox, client: Client, work: Work, label: str) -> float
             raise SystemExit(f"{label}: not done after 600 s")
         await asyncio.sleep(0.1)
     seconds = time.monotonic() - start
+    used = cpu(sandbox)
     print(f"{label}: {tasks} tasks in {seconds:.2f} s")
-    return tasks / seconds
+    return tasks / seconds, {p: 1000 * (used[p] - cpu_before[p]) / tasks for p in CPU_PARTS}
+
+
+CPU_PARTS = ("workers", "postgres", "rabbitmq")
+
+
+def cpu(sandbox: Sandbox) -> dict[str, float]:
+    """CPU seconds so far of the workers (summed), Postgres and RabbitMQ."""
+    used = cpu_now({f"worker{n}": w.pid for n, w in enumerate(sandbox.workers)})
+    used["workers"] = sum(used[f"worker{n}"] for n in range(len(sandbox.workers)))
+    return used
 
 
 async def succeeded(sandbox: Sandbox) -> int:

@@ -256,6 +256,105 @@ FROM held h
 WHERE s.type = h.type AND s.key = h.key
 RETURNING s.type, s.key;
 
+-- name: slots_handoff
+-- Passes the concurrency slots of attempts that just ended straight to the oldest
+-- tasks WAITING for them, claimed for the worker that recorded the outcome (a
+-- handoff, see taskq.model.Handoff), and gives back the slots that do not pass, in
+-- the outcome's transaction. Those among :ids that hold a key and are not RUNNING
+-- now count, as in slots_release.
+-- A slot passes when its type still has a limit, is neither paused nor rate
+-- limited and its key runs no more than the limit; the key's oldest waiting
+-- tasks (one per slot, rows another transaction holds skipped, as in
+-- slots_promote) are then taken when they are of :queues, due, with an attempt
+-- left and the key their payload gives now (a debounce may have replaced it), at
+-- most :room of them, oldest first. A passed slot's row is not written: the key's
+-- running count stays as it was, one attempt ending as another begins, so neither
+-- the claims nor the releases of the key wait for this transaction. The slots left
+-- are given back as slots_release gives them (slot rows locked in key order, after
+-- the waiting rows, which nobody waits for while holding a slot row); the waiting
+-- tasks of those keys, including any picked here and not taken, are released by
+-- slots_promote, a statement of its own.
+-- Returns the tasks claimed, as claim_gated returns them (decision 'claimed'), and
+-- one row per key whose slots were given back (decision 'freed', with the key's
+-- type and concurrency_key).
+-- :ids uuid[], :worker_id, :lease_seconds, :queues text[], :room
+WITH ended AS (
+    SELECT t.type, t.concurrency_key AS key, count(*) AS n
+    FROM unnest(:ids::uuid[]) AS i(id)
+    JOIN taskq.tasks t ON t.id = i.id
+    WHERE t.concurrency_key IS NOT NULL AND t.status <> 'RUNNING'
+    GROUP BY t.type, t.concurrency_key
+), passing AS (
+    SELECT e.type, e.key, e.n, g.concurrency_key AS field
+    FROM ended e
+    JOIN taskq.task_type g ON g.name = e.type
+    JOIN taskq.concurrency_slots s ON s.type = e.type AND s.key = e.key
+    WHERE g.concurrency_limit IS NOT NULL AND NOT g.paused AND g.limiter IS NULL
+      AND s.running <= g.concurrency_limit
+), picked AS (
+    -- Locked: the columns are those of each row's latest version.
+    SELECT p.key, w.*
+    FROM passing p
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.queue, t.created_at, t.run_at, t.attempts, t.max_attempts,
+               coalesce(CASE WHEN p.field IS NULL THEN '' ELSE t.payload ->> p.field END,
+                        '') AS payload_key
+        FROM taskq.tasks t
+        WHERE t.status = 'WAITING' AND t.type = p.type AND t.concurrency_key = p.key
+          AND t.wait_reason = 'concurrency'
+        ORDER BY t.created_at, t.id
+        LIMIT p.n
+        FOR UPDATE SKIP LOCKED
+    ) w
+), clock AS MATERIALIZED (
+    -- The clock once the waiting rows are locked: the claims' start.
+    SELECT clock_timestamp() AS at FROM (SELECT count(*) FROM picked) locked_all
+), chosen AS (
+    SELECT c.id FROM (
+        SELECT p.id, row_number() OVER (ORDER BY p.created_at, p.id) AS rank
+        FROM picked p CROSS JOIN clock
+        WHERE p.queue = ANY(:queues::text[]) AND p.run_at <= clock.at
+          AND p.attempts < p.max_attempts AND p.payload_key = p.key
+    ) c
+    WHERE c.rank <= :room
+), claimed AS (
+    UPDATE taskq.tasks t SET
+        status = 'RUNNING', wait_reason = NULL, attempts = t.attempts + 1,
+        worker_id = :worker_id, claim_token = gen_random_uuid(),
+        lease_expires_at = clock.at + make_interval(secs => :lease_seconds),
+        started_at = clock.at, updated_at = clock.at,
+        published_at = coalesce(t.published_at, clock.at),
+        limited_until = NULL, limited_by = NULL
+    FROM clock
+    WHERE t.id = ANY(ARRAY(SELECT id FROM chosen))
+    RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
+              t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.traceparent,
+              t.concurrency_key
+), passed AS (
+    SELECT c.type, c.concurrency_key AS key, count(*) AS n FROM claimed c GROUP BY 1, 2
+), held AS (
+    SELECT s.type, s.key, e.n - coalesce(p.n, 0) AS n
+    FROM taskq.concurrency_slots s
+    JOIN ended e ON e.type = s.type AND e.key = s.key
+    LEFT JOIN passed p ON p.type = s.type AND p.key = s.key
+    WHERE e.n > coalesce(p.n, 0)
+    ORDER BY s.type, s.key
+    FOR UPDATE OF s
+), freed AS (
+    UPDATE taskq.concurrency_slots s SET running = greatest(0, s.running - h.n)
+    FROM held h
+    WHERE s.type = h.type AND s.key = h.key
+    RETURNING s.type, s.key
+)
+SELECT c.id, 'claimed' AS decision, c.type, c.queue, c.payload, c.attempts, c.max_attempts,
+       c.timeout_seconds, c.run_at, c.created_at, c.claim_token, NULL::text AS last_error,
+       NULL::bigint AS generation, 0::float8 AS delay, c.traceparent, c.concurrency_key
+FROM claimed c
+UNION ALL
+SELECT NULL, 'freed', f.type, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, f.key
+FROM freed f;
+
 -- name: slots_lock
 -- Locks the slots of some keys (all of a type's with :keys NULL), in key order,
 -- before their waiting tasks are released (slots_promote).
@@ -1172,15 +1271,28 @@ WITH input AS (
         granted = greatest(0, least(EXCLUDED.running, EXCLUDED.lim - s.running)),
         lim = EXCLUDED.lim
     RETURNING s.type, s.key, s.granted
+), granted AS MATERIALIZED (
+    -- The slots each key took, as one map read by each row. (Joined to the batch's
+    -- rows, a CTE is scanned again for each row when the planner, which cannot see
+    -- how many rows these CTEs hold, takes them for one or two: the cost of a batch
+    -- would grow with its square. The maps below are for the same reason.)
+    SELECT coalesce(jsonb_object_agg(jsonb_build_array(k.type, k.key)::text, k.granted),
+                    '{}') AS slots
+    FROM concurrency_taken k
 ), gated AS (
     -- The gated rows' decisions: parked (and why), or claimed with a slot's key.
-    SELECT c.id,
-           CASE WHEN c.type IN (SELECT name FROM paused_gate) THEN 'paused'
-                WHEN w.rank > k.granted THEN 'concurrency' END AS wait_reason,
+    SELECT w.id,
+           CASE WHEN w.rank > (m.slots ->> jsonb_build_array(w.type, w.key)::text)::bigint
+                THEN 'concurrency' END AS wait_reason,
            w.key
-    FROM gate_candidates c
-    LEFT JOIN concurrency_wanted w ON w.id = c.id
-    LEFT JOIN concurrency_taken k ON k.type = w.type AND k.key = w.key
+    FROM concurrency_wanted w CROSS JOIN granted m
+    UNION ALL
+    SELECT c.id, 'paused', NULL FROM gate_candidates c
+    WHERE c.type IN (SELECT name FROM paused_gate)
+), slot_keys AS MATERIALIZED (
+    -- The key of each row claimed with a slot, by id.
+    SELECT coalesce(jsonb_object_agg(g.id::text, g.key), '{}') AS by_id
+    FROM gated g WHERE g.wait_reason IS NULL
 ), claimed AS (
     -- The decision's clock, not the transaction's: an inline claim's transaction
     -- (taskq.worker.inline) begins before this statement, so a task due at run_at
@@ -1198,12 +1310,15 @@ WITH input AS (
         last_error = CASE WHEN t.status = 'RUNNING'
                           THEN 'lease expired: worker ' || t.worker_id || ' stopped heartbeating'
                           ELSE t.last_error END,
-        concurrency_key = CASE WHEN t.status = 'RUNNING' THEN t.concurrency_key ELSE g.key END,
+        concurrency_key = CASE WHEN t.status = 'RUNNING' THEN t.concurrency_key
+                               ELSE k.by_id ->> t.id::text END,
         limited_until = NULL, limited_by = NULL
-    FROM decided d LEFT JOIN gated g ON g.id = d.id LEFT JOIN rate_slots s ON s.id = d.id
-    WHERE d.id = t.id AND d.decision = 'claimed' AND g.wait_reason IS NULL
+    FROM decided d CROSS JOIN slot_keys k LEFT JOIN rate_slots s ON s.id = d.id
+    WHERE d.id = t.id AND d.decision = 'claimed'
       AND t.id = ANY(ARRAY(SELECT d.id FROM decided d
                            WHERE d.decision = 'claimed'
+                             AND d.id NOT IN (SELECT id FROM gated
+                                              WHERE wait_reason IS NOT NULL)
                              AND NOT EXISTS (SELECT FROM rate_slots s
                                              WHERE s.id = d.id
                                                AND (s.slot IS NULL

@@ -98,11 +98,36 @@ class GatesStore(StoreBase):
         """Give back the concurrency slots of the attempts ``ids`` that just ended, and
         release the tasks waiting for them, in the caller's transaction; with a
         ``handoff``, claim those it can take for its worker (returned: they are its
-        once the transaction commits)."""
-        freed = await connection.fetch(self.q["slots_release"], list(ids))
+        once the transaction commits).
+
+        With a handoff, a slot passes straight to the oldest task waiting for it
+        (``slots_handoff``): its slot row is not written, so the key's claims and
+        releases do not wait for this transaction; only the slots that do not pass
+        are given back, and their keys' waiting tasks released, as without one."""
+        if handoff is None or handoff.room <= 0:
+            given = await connection.fetch(self.q["slots_release"], list(ids))
+            if not given:
+                return []
+            return (await self._promote(connection, given, handoff))[1]
+        rows = await connection.fetch(
+            self.q["slots_handoff"],
+            list(ids),
+            handoff.worker_id,
+            handoff.lease,
+            sorted(handoff.queues),
+            handoff.room,
+        )
+        passed: list[ClaimedTask] = []
+        freed: list[Mapping[str, Any]] = []
+        for row in rows:
+            if row["decision"] == "freed":
+                freed.append({"type": row["type"], "key": row["concurrency_key"]})
+            elif isinstance(task := claim_from_row(row), ClaimedTask):
+                passed.append(task)
         if not freed:
-            return []
-        return (await self._promote(connection, freed, handoff))[1]
+            return passed
+        rest = Handoff(handoff.worker_id, handoff.lease, handoff.queues, handoff.room - len(passed))
+        return passed + (await self._promote(connection, freed, rest))[1]
 
     async def _promote(
         self,

@@ -50,6 +50,7 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "enqueue_replace": (["{}"] * 200, [None] * 200, [0.0] * 200),
     "enqueue_unique_release": (),
     "wait_request": (),
+    "slots_handoff": ("w1", 30.0, ["default"], 200),
 }
 # Those that lock what they change: only ever through the primary key.
 THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "claim_gated",

@@ -525,3 +525,109 @@ async def test_a_freed_slot_hands_its_released_task_to_the_worker_that_freed_it(
         assert (await h.task(two)).status == "ENQUEUED"
         [owed] = await h.store.owed_among([two])
         assert owed.id == two
+
+
+async def slot_version(h: Harness, task_type: str, key: str) -> tuple[int, str]:
+    """The running count of a slot row, and the transaction that wrote its version."""
+    async with h.store.pool.acquire() as connection:
+        row = await connection.fetchrow(
+            "SELECT running, xmin::text AS xmin FROM taskq.concurrency_slots"
+            " WHERE type = $1 AND key = $2",
+            task_type,
+            key,
+        )
+    assert row is not None
+    return row["running"], row["xmin"]
+
+
+async def test_a_handoff_passes_the_slot_on_without_writing_its_row(
+    settings: Settings,
+) -> None:
+    async with harness(settings) as h:
+        await h.put_type("pass.t")
+        await h.store.put_task_type(
+            "pass.t", queue="default", max_attempts=3, timeout_seconds=30.0, backoff_json=None,
+            payload_schema_json=None, enabled=True, concurrency=Concurrency(2, "k", "api"),
+        )  # fmt: skip
+        ids = [await h.enqueue("pass.t", {"k": "a"}) for _ in range(4)]
+        rows = {row.id: row for row in await h.store.claim(ids, "w1", 30.0)}
+        first, second, third, fourth = ids
+        held = [rows[first], rows[second]]
+        assert all(isinstance(row, ClaimedTask) for row in held)
+        before = await slot_version(h, "pass.t", "a")
+        assert before[0] == 2
+        # Two attempts end, two tasks wait: both slots pass on, the slot row untouched
+        # (a claim of the key would not have waited for this transaction).
+        handoff = Handoff("w2", 30.0, frozenset({"default"}), room=2)
+        await h.store.complete(
+            [(row.id, row.claim_token, "null") for row in held if isinstance(row, ClaimedTask)],
+            holds_slots=True,
+            handoff=handoff,
+        )
+        assert sorted(t.id for t in handoff.claimed) == sorted([third, fourth])
+        assert all(t.concurrency_key == "a" for t in handoff.claimed)
+        assert await slot_version(h, "pass.t", "a") == before
+        for task_id in (third, fourth):
+            row = await h.task(task_id)
+            assert (row.status, row.worker_id, row.attempts) == ("RUNNING", "w2", 1)
+        assert await h.store.owed_among([third, fourth]) == []
+        # Two attempts end, one task waits: one slot passes, the other is given back.
+        fifth = await h.enqueue("pass.t", {"k": "a"})
+        [parked] = await h.store.claim([fifth], "w1", 30.0)
+        assert not isinstance(parked, ClaimedTask)
+        handoff2 = Handoff("w2", 30.0, frozenset({"default"}), room=2)
+        await h.store.complete(
+            [(t.id, t.claim_token, "null") for t in handoff.claimed],
+            holds_slots=True,
+            handoff=handoff2,
+        )
+        assert [t.id for t in handoff2.claimed] == [fifth]
+        assert await slots(h, "pass.t") == {"a": 1}
+
+
+async def test_a_slot_does_not_pass_to_a_task_whose_key_changed_or_over_a_lowered_limit(
+    settings: Settings,
+) -> None:
+    async with harness(settings) as h:
+        await h.put_type("pass.k")
+
+        async def limit(n: int) -> None:
+            await h.store.put_task_type(
+                "pass.k", queue="default", max_attempts=3, timeout_seconds=30.0,
+                backoff_json=None, payload_schema_json=None, enabled=True,
+                concurrency=Concurrency(n, "k", "api"),
+            )  # fmt: skip
+
+        await limit(1)
+        first, second = [await h.enqueue("pass.k", {"k": "a"}) for _ in range(2)]
+        [held] = [r for r in await h.store.claim([first, second], "w1", 30.0) if r.id == first]
+        assert isinstance(held, ClaimedTask)
+        # A debounce replaced the waiting task's payload: its key is now "b".
+        async with h.store.pool.acquire() as connection:
+            await connection.execute(
+                'UPDATE taskq.tasks SET payload = \'{"k": "b"}\' WHERE id = $1', second
+            )
+        handoff = Handoff("w2", 30.0, frozenset({"default"}), room=1)
+        await h.store.complete(
+            [(first, held.claim_token, "null")], holds_slots=True, handoff=handoff
+        )
+        # Not passed on under its old key: released, then claimed afresh under its new
+        # key (claim_gated), as a released task is.
+        [taken] = handoff.claimed
+        assert (taken.id, taken.concurrency_key) == (second, "b")
+        assert await slots(h, "pass.k") == {"a": 0, "b": 1}
+        # A limit lowered below the key's running count: nothing passes on.
+        await limit(2)
+        third, fourth = [await h.enqueue("pass.k", {"k": "b"}) for _ in range(2)]
+        claimed = [r for r in await h.store.claim([third, fourth], "w1", 30.0)]
+        [held] = [r for r in claimed if isinstance(r, ClaimedTask)]
+        waiting = fourth if held.id == third else third
+        assert await slots(h, "pass.k") == {"a": 0, "b": 2}
+        await limit(1)
+        handoff = Handoff("w2", 30.0, frozenset({"default"}), room=1)
+        await h.store.complete(
+            [(held.id, held.claim_token, "null")], holds_slots=True, handoff=handoff
+        )
+        assert handoff.claimed == []
+        assert (await h.task(waiting)).status == "WAITING"
+        assert await slots(h, "pass.k") == {"a": 0, "b": 1}
