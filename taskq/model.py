@@ -233,7 +233,7 @@ COLUMNS: Final[Mapping[str, Sequence[str]]] = {
     "claim": (
         "id", "decision", "type", "queue", "payload", "attempts", "max_attempts",
         "timeout_seconds", "run_at", "created_at", "claim_token", "last_error", "generation",
-        "delay", "traceparent", "concurrency_key",
+        "delay", "traceparent", "concurrency_key", "workflow_id",
     ),
     "owed": (
         "id", "type", "queue", "status", "attempts", "last_error", "generation", "delay",
@@ -326,6 +326,8 @@ class ClaimedTask(NamedTuple):
     """The key whose concurrency slot the attempt holds (None: none)."""
     start_in: float = 0.0
     """Seconds until it may start: a rate-limited task is claimed just before its slot."""
+    workflow_id: uuid.UUID | None = None
+    """The workflow whose node it is (None: enqueued alone)."""
 
 
 class Unclaimed(NamedTuple):
@@ -366,7 +368,7 @@ def claim_from_row(row: Sequence[Any]) -> ClaimedTask | Unclaimed:
             ClaimedTask,
             (
                 row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10],
-                row[14], row[15], row[13] or 0.0,
+                row[14], row[15], row[13] or 0.0, row[16],
             ),
         )  # fmt: skip
     return _new(
