@@ -2045,14 +2045,22 @@ RETURNING f.id;
 -- request (their workers stop them, as for POST /tasks/{id}/cancel). The workflow
 -- ends when its last node does (tasks_workflow_settle).
 -- :ids uuid[]
+WITH held AS (
+    SELECT t.id
+    FROM (SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM taskq.tasks t
+        WHERE t.id = i.id AND t.status IN ('ENQUEUED', 'WAITING', 'RUNNING')
+        FOR UPDATE
+    ) t
+)
 UPDATE taskq.tasks t SET
     status = CASE WHEN t.status = 'RUNNING' THEN t.status ELSE 'CANCELLED' END,
     finished_at = CASE WHEN t.status = 'RUNNING' THEN t.finished_at ELSE now() END,
     cancel_requested_at = CASE WHEN t.status = 'RUNNING'
                                THEN coalesce(t.cancel_requested_at, now()) END,
     wait_reason = NULL, updated_at = now()
-FROM unnest(:ids::uuid[]) AS i(id)
-WHERE t.id = i.id AND t.status IN ('ENQUEUED', 'WAITING', 'RUNNING');
+WHERE t.id = ANY(ARRAY(SELECT id FROM held));
 
 -- name: parent_results
 -- The results of a node's parents, in the order of its depends_on (a worker reads

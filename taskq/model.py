@@ -40,8 +40,9 @@ class TaskStatus(StrEnum):
     and the release of a WAITING task."""
     WAITING = "WAITING"
     """Held back by a gate (:class:`WaitReason`): visible and cancellable, never claimed,
-    no envelope in the broker. Set by the claim (which parks it); released to ENQUEUED
-    by a resume of its type or a concurrency slot of its key freed."""
+    no envelope in the broker. Set by the claim (which parks it) or a workflow's
+    enqueue (a node with parents); released to ENQUEUED by a resume of its type, a
+    concurrency slot of its key freed, or its workflow parents' success."""
     RUNNING = "RUNNING"
     """Claimed by a worker, under its lease: set by the claim."""
     SUCCEEDED = "SUCCEEDED"
@@ -71,7 +72,8 @@ class WaitReason(StrEnum):
     CONCURRENCY = "concurrency"
     """Its concurrency key had no free slot: released, oldest first, when one frees."""
     PARENTS = "parents"
-    """Reserved for workflows: a node whose parents have not finished."""
+    """A workflow's node whose parents have not all succeeded: released when the last
+    of them does, in the statement that records it (migration 0019)."""
 
 
 STATUSES: Final = tuple(TaskStatus)

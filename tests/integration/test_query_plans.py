@@ -50,11 +50,13 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "enqueue_replace": (["{}"] * 200, [None] * 200, [0.0] * 200),
     "enqueue_unique_release": (),
     "wait_request": (),
+    "workflow_cancel_nodes": (),
 }
 # Those that lock what they change: only ever through the primary key.
 THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "claim_gated",
                    "complete", "retry", "fail", "give_back", "cancel_running", "set_aside",
-                   "enqueue_replace", "enqueue_unique_release", "wait_request"}  # fmt: skip
+                   "enqueue_replace", "enqueue_unique_release", "wait_request",
+                   "workflow_cancel_nodes"}  # fmt: skip
 
 
 def scans(plan: dict[str, Any]) -> list[str]:
