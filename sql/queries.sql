@@ -1655,7 +1655,8 @@ LIMIT :limit;
 
 -- name: retention_delete
 -- Deletes terminal tasks finished more than :seconds seconds ago, at most :limit of
--- them, their events and their progress. Returns how many tasks it deleted.
+-- them, their events, their progress and their places in workflows. Returns how
+-- many tasks it deleted.
 -- :seconds, :limit
 WITH gone AS (
     DELETE FROM taskq.tasks
@@ -1668,6 +1669,11 @@ WITH gone AS (
     DELETE FROM taskq.task_events e USING gone WHERE e.task_id = gone.id
 ), progress AS (
     DELETE FROM taskq.task_progress p USING gone WHERE p.task_id = gone.id
+), nodes AS (
+    -- A workflow node's place and its edges (none for a task enqueued alone).
+    DELETE FROM taskq.workflow_nodes n USING gone WHERE n.task_id = gone.id
+), edges AS (
+    DELETE FROM taskq.workflow_edges e USING gone WHERE e.child_id = gone.id
 )
 SELECT count(*) FROM gone;
 
@@ -2070,6 +2076,15 @@ SELECT p.result::text AS result
 FROM taskq.workflow_edges e JOIN taskq.tasks p ON p.id = e.parent_id
 WHERE e.child_id = :task_id
 ORDER BY e.position;
+
+-- name: workflows_prune
+-- Retention: deletes up to :limit workflows that ended more than :seconds seconds
+-- ago (their nodes' tasks ended before them, and go by retention_delete).
+-- :seconds, :limit
+DELETE FROM taskq.workflows
+WHERE id IN (SELECT id FROM taskq.workflows
+             WHERE status <> 'RUNNING' AND finished_at < now() - make_interval(secs => :seconds)
+             ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED);
 
 -- name: workflows_by_status
 -- Workflows by status (GET /metrics).

@@ -43,7 +43,8 @@
 --
 -- 3. Statements that settle nothing pay one scan of their new rows: tasks outside
 --    workflows never enter workflow_nodes or workflow_edges, and no index of
---    tasks is added.
+--    tasks is added. Retention deletes a node's rows with its task, and a workflow
+--    once it has ended longer ago than TASKQ_RETENTION.
 
 ALTER TABLE taskq.tasks ADD COLUMN IF NOT EXISTS workflow_id uuid;
 
@@ -88,6 +89,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS workflows_idempotency_key
 
 -- GET /workflows, newest first, keyset-paginated.
 CREATE INDEX IF NOT EXISTS workflows_created ON taskq.workflows (created_at DESC, id DESC);
+
+-- Retention: the workflows that have ended, oldest first (workflows_prune).
+CREATE INDEX IF NOT EXISTS workflows_finished
+    ON taskq.workflows (finished_at) WHERE status <> 'RUNNING';
 
 CREATE TABLE IF NOT EXISTS taskq.workflow_nodes (
     task_id      uuid PRIMARY KEY,

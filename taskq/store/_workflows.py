@@ -163,6 +163,11 @@ class WorkflowsStore(StoreBase):
         """The results (JSON text) of a node's parents, in its depends_on order."""
         return [row["result"] for row in await self._fetch("parent_results", task_id)]
 
+    async def prune_workflows(self, older_than: float, limit: int) -> int:
+        """Delete up to ``limit`` workflows that ended more than ``older_than`` seconds
+        ago; returns how many."""
+        return await self._execute("workflows_prune", older_than, limit)
+
     async def workflows_by_status(self) -> dict[str, int]:
         """How many workflows there are in each status."""
         return {row["status"]: row["n"] for row in await self._fetch("workflows_by_status")}

@@ -126,7 +126,8 @@ def _wait_seconds(request: Request) -> float:
     if len(values) > 1:
         raise InvalidRequest([FieldError("wait", "give it once")])
     try:
-        seconds = float(values[0]) if len(values[0]) <= 20 else math.nan
+        # The shortest text of any float is at most 24 characters ("-1.2345678901234567e-308").
+        seconds = float(values[0]) if len(values[0]) <= 32 else math.nan
     except ValueError:
         seconds = math.nan
     if not 0 <= seconds <= limit:  # NaN fails too

@@ -327,3 +327,7 @@ async def test_workflows_are_read_listed_replayed_and_counted_over_http(
         assert cancel.status_code == 404
         metrics = (await api.get("/metrics")).text
         assert 'taskq_workflows{status="SUCCEEDED"} 1.0' in metrics
+        # Retention takes the nodes' rows with their tasks, then the workflow.
+        assert await h.store.delete_finished(0, 1000) == 2
+        assert await h.store.prune_workflows(0, 1000) == 1
+        assert await count_rows(h) == (0, 0, 0, 0)
