@@ -1015,7 +1015,8 @@ WITH input AS (
     WHERE d.id = t.id AND d.decision = 'claimed'
       AND t.id = ANY(ARRAY(SELECT id FROM decided WHERE decision = 'claimed'))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
-              t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.concurrency_key
+              t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.concurrency_key,
+              t.workflow_id
 ), exhausted AS (
     UPDATE taskq.tasks t SET
         status = 'FAILED', finished_at = now(), updated_at = now(), lease_expires_at = NULL,
@@ -1035,7 +1036,7 @@ SELECT i.id,
        c.payload, coalesce(c.attempts, l.attempts) AS attempts, l.max_attempts,
        c.timeout_seconds, l.run_at, c.created_at, c.claim_token, x.last_error, x.generation,
        greatest(0, extract(epoch FROM l.run_at - clock_timestamp()))::float8 AS delay,
-       l.traceparent, c.concurrency_key
+       l.traceparent, c.concurrency_key, c.workflow_id
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
 LEFT JOIN locked l ON l.id = i.id
@@ -1327,7 +1328,7 @@ WITH input AS (
                              AND d.id NOT IN (SELECT id FROM rate_raced)))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
               t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.concurrency_key,
-              t.started_at
+              t.started_at, t.workflow_id
 ), parked AS (
     -- WAITING, its delivery acked: nothing owed until it is released.
     UPDATE taskq.tasks t SET
@@ -1364,7 +1365,7 @@ SELECT i.id,
        x.last_error, x.generation,
        greatest(0, extract(epoch FROM coalesce(c.started_at, rl.run_at, l.run_at)
                                       - clock_timestamp()))::float8 AS delay,
-       l.traceparent, c.concurrency_key
+       l.traceparent, c.concurrency_key, c.workflow_id
 FROM input i
 LEFT JOIN decided d ON d.id = i.id
 LEFT JOIN locked l ON l.id = i.id
@@ -1782,7 +1783,8 @@ LIMIT :limit;
 
 -- name: retention_delete
 -- Deletes terminal tasks finished more than :seconds seconds ago, at most :limit of
--- them, their events and their progress. Returns how many tasks it deleted.
+-- them, their events, their progress and their places in workflows. Returns how
+-- many tasks it deleted.
 -- :seconds, :limit
 WITH gone AS (
     DELETE FROM taskq.tasks
@@ -1795,6 +1797,11 @@ WITH gone AS (
     DELETE FROM taskq.task_events e USING gone WHERE e.task_id = gone.id
 ), progress AS (
     DELETE FROM taskq.task_progress p USING gone WHERE p.task_id = gone.id
+), nodes AS (
+    -- A workflow node's place and its edges (none for a task enqueued alone).
+    DELETE FROM taskq.workflow_nodes n USING gone WHERE n.task_id = gone.id
+), edges AS (
+    DELETE FROM taskq.workflow_edges e USING gone WHERE e.child_id = gone.id
 )
 SELECT count(*) FROM gone;
 
@@ -2050,3 +2057,163 @@ USING (SELECT limiter, key FROM taskq.rate_limit_buckets
          AND (promised IS NULL OR promised < now() - make_interval(secs => :idle_seconds))
        ORDER BY tat LIMIT :batch FOR UPDATE SKIP LOCKED) old
 WHERE b.limiter = old.limiter AND b.key = old.key;
+
+-- ---------------------------------------------------------------- workflows
+-- Workflows (migration 0019): a workflows row, a task per node (WAITING for its
+-- parents, or ENQUEUED), workflow_nodes and workflow_edges. What ends a node
+-- settles its workflow in the same statement: the trigger tasks_workflow_settle.
+
+-- name: workflow_insert
+-- A new workflow, unless its idempotency key names one already (no row back).
+-- :id, :name, :on_failure, :nodes, :idempotency_key, :request_fingerprint
+INSERT INTO taskq.workflows (id, name, on_failure, nodes, idempotency_key, request_fingerprint)
+VALUES (:id, :name, :on_failure, :nodes, :idempotency_key, :request_fingerprint)
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id;
+
+-- name: workflow_by_key
+-- The workflow holding an idempotency key, with the fingerprint of its request.
+-- :idempotency_key
+SELECT id, request_fingerprint FROM taskq.workflows WHERE idempotency_key = :idempotency_key;
+
+-- name: workflow_insert_nodes
+-- The nodes of a new workflow, in one statement: a task per node (ENQUEUED when
+-- it has no parent, else WAITING for its parents), its workflow_nodes row, and an
+-- edge per dependency. Defaults come from the (enabled) task type, as `enqueue`'s;
+-- a node of an unknown or disabled type is left out (the store then rolls back).
+-- Returns the tasks inserted, in the nodes' order.
+-- :workflow_id, :ids uuid[], :names text[], :types text[], :queues text[],
+-- :payloads text[] (json), :max_attempts int[], :timeouts float8[],
+-- :run_at timestamptz[], :delays float8[], :traceparents text[], :parents_left int[],
+-- :edge_children uuid[], :edge_positions int[], :edge_parents uuid[]
+WITH r AS (
+    SELECT * FROM unnest(:ids::uuid[], :names::text[], :types::text[], :queues::text[],
+                         :payloads::text[], :max_attempts::int[], :timeouts::float8[],
+                         :run_at::timestamptz[], :delays::float8[], :traceparents::text[],
+                         :parents_left::int[])
+        WITH ORDINALITY AS r(id, name, type, queue, payload, max_attempts, timeout_seconds,
+                             run_at, delay, traceparent, parents_left, n)
+), inserted AS (
+    INSERT INTO taskq.tasks (id, type, queue, payload, max_attempts, timeout_seconds, run_at,
+                             traceparent, status, wait_reason, workflow_id)
+    SELECT r.id, r.type, coalesce(r.queue, t.queue), r.payload::jsonb,
+           coalesce(r.max_attempts, t.max_attempts), coalesce(r.timeout_seconds, t.timeout_seconds),
+           coalesce(r.run_at, now() + make_interval(secs => coalesce(r.delay, 0))), r.traceparent,
+           CASE WHEN r.parents_left > 0 THEN 'WAITING' ELSE 'ENQUEUED' END,
+           CASE WHEN r.parents_left > 0 THEN 'parents' END, :workflow_id::uuid
+    FROM r JOIN taskq.task_type t ON t.name = r.type AND t.enabled
+    ORDER BY r.n
+    RETURNING id, type, queue, status, attempts, max_attempts, run_at, created_at, generation,
+              greatest(0, extract(epoch FROM run_at - clock_timestamp()))::float8 AS delay
+), nodes AS (
+    INSERT INTO taskq.workflow_nodes (task_id, workflow_id, name, position, parents_left)
+    SELECT r.id, :workflow_id::uuid, r.name, r.n - 1, r.parents_left FROM r
+), edges AS (
+    INSERT INTO taskq.workflow_edges (child_id, position, parent_id, workflow_id)
+    SELECT e.child_id, e.position, e.parent_id, :workflow_id::uuid
+    FROM unnest(:edge_children::uuid[], :edge_positions::int[], :edge_parents::uuid[])
+        AS e(child_id, position, parent_id)
+)
+SELECT i.* FROM inserted i JOIN r ON r.id = i.id ORDER BY r.n;
+
+-- name: workflow_get
+-- :id
+SELECT id, name, status, on_failure, nodes, succeeded, failed, cancelled, idempotency_key,
+       cancel_requested_at, created_at, updated_at, finished_at
+FROM taskq.workflows WHERE id = :id;
+
+-- name: workflow_nodes
+-- A workflow's nodes in their order, with their tasks (each through its primary
+-- key), and the names of each node's parents in the order of its depends_on.
+-- :id
+SELECT n.name, n.task_id, t.type, t.queue, t.status, t.wait_reason, t.attempts,
+       t.max_attempts, n.parents_left, n.skipped, t.last_error, t.created_at, t.started_at,
+       t.finished_at,
+       ARRAY(SELECT p.name FROM taskq.workflow_edges e
+             JOIN taskq.workflow_nodes p ON p.task_id = e.parent_id
+             WHERE e.child_id = n.task_id ORDER BY e.position) AS depends_on
+FROM taskq.workflow_nodes n
+LEFT JOIN taskq.tasks t ON t.id = n.task_id
+WHERE n.workflow_id = :id
+ORDER BY n.position;
+
+-- name: workflows_list
+-- Newest first, keyset-paginated on (created_at, id). NULL filters match all.
+-- :status, :name, :cursor_created_at, :cursor_id, :limit
+SELECT id, name, status, on_failure, nodes, succeeded, failed, cancelled, idempotency_key,
+       cancel_requested_at, created_at, updated_at, finished_at
+FROM taskq.workflows
+WHERE (:status::text IS NULL OR status = :status)
+  AND (:name::text IS NULL OR name = :name)
+  AND (:cursor_created_at::timestamptz IS NULL
+       OR (created_at, id) < (:cursor_created_at, :cursor_id::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT :limit;
+
+-- name: workflow_lock_nodes
+-- The first step of a workflow's cancel: locks its nodes that have not ended, in
+-- id order as claims lock tasks (before the workflow's row, which settling a node
+-- takes after its task's). Returns their ids.
+-- :id
+SELECT t.id
+FROM (SELECT n.task_id FROM taskq.workflow_nodes n WHERE n.workflow_id = :id
+      ORDER BY n.task_id) n
+CROSS JOIN LATERAL (
+    SELECT t.id FROM taskq.tasks t
+    WHERE t.id = n.task_id AND t.status IN ('ENQUEUED', 'WAITING', 'RUNNING')
+    FOR UPDATE
+) t;
+
+-- name: workflow_cancel
+-- Marks a workflow cancelled (nothing more is released), unless it has ended.
+-- Returns its id if it was running.
+-- :id
+UPDATE taskq.workflows f SET
+    cancel_requested_at = coalesce(f.cancel_requested_at, now()), updated_at = now()
+WHERE f.id = :id AND f.status = 'RUNNING'
+RETURNING f.id;
+
+-- name: workflow_cancel_nodes
+-- A workflow's cancel, once its nodes are locked (workflow_lock_nodes) and the
+-- workflow marked: nodes not started are CANCELLED, running ones get a cancel
+-- request (their workers stop them, as for POST /tasks/{id}/cancel). The workflow
+-- ends when its last node does (tasks_workflow_settle).
+-- :ids uuid[]
+WITH held AS (
+    SELECT t.id
+    FROM (SELECT DISTINCT id FROM unnest(:ids::uuid[]) AS id ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM taskq.tasks t
+        WHERE t.id = i.id AND t.status IN ('ENQUEUED', 'WAITING', 'RUNNING')
+        FOR UPDATE
+    ) t
+)
+UPDATE taskq.tasks t SET
+    status = CASE WHEN t.status = 'RUNNING' THEN t.status ELSE 'CANCELLED' END,
+    finished_at = CASE WHEN t.status = 'RUNNING' THEN t.finished_at ELSE now() END,
+    cancel_requested_at = CASE WHEN t.status = 'RUNNING'
+                               THEN coalesce(t.cancel_requested_at, now()) END,
+    wait_reason = NULL, updated_at = now()
+WHERE t.id = ANY(ARRAY(SELECT id FROM held));
+
+-- name: parent_results
+-- The results of a node's parents, in the order of its depends_on (a worker reads
+-- them before it runs a node: ctx.parent_results).
+-- :task_id
+SELECT p.result::text AS result
+FROM taskq.workflow_edges e JOIN taskq.tasks p ON p.id = e.parent_id
+WHERE e.child_id = :task_id
+ORDER BY e.position;
+
+-- name: workflows_prune
+-- Retention: deletes up to :limit workflows that ended more than :seconds seconds
+-- ago (their nodes' tasks ended before them, and go by retention_delete).
+-- :seconds, :limit
+DELETE FROM taskq.workflows
+WHERE id IN (SELECT id FROM taskq.workflows
+             WHERE status <> 'RUNNING' AND finished_at < now() - make_interval(secs => :seconds)
+             ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED);
+
+-- name: workflows_by_status
+-- Workflows by status (GET /metrics).
+SELECT status, count(*) AS n FROM taskq.workflows GROUP BY status;

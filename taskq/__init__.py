@@ -72,6 +72,14 @@ from taskq.errors import (
 from taskq.handlers import Context, Handler, Registry, Schedule
 from taskq.model import Progress, TaskRecord, TaskStatus
 from taskq.settings import Settings, load_settings
+from taskq.workflows import (
+    Signature,
+    Workflow,
+    WorkflowResult,
+    WorkflowStatus,
+    chain,
+    group,
+)
 
 if TYPE_CHECKING:
     from taskq.client import Client, EnqueueResult
@@ -136,6 +144,7 @@ __all__ = [
     "Schedule",
     "SchemaProblem",
     "Settings",
+    "Signature",
     "StoreError",
     "SyncClient",
     "TaskCancelled",
@@ -157,7 +166,12 @@ __all__ = [
     "UnsupportedConnection",
     "WaitTimeout",
     "Worker",
+    "Workflow",
+    "WorkflowResult",
+    "WorkflowStatus",
     "__version__",
+    "chain",
+    "group",
     "load_settings",
     "run_handler",
     "run_handler_sync",

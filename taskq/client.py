@@ -19,11 +19,12 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from taskq import waiting
 from taskq.amqp.broker import Link, Publisher
 from taskq.definitions import TaskDefinition
-from taskq.enqueue import requests, task_types, validation
+from taskq.enqueue import graphs, requests, task_types, validation
 from taskq.enqueue.inserts import InsertBatcher
 from taskq.enqueue.offload import Offload
 from taskq.enqueue.task_types import TaskType, TypeCache
@@ -35,6 +36,7 @@ from taskq.service import Service
 from taskq.settings import Settings
 from taskq.store import Enqueued, NewTask, Store
 from taskq.tracing import Sending, Tracing
+from taskq.workflows import OnFailure, Step, Workflow, WorkflowResult, workflow_body
 
 # The outbox publishes everything queued, up to this many rows, in one write and
 # waits for their confirms before the next write: a batch forms while the previous
@@ -454,6 +456,96 @@ class Client(Service):
             self.metrics.enqueue_total.labels(*labels).inc(count)
         return answers
 
+    async def enqueue_workflow(
+        self,
+        flow: Step | Workflow | dict[str, Any],
+        *,
+        name: str | None = None,
+        on_failure: OnFailure | None = None,
+        idempotency_key: str | None = None,
+    ) -> WorkflowResult:
+        """Enqueue a workflow: a chain, a group, a :class:`~taskq.workflows.Workflow` (see
+        :mod:`taskq.workflows`) or the body of ``POST /workflows``.
+
+        Every node's task exists at once: those without parents ENQUEUED, the others
+        WAITING for their parents. Each runs once all its parents have succeeded.
+
+        Args:
+            name: a name to find it by.
+            on_failure: ``fail_fast`` (default) or ``continue``.
+            idempotency_key: the same key and definition give the same workflow.
+
+        Raises:
+            InvalidRequest: naming the node at fault (a cycle, an unknown type, a
+                dependency on no node, too many nodes or edges, an invalid enqueue);
+                nothing is created.
+            IdempotencyConflict: the key was used with another definition.
+        """
+        body = workflow_body(
+            flow, name=name, on_failure=on_failure, idempotency_key=idempotency_key
+        )
+        return await self.submit_workflow(body)
+
+    async def submit_workflow(self, data: Any, *, traceparent: str | None = None) -> WorkflowResult:
+        """Enqueue a workflow from a ``POST /workflows`` body (a parsed JSON object); see
+        :meth:`enqueue_workflow`."""
+        workflow = graphs.plan(data, self.settings, traceparent=traceparent)
+        errors: list[InvalidRequest] = []
+        checks: list[tuple[str, TaskType, dict[str, Any]]] = []
+        registry: dict[str, TaskType | None] = {}  # each type looked up once
+        for index, (task, node) in enumerate(zip(workflow.tasks, workflow.names, strict=True)):
+            prefix = f"nodes[{index}]."
+            if task.type not in registry:
+                registry[task.type] = await self.types.get(task.type)
+            try:
+                task_type = task_types.check_type(
+                    registry[task.type], task.type, task.queue, self.settings.queues, prefix
+                )
+            except InvalidRequest as exc:
+                errors.append(_of_node(exc, node))
+                continue
+            if task_type.validator is not None:
+                checks.append((prefix, task_type, orjson.loads(task.payload_json)))
+        if checks:
+            errors += await self._check_payloads(checks)
+        validation.raise_all(errors)
+        done = await self.store.enqueue_workflow(workflow)
+        if done.outcome is EnqueueOutcome.UNKNOWN_TYPE:
+            assert done.unknown is not None
+            unknown = workflow.tasks[done.unknown]
+            field = f"nodes[{done.unknown}].type"
+            message = f"unknown or disabled task type {unknown.type!r}"
+            raise _of_node(
+                InvalidRequest([FieldError(field, message)]), workflow.names[done.unknown]
+            )
+        assert done.workflow_id is not None
+        if done.outcome is EnqueueOutcome.CONFLICT:
+            assert workflow.idempotency_key is not None
+            raise IdempotencyConflict(workflow.idempotency_key, done.workflow_id)
+        for owed in done.owed:
+            self.outbox.submit(owed)
+        if done.outcome is EnqueueOutcome.REPLAYED:
+            found = await self.store.workflow(done.workflow_id)
+            assert found is not None
+            record, found_nodes = found
+            body = {**record.to_json(), "nodes": [_node_answer(n) for n in found_nodes]}
+            return WorkflowResult(False, body)
+        nodes = [
+            {"name": name, "task_id": task.id, "type": task.type,
+             "status": "WAITING" if parents else "ENQUEUED"}
+            for name, task, parents in zip(
+                workflow.names, workflow.tasks, workflow.parents, strict=True
+            )
+        ]  # fmt: skip
+        body = {
+            "id": workflow.id,
+            "name": workflow.name,
+            "status": "RUNNING",
+            "on_failure": workflow.on_failure,
+            "nodes": nodes,
+        }
+        return WorkflowResult(True, body)
+
     async def _check_type(self, name: str, queue: str | None, prefix: str) -> TaskType:
         task_type = await self.types.get(name)
         return task_types.check_type(task_type, name, queue, self.settings.queues, prefix)
@@ -517,6 +609,15 @@ class Connecting:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _of_node(exc: InvalidRequest, node: str) -> InvalidRequest:
+    """``exc`` with the node's name in each message."""
+    return InvalidRequest([FieldError(e.field, f"{e.message} (node {node!r})") for e in exc.errors])
+
+
+def _node_answer(node: Any) -> dict[str, Any]:
+    return {"name": node.name, "task_id": node.task_id, "type": node.type, "status": node.status}
 
 
 def _index(field: str) -> int:

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar, Unpack
 
 from taskq.payloads import PayloadModel, to_payload
+from taskq.workflows import Signature
 
 if TYPE_CHECKING:
     from taskq.handlers import Context, Handler
@@ -146,6 +147,34 @@ class TaskDefinition(Generic[P, R]):
         awaitable with :class:`taskq.Client`).
         """
         return client.enqueue_many(self, payloads, **options)
+
+    def s(
+        self,
+        payload: P | dict[str, Any],
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        run_at: datetime | str | None = None,
+    ) -> Signature:
+        """A node of a workflow running this task with ``payload`` (see :mod:`taskq.workflows`):
+        ``chain(fetch.s(a), group(resize.s(b), resize.s(c)), publish.s(d))``.
+
+        ``name`` names the node (default: the type's name, then ``<type>#2``...); the
+        other options are those of one enqueue, left to the type's defaults when not given.
+        """
+        options: dict[str, Any] = {
+            key: value
+            for key, value in (
+                ("queue", queue), ("max_attempts", max_attempts), ("timeout", timeout),
+                ("delay", delay),
+                ("run_at", run_at.isoformat() if isinstance(run_at, datetime) else run_at),
+            )
+            if value is not None
+        }  # fmt: skip
+        return Signature(self, payload, name=name, **options)
 
     def to_payload(self, payload: Any) -> Any:
         """``payload`` as the JSON object an enqueue stores (a model instance serialised)."""

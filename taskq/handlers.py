@@ -155,6 +155,10 @@ class Context:
         max_attempts: attempts allowed in all.
         queue: the work queue the task came from.
         worker_id: the worker running it.
+        workflow_id: the workflow whose node the task is (None: enqueued alone).
+        parent_results: a workflow node's parents' results, parsed from JSON, in the
+            order of its ``depends_on`` (a group's callback: the group's order); empty
+            for a node without parents and a task enqueued alone.
 
     When an operator cancels the running task (``POST /tasks/{id}/cancel``), the
     worker learns it with its next heartbeat: :attr:`cancel_requested` turns
@@ -173,6 +177,8 @@ class Context:
     max_attempts: int
     queue: str
     worker_id: str
+    workflow_id: uuid.UUID | None = None
+    parent_results: list[Any] = field(default_factory=list)
     _log: logging.LoggerAdapter[logging.Logger] | None = field(default=None, repr=False)
     _cancel: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -41,8 +41,9 @@ class TaskStatus(StrEnum):
     and the release of a WAITING task."""
     WAITING = "WAITING"
     """Held back by a gate (:class:`WaitReason`): visible and cancellable, never claimed,
-    no envelope in the broker. Set by the claim (which parks it); released to ENQUEUED
-    by a resume of its type or a concurrency slot of its key freed."""
+    no envelope in the broker. Set by the claim (which parks it) or a workflow's
+    enqueue (a node with parents); released to ENQUEUED by a resume of its type, a
+    concurrency slot of its key freed, or its workflow parents' success."""
     RUNNING = "RUNNING"
     """Claimed by a worker, under its lease: set by the claim."""
     SUCCEEDED = "SUCCEEDED"
@@ -72,7 +73,8 @@ class WaitReason(StrEnum):
     CONCURRENCY = "concurrency"
     """Its concurrency key had no free slot: released, oldest first, when one frees."""
     PARENTS = "parents"
-    """Reserved for workflows: a node whose parents have not finished."""
+    """A workflow's node whose parents have not all succeeded: released when the last
+    of them does, in the statement that records it (migration 0019)."""
 
 
 STATUSES: Final = tuple(TaskStatus)
@@ -234,7 +236,7 @@ COLUMNS: Final[Mapping[str, Sequence[str]]] = {
     "claim": (
         "id", "decision", "type", "queue", "payload", "attempts", "max_attempts",
         "timeout_seconds", "run_at", "created_at", "claim_token", "last_error", "generation",
-        "delay", "traceparent", "concurrency_key",
+        "delay", "traceparent", "concurrency_key", "workflow_id",
     ),
     "owed": (
         "id", "type", "queue", "status", "attempts", "last_error", "generation", "delay",
@@ -331,6 +333,8 @@ class ClaimedTask(NamedTuple):
     arrive, from the wait the statement computed, so that the attempt's wait does
     not count the commit and the worker's time since (which vary, and would start
     it late by as much)."""
+    workflow_id: uuid.UUID | None = None
+    """The workflow whose node it is (None: enqueued alone)."""
 
 
 class Unclaimed(NamedTuple):
@@ -372,7 +376,7 @@ def claim_from_row(row: Sequence[Any]) -> ClaimedTask | Unclaimed:
             ClaimedTask,
             (
                 row[0], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10],
-                row[14], row[15], start_at,
+                row[14], row[15], start_at, row[16],
             ),
         )  # fmt: skip
     return _new(

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     max_task_types: int = Field(500, ge=1)
     otel: Literal["auto", "off"] = "auto"
     max_schedules: int = Field(1000, ge=1)
+    max_workflow_nodes: int = Field(20000, ge=1, le=1_000_000)
+    max_workflow_edges: int = Field(100000, ge=1, le=10_000_000)
 
     backoff_strategy: Literal["list", "fixed", "exponential"] = "list"
     backoffs: Annotated[list[Duration], NoDecode] = [5.0, 30.0, 120.0, 600.0, 3600.0]

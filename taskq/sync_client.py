@@ -90,6 +90,8 @@ class SyncClient:
     enqueue = _blocking(Client.enqueue)
     enqueue_many = _blocking(Client.enqueue_many)
     submit = _blocking(Client.submit)
+    enqueue_workflow = _blocking(Client.enqueue_workflow)
+    submit_workflow = _blocking(Client.submit_workflow)
     wait = _blocking(Client.wait)
     # mypy matches a ParamSpec against a method that takes **options only if its self is
     # positional-only; the signature is Client.call's all the same.

@@ -304,6 +304,7 @@ class Sweeper(Service):
                 break
         else:
             self._retention_at = -1e9  # behind: go on at the next pass
+        await self.store.prune_workflows(self.retention, RETENTION_BATCH)
         if total:
             log.info("retention deleted %d finished tasks", total)
             if self.metrics is not None:

@@ -19,6 +19,7 @@ Import everything from ``taskq.store``; its modules are private:
 - ``_schedules``: schedules and their fires
 - ``_reads``: reading tasks and their events; stats, workers, the streamed events and progress
 - ``_admin``: the operators' listings, cancels, retries and replays, queue purges and pauses
+- ``_workflows``: workflows: their enqueue, reads and cancel, a node's parents' results
 - ``_channels``: the NOTIFY channels of an install, and ``listen`` on a dedicated connection
 - ``_sessions``: the lock sessions' statements (:mod:`taskq.fleet.leader`)
 - ``_errors``: driver errors: a database going away (``DATABASE_DOWN``), data refused for good
@@ -38,10 +39,18 @@ from taskq.store._errors import DATABASE_DOWN, refused
 from taskq.store._fleet import FleetStore
 from taskq.store._gates import PROMOTE_PAUSE, PROMOTE_TRIES, RELEASE_BATCH, GatesStore
 from taskq.store._reads import ReadsStore
-from taskq.store._records import ANSWER_FIELDS, Enqueued, NewTask, UniqueKey, WorkerInfo
+from taskq.store._records import (
+    ANSWER_FIELDS,
+    Enqueued,
+    NewTask,
+    NewWorkflow,
+    UniqueKey,
+    WorkerInfo,
+)
 from taskq.store._schedules import SCHEDULES_LOCK_KEY, SchedulesStore
 from taskq.store._sessions import lock_session_limits, session_alive, try_session_lock
 from taskq.store._types import LIMITERS_LOCK_KEY, TYPES_LOCK_KEY, TypesStore
+from taskq.store._workflows import WorkflowEnqueued, WorkflowsStore
 
 __all__ = [
     "ANSWER_FIELDS",
@@ -56,10 +65,12 @@ __all__ = [
     "UNIQUE_ROUNDS",
     "Enqueued",
     "NewTask",
+    "NewWorkflow",
     "OpenClaim",
     "Store",
     "UniqueKey",
     "WorkerInfo",
+    "WorkflowEnqueued",
     "finished_channel",
     "listen",
     "lock_session_limits",
@@ -72,6 +83,7 @@ __all__ = [
 
 
 class Store(
+    WorkflowsStore,
     AdminStore,
     ReadsStore,
     SchedulesStore,

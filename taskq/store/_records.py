@@ -33,6 +33,22 @@ class NewTask:
 
 
 @dataclass(frozen=True, slots=True)
+class NewWorkflow:
+    """One validated workflow (``taskq.enqueue.graphs.plan``): its options, and a task
+    per node with the node's name and its parents' places in ``tasks`` (in the order
+    of its ``depends_on``)."""
+
+    id: uuid.UUID
+    name: str | None
+    on_failure: str
+    idempotency_key: str | None
+    fingerprint: str | None
+    tasks: Sequence[NewTask]
+    names: Sequence[str]
+    parents: Sequence[Sequence[int]]
+
+
+@dataclass(frozen=True, slots=True)
 class UniqueKey:
     """What a unique task's row says of its key (taskq.unique): the key it holds
     (``<type>/<key>``), the states that hold it (``while``), how long at most (seconds),

@@ -44,7 +44,7 @@ from taskq.model import TaskRecord
 from taskq.service import OnStop, Services, Startable
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
-from taskq.web import admin, gates, limits, monitor, queues, schedules, stream, ui
+from taskq.web import admin, gates, limits, monitor, queues, schedules, stream, ui, workflows
 from taskq.web.cursors import Cursors
 from taskq.web.gates import type_body
 from taskq.web.hosts import HostCheck
@@ -126,7 +126,8 @@ def _wait_seconds(request: Request) -> float:
     if len(values) > 1:
         raise InvalidRequest([FieldError("wait", "give it once")])
     try:
-        seconds = float(values[0]) if len(values[0]) <= 20 else math.nan
+        # The shortest text of any float is at most 24 characters ("-1.2345678901234567e-308").
+        seconds = float(values[0]) if len(values[0]) <= 32 else math.nan
     except ValueError:
         seconds = math.nan
     if not 0 <= seconds <= limit:  # NaN fails too
@@ -311,6 +312,9 @@ async def metrics(request: Request) -> Response:
     with contextlib.suppress(StoreError):
         stats = (await watch.stats()).stats
         state.metrics.observe_gates(stats.paused_types, stats.waiting)
+    flows = await watch.workflows()
+    if flows is not None:
+        state.metrics.observe_workflows(flows)
     depths = await watch.broker_depths()
     state.metrics.observe_queues(
         None
@@ -438,6 +442,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         *schedules.routes(),
         *gates.routes(),
         *limits.routes(),
+        *workflows.routes(),
         *monitor.routes(),
         Route("/stream", stream.stream, methods=["GET"]),
         Mount("/ui", ui.dashboard(), name="ui"),

@@ -33,7 +33,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -193,6 +193,8 @@ class Runner:
         # taskq.worker.outcomes): without it a buffered delivery takes the place first.
         self.keep_places = False
         self._progress = progress
+        # Reads a workflow node's parents' results (the store's, set when it starts).
+        self.parents: Callable[[uuid.UUID], Awaitable[list[str | None]]] | None = None
         self._default_backoff = backoff.from_settings(settings)
         self._backoffs: dict[str, backoff.Backoff | None] = {}
         self._children: dict[tuple[Histogram, str], Histogram] = {}
@@ -324,6 +326,11 @@ class Runner:
             await asyncio.wait([attempt.stopped], timeout=wait)
             if attempt.stopped.done():
                 return Stopped(attempt.stopped.result())
+        if task.workflow_id is not None and self.parents is not None:
+            # A workflow node: its parents' results, read before its handler starts.
+            results = await self.parents(task.id)
+            attempt.ctx.workflow_id = task.workflow_id
+            attempt.ctx.parent_results = [None if r is None else orjson.loads(r) for r in results]
         handler = self.registry.get(attempt.type)
         if handler is None:
             return Raised(

@@ -308,6 +308,7 @@ class Worker(Service):
         )
         self._recorder.handoffs = self._claimer
         self._runner.keep_places = True
+        self._runner.parents = self.store.parent_results
         await parts.add(self._claimer)
         heartbeat = functools.partial(self._runner.heartbeat_loop, self.store, self.info)
         await parts.add(Loop(heartbeat, name="taskq-heartbeat"))

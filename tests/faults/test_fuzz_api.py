@@ -168,6 +168,10 @@ OPERATIONS = {
     "GET /limits/{name}",
     "PUT /limits/{name}",
     "DELETE /limits/{name}",
+    "POST /workflows",
+    "GET /workflows",
+    "GET /workflows/{id}",
+    "POST /workflows/{id}/cancel",
 }
 # An endless event stream: the in-process transport would wait for its end.
 # tests/test_stream.py drives it on a real server.
@@ -191,7 +195,9 @@ def _unknowable(response: httpx.Response) -> bool:
     (the schema gives their form, not their sense), or cron and every both or
     neither given; a unique key's payload path that the payload lacks, or a unique
     "for" duration out of range (as every); a rate limit's burst above its limit, a
-    duration beyond its maximum, or a limiter's name that no limiter has."""
+    duration beyond its maximum, or a limiter's name that no limiter has; a workflow's
+    graph (a cycle, a dependency on no node, a name two nodes share, more edges than
+    TASKQ_MAX_WORKFLOW_EDGES): the schema gives each node's form, not the graph's."""
     if response.status_code != 400:
         return False
     errors = response.json().get("errors", [])
@@ -202,6 +208,13 @@ def _unknowable(response: httpx.Response) -> bool:
         or e["field"].endswith("unique.for")
         or e["field"] in ("burst", "per", "rate_limit.burst", "rate_limit.per")
         or (e["field"] == "rate_limit" and "no rate limiter" in e["message"])
+        or (
+            e["field"].startswith("nodes[")
+            and any(
+                words in e["message"]
+                for words in ("cycle", "no node of the workflow", "names nodes[", "_EDGES")
+            )
+        )
         for e in errors
     )
 
@@ -217,6 +230,8 @@ def _use_registered_type(case: schemathesis.Case) -> None:
     items = (
         body.get("tasks") if case.path == "/enqueue/batch" and isinstance(body, dict) else [body]
     )
+    if case.path == "/workflows":
+        items = body.get("nodes") if isinstance(body, dict) else None
     for item in items if isinstance(items, list) else []:
         name = item.get("type") if isinstance(item, dict) else None
         if isinstance(item, dict) and isinstance(name, str) and TYPE_NAME.fullmatch(name):
@@ -260,7 +275,7 @@ async def test_schemathesis_all_operations(
 
     def check(case: schemathesis.Case, mode: schemathesis.GenerationMode) -> None:
         enqueues = case.path in ("/enqueue", "/enqueue/batch")
-        if enqueues or case.path == "/schedules/{name}":
+        if enqueues or case.path in ("/schedules/{name}", "/workflows"):
             _use_registered_type(case)
         before = run(count_tasks(db)) if enqueues else 0
         response = send(case)

@@ -39,8 +39,16 @@ TABLES = [
     "taskq_migrations",
     "tasks",
     "workers",
+    "workflow_edges",
+    "workflow_nodes",
+    "workflows",
 ]
-FUNCTIONS = ["taskq_events_on_insert", "taskq_events_on_update", "taskq_notify_finished"]
+FUNCTIONS = [
+    "taskq_events_on_insert",
+    "taskq_events_on_update",
+    "taskq_notify_finished",
+    "taskq_workflows_on_update",
+]
 # Every migration, as `taskq migrate` reports it applied.
 LABELS = [f"{m.version:04d}_{m.name}" for m in sql.migrations()]
 
@@ -94,6 +102,7 @@ async def test_a_fresh_install_creates_nothing_in_public(empty_database_url: str
         assert await function_settings(connection, "taskq") == [
             ["search_path=taskq, pg_temp"],
             ["enable_nestloop=off", "search_path=taskq, pg_temp"],
+            ["search_path=taskq, pg_temp"],
             ["search_path=taskq, pg_temp"],
         ]
     finally:

@@ -51,11 +51,13 @@ STATEMENTS: dict[str, tuple[Any, ...]] = {
     "enqueue_unique_release": (),
     "wait_request": (),
     "slots_handoff": ("w1", 30.0, ["default"], 200),
+    "workflow_cancel_nodes": (),
 }
 # Those that lock what they change: only ever through the primary key.
 THROUGH_THE_KEY = {"republish", "requeue", "heartbeat", "mark_published", "claim", "claim_gated",
                    "complete", "retry", "fail", "give_back", "cancel_running", "set_aside",
-                   "enqueue_replace", "enqueue_unique_release", "wait_request"}  # fmt: skip
+                   "enqueue_replace", "enqueue_unique_release", "wait_request",
+                   "workflow_cancel_nodes"}  # fmt: skip
 
 
 def scans(plan: dict[str, Any]) -> list[str]:

@@ -1,0 +1,333 @@
+"""Workflows with a real worker: chains, groups with a callback, failure policies,
+cancels and retries, each node released in the transaction that ends its last parent."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from taskq import Client
+from taskq.handlers import Context, Registry
+from taskq.settings import Settings
+from taskq.workflows import Workflow, chain, group
+from tests.support.api_fixtures import JSON, running_api
+from tests.support.worker_fixtures import Harness, harness, running_worker
+
+pytestmark = pytest.mark.integration
+
+handlers = Registry()
+# (node's task id, its parent results) of every attempt that ran, in the order they began.
+seen: list[tuple[str, list[Any]]] = []
+# Tasks that block until released (by their payload's "gate").
+gates: dict[str, asyncio.Event] = {}
+
+
+@handlers.task("flow.step", timeout=30)
+async def step(payload: dict[str, Any], ctx: Context) -> Any:
+    seen.append((payload["tag"], list(ctx.parent_results)))
+    if "gate" in payload:
+        await asyncio.wait_for(gates[payload["gate"]].wait(), 20)
+    if payload.get("fail"):
+        raise RuntimeError(f"{payload['tag']} fails")
+    return {"tag": payload["tag"], "got": [r["tag"] for r in ctx.parent_results if r]}
+
+
+@handlers.task("flow.fails", timeout=30, max_attempts=1)
+async def fails(payload: dict[str, Any], ctx: Context) -> None:
+    seen.append((payload["tag"], list(ctx.parent_results)))
+    raise RuntimeError("fails for good")
+
+
+def tags() -> list[str]:
+    return [tag for tag, _ in seen]
+
+
+async def workflow_done(h: Harness, workflow_id: uuid.UUID, timeout: float = 30.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        found = await h.store.workflow(workflow_id)
+        assert found is not None
+        record, nodes = found
+        if record.status != "RUNNING":
+            return record, {n.name: n for n in nodes}
+        if asyncio.get_running_loop().time() > deadline:
+            states = {n.name: n.status for n in nodes}
+            raise AssertionError(f"workflow still RUNNING: {states}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def _clear() -> None:
+    seen.clear()
+    gates.clear()
+
+
+async def test_a_chain_runs_in_order_and_each_step_reads_its_parents_result(
+    settings: Settings,
+) -> None:
+    async with (
+        harness(settings) as h,
+        running_worker(settings, handlers),
+        Client.connect(settings) as client,
+    ):
+        flow = chain(*(step.s({"tag": f"s{n}"}) for n in range(4)))
+        result = await client.enqueue_workflow(flow, name="chain-test")
+        assert result.created
+        ids = result.tasks
+        assert list(ids) == ["flow.step", "flow.step#2", "flow.step#3", "flow.step#4"]
+        record, nodes = await workflow_done(h, result.id)
+        assert record.status == "SUCCEEDED" and record.succeeded == 4
+        assert tags() == ["s0", "s1", "s2", "s3"]
+        assert seen[0][1] == []
+        assert seen[2][1] == [{"tag": "s1", "got": ["s0"]}]
+        # Each began after its parent finished.
+        for before, after in zip(list(nodes)[:-1], list(nodes)[1:], strict=True):
+            assert nodes[before].finished_at <= nodes[after].started_at
+        # A node waited in the one waiting state, never ENQUEUED before its parent ended.
+        history = [e.status for e in await h.events(ids["flow.step#2"])]
+        assert history == ["WAITING", "ENQUEUED", "RUNNING", "SUCCEEDED"]
+        assert record.finished_at is not None
+
+
+async def test_a_groups_callback_runs_once_after_all_with_results_in_order(
+    settings: Settings,
+) -> None:
+    async with (
+        harness(settings) as h,
+        running_worker(settings, handlers),
+        Client.connect(settings) as client,
+    ):
+        members = [step.s({"tag": f"m{n}"}, name=f"m{n}") for n in range(8)]
+        flow = group(members).then(step.s({"tag": "callback"}, name="callback"))
+        result = await client.enqueue_workflow(flow)
+        record, nodes = await workflow_done(h, result.id)
+        assert record.status == "SUCCEEDED"
+        assert tags().count("callback") == 1 and tags()[-1] == "callback"
+        [(_, results)] = [s for s in seen if s[0] == "callback"]
+        assert [r["tag"] for r in results] == [f"m{n}" for n in range(8)]
+        assert nodes["callback"].depends_on == tuple(f"m{n}" for n in range(8))
+        assert nodes["callback"].started_at >= max(nodes[f"m{n}"].finished_at for n in range(8))
+
+
+async def test_fail_fast_cancels_what_has_not_started(settings: Settings) -> None:
+    async with (
+        harness(settings) as h,
+        running_worker(settings, handlers),
+        Client.connect(settings) as client,
+    ):
+        gates["slow"] = asyncio.Event()
+        flow = Workflow()
+        slow = flow.add(step.s({"tag": "slow", "gate": "slow"}, name="slow"))
+        flow.add(step.s({"tag": "after-slow"}, name="after-slow"), after=[slow])
+        bad = flow.add(fails.s({"tag": "bad"}, name="bad"))
+        flow.add(step.s({"tag": "after-bad"}, name="after-bad"), after=[bad])
+        result = await client.enqueue_workflow(flow)
+        bad_id = result.tasks["bad"]
+        await h.wait_for(bad_id, "FAILED")
+        after_slow = await h.wait_for(result.tasks["after-slow"], "CANCELLED")
+        assert after_slow.started_at is None
+        gates["slow"].set()  # the running node goes on and ends
+        record, nodes = await workflow_done(h, result.id)
+        assert record.status == "FAILED"
+        assert nodes["slow"].status == "SUCCEEDED"
+        assert {nodes[n].status for n in ("after-slow", "after-bad")} == {"CANCELLED"}
+        assert nodes["after-bad"].skipped and nodes["after-slow"].skipped
+        assert "after-slow" not in tags() and "after-bad" not in tags()
+        assert (record.succeeded, record.failed, record.cancelled) == (1, 1, 2)
+
+
+async def test_continue_runs_the_independent_branches(settings: Settings) -> None:
+    async with (
+        harness(settings) as h,
+        running_worker(settings, handlers),
+        Client.connect(settings) as client,
+    ):
+        flow = Workflow(on_failure="continue")
+        bad = flow.add(fails.s({"tag": "bad"}, name="bad"))
+        flow.add(step.s({"tag": "after-bad"}, name="after-bad"), after=[bad])
+        ok = flow.add(step.s({"tag": "ok"}, name="ok"))
+        flow.add(step.s({"tag": "after-ok"}, name="after-ok"), after=[ok])
+        result = await client.enqueue_workflow(flow)
+        record, nodes = await workflow_done(h, result.id)
+        assert record.status == "FAILED"
+        assert nodes["after-ok"].status == "SUCCEEDED"
+        assert nodes["after-bad"].status == "CANCELLED" and nodes["after-bad"].started_at is None
+        assert "after-bad" not in tags()
+
+
+async def test_retrying_a_failed_node_resumes_the_workflow(settings: Settings) -> None:
+    async with (
+        harness(settings) as h,
+        running_worker(settings, handlers),
+        running_api(settings, relay=False) as api,
+        Client.connect(settings) as client,
+    ):
+        flow = Workflow()
+        first = flow.add(step.s({"tag": "first"}, name="first"))
+        flaky = flow.add(
+            step.s({"tag": "flaky", "fail": True}, name="flaky", max_attempts=1), after=[first]
+        )
+        flow.add(step.s({"tag": "last"}, name="last"), after=[flaky])
+        flow.add(step.s({"tag": "other"}, name="other"))
+        result = await client.enqueue_workflow(flow)
+        await h.wait_for(result.tasks["flaky"], "FAILED")
+        await h.wait_for(result.tasks["last"], "CANCELLED")
+        record, _ = await workflow_done(h, result.id)
+        assert record.status == "FAILED"
+        # The operator fixes the cause and retries the failed node: the workflow resumes.
+        async with h.store.pool.acquire() as connection:
+            await connection.execute(
+                "UPDATE taskq.tasks SET payload = payload - 'fail' WHERE id = $1",
+                result.tasks["flaky"],
+            )
+        response = await api.post(f"/tasks/{result.tasks['flaky']}/retry", headers=JSON, json={})
+        assert response.status_code == 200, response.text
+        record, nodes = await workflow_done(h, result.id)
+        assert record.status == "SUCCEEDED", {n: v.status for n, v in nodes.items()}
+        assert tags().count("last") == 1 and tags().count("first") == 1
+        [(_, results)] = [s for s in seen if s[0] == "last"]
+        assert results == [{"tag": "flaky", "got": ["first"]}]
+        # The independent node ran once: before the failure, or skipped and resumed.
+        assert tags().count("other") == 1
+
+
+async def test_cancel_cascades_to_running_nodes(settings: Settings) -> None:
+    async with (
+        harness(settings) as h,
+        running_worker(settings, handlers, cancel_grace=0.5),
+        running_api(settings, relay=False) as api,
+        Client.connect(settings) as client,
+    ):
+        gates["held"] = asyncio.Event()
+        flow = chain(
+            step.s({"tag": "held", "gate": "held"}, name="held"),
+            step.s({"tag": "next"}, name="next"),
+        )
+        result = await client.enqueue_workflow(flow)
+        await h.wait_for(result.tasks["held"], "RUNNING")
+        response = await api.post(f"/workflows/{result.id}/cancel", headers=JSON, json={})
+        assert response.status_code == 200, response.text
+        assert (await h.task(result.tasks["next"])).status == "CANCELLED"
+        record, nodes = await workflow_done(h, result.id)
+        assert record.status == "CANCELLED"
+        assert nodes["held"].status == "CANCELLED"
+        assert "next" not in tags()
+        again = await api.post(f"/workflows/{result.id}/cancel", headers=JSON, json={})
+        assert again.status_code == 409
+
+
+async def count_rows(h: Harness) -> tuple[int, int, int, int]:
+    async with h.store.pool.acquire() as connection:
+        row = await connection.fetchrow(
+            "SELECT (SELECT count(*) FROM taskq.workflows), (SELECT count(*) FROM taskq.tasks),"
+            " (SELECT count(*) FROM taskq.workflow_nodes),"
+            " (SELECT count(*) FROM taskq.workflow_edges)"
+        )
+    assert row is not None
+    return (row[0], row[1], row[2], row[3])
+
+
+def node(name: str, *depends_on: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "flow.api",
+        "payload": {},
+        "depends_on": list(depends_on),
+        **fields,
+    }
+
+
+BAD_GRAPHS = [
+    # (body, field named, words in the message)
+    ({"nodes": [node("a", "b"), node("b", "a")]}, "nodes[0].depends_on", "cycle"),
+    ({"nodes": [node("a", "a")]}, "nodes[0].depends_on", "cycle"),
+    ({"nodes": [node("a"), node("b", "a", "nope")]}, "nodes[1].depends_on[1]", "'nope'"),
+    ({"nodes": [node("a"), node("b", type="no.such.type")]}, "nodes[1].type", "'b'"),
+    ({"nodes": [node("a"), node("a")]}, "nodes[1].name", "'a'"),
+    ({"nodes": [node("a", idempotency_key="k")]}, "nodes[0].idempotency_key", "workflow"),
+    ({"nodes": [node("a", queue="nope")]}, "nodes[0].queue", "queue"),
+    ({"nodes": [{"type": "flow.api", "payload": {}}]}, "nodes[0].name", "required"),
+    ({"nodes": []}, "nodes", "at least 1"),
+    ({"nodes": [node("a")], "on_failure": "sometimes"}, "on_failure", ""),
+    ({"nodes": [node(f"n{i}") for i in range(6)]}, "nodes", "TASKQ_MAX_WORKFLOW_NODES"),
+    (
+        {"nodes": [node("a"), node("b"), node("c", "a", "b"), node("d", "a", "b", "c")]},
+        "nodes[3].depends_on",
+        "TASKQ_MAX_WORKFLOW_EDGES",
+    ),
+]
+
+
+async def test_a_bad_graph_is_a_400_naming_the_node_and_creates_nothing(
+    settings: Settings,
+) -> None:
+    small = settings.model_copy(update={"max_workflow_nodes": 5, "max_workflow_edges": 4})
+    async with harness(small) as h, running_api(small, relay=False) as api:
+        await h.put_type("flow.api")
+        before = await count_rows(h)
+        for body, field, words in BAD_GRAPHS:
+            response = await api.post("/workflows", json=body)
+            assert response.status_code == 400, (body, response.text)
+            assert response.headers["content-type"] == "application/problem+json"
+            problem = response.json()
+            assert problem["field"] == field, (body, problem)
+            assert words in problem["detail"], (body, problem)
+        assert await count_rows(h) == before
+
+
+async def test_workflows_are_read_listed_replayed_and_counted_over_http(
+    settings: Settings,
+) -> None:
+    async with harness(settings) as h, running_api(settings, relay=False) as api:
+        await h.put_type("flow.step")
+        body = {
+            "name": "over-http",
+            "idempotency_key": "wf-1",
+            "nodes": [
+                {"name": "a", "type": "flow.step", "payload": {"tag": "a"}},
+                {"name": "b", "type": "flow.step", "payload": {"tag": "b"}, "depends_on": ["a"]},
+            ],
+        }
+        created = await api.post("/workflows", json=body)
+        assert created.status_code == 201, created.text
+        answer = created.json()
+        assert [n["status"] for n in answer["nodes"]] == ["ENQUEUED", "WAITING"]
+        workflow_id = uuid.UUID(answer["id"])
+        # Before any worker runs: the second node waits for its parent, WAITING.
+        listed = (await api.get("/tasks", params={"status": "WAITING"})).json()["tasks"]
+        assert [(t["id"], t["wait_reason"]) for t in listed] == [
+            (answer["nodes"][1]["task_id"], "parents")
+        ]
+        enqueued = (await api.get("/tasks", params={"status": "ENQUEUED"})).json()["tasks"]
+        assert [t["id"] for t in enqueued] == [answer["nodes"][0]["task_id"]]
+        async with running_worker(settings, handlers):
+            record, _ = await workflow_done(h, workflow_id)
+        assert record.status == "SUCCEEDED"
+        replay = await api.post("/workflows", json=body)
+        assert replay.status_code == 200 and replay.json()["id"] == answer["id"]
+        conflict = await api.post("/workflows", json={**body, "name": "other"})
+        assert conflict.status_code == 409
+        got = (await api.get(f"/workflows/{workflow_id}")).json()
+        assert got["status"] == "SUCCEEDED" and got["counts"]["succeeded"] == 2
+        assert got["edges"] == [{"from": "a", "to": "b"}]
+        assert [n["name"] for n in got["nodes"]] == ["a", "b"]
+        assert all(n["started_at"] and n["finished_at"] for n in got["nodes"])
+        page = (await api.get("/workflows", params={"name": "over-http"})).json()
+        assert [w["id"] for w in page["workflows"]] == [answer["id"]]
+        none = (await api.get("/workflows", params={"status": "FAILED"})).json()
+        assert none["workflows"] == []
+        for params in ({"status": "nope"}, {"limit": "0"}, {"cursor": "x"}):
+            assert (await api.get("/workflows", params=params)).status_code == 400
+        assert (await api.get(f"/workflows/{uuid.uuid4()}")).status_code == 404
+        assert (await api.get("/workflows/not-a-uuid")).status_code == 404
+        cancel = await api.post(f"/workflows/{uuid.uuid4()}/cancel", headers=JSON, json={})
+        assert cancel.status_code == 404
+        metrics = (await api.get("/metrics")).text
+        assert 'taskq_workflows{status="SUCCEEDED"} 1.0' in metrics
+        # Retention takes the nodes' rows with their tasks, then the workflow.
+        assert await h.store.delete_finished(0, 1000) == 2
+        assert await h.store.prune_workflows(0, 1000) == 1
+        assert await count_rows(h) == (0, 0, 0, 0)
