@@ -89,6 +89,13 @@ class ApiMetrics:
             ["type", "reason"],
             registry=self.registry,
         )
+        self.workflows = Gauge(
+            "taskq_workflows",
+            "Workflows by status: RUNNING, and by outcome SUCCEEDED, FAILED, CANCELLED"
+            " (as retention keeps them).",
+            ["status"],
+            registry=self.registry,
+        )
         self.broker_up = Gauge(
             "taskq_broker_up",
             "1 when the queue depths could be read from the broker at the last scrape, else 0.",
@@ -154,6 +161,11 @@ class ApiMetrics:
         for name, reasons in waiting.items():
             for reason, count in reasons.items():
                 self.waiting.labels(name, reason).set(count)
+
+    def observe_workflows(self, counts: Mapping[str, int]) -> None:
+        """Set the workflows gauge: every status, 0 for those with none."""
+        for status in ("RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"):
+            self.workflows.labels(status).set(counts.get(status, 0))
 
 
 def set_aside_counter(registry: CollectorRegistry) -> Counter:

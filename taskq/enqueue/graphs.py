@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskq._utils import field_errors, preview, task_id
-from taskq.enqueue.validation import EnqueueBody, enqueue_task, fingerprint, raise_all
+from taskq.enqueue.validation import enqueue_task, fingerprint, raise_all
 from taskq.errors import FieldError, InvalidRequest
 from taskq.settings import Settings
 from taskq.store import NewTask, NewWorkflow
@@ -58,15 +58,6 @@ class WorkflowBody(BaseModel):
     )
 
 
-class NodeBody(EnqueueBody):
-    """One node: an enqueue request with a name and the names of its parents."""
-
-    name: str = Field(description="Unique in the workflow; what depends_on names.")
-    depends_on: list[str] = Field(
-        default_factory=list, description="Nodes that must succeed first, in result order."
-    )
-
-
 def plan(data: Any, settings: Settings, *, traceparent: str | None = None) -> NewWorkflow:
     """Check a workflow definition (a parsed JSON body) into a plan.
 
@@ -81,6 +72,9 @@ def plan(data: Any, settings: Settings, *, traceparent: str | None = None) -> Ne
         body = WorkflowBody.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest(field_errors(exc, "")) from None
+    for field, value in (("name", body.name), ("idempotency_key", body.idempotency_key)):
+        if value is not None and "\x00" in value:
+            raise InvalidRequest([FieldError(field, "may not contain NUL characters")])
     if len(body.nodes) > settings.max_workflow_nodes:
         raise InvalidRequest(
             [

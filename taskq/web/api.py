@@ -44,7 +44,7 @@ from taskq.model import TaskRecord
 from taskq.service import OnStop, Services, Startable
 from taskq.settings import Settings
 from taskq.tracing import TRACEPARENT
-from taskq.web import admin, gates, limits, monitor, queues, schedules, stream, ui
+from taskq.web import admin, gates, limits, monitor, queues, schedules, stream, ui, workflows
 from taskq.web.cursors import Cursors
 from taskq.web.gates import type_body
 from taskq.web.hosts import HostCheck
@@ -311,6 +311,9 @@ async def metrics(request: Request) -> Response:
     with contextlib.suppress(StoreError):
         stats = (await watch.stats()).stats
         state.metrics.observe_gates(stats.paused_types, stats.waiting)
+    flows = await watch.workflows()
+    if flows is not None:
+        state.metrics.observe_workflows(flows)
     depths = await watch.broker_depths()
     state.metrics.observe_queues(
         None
@@ -438,6 +441,7 @@ def create_app(settings: Settings, *, relay: bool = True) -> Starlette:
         *schedules.routes(),
         *gates.routes(),
         *limits.routes(),
+        *workflows.routes(),
         *monitor.routes(),
         Route("/stream", stream.stream, methods=["GET"]),
         Mount("/ui", ui.dashboard(), name="ui"),

@@ -119,6 +119,7 @@ class Monitor:
         self._unpublished: tuple[float, int | None] = (-1e9, None)
         self._unpublished_lock = asyncio.Lock()
         self._pauses: tuple[float, list[QueuePause] | None] = (-1e9, None)
+        self._workflows: tuple[float, dict[str, int] | None] = (-1e9, None)
 
     async def stats(self) -> StatsSnapshot:
         """The stats, at most :data:`STATS_MAX_AGE` seconds old."""
@@ -165,6 +166,17 @@ class Monitor:
                 pauses = None
             self._pauses = (time.monotonic(), pauses)
         return self._pauses[1]
+
+    async def workflows(self) -> dict[str, int] | None:
+        """Workflows by status, at most :data:`DEPTHS_MAX_AGE` seconds old; None if the
+        database could not say."""
+        if time.monotonic() - self._workflows[0] >= DEPTHS_MAX_AGE:
+            try:
+                counts = await asyncio.wait_for(self.store.workflows_by_status(), BROKER_TIMEOUT)
+            except (StoreError, TimeoutError):
+                counts = None
+            self._workflows = (time.monotonic(), counts)
+        return self._workflows[1]
 
     def forget_pauses(self) -> None:
         """Read the pauses again next time (this process paused or resumed a queue)."""

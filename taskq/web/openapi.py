@@ -10,6 +10,7 @@ from taskq.enqueue.validation import TYPE_NAME
 from taskq.fleet.schedules import SCHEDULE_NAME
 from taskq.model import STATUS_NAMES
 from taskq.settings import QUEUE_NAME, Settings
+from taskq.web import workflows
 from taskq.web.openapi_schemas import body_schemas
 from taskq.web.openapi_schemas import ref as _ref
 
@@ -375,9 +376,71 @@ def _admin_paths(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _workflow_paths() -> dict[str, Any]:
+    """Workflows (taskq.web.workflows)."""
+    obj = {"type": "object"}
+    workflow_id = _path_param("id", "uuid")
+    return {
+        "/workflows": {
+            "post": {
+                "summary": "Enqueue a workflow: a DAG of tasks, each run once the nodes it"
+                " depends on have succeeded",
+                "requestBody": _body("WorkflowRequest"),
+                "responses": {
+                    "201": _json(obj, "created: id, name, status, on_failure, nodes"),
+                    "200": _json(obj, "idempotent replay: the workflow as it is"),
+                    **_errors(400, 401, 409, 413, 415, 503),
+                },
+            },
+            "get": {
+                "summary": "Workflows, newest first",
+                "parameters": [
+                    _query(
+                        "status",
+                        {"type": "string", "enum": list(workflows.STATUS_NAMES)},
+                        "only workflows in this status",
+                    ),
+                    _query("name", {"type": "string", "minLength": 1, "maxLength": 200}, "by name"),
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": workflows.MAX_LIMIT},
+                        "page size",
+                    ),
+                    _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
+                ],
+                "responses": {
+                    "200": _json(obj, "workflows and next_cursor"),
+                    **_errors(400, 401, 503),
+                },
+            },
+        },
+        "/workflows/{id}": {
+            "get": {
+                "summary": "A workflow: status, counts, nodes with their tasks' states and"
+                " timings, edges",
+                "parameters": [workflow_id],
+                "responses": {"200": _json(obj, "the workflow"), **_errors(401, 404, 503)},
+            }
+        },
+        "/workflows/{id}/cancel": {
+            "post": {
+                "summary": "Cancel a workflow: nodes not started are CANCELLED, running ones"
+                " are asked to stop, nothing more is released",
+                "parameters": [workflow_id],
+                "requestBody": _state_change_body(_ref("ReasonRequest")),
+                "responses": {
+                    "200": _json(obj, "the workflow"),
+                    **_errors(400, 401, 404, 409, 413, 415, 503),
+                },
+            }
+        },
+    }
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI document, with queue names and limits from ``settings``."""
     components = {**body_schemas(settings), "Problem": _PROBLEM}
+    components.update(workflows.request_schemas(settings, components["EnqueueRequest"]))
     task_id = _path_param("id", "uuid")
     type_name = _path_param("name", pattern=TYPE_NAME.pattern)
     wait = _query(
@@ -527,6 +590,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     paths.update(_schedule_paths())
     paths.update(_queue_paths())
     paths.update(_limit_paths())
+    paths.update(_workflow_paths())
     for item in paths.values():  # the Host check (taskq.web.hosts) runs before every route
         for operation in item.values():
             operation["responses"].setdefault("400", _problem("a Host not in TASKQ_ALLOWED_HOSTS"))
