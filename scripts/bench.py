@@ -10,6 +10,9 @@ table and one JSON line per figure.
 
     scripts/bench [--quick] [--runs N] [--workers K] [--concurrency N] [--peer celery]
                   [--peer dramatiq] [--profile DIR] [--pgbouncer]
+    scripts/bench --workflows [--quick] [--peer celery] [--fan-out N] [--chain M]
+
+``--workflows`` runs issue #18's workloads instead (scripts/bench_workflows.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from bench_enqueue import enqueue_workloads
 from bench_latency import put_backoff, retry_accuracy, start_latency
 from bench_report import Figure, report
 from bench_wait import wait_latency
+from bench_workflows import add_arguments as add_workflow_arguments
+from bench_workflows import run_workflows
 from benchlib import AMQP_URL, Sandbox, enqueue_chunks, peak_rss_mb
 
 from taskq.client import Client
@@ -363,8 +368,19 @@ def main() -> None:
         help="the API, workers and clients reach Postgres through a private PgBouncer in"
         " transaction pooling mode (the peers do not)",
     )
+    parser.add_argument(
+        "--workflows",
+        action="store_true",
+        help="instead of the workloads above, issue #18's (scripts/bench_workflows.py): a"
+        " fan-out with a callback and a chain, at taskq's defaults; with --peer celery,"
+        " Celery's chord and chain",
+    )
+    add_workflow_arguments(parser)
     parser.add_argument("--port", type=int, default=18932)
     args = parser.parse_args()
+    if args.workflows:
+        run_workflows(args)
+        return
     quick = args.quick
     args.prefetch = args.prefetch or args.concurrency
     args.tasks = args.tasks or (2000 if quick else 20000)

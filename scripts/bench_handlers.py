@@ -21,11 +21,12 @@ from pydantic import BaseModel
 from taskq.demo import handlers
 from taskq.handlers import Context
 
-__all__ = ["NOOP_MODEL", "SLEEP_SYNC", "STAMP", "handlers"]
+__all__ = ["COLLECT", "NOOP_MODEL", "SLEEP_SYNC", "STAMP", "handlers"]
 
 STAMP = "bench.stamp"
 NOOP_MODEL = "bench.noop_model"
 SLEEP_SYNC = "bench.sleep_sync"
+COLLECT = "bench.collect"
 
 
 @handlers.task(STAMP)
@@ -51,3 +52,10 @@ def sleep_sync(payload: dict[str, Any], ctx: Context) -> None:
     """A sync handler that blocks its thread for 2 ms (a short call to a service, say):
     with 32 threads, a claimed batch of more than 32 cannot all end in a 5 ms window."""
     time.sleep(0.002)
+
+
+@handlers.task(COLLECT)
+async def collect(payload: dict[str, Any], ctx: Context) -> int:
+    """A workflow's callback (scripts/bench_workflows.py): the number of its parents' results,
+    which the worker reads before it starts."""
+    return len(ctx.parent_results)
