@@ -16,11 +16,10 @@ import { notice, reportError } from "./ui.js";
 
 const VIEWS = ["overview", "tasks", "task", "dlq", "workflows", "workflow", "types", "schedules", "limits", "workers"];
 const REFRESH_EVERY = 5000;
-// A running workflow's graph is redrawn this often (its nodes' states).
-const WORKFLOW_EVERY = 1000;
 const STATS_FALLBACK_EVERY = 5000;
 let view = null;
 let refreshTimer = null;
+let workflowTimer = null;
 let lastStats = 0;
 
 function show(name) {
@@ -39,6 +38,7 @@ async function route() {
   const [path, queryString] = hash.split("?");
   const query = new URLSearchParams(queryString || "");
   clearInterval(refreshTimer);
+  clearTimeout(workflowTimer);
   notice("");
   const taskMatch = path.match(/^\/task\/(.+)$/);
   if (taskMatch) {
@@ -47,12 +47,14 @@ async function route() {
   } else if (path.match(/^\/workflow\/(.+)$/)) {
     show("workflow");
     const id = decodeURIComponent(path.match(/^\/workflow\/(.+)$/)[1]);
-    if (await workflows.showWorkflow(id)) {
-      const timer = setInterval(async () => {
-        if (!(await workflows.showWorkflow(id))) clearInterval(timer);
-      }, WORKFLOW_EVERY);
-      refreshTimer = timer;
-    }
+    // Read again while it runs, each read scheduled once the last has ended.
+    let wait = await workflows.showWorkflow(id);
+    const again = async () => {
+      if (location.hash.replace(/^#/, "").split("?")[0] !== path) return; // left the page
+      wait = await workflows.showWorkflow(id);
+      if (wait) workflowTimer = setTimeout(again, wait);
+    };
+    if (wait) workflowTimer = setTimeout(again, wait);
   } else if (path === "/workflows") {
     show("workflows");
     await workflows.showWorkflows(query);

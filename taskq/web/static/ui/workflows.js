@@ -11,6 +11,9 @@ const PAGE = 100;
 // state): a box per node would be unreadable and costly to draw.
 const MAX_DRAWN_NODES = 200;
 const MAX_LEVELS = 60;
+// How often a running workflow is read again: each read returns every node.
+const REFRESH_SMALL = 1000;
+const REFRESH_LARGE = 5000;
 const NODE = { width: 168, height: 40, gapX: 56, gapY: 14, pad: 12 };
 
 function svg(tag, attrs = {}, ...children) {
@@ -130,20 +133,25 @@ function nodeRow(node) {
 
 let current = null; // the workflow shown, for its refresh
 
-/** Route #/workflow/{id}; returns whether it still runs (to keep refreshing). */
+/** Route #/workflow/{id}; returns in how many ms to read it again (0: it has
+ * ended, or is gone). */
 export async function showWorkflow(id) {
   current = id;
   let data;
   try {
     ({ data } = await api(`/workflows/${encodeURIComponent(id)}`));
   } catch (error) {
-    if (current !== id) return false;
-    document.getElementById("workflow-missing").hidden = error.status !== 404 && error.status !== 400;
-    document.getElementById("workflow-body").hidden = true;
-    if (error.status !== 404 && error.status !== 400) reportError(error, "Could not load the workflow");
-    return false;
+    if (current !== id) return 0;
+    const missing = error.status === 404 || error.status === 400;
+    document.getElementById("workflow-missing").hidden = !missing;
+    document.getElementById("workflow-body").hidden = missing;
+    if (!missing) {
+      reportError(error, "Could not load the workflow");
+      return REFRESH_LARGE; // the API may be back soon
+    }
+    return 0;
   }
-  if (current !== id) return false;
+  if (current !== id) return 0;
   document.getElementById("workflow-missing").hidden = true;
   document.getElementById("workflow-body").hidden = false;
   document.getElementById("workflow-id").textContent = data.name ? `${data.name} (${data.id})` : data.id;
@@ -168,7 +176,8 @@ export async function showWorkflow(id) {
   body.append(...data.nodes.slice(0, 500).map(nodeRow));
   document.getElementById("workflow-nodes-summary").textContent = data.nodes.length > 500
     ? `The first 500 of ${count(data.nodes.length)} nodes.` : `${count(data.nodes.length)} node${data.nodes.length === 1 ? "" : "s"}.`;
-  return data.status === "RUNNING";
+  if (data.status !== "RUNNING") return 0;
+  return data.nodes.length > MAX_DRAWN_NODES ? REFRESH_LARGE : REFRESH_SMALL;
 }
 
 async function cancelShown() {
