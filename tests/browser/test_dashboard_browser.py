@@ -375,3 +375,63 @@ def test_rate_limits_are_listed_and_a_waiting_task_says_why(system: System, page
         system.http.post(
             f"/tasks/{tasks[1]['id']}/cancel", json={}, headers={"content-type": "application/json"}
         )
+
+
+def test_a_workflows_graph_shows_its_nodes_live_and_cancels(system: System, page: Any) -> None:
+    nodes = [
+        {"name": "fetch", "type": "demo.echo", "payload": {"step": "fetch"}},
+        {"name": "slow", "type": "demo.sleep", "payload": {"seconds": 60}},
+        {"name": "publish", "type": "demo.echo", "payload": {}, "depends_on": ["fetch", "slow"]},
+    ]
+    response = system.http.post("/workflows", json={"name": "ui-graph", "nodes": nodes})
+    assert response.status_code == 201, response.text
+    workflow = response.json()
+    page.goto(system.url + f"/ui/#/workflow/{workflow['id']}")
+    graph = page.locator("#workflow-graph svg")
+    expect(graph).to_be_visible()
+    node = {n["name"]: graph.locator(f'g.node[data-name="{n["name"]}"]') for n in nodes}
+    # Redrawn as the nodes move: fetch succeeds, slow runs, publish waits for both.
+    expect(node["fetch"]).to_have_attribute("data-status", "SUCCEEDED", timeout=30_000)
+    expect(node["slow"]).to_have_attribute("data-status", "RUNNING", timeout=30_000)
+    expect(node["publish"]).to_have_attribute("data-status", "WAITING")
+    assert graph.locator("path[data-to='publish']").count() == 2
+    expect(page.locator("#workflow-status")).to_have_text("running")
+    expect(page.locator("#workflow-facts")).to_contain_text("Succeeded1")
+    page.screenshot(path=str(artifacts_dir() / "workflow.png"), full_page=True)
+
+    page.locator("#workflow-cancel").click()
+    confirm(page)
+    expect(page.locator("#notice")).to_have_text("Workflow cancelled.")
+    expect(node["publish"]).to_have_attribute("data-status", "CANCELLED", timeout=30_000)
+    expect(node["slow"]).to_have_attribute("data-status", "CANCELLED", timeout=30_000)
+    expect(page.locator("#workflow-status")).to_have_text("cancelled", timeout=30_000)
+    expect(page.locator("#workflow-cancel")).to_be_hidden()
+    assert system.http.get(f"/workflows/{workflow['id']}").json()["status"] == "CANCELLED"
+
+    # The list, filtered by name, links back to it.
+    page.goto(system.url + "/ui/#/workflows?name=ui-graph")
+    line = page.locator(f'#workflows-table tbody tr[data-id="{workflow["id"]}"]')
+    expect(line).to_contain_text("cancelled")
+    expect(line.locator("td.succeeded")).to_have_text("1")
+    line.get_by_role("link").click()
+    expect(page.locator("#workflow-id")).to_contain_text(workflow["id"])
+
+
+def test_a_large_workflow_is_drawn_by_level(system: System, page: Any) -> None:
+    branches = [{"name": f"b{i}", "type": "demo.noop", "payload": {}} for i in range(300)]
+    callback = {"name": "done", "type": "demo.echo", "payload": {},
+                "depends_on": [b["name"] for b in branches]}  # fmt: skip
+    response = system.http.post("/workflows", json={"nodes": [*branches, callback]})
+    assert response.status_code == 201, response.text
+    workflow_id = response.json()["id"]
+    page.goto(system.url + f"/ui/#/workflow/{workflow_id}")
+    levels = page.locator("#workflow-graph ol.levels")
+    expect(levels.locator("li")).to_have_count(2)
+    expect(levels.locator('li[data-level="0"]')).to_contain_text("300 nodes")
+    expect(levels.locator('li[data-level="1"] .badge[data-state="SUCCEEDED"]')).to_have_text(
+        "1 succeeded", timeout=60_000
+    )
+    expect(levels.locator('li[data-level="0"] .badge[data-state="SUCCEEDED"]')).to_have_text(
+        "300 succeeded"
+    )
+    expect(page.locator("#workflow-status")).to_have_text("succeeded")

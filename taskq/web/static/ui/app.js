@@ -10,20 +10,22 @@ import * as workers from "./workers.js";
 import * as schedules from "./schedules.js";
 import * as types from "./types.js";
 import * as limits from "./limits.js";
+import * as workflows from "./workflows.js";
 import { openStream } from "./stream.js";
 import { notice, reportError } from "./ui.js";
 
-const VIEWS = ["overview", "tasks", "task", "dlq", "types", "schedules", "limits", "workers"];
+const VIEWS = ["overview", "tasks", "task", "dlq", "workflows", "workflow", "types", "schedules", "limits", "workers"];
 const REFRESH_EVERY = 5000;
 const STATS_FALLBACK_EVERY = 5000;
 let view = null;
 let refreshTimer = null;
+let workflowTimer = null;
 let lastStats = 0;
 
 function show(name) {
   view = name;
   for (const v of VIEWS) document.getElementById(`view-${v}`).hidden = v !== name;
-  const section = name === "task" ? "tasks" : name;
+  const section = name === "task" ? "tasks" : name === "workflow" ? "workflows" : name;
   for (const link of document.querySelectorAll("nav a")) {
     if (link.dataset.view === section) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
@@ -36,11 +38,27 @@ async function route() {
   const [path, queryString] = hash.split("?");
   const query = new URLSearchParams(queryString || "");
   clearInterval(refreshTimer);
+  clearTimeout(workflowTimer);
   notice("");
   const taskMatch = path.match(/^\/task\/(.+)$/);
   if (taskMatch) {
     show("task");
     await task.showTask(decodeURIComponent(taskMatch[1]));
+  } else if (path.match(/^\/workflow\/(.+)$/)) {
+    show("workflow");
+    const id = decodeURIComponent(path.match(/^\/workflow\/(.+)$/)[1]);
+    // Read again while it runs, each read scheduled once the last has ended.
+    let wait = await workflows.showWorkflow(id);
+    const again = async () => {
+      if (location.hash.replace(/^#/, "").split("?")[0] !== path) return; // left the page
+      wait = await workflows.showWorkflow(id);
+      if (wait) workflowTimer = setTimeout(again, wait);
+    };
+    if (wait) workflowTimer = setTimeout(again, wait);
+  } else if (path === "/workflows") {
+    show("workflows");
+    await workflows.showWorkflows(query);
+    refreshTimer = setInterval(() => workflows.showWorkflows(null), REFRESH_EVERY);
   } else if (path === "/tasks") {
     show("tasks");
     await tasks.showTasks(query);
@@ -148,6 +166,7 @@ async function main() {
   tasks.initTasks();
   task.initTask();
   dlq.initDlq();
+  workflows.initWorkflows();
   window.addEventListener("hashchange", route);
   await loadInfo(); // may ask for the key first
   loadTypes();
