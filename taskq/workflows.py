@@ -287,6 +287,9 @@ class Workflow:
     on_failure: OnFailure = "fail_fast"
     _nodes: list[dict[str, Any]] = field(default_factory=list, repr=False)
     _names: set[str] = field(default_factory=set, repr=False)
+    # The next number to try for each type's default name (a group of n nodes of one
+    # type names them in O(n), not O(n**2)).
+    _next: dict[str, int] = field(default_factory=dict, repr=False)
 
     def add(self, step: Step, *, after: Sequence[str] = ()) -> str:
         """Add ``step`` (a signature, or a chain or group) after the nodes ``after``
@@ -328,9 +331,10 @@ class Workflow:
     def _name(self, base: str) -> str:
         if base not in self._names:
             return base
-        n = 2
+        n = self._next.get(base, 2)
         while f"{base}#{n}" in self._names:
             n += 1
+        self._next[base] = n + 1
         return f"{base}#{n}"
 
     def body(self, *, idempotency_key: str | None = None) -> dict[str, Any]:
