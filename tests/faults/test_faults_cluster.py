@@ -11,6 +11,7 @@ tells the processes: their connections move to another node by themselves.
 The audit of :mod:`tests.support.faults` ends it (lost 0, duplicate successes 0,
 nothing stuck), and the figures include the longest time without progress: the
 widest gap between two consecutive successes (``finished_at``) around each kill.
+Collected only with ``TASKQ_TEST_CLUSTER=1`` (tests/conftest.py).
 Run with ``-s`` to see them. ``TASKQ_TEST_CLUSTER_ROUNDS=N`` repeats the two
 kills N times (the longer run; the fault suite runs one round).
 """

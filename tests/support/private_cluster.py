@@ -157,12 +157,16 @@ class PrivateCluster:
                 return node
         raise ClusterError("no node of the cluster is running")
 
-    def destroy(self) -> None:
+    def destroy(self, keep_logs: Path | None = None) -> None:
         """SIGKILL every node (no graceful stop: the cluster's data goes with it) and
-        delete its files."""
+        delete its files, first copying the nodes' logs into ``keep_logs`` if given."""
         for node in self.nodes:
             with contextlib.suppress(OSError, ValueError):
                 self.kill(node)
+        if keep_logs is not None:
+            for n, node in enumerate(self.nodes, 1):
+                with contextlib.suppress(OSError):
+                    shutil.copytree(node.base / "log", keep_logs / f"node{n}-{node.port}")
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -201,8 +205,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def private_cluster() -> Iterator[PrivateCluster]:
-    """A running three-node RabbitMQ cluster that only this module uses."""
+def private_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCluster]:
+    """A running three-node RabbitMQ cluster that only this module uses; the nodes' logs
+    are kept in pytest's temporary directory (``cluster-logs*``, named by AMQP port)."""
     sbin = rabbit_sbin()
     if sbin is None:
         unavailable("a private RabbitMQ cluster", "rabbitmq-server and rabbitmqctl are missing")
@@ -212,4 +217,4 @@ def private_cluster() -> Iterator[PrivateCluster]:
         cluster.start()
         yield cluster
     finally:
-        cluster.destroy()
+        cluster.destroy(keep_logs=tmp_path_factory.mktemp("cluster-logs"))
