@@ -329,7 +329,7 @@ WITH ended AS (
     WHERE t.id = ANY(ARRAY(SELECT id FROM chosen))
     RETURNING t.id, t.type, t.queue, t.payload::text AS payload, t.attempts, t.max_attempts,
               t.timeout_seconds, t.run_at, t.created_at, t.claim_token, t.traceparent,
-              t.concurrency_key
+              t.concurrency_key, t.workflow_id
 ), passed AS (
     SELECT c.type, c.concurrency_key AS key, count(*) AS n FROM claimed c GROUP BY 1, 2
 ), held AS (
@@ -348,11 +348,12 @@ WITH ended AS (
 )
 SELECT c.id, 'claimed' AS decision, c.type, c.queue, c.payload, c.attempts, c.max_attempts,
        c.timeout_seconds, c.run_at, c.created_at, c.claim_token, NULL::text AS last_error,
-       NULL::bigint AS generation, 0::float8 AS delay, c.traceparent, c.concurrency_key
+       NULL::bigint AS generation, 0::float8 AS delay, c.traceparent, c.concurrency_key,
+       c.workflow_id
 FROM claimed c
 UNION ALL
 SELECT NULL, 'freed', f.type, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL, f.key
+       NULL, NULL, f.key, NULL
 FROM freed f;
 
 -- name: slots_lock
