@@ -2206,6 +2206,73 @@ FROM taskq.workflow_edges e JOIN taskq.tasks p ON p.id = e.parent_id
 WHERE e.child_id = :task_id
 ORDER BY e.position;
 
+-- name: workflow_missed_any
+-- Whether the trigger noted a node it had to skip (the sweeper's probe of an
+-- empty table, migration 0020).
+SELECT EXISTS (SELECT FROM taskq.workflow_missed) AS missed;
+
+-- name: workflow_repair
+-- Decides again up to :limit nodes the trigger skipped (migration 0020), each
+-- under its lock (one still held stays noted for the next pass): a node that has
+-- not started and can no longer run (its workflow cancelled or failing fast, or a
+-- parent FAILED or CANCELLED) is CANCELLED and marked skipped, as the trigger
+-- would have (and settles its workflow in turn); a node WAITING for parents that
+-- have all succeeded is ENQUEUED with its publish owed; any other has moved on.
+-- Each decided node, and each whose task is gone, is forgotten. Returns the nodes
+-- changed with their new status.
+-- :limit
+WITH noted AS (
+    SELECT m.task_id AS id FROM taskq.workflow_missed m ORDER BY m.noted_at, m.task_id
+    LIMIT :limit
+), held AS (
+    SELECT t.id, t.status, t.wait_reason
+    FROM noted i
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.status, t.wait_reason FROM taskq.tasks t
+        WHERE t.id = i.id FOR UPDATE SKIP LOCKED
+    ) t
+), judged AS (
+    SELECT h.id,
+           CASE
+               WHEN h.status NOT IN ('ENQUEUED', 'WAITING') THEN NULL
+               WHEN f.cancel_requested_at IS NOT NULL
+                    OR (f.on_failure = 'fail_fast' AND f.failed > 0)
+                    OR EXISTS (SELECT FROM taskq.workflow_edges e
+                               JOIN taskq.tasks p ON p.id = e.parent_id
+                               WHERE e.child_id = h.id AND p.status IN ('FAILED', 'CANCELLED'))
+                   THEN 'CANCELLED'
+               WHEN h.status = 'WAITING' AND h.wait_reason = 'parents' AND n.parents_left = 0
+                   THEN 'ENQUEUED'
+           END AS status
+    FROM held h
+    JOIN taskq.workflow_nodes n ON n.task_id = h.id
+    JOIN taskq.workflows f ON f.id = n.workflow_id
+), forgotten AS (
+    DELETE FROM taskq.workflow_missed m
+    USING noted i
+    WHERE m.task_id = i.id
+      AND (i.id IN (SELECT id FROM held)
+           OR NOT EXISTS (SELECT FROM taskq.tasks t WHERE t.id = i.id))
+), skipped AS (
+    UPDATE taskq.workflow_nodes n SET skipped = true
+    FROM judged j WHERE n.task_id = j.id AND j.status = 'CANCELLED'
+)
+UPDATE taskq.tasks t SET
+    status = j.status,
+    wait_reason = NULL,
+    published_at = CASE WHEN j.status = 'ENQUEUED' THEN NULL ELSE t.published_at END,
+    run_at = CASE WHEN j.status = 'ENQUEUED' THEN greatest(t.run_at, now()) ELSE t.run_at END,
+    generation = t.generation + (j.status = 'ENQUEUED')::int,
+    finished_at = CASE WHEN j.status = 'CANCELLED' THEN now() END,
+    last_error = CASE WHEN j.status = 'CANCELLED'
+                      THEN 'Skipped: its workflow will not run it (a node it depends on did not'
+                           ' succeed, a failure under fail_fast, or a cancel)'
+                      ELSE t.last_error END,
+    updated_at = now()
+FROM judged j
+WHERE t.id = j.id AND j.status IS NOT NULL
+RETURNING t.id, t.status;
+
 -- name: workflows_prune
 -- Retention: deletes up to :limit workflows that ended more than :seconds seconds
 -- ago (their nodes' tasks ended before them, and go by retention_delete).

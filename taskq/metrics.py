@@ -267,8 +267,10 @@ class WorkerMetrics:
         )
         self.waiting_repaired = Counter(
             "taskq_waiting_repaired_total",
-            "WAITING tasks the sweeper released because their release was missed"
-            " (a concurrency slot free, or their type resumed).",
+            "Tasks the sweeper released or cancelled because the release or cancel was"
+            " missed: reason concurrency (a slot free), paused (their type resumed),"
+            " parents (a workflow node whose parents succeeded) or workflow_cancel"
+            " (a workflow node that can no longer run).",
             ["reason"],
             registry=self.registry,
         )

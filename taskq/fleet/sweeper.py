@@ -25,6 +25,8 @@
   pause parked whose type is not paused (a resume's process died before its
   releases). They are released as a freed slot or a resume releases them. One
   index-only probe when nothing waits; at most ``repair_keys`` keys per pass.
+  It also decides again the workflow nodes whose release or cancel the settle
+  trigger skipped (noted in ``workflow_missed``, migration 0020).
 - :meth:`Sweeper.apply_retention` deletes terminal tasks (their events go with
   them) that finished more than ``retention`` seconds ago, in bounded batches,
   and forgets workers silent for an hour and rate limit buckets idle for a
@@ -220,9 +222,10 @@ class Sweeper(Service):
         if not force and time.monotonic() - self._repaired_at < self.repair_every:
             return 0
         self._repaired_at = time.monotonic()
+        repaired = await self._repair_workflows()
         if not await self.store.waiting_any():
             self._repair_after = ("", "")
-            return 0
+            return repaired
         keys = await self.store.waiting_keys(self._repair_after, self.repair_keys)
         full = len(keys) >= self.repair_keys
         self._repair_after = (keys[-1][0], keys[-1][1]) if full else ("", "")
@@ -241,7 +244,24 @@ class Sweeper(Service):
                 log.warning("%d WAITING tasks (%s) missed their release: released", count, reason)
                 if self.metrics is not None:
                     self.metrics.waiting_repaired.labels(reason).inc(count)
-        return promoted + resumed
+        return repaired + promoted + resumed
+
+    async def _repair_workflows(self) -> int:
+        """Release or cancel the workflow nodes the settle trigger had to skip (held by
+        another transaction when their parents ended), at most ``repair_keys`` per
+        pass; one probe of an empty table while none was skipped."""
+        if not await self.store.workflow_missed_any():
+            return 0
+        released, cancelled = await self.store.repair_workflows(self.repair_keys)
+        for reason, what, count in (
+            ("parents", "release", released),
+            ("workflow_cancel", "cancel", cancelled),
+        ):
+            if count:
+                log.warning("%d workflow nodes missed their %s: done now", count, what)
+                if self.metrics is not None:
+                    self.metrics.waiting_repaired.labels(reason).inc(count)
+        return released + cancelled
 
     async def recover_expired(self) -> int:
         """Take back claims whose lease expired and publish them; returns how many."""

@@ -16,6 +16,7 @@ import asyncpg
 
 from taskq.model import EnqueueOutcome, OwedPublish, TaskStatus
 from taskq.store._base import StoreBase
+from taskq.store._callers import _Asyncpg
 from taskq.store._records import NewWorkflow
 from taskq.workflows import WorkflowNode, WorkflowRecord
 
@@ -162,6 +163,21 @@ class WorkflowsStore(StoreBase):
     async def parent_results(self, task_id: uuid.UUID) -> list[str | None]:
         """The results (JSON text) of a node's parents, in its depends_on order."""
         return [row["result"] for row in await self._fetch("parent_results", task_id)]
+
+    async def workflow_missed_any(self) -> bool:
+        """Whether the settle trigger noted a node it had to skip (a probe of an
+        empty table while none was)."""
+        return bool(await self._fetchval("workflow_missed_any"))
+
+    async def repair_workflows(self, limit: int) -> tuple[int, int]:
+        """Decide again up to ``limit`` nodes whose release or cancel the settle
+        trigger skipped (migration 0020): returns how many it released and
+        cancelled. The released are published through the relay (woken here)."""
+        async with self._connection() as connection, connection.transaction():
+            rows = await connection.fetch(self.q["workflow_repair"], limit)
+            released = [row["id"] for row in rows if row["status"] == TaskStatus.ENQUEUED]
+            await self._notify(released, _Asyncpg(connection, self.q))
+        return len(released), len(rows) - len(released)
 
     async def prune_workflows(self, older_than: float, limit: int) -> int:
         """Delete up to ``limit`` workflows that ended more than ``older_than`` seconds

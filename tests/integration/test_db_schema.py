@@ -40,6 +40,7 @@ TABLES = [
     "tasks",
     "workers",
     "workflow_edges",
+    "workflow_missed",
     "workflow_nodes",
     "workflows",
 ]

@@ -9,34 +9,15 @@ from typing import Any
 
 import pytest
 
-from taskq.amqp.broker import Link
 from taskq.errors import StoreError
 from taskq.fleet.leader import SessionLock
 from taskq.fleet.relay import HEADER_REASON, Relay
-from taskq.fleet.sweeper import Sweeper
 from taskq.handlers import Context, Registry
-from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, Concurrency
 from taskq.settings import Settings
-from tests.support.worker_fixtures import Harness, harness, running_worker, until
+from tests.support.worker_fixtures import Harness, harness, make_sweeper, running_worker, until
 
 pytestmark = pytest.mark.integration
-
-
-async def make_sweeper(h: Harness, **options: Any) -> tuple[Sweeper, Link]:
-    link = Link(h.settings.amqp_url, name="test-sweeper")
-    await link.start()
-    await link.ready.wait()
-    sweeper = Sweeper(
-        h.store,
-        h.publisher,
-        link,
-        h.names,
-        h.settings.queues,
-        metrics=WorkerMetrics(),
-        **options,
-    )
-    return sweeper, link
 
 
 async def claim_and_expire(h: Harness, task_id: uuid.UUID) -> None:

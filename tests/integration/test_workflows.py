@@ -14,7 +14,7 @@ from taskq.handlers import Context, Registry
 from taskq.settings import Settings
 from taskq.workflows import Workflow, chain, group
 from tests.support.api_fixtures import JSON, running_api
-from tests.support.worker_fixtures import Harness, harness, running_worker
+from tests.support.worker_fixtures import Harness, harness, make_sweeper, running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -217,6 +217,64 @@ async def test_cancel_cascades_to_running_nodes(settings: Settings) -> None:
         assert "next" not in tags()
         again = await api.post(f"/workflows/{result.id}/cancel", headers=JSON, json={})
         assert again.status_code == 409
+
+
+async def test_a_node_the_settle_skipped_is_released_or_cancelled_by_the_sweeper(
+    settings: Settings,
+) -> None:
+    async with harness(settings) as h, Client.connect(settings) as client:
+        for name in ("flow.step", "flow.fails"):
+            await h.put_type(name)
+        flow = Workflow(on_failure="continue")
+        ok = flow.add(step.s({"tag": "ok"}, name="ok"))
+        flow.add(step.s({"tag": "after-ok"}, name="after-ok"), after=[ok])
+        bad = flow.add(step.s({"tag": "bad"}, name="bad"))
+        flow.add(step.s({"tag": "after-bad"}, name="after-bad"), after=[bad])
+        result = await client.enqueue_workflow(flow)
+        ids = result.tasks
+        children = [ids["after-ok"], ids["after-bad"]]
+        claims = {c.id: c for c in await h.store.claim([ids["ok"], ids["bad"]], "w", 30.0)}
+        sweeper, link = await make_sweeper(h)
+        try:
+            # Another transaction holds both children while their parents end: the
+            # settle skips them (a release after five tries), and notes them.
+            async with h.store.pool.acquire() as holder, holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM taskq.tasks WHERE id = ANY($1) FOR UPDATE", children
+                )
+                await h.store.complete([(ids["ok"], claims[ids["ok"]].claim_token, "null")])
+                await h.store.fail([(ids["bad"], claims[ids["bad"]].claim_token, "boom")])
+                for child in children:
+                    row = await h.task(child)
+                    assert (row.status, row.wait_reason) == ("WAITING", "parents")
+                noted = await h.store.pool.fetch("SELECT task_id FROM taskq.workflow_missed")
+                assert sorted(r["task_id"] for r in noted) == sorted(children)
+                # Still held: still noted, nothing done.
+                assert await sweeper.repair_waiting(force=True) == 0
+                assert len(await h.store.pool.fetch("SELECT FROM taskq.workflow_missed")) == 2
+            assert await sweeper.repair_waiting(force=True) == 2
+            assert await sweeper.repair_waiting(force=True) == 0
+        finally:
+            await sweeper.stop()
+            await link.stop()
+        released = await h.task(ids["after-ok"])
+        assert (released.status, released.wait_reason) == ("ENQUEUED", None)
+        assert [o.id for o in await h.store.owed_among(children)] == [ids["after-ok"]]
+        found = await h.store.workflow(result.id)
+        assert found is not None
+        record, nodes = found
+        by_name = {n.name: n for n in nodes}
+        assert by_name["after-bad"].status == "CANCELLED" and by_name["after-bad"].skipped
+        assert (record.status, record.succeeded, record.failed, record.cancelled) == (
+            "RUNNING", 1, 1, 1,
+        )  # fmt: skip
+        assert await h.store.pool.fetch("SELECT FROM taskq.workflow_missed") == []
+        assert sweeper.metrics is not None
+        for reason in ("parents", "workflow_cancel"):
+            sample = sweeper.metrics.registry.get_sample_value(
+                "taskq_waiting_repaired_total", {"reason": reason}
+            )
+            assert sample == 1
 
 
 async def count_rows(h: Harness) -> tuple[int, int, int, int]:

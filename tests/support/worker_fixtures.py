@@ -17,9 +17,11 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from taskq import demo
 from taskq.amqp import broker
-from taskq.amqp.broker import Publisher
+from taskq.amqp.broker import Link, Publisher
 from taskq.amqp.envelope import Envelope
+from taskq.fleet.sweeper import Sweeper
 from taskq.handlers import Registry
+from taskq.metrics import WorkerMetrics
 from taskq.model import TaskEvent, TaskRecord
 from taskq.settings import Settings
 from taskq.store import NewTask, Store
@@ -216,3 +218,21 @@ async def start_worker_process(
             stdout=log,
             stderr=log,
         )
+
+
+async def make_sweeper(h: Harness, **options: Any) -> tuple[Sweeper, Link]:
+    """A sweeper on the harness's store and broker (its own link), not started:
+    tests call its duties. Stop both when done."""
+    link = Link(h.settings.amqp_url, name="test-sweeper")
+    await link.start()
+    await link.ready.wait()
+    sweeper = Sweeper(
+        h.store,
+        h.publisher,
+        link,
+        h.names,
+        h.settings.queues,
+        metrics=WorkerMetrics(),
+        **options,
+    )
+    return sweeper, link
