@@ -2199,12 +2199,20 @@ WHERE t.id = ANY(ARRAY(SELECT id FROM held));
 
 -- name: parent_results
 -- The results of a node's parents, in the order of its depends_on (a worker reads
--- them before it runs a node: ctx.parent_results).
--- :task_id
-SELECT p.result::text AS result
-FROM taskq.workflow_edges e JOIN taskq.tasks p ON p.id = e.parent_id
-WHERE e.child_id = :task_id
-ORDER BY e.position;
+-- them before it runs a node: ctx.parent_results), each with the size of them all
+-- in bytes of JSON text; none of the results (NULL) when that is over :max_bytes,
+-- so that a callback of a wide group cannot fill its worker's memory.
+-- :task_id, :max_bytes
+WITH parents AS (
+    SELECT e.position, p.result::text AS result
+    FROM taskq.workflow_edges e JOIN taskq.tasks p ON p.id = e.parent_id
+    WHERE e.child_id = :task_id
+), size AS (
+    SELECT coalesce(sum(octet_length(result)), 0) AS bytes FROM parents
+)
+SELECT CASE WHEN s.bytes <= :max_bytes THEN p.result END AS result, s.bytes
+FROM parents p CROSS JOIN size s
+ORDER BY p.position;
 
 -- name: workflow_missed_any
 -- Whether the trigger noted a node it had to skip (the sweeper's probe of an

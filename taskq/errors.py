@@ -27,6 +27,7 @@ The hierarchy::
     ├── InvalidEnvelope            a message is not a taskq envelope
     ├── HandlerError               the handlers could not be loaded or declared
     ├── NoHandler                  this worker has no handler for a task's type
+    ├── ParentResultsTooLarge      a workflow node's parents' results are too large to read
     ├── Overrun                    a payload check ran past its deadline
     ├── Busy                       every payload-checking thread stayed taken
     ├── TaskNotFound               no task has the id waited for
@@ -217,6 +218,19 @@ class HandlerError(TaskqError):
 
 class NoHandler(TaskqError):
     """This worker has no handler for the task's type."""
+
+
+class ParentResultsTooLarge(TaskqError):
+    """A workflow node's parents' results are more than TASKQ_MAX_PARENT_RESULTS_BYTES
+    of JSON in all: the worker does not read them, the node fails."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"its parents' results are {size} bytes of JSON, more than"
+            f" TASKQ_MAX_PARENT_RESULTS_BYTES ({limit})"
+        )
+        self.size = size
+        self.limit = limit
 
 
 class Overrun(TaskqError):

@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     # (taskq.worker.worker.DEFAULT_THREADS).
     worker_threads: int = Field(0, ge=0, le=10000)
     max_result_bytes: int = Field(1024 * 1024, ge=1)
+    max_parent_results_bytes: int = Field(64 * 1024 * 1024, ge=1)
     progress_interval: Duration = 1.0
     lease_seconds: Duration = 30.0
     worker_shutdown_grace: Duration = 30.0

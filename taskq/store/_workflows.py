@@ -14,6 +14,7 @@ from datetime import datetime
 
 import asyncpg
 
+from taskq.errors import ParentResultsTooLarge
 from taskq.model import EnqueueOutcome, OwedPublish, TaskStatus
 from taskq.store._base import StoreBase
 from taskq.store._callers import _Asyncpg
@@ -160,9 +161,15 @@ class WorkflowsStore(StoreBase):
                 await connection.execute(self.q["workflow_cancel_nodes"], ids)
         return True
 
-    async def parent_results(self, task_id: uuid.UUID) -> list[str | None]:
-        """The results (JSON text) of a node's parents, in its depends_on order."""
-        return [row["result"] for row in await self._fetch("parent_results", task_id)]
+    async def parent_results(self, task_id: uuid.UUID, max_bytes: int) -> list[str | None]:
+        """The results (JSON text) of a node's parents, in its depends_on order.
+
+        Raises :class:`ParentResultsTooLarge` when they are more than ``max_bytes``
+        of JSON text in all (none is read into memory then)."""
+        rows = await self._fetch("parent_results", task_id, max_bytes)
+        if rows and rows[0]["bytes"] > max_bytes:
+            raise ParentResultsTooLarge(rows[0]["bytes"], max_bytes)
+        return [row["result"] for row in rows]
 
     async def workflow_missed_any(self) -> bool:
         """Whether the settle trigger noted a node it had to skip (a probe of an

@@ -42,7 +42,7 @@ import orjson
 from prometheus_client import Histogram
 
 from taskq import backoff, tracing
-from taskq.errors import Fail, Retry, StoreError
+from taskq.errors import Fail, ParentResultsTooLarge, Retry, StoreError
 
 # Defined in taskq.errors; importing them from here keeps working.
 from taskq.errors import NoHandler as NoHandler
@@ -181,6 +181,7 @@ class Runner:
         self.lease = settings.lease_seconds
         self.max_delay = settings.max_delay
         self.max_result_bytes = settings.max_result_bytes
+        self.max_parent_results_bytes = settings.max_parent_results_bytes
         # By claim token: one worker may hold two claims of a task at once (its
         # lease lapsed, the task came back to it while the first still runs).
         self.attempts: dict[uuid.UUID, Attempt] = {}
@@ -194,7 +195,7 @@ class Runner:
         self.keep_places = False
         self._progress = progress
         # Reads a workflow node's parents' results (the store's, set when it starts).
-        self.parents: Callable[[uuid.UUID], Awaitable[list[str | None]]] | None = None
+        self.parents: Callable[[uuid.UUID, int], Awaitable[list[str | None]]] | None = None
         self._default_backoff = backoff.from_settings(settings)
         self._backoffs: dict[str, backoff.Backoff | None] = {}
         self._children: dict[tuple[Histogram, str], Histogram] = {}
@@ -328,7 +329,14 @@ class Runner:
                 return Stopped(attempt.stopped.result())
         if task.workflow_id is not None and self.parents is not None:
             # A workflow node: its parents' results, read before its handler starts.
-            results = await self.parents(task.id)
+            # Too large, it fails for good; the database failing, the attempt fails
+            # (retried by the type's policy, as if the handler had read them).
+            try:
+                results = await self.parents(task.id, self.max_parent_results_bytes)
+            except ParentResultsTooLarge as exc:
+                return Refused(error_text(exc))
+            except StoreError as exc:
+                return Raised(StoreError(f"reading its parents' results failed: {exc}"))
             attempt.ctx.workflow_id = task.workflow_id
             attempt.ctx.parent_results = [None if r is None else orjson.loads(r) for r in results]
         handler = self.registry.get(attempt.type)

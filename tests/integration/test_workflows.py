@@ -112,6 +112,30 @@ async def test_a_groups_callback_runs_once_after_all_with_results_in_order(
         assert nodes["callback"].started_at >= max(nodes[f"m{n}"].finished_at for n in range(8))
 
 
+async def test_a_callback_whose_parents_results_are_too_large_fails_unrun(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={"max_parent_results_bytes": 40})
+    async with (
+        harness(settings) as h,
+        running_worker(settings, handlers),
+        Client.connect(settings) as client,
+    ):
+        members = [step.s({"tag": f"member-{n}"}, name=f"m{n}") for n in range(2)]
+        flow = group(members).then(step.s({"tag": "callback"}, name="callback"))
+        result = await client.enqueue_workflow(flow)
+        record, _ = await workflow_done(h, result.id)
+        assert record.status == "FAILED"
+        callback = await h.task(result.tasks["callback"])
+        # Two results of 30 bytes each: 60 in all, over the 40 allowed.
+        assert callback.status == "FAILED" and callback.attempts == 1
+        assert callback.last_error == (
+            "ParentResultsTooLarge: its parents' results are 60 bytes of JSON, more than"
+            " TASKQ_MAX_PARENT_RESULTS_BYTES (40)"
+        )
+        assert "callback" not in tags()
+
+
 async def test_fail_fast_cancels_what_has_not_started(settings: Settings) -> None:
     async with (
         harness(settings) as h,

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import pytest
 
+from taskq.errors import ParentResultsTooLarge, StoreError
 from taskq.handlers import Context, Fail, Registry, Retry
 from taskq.metrics import WorkerMetrics
 from taskq.model import ClaimedTask, OutcomeKind, StopReason, TaskTypeRecord
@@ -443,3 +444,66 @@ async def test_a_shutdown_before_the_slot_gives_the_task_back_unrun(running: Run
     assert done is not None
     assert (done.kind, done.error) == (OutcomeKind.GIVE_BACK, None)
     assert running.released == 1
+
+
+# ------------------------------------------------------------ a workflow node's parents
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "message"),
+    [
+        (
+            StoreError("the database is down"),
+            OutcomeKind.RETRY,
+            "StoreError: reading its parents' results failed: the database is down",
+        ),
+        (
+            ParentResultsTooLarge(5000, 100),
+            OutcomeKind.FAIL,
+            "ParentResultsTooLarge: its parents' results are 5000 bytes of JSON, more than"
+            " TASKQ_MAX_PARENT_RESULTS_BYTES (100)",
+        ),
+    ],
+)
+async def test_a_node_whose_parents_results_cannot_be_read_does_not_run(
+    running: Running, error: Exception, kind: OutcomeKind, message: str
+) -> None:
+    # The database failing is a failed attempt, retried by the type's policy; results
+    # too large to read fail the node for good. The handler never runs either way.
+    asked: list[tuple[uuid.UUID, int]] = []
+
+    async def parents(task_id: uuid.UUID, max_bytes: int) -> list[str | None]:
+        asked.append((task_id, max_bytes))
+        raise error
+
+    running.runner.parents = parents
+    task = claimed("ok")._replace(workflow_id=uuid.uuid4())
+    running.runner.begin(task)
+    done = await running.ended(running.runner.attempts[task.claim_token])
+    assert done is not None
+    assert (done.kind, done.error) == (kind, message)
+    assert asked == [(task.id, make_settings().max_parent_results_bytes)]
+
+
+async def test_a_node_reads_its_parents_results_before_its_handler() -> None:
+    seen: list[Any] = []
+    registry = Registry()
+
+    @registry.task("node")
+    async def node(payload: dict[str, Any], ctx: Context) -> None:
+        seen.append((ctx.workflow_id, ctx.parent_results))
+
+    running = Running(registry)
+
+    async def parents(task_id: uuid.UUID, max_bytes: int) -> list[str | None]:
+        return ['{"a":1}', None, "[2]"]
+
+    running.runner.parents = parents
+    try:
+        task = claimed("node")._replace(workflow_id=uuid.uuid4())
+        running.runner.begin(task)
+        done = await running.ended(running.runner.attempts[task.claim_token])
+        assert done is not None and done.kind is OutcomeKind.COMPLETE
+        assert seen == [(task.workflow_id, [{"a": 1}, None, [2]])]
+    finally:
+        running.threads.close()
