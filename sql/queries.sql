@@ -735,6 +735,7 @@ SELECT id, type, queue, payload::text, status, attempts, max_attempts, idempoten
        -- The rate limiter it waits for, and the slot it holds (taskq.ratelimits).
        CASE WHEN status = 'ENQUEUED' THEN limited_by END AS limited_by,
        CASE WHEN status = 'ENQUEUED' THEN limited_until END AS limited_until,
+       workflow_id,
        p.details::text AS progress_details,
        p.attempt AS progress_attempt, p.updated_at AS progress_at,
        -- Its unique key, and whether it holds it now (tasks_unique_holder's predicate,

@@ -447,6 +447,8 @@ class TaskRecord:
     """The rate limiter it waits for (an ENQUEUED task holding a reserved slot)."""
     limited_until: datetime | None = None
     """The slot reserved for it: it starts then (its run_at)."""
+    workflow_id: uuid.UUID | None = None
+    """The workflow whose node it is (None: a task enqueued alone)."""
 
     def result_value(self) -> Any:
         """The handler's result, parsed from its JSON (None if there is none)."""
@@ -477,6 +479,7 @@ class TaskRecord:
             unique=UniqueHold.from_detail_row(row),
             limited_by=row["limited_by"],
             limited_until=row["limited_until"],
+            workflow_id=row["workflow_id"],
         )
 
 

@@ -49,8 +49,10 @@ from taskq.web.http import (
     actor,
     app_client,
     app_settings,
+    bad,
     endpoint,
     json_response,
+    one,
     read_json,
     task_id,
 )
@@ -80,6 +82,7 @@ _LISTED_FIELDS = tuple(
         "unique",
         "limited_by",
         "limited_until",
+        "workflow_id",
     )
 )
 
@@ -113,27 +116,16 @@ def progress_body(progress: Progress | None) -> dict[str, Any] | None:
     }
 
 
-def _bad(field: str, message: str) -> InvalidRequest:
-    return InvalidRequest([FieldError(field, message)])
-
-
 # ---------------------------------------------------------------- query parameters
-
-
-def _one(request: Request, name: str) -> str | None:
-    values = request.query_params.getlist(name)
-    if len(values) > 1:
-        raise _bad(name, "give it once")
-    return values[0] if values else None
 
 
 def _limit(request: Request, include: frozenset[str]) -> int:
     """The page size; with ``include``, pages hold at most MAX_LIMIT_INCLUDED tasks."""
-    text = _one(request, "limit")
+    text = one(request, "limit")
     if text is None:
         return DEFAULT_LIMIT
     if not text.isascii() or not text.isdigit() or len(text) > 4 or not 1 <= int(text) <= MAX_LIMIT:
-        raise _bad("limit", f"an integer from 1 to {MAX_LIMIT}")
+        raise bad("limit", f"an integer from 1 to {MAX_LIMIT}")
     return min(int(text), MAX_LIMIT_INCLUDED) if include else int(text)
 
 
@@ -141,32 +133,32 @@ def _include(request: Request) -> frozenset[str]:
     values = {s.strip() for v in request.query_params.getlist("include") for s in v.split(",")}
     for value in values:
         if value not in INCLUDABLE:
-            raise _bad("include", f"{preview(value)} is not one of {', '.join(INCLUDABLE)}")
+            raise bad("include", f"{preview(value)} is not one of {', '.join(INCLUDABLE)}")
     return frozenset(values)
 
 
 def _type(request: Request) -> str | None:
-    text = _one(request, "type")
+    text = one(request, "type")
     if text is not None and not TYPE_NAME.fullmatch(text):
-        raise _bad("type", "not a task type name")
+        raise bad("type", "not a task type name")
     return text
 
 
 def _queue(request: Request) -> str | None:
-    text = _one(request, "queue")
+    text = one(request, "queue")
     if text is not None and not QUEUE_NAME.fullmatch(text):
-        raise _bad("queue", "not a queue name")
+        raise bad("queue", "not a queue name")
     return text
 
 
 def _time(request: Request, name: str) -> datetime | None:
-    text = _one(request, name)
+    text = one(request, name)
     if text is None:
         return None
     try:
         return parse_rfc3339(text)
     except ValueError as exc:
-        raise _bad(name, str(exc)) from None
+        raise bad(name, str(exc)) from None
 
 
 def _statuses(request: Request) -> list[TaskStatus] | None:
@@ -175,27 +167,27 @@ def _statuses(request: Request) -> list[TaskStatus] | None:
         return None
     for value in values:
         if value not in STATUS_BY_TEXT:
-            raise _bad("status", f"{preview(value)} is not one of {', '.join(STATUS_NAMES)}")
+            raise bad("status", f"{preview(value)} is not one of {', '.join(STATUS_NAMES)}")
     return sorted(STATUS_BY_TEXT[value] for value in values)
 
 
 def _scheduled(request: Request) -> bool | None:
-    text = _one(request, "scheduled")
+    text = one(request, "scheduled")
     if text is None:
         return None
     if text not in ("true", "false"):
-        raise _bad("scheduled", "true or false")
+        raise bad("scheduled", "true or false")
     return text == "true"
 
 
 def _cursor(request: Request, listing: str) -> Cursor | None:
-    text = _one(request, "cursor")
+    text = one(request, "cursor")
     if text is None:
         return None
     try:
         return Cursor(*_cursors(request).decode(listing, text))
     except ValueError as exc:
-        raise _bad("cursor", str(exc)) from None
+        raise bad("cursor", str(exc)) from None
 
 
 def _cursors(request: Request) -> Cursors:
@@ -253,15 +245,15 @@ async def operator_reason(request: Request) -> str | None:
         return None
     data = await read_json(request, 64 * 1024)
     if not isinstance(data, dict):
-        raise _bad("body", 'a JSON object, e.g. {"reason": "..."}')
+        raise bad("body", 'a JSON object, e.g. {"reason": "..."}')
     unknown = sorted(set(data) - {"reason"})
     if unknown:
-        raise _bad(unknown[0], "unknown field")
+        raise bad(unknown[0], "unknown field")
     reason = data.get("reason")
     if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
-        raise _bad("reason", f"a string of at most {MAX_REASON} characters")
+        raise bad("reason", f"a string of at most {MAX_REASON} characters")
     if reason is not None and "\x00" in reason:
-        raise _bad("reason", "may not contain NUL")
+        raise bad("reason", "may not contain NUL")
     return reason
 
 
@@ -357,10 +349,10 @@ def _replay_filter(
     data: Any, settings: Settings
 ) -> tuple[str | None, str | None, list[uuid.UUID] | None]:
     if not isinstance(data, dict):
-        raise _bad("body", 'a JSON object: {"type"?, "queue"?, "ids"?}')
+        raise bad("body", 'a JSON object: {"type"?, "queue"?, "ids"?}')
     unknown = sorted(set(data) - {"type", "queue", "ids"})
     if unknown:
-        raise _bad(unknown[0], "unknown field")
+        raise bad(unknown[0], "unknown field")
     errors = []
     task_type, queue, ids = data.get("type"), data.get("queue"), data.get("ids")
     if task_type is not None and not (
@@ -425,7 +417,7 @@ async def purge_queue(request: Request) -> Response:
         raise Problem(404, "Not found", f"no work queue {name!r}")
     confirm = request.query_params.getlist("confirm")
     if confirm != [name]:
-        raise _bad("confirm", f"repeat the queue's name to confirm: ?confirm={name}")
+        raise bad("confirm", f"repeat the queue's name to confirm: ?confirm={name}")
     store = app_client(request).store
     cancelled = 0
     after: uuid.UUID | None = None

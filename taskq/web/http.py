@@ -240,3 +240,16 @@ def task_id(request: Request) -> uuid.UUID:
         return uuid.UUID(request.path_params["id"])
     except ValueError:
         raise Problem(404, "Not found", "no such task") from None
+
+
+def bad(field: str, message: str) -> InvalidRequest:
+    """A 400 naming ``field`` of the request (a query parameter, a body field)."""
+    return InvalidRequest([FieldError(field, message)])
+
+
+def one(request: Request, name: str) -> str | None:
+    """The query parameter ``name``, None if absent; a 400 if it is given twice."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise bad(name, "give it once")
+    return values[0] if values else None

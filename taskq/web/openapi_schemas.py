@@ -114,7 +114,14 @@ _TASK = {
                 {"type": "null"},
             ],
             "description": "Why a WAITING task may not be claimed: its type is paused,"
-            " or its concurrency key has no free slot. Null otherwise.",
+            " its concurrency key has no free slot, or (a workflow node) its parents"
+            " have not all succeeded. Null otherwise.",
+        },
+        "workflow_id": {
+            **_TEXT_OR_NULL,
+            "format": "uuid",
+            "description": "The workflow whose node it is (GET /workflows/{id}); null for a"
+            " task enqueued alone. In GET /tasks/{id} only.",
         },
         "progress": {
             "anyOf": [

@@ -19,11 +19,11 @@ from starlette.routing import Route
 
 from taskq._utils import preview
 from taskq.enqueue.graphs import NODE_NAME, ON_FAILURE
-from taskq.errors import FieldError, InvalidRequest, Problem
+from taskq.errors import FieldError, Problem
 from taskq.settings import Settings
 from taskq.web.admin import operator_reason
 from taskq.web.cursors import Cursors
-from taskq.web.http import actor, app_client, endpoint, json_response, read_json
+from taskq.web.http import actor, app_client, bad, endpoint, json_response, one, read_json
 from taskq.web.openapi_schemas import ref
 from taskq.workflows import WorkflowStatus
 
@@ -32,17 +32,6 @@ BODY_FACTOR = 16
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 STATUS_NAMES = tuple(s.value for s in WorkflowStatus)
-
-
-def _bad(field: str, message: str) -> InvalidRequest:
-    return InvalidRequest([FieldError(field, message)])
-
-
-def _one(request: Request, name: str) -> str | None:
-    values = request.query_params.getlist(name)
-    if len(values) > 1:
-        raise _bad(name, "give it once")
-    return values[0] if values else None
 
 
 def _workflow_id(request: Request) -> uuid.UUID:
@@ -74,25 +63,25 @@ async def get_workflow(request: Request) -> Response:
 
 @endpoint("workflows")
 async def list_workflows(request: Request) -> Response:
-    status = _one(request, "status")
+    status = one(request, "status")
     if status is not None and status not in STATUS_NAMES:
-        raise _bad("status", f"{preview(status)} is not one of {', '.join(STATUS_NAMES)}")
-    name = _one(request, "name")
+        raise bad("status", f"{preview(status)} is not one of {', '.join(STATUS_NAMES)}")
+    name = one(request, "name")
     if name is not None and not 1 <= len(name) <= 200:
-        raise _bad("name", "1 to 200 characters")
-    text = _one(request, "limit")
+        raise bad("name", "1 to 200 characters")
+    text = one(request, "limit")
     limit = DEFAULT_LIMIT
     if text is not None:
         if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-            raise _bad("limit", f"an integer from 1 to {MAX_LIMIT}")
+            raise bad("limit", f"an integer from 1 to {MAX_LIMIT}")
         limit = int(text)
     cursors: Cursors = request.app.state.cursors
     cursor = None
-    if (given := _one(request, "cursor")) is not None:
+    if (given := one(request, "cursor")) is not None:
         try:
             cursor = cursors.decode("workflows", given)
         except ValueError as exc:
-            raise _bad("cursor", str(exc)) from None
+            raise bad("cursor", str(exc)) from None
     found = await app_client(request).store.workflows(
         status=status, name=name, cursor=cursor, limit=limit + 1
     )

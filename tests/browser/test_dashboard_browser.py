@@ -416,6 +416,11 @@ def test_a_workflows_graph_shows_its_nodes_live_and_cancels(system: System, page
     line.get_by_role("link").click()
     expect(page.locator("#workflow-id")).to_contain_text(workflow["id"])
 
+    # A node's task page links to its workflow.
+    page.goto(system.url + f"/ui/#/task/{workflow['nodes'][0]['task_id']}")
+    page.locator("#task-workflow").click()
+    expect(page.locator("#workflow-id")).to_contain_text(workflow["id"])
+
 
 def test_a_large_workflow_is_drawn_by_level(system: System, page: Any) -> None:
     branches = [{"name": f"b{i}", "type": "demo.noop", "payload": {}} for i in range(300)]

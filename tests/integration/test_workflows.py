@@ -385,6 +385,9 @@ async def test_workflows_are_read_listed_replayed_and_counted_over_http(
         ]
         enqueued = (await api.get("/tasks", params={"status": "ENQUEUED"})).json()["tasks"]
         assert [t["id"] for t in enqueued] == [answer["nodes"][0]["task_id"]]
+        # A node's task names its workflow; a task enqueued alone names none.
+        detail = (await api.get(f"/tasks/{answer['nodes'][1]['task_id']}")).json()
+        assert detail["workflow_id"] == answer["id"]
         async with running_worker(settings, handlers):
             record, _ = await workflow_done(h, workflow_id)
         assert record.status == "SUCCEEDED"
@@ -413,3 +416,6 @@ async def test_workflows_are_read_listed_replayed_and_counted_over_http(
         assert await h.store.delete_finished(0, 1000) == 2
         assert await h.store.prune_workflows(0, 1000) == 1
         assert await count_rows(h) == (0, 0, 0, 0)
+        alone = await api.post("/enqueue", json={"type": "flow.step", "payload": {"tag": "x"}})
+        assert alone.status_code in (200, 201, 202), alone.text
+        assert (await api.get(f"/tasks/{alone.json()['id']}")).json()["workflow_id"] is None

@@ -28,6 +28,7 @@ from taskq.model import (
 
 NOW = datetime(2026, 12, 7, 4, 0, tzinfo=UTC)
 TASK = uuid.UUID("01890000-0000-7000-8000-000000000001")
+WORKFLOW = uuid.UUID("01890000-0000-7000-8000-0000000000f1")
 TOKEN = uuid.UUID("01890000-0000-7000-8000-0000000000ff")
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -148,7 +149,7 @@ def test_a_task_reads_why_its_publish_was_set_aside_only_from_its_detail_row() -
         "scheduled": False, "wait_reason": None, "publish_error": "Unpublishable: gone",
         "publish_retry_at": NOW,
         "progress": None, "progress_details": None, "progress_attempt": None, "progress_at": None,
-        "limited_by": "stripe", "limited_until": NOW,
+        "limited_by": "stripe", "limited_until": NOW, "workflow_id": WORKFLOW,
     }  # fmt: skip
     listed = TaskRecord.from_row(row)
     assert (listed.status, listed.publish_error) == (TaskStatus.FAILED, None)
@@ -156,6 +157,7 @@ def test_a_task_reads_why_its_publish_was_set_aside_only_from_its_detail_row() -
     detail = TaskRecord.from_detail_row(row)
     assert (detail.publish_error, detail.publish_retry_at) == ("Unpublishable: gone", NOW)
     assert (detail.limited_by, detail.limited_until) == ("stripe", NOW)
+    assert (listed.workflow_id, detail.workflow_id) == (None, WORKFLOW)
     assert detail.progress is None
 
 
@@ -167,7 +169,7 @@ def test_a_task_reads_its_progress_from_its_detail_row_only() -> None:
         "worker_id": None, "published_at": None, "created_at": NOW, "updated_at": NOW,
         "started_at": NOW, "finished_at": NOW, "cancel_requested_at": None, "replays": 0,
         "scheduled": False, "wait_reason": None, "publish_error": None, "publish_retry_at": None,
-        "limited_by": None, "limited_until": None,
+        "limited_by": None, "limited_until": None, "workflow_id": None,
         "progress": 0.5, "progress_details": '{"rows": 4}', "progress_attempt": 1,
         "progress_at": NOW,
     }  # fmt: skip

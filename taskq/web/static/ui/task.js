@@ -18,6 +18,7 @@ const FACTS = [
   ["Finished", (t) => when(t.finished_at)],
   ["Updated", (t) => when(t.updated_at)],
   ["Waiting for", (t) => (t.wait_reason ? WAIT_REASONS[t.wait_reason] || t.wait_reason : null)],
+  ["Workflow", (t) => (t.workflow_id ? h("a", { href: `#/workflow/${t.workflow_id}`, class: "mono", id: "task-workflow" }, t.workflow_id) : null)],
   ["Worker", (t) => t.worker_id || "–"],
   ["Idempotency key", (t) => t.idempotency_key || "–"],
   ["Unique key", (t) => (t.unique ? uniqueFact(t.unique) : null)],
