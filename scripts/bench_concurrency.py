@@ -31,7 +31,7 @@ from benchlib import Sandbox, cpu_now, scrape_counter
 from taskq.client import Client
 from taskq.model import Concurrency
 
-HANDOFFS = "taskq_concurrency_handoffs_total"
+HANDOFFS = "taskq_handoffs_total"
 
 
 async def main() -> None:

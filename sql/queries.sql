@@ -2198,6 +2198,20 @@ UPDATE taskq.tasks t SET
     wait_reason = NULL, updated_at = now()
 WHERE t.id = ANY(ARRAY(SELECT id FROM held));
 
+-- name: workflow_released
+-- The children of the nodes :ids (successes recorded in this transaction) that
+-- the settle released (ENQUEUED, not published yet, due), of the :queues, at
+-- most :limit of them, for the worker that recorded them to claim (a handoff).
+-- By the edges' parent index and the tasks' primary key.
+-- :ids uuid[], :queues text[], :limit
+SELECT DISTINCT t.id
+FROM taskq.workflow_edges e JOIN taskq.tasks t ON t.id = e.child_id
+WHERE e.parent_id = ANY(:ids::uuid[])
+  AND t.status = 'ENQUEUED' AND t.published_at IS NULL AND t.run_at <= now()
+  AND t.queue = ANY(:queues::text[])
+ORDER BY t.id
+LIMIT :limit;
+
 -- name: parent_results
 -- The results of a node's parents, in the order of its depends_on (a worker reads
 -- them before it runs a node: ctx.parent_results), each with the size of them all

@@ -235,9 +235,10 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.handoffs = Counter(
-            "taskq_concurrency_handoffs_total",
-            "Tasks a concurrency slot freed by this worker's outcome released and this worker"
-            " claimed in the same transaction, to run at once (no publish, no delivery).",
+            "taskq_handoffs_total",
+            "Tasks this worker's outcome released (a concurrency slot it freed, a workflow"
+            " node's success) that it claimed in the same transaction, to run at once"
+            " (no publish, no delivery).",
             ["queue"],
             registry=self.registry,
         )

@@ -118,16 +118,48 @@ class ClaimsStore(GatesStore):
         *,
         holds_slots: bool = False,
         handoff: Handoff | None = None,
+        nodes: bool = False,
     ) -> dict[uuid.UUID, TaskStatus]:
-        """Record successes ``(id, token, result_json)``."""
+        """Record successes ``(id, token, result_json)``.
+
+        ``nodes``: some are workflow nodes, whose success may release their
+        children (the trigger tasks_workflow_settle, in this statement); with a
+        ``handoff``, those children are claimed for its worker in the same
+        transaction, up to its room (after the tasks freed slots release)."""
         async with self._connection() as connection:
-            if not holds_slots:
+            if not holds_slots and (handoff is None or not nodes):
                 return await self._complete(connection, items)
             async with connection.transaction():
-                recorded, claimed = await self._complete_releasing(connection, items, handoff)
+                if holds_slots:
+                    recorded, claimed = await self._complete_releasing(connection, items, handoff)
+                else:
+                    recorded, claimed = await self._complete(connection, items), []
+                if nodes and handoff is not None and handoff.room > len(claimed):
+                    room = handoff.room - len(claimed)
+                    claimed += await self._hand_over_children(connection, recorded, handoff, room)
             if handoff is not None:
                 handoff.claimed = claimed
             return recorded
+
+    async def _hand_over_children(
+        self,
+        connection: asyncpg.Connection,
+        recorded: dict[uuid.UUID, TaskStatus],
+        handoff: Handoff,
+        room: int,
+    ) -> list[ClaimedTask]:
+        """Claim for ``handoff``'s worker, up to ``room`` of them, the workflow
+        nodes that the successes ``recorded`` released in this transaction (due, of
+        its queues, not published yet): it runs them at once, with no publish,
+        delivery or claim of their own. The relay, woken for them at commit, finds
+        them RUNNING and owes nothing."""
+        done = [i for i, status in recorded.items() if status is TaskStatus.SUCCEEDED]
+        if not done:
+            return []
+        ids = await connection.fetch(
+            self.q["workflow_released"], done, sorted(handoff.queues), room
+        )
+        return await self._hand_over(connection, [row["id"] for row in ids], handoff)
 
     async def _complete(
         self,
@@ -228,8 +260,21 @@ class OpenClaim:
         self.rows = rows
 
     async def complete(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str]],
+        *,
+        holds_slots: bool = False,
+        handoff: Handoff | None = None,
+        nodes: bool = False,
     ) -> dict[uuid.UUID, TaskStatus]:
         """Record successes ``(id, token, result_json)`` in the claim's transaction, as
-        :meth:`Store.complete` does; they commit with the claim."""
-        return await self._store._complete(self._connection, items, holds_slots=holds_slots)
+        :meth:`Store.complete` does; they commit with the claim. With ``nodes`` and a
+        ``handoff``, the workflow nodes they release are claimed for its worker in
+        the same transaction (``handoff.claimed``: its worker's once it commits)."""
+        store = self._store
+        recorded = await store._complete(self._connection, items, holds_slots=holds_slots)
+        if nodes and handoff is not None and handoff.room > 0:
+            handoff.claimed = await store._hand_over_children(
+                self._connection, recorded, handoff, handoff.room
+            )
+        return recorded

@@ -166,19 +166,29 @@ class GatesStore(StoreBase):
         claimed: list[ClaimedTask] = []
         if handoff is not None and handoff.room > 0:
             taken = [i for i, queue in released if queue in handoff.queues][: handoff.room]
-            if taken:
-                rows = await connection.fetch(
-                    self.q["claim_gated"],
-                    sorted(taken),
-                    handoff.worker_id,
-                    handoff.lease,
-                    HOLD_SECONDS,
-                    CLAIM_AHEAD_SECONDS,
-                )
-                claimed = [c for c in map(claim_from_row, rows) if isinstance(c, ClaimedTask)]
+            claimed = await self._hand_over(connection, taken, handoff)
         mine = {c.id for c in claimed}
         await self._notify([i for i, _ in released if i not in mine], _Asyncpg(connection, self.q))
         return len(released), claimed
+
+    async def _hand_over(
+        self, connection: asyncpg.Connection, ids: Sequence[uuid.UUID], handoff: Handoff
+    ) -> list[ClaimedTask]:
+        """Claim the tasks ``ids`` (released in this transaction) for ``handoff``'s
+        worker, gates and all (``claim_gated``); returns those it may run. The
+        others are left as the claim decided (parked, limited, early), their
+        publishes owed."""
+        if not ids:
+            return []
+        rows = await connection.fetch(
+            self.q["claim_gated"],
+            sorted(ids),
+            handoff.worker_id,
+            handoff.lease,
+            HOLD_SECONDS,
+            CLAIM_AHEAD_SECONDS,
+        )
+        return [c for c in map(claim_from_row, rows) if isinstance(c, ClaimedTask)]
 
     async def _ending(
         self,

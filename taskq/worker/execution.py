@@ -95,8 +95,8 @@ class Attempt:
     """A claimed attempt, from its claim until its outcome is recorded."""
 
     __slots__ = (
-        "cancel_told", "ctx", "holds_slot", "id", "number", "place", "queue", "span", "stopped",
-        "task", "token", "type", "window",
+        "cancel_told", "ctx", "holds_slot", "id", "node", "number", "place", "queue", "span",
+        "stopped", "task", "token", "type", "window",
     )  # fmt: skip
 
     def __init__(
@@ -112,6 +112,7 @@ class Attempt:
         self.type = task.type
         self.queue = task.queue
         self.holds_slot = task.concurrency_key is not None
+        self.node = task.workflow_id is not None
         report = None if progress is None else functools.partial(progress, self.id, self.number)
         self.ctx = Context(
             self.id, self.type, self.number, task.max_attempts, self.queue, worker_id,
@@ -463,7 +464,7 @@ class Runner:
     ) -> Finished:
         return Finished(
             kind, attempt.id, attempt.token, attempt.number, attempt.type, attempt.queue,
-            result, error, delay, holds_slot=attempt.holds_slot,
+            result, error, delay, holds_slot=attempt.holds_slot, node=attempt.node,
         )  # fmt: skip
 
     def _failure(

@@ -48,10 +48,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from taskq.metrics import WorkerMetrics
-from taskq.model import ClaimedTask, OutcomeKind, TaskStatus, Unclaimed
+from taskq.model import ClaimedTask, Handoff, OutcomeKind, TaskStatus, Unclaimed
 from taskq.store import Store
 from taskq.worker.consumer import Delivery
-from taskq.worker.outcomes import Finished, Recorder
+from taskq.worker.outcomes import NODE_HANDOFF, Finished, Recorder
 
 if TYPE_CHECKING:
     from taskq.worker.execution import Runner
@@ -138,6 +138,8 @@ class Inline:
         again = {d.envelope.id for d in batch if d.redelivered}
         written: list[Finished] = []
         recorded: dict[uuid.UUID, TaskStatus] = {}
+        handoffs = self._recorder.handoffs
+        handoff: Handoff | None = None
         try:
             async with store.claim_open([d.envelope.id for d in batch], worker_id, lease) as claim:
                 for row in claim.rows:
@@ -152,13 +154,24 @@ class Inline:
                     written = window.successes()
                 if written:
                     self._metrics.batch_size.labels(_COMPLETE).observe(len(written))
+                    nodes = any(f.node for f in written)
+                    if nodes and handoffs is not None:
+                        # Room for the workflow nodes these successes release.
+                        handoff = handoffs.lend(NODE_HANDOFF, 0)
                     recorded = await claim.complete(
                         [(f.id, f.token, f.result or "null") for f in written],
                         holds_slots=any(f.holds_slot for f in written),
+                        handoff=handoff,
+                        nodes=nodes,
                     )
         except BaseException:
             self._runner.abort(window)
+            if handoff is not None and handoffs is not None:
+                handoff.claimed = []  # rolled back: never claimed
+                handoffs.took(handoff)
             raise
+        if handoff is not None and handoffs is not None:
+            handoffs.took(handoff)
         # Committed: nothing below may fail the claim (its deliveries must be acked).
         later = window.close(committed=True)
         try:

@@ -42,6 +42,10 @@ log = logging.getLogger("taskq.worker")
 
 RETRY_SECONDS = 1.0
 GIVE_UP_SECONDS = 300.0
+# At most this many children released by successes of workflow nodes are claimed
+# for the worker that recorded them (a chain's next step at once); a wider fan-out's
+# other children are published for the whole fleet.
+NODE_HANDOFF = 16
 
 
 @dataclass(slots=True)
@@ -53,7 +57,9 @@ class Finished:
     retry is due; ``failing_since`` when recording it first failed;
     ``holds_slot`` whether the attempt holds a concurrency slot (given back with it);
     ``keeps_place`` whether its worker place is still taken, for the task that slot
-    releases (the recorder hands it over or frees it, once).
+    releases (the recorder hands it over or frees it, once); ``node`` whether it is a
+    workflow node's (its success may release its children, which the recorder may
+    hand over to this worker as well).
     """
 
     kind: OutcomeKind
@@ -68,6 +74,7 @@ class Finished:
     failing_since: float | None = None
     holds_slot: bool = False
     keeps_place: bool = False
+    node: bool = False
 
 
 class Recorder(Service):
@@ -231,16 +238,18 @@ class Recorder(Service):
         """
         freeing = sum(i.holds_slot for i in items)
         places = sum(i.keeps_place for i in items)
+        # Successes of workflow nodes may release their children: room for some.
+        nodes = NODE_HANDOFF if kind is OutcomeKind.COMPLETE and any(i.node for i in items) else 0
         for item in items:
             item.keeps_place = False  # from here on the places are the claimer's again
         handoffs = self.handoffs
-        if handoffs is None or not freeing or kind is OutcomeKind.GIVE_BACK:
+        if handoffs is None or not (freeing or nodes) or kind is OutcomeKind.GIVE_BACK:
             if places and handoffs is not None:
                 handoffs.release(places)
             return await self._statement(kind, items, freeing > 0, None)
-        handoff = handoffs.lend(freeing, places)
+        handoff = handoffs.lend(freeing + nodes, places)
         try:
-            return await self._statement(kind, items, True, handoff)
+            return await self._statement(kind, items, freeing > 0, handoff)
         finally:
             if handoff is not None:
                 handoffs.took(handoff)
@@ -254,6 +263,7 @@ class Recorder(Service):
                 [(i.id, i.token, i.result or "null") for i in items],
                 holds_slots=slots,
                 handoff=handoff,
+                nodes=any(i.node for i in items),
             )
         if kind is OutcomeKind.CANCEL:
             rows = await store.cancel_running(
@@ -287,7 +297,8 @@ class Recorder(Service):
 
 
 class Handoffs(Protocol):
-    """Lends a worker's room to the outcomes that free concurrency slots (the claimer)."""
+    """Lends a worker's room to the outcomes that free concurrency slots or release
+    workflow nodes (the claimer)."""
 
     def lend(self, wanted: int, places: int) -> Handoff | None: ...
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,11 @@ from taskq.fleet.relay import HEADER_REASON
 from taskq.settings import Settings
 from taskq.store import NewTask
 from tests.support.faults import (
+    KILL_AT,
     all_terminal,
     audit,
     eventually,
+    kill_as_work_progresses,
     processes,
     queue_depth,
     statuses,
@@ -146,10 +147,11 @@ class StallingProxy:
 async def test_worker_crashes_lose_nothing_and_succeed_once(
     settings: Settings, tmp_path: Path, db: asyncpg.Connection
 ) -> None:
-    """Two workers run 2,000 tasks; one of them is SIGKILLed every ~2 s and restarted.
+    """Two workers run 2,000 tasks; one of them is SIGKILLed and restarted as the work
+    progresses (at 10 to 70 % of it done, tests.support.faults.kill_as_work_progresses).
 
     The workers run 16 tasks at once each (not the default 100): the 2,000 tasks
-    of 0.2 s then last about 12 s, long enough for the kills."""
+    of 0.2 s then last about 12 s."""
     async with harness(settings) as h, processes(settings, tmp_path) as procs:
         await h.put_type("demo.record", timeout=60)
         workers = [await procs.worker("--concurrency", "16") for _ in range(2)]
@@ -159,18 +161,15 @@ async def test_worker_crashes_lose_nothing_and_succeed_once(
             ids = await enqueue_records(client, 2000, seconds=0.2)
         finally:
             await client.close()
-        kills = 0
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and kills < 6:
-            await asyncio.sleep(2.0)
-            done = await statuses(db, ids)
-            if done.get("SUCCEEDED", 0) >= len(ids) * 0.9:
-                break  # keep the last tenth for a clean finish
-            index = kills % 2  # alternate, so the sweeper's holder dies too
-            await procs.kill(workers[index])
-            kills += 1
-            workers[index] = await procs.worker("--concurrency", "16")
-        assert kills >= 3, f"only {kills} kills before the work was done: make tasks slower"
+
+        async def start() -> asyncio.subprocess.Process:
+            return await procs.worker("--concurrency", "16")
+
+        async def done() -> int:
+            return (await statuses(db, ids)).get("SUCCEEDED", 0)
+
+        kills = await kill_as_work_progresses(procs, workers, start, done, len(ids))
+        assert kills == len(KILL_AT), f"only {kills} kills: the work stopped progressing"
         await all_terminal(db, ids, timeout=60)
         figures = await audit(db, ids, "1 worker crashes", faults=kills)
         for worker in workers:

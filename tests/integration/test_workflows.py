@@ -92,6 +92,35 @@ async def test_a_chain_runs_in_order_and_each_step_reads_its_parents_result(
         assert record.finished_at is not None
 
 
+@pytest.mark.parametrize("inline_window", [0.0, 0.05])
+async def test_the_worker_that_records_a_step_runs_the_next_one_with_no_publish(
+    settings: Settings, inline_window: float
+) -> None:
+    # With an inline window the first step's success is recorded in its claim's
+    # transaction (which hands the second over); without one, by the recorder.
+    settings = settings.model_copy(update={"worker_inline_window": inline_window})
+    async with (
+        harness(settings) as h,
+        running_worker(settings, handlers) as worker,
+        Client.connect(settings) as client,
+    ):
+        flow = chain(*(step.s({"tag": f"s{n}"}, name=f"s{n}") for n in range(4)))
+        result = await client.enqueue_workflow(flow)
+        record, _ = await workflow_done(h, result.id)
+        assert record.status == "SUCCEEDED"
+        assert tags() == ["s0", "s1", "s2", "s3"]
+        # Each later step was claimed in the transaction that recorded its parent's
+        # success, by the same worker: never published, never delivered.
+        handed = worker.metrics.registry.get_sample_value(
+            "taskq_handoffs_total", {"queue": "default"}
+        )
+        assert handed == 3
+        for n in range(1, 4):
+            events = await h.events(result.tasks[f"s{n}"])
+            assert [e.status for e in events] == ["WAITING", "ENQUEUED", "RUNNING", "SUCCEEDED"]
+            assert events[2].worker_id == worker.worker_id
+
+
 async def test_a_groups_callback_runs_once_after_all_with_results_in_order(
     settings: Settings,
 ) -> None:

@@ -154,8 +154,8 @@ async def api_process(procs: Processes) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-async def consumers(settings: Settings) -> int:
-    """Consumers of the default work queue, on a connection of its own (0 if unreachable)."""
+async def consumers(settings: Settings, queue: str = "default") -> int:
+    """Consumers of the work queue ``queue``, on a connection of its own (0 if unreachable)."""
     try:
         connection = await asyncio.wait_for(
             broker.connect(settings.amqp_urls, name="test-consumers", robust=False), 10
@@ -165,7 +165,7 @@ async def consumers(settings: Settings) -> int:
     try:
         channel = await connection.channel()
         raw = await channel.get_underlay_channel()
-        declared = await raw.queue_declare(settings.topology().names.queue("default"), passive=True)
+        declared = await raw.queue_declare(settings.topology().names.queue(queue), passive=True)
         return declared.consumer_count or 0
     except Exception:
         return 0

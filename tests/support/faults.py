@@ -139,6 +139,38 @@ async def statuses(db: asyncpg.Connection, ids: list[uuid.UUID]) -> dict[str, in
     return {row["status"]: row["count"] for row in rows}
 
 
+# The shares of the work done at which kill_as_work_progresses kills a worker.
+KILL_AT = (0.1, 0.25, 0.4, 0.55, 0.7)
+
+
+async def kill_as_work_progresses(
+    procs: Processes,
+    workers: list[asyncio.subprocess.Process],
+    start: Callable[[], Awaitable[asyncio.subprocess.Process]],
+    done: Callable[[], Awaitable[int]],
+    total: int,
+    timeout: float = 120.0,
+) -> int:
+    """SIGKILL one of ``workers`` (alternately, so that the sweeper's holder dies too)
+    and ``start`` another in its place each time a further share of the ``total``
+    work is ``done`` (:data:`KILL_AT`): the kills land while work runs however fast
+    the machine runs it, and the last tenths are left for a clean finish. Returns how
+    many kills there were: fewer than ``len(KILL_AT)`` only if the work stopped
+    progressing for ``timeout`` seconds."""
+    kills = 0
+    deadline = time.monotonic() + timeout
+    while kills < len(KILL_AT) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        if await done() < total * KILL_AT[kills]:
+            continue
+        index = kills % len(workers)
+        await procs.kill(workers[index])
+        kills += 1
+        workers[index] = await start()
+        deadline = time.monotonic() + timeout
+    return kills
+
+
 async def all_terminal(db: asyncpg.Connection, ids: list[uuid.UUID], timeout: float) -> None:
     async def done() -> bool:
         counts = await statuses(db, ids)

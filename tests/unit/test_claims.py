@@ -218,7 +218,7 @@ async def test_room_lent_to_a_handoff_is_the_kept_places_then_free_ones_and_come
     # The task claimed runs in one place; the two others are free again.
     assert c.begun == [handoff.claimed[0].id] and claimer._reserved == 8
     sample = claimer.metrics.registry.get_sample_value
-    assert sample("taskq_concurrency_handoffs_total", {"queue": QUEUE}) == 1
+    assert sample("taskq_handoffs_total", {"queue": QUEUE}) == 1
     # With no room, the kept places are freed at once.
     claimer._reserved = 10
     assert claimer.lend(3, places=0) is None and claimer._reserved == 10

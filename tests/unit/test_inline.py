@@ -23,7 +23,7 @@ import pytest
 from taskq.amqp.envelope import Envelope
 from taskq.errors import StoreError
 from taskq.metrics import WorkerMetrics
-from taskq.model import ClaimedTask, OutcomeKind, TaskStatus, Unclaimed
+from taskq.model import ClaimedTask, Handoff, OutcomeKind, TaskStatus, Unclaimed
 from taskq.worker import claims
 from taskq.worker.claims import Claimer
 from taskq.worker.consumer import Buffers, Delivery
@@ -51,11 +51,18 @@ class OpenClaim:
     store: Store
 
     async def complete(
-        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, str]], *, holds_slots: bool = False
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, str]],
+        *,
+        holds_slots: bool = False,
+        handoff: Handoff | None = None,
+        nodes: bool = False,
     ) -> dict[uuid.UUID, TaskStatus]:
         self.store.completed.extend(i for i, _, _ in items)
         if self.store.complete_error is not None:
             raise self.store.complete_error
+        if nodes and handoff is not None:  # each success released a child, claimed
+            handoff.claimed = [claimed(uuid.uuid4()) for _ in items][: handoff.room]
         return {i: TaskStatus.SUCCEEDED for i, _, _ in items}
 
 
@@ -98,6 +105,7 @@ class Runner:
     aborted: list[uuid.UUID] = field(default_factory=list)
     gates: dict[uuid.UUID, asyncio.Event] = field(default_factory=dict)
     recorded: list[uuid.UUID] = field(default_factory=list)  # outcomes a window did not take
+    nodes: set[uuid.UUID] = field(default_factory=set)  # workflow nodes' attempts
 
     def begin_inline(self, row: ClaimedTask, window: Window) -> asyncio.Task[None] | None:
         if row.id in self.no_thread:
@@ -109,7 +117,10 @@ class Runner:
     async def _run(self, row: ClaimedTask, window: Window, gate: asyncio.Event) -> None:
         if row.id in self.slow:
             await gate.wait()
-        outcome = Finished(OutcomeKind.COMPLETE, row.id, row.claim_token, 1, "t", QUEUE, "1")
+        outcome = Finished(
+            OutcomeKind.COMPLETE, row.id, row.claim_token, 1, "t", QUEUE, "1",
+            node=row.id in self.nodes,
+        )  # fmt: skip
         if not window.take(outcome):
             self.recorded.append(row.id)
 
@@ -128,6 +139,7 @@ class Recorder:
         default_factory=list
     )
     added: list[uuid.UUID] = field(default_factory=list)
+    handoffs: Any = None  # the claimer, as the worker wires it
 
     def close_attempts(self, kind: OutcomeKind, items: Sequence[Finished], recorded: Any) -> None:
         self.written.append((kind, [i.id for i in items], dict(recorded)))
@@ -164,6 +176,7 @@ class Claiming:
         self.claimer = fake_claimer(
             self.store, None, self.buffers, self.acker, self.begun_after_append, inline
         )
+        self.recorder.handoffs = self.claimer
 
     def begun_after_append(self, row: ClaimedTask) -> None:
         self.begun_after.append(row.id)
@@ -268,3 +281,27 @@ async def test_a_failed_inline_claim_stops_its_attempts_and_never_runs_them_inli
     c.claimer._reserved = 0
     await c.claim(batch)
     assert c.store.plain_claims == 1 and c.begun_after == ids
+
+
+async def test_a_nodes_inline_success_hands_the_children_it_releases_to_this_worker() -> None:
+    node, plain = delivery(1), delivery(2)
+    c = Claiming()
+    c.runner.nodes.add(node.envelope.id)
+    await c.claim([node, plain])
+    assert c.store.committed == [True]
+    # The fake releases one child per success, claimed in the claim's transaction and
+    # begun once it has committed; the claimer's room for it was lent and taken.
+    assert len(c.begun_after) == 2
+    assert c.claimer._reserved == 2 + 2
+
+
+async def test_a_rolled_back_inline_claim_hands_over_nothing_and_frees_the_room_lent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(claims, "STORE_RETRY_SECONDS", 0.0)
+    c = Claiming(store=Store(complete_error=StoreError("connection lost")))
+    batch = [delivery(1), delivery(2)]
+    c.runner.nodes.update(d.envelope.id for d in batch)
+    await c.claim(batch)
+    assert c.store.committed == [False] and c.begun_after == []
+    assert c.claimer._reserved == 2  # only the attempts' own, as without nodes

@@ -23,7 +23,9 @@ class Failing:
     def __init__(self) -> None:
         self.tries = 0
 
-    async def complete(self, items: Any, *, holds_slots: bool = False, handoff: Any = None) -> Any:
+    async def complete(
+        self, items: Any, *, holds_slots: bool = False, handoff: Any = None, nodes: bool = False
+    ) -> Any:
         self.tries += 1
         raise StoreError("database error: connection refused")
 
@@ -107,14 +109,22 @@ class Releasing:
     handoff; with ``fail`` set, the statement fails instead (nothing claimed)."""
 
     def __init__(self, fail: bool) -> None:
-        self.fail = fail
+        self.broken = fail
         self.calls: list[tuple[bool, Handoff | None]] = []
+        self.nodes: list[bool] = []
+        self.failed: list[tuple[bool, Handoff | None]] = []
 
     async def complete(
-        self, items: Any, *, holds_slots: bool = False, handoff: Handoff | None = None
+        self,
+        items: Any,
+        *,
+        holds_slots: bool = False,
+        handoff: Handoff | None = None,
+        nodes: bool = False,
     ) -> dict[uuid.UUID, TaskStatus]:
         self.calls.append((holds_slots, handoff))
-        if self.fail:
+        self.nodes.append(nodes)
+        if self.broken:
             raise StoreError("database error: the statement failed")
         if handoff is not None:
             now = datetime.now(UTC)
@@ -123,6 +133,12 @@ class Releasing:
                 for _ in range(min(handoff.room, len(items)))
             ]
         return {item[0]: TaskStatus.SUCCEEDED for item in items}
+
+    async def fail(
+        self, items: Any, *, holds_slots: bool = False, handoff: Handoff | None = None
+    ) -> list[Any]:
+        self.failed.append((holds_slots, handoff))
+        return []
 
 
 class Lender:
@@ -180,3 +196,29 @@ async def test_outcomes_freeing_slots_borrow_room_and_always_give_back_what_they
     assert calls[0] == (False, False) and (True, True) in calls and (False, True) not in calls
     assert (len(lender.begun), lender.freed) == ((0, 1) if fail else (1, 0))
     assert not any(item.keeps_place for item in freeing)
+
+
+async def test_a_workflow_nodes_success_borrows_room_for_the_children_it_releases() -> None:
+    store, lender, settled = Releasing(False), Lender(), list[uuid.UUID]()
+    recorder = Recorder(cast(Any, store), cast(Any, None), WorkerMetrics(), settled.append)
+    recorder.handoffs = lender
+    await recorder.start()
+    try:
+        # A node holding no slot, whose attempt kept its place (so that the lender,
+        # which has no free place of its own here, has room to lend).
+        node = Finished(OutcomeKind.COMPLETE, uuid.uuid4(), uuid.uuid4(), 1, "t", "default",
+                        node=True, keeps_place=True)  # fmt: skip
+        recorder.add(node)
+        await poll(lambda: len(settled) == 1, "the outcome was not closed")
+        # A node's failure releases nothing: nothing is lent.
+        failed = Finished(OutcomeKind.FAIL, uuid.uuid4(), uuid.uuid4(), 1, "t", "default",
+                          error="e", node=True)  # fmt: skip
+        recorder.add(failed)
+        await poll(lambda: len(settled) == 2, "the failure was not closed")
+    finally:
+        await recorder.stop(1.0)
+    [(slots, handoff)] = store.calls
+    assert (slots, store.nodes) == (False, [True])
+    assert store.failed == [(False, None)]
+    assert handoff is not None and handoff.room == 1
+    assert (len(lender.begun), lender.freed) == (1, 0)

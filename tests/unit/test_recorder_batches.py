@@ -59,6 +59,7 @@ class Store:
         *,
         holds_slots: bool = False,
         handoff: Any = None,
+        nodes: bool = False,
     ) -> dict[uuid.UUID, TaskStatus]:
         recorded = self._statement(OutcomeKind.COMPLETE, TaskStatus.SUCCEEDED, items)
         return {owed.id: owed.status for owed in recorded}
