@@ -2202,14 +2202,20 @@ WHERE t.id = ANY(ARRAY(SELECT id FROM held));
 -- The children of the nodes :ids (successes recorded in this transaction) that
 -- the settle released (ENQUEUED, not published yet, due), of the :queues, at
 -- most :limit of them, for the worker that recorded them to claim (a handoff).
--- By the edges' parent index and the tasks' primary key.
+-- By the edges' parent index, then each child by the tasks' primary key (never a
+-- scan of the queue's ENQUEUED tasks, however many there are).
 -- :ids uuid[], :queues text[], :limit
-SELECT DISTINCT t.id
-FROM taskq.workflow_edges e JOIN taskq.tasks t ON t.id = e.child_id
+SELECT DISTINCT c.id
+FROM taskq.workflow_edges e
+CROSS JOIN LATERAL (
+    SELECT t.id, t.status, t.published_at, t.run_at, t.queue FROM taskq.tasks t
+    WHERE t.id = e.child_id
+    LIMIT 1  -- one row at most: keeps the planner from making this a join
+) c
 WHERE e.parent_id = ANY(:ids::uuid[])
-  AND t.status = 'ENQUEUED' AND t.published_at IS NULL AND t.run_at <= now()
-  AND t.queue = ANY(:queues::text[])
-ORDER BY t.id
+  AND c.status = 'ENQUEUED' AND c.published_at IS NULL AND c.run_at <= now()
+  AND c.queue = ANY(:queues::text[])
+ORDER BY c.id
 LIMIT :limit;
 
 -- name: parent_results

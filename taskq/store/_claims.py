@@ -156,10 +156,16 @@ class ClaimsStore(GatesStore):
         done = [i for i, status in recorded.items() if status is TaskStatus.SUCCEEDED]
         if not done:
             return []
-        ids = await connection.fetch(
+        rows = await connection.fetch(
             self.q["workflow_released"], done, sorted(handoff.queues), room
         )
-        return await self._hand_over(connection, [row["id"] for row in ids], handoff)
+        if not rows:
+            return []
+        # As a delivery's claim: `claim`, and `claim_gated` only for gated types.
+        claims = await self._claim_on(
+            connection, [row["id"] for row in rows], handoff.worker_id, handoff.lease
+        )
+        return [c for c in claims if isinstance(c, ClaimedTask)]
 
     async def _complete(
         self,
