@@ -12,7 +12,10 @@
 -- one that can no longer run, and forgets one that has moved on. Nothing is read
 -- while nothing was missed: one probe of an empty table per repair pass.
 --
--- The function below is 0019's, with the two notes added.
+-- The function below is 0019's, with the two notes added, and the resume of a
+-- workflow (a retried node's) skipping the skipped nodes another transaction
+-- holds: two operators retrying a failed node and its skipped child at once
+-- deadlocked (each held its node and waited for the other's).
 
 CREATE TABLE IF NOT EXISTS taskq.workflow_missed (
     task_id     uuid PRIMARY KEY,
@@ -229,9 +232,20 @@ BEGIN
         FROM resuming r
         JOIN taskq.workflow_nodes n ON n.workflow_id = r.id
         WHERE n.skipped AND NOT EXISTS (SELECT FROM below b WHERE b.id = n.task_id)
+    ), held AS (
+        -- SKIP LOCKED: a skipped node another transaction holds is being moved by
+        -- it (an operator's retry of that node, which waits for this workflow's
+        -- row: waiting for it here would deadlock) or deleted (retention).
+        SELECT r.id, r.n
+        FROM resumable r
+        CROSS JOIN LATERAL (
+            SELECT t.id FROM taskq.tasks t
+            WHERE t.id = r.id AND t.status = 'CANCELLED'
+            FOR UPDATE SKIP LOCKED
+        ) t
     ), counted AS (
         UPDATE taskq.workflow_nodes n SET parents_left = r.n, skipped = false
-        FROM resumable r WHERE n.task_id = r.id
+        FROM held r WHERE n.task_id = r.id
         RETURNING n.task_id, n.parents_left
     ), back AS (
         UPDATE taskq.tasks t SET

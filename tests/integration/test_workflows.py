@@ -11,10 +11,11 @@ import pytest
 
 from taskq import Client
 from taskq.handlers import Context, Registry
+from taskq.model import ClaimedTask, TaskStatus
 from taskq.settings import Settings
 from taskq.workflows import Workflow, chain, group
 from tests.support.api_fixtures import JSON, running_api
-from tests.support.worker_fixtures import Harness, harness, make_sweeper, running_worker
+from tests.support.worker_fixtures import Harness, harness, make_sweeper, running_worker, until
 
 pytestmark = pytest.mark.integration
 
@@ -328,6 +329,60 @@ async def test_a_node_the_settle_skipped_is_released_or_cancelled_by_the_sweeper
                 "taskq_waiting_repaired_total", {"reason": reason}
             )
             assert sample == 1
+
+
+async def test_two_operator_retries_of_one_workflow_at_once_do_not_deadlock(
+    settings: Settings,
+) -> None:
+    # A failed node (its child skipped) and that child are retried at the same time.
+    # The failed node's retry resumes the workflow, which moves the skipped child;
+    # the child's own retry holds the child's row while it waits for the workflow.
+    async with harness(settings) as h, Client.connect(settings) as client:
+        await h.put_type("flow.step")
+        flow = Workflow(on_failure="continue")
+        bad = flow.add(step.s({"tag": "bad"}, name="bad"))
+        flow.add(step.s({"tag": "child"}, name="child"), after=[bad])
+        flow.add(step.s({"tag": "other"}, name="other"))
+        result = await client.enqueue_workflow(flow)
+        bad_id, child_id = result.tasks["bad"], result.tasks["child"]
+        [claim] = await h.store.claim([bad_id], "w", 30.0)
+        assert isinstance(claim, ClaimedTask)
+        await h.store.fail([(bad_id, claim.claim_token, "boom")])
+        assert (await h.task(child_id)).status == "CANCELLED"
+        retryable = [TaskStatus.FAILED, TaskStatus.CANCELLED]
+
+        async def waiting_for_locks() -> int:
+            return int(
+                await h.store.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+
+        async with h.store.pool.acquire() as holder, holder.transaction():
+            # The workflow's row held, so that both retries queue behind it in order:
+            # the failed node's first (it will get the row first), then the child's.
+            await holder.execute("SELECT FROM taskq.workflows WHERE id = $1 FOR UPDATE", result.id)
+            first = asyncio.create_task(
+                h.store.requeue([bad_id], retryable, action="retry", actor="t", reason=None)
+            )
+            await until(lambda: _at_least(waiting_for_locks, 1), "the first retry waits")
+            second = asyncio.create_task(
+                h.store.requeue([child_id], retryable, action="retry", actor="t", reason=None)
+            )
+            await until(lambda: _at_least(waiting_for_locks, 2), "the second retry waits")
+        retried = await asyncio.gather(first, second)
+        assert [[o.id for o in owed] for owed in retried] == [[bad_id], [child_id]]
+        bad_row, child_row = await h.task(bad_id), await h.task(child_id)
+        assert bad_row.status == "ENQUEUED"
+        # The child waits for its parent again, whichever retry moved it.
+        assert (child_row.status, child_row.wait_reason) == ("WAITING", "parents")
+        found = await h.store.workflow(result.id)
+        assert found is not None and found[0].status == "RUNNING"
+
+
+async def _at_least(count: Any, n: int) -> bool:
+    return bool(await count() >= n)
 
 
 async def count_rows(h: Harness) -> tuple[int, int, int, int]:
