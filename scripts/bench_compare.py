@@ -5,7 +5,8 @@
 
 Each output's JSON lines give the figures; with several runs their medians are
 used, else the one run's values. A figure whose name its workload repeats is
-named after the figure before it ("Dramatiq: end to end → taskq / peer"). Rows
+named after the last figure before it with a name of its own ("Dramatiq: end to
+end → taskq / peer", "Celery: chain … → worker CPU per 1000 tasks"). Rows
 follow the second output's order; a figure only one side has shows "-" on the
 other. Ratios are after / before.
 """
@@ -34,10 +35,12 @@ def figures(lines: Iterable[str]) -> tuple[dict[Key, tuple[float, str]], int]:
         key = (record["workload"], name)
         if key in figures:
             # A name a workload repeats (a ratio after each peer figure, the
-            # latency of each app) is told apart by the figure before it.
+            # latency of each app, a peer's CPU lines) is told apart by the last
+            # figure before it whose name was its own (the peer's headline).
             key = (record["workload"], f"{previous[run]} → {name}")
+        else:
+            previous[run] = name
         figures[key] = (float(record["value"]), record["unit"])
-        previous[run] = name
     if not by_run:
         raise SystemExit("no figures: is this the output of scripts/bench?")
     runs = sum(1 for run in by_run if run != "median")

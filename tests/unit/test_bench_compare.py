@@ -51,6 +51,15 @@ def test_a_repeated_name_is_told_apart_by_the_figure_before_it(compare: ModuleTy
     assert values[("3 end to end", "B: rate → ratio")] == (4.0, "s")
 
 
+def test_a_peers_repeated_lines_are_all_named_after_its_headline(compare: ModuleType) -> None:
+    # taskq's figure, its CPU line, then a peer's headline and the same two lines.
+    names = ["taskq: chain", "per step", "worker CPU", "Celery: chain", "per step", "worker CPU"]
+    values, _ = compare.figures([line(1, name, n) for n, name in enumerate(names)])
+    assert values[("3 end to end", "Celery: chain → per step")] == (4.0, "s")
+    assert values[("3 end to end", "Celery: chain → worker CPU")] == (5.0, "s")
+    assert values[("3 end to end", "worker CPU")] == (2.0, "s")
+
+
 def test_an_output_without_figures_is_refused(compare: ModuleType) -> None:
     with pytest.raises(SystemExit, match="no figures"):
         compare.figures(["Traceback (most recent call last):"])
