@@ -85,6 +85,12 @@ def test_grafana_dashboard_covers_what_operators_need() -> None:
         "taskq_tasks_in_flight",
         "taskq_publish_failures_total",
         "taskq_unpublished_tasks",
+        # Flow control and workflows (issues #17, #18).
+        "sum by (reason) (taskq_waiting_tasks)",
+        "taskq_rate_limited_total",
+        "sum by (status) (taskq_workflows)",
+        "taskq_handoffs_total",
+        "taskq_schedule_lateness_seconds_bucket",
     ):
         assert needed in text, needed
     board = dashboard()
