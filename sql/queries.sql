@@ -1724,10 +1724,35 @@ WHERE t.id = owed.id AND t.id = ANY(ARRAY(SELECT id FROM owed));
 
 -- name: stats_counts
 -- Tasks by status, by (queue, status) and by (type, status), in one scan;
--- the grouping column left NULL says which set a row belongs to.
+-- the grouping column left NULL says which set a row belongs to. Read while the
+-- table is small (see stats_succeeded_estimate).
 SELECT queue, type, status, count(*) AS n,
        GROUPING(queue) AS no_queue, GROUPING(type) AS no_type
 FROM taskq.tasks
+GROUP BY GROUPING SETS ((status), (queue, status), (type, status));
+
+-- name: stats_succeeded_estimate
+-- The planner's estimate of the SUCCEEDED tasks (the table's estimated rows times
+-- the status's frequency, both from the last ANALYZE): no row is read. Above a
+-- threshold, /stats counts the other statuses exactly and SUCCEEDED by this.
+EXPLAIN (FORMAT JSON) SELECT FROM taskq.tasks WHERE status = 'SUCCEEDED';
+
+-- name: stats_counts_others
+-- As stats_counts for every status but SUCCEEDED, each read through its own
+-- partial index: the cost follows the live tasks and the failures kept, not the
+-- successes retained (ten million cost what none do).
+WITH t AS (
+    SELECT queue, type, status FROM taskq.tasks WHERE status = 'ENQUEUED'
+    UNION ALL
+    SELECT queue, type, status FROM taskq.tasks WHERE status = 'RUNNING'
+    UNION ALL
+    SELECT queue, type, status FROM taskq.tasks WHERE status = 'WAITING'
+    UNION ALL
+    SELECT queue, type, status FROM taskq.tasks WHERE status IN ('FAILED', 'CANCELLED')
+)
+SELECT queue, type, status, count(*) AS n,
+       GROUPING(queue) AS no_queue, GROUPING(type) AS no_type
+FROM t
 GROUP BY GROUPING SETS ((status), (queue, status), (type, status));
 
 -- name: stats_scheduled

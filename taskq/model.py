@@ -759,24 +759,38 @@ class QueuePause:
 @dataclass(frozen=True, slots=True)
 class StatusCounts:
     """Tasks by status: in all, by queue and by type. Keyed by the statuses' text
-    (:data:`STATUS_NAMES`, every one present), as the JSON body shows them."""
+    (:data:`STATUS_NAMES`, every one present), as the JSON body shows them.
+    ``estimated``: the statuses whose count in ``by_status`` is the planner's
+    estimate (SUCCEEDED, on a large table); they are left out of ``by_queue`` and
+    ``by_type``."""
 
     by_status: dict[str, int]
     by_queue: dict[str, dict[str, int]]
     by_type: dict[str, dict[str, int]]
+    estimated: tuple[str, ...] = ()
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> StatusCounts:
+    def from_rows(
+        cls, rows: Sequence[Mapping[str, Any]], *, estimated_succeeded: int | None = None
+    ) -> StatusCounts:
         """From the grouping-sets rows of ``stats_counts`` (status, queue, type, n and
-        which grouping column a row leaves out)."""
-        counts = cls(dict.fromkeys(STATUS_NAMES, 0), {}, {})
+        which grouping column a row leaves out); with ``estimated_succeeded``, from
+        those of ``stats_counts_others`` and that estimate."""
+        names = STATUS_NAMES
+        estimated: tuple[str, ...] = ()
+        if estimated_succeeded is not None:
+            estimated = (TaskStatus.SUCCEEDED.value,)
+            names = tuple(n for n in STATUS_NAMES if n not in estimated)
+        counts = cls(dict.fromkeys(STATUS_NAMES, 0), {}, {}, estimated)
+        if estimated_succeeded is not None:
+            counts.by_status[TaskStatus.SUCCEEDED.value] = estimated_succeeded
         for row in rows:
             status, n = _STATUS[row["status"]].value, row["n"]
             if not row["no_queue"]:
-                by_queue = counts.by_queue.setdefault(row["queue"], dict.fromkeys(STATUS_NAMES, 0))
+                by_queue = counts.by_queue.setdefault(row["queue"], dict.fromkeys(names, 0))
                 by_queue[status] = n
             elif not row["no_type"]:
-                by_type = counts.by_type.setdefault(row["type"], dict.fromkeys(STATUS_NAMES, 0))
+                by_type = counts.by_type.setdefault(row["type"], dict.fromkeys(names, 0))
                 by_type[status] = n
             else:
                 counts.by_status[status] = n

@@ -97,6 +97,8 @@ class StatsSnapshot:
                 "duration_p95": window.duration_p95,
             },
             "at": self.at,
+            # The statuses whose by_status count is an estimate (a large table).
+            "estimated": list(counts.estimated),
         }
 
 

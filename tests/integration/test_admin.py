@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from taskq.settings import Settings
+from taskq.store import Store
 from taskq.web.http import key_label
 from tests.support.api_fixtures import (
     JSON,
@@ -322,6 +323,7 @@ async def test_stats(api: httpx.AsyncClient, db: asyncpg.Connection, settings: S
         body["by_queue"]["default"]["ENQUEUED"] == 2 and body["by_queue"]["high"]["ENQUEUED"] == 1
     )
     assert body["by_type"]["a.v1"]["SUCCEEDED"] == 1 and body["by_type"]["b.v1"]["ENQUEUED"] == 1
+    assert body["estimated"] == []  # a small table: every count exact
     assert body["throughput"]["window_seconds"] == 60
     assert body["throughput"]["enqueued_per_second"] == pytest.approx(5 / 60)
     assert body["throughput"]["succeeded_per_second"] == pytest.approx(1 / 60)
@@ -333,6 +335,33 @@ async def test_stats(api: httpx.AsyncClient, db: asyncpg.Connection, settings: S
     assert queues[names.dlq]["kind"] == "dlq"
     assert queues[names.delay(0)]["kind"] == "delay"
     assert len(queues) == len(settings.queues) + settings.topology().levels + 1
+
+
+async def test_stats_of_a_large_table_estimate_the_successes_alone(
+    api: httpx.AsyncClient, db: asyncpg.Connection, database_url: str
+) -> None:
+    # Above the threshold (0 here) SUCCEEDED is the planner's estimate and no longer
+    # counted by queue or type; every other status is still counted exactly.
+    tasks = [await enqueue(api) for _ in range(4)] + [await enqueue(api, "b.v1")]
+    for task in tasks[:2]:
+        await set_status(db, task, "SUCCEEDED")
+    await set_status(db, tasks[2], "FAILED")
+    await db.execute("ANALYZE taskq.tasks")  # the estimate reads the table's statistics
+    store = await Store.connect(database_url)
+    try:
+        exact = (await store.stats(60)).counts
+        estimated = (await store.stats(60, exact_below=0)).counts
+    finally:
+        await store.close()
+    assert exact.estimated == () and exact.by_status["SUCCEEDED"] == 2
+    assert estimated.estimated == ("SUCCEEDED",)
+    assert estimated.by_status == {
+        "ENQUEUED": 2, "WAITING": 0, "RUNNING": 0, "SUCCEEDED": 2, "FAILED": 1, "CANCELLED": 0
+    }  # fmt: skip
+    assert estimated.by_queue["default"] == {
+        "ENQUEUED": 1, "WAITING": 0, "RUNNING": 0, "FAILED": 1, "CANCELLED": 0
+    }  # fmt: skip
+    assert "SUCCEEDED" not in estimated.by_type["a.v1"]
 
 
 async def test_stats_without_broker(database_url: str, namespace: str) -> None:

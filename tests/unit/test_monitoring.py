@@ -257,10 +257,11 @@ def test_the_stats_body_is_the_snapshot_as_the_dashboard_reads_it() -> None:
             "duration_p95": 4.0,
         },
         "at": AT,
+        "estimated": [],
     }
     assert list(snapshot.to_json()) == [  # the keys in the order the body has had them
         "by_status", "scheduled", "by_queue", "by_type", "waiting", "paused_types", "broker",
-        "paused_queues", "throughput", "latency", "at",
+        "paused_queues", "throughput", "latency", "at", "estimated",
     ]  # fmt: skip
 
 
