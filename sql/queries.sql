@@ -1731,16 +1731,27 @@ SELECT queue, type, status, count(*) AS n,
 FROM taskq.tasks
 GROUP BY GROUPING SETS ((status), (queue, status), (type, status));
 
--- name: stats_succeeded_estimate
--- The planner's estimate of the SUCCEEDED tasks (the table's estimated rows times
--- the status's frequency, both from the last ANALYZE): no row is read. Above a
--- threshold, /stats counts the other statuses exactly and SUCCEEDED by this.
-EXPLAIN (FORMAT JSON) SELECT FROM taskq.tasks WHERE status = 'SUCCEEDED';
+-- name: stats_status_estimates
+-- The planner's estimate of the tasks in each status (the table's estimated rows
+-- times the status's frequency, both from the last ANALYZE; statuses too rare to
+-- be among its most common values are missing): no row of the table is read.
+-- :schema the install's schema, as a value
+SELECT s.status, (c.reltuples * s.freq)::bigint AS n
+FROM pg_class c
+JOIN pg_namespace ns ON ns.oid = c.relnamespace
+CROSS JOIN LATERAL (
+    SELECT u.status, u.freq
+    FROM pg_stats p,
+         unnest(p.most_common_vals::text::text[], p.most_common_freqs) AS u(status, freq)
+    WHERE p.schemaname = :schema AND p.tablename = 'tasks' AND p.attname = 'status'
+) s
+WHERE ns.nspname = :schema AND c.relname = 'tasks' AND c.reltuples >= 0;
 
 -- name: stats_counts_others
--- As stats_counts for every status but SUCCEEDED, each read through its own
--- partial index: the cost follows the live tasks and the failures kept, not the
--- successes retained (ten million cost what none do).
+-- As stats_counts, but for the terminal statuses in :skip (counted by their
+-- estimate instead), each status read through its own partial index: the cost
+-- follows the live tasks and the history not skipped, not all the history kept.
+-- :skip text[]
 WITH t AS (
     SELECT queue, type, status FROM taskq.tasks WHERE status = 'ENQUEUED'
     UNION ALL
@@ -1748,7 +1759,14 @@ WITH t AS (
     UNION ALL
     SELECT queue, type, status FROM taskq.tasks WHERE status = 'WAITING'
     UNION ALL
-    SELECT queue, type, status FROM taskq.tasks WHERE status IN ('FAILED', 'CANCELLED')
+    SELECT queue, type, status FROM taskq.tasks
+    WHERE status = 'FAILED' AND NOT 'FAILED' = ANY(:skip::text[])
+    UNION ALL
+    SELECT queue, type, status FROM taskq.tasks
+    WHERE status = 'CANCELLED' AND NOT 'CANCELLED' = ANY(:skip::text[])
+    UNION ALL
+    SELECT queue, type, status FROM taskq.tasks
+    WHERE status = 'SUCCEEDED' AND NOT 'SUCCEEDED' = ANY(:skip::text[])
 )
 SELECT queue, type, status, count(*) AS n,
        GROUPING(queue) AS no_queue, GROUPING(type) AS no_type

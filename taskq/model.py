@@ -761,8 +761,8 @@ class StatusCounts:
     """Tasks by status: in all, by queue and by type. Keyed by the statuses' text
     (:data:`STATUS_NAMES`, every one present), as the JSON body shows them.
     ``estimated``: the statuses whose count in ``by_status`` is the planner's
-    estimate (SUCCEEDED, on a large table); they are left out of ``by_queue`` and
-    ``by_type``."""
+    estimate (terminal statuses of many rows); they are left out of ``by_queue``
+    and ``by_type``."""
 
     by_status: dict[str, int]
     by_queue: dict[str, dict[str, int]]
@@ -771,19 +771,16 @@ class StatusCounts:
 
     @classmethod
     def from_rows(
-        cls, rows: Sequence[Mapping[str, Any]], *, estimated_succeeded: int | None = None
+        cls, rows: Sequence[Mapping[str, Any]], *, estimated: Mapping[str, int] | None = None
     ) -> StatusCounts:
         """From the grouping-sets rows of ``stats_counts`` (status, queue, type, n and
-        which grouping column a row leaves out); with ``estimated_succeeded``, from
-        those of ``stats_counts_others`` and that estimate."""
-        names = STATUS_NAMES
-        estimated: tuple[str, ...] = ()
-        if estimated_succeeded is not None:
-            estimated = (TaskStatus.SUCCEEDED.value,)
-            names = tuple(n for n in STATUS_NAMES if n not in estimated)
-        counts = cls(dict.fromkeys(STATUS_NAMES, 0), {}, {}, estimated)
-        if estimated_succeeded is not None:
-            counts.by_status[TaskStatus.SUCCEEDED.value] = estimated_succeeded
+        which grouping column a row leaves out); with ``estimated`` (status: its
+        estimate), from those of ``stats_counts_others``, which skipped them."""
+        estimated = estimated or {}
+        names = tuple(n for n in STATUS_NAMES if n not in estimated)
+        listed = tuple(n for n in STATUS_NAMES if n in estimated)
+        counts = cls(dict.fromkeys(STATUS_NAMES, 0), {}, {}, listed)
+        counts.by_status.update(estimated)
         for row in rows:
             status, n = _STATUS[row["status"]].value, row["n"]
             if not row["no_queue"]:

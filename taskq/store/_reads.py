@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 
@@ -18,9 +17,10 @@ from taskq.model import (
 )
 from taskq.store._types import TypesStore
 
-# /stats counts the SUCCEEDED tasks exactly (a scan of the table) while the planner
-# estimates fewer than this many; above, it takes the estimate (docs/scaling.md).
+# /stats counts the tasks of a terminal status exactly while the planner estimates
+# fewer than this many; above, it takes the estimate (docs/scaling.md).
 STATS_EXACT_BELOW = 100_000
+TERMINAL_STATUS_NAMES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 class ReadsStore(TypesStore):
@@ -54,20 +54,24 @@ class ReadsStore(TypesStore):
         """Counts by status, queue and type; scheduled tasks; the recent window's
         throughput; waiting tasks by type and reason; the paused types.
 
-        While the planner estimates fewer than ``exact_below`` SUCCEEDED tasks every
-        count is exact (one scan of the table). Above, SUCCEEDED is that estimate
-        (``counts.estimated``), left out of the counts by queue and by type, and the
-        other statuses are counted exactly through their partial indexes: the cost
-        of ``/stats`` then follows the live tasks and the failures, not the history
-        retained."""
-        plan = await self._fetchval("stats_succeeded_estimate")
-        succeeded = int(json.loads(plan)[0]["Plan"]["Plan Rows"])
-        if succeeded < exact_below:
+        While the planner estimates fewer than ``exact_below`` tasks in each terminal
+        status, every count is exact (one scan of the table). A terminal status
+        estimated at ``exact_below`` or more is counted by that estimate
+        (``counts.estimated``) and left out of the counts by queue and by type; the
+        others are counted exactly, each through its partial index: the cost of
+        ``/stats`` then follows the live tasks, not the history retained."""
+        rows = await self._fetch("stats_status_estimates", self.schema)
+        estimates = {row["status"]: row["n"] for row in rows}
+        large = {
+            status: estimates[status]
+            for status in TERMINAL_STATUS_NAMES
+            if estimates.get(status, 0) >= exact_below
+        }
+        if not large:
             counts = StatusCounts.from_rows(await self._fetch("stats_counts"))
         else:
-            counts = StatusCounts.from_rows(
-                await self._fetch("stats_counts_others"), estimated_succeeded=succeeded
-            )
+            others = await self._fetch("stats_counts_others", sorted(large))
+            counts = StatusCounts.from_rows(others, estimated=large)
         window = await self._fetchrow("stats_window", window_seconds)
         scheduled: int = await self._fetchval("stats_scheduled")
         waiting: dict[str, dict[str, int]] = {}
