@@ -227,6 +227,31 @@ async def test_waiting_tasks_are_listed_through_their_own_index(db: asyncpg.Conn
     assert reads and not {"Seq Scan", "tasks_created_keyset"} & set(reads), reads
 
 
+async def test_stats_of_a_large_history_read_no_success(db: asyncpg.Connection) -> None:
+    # Many successes, a few tasks of each other status: with SUCCEEDED estimated, the
+    # counts read each other status through its partial index, never the table.
+    await db.execute("INSERT INTO task_type (name, queue) VALUES ('demo.noop', 'default')")
+    await db.execute(
+        "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
+        " attempts, finished_at, lease_expires_at, worker_id, wait_reason)"
+        " SELECT gen_random_uuid(), 'demo.noop', 'default', '{}', 3, 60, s.status,"
+        " CASE WHEN s.status = 'ENQUEUED' THEN 0 ELSE 1 END,"
+        " CASE WHEN s.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED') THEN now() END,"
+        " CASE WHEN s.status = 'RUNNING' THEN now() END,"
+        " CASE WHEN s.status = 'RUNNING' THEN 'w1' END,"
+        " CASE WHEN s.status = 'WAITING' THEN 'paused' END"
+        " FROM generate_series(1, $1) g CROSS JOIN LATERAL (SELECT CASE g % 500"
+        " WHEN 1 THEN 'ENQUEUED' WHEN 2 THEN 'RUNNING' WHEN 3 THEN 'WAITING'"
+        " WHEN 4 THEN 'FAILED' WHEN 5 THEN 'CANCELLED' ELSE 'SUCCEEDED' END AS status) s",
+        BACKLOG * 10,
+    )
+    await db.execute("ANALYZE tasks")
+    statement = await db.prepare("EXPLAIN (FORMAT JSON) " + sql.queries()["stats_counts_others"])
+    (plan,) = json.loads(await statement.fetchval(["SUCCEEDED"]))
+    reads = scans(plan["Plan"])
+    assert reads and "Seq Scan" not in reads, reads
+
+
 def walk(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Every node of a JSON plan tree."""
     yield plan
