@@ -43,6 +43,16 @@ from taskq.errors import MigrationError, StoreError
 # pg_advisory_lock key for migrations: "taskq" in ASCII, an arbitrary constant.
 # One for every schema of the database: their runs wait for each other.
 LOCK_KEY = 0x7461736B71
+# What connecting raises when no server takes the connection: refused, timed out,
+# rejected by the server, or (a multi-host URL with target_session_attrs) no host of
+# the kind asked for, e.g. only a standby up (asyncpg's TargetServerAttributeNotMatched).
+CONNECT_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 # The migration that moves an install made before it into its schema.
 MOVE_MIGRATION = "own_schema"
 # How long a statement may wait for a lock, how often a migration is tried, and
@@ -74,7 +84,7 @@ async def ensure_database(url: str) -> bool:
         connection = await asyncpg.connect(url)
     except asyncpg.InvalidCatalogNameError:
         pass
-    except (OSError, asyncpg.PostgresError) as exc:
+    except CONNECT_ERRORS as exc:
         raise StoreError(f"cannot connect to the database: {exc}") from exc
     else:
         await connection.close()
@@ -84,7 +94,7 @@ async def ensure_database(url: str) -> bool:
     maintenance = urlunsplit(parts._replace(path="/postgres"))
     try:
         connection = await asyncpg.connect(maintenance)
-    except (OSError, asyncpg.PostgresError) as exc:
+    except CONNECT_ERRORS as exc:
         raise StoreError(f"database {name!r} is missing and cannot be created: {exc}") from exc
     try:
         # A database name is an identifier, not a value: it cannot be a bind parameter.
@@ -127,7 +137,7 @@ async def migrate(
     queries = sql.queries(schema)
     try:
         connection = await asyncpg.connect(url)
-    except (OSError, asyncpg.PostgresError) as exc:
+    except CONNECT_ERRORS as exc:
         raise StoreError(f"cannot connect to the database: {exc}") from exc
     try:
         await _take_lock(connection)
