@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 
 from taskq import Context, Fail, Registry, load_settings
+from taskq.store import open_connection
 
 handlers = Registry()
 
@@ -88,6 +89,7 @@ async def _record_pool() -> asyncpg.Pool:
                 min_size=1,
                 max_size=4,
                 statement_cache_size=100 if settings.statement_cache else 0,
+                connect=open_connection,
             )
             # Two workers may race to create it; either way it exists afterwards.
             with contextlib.suppress(asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):

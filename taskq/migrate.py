@@ -39,6 +39,7 @@ import asyncpg
 import taskq.sql as sql
 from taskq._utils import quote_ident
 from taskq.errors import MigrationError, StoreError
+from taskq.store._connect import open_connection
 
 # pg_advisory_lock key for migrations: "taskq" in ASCII, an arbitrary constant.
 # One for every schema of the database: their runs wait for each other.
@@ -81,7 +82,7 @@ async def ensure_database(url: str) -> bool:
         StoreError: if the server cannot be reached or refuses.
     """
     try:
-        connection = await asyncpg.connect(url)
+        connection = await open_connection(url)
     except asyncpg.InvalidCatalogNameError:
         pass
     except CONNECT_ERRORS as exc:
@@ -93,7 +94,7 @@ async def ensure_database(url: str) -> bool:
     name = parts.path.lstrip("/")
     maintenance = urlunsplit(parts._replace(path="/postgres"))
     try:
-        connection = await asyncpg.connect(maintenance)
+        connection = await open_connection(maintenance)
     except CONNECT_ERRORS as exc:
         raise StoreError(f"database {name!r} is missing and cannot be created: {exc}") from exc
     try:
@@ -136,7 +137,7 @@ async def migrate(
     report = MigrateReport(created_database=await ensure_database(url))
     queries = sql.queries(schema)
     try:
-        connection = await asyncpg.connect(url)
+        connection = await open_connection(url)
     except CONNECT_ERRORS as exc:
         raise StoreError(f"cannot connect to the database: {exc}") from exc
     try:

@@ -19,7 +19,7 @@ import pytest
 from taskq.errors import StoreError
 from taskq.fleet.leader import SessionLock
 from taskq.migrate import migrate
-from taskq.store import NewTask, Store, listen
+from taskq.store import NewTask, Store, listen, open_connection
 from tests.support.private_replication import PrivatePair, private_pair
 
 __all__ = ["private_pair"]  # a fixture, used by name
@@ -113,5 +113,58 @@ async def test_every_connection_fails_as_store_error_then_finds_the_promoted_sta
             await connection.close()
         assert found == 2  # the commit before the crash reached the standby
     finally:
+        await lock.release()
+        await store.close()
+
+
+async def test_a_frozen_primary_does_not_hide_the_promoted_standby(
+    private_pair: PrivatePair,
+) -> None:
+    """The primary stops answering (SIGSTOP: connects to it never complete) and the
+    standby is promoted: asyncpg alone spends its whole connect timeout on the first
+    host and never tries the second; taskq's connections try both at once."""
+    pair = private_pair
+    url = pair.url("taskq_failover")
+    await migrate(url)
+    store = await Store.connect(url)
+    lock = SessionLock(url, LOCK_KEY, "test")
+    try:
+        await put_type(store)
+        assert await lock.hold()
+        pair.freeze()
+        # No host accepts writes: the frozen one times out, the standby is read-only.
+        with pytest.raises(StoreError):
+            await listen(url, "taskq_failover", lambda _: None, lambda: None, name="t")
+        pair.promote()
+        # What this test is about: asyncpg's own multi-host connect still fails.
+        with pytest.raises(TimeoutError):
+            await asyncpg.connect(url, timeout=2)
+        connection = await open_connection(url, timeout=2)
+        try:
+            assert connection._addr[1] == pair.standby.port
+        finally:
+            await connection.close()
+        listener = await listen(url, "taskq_failover", lambda _: None, lambda: None, name="t")
+        await listener.close()
+        # The lock's session (on the frozen primary) fails its check, then the
+        # lock is taken on the new primary.
+        with pytest.raises(StoreError):
+            await lock.hold()
+        assert await lock.hold()
+        # A pool made now works at once.
+        fresh = await Store.connect(url)
+        try:
+            await fresh.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}")])
+        finally:
+            await fresh.close()
+        # The pool's first statement meets a connection to the frozen primary and
+        # times out; the pool then retires its other connections (one more is
+        # open: min_size 2), so the next statement runs on a new one.
+        with pytest.raises(StoreError):
+            await store.ping()
+        await store.ping()
+        await store.enqueue([NewTask(uuid.uuid4(), "demo.echo", "{}")])
+    finally:
+        pair.thaw()
         await lock.release()
         await store.close()

@@ -16,7 +16,9 @@ a primary without a standby, and commits waiting for one would wait for ever.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,6 +43,7 @@ class PrivatePair:
         (base / "standby").mkdir()
         self.primary = PrivatePostgres(bindir, base / "primary")
         self.standby = PrivatePostgres(bindir, base / "standby")
+        self._frozen: list[int] = []  # the pids freeze() stopped
         if self.primary._as_postgres:  # as root: the servers run as postgres
             for path in (base, self.primary.base, self.standby.base):
                 shutil.chown(path, "postgres", "postgres")
@@ -100,10 +103,40 @@ class PrivatePair:
             "pg_ctl", "-D", str(self.standby.data), "-w", "-t", "60", "promote", timeout=90
         )
 
+    def _postmaster(self, server: PrivatePostgres) -> int:
+        return int((server.data / "postmaster.pid").read_text().split()[0])
+
+    def freeze(self) -> None:
+        """SIGSTOP the primary's postmaster and its backends: the kernel still completes
+        TCP handshakes for it, but nothing answers (a hung machine or a cut network
+        look the same to a client: a connect that never completes)."""
+        postmaster = self._postmaster(self.primary)
+        self._frozen = [postmaster, *_children(postmaster)]
+        for pid in self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._frozen = []
+
     def destroy(self) -> None:
+        self.thaw()
         for server in (self.standby, self.primary):
             with contextlib.suppress(Exception):
                 server.destroy()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (read from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
 
 
 @pytest.fixture
