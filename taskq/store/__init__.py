@@ -38,6 +38,7 @@ from taskq.store._claims import ClaimsStore, OpenClaim
 from taskq.store._connect import open_connection, writable_hosts
 from taskq.store._enqueue import UNIQUE_ROUNDS, EnqueueStore
 from taskq.store._errors import DATABASE_DOWN, refused
+from taskq.store._errors import lost as connection_lost
 from taskq.store._fleet import FleetStore
 from taskq.store._gates import PROMOTE_PAUSE, PROMOTE_TRIES, RELEASE_BATCH, GatesStore
 from taskq.store._reads import ReadsStore
@@ -73,6 +74,7 @@ __all__ = [
     "UniqueKey",
     "WorkerInfo",
     "WorkflowEnqueued",
+    "connection_lost",
     "finished_channel",
     "listen",
     "lock_session_limits",

