@@ -22,6 +22,10 @@ from typing import Any
 import asyncpg
 
 from taskq import Context, Fail, Registry, load_settings
+from taskq.store import DATABASE_DOWN, connection_lost, open_connection
+
+# Seconds the demo.record insert may take before the attempt fails.
+RECORD_TIMEOUT = 10.0
 
 handlers = Registry()
 
@@ -88,6 +92,7 @@ async def _record_pool() -> asyncpg.Pool:
                 min_size=1,
                 max_size=4,
                 statement_cache_size=100 if settings.statement_cache else 0,
+                connect=open_connection,
             )
             # Two workers may race to create it; either way it exists afterwards.
             with contextlib.suppress(asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
@@ -105,10 +110,21 @@ async def record(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     if payload.get("seconds"):
         await asyncio.sleep(float(payload["seconds"]))
     pool = await _record_pool()
-    await pool.execute(
-        "INSERT INTO demo_executions (task_id, attempt, worker_id) VALUES ($1, $2, $3)",
-        ctx.task_id,
-        ctx.attempt,
-        ctx.worker_id,
-    )
+    async with pool.acquire() as connection:
+        try:
+            await connection.execute(
+                "INSERT INTO demo_executions (task_id, attempt, worker_id) VALUES ($1, $2, $3)",
+                ctx.task_id,
+                ctx.attempt,
+                ctx.worker_id,
+                timeout=RECORD_TIMEOUT,
+            )
+        except DATABASE_DOWN as exc:
+            # A server that stopped answering (frozen, or its machine gone) would keep
+            # the pool waiting on this connection: drop it and the pool's others, so
+            # the next attempt connects afresh (to the new primary after a failover).
+            if connection_lost(exc):
+                connection.terminate()
+                await pool.expire_connections()
+            raise
     return {"recorded": True}

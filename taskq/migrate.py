@@ -39,10 +39,21 @@ import asyncpg
 import taskq.sql as sql
 from taskq._utils import quote_ident
 from taskq.errors import MigrationError, StoreError
+from taskq.store._connect import open_connection
 
 # pg_advisory_lock key for migrations: "taskq" in ASCII, an arbitrary constant.
 # One for every schema of the database: their runs wait for each other.
 LOCK_KEY = 0x7461736B71
+# What connecting raises when no server takes the connection: refused, timed out,
+# rejected by the server, or (a multi-host URL with target_session_attrs) no host of
+# the kind asked for, e.g. only a standby up (asyncpg's TargetServerAttributeNotMatched).
+CONNECT_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 # The migration that moves an install made before it into its schema.
 MOVE_MIGRATION = "own_schema"
 # How long a statement may wait for a lock, how often a migration is tried, and
@@ -71,10 +82,10 @@ async def ensure_database(url: str) -> bool:
         StoreError: if the server cannot be reached or refuses.
     """
     try:
-        connection = await asyncpg.connect(url)
+        connection = await open_connection(url)
     except asyncpg.InvalidCatalogNameError:
         pass
-    except (OSError, asyncpg.PostgresError) as exc:
+    except CONNECT_ERRORS as exc:
         raise StoreError(f"cannot connect to the database: {exc}") from exc
     else:
         await connection.close()
@@ -83,8 +94,8 @@ async def ensure_database(url: str) -> bool:
     name = parts.path.lstrip("/")
     maintenance = urlunsplit(parts._replace(path="/postgres"))
     try:
-        connection = await asyncpg.connect(maintenance)
-    except (OSError, asyncpg.PostgresError) as exc:
+        connection = await open_connection(maintenance)
+    except CONNECT_ERRORS as exc:
         raise StoreError(f"database {name!r} is missing and cannot be created: {exc}") from exc
     try:
         # A database name is an identifier, not a value: it cannot be a bind parameter.
@@ -126,8 +137,8 @@ async def migrate(
     report = MigrateReport(created_database=await ensure_database(url))
     queries = sql.queries(schema)
     try:
-        connection = await asyncpg.connect(url)
-    except (OSError, asyncpg.PostgresError) as exc:
+        connection = await open_connection(url)
+    except CONNECT_ERRORS as exc:
         raise StoreError(f"cannot connect to the database: {exc}") from exc
     try:
         await _take_lock(connection)

@@ -146,7 +146,7 @@ class SessionLock:
 
     async def _connect(self) -> asyncpg.Connection:
         application = f"taskq {self.name} lock, pid {os.getpid()}"
-        connection = await asyncpg.connect(
+        connection = await store.open_connection(
             self._url, timeout=5, server_settings={"application_name": application[:63]}
         )
         limits = (

@@ -22,6 +22,7 @@ Import everything from ``taskq.store``; its modules are private:
 - ``_workflows``: workflows: their enqueue, reads and cancel, a node's parents' results
 - ``_channels``: the NOTIFY channels of an install, and ``listen`` on a dedicated connection
 - ``_sessions``: the lock sessions' statements (:mod:`taskq.fleet.leader`)
+- ``_connect``: a connection to the writable one of several hosts (``open_connection``)
 - ``_errors``: driver errors: a database going away (``DATABASE_DOWN``), data refused for good
 
 :class:`Store` is composed of one class per part, each a subclass of ``StoreBase``
@@ -34,8 +35,10 @@ from taskq.store._admin import AdminStore
 from taskq.store._base import NOTIFY_IDS
 from taskq.store._channels import finished_channel, listen, notify_channel, queues_channel
 from taskq.store._claims import ClaimsStore, OpenClaim
+from taskq.store._connect import open_connection, writable_hosts
 from taskq.store._enqueue import UNIQUE_ROUNDS, EnqueueStore
 from taskq.store._errors import DATABASE_DOWN, refused
+from taskq.store._errors import lost as connection_lost
 from taskq.store._fleet import FleetStore
 from taskq.store._gates import PROMOTE_PAUSE, PROMOTE_TRIES, RELEASE_BATCH, GatesStore
 from taskq.store._reads import ReadsStore
@@ -71,14 +74,17 @@ __all__ = [
     "UniqueKey",
     "WorkerInfo",
     "WorkflowEnqueued",
+    "connection_lost",
     "finished_channel",
     "listen",
     "lock_session_limits",
     "notify_channel",
+    "open_connection",
     "queues_channel",
     "refused",
     "session_alive",
     "try_session_lock",
+    "writable_hosts",
 ]
 
 

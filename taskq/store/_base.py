@@ -16,7 +16,8 @@ from taskq.errors import RejectedByDatabase, StoreError
 from taskq.model import OwedPublish
 from taskq.store._callers import _Statements
 from taskq.store._channels import finished_channel, notify_channel, queues_channel
-from taskq.store._errors import _DOWN, refused
+from taskq.store._connect import open_connection
+from taskq.store._errors import _DOWN, lost, refused
 
 # Task ids per NOTIFY: a payload holds at most 8000 bytes, an id and its comma 37.
 NOTIFY_IDS = 200
@@ -67,6 +68,7 @@ class StoreBase:
                 command_timeout=10,
                 timeout=5,
                 statement_cache_size=STATEMENT_CACHE if statement_cache else 0,
+                connect=open_connection,  # several hosts: the writable one, tried at once
                 **({} if session_reset else {"reset": _keep_session}),
             )
         except _DOWN as exc:
@@ -86,13 +88,27 @@ class StoreBase:
                 yield connection
             else:
                 async with self.pool.acquire() as acquired:
-                    yield acquired
+                    try:
+                        yield acquired
+                    except _DOWN as exc:
+                        if lost(exc):
+                            await self._forget(acquired)
+                        raise
         except StoreError:
             raise
         except _DOWN as exc:
             if refused(exc):
                 raise RejectedByDatabase(f"the database refused the data: {exc}") from exc
             raise StoreError(f"database error: {exc}") from exc
+
+    async def _forget(self, connection: asyncpg.Connection) -> None:
+        """After ``connection`` lost its server (or its server stopped answering):
+        terminate it rather than give it back to the pool, whose reset would wait on
+        it, and retire the pool's other connections, which most likely went with it
+        (a failover: the next ones are opened on whichever host accepts writes now).
+        """
+        connection.terminate()
+        await self.pool.expire_connections()
 
     # The generic helpers stay private: every statement used elsewhere has a
     # method of its own below, with named arguments and typed records.

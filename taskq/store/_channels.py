@@ -9,6 +9,7 @@ from collections.abc import Callable
 import asyncpg
 
 from taskq.errors import StoreError
+from taskq.store._connect import open_connection
 from taskq.store._errors import _DOWN
 
 
@@ -45,7 +46,7 @@ async def listen(
         StoreError: the database cannot be reached.
     """
     try:
-        connection = await asyncpg.connect(
+        connection = await open_connection(
             url, timeout=5, server_settings={"application_name": name[:63]}
         )
     except _DOWN as exc:

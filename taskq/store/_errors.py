@@ -30,6 +30,26 @@ DATABASE_DOWN = _DOWN
 _REFUSED_CLASSES = frozenset({"21", "22", "23", "44", "54"})
 
 
+# SQLSTATEs that say the session's server is gone or the wrong one: connection
+# exceptions (class 08), the server shutting down or crashed (57P01, 57P02), not
+# accepting connections yet (57P03), and a read-only server (25006: a standby,
+# where the session was to be on the primary).
+_LOST_STATES = frozenset({"57P01", "57P02", "57P03", "25006"})
+
+
+def lost(exc: BaseException) -> bool:
+    """Whether a driver error says the connection is no use any more: it broke, its
+    server did not answer in time (a statement timeout), or its server is shutting
+    down or not the writable one. A statement the server refused (a constraint, a
+    deadlock, a lock timeout) leaves the connection good."""
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg.InternalClientError):
+        return True
+    state = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    return isinstance(state, str) and (state[:2] == "08" or state in _LOST_STATES)
+
+
 def refused(exc: BaseException) -> bool:
     """Whether a driver error can never succeed when tried again (see ``_REFUSED_CLASSES``).
 
