@@ -39,7 +39,7 @@ import asyncpg
 import taskq.sql as sql
 from taskq._utils import quote_ident
 from taskq.errors import MigrationError, StoreError
-from taskq.store._connect import open_connection
+from taskq.store import open_connection
 
 # pg_advisory_lock key for migrations: "taskq" in ASCII, an arbitrary constant.
 # One for every schema of the database: their runs wait for each other.

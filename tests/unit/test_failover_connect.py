@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from taskq.store import connection_lost as lost
 from taskq.store import writable_hosts
-from taskq.store._errors import lost
 
 TWO = "postgresql://u:p%40w@db1:5432,db2:5433/taskq"
 
