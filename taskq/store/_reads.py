@@ -19,7 +19,7 @@ from taskq.store._types import TypesStore
 
 # /stats counts the tasks of a terminal status exactly while the planner estimates
 # fewer than this many; above, it takes the estimate (docs/scaling.md).
-STATS_EXACT_BELOW = 100_000
+STATS_EXACT_BELOW = 10_000
 TERMINAL_STATUS_NAMES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
