@@ -47,6 +47,22 @@ class State(enum.Enum):
     STOPPED = "stopped"  #: stopped (stop does nothing, start raises)
 
 
+def raise_if_cancelled() -> None:
+    """Raise :class:`asyncio.CancelledError` if the current task was asked to stop.
+
+    For the loops of background parts: a call that drops a cancellation (an
+    aio-pika channel open cancelled at the wrong moment returns as usual;
+    Python 3.11's :func:`asyncio.wait_for` when the awaited event is set as the
+    cancel comes) or turns it into an error the loop catches
+    leaves the request pending on the task (:meth:`asyncio.Task.cancelling`)
+    while the loop goes on: the part's stop would wait for it for ever. Call
+    this once per turn of such a loop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError(f"{task.get_name()} was cancelled")
+
+
 class Service:
     """Base class of the background parts: the contract above, once, for all.
 

@@ -46,6 +46,7 @@ from tests.support.services import (  # noqa: E402
     unavailable,
     with_database,
 )
+from tests.support.stall import watchdog  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -190,13 +191,22 @@ def namespace() -> str:
 
 
 @pytest.fixture
-async def settings(database_url: str, amqp_url: str, namespace: str) -> AsyncIterator[Settings]:
-    """Settings for an isolated database and namespace; the namespace is deleted afterwards."""
+async def settings(
+    request: pytest.FixtureRequest, database_url: str, amqp_url: str, namespace: str
+) -> AsyncIterator[Settings]:
+    """Settings for an isolated database and namespace; the namespace is deleted afterwards.
+
+    A test still running 10 s before pytest-timeout's limit has the event loop's tasks
+    and its database's sessions written to stderr (tests/support/stall.py)."""
     # One hour of delay levels (12) declares faster than the default 30 days (22).
     value = make_settings(
         database_url=database_url, amqp_url=amqp_url, namespace=namespace, max_delay="1h"
     )
+    limit = float(request.config.getini("timeout") or 0)
+    stalled = watchdog(limit - 10, request.node.nodeid, database_url) if limit > 20 else None
     yield value
+    if stalled is not None:
+        stalled.cancel()
     await delete_namespace(value)
 
 

@@ -43,6 +43,7 @@ import asyncpg
 import taskq.sql as sql
 from taskq import store
 from taskq.errors import LockLost, StoreError
+from taskq.service import raise_if_cancelled
 
 log = logging.getLogger("taskq.leader")
 
@@ -201,9 +202,15 @@ async def lead(
 
     ``work`` calls ``lock.ensure()`` before each step it takes as leader. A
     database error ends the pass and gives the lock up, so that a process whose
-    database connection works can take over.
+    database connection works can take over. A cancellation ends the loop even
+    if a step swallowed it (see :func:`taskq.service.raise_if_cancelled`): a
+    worker's stop waited for ever for its sweeper once a pass's depth read,
+    cancelled while it opened its channel, returned as usual (aiormq logged
+    "Closing channel ... because RPC call Channel.Open cancelled").
     """
     while True:
+        # A cancellation a step swallowed (see raise_if_cancelled) ends the loop here.
+        raise_if_cancelled()
         try:
             if await lock.hold():
                 await work()
@@ -214,6 +221,7 @@ async def lead(
             await lock.release()
         except Exception:
             log.exception("%s pass failed", lock.name)
+        raise_if_cancelled()
         if wake is None:
             await asyncio.sleep(interval)
         else:

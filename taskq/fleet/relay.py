@@ -42,7 +42,7 @@ from taskq.errors import DelayTooLong, Nacked, TaskqError, Unpublishable
 from taskq.fleet.leader import SessionLock, lead, lock_key
 from taskq.fleet.marker import Marker
 from taskq.model import OwedPublish, TaskStatus
-from taskq.service import Service
+from taskq.service import Service, raise_if_cancelled
 from taskq.store import Store
 from taskq.tracing import TRACEPARENT, header
 
@@ -257,8 +257,10 @@ class Outbox(Service):
         return True
 
     async def _run(self) -> None:
-        """Take what is queued (up to a batch) and publish it, until cancelled."""
+        """Take what is queued (up to a batch) and publish it, until cancelled (a
+        cancellation a publish swallowed included: see raise_if_cancelled)."""
         while True:
+            raise_if_cancelled()
             batch = [await self._queue.get()]
             while len(batch) < self._batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())

@@ -39,7 +39,7 @@ from taskq.amqp.broker import Link
 from taskq.amqp.envelope import Envelope
 from taskq.amqp.topology import Names
 from taskq.errors import BrokerError
-from taskq.service import Service
+from taskq.service import Service, raise_if_cancelled
 
 log = logging.getLogger("taskq.worker")
 
@@ -302,6 +302,7 @@ class QueueConsumer:
 
     async def _resume(self) -> None:
         while self._consuming and self._channel is not None:
+            raise_if_cancelled()  # even one a cancelled channel open swallowed
             try:
                 raw = await self._channel.get_underlay_channel()
                 if await self._exists(raw):

@@ -29,6 +29,11 @@ from taskq.worker.worker import Worker
 
 from . import ROOT
 from .services import subprocess_env
+from .stall import stall_report
+
+# A worker that takes longer than this to stop has its tasks and the database's
+# sessions reported (the stop goes on).
+SLOW_STOP_SECONDS = 20.0
 
 
 class Harness:
@@ -108,6 +113,11 @@ class Harness:
             if row.status in statuses:
                 return row
             if asyncio.get_running_loop().time() > deadline:
+                await stall_report(
+                    f"task {task_id} still {row.status} (attempts {row.attempts},"
+                    f" run_at {row.run_at}), wanted {statuses}",
+                    self.settings.database_url,
+                )
                 raise AssertionError(f"task {task_id} still {row.status}, wanted {statuses}")
             await asyncio.sleep(0.05)
 
@@ -156,7 +166,14 @@ async def running_worker(
     try:
         yield worker
     finally:
-        await worker.stop(5.0)
+        stopping = asyncio.create_task(worker.stop(5.0))
+        done, _ = await asyncio.wait([stopping], timeout=SLOW_STOP_SECONDS)
+        if not done:
+            await stall_report(
+                f"worker {worker.worker_id} still stopping after {SLOW_STOP_SECONDS:g}s",
+                settings.database_url,
+            )
+        await stopping
 
 
 async def until(
@@ -167,6 +184,7 @@ async def until(
     deadline = asyncio.get_running_loop().time() + timeout
     while not await condition():
         if asyncio.get_running_loop().time() > deadline:
+            await stall_report(message)
             raise AssertionError(message)
         await asyncio.sleep(0.05)
 
@@ -176,6 +194,7 @@ async def poll(condition: Callable[[], bool], message: str, timeout: float = 20.
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         if asyncio.get_running_loop().time() > deadline:
+            await stall_report(message)
             raise AssertionError(message)
         await asyncio.sleep(0.05)
 
