@@ -36,6 +36,7 @@ from tests.support.fault_load import (
     api_process,
     committed,
     consumers,
+    finishes,
     progress,
     put_record_type,
 )
@@ -93,20 +94,6 @@ def replicas(cluster: PrivateCluster, settings: Settings) -> dict[str, tuple[str
         assert isinstance(members, list) and isinstance(online, list)
         out[queue.name] = (str(row.get("type")), len(members), len(online))
     return out
-
-
-async def finishes(database_url: str, marker: str) -> list[float]:
-    """When each task of the run SUCCEEDED (epoch seconds), in order."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        rows = await connection.fetch(
-            "SELECT finished_at FROM tasks WHERE payload->>'run' = $1 AND status = 'SUCCEEDED'"
-            " ORDER BY finished_at",
-            marker,
-        )
-    finally:
-        await connection.close()
-    return [row["finished_at"].timestamp() for row in rows]
 
 
 def moved_logged(logs: Path) -> int:

@@ -43,6 +43,7 @@ from tests.support.fault_load import (
     api_process,
     committed,
     consumers,
+    finishes,
     health,
     migrated_database,
     progress,
@@ -65,20 +66,6 @@ BOUNDED = 15.0
 # longer for a frozen primary, so that requests meet the statement timeout (10 s)
 # and the connect timeout (5 s) on it, and are answered, before the promotion.
 NO_PRIMARY_FOR = {"crash": 4.0, "freeze": 16.0}
-
-
-async def finishes(url: str, marker: str) -> list[float]:
-    """When each task of the run SUCCEEDED (epoch seconds), in order."""
-    connection = await asyncpg.connect(url, timeout=10)
-    try:
-        rows = await connection.fetch(
-            "SELECT finished_at FROM tasks WHERE payload->>'run' = $1 AND status = 'SUCCEEDED'"
-            " ORDER BY finished_at",
-            marker,
-        )
-    finally:
-        await connection.close()
-    return [row["finished_at"].timestamp() for row in rows]
 
 
 def widest_gap(done: list[float], since: float) -> float:

@@ -209,6 +209,20 @@ async def succeeded(url: str, marker: str) -> int:
     return result
 
 
+async def finishes(url: str, marker: str) -> list[float]:
+    """When each task of the run ``marker`` SUCCEEDED (epoch seconds), in order."""
+    connection = await asyncpg.connect(url, timeout=10)
+    try:
+        rows = await connection.fetch(
+            "SELECT finished_at FROM tasks WHERE payload->>'run' = $1 AND status = 'SUCCEEDED'"
+            " ORDER BY finished_at",
+            marker,
+        )
+    finally:
+        await connection.close()
+    return [row["finished_at"].timestamp() for row in rows]
+
+
 async def progress(url: str, marker: str, what: str, timeout: float = 60) -> None:
     """Wait until more tasks of the run have SUCCEEDED than now: the workers work again."""
     before = await succeeded(url, marker)
