@@ -52,7 +52,14 @@ def _fields(record: type, *also: str, without: tuple[str, ...] = ()) -> list[str
     return [f.name for f in dataclasses.fields(record) if f.name not in without] + list(also)
 
 
-_SET_ASIDE_INFO = ("publish_error", "publish_retry_at", "limited_by", "limited_until")
+# Read by task_get alone (GET /tasks/{id}), not by the listings.
+_DETAIL_ONLY = (
+    "publish_error",
+    "publish_retry_at",
+    "limited_by",
+    "limited_until",
+    "workflow_id",
+)
 _CONCURRENCY = ("concurrency_limit", "concurrency_key", "concurrency_source")
 # The columns each query returns, in order, as the record built from its rows reads them.
 RECORD_COLUMNS = {
@@ -67,8 +74,8 @@ RECORD_COLUMNS = {
         *(f"unique_{name.rstrip('_')}" for name in _fields(model.UniqueHold)),
         without=("unique",),
     ),
-    "tasks_list": _fields(model.TaskRecord, without=(*_SET_ASIDE_INFO, "progress", "unique")),
-    "dlq_list": _fields(model.TaskRecord, without=(*_SET_ASIDE_INFO, "progress", "unique")),
+    "tasks_list": _fields(model.TaskRecord, without=(*_DETAIL_ONLY, "progress", "unique")),
+    "dlq_list": _fields(model.TaskRecord, without=(*_DETAIL_ONLY, "progress", "unique")),
     "progress_since": [
         "seq",
         "task_id",
