@@ -186,7 +186,11 @@ def system(
         wait_until_up(url, api)
         wait_until_up(keyed_url, keyed)
         wait_until_up(url, worker, "/types/demo.fail")  # the worker registered its types
-        with httpx.Client(base_url=url, timeout=30) as http:
+        # A connection idle for 2 s is not reused: the API (uvicorn) closes one idle for
+        # 5 s, and a request sent on it as it closes was reset (a test between two
+        # steps of a browser easily waits that long).
+        limits = httpx.Limits(keepalive_expiry=2.0)
+        with httpx.Client(base_url=url, timeout=30, limits=limits) as http:
             yield System(settings, url, keyed_url, http)
     finally:
         for process in (worker, api, keyed):

@@ -139,7 +139,9 @@ async def api_process(procs: Processes) -> AsyncIterator[httpx.AsyncClient]:
     """``taskq api`` on a free port, answering /healthz, behind a client."""
     port = free_port()
     await procs.start("api", "--port", str(port))
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    # Not reused after 2 s idle: the API closes a connection idle for 5 s (see
+    # tests/support/browser_fixtures.py).
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200, keepalive_expiry=2.0)
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{port}", timeout=30, limits=limits
     ) as http:
