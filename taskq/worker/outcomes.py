@@ -239,7 +239,7 @@ class Recorder(Service):
         freeing = sum(i.holds_slot for i in items)
         places = sum(i.keeps_place for i in items)
         # Successes of workflow nodes may release their children: room for some.
-        nodes = NODE_HANDOFF if kind is OutcomeKind.COMPLETE and any(i.node for i in items) else 0
+        nodes = kind is OutcomeKind.COMPLETE and any(i.node for i in items)
         for item in items:
             item.keeps_place = False  # from here on the places are the claimer's again
         handoffs = self.handoffs
@@ -247,15 +247,21 @@ class Recorder(Service):
             if places and handoffs is not None:
                 handoffs.release(places)
             return await self._statement(kind, items, freeing > 0, None)
-        handoff = handoffs.lend(freeing + nodes, places)
+        handoff = handoffs.lend(freeing + NODE_HANDOFF * nodes, places)
         try:
-            return await self._statement(kind, items, freeing > 0, handoff)
+            return await self._statement(kind, items, freeing > 0, handoff, nodes=nodes)
         finally:
             if handoff is not None:
                 handoffs.took(handoff)
 
     async def _statement(
-        self, kind: OutcomeKind, items: Sequence[Finished], slots: bool, handoff: Handoff | None
+        self,
+        kind: OutcomeKind,
+        items: Sequence[Finished],
+        slots: bool,
+        handoff: Handoff | None,
+        *,
+        nodes: bool = False,
     ) -> Mapping[uuid.UUID, TaskStatus | OwedPublish]:
         store = self._store
         if kind is OutcomeKind.COMPLETE:
@@ -263,7 +269,7 @@ class Recorder(Service):
                 [(i.id, i.token, i.result or "null") for i in items],
                 holds_slots=slots,
                 handoff=handoff,
-                nodes=any(i.node for i in items),
+                nodes=nodes,
             )
         if kind is OutcomeKind.CANCEL:
             rows = await store.cancel_running(
