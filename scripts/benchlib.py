@@ -77,9 +77,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
 
 
-def database_url(name: str) -> str:
-    """The URL of database ``name`` on the benchmark's Postgres server."""
-    return urlunsplit(urlsplit(SERVER_URL)._replace(path="/" + name))
+def database_url(name: str, server_url: str = SERVER_URL) -> str:
+    """The URL of database ``name`` on the benchmark's Postgres server (or ``server_url``)."""
+    return urlunsplit(urlsplit(server_url)._replace(path="/" + name))
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -156,12 +156,13 @@ class Sandbox:
     reads (:attr:`db`) directly.
     """
 
-    def __init__(self, port: int, *, pgbouncer: bool = False) -> None:
+    def __init__(self, port: int, *, pgbouncer: bool = False, server_url: str = SERVER_URL) -> None:
         self.port = port
         self.pgbouncer = pgbouncer
         self.bouncer: Any = None
+        self.server_url = server_url
         self.name = f"taskq_bench_{uuid.uuid4().hex[:8]}"
-        self.database_url = database_url(self.name)
+        self.database_url = database_url(self.name, server_url)
         self.namespace = f"bench{uuid.uuid4().hex[:6]}"
         self.settings: Settings = load_settings(
             _env_file=None,
@@ -205,7 +206,7 @@ class Sandbox:
         if binary is None:
             raise RuntimeError("--pgbouncer: no pgbouncer binary (apt-get install pgbouncer)")
         base = Path(tempfile.mkdtemp(prefix="taskq-bench-pgbouncer-"))
-        self.bouncer = PrivateBouncer(binary, base, SERVER_URL, pool_size=BOUNCER_POOL_SIZE)
+        self.bouncer = PrivateBouncer(binary, base, self.server_url, pool_size=BOUNCER_POOL_SIZE)
         self.bouncer.start()
         pooled = self.bouncer.via(self.database_url)
         self.settings = self.settings.model_copy(
@@ -315,7 +316,7 @@ class Sandbox:
             await self.db.close()
         if self.bouncer is not None:
             self.bouncer.stop()
-        server = await asyncpg.connect(SERVER_URL)
+        server = await asyncpg.connect(self.server_url)
         await server.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         await server.close()
         amqp = await aio_pika.connect(AMQP_URL)

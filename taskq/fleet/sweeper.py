@@ -72,11 +72,14 @@ _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, Timeout
 # pg_advisory_lock key of the active sweeper: "sweep" in ASCII.
 LOCK_KEY = 0x7377656570
 
-# Retention deletes at most this many tasks per statement, and runs at most
-# RETENTION_STATEMENTS statements per pass while they come back full; once a
-# batch is not full, it rests RETENTION_EVERY seconds.
+# Retention deletes at most this many tasks per statement, and goes on with more
+# statements while they come back full, for RETENTION_BUDGET seconds of a pass; a
+# pass that ends still behind starts the next pass at once, so that retention keeps
+# up with any rate the database can take (the other duties run between). Once a
+# batch is not full, it rests (retention_rest: RETENTION_EVERY seconds, less for a
+# short retention).
 RETENTION_BATCH = 1000
-RETENTION_STATEMENTS = 3
+RETENTION_BUDGET = 0.5
 RETENTION_EVERY = 30.0
 # Workers silent this long are deleted from the worker list (they died uncleanly).
 WORKERS_FORGOTTEN_AFTER = 3600.0
@@ -88,6 +91,16 @@ PURGE_ENDED_AFTER = 60.0
 # most concurrency keys one such pass reads (the next pass goes on from there).
 REPAIR_EVERY = 5.0
 REPAIR_KEYS = 1000
+
+
+def retention_rest(retention: float) -> float:
+    """Seconds retention rests once it has caught up: :data:`RETENTION_EVERY`, or a
+    quarter of a retention shorter than two minutes (at least a second), so that no
+    finished task outlives its retention by much more than that. A retention of 0
+    (keep everything) rests the full time: the pass still prunes the worker list."""
+    if retention <= 0:
+        return RETENTION_EVERY
+    return min(RETENTION_EVERY, max(1.0, retention / 4))
 
 
 class Sweeper(Service):
@@ -305,11 +318,13 @@ class Sweeper(Service):
     async def apply_retention(self, *, force: bool = False) -> int:
         """Delete tasks finished longer than ``retention`` ago; returns how many.
 
-        At most :data:`RETENTION_STATEMENTS` bounded statements per pass, so a
-        large backlog is worked off over several passes without long locks.
-        Runs every :data:`RETENTION_EVERY` seconds unless behind (or ``force``).
+        Bounded statements of :data:`RETENTION_BATCH` for at most
+        :data:`RETENTION_BUDGET` seconds per pass, so a large backlog is worked off
+        over several passes without long locks; a pass that ends behind wakes the
+        next at once. Runs every :func:`retention_rest` seconds unless behind (or
+        ``force``).
         """
-        if not force and time.monotonic() - self._retention_at < RETENTION_EVERY:
+        if not force and time.monotonic() - self._retention_at < retention_rest(self.retention):
             return 0
         self._retention_at = time.monotonic()
         await self.store.prune_workers(WORKERS_FORGOTTEN_AFTER)
@@ -317,13 +332,16 @@ class Sweeper(Service):
         if self.retention <= 0:
             return 0
         total = 0
-        for _ in range(RETENTION_STATEMENTS):
+        began = time.monotonic()
+        while True:
             deleted = await self.store.delete_finished(self.retention, RETENTION_BATCH)
             total += deleted
             if deleted < RETENTION_BATCH:
                 break
-        else:
-            self._retention_at = -1e9  # behind: go on at the next pass
+            if time.monotonic() - began >= RETENTION_BUDGET:
+                self._retention_at = -1e9  # behind: go on at the next pass, at once
+                self._wake.set()
+                break
         await self.store.prune_workflows(self.retention, RETENTION_BATCH)
         if total:
             log.info("retention deleted %d finished tasks", total)

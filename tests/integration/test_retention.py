@@ -68,17 +68,23 @@ async def test_retention_deletes_only_old_terminal_tasks(
         assert metrics.registry.get_sample_value("taskq_retention_deleted_total") == 3
         assert await sweeper.apply_retention() == 0  # rests between runs
 
-        # Bounded: 2 statements of 100 per pass, then the next pass goes on.
+        # Bounded: with no time budget left, one statement of 100 per pass, and a pass
+        # that ends behind wakes the next at once.
         monkeypatch.setattr(sweeper_module, "RETENTION_BATCH", 100)
-        monkeypatch.setattr(sweeper_module, "RETENTION_STATEMENTS", 2)
+        monkeypatch.setattr(sweeper_module, "RETENTION_BUDGET", 0.0)
         await db.execute(
             "INSERT INTO tasks (id, type, queue, payload, max_attempts, timeout_seconds, status,"
             " attempts, finished_at)"
             " SELECT gen_random_uuid(), 'r.v1', 'default', '{}', 3, 30, 'SUCCEEDED', 1,"
             " now() - interval '9 days' FROM generate_series(1, 250)"
         )
-        assert await sweeper.apply_retention(force=True) == 200
-        assert await sweeper.apply_retention() == 50  # it was behind: no rest
+        assert await sweeper.apply_retention(force=True) == 100
+        assert sweeper._wake.is_set()
+        sweeper._wake.clear()
+        assert await sweeper.apply_retention() == 100  # it was behind: no rest
+        sweeper._wake.clear()
+        assert await sweeper.apply_retention() == 50
+        assert not sweeper._wake.is_set()  # caught up
         assert await db.fetchval("SELECT count(*) FROM tasks") == len(young) + len(live)
 
         # 0 keeps everything.
