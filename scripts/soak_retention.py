@@ -2,7 +2,9 @@
 
 Against a fresh database and namespace (``benchlib.Sandbox``), ``--workers``
 workers run ``demo.noop`` as fast as they can for ``--minutes``, with
-``TASKQ_RETENTION`` set to ``--retention`` seconds. A feeder in this process keeps
+``TASKQ_RETENTION`` set to ``--retention`` seconds (and
+``TASKQ_HISTORY_PARTITION`` to ``--history-partition``, so that partitions of the
+history are dropped within the run). A feeder in this process keeps
 ``--backlog`` tasks ahead of them (``Client.enqueue_many``, 500 a call), so the
 workers never wait for work and the queue never grows without bound.
 
@@ -28,7 +30,7 @@ autovacuum runs, and the overdue count. The last line is JSON, for
 
     .venv/bin/python scripts/soak_retention.py [--minutes 30] [--retention 120]
         [--workers 2] [--concurrency N] [--backlog 20000] [--sample 10] [--port 18950]
-        [--private-postgres]
+        [--history-partition 60] [--private-postgres]
 """
 
 from __future__ import annotations
@@ -55,14 +57,21 @@ from taskq.fleet.sweeper import retention_rest
 
 CHUNK = 500
 
+# The history's summed over its partitions (migration 0021).
 SIZES = """
-SELECT c.relname,
-       pg_relation_size(c.oid) AS heap,
-       pg_indexes_size(c.oid) AS indexes,
-       pg_total_relation_size(c.oid) AS total,
-       s.n_live_tup, s.n_dead_tup, s.autovacuum_count
-FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
-WHERE c.oid IN ('taskq.tasks'::regclass, 'taskq.task_events'::regclass)
+WITH tables AS (
+    SELECT 'tasks' AS name, 'taskq.tasks'::regclass AS relid
+    UNION ALL
+    SELECT 'task_events', relid FROM pg_partition_tree('taskq.task_events') WHERE isleaf
+)
+SELECT t.name AS relname,
+       sum(pg_relation_size(t.relid))::bigint AS heap,
+       sum(pg_indexes_size(t.relid))::bigint AS indexes,
+       sum(pg_total_relation_size(t.relid))::bigint AS total,
+       sum(s.n_live_tup)::bigint AS n_live_tup, sum(s.n_dead_tup)::bigint AS n_dead_tup,
+       sum(s.autovacuum_count)::bigint AS autovacuum_count, count(*) AS partitions
+FROM tables t JOIN pg_stat_user_tables s ON s.relid = t.relid
+GROUP BY t.name
 """
 
 OVERDUE = """
@@ -86,6 +95,7 @@ class Sample:
     events_live: int
     events_dead: int
     autovacuums: int  # of both tables, so far
+    partitions: int  # of the history
     deleted: float  # by retention, so far
     overdue: int
 
@@ -169,12 +179,15 @@ class Soak:
             events_live=events["n_live_tup"],
             events_dead=events["n_dead_tup"],
             autovacuums=tasks["autovacuum_count"] + events["autovacuum_count"],
+            partitions=events["partitions"],
             deleted=deleted,
             overdue=overdue,
         )
 
     async def run(self) -> None:
         self.sandbox.env["TASKQ_RETENTION"] = str(self.args.retention)
+        if self.args.history_partition is not None:
+            self.sandbox.env["TASKQ_HISTORY_PARTITION"] = str(self.args.history_partition)
         self.sandbox.start_workers(self.args.workers, self.args.concurrency)
         await self.sandbox.wait_consumers(self.args.workers)
         self.autovacuum = await self.sandbox.db.fetchval("SHOW autovacuum")
@@ -203,7 +216,8 @@ class Soak:
                 print(
                     f"{last.at:7.0f} s  {last.finished:>10,.0f} finished"
                     f"  {last.total_mb:8.1f} MB  dead {last.tasks_dead + last.events_dead:>9,}"
-                    f"  deleted {last.deleted:>10,.0f}  overdue {last.overdue:>7,}",
+                    f"  deleted {last.deleted:>10,.0f}  overdue {last.overdue:>7,}"
+                    f"  partitions {last.partitions}",
                     flush=True,
                 )
         finally:
@@ -254,9 +268,9 @@ def report(samples: list[Sample], result: dict[str, Any], every: float) -> None:
     print()
     print(
         "| at (s) | tasks/s | tasks heap + index (MB) | events heap + index (MB)"
-        " | total (MB) | dead tuples | autovacuums | deleted | overdue |"
+        " | total (MB) | dead tuples | autovacuums | deleted | overdue | history partitions |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     step = max(1, round(every / max(1e-9, samples[1].at - samples[0].at)))
     shown = samples[::step]
     if shown[-1] is not samples[-1]:
@@ -267,7 +281,7 @@ def report(samples: list[Sample], result: dict[str, Any], every: float) -> None:
             f"| {s.at:.0f} | {per_second:,.0f} | {s.tasks_mb:.1f} + {s.tasks_index_mb:.1f}"
             f" | {s.events_mb:.1f} + {s.events_index_mb:.1f} | {s.total_mb:.1f}"
             f" | {s.tasks_dead + s.events_dead:,} | {s.autovacuums} | {s.deleted:,.0f}"
-            f" | {s.overdue:,} |"
+            f" | {s.overdue:,} | {s.partitions} |"
         )
     print()
     print(
@@ -294,6 +308,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--retention", type=float, default=120.0, help="seconds")
+    parser.add_argument(
+        "--history-partition", type=float, default=None, help="seconds (default: taskq's)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=None, help="default: taskq's")
     parser.add_argument("--backlog", type=int, default=20_000)

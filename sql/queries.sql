@@ -1828,8 +1828,8 @@ LIMIT :limit;
 
 -- name: retention_delete
 -- Deletes terminal tasks finished more than :seconds seconds ago, at most :limit of
--- them, their events, their progress and their places in workflows. Returns how
--- many tasks it deleted.
+-- them, their progress and their places in workflows. Returns how many tasks it
+-- deleted. Their events go with the history's partitions (history_drop).
 -- :seconds, :limit
 WITH gone AS (
     DELETE FROM taskq.tasks
@@ -1838,8 +1838,6 @@ WITH gone AS (
                    AND finished_at < now() - make_interval(secs => :seconds)
                  ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED)
     RETURNING id
-), history AS (
-    DELETE FROM taskq.task_events e USING gone WHERE e.task_id = gone.id
 ), progress AS (
     DELETE FROM taskq.task_progress p USING gone WHERE p.task_id = gone.id
 ), nodes AS (
@@ -1849,6 +1847,18 @@ WITH gone AS (
     DELETE FROM taskq.workflow_edges e USING gone WHERE e.child_id = gone.id
 )
 SELECT count(*) FROM gone;
+
+-- name: history_create
+-- Creates the task history's partitions of :step seconds up to :ahead seconds from
+-- now (migration 0021); returns how many it created.
+-- :step, :ahead
+SELECT taskq.history_create(:step, :ahead);
+
+-- name: history_drop
+-- Drops the task history's oldest partition if it ended more than :seconds seconds
+-- ago, and deletes up to :batch such events from the default partition.
+-- :seconds, :batch
+SELECT dropped, trimmed FROM taskq.history_drop(now() - make_interval(secs => :seconds), :batch);
 
 -- ---------------------------------------------------------------- schedules
 

@@ -41,6 +41,7 @@ _DURATIONS = (
     "sweeper_overdue_after",
     "sweeper_check_every",
     "retention",
+    "history_partition",
 )
 
 
@@ -121,6 +122,9 @@ class Settings(BaseSettings):
     sweeper_overdue_after: Duration = 60.0
     sweeper_check_every: Duration = 5.0
     retention: Duration = 7 * 86400.0
+    # The length of each partition of the task history (task_events): retention
+    # drops a partition once it ended longer ago than TASKQ_RETENTION.
+    history_partition: Annotated[float, Field(ge=60.0, le=30 * 86400.0)] = 86400.0
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

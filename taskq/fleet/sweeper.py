@@ -81,6 +81,11 @@ LOCK_KEY = 0x7377656570
 RETENTION_BATCH = 1000
 RETENTION_BUDGET = 0.5
 RETENTION_EVERY = 30.0
+# The task history's partitions (migration 0021): those up to two partition
+# lengths ahead exist, checked every HISTORY_EVERY seconds (a quarter of a shorter
+# partition); retention drops at most HISTORY_DROPS partitions a pass.
+HISTORY_EVERY = 60.0
+HISTORY_DROPS = 10
 # Workers silent this long are deleted from the worker list (they died uncleanly).
 WORKERS_FORGOTTEN_AFTER = 3600.0
 # Rate limit buckets whose slots are all this long past are deleted.
@@ -118,6 +123,8 @@ class Sweeper(Service):
             passive queue declare per queue).
         batch: the most rows one duty takes per pass.
         retention: seconds after which finished tasks are deleted; 0 keeps them.
+        history_partition: the length in seconds of each partition of the task
+            history (``task_events``) that :meth:`keep_history` creates.
         purge_ended_after: seconds after which a queue purge not ended is ended here.
         repair_every: seconds between the looks for WAITING tasks whose release was missed.
         repair_keys: the most concurrency keys with waiting tasks one such look reads.
@@ -140,6 +147,7 @@ class Sweeper(Service):
         check_every: float = 5.0,
         batch: int = 500,
         retention: float = 7 * 86400.0,
+        history_partition: float = 86400.0,
         purge_ended_after: float = PURGE_ENDED_AFTER,
         repair_every: float = REPAIR_EVERY,
         repair_keys: int = REPAIR_KEYS,
@@ -148,6 +156,8 @@ class Sweeper(Service):
         interval: float = 1.0,
     ) -> None:
         self.retention = retention
+        self.history_partition = history_partition
+        self._history_at = -1e9
         self.purge_ended_after = purge_ended_after
         self._retention_at = -1e9
         self.repair_every = repair_every
@@ -219,6 +229,7 @@ class Sweeper(Service):
             self.republish_lost,
             self.end_purges,
             self.repair_waiting,
+            self.keep_history,
             self.apply_retention,
         ]
 
@@ -315,6 +326,29 @@ class Sweeper(Service):
             )
         return len(purges)
 
+    async def keep_history(self, *, force: bool = False) -> int:
+        """Create the task history's partitions up to two partition lengths ahead;
+        returns how many it created.
+
+        Every :data:`HISTORY_EVERY` seconds (a quarter of a shorter partition), or
+        when ``force``. A partition whose creation waited too long for a lock is
+        created at a later pass (the default partition takes its events meanwhile).
+        """
+        every = min(HISTORY_EVERY, self.history_partition / 4)
+        if not force and time.monotonic() - self._history_at < every:
+            return 0
+        self._history_at = time.monotonic()
+        created = await self.store.create_history(
+            self.history_partition, 2 * self.history_partition
+        )
+        if created is None:
+            log.info("task history partitions not created this pass: a lock was busy")
+            self._history_at = -1e9
+            return 0
+        if created:
+            log.info("created %d partitions of the task history", created)
+        return created
+
     async def apply_retention(self, *, force: bool = False) -> int:
         """Delete tasks finished longer than ``retention`` ago; returns how many.
 
@@ -343,11 +377,31 @@ class Sweeper(Service):
                 self._wake.set()
                 break
         await self.store.prune_workflows(self.retention, RETENTION_BATCH)
+        await self.drop_history()
         if total:
             log.info("retention deleted %d finished tasks", total)
             if self.metrics is not None:
                 self.metrics.retention_deleted.inc(total)
         return total
+
+    async def drop_history(self) -> int:
+        """Drop the task history's partitions that ended more than ``retention`` ago
+        (at most :data:`HISTORY_DROPS`); returns how many. A drop that waited too
+        long for its lock is tried again at the next pass."""
+        dropped = 0
+        for _ in range(HISTORY_DROPS):
+            outcome = await self.store.drop_history(self.retention, RETENTION_BATCH)
+            if outcome is None:
+                log.info("a task history partition not dropped this pass: a lock was busy")
+                self._retention_at = -1e9  # try again at the next pass
+                break
+            gone, trimmed = outcome
+            dropped += gone
+            if not gone and trimmed < RETENTION_BATCH:
+                break
+        if dropped:
+            log.info("retention dropped %d partitions of the task history", dropped)
+        return dropped
 
     async def republish_lost(self) -> int:
         """Mark overdue ENQUEUED tasks of empty work queues owed again; returns how many."""

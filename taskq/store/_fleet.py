@@ -5,6 +5,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+import asyncpg
+
+from taskq.errors import StoreError
 from taskq.model import OwedPublish, Purge, SetAside
 from taskq.store._base import StoreBase, _columns, _owed
 from taskq.store._callers import _Asyncpg
@@ -73,6 +76,31 @@ class FleetStore(StoreBase):
     async def prune_workers(self, silent_for: float) -> None:
         """Forget workers silent for longer than ``silent_for`` seconds."""
         await self._execute("workers_prune", silent_for)
+
+    async def create_history(self, step: float, ahead: float) -> int | None:
+        """Create the task history's partitions of ``step`` seconds up to ``ahead``
+        seconds from now; returns how many, or None if a lock was not had in time."""
+        try:
+            created: int = await self._fetchval("history_create", step, ahead)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
+                return None
+            raise
+        return created
+
+    async def drop_history(self, older_than: float, limit: int) -> tuple[int, int] | None:
+        """Drop the oldest partition of the task history if it ended more than
+        ``older_than`` seconds ago, and delete up to ``limit`` such events from its
+        default partition; returns (partitions dropped, events deleted), or None if a
+        lock was not had in time."""
+        try:
+            row = await self._fetchrow("history_drop", older_than, limit)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
+                return None
+            raise
+        assert row is not None
+        return row["dropped"], row["trimmed"]
 
     async def delete_finished(self, older_than: float, limit: int) -> int:
         """Delete up to ``limit`` tasks finished more than ``older_than`` seconds ago, and

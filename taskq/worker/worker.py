@@ -344,6 +344,7 @@ class Worker(Service):
                     check_every=settings.sweeper_check_every,
                     repair_every=settings.sweeper_check_every,
                     retention=settings.retention,
+                    history_partition=settings.history_partition,
                     metrics=self.metrics,
                     database_url=settings.session_database_url,
                     interval=self._relay_interval,

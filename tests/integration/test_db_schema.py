@@ -28,12 +28,14 @@ from tests.support.worker_fixtures import harness, running_worker
 # What an install holds in its schema besides indexes, row types and sequences.
 TABLES = [
     "concurrency_slots",
+    "history_partitions",
     "queue_pauses",
     "queue_purges",
     "rate_limit_buckets",
     "rate_limiters",
     "schedules",
-    "task_events",
+    "task_events_before",
+    "task_events_default",
     "task_progress",
     "task_type",
     "taskq_migrations",
@@ -45,6 +47,8 @@ TABLES = [
     "workflows",
 ]
 FUNCTIONS = [
+    "history_create",
+    "history_drop",
     "taskq_events_on_insert",
     "taskq_events_on_update",
     "taskq_notify_finished",
@@ -92,15 +96,19 @@ async def test_a_fresh_install_creates_nothing_in_public(empty_database_url: str
         assert await objects(connection, "public") == {}
         installed = await objects(connection, "taskq")
         assert installed["relation r"] == TABLES
+        assert installed["relation p"] == ["task_events"]  # partitioned (0021)
         assert installed["function"] == FUNCTIONS
         assert installed["type d"] == ["taskq_queue_name"]
         assert installed["relation S"] == [
             "queue_purges_id_seq",
+            "task_events_before_id_seq",
             "task_events_id_seq",
             "task_progress_seq",
         ]
         # The triggers resolve task_events whatever the caller's search_path.
         assert await function_settings(connection, "taskq") == [
+            ["search_path=taskq, pg_temp"],
+            ["search_path=taskq, pg_temp"],
             ["search_path=taskq, pg_temp"],
             ["enable_nestloop=off", "search_path=taskq, pg_temp"],
             ["search_path=taskq, pg_temp"],
