@@ -161,6 +161,8 @@ class Sandbox:
         self.pgbouncer = pgbouncer
         self.bouncer: Any = None
         self.server_url = server_url
+        # TASKQ_HISTORY_PARTITION of the migration's first partitions.
+        self.history_partition = 86400.0
         self.name = f"taskq_bench_{uuid.uuid4().hex[:8]}"
         self.database_url = database_url(self.name, server_url)
         self.namespace = f"bench{uuid.uuid4().hex[:6]}"
@@ -189,7 +191,7 @@ class Sandbox:
         can be enqueued before any worker registers its types)."""
         if self.pgbouncer:
             self._start_bouncer()
-        await migrate(self.database_url)
+        await migrate(self.database_url, history_partition=self.history_partition)
         connection = await broker.connect(AMQP_URL, name="bench", robust=False)
         await broker.declare(connection, self.settings.topology())
         await connection.close()

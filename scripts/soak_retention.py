@@ -328,6 +328,8 @@ async def main() -> None:
         if args.private_postgres:
             server_url = stack.enter_context(private_postgres())
         sandbox = Sandbox(args.port, server_url=server_url)
+        if args.history_partition is not None:
+            sandbox.history_partition = args.history_partition
         soak = Soak(sandbox, args)
         try:
             await sandbox.open()

@@ -16,6 +16,12 @@ SELECT pg_try_advisory_lock(:key);
 -- :milliseconds (text)
 SELECT set_config('lock_timeout', :milliseconds, false);
 
+-- name: migrations_history_partition
+-- The length in seconds of the task history's partitions that migration 0021
+-- creates (TASKQ_HISTORY_PARTITION), for this session.
+-- :seconds (text)
+SELECT set_config('taskq.history_partition', :seconds, false);
+
 -- name: migrations_invalid_indexes
 -- Which of these indexes exist but are invalid: a CREATE INDEX CONCURRENTLY
 -- that failed (a lock timeout, a cancel) leaves its index so.

@@ -43,7 +43,11 @@ async def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    report = await migrate.migrate(settings.session_database_url, schema=settings.db_schema)
+    report = await migrate.migrate(
+        settings.session_database_url,
+        schema=settings.db_schema,
+        history_partition=settings.history_partition,
+    )
     if report.created_database:
         _print("created the database")
     if report.applied:

@@ -116,6 +116,7 @@ async def migrate(
     lock_timeout: float = LOCK_TIMEOUT,
     lock_tries: int = LOCK_TRIES,
     retry_wait: float = RETRY_WAIT,
+    history_partition: float = 86400.0,
 ) -> MigrateReport:
     """Create the database if needed and apply every pending migration in order.
 
@@ -126,6 +127,8 @@ async def migrate(
         lock_timeout: seconds a statement may wait for a lock.
         lock_tries: how often a migration that cannot get its locks is tried.
         retry_wait: seconds before the second try, doubling for each further one.
+        history_partition: the length in seconds of the task history's partitions
+            that migration 0021 creates (``TASKQ_HISTORY_PARTITION``).
 
     Raises:
         MigrationError: if a migration fails, cannot get its locks, or an applied
@@ -150,6 +153,9 @@ async def migrate(
             await connection.execute(sql.queries(home)["migrations_table"])
             await connection.execute(
                 queries["migrations_lock_timeout"], str(round(lock_timeout * 1000))
+            )
+            await connection.execute(
+                queries["migrations_history_partition"], str(history_partition)
             )
             applied = {
                 row["version"]: row

@@ -7,10 +7,10 @@
 --   partition, `task_events_before`, from -infinity to the next midnight (UTC),
 --   or to now if it is empty (a new install). Attaching it reads it once, to
 --   check its rows fall in that range.
--- - Partitions after it are created ahead of time by the sweeper
---   (`history_create`, called by Sweeper.keep_history): TASKQ_HISTORY_PARTITION
---   long each (a day by default), aligned on multiples of that length since the
---   epoch. Each is created as a table of its own and then attached, which locks
+-- - Partitions after it are created ahead of time: the first ones by this
+--   migration, the next by the sweeper (`history_create`, called by
+--   Sweeper.keep_history): TASKQ_HISTORY_PARTITION long each (a day by
+--   default), aligned on multiples of that length since the epoch. Each is created as a table of its own and then attached, which locks
 --   the parent only against other DDL, never against the inserts of events.
 -- - A default partition takes the events of a time no partition covers yet (the
 --   sweeper did not run for longer than it creates ahead, or has not run yet):
@@ -71,9 +71,7 @@ COMMENT ON TABLE taskq.history_partitions IS
 
 DO $$
 DECLARE
-    -- An install with no events yet starts its partitions at the sweeper's first
-    -- pass, with the length it is set to (events before that pass wait in the
-    -- default partition and move into theirs).
+    -- An install with no events yet starts its partitions now (below).
     boundary timestamptz := CASE
         WHEN EXISTS (SELECT FROM taskq.task_events_before)
         THEN date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' + interval '1 day'
@@ -194,3 +192,11 @@ BEGIN
     GET DIAGNOSTICS trimmed = ROW_COUNT;
 END
 $$;
+
+-- The first partitions: from the old table's end to two lengths ahead, so that
+-- events go into partitions from the start (`taskq migrate` sets the length from
+-- TASKQ_HISTORY_PARTITION; a day when run otherwise).
+SELECT taskq.history_create(
+    coalesce(nullif(current_setting('taskq.history_partition', true), ''), '86400')::float8,
+    2 * coalesce(nullif(current_setting('taskq.history_partition', true), ''), '86400')::float8
+);

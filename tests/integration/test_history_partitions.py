@@ -60,39 +60,50 @@ def sweeper_of(store: Store, settings: Settings, names: object, **options: float
     return Sweeper(store, None, link, names, settings.queues, **options)  # type: ignore[arg-type]
 
 
+async def uncover_the_present(db: asyncpg.Connection) -> None:
+    """Drop every partition up to two days ahead (the migration's cover): as if the
+    sweeper had not run for days, events of the present go to the default partition."""
+    while (await db.fetchrow("SELECT * FROM history_drop(now() + interval '3 days', 0)"))[
+        "dropped"
+    ]:
+        pass
+    assert await partitions(db) == []
+
+
+async def test_the_migration_makes_the_first_partitions(db: asyncpg.Connection) -> None:
+    made = await partitions(db)
+    assert made[0][0] == "task_events_before"
+    # Contiguous, a day at most each (on whole UTC days after the first), two days ahead.
+    assert [f for _, f, _ in made[1:]] == [t for _, _, t in made[:-1]]
+    assert all(t - f <= timedelta(days=1) for _, f, t in made[1:])
+    assert all(t.hour == t.minute == t.second == t.microsecond == 0 for _, _, t in made[1:])
+    assert made[-1][2] >= datetime.now(UTC) + timedelta(days=1, hours=23)
+    event = await event_at(db, uuid.uuid4(), datetime.now(UTC))
+    assert await where(db, event) not in ("task_events_default", None)
+
+
 async def test_partitions_are_created_ahead_and_take_what_the_default_one_held(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
-    # A new install: the old, empty table up to the migration, and the default.
-    [(first, _, boundary)] = await partitions(db)
-    assert first == "task_events_before" and boundary < datetime.now(UTC)
-
-    # Before the sweeper's first pass, events land in the default partition.
+    newest = max(t for _, _, t in await partitions(db))
     task = uuid.uuid4()
-    now_event = await event_at(db, task, datetime.now(UTC))
-    later = await event_at(db, task, datetime.now(UTC) + timedelta(hours=2, minutes=30))
-    assert await where(db, now_event) == await where(db, later) == "task_events_default"
-
+    # An event past every partition (the sweeper did not run for a while) is kept.
+    stray = await event_at(db, task, newest + timedelta(hours=2, minutes=30))
+    assert await where(db, stray) == "task_events_default"
     async with harness(settings) as h:
-        assert (await h.store.create_history(HOUR, 3.5 * HOUR) or 0) >= 4
+        ahead = (newest - datetime.now(UTC)).total_seconds() + 3.5 * HOUR
+        assert await h.store.create_history(HOUR, ahead) == 4
         made = await partitions(db)
-        # Contiguous from the old table on, an hour at most each, on whole hours.
-        assert [f for _, f, _ in made[1:]] == [t for _, _, t in made[:-1]]
-        assert all(t - f <= timedelta(hours=1) for _, f, t in made[1:])
-        assert all(t.minute == t.second == t.microsecond == 0 for _, _, t in made[1:])
-        assert made[-1][2] >= datetime.now(UTC) + timedelta(hours=3, minutes=29)
-        # Both events moved into the partitions of their times.
-        for event in (now_event, later):
-            at = await db.fetchval("SELECT at FROM task_events WHERE id = $1", event)
-            [name] = [n for n, f, t in made[1:] if f <= at < t]
-            assert await where(db, event) == name
+        assert [(f, t - f) for _, f, t in made[-4:]] == [
+            (newest + timedelta(hours=n), timedelta(hours=1)) for n in range(4)
+        ]
+        # The stray event moved into its partition; the default holds nothing.
+        assert await where(db, stray) == made[-2][0]
         assert await db.fetchval("SELECT count(*) FROM task_events_default") == 0
-        assert await h.store.create_history(HOUR, 3.5 * HOUR) == 0  # nothing more to do
-
+        assert await h.store.create_history(HOUR, ahead) == 0  # nothing more to do
         # A task's history reads across partitions, in order.
-        last = await event_at(db, task, datetime.now(UTC))
-        assert await where(db, last) not in ("task_events_default", None)
-        assert [e.id for e in await h.store.task_events(task)] == [now_event, later, last]
+        now_event = await event_at(db, task, datetime.now(UTC))
+        assert [e.id for e in await h.store.task_events(task)] == [stray, now_event]
 
 
 async def test_a_partition_of_the_present_is_made_while_inserts_go_on(
@@ -101,6 +112,7 @@ async def test_a_partition_of_the_present_is_made_while_inserts_go_on(
     """Attaching a partition whose time has begun, beside inserts routed to the
     default partition for that time, failed them ("violates partition constraint"):
     it is made under a lock of task_events that the inserts wait for."""
+    await uncover_the_present(db)
     stop = asyncio.Event()
     written: list[int] = []
     reached = {200: asyncio.Event(), 400: asyncio.Event()}
@@ -128,7 +140,8 @@ async def test_a_partition_of_the_present_is_made_while_inserts_go_on(
     finally:
         stop.set()
         await asyncio.gather(*inserters)  # an insert's failure fails the test here
-    # Everything written after the partitions were made went into them.
+    # What waited in the default partition moved into the partition of the present,
+    # and everything written after it was made went there.
     assert await db.fetchval("SELECT count(*) FROM task_events_default") == 0
     assert await db.fetchval("SELECT count(*) FROM task_events") == len(written)
 
@@ -138,14 +151,14 @@ async def test_a_long_absence_leaves_its_events_in_the_default_partition(
 ) -> None:
     # More than 10,000 events wait for a partition of the present: moving them would
     # hold task_events too long, so they stay, and the partitions begin after now.
+    await uncover_the_present(db)
     await db.execute(
         "INSERT INTO task_events (task_id, status, attempt)"
         " SELECT gen_random_uuid(), 'ENQUEUED', 0 FROM generate_series(1, 10001)"
     )
     async with harness(settings) as h:
         assert (await h.store.create_history(HOUR, 3.5 * HOUR) or 0) >= 3
-        made = await partitions(db)
-        start = made[1][1]
+        start = (await partitions(db))[0][1]
         assert start > datetime.now(UTC) and start.minute == start.second == 0
         assert await db.fetchval("SELECT count(*) FROM task_events_default") == 10001
         # Inserts of the present go on into the default partition.
@@ -158,7 +171,6 @@ async def test_retention_drops_whole_partitions_and_trims_the_default(
 ) -> None:
     task = uuid.uuid4()
     async with harness(settings) as h:
-        assert (await h.store.create_history(HOUR, 1.5 * HOUR) or 0) >= 2
         old = await event_at(db, task, datetime.now(UTC) - timedelta(days=9))
         kept = await event_at(db, task, datetime.now(UTC) + timedelta(hours=1))
         assert await where(db, old) == "task_events_before"
@@ -209,19 +221,22 @@ async def test_a_drop_that_cannot_have_its_lock_at_once_changes_nothing(
 async def test_the_sweeper_keeps_partitions_ahead_and_retention_drops_them(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
+    await uncover_the_present(db)
     async with harness(settings) as h:
-        sweeper = sweeper_of(h.store, settings, h.names, retention=60.0, history_partition=60.0)
+        sweeper = sweeper_of(h.store, settings, h.names, retention=DAY, history_partition=60.0)
         assert await sweeper.keep_history(force=True) >= 2
-        # Partitions of a minute, from the migration's time to two minutes ahead.
-        newest = max(to_at for _, _, to_at in await partitions(db))
-        assert newest >= datetime.now(UTC) + timedelta(seconds=110)
+        # Partitions of a minute, from the present to two minutes ahead.
+        made = await partitions(db)
+        assert made[0][1] <= datetime.now(UTC) and made[-1][2] >= datetime.now(UTC) + timedelta(
+            seconds=110
+        )
         assert await sweeper.keep_history() == 0  # rests a quarter of a partition
 
         # Retention's pass drops what ended a retention ago: nothing here yet.
         assert await sweeper.drop_history() == 0
         sweeper.retention = -3 * DAY  # as if three days went by
-        assert await sweeper.drop_history() >= 1
-        assert "task_events_before" not in [n for n, _, _ in await partitions(db)]
+        assert await sweeper.drop_history() == len(made)
+        assert await partitions(db) == []
 
 
 async def test_the_migration_keeps_the_events_and_their_ids_go_on(
