@@ -100,6 +100,10 @@ CREATE INDEX task_events_task ON taskq.task_events (task_id, id);
 CREATE INDEX task_events_id ON taskq.task_events (id);
 
 CREATE TABLE taskq.task_events_default PARTITION OF taskq.task_events DEFAULT;
+-- Its own index by time, for history_create's count and move and history_drop's
+-- trim: without it each of them read the whole default partition, at every pass,
+-- while it held a long absence's events. Only events routed there pay for it.
+CREATE INDEX task_events_default_at ON taskq.task_events_default (at);
 
 -- Creates the partitions of task_events that cover now() + `ahead` seconds, each
 -- `step` seconds long, after the last one; returns how many it created (at most
